@@ -49,10 +49,14 @@ def nvlink_islands(inventory: Inventory) -> list[tuple[int, ...]]:
     One group on an NVSwitch board, pairs on bridged boards, singletons without
     NVLink; on a partial mesh the largest all-to-all groups, lowest index first.
     """
-    gpus = inventory.gpus
-    adjacency = _nvlink_adjacency(gpus, inventory)
-    return [tuple(gpus[i].index for i in range(len(gpus)) if mask >> i & 1)
-            for mask in clique_partition(adjacency)]
+    linked = [g for g in inventory.gpus
+              if any((inventory.link(g.index, o.index) or "").startswith("NV")
+                     for o in inventory.gpus if o is not g)]
+    groups = [tuple(linked[i].index for i in range(len(linked)) if mask >> i & 1)
+              for mask in clique_partition(_nvlink_adjacency(linked, inventory))]
+    lone = {g.index for g in inventory.gpus} - {g.index for g in linked}
+    groups += [(index,) for index in lone]
+    return sorted(groups)
 
 
 def _nvlink_adjacency(gpus: Sequence[Gpu], inventory: Inventory) -> list[int]:
