@@ -1,0 +1,844 @@
+"""Mock NVML: the pynvml functions the driver calls, answered from a machine profile.
+
+Same names, argument order and return types as pynvml (its ctypes structs, filled), and
+failures raised as `pynvml.NVMLError(code)` with NVML's codes, so discovery and MIG
+management run unchanged on a laptop. Handles are pynvml's own pointer types whose
+address encodes what they point at; they are never dereferenced.
+
+MIG is alive: GPU and compute instances are created and destroyed by NVML's rules
+(profile.MigLayout). With a state path, those instances are "the hardware": kept in a JSON
+file shared by processes, so a driver killed with SIGKILL finds on restart what it made.
+
+Answers beyond the capture were read on a real H200 (driver 580, MIG off): a GPU-instance
+lookup or MIG device index that finds nothing is NOT_FOUND, listing GPU instances with MIG
+off succeeds with none, an unknown profile id is INVALID_ARGUMENT, a GPU paired with itself
+has no common ancestor (NOT_SUPPORTED) and P2P status NOT_SUPPORTED, and the placements call
+ignores the count passed in. Where neither says, the mock chooses: other queries on a MIG
+device handle answer NOT_SUPPORTED; P2P over PCIe is OK within a NUMA node and
+CHIPSET_NOT_SUPPORTED across; a port the model has but the profile does not wire is
+FEATURE_DISABLED; nvmlDeviceGetNumaNodeId (the GPU memory's own node, only on coherent
+platforms) is NOT_SUPPORTED as on x86.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import functools
+import json
+import os
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import pynvml
+
+from driver.nvml import Provider
+from driver.nvml.profile import (
+    GI_PROFILE_INDEXES,
+    PROFILES_DIR,
+    ComputeInstance,
+    FieldError,
+    GpuInstance,
+    GpuInstanceSpec,
+    MigError,
+    MigLayout,
+    MigState,
+    Profile,
+    ProfileError,
+    normalize_bus_id,
+    parse_profile,
+    validate,
+)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+S = TypeVar("S", bound=ctypes.Structure)
+
+_DEVICE, _MIG, _GI, _CI = 1, 2, 3, 4
+_POINTER_TYPES = {_DEVICE: pynvml.c_nvmlDevice_t, _MIG: pynvml.c_nvmlDevice_t,
+                  _GI: pynvml.c_nvmlGpuInstance_t, _CI: pynvml.c_nvmlComputeInstance_t}
+_MIB = 1 << 20
+_MIG_UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "gpu.dra.dev/mock-nvml/mig")
+_CALL: ContextVar[str] = ContextVar("mock_nvml_call", default="")
+
+
+def list_profiles() -> list[str]:
+    """Names of the shipped machine profiles."""
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml") if not p.name.startswith("_"))
+
+
+def load_profile(name_or_path: str) -> Profile:
+    """A shipped profile by name, or a profile file of your own by path."""
+    if name_or_path in list_profiles():
+        return parse_profile(PROFILES_DIR / f"{name_or_path}.yaml", f"{name_or_path}.yaml")
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise ProfileError(name_or_path, [("", "neither a shipped profile "
+                                               f"({', '.join(list_profiles())}) nor a file")])
+    return parse_profile(path, name_or_path)
+
+
+def mock_provider(name_or_path: str, state_path: Path | None = None) -> Provider:
+    """A Provider over a mock machine; `state_path` keeps its MIG instances across processes."""
+    nvml = MockNvml(load_profile(name_or_path), state_path)
+    return Provider(name=f"mock:{Path(name_or_path).stem}", nvml=nvml, host=MockHost(nvml))
+
+
+def _error(code: int) -> pynvml.NVMLError:
+    return pynvml.NVMLError(code)
+
+
+@contextlib.contextmanager
+def _as_nvml_errors() -> Iterator[None]:
+    try:
+        yield
+    except MigError as err:
+        raise _error(err.code) from err
+
+
+def _api(fn: Callable[Concatenate[MockNvml, P], R]) -> Callable[Concatenate[MockNvml, P], R]:
+    """An NVML entry point: refused before nvmlInit; its name selects injected faults."""
+
+    @functools.wraps(fn)
+    def call(self: MockNvml, *args: P.args, **kwargs: P.kwargs) -> R:
+        if self._inits == 0:
+            raise _error(pynvml.NVML_ERROR_UNINITIALIZED)
+        token = _CALL.set(fn.__name__)
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            _CALL.reset(token)
+
+    return call
+
+
+def _target(ref: Any) -> Any:
+    """What a by-reference argument points at: byref(x) and pointer(x) give x."""
+    if hasattr(ref, "_obj"):  # ctypes.byref()
+        return ref._obj
+    if isinstance(ref, ctypes._Pointer):
+        return ref.contents
+    return ref
+
+
+def _fill(items: list[Any], buffer: Any, count_ref: Any) -> None:
+    """Write items into a caller's array and their number into its count, as NVML does.
+
+    NVML ignores the count passed in and trusts the buffer to be big enough; a ctypes
+    array too small for the items answers INSUFFICIENT_SIZE (with the needed count) here,
+    where the real library would write past its end. No buffer (None) just sets the count.
+    """
+    count = _target(count_ref)
+    if not isinstance(count, ctypes.c_uint):
+        raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+    # A pointer to the first element is indexed as is; byref(array) gives the array.
+    array = buffer if isinstance(buffer, ctypes._Pointer) else _target(buffer)
+    if array is not None:
+        if isinstance(array, ctypes.Array) and len(array) < len(items):
+            count.value = len(items)
+            raise _error(pynvml.NVML_ERROR_INSUFFICIENT_SIZE)
+        for i, item in enumerate(items):
+            array[i] = item
+    count.value = len(items)
+
+
+def _struct(cls: type[S], **fields: Any) -> S:
+    """A pynvml struct filled field by field (some of their __init__s take no arguments)."""
+    struct = cls()
+    for name, value in fields.items():
+        setattr(struct, name, value)
+    return struct
+
+
+def _pci_info(bus_id: str, device_id: int, subsystem_id: int) -> pynvml.nvmlPciInfo_t:
+    domain, bus, device_function = bus_id.split(":")
+    return pynvml.nvmlPciInfo_t(
+        busIdLegacy=f"{int(domain, 16):04X}:{bus}:{device_function}".encode(),
+        domain=int(domain, 16), bus=int(bus, 16), device=int(device_function.split(".")[0], 16),
+        pciDeviceId=device_id, pciSubSystemId=subsystem_id, busId=bus_id.encode())
+
+
+@dataclass(frozen=True)
+class _Ref:
+    """What a handle points at: a kind, a GPU index, and for MIG objects the GI/CI ids."""
+
+    kind: int
+    gpu: int
+    gi: int = 0
+    ci: int = 0
+
+    def handle(self) -> Any:
+        address = self.kind << 32 | self.gpu << 16 | self.gi << 8 | self.ci
+        return ctypes.cast(ctypes.c_void_p(address), _POINTER_TYPES[self.kind])
+
+    @classmethod
+    def of(cls, handle: Any) -> _Ref:
+        if not isinstance(handle, ctypes._Pointer):
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        address = ctypes.cast(handle, ctypes.c_void_p).value or 0
+        return cls(address >> 32, address >> 16 & 0xFFFF, address >> 8 & 0xFF, address & 0xFF)
+
+
+class _MigStore:
+    """The live MIG instances of every GPU: in memory, or in a JSON file shared by processes.
+
+    Writers hold an flock on `<state>.lock`, reload, change, and replace the file
+    atomically (temp file, fsync, rename); readers reload only when the file changed.
+    """
+
+    def __init__(self, profile: Profile, path: Path | None) -> None:
+        self._profile = profile
+        self._path = path
+        self._stamp: tuple[int, int, int] | None = None
+        self._mutex = threading.Lock()
+        self._layouts = self._build({i: gpu.mig.gpuInstances for i, gpu in enumerate(profile.gpus)
+                                     if gpu.mig is not None})
+        if path is not None:
+            self._reload()  # a bad state file fails here, not in the middle of discovery
+
+    def _build(self, specs: dict[int, list[GpuInstanceSpec]]) -> list[MigLayout | None]:
+        """Layouts holding `specs` (by GPU index); a FieldError names what cannot exist."""
+        layouts: list[MigLayout | None] = []
+        for i, gpu in enumerate(self._profile.gpus):
+            spec = self._profile.model_of(i).mig
+            layout = MigLayout(spec) if spec is not None else None
+            wanted = specs.get(i, [])
+            if wanted and (layout is None or not gpu.mig_enabled):
+                raise FieldError(f"gpus.{gpu.uuid}", "MIG is not enabled on this GPU")
+            if layout is not None:
+                try:
+                    layout.restore(wanted)
+                except MigError as err:
+                    raise FieldError(f"gpus.{gpu.uuid}.{err.where}", err.message) from None
+            layouts.append(layout)
+        return layouts
+
+    def layouts(self) -> list[MigLayout | None]:
+        if self._path is not None:
+            self._reload()
+        return self._layouts
+
+    def _reload(self) -> None:
+        assert self._path is not None
+        try:
+            with self._path.open() as f:
+                st = os.fstat(f.fileno())
+                stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+                if stamp == self._stamp:
+                    return
+                text = f.read()
+        except FileNotFoundError:
+            return  # nothing saved yet: the profile's instances stand
+        file = str(self._path)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ProfileError(file, [(f"line {err.lineno}", err.msg)]) from None
+        state = validate(MigState, data, file)
+        index = {gpu.uuid: i for i, gpu in enumerate(self._profile.gpus)}
+        try:
+            unknown = sorted(set(state.gpus) - set(index))
+            if unknown:
+                raise FieldError(f"gpus.{unknown[0]}", "no such GPU in the profile")
+            self._layouts = self._build({index[u]: specs for u, specs in state.gpus.items()})
+        except FieldError as err:
+            raise ProfileError(file, [(err.path, err.message)]) from None
+        self._stamp = stamp
+
+    @contextlib.contextmanager
+    def change(self, gpu: int) -> Iterator[MigLayout]:
+        """One GPU's layout to change, serialized across threads and processes; saved unless
+        the change raised. The GPU must have MIG (callers check first)."""
+        with self._mutex:
+            if self._path is None:
+                yield self._mig(gpu)
+                return
+            with open(f"{self._path}.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                self._reload()
+                yield self._mig(gpu)
+                self._save()
+
+    def _mig(self, gpu: int) -> MigLayout:
+        layout = self._layouts[gpu]
+        assert layout is not None
+        return layout
+
+    def _save(self) -> None:
+        assert self._path is not None
+        state = {"version": 1, "gpus": {
+            gpu.uuid: [s.model_dump(exclude_none=True) for s in layout.specs()]
+            for gpu, layout in zip(self._profile.gpus, self._layouts, strict=True)
+            if layout is not None}}
+        fd, tmp = tempfile.mkstemp(dir=self._path.parent, prefix=f".{self._path.name}.")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(state, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        st = os.stat(self._path)
+        self._stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+class MockNvml:
+    """The pynvml module's surface for one mock machine (see the module docstring)."""
+
+    def __init__(self, profile: Profile, state_path: Path | None = None) -> None:
+        self.profile = profile
+        self._store = _MigStore(profile, state_path)
+        self._inits = 0
+        self._by_bus = {gpu.busId: i for i, gpu in enumerate(profile.gpus)}
+
+    # -- handles -------------------------------------------------------------------------
+
+    def _ref(self, handle: Any, *kinds: int) -> _Ref:
+        ref = _Ref.of(handle)
+        if ref.kind not in kinds or ref.gpu >= len(self.profile.gpus):
+            if ref.kind == _MIG and _DEVICE in kinds:
+                raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        if ref.kind != _DEVICE:
+            self._live(ref)  # a handle to a destroyed instance is no longer valid
+        self._fault(ref.gpu)
+        return ref
+
+    def _fault(self, gpu: int) -> None:
+        code = self.profile.gpus[gpu].fault(_CALL.get())
+        if code is not None:
+            raise _error(code)
+
+    def _layout(self, gpu: int) -> MigLayout:
+        layout = self._store.layouts()[gpu]
+        if layout is None:
+            raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return layout
+
+    def _live(self, ref: _Ref) -> tuple[GpuInstance, ComputeInstance | None]:
+        layout = self._store.layouts()[ref.gpu]
+        gi = layout.gis.get(ref.gi) if layout is not None else None
+        ci = gi.cis.get(ref.ci) if gi is not None else None
+        if gi is None or (ref.kind in (_MIG, _CI) and ci is None):
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return gi, ci
+
+    def _gi(self, handle: Any) -> tuple[_Ref, GpuInstance]:
+        ref = self._ref(handle, _GI)
+        return ref, self._live(ref)[0]
+
+    def _ci(self, handle: Any) -> tuple[_Ref, GpuInstance, ComputeInstance]:
+        ref = self._ref(handle, _CI)
+        gi, ci = self._live(ref)
+        assert ci is not None
+        return ref, gi, ci
+
+    def _mig_uuid(self, ref: _Ref) -> str:
+        parent = self.profile.gpus[ref.gpu].uuid
+        return f"MIG-{uuid.uuid5(_MIG_UUID_NAMESPACE, f'{parent}/{ref.gi}/{ref.ci}')}"
+
+    # -- system --------------------------------------------------------------------------
+
+    def nvmlInit(self) -> None:
+        self._inits += 1
+
+    def nvmlShutdown(self) -> None:
+        if self._inits == 0:
+            raise _error(pynvml.NVML_ERROR_UNINITIALIZED)
+        self._inits -= 1
+
+    @_api
+    def nvmlSystemGetDriverVersion(self) -> str:
+        return self.profile.driverVersion
+
+    @_api
+    def nvmlSystemGetCudaDriverVersion(self) -> int:
+        return self.profile.cudaDriverVersion
+
+    @_api
+    def nvmlSystemGetNVMLVersion(self) -> str:
+        return f"{self.profile.cudaDriverVersion // 1000}.{self.profile.driverVersion}"
+
+    @_api
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.profile.gpus)
+
+    @_api
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> Any:
+        if not (isinstance(index, int) and 0 <= index < len(self.profile.gpus)):
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        self._fault(index)
+        return _Ref(_DEVICE, index).handle()
+
+    @_api
+    def nvmlDeviceGetHandleByUUID(self, uuid_: str) -> Any:
+        """A GPU by its GPU- UUID or a MIG device by its MIG- UUID."""
+        for i, gpu in enumerate(self.profile.gpus):
+            if gpu.uuid == uuid_:
+                self._fault(i)
+                return _Ref(_DEVICE, i).handle()
+            layout = self._store.layouts()[i]
+            for gi, ci in layout.mig_devices() if layout is not None else ():
+                ref = _Ref(_MIG, i, gi.id, ci.id)
+                if self._mig_uuid(ref) == uuid_:
+                    self._fault(i)
+                    return ref.handle()
+        raise _error(pynvml.NVML_ERROR_NOT_FOUND)
+
+    # -- one GPU -------------------------------------------------------------------------
+
+    @_api
+    def nvmlDeviceGetIndex(self, handle: Any) -> int:
+        return self._ref(handle, _DEVICE).gpu
+
+    @_api
+    def nvmlDeviceGetMinorNumber(self, handle: Any) -> int:
+        return self.profile.gpus[self._ref(handle, _DEVICE).gpu].minor
+
+    @_api
+    def nvmlDeviceGetUUID(self, handle: Any) -> str:
+        ref = self._ref(handle, _DEVICE, _MIG)
+        return self.profile.gpus[ref.gpu].uuid if ref.kind == _DEVICE else self._mig_uuid(ref)
+
+    @_api
+    def nvmlDeviceGetName(self, handle: Any) -> str:
+        return self.profile.model_of(self._ref(handle, _DEVICE).gpu).name
+
+    @_api
+    def nvmlDeviceGetBrand(self, handle: Any) -> int:
+        return self.profile.model_of(self._ref(handle, _DEVICE).gpu).brand_value
+
+    @_api
+    def nvmlDeviceGetArchitecture(self, handle: Any) -> int:
+        return self.profile.model_of(self._ref(handle, _DEVICE).gpu).architecture_value
+
+    @_api
+    def nvmlDeviceGetCudaComputeCapability(self, handle: Any) -> tuple[int, int]:
+        return self.profile.model_of(self._ref(handle, _DEVICE).gpu).cudaComputeCapability
+
+    @_api
+    def nvmlDeviceGetMemoryInfo(self, handle: Any, version: int | None = None) -> Any:
+        """The GPU's memory, or a MIG device's (its GPU instance's memory, all free)."""
+        ref = self._ref(handle, _DEVICE, _MIG)
+        if ref.kind == _MIG:
+            total = self._live(ref)[0].profile.memorySizeMB * _MIB
+            used = 0
+        else:
+            memory = self.profile.model_of(ref.gpu).memory
+            total, used = memory.total, memory.used
+        if not version:
+            return pynvml.c_nvmlMemory_t(total=total, free=total - used, used=used)
+        return pynvml.c_nvmlMemory_v2_t(version=version, total=total, reserved=used,
+                                        free=total - used, used=0)
+
+    @_api
+    def nvmlDeviceGetPciInfo(self, handle: Any) -> pynvml.nvmlPciInfo_t:
+        return self._gpu_pci(self._ref(handle, _DEVICE).gpu)
+
+    nvmlDeviceGetPciInfo_v3 = nvmlDeviceGetPciInfo
+
+    def _gpu_pci(self, gpu: int) -> pynvml.nvmlPciInfo_t:
+        model = self.profile.model_of(gpu)
+        return _pci_info(self.profile.gpus[gpu].busId, model.pciDeviceId, model.pciSubSystemId)
+
+    @_api
+    def nvmlDeviceGetNumaNodeId(self, handle: Any) -> int:
+        self._ref(handle, _DEVICE)
+        raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+
+    # -- MIG: the GPU side -----------------------------------------------------------------
+
+    @_api
+    def nvmlDeviceGetMigMode(self, handle: Any) -> list[int]:
+        gpu = self._ref(handle, _DEVICE).gpu
+        self._layout(gpu)
+        mode = int(self.profile.gpus[gpu].mig_enabled)
+        return [mode, mode]
+
+    @_api
+    def nvmlDeviceGetGpuInstanceProfileInfo(self, handle: Any, profile: int,
+                                            version: int = 2) -> Any:
+        gpu = self._ref(handle, _DEVICE).gpu
+        if version not in (1, 2):
+            raise _error(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)  # what pynvml itself raises
+        layout = self._layout(gpu)
+        if profile not in GI_PROFILE_INDEXES:
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        info = layout.spec.profiles.get(profile)
+        if info is None:
+            raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        fields = info.model_dump(exclude={"name", "placements"})
+        if version == 1:
+            return _struct(pynvml.c_nvmlGpuInstanceProfileInfo_t, isP2pSupported=0, **fields)
+        # The driver hands the struct back with `version` zeroed, as the capture shows.
+        return _struct(pynvml.c_nvmlGpuInstanceProfileInfo_v2_t, version=0, isP2pSupported=0,
+                       name=info.name.encode(), **fields)
+
+    nvmlDeviceGetGpuInstanceProfileInfoV = nvmlDeviceGetGpuInstanceProfileInfo
+
+    @_api
+    def nvmlDeviceGetGpuInstancePossiblePlacements(self, handle: Any, profileId: int,
+                                                   placementsRef: Any, countRef: Any) -> int:
+        layout = self._layout(self._ref(handle, _DEVICE).gpu)
+        with _as_nvml_errors():
+            placements = layout.placements(profileId)
+        _fill([pynvml.c_nvmlGpuInstancePlacement_t(p.start, p.size) for p in placements],
+              placementsRef, countRef)
+        return pynvml.NVML_SUCCESS
+
+    @_api
+    def nvmlDeviceGetGpuInstanceRemainingCapacity(self, handle: Any, profileId: int) -> int:
+        layout = self._layout(self._ref(handle, _DEVICE).gpu)
+        with _as_nvml_errors():
+            return layout.remaining(profileId)
+
+    @_api
+    def nvmlDeviceGetMaxMigDeviceCount(self, handle: Any) -> int:
+        """7 on these parts with MIG on; 0 with MIG off or on a GPU without MIG."""
+        gpu = self._ref(handle, _DEVICE).gpu
+        spec = self.profile.model_of(gpu).mig
+        return spec.maxDevices if spec is not None and self.profile.gpus[gpu].mig_enabled else 0
+
+    @_api
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, handle: Any, index: int) -> Any:
+        gpu = self._ref(handle, _DEVICE).gpu
+        if not (isinstance(index, int) and index >= 0):
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        layout = self._store.layouts()[gpu]
+        devices = list(layout.mig_devices()) if layout is not None else []
+        if index >= len(devices):
+            raise _error(pynvml.NVML_ERROR_NOT_FOUND)
+        gi, ci = devices[index]
+        return _Ref(_MIG, gpu, gi.id, ci.id).handle()
+
+    @_api
+    def nvmlDeviceIsMigDeviceHandle(self, handle: Any) -> ctypes.c_uint:
+        return ctypes.c_uint(int(self._ref(handle, _DEVICE, _MIG).kind == _MIG))
+
+    @_api
+    def nvmlDeviceGetDeviceHandleFromMigDeviceHandle(self, handle: Any) -> Any:
+        ref = _Ref.of(handle)
+        if ref.kind != _MIG:
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return _Ref(_DEVICE, self._ref(handle, _MIG).gpu).handle()
+
+    @_api
+    def nvmlDeviceGetGpuInstanceId(self, handle: Any) -> int:
+        return self._mig_ref(handle).gi
+
+    @_api
+    def nvmlDeviceGetComputeInstanceId(self, handle: Any) -> int:
+        return self._mig_ref(handle).ci
+
+    def _mig_ref(self, handle: Any) -> _Ref:
+        if _Ref.of(handle).kind != _MIG:
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return self._ref(handle, _MIG)
+
+    @_api
+    def nvmlDeviceGetGpuInstanceById(self, handle: Any, gpuInstanceId: int) -> Any:
+        gpu = self._ref(handle, _DEVICE).gpu
+        with _as_nvml_errors():
+            gi = self._layout(gpu).gi(gpuInstanceId)
+        return _Ref(_GI, gpu, gi.id).handle()
+
+    @_api
+    def nvmlDeviceGetGpuInstances(self, handle: Any, profileId: int, gpuInstancesRef: Any,
+                                  countRef: Any) -> int:
+        gpu = self._ref(handle, _DEVICE).gpu
+        layout = self._layout(gpu)
+        with _as_nvml_errors():
+            layout.profile(profileId)
+        found = [_Ref(_GI, gpu, gi.id).handle() for _, gi in sorted(layout.gis.items())
+                 if gi.profile.id == profileId]
+        _fill(found, gpuInstancesRef, countRef)
+        return pynvml.NVML_SUCCESS
+
+    @_api
+    def nvmlDeviceCreateGpuInstance(self, handle: Any, profileId: int) -> Any:
+        return self._create_gi(handle, profileId, None, None)
+
+    @_api
+    def nvmlDeviceCreateGpuInstanceWithPlacement(self, handle: Any, profileId: int,
+                                                 placement: Any) -> Any:
+        target = _target(placement)
+        if not isinstance(target, pynvml.c_nvmlGpuInstancePlacement_t):
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return self._create_gi(handle, profileId, target.start, target.size)
+
+    def _create_gi(self, handle: Any, profile_id: int, start: int | None,
+                   size: int | None) -> Any:
+        gpu = self._ref(handle, _DEVICE).gpu
+        self._layout(gpu)
+        if not self.profile.gpus[gpu].mig_enabled:
+            raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        with self._store.change(gpu) as layout, _as_nvml_errors():
+            gi = layout.create_gi(profile_id, start, size)
+        return _Ref(_GI, gpu, gi.id).handle()
+
+    # -- MIG: GPU and compute instances ----------------------------------------------------
+
+    @_api
+    def nvmlGpuInstanceGetInfo(self, gpuInstance: Any) -> pynvml.c_nvmlGpuInstanceInfo_t:
+        ref, gi = self._gi(gpuInstance)
+        return pynvml.c_nvmlGpuInstanceInfo_t(
+            device=_Ref(_DEVICE, ref.gpu).handle(), id=gi.id, profileId=gi.profile.id,
+            placement=pynvml.c_nvmlGpuInstancePlacement_t(gi.placement.start, gi.placement.size))
+
+    @_api
+    def nvmlGpuInstanceDestroy(self, gpuInstance: Any) -> int:
+        ref, gi = self._gi(gpuInstance)
+        with self._store.change(ref.gpu) as layout, _as_nvml_errors():
+            layout.destroy_gi(gi.id)
+        return pynvml.NVML_SUCCESS
+
+    @_api
+    def nvmlGpuInstanceGetComputeInstanceProfileInfo(self, gpuInstance: Any, profile: int,
+                                                     engProfile: int, version: int = 2) -> Any:
+        _, gi = self._gi(gpuInstance)
+        if version not in (1, 2):
+            raise _error(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)  # what pynvml itself raises
+        if engProfile != pynvml.NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED:
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        with _as_nvml_errors():
+            placements = MigLayout.ci_placements(gi, profile)
+        slices, whole = placements[0].size, gi.profile
+        fields = {
+            "id": profile, "sliceCount": slices, "instanceCount": len(placements),
+            "multiprocessorCount": whole.multiprocessorCount * slices // whole.sliceCount,
+            "sharedCopyEngineCount": whole.copyEngineCount,
+            "sharedDecoderCount": whole.decoderCount, "sharedEncoderCount": whole.encoderCount,
+            "sharedJpegCount": whole.jpegCount, "sharedOfaCount": whole.ofaCount}
+        if version == 1:
+            return _struct(pynvml.c_nvmlComputeInstanceProfileInfo_t, **fields)
+        name = whole.name if slices == whole.sliceCount else \
+            f"MIG {slices}c.{whole.name.removeprefix('MIG ')}"
+        # `version` zeroed like the GPU-instance profile info the capture shows.
+        return _struct(pynvml.c_nvmlComputeInstanceProfileInfo_v2_t, version=0,
+                       name=name.encode(), **fields)
+
+    nvmlGpuInstanceGetComputeInstanceProfileInfoV = nvmlGpuInstanceGetComputeInstanceProfileInfo
+
+    @_api
+    def nvmlGpuInstanceCreateComputeInstance(self, gpuInstance: Any, profileId: int) -> Any:
+        ref, gi = self._gi(gpuInstance)
+        with self._store.change(ref.gpu) as layout, _as_nvml_errors():
+            ci = layout.create_ci(gi.id, profileId)
+        return _Ref(_CI, ref.gpu, gi.id, ci.id).handle()
+
+    @_api
+    def nvmlGpuInstanceGetComputeInstanceById(self, gpuInstance: Any,
+                                              computeInstanceId: int) -> Any:
+        ref, gi = self._gi(gpuInstance)
+        with _as_nvml_errors():
+            ci = gi.ci(computeInstanceId)
+        return _Ref(_CI, ref.gpu, gi.id, ci.id).handle()
+
+    @_api
+    def nvmlGpuInstanceGetComputeInstances(self, gpuInstance: Any, profileId: int,
+                                           computeInstancesRef: Any, countRef: Any) -> int:
+        ref, gi = self._gi(gpuInstance)
+        with _as_nvml_errors():
+            MigLayout.ci_slices(gi, profileId)
+        found = [_Ref(_CI, ref.gpu, gi.id, ci.id).handle() for _, ci in sorted(gi.cis.items())
+                 if ci.profile_id == profileId]
+        _fill(found, computeInstancesRef, countRef)
+        return pynvml.NVML_SUCCESS
+
+    @_api
+    def nvmlComputeInstanceGetInfo(self, computeInstance: Any) -> Any:
+        ref, gi, ci = self._ci(computeInstance)
+        return pynvml.c_nvmlComputeInstanceInfo_t(
+            device=_Ref(_DEVICE, ref.gpu).handle(), gpuInstance=_Ref(_GI, ref.gpu, gi.id).handle(),
+            id=ci.id, profileId=ci.profile_id,
+            placement=pynvml.c_nvmlComputeInstancePlacement_t(ci.placement.start,
+                                                              ci.placement.size))
+
+    nvmlComputeInstanceGetInfo_v2 = nvmlComputeInstanceGetInfo
+
+    @_api
+    def nvmlComputeInstanceDestroy(self, computeInstance: Any) -> int:
+        ref, gi, ci = self._ci(computeInstance)
+        with self._store.change(ref.gpu) as layout, _as_nvml_errors():
+            layout.destroy_ci(gi.id, ci.id)
+        return pynvml.NVML_SUCCESS
+
+    # -- NVLink --------------------------------------------------------------------------
+
+    def _wired(self, gpu: int, link: int) -> tuple[str, int] | None:
+        """('gpu'|'switch', index) at the far end of a link; None if the port is unwired.
+
+        A GPU with no wired link answers NOT_SUPPORTED for every link (as captured on an
+        H200 without peers); a link beyond the model's ports is INVALID_ARGUMENT.
+        """
+        spec = self.profile.model_of(gpu).nvlink
+        links = self.profile.gpus[gpu].nvlinks
+        if spec is None or not links:
+            raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        if not (isinstance(link, int) and 0 <= link < spec.links):
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        for group in links:
+            if link < group.count:
+                if group.peer is not None:
+                    return "gpu", group.peer
+                assert group.switch is not None
+                return "switch", group.switch
+            link -= group.count
+        return None
+
+    def _wired_or_fail(self, handle: Any, link: int) -> tuple[str, int]:
+        end = self._wired(self._ref(handle, _DEVICE).gpu, link)
+        if end is None:
+            raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return end
+
+    @_api
+    def nvmlDeviceGetNvLinkState(self, handle: Any, link: int) -> int:
+        end = self._wired(self._ref(handle, _DEVICE).gpu, link)
+        return pynvml.NVML_FEATURE_DISABLED if end is None else pynvml.NVML_FEATURE_ENABLED
+
+    @_api
+    def nvmlDeviceGetNvLinkVersion(self, handle: Any, link: int) -> int:
+        gpu = self._ref(handle, _DEVICE).gpu
+        self._wired(gpu, link)
+        spec = self.profile.model_of(gpu).nvlink
+        assert spec is not None
+        return spec.enum
+
+    @_api
+    def nvmlDeviceGetNvLinkRemoteDeviceType(self, handle: Any, link: int) -> int:
+        kind, _ = self._wired_or_fail(handle, link)
+        return pynvml.NVML_NVLINK_DEVICE_TYPE_GPU if kind == "gpu" else \
+            pynvml.NVML_NVLINK_DEVICE_TYPE_SWITCH
+
+    @_api
+    def nvmlDeviceGetNvLinkRemotePciInfo(self, handle: Any, link: int) -> pynvml.nvmlPciInfo_t:
+        kind, index = self._wired_or_fail(handle, link)
+        if kind == "gpu":
+            return self._gpu_pci(index)
+        switch = self.profile.nvswitches[index]
+        return _pci_info(switch.busId, switch.pciDeviceId, 0)
+
+    @_api
+    def nvmlDeviceGetFieldValues(self, handle: Any, fieldIds: list[Any]) -> Any:
+        """Only NVML_FI_DEV_NVLINK_LINK_COUNT answers; other fields carry NOT_SUPPORTED."""
+        gpu = self._ref(handle, _DEVICE).gpu
+        spec = self.profile.model_of(gpu).nvlink
+        values = (pynvml.c_nvmlFieldValue_t * len(fieldIds))()
+        now = time.time_ns() // 1000
+        for value, field_id in zip(values, fieldIds, strict=True):
+            # pynvml takes a field id or a (field id, scope id) pair
+            value.fieldId, value.scopeId = field_id if isinstance(field_id, tuple) else \
+                (field_id, 0)
+            value.timestamp = now
+            value.nvmlReturn = pynvml.NVML_ERROR_NOT_SUPPORTED
+            if value.fieldId == pynvml.NVML_FI_DEV_NVLINK_LINK_COUNT:
+                value.valueType = pynvml.NVML_VALUE_TYPE_UNSIGNED_INT
+                if spec is not None and self.profile.gpus[gpu].nvlinks:
+                    value.value.uiVal = spec.links
+                    value.nvmlReturn = pynvml.NVML_SUCCESS
+        return values
+
+    # -- pairs ---------------------------------------------------------------------------
+
+    def _pair(self, a: Any, b: Any) -> tuple[int, int]:
+        return self._ref(a, _DEVICE).gpu, self._ref(b, _DEVICE).gpu
+
+    def _level(self, i: int, j: int) -> int:
+        """PCIe distance: SYS across NUMA nodes, then a shared switch, host bridge, or NODE."""
+        a, b = self.profile.gpus[i], self.profile.gpus[j]
+        if a.numaNode != b.numaNode:
+            return pynvml.NVML_TOPOLOGY_SYSTEM
+        if a.pcieSwitch is not None and a.pcieSwitch == b.pcieSwitch:
+            return getattr(pynvml, f"NVML_TOPOLOGY_{self.profile.pcieSwitches[a.pcieSwitch]}")
+        if a.pcieRoot == b.pcieRoot:
+            return pynvml.NVML_TOPOLOGY_HOSTBRIDGE
+        return pynvml.NVML_TOPOLOGY_NODE
+
+    def _nvlinked(self, i: int, j: int) -> bool:
+        a, b = self.profile.gpus[i].nvlinks, self.profile.gpus[j].nvlinks
+        return any(link.peer == j for link in a) or bool(
+            {link.switch for link in a if link.switch is not None}
+            & {link.switch for link in b if link.switch is not None})
+
+    @_api
+    def nvmlDeviceGetTopologyCommonAncestor(self, device1: Any, device2: Any) -> int:
+        i, j = self._pair(device1, device2)
+        if i == j:
+            raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return self._level(i, j)
+
+    @_api
+    def nvmlDeviceGetTopologyNearestGpus(self, device: Any, level: int) -> list[Any]:
+        """GPUs at exactly `level`; a single-GPU machine answers INVALID_ARGUMENT (captured)."""
+        gpu = self._ref(device, _DEVICE).gpu
+        levels = {pynvml.NVML_TOPOLOGY_INTERNAL, pynvml.NVML_TOPOLOGY_SINGLE,
+                  pynvml.NVML_TOPOLOGY_MULTIPLE, pynvml.NVML_TOPOLOGY_HOSTBRIDGE,
+                  pynvml.NVML_TOPOLOGY_NODE, pynvml.NVML_TOPOLOGY_SYSTEM}
+        if len(self.profile.gpus) < 2 or level not in levels:
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return [_Ref(_DEVICE, j).handle() for j in range(len(self.profile.gpus))
+                if j != gpu and self._level(gpu, j) == level]
+
+    @_api
+    def nvmlDeviceGetP2PStatus(self, device1: Any, device2: Any, p2pIndex: int) -> int:
+        """NVLink P2P wherever NVLink joins the pair; over PCIe only within a NUMA node."""
+        i, j = self._pair(device1, device2)
+        # pynvml defines NVML_P2P_CAPS_INDEX_READ as the tuple (0,), so READ is spelled 0.
+        if p2pIndex not in (0, pynvml.NVML_P2P_CAPS_INDEX_WRITE, pynvml.NVML_P2P_CAPS_INDEX_NVLINK,
+                            pynvml.NVML_P2P_CAPS_INDEX_ATOMICS, pynvml.NVML_P2P_CAPS_INDEX_PCI):
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        if i == j:
+            return pynvml.NVML_P2P_STATUS_NOT_SUPPORTED
+        nvlinked, local = self._nvlinked(i, j), self._level(i, j) < pynvml.NVML_TOPOLOGY_SYSTEM
+        if p2pIndex == pynvml.NVML_P2P_CAPS_INDEX_NVLINK:
+            return pynvml.NVML_P2P_STATUS_OK if nvlinked else pynvml.NVML_P2P_STATUS_NOT_SUPPORTED
+        if p2pIndex == pynvml.NVML_P2P_CAPS_INDEX_PCI or not nvlinked:
+            if not local:
+                return pynvml.NVML_P2P_STATUS_CHIPSET_NOT_SUPPORTED
+            if p2pIndex == pynvml.NVML_P2P_CAPS_INDEX_ATOMICS:
+                return pynvml.NVML_P2P_STATUS_NOT_SUPPORTED  # no atomics over PCIe
+        return pynvml.NVML_P2P_STATUS_OK
+
+
+@dataclass(frozen=True)
+class MockHost:
+    """HostView of a mock machine: sysfs facts from the profile, MIG cap minors by formula."""
+
+    nvml: MockNvml
+
+    def _gpu(self, bus_id: str) -> int | None:
+        try:
+            return self.nvml._by_bus.get(normalize_bus_id(bus_id))
+        except ValueError:
+            return None
+
+    def pcie_root(self, bus_id: str) -> str | None:
+        gpu = self._gpu(bus_id)
+        return None if gpu is None else self.nvml.profile.gpus[gpu].pcieRoot
+
+    def numa_node(self, bus_id: str) -> int | None:
+        gpu = self._gpu(bus_id)
+        return None if gpu is None else self.nvml.profile.gpus[gpu].numaNode
+
+    def mig_minors(self, gpu_minor: int, gi_id: int, ci_id: int) -> tuple[int, int] | None:
+        """/dev/nvidia-caps minors of a live GI and CI: 3 + 135*gpu + 9*gi (+ 1 + ci)."""
+        gpus = self.nvml.profile.gpus
+        gpu = next((i for i, g in enumerate(gpus) if g.minor == gpu_minor), None)
+        layout = None if gpu is None else self.nvml._store.layouts()[gpu]
+        gi = None if layout is None else layout.gis.get(gi_id)
+        if gi is None or ci_id not in gi.cis:
+            return None
+        base = 3 + 135 * gpu_minor + 9 * gi_id
+        return base, base + 1 + ci_id

@@ -1,0 +1,717 @@
+"""Machine profiles for the mock NVML backend, and the MIG rules both they and the mock obey.
+
+A profile is a YAML file describing one machine: the GPUs with their model, identity, PCIe
+and NUMA placement, NVLinks, live MIG instances and injected NVML failures. GPU models are
+defined once, in `profiles/_models.yaml` (shared by every profile, a user's included) or in
+the profile's own `models:`. Loading checks the shape (pydantic, unknown fields refused) and
+the cross-field rules (links to GPUs that exist, MIG placements that do not overlap, unique
+identities), and every problem becomes a ProfileError naming the file and the field:
+`dgx-h100.yaml: gpus[3].nvlinks[0].peer: no GPU with index 9`.
+
+MIG facts follow allocator-nvml-mig.md part C: placements count memory slices (8 per GPU),
+GPU-instance ids follow the heap layout of those slices, and memorySizeMB is the MiB that
+nvmlDeviceGetGpuInstanceProfileInfo reports.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import pynvml
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+PROFILES_DIR = Path(__file__).with_name("profiles")
+MODELS_FILE = "_models.yaml"
+
+MEMORY_SLICES = 8
+# The GPU-instance profile indexes the modeled drivers know: R580 answers INVALID_ARGUMENT
+# from NVML_GPU_INSTANCE_PROFILE_3_SLICE_GFX (0x11) on (real H200 discovery trace).
+GI_PROFILE_INDEXES = range(pynvml.NVML_GPU_INSTANCE_PROFILE_3_SLICE_GFX)
+MAX_COMPUTE_INSTANCES = 8  # ci0..ci7 per GPU instance, as the kernel reserves them
+
+# NVML_COMPUTE_INSTANCE_PROFILE_* -> compute slices, for the 7-slice parts modeled here.
+CI_PROFILE_SLICES: dict[int, int] = {
+    pynvml.NVML_COMPUTE_INSTANCE_PROFILE_1_SLICE: 1,
+    pynvml.NVML_COMPUTE_INSTANCE_PROFILE_2_SLICE: 2,
+    pynvml.NVML_COMPUTE_INSTANCE_PROFILE_3_SLICE: 3,
+    pynvml.NVML_COMPUTE_INSTANCE_PROFILE_4_SLICE: 4,
+    pynvml.NVML_COMPUTE_INSTANCE_PROFILE_7_SLICE: 7,
+}
+# A compute instance of n slices starts on a multiple of this, like GPU instances do in
+# memory slices (a 3-slice instance takes a 4-aligned block).
+_CI_ALIGN = {1: 1, 2: 2, 3: 4, 4: 4, 7: 8}
+# First GPU-instance id for each placement size: 0 whole, 1-2 halves, 3-6 quarters, 7-14 eighths.
+_GI_ID_BASE = {8: 0, 4: 1, 2: 3, 1: 7}
+
+_BUS_ID = re.compile(r"^([0-9a-f]{4}|[0-9a-f]{8}):([0-9a-f]{2}):([0-9a-f]{2})\.([0-7])$", re.I)
+_GPU_UUID = r"^GPU-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+_PCIE_ROOT = r"^pci[0-9a-f]{4}:[0-9a-f]{2}$"
+
+
+class ProfileError(ValueError):
+    """A profile (or mock state file) that cannot describe a machine; names file and field."""
+
+    def __init__(self, file: str, problems: Sequence[tuple[str, str]]) -> None:
+        self.file = file
+        self.problems = list(problems)
+        super().__init__("; ".join(f"{file}: {where}: {what}" if where else f"{file}: {what}"
+                                   for where, what in self.problems))
+
+
+class FieldError(ValueError):
+    """Raised in a validator to point below the model it validates (`nvlinks[0].peer`)."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.message = message
+
+
+def normalize_bus_id(bus_id: str) -> str:
+    """A PCI address as NVML spells it (`00000000:18:00.0`), from either NVML's or sysfs' form."""
+    match = _BUS_ID.match(bus_id)
+    if match is None:
+        raise ValueError(f"{bus_id!r} is not a PCI address like 00000000:18:00.0")
+    domain, bus, device, function = match.groups()
+    return f"{int(domain, 16):08X}:{bus.upper()}:{device.upper()}.{function}"
+
+
+def _bus_id_field(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("quote it, e.g. \"00000000:18:00.0\": YAML reads an unquoted bus id "
+                         "as a number")
+    return normalize_bus_id(value)
+
+
+BusId = Annotated[str, BeforeValidator(_bus_id_field)]
+M = TypeVar("M", bound=BaseModel)
+
+
+def _nvml_constant(prefix: str, name: str) -> int:
+    value = getattr(pynvml, prefix + name, None)
+    if not isinstance(value, int):
+        raise ValueError(f"{name!r} is not an NVML value ({prefix}{name} does not exist)")
+    return value
+
+
+# --------------------------------------------------------------------------- schema
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Placements(_Strict):
+    """Where a GPU-instance profile may sit: each start (memory slice) with one size."""
+
+    starts: list[int] = Field(min_length=1)
+    size: Literal[1, 2, 4, 8]
+
+    @model_validator(mode="after")
+    def _fit(self) -> Placements:
+        for i, start in enumerate(self.starts):
+            if start < 0 or start % self.size or start + self.size > MEMORY_SLICES:
+                raise FieldError(f"starts[{i}]", f"{start}:{self.size} is not an aligned block "
+                                 f"of the {MEMORY_SLICES} memory slices")
+        ordered = sorted(self.starts)
+        for a, b in itertools.pairwise(ordered):
+            if b - a < self.size:
+                raise FieldError("starts", f"placements {a}:{self.size} and {b}:{self.size} "
+                                 "overlap")
+        return self
+
+
+class GiProfile(_Strict):
+    """One GPU-instance profile, with the fields of nvmlGpuInstanceProfileInfo_v2_t."""
+
+    id: int = Field(ge=0)
+    name: str = Field(pattern=r"^MIG \d+g\.\d+gb")
+    sliceCount: int = Field(ge=1, le=7)
+    instanceCount: int = Field(ge=1)
+    multiprocessorCount: int = Field(ge=1)
+    copyEngineCount: int = Field(ge=0)
+    decoderCount: int = Field(ge=0)
+    encoderCount: int = Field(ge=0)
+    jpegCount: int = Field(ge=0)
+    ofaCount: int = Field(ge=0)
+    memorySizeMB: int = Field(ge=1)
+    placements: Placements
+
+    @model_validator(mode="after")
+    def _enough_placements(self) -> GiProfile:
+        if self.instanceCount > len(self.placements.starts):
+            raise FieldError("instanceCount", f"{self.instanceCount} instances but only "
+                             f"{len(self.placements.starts)} placements")
+        return self
+
+
+class MigSpec(_Strict):
+    """A model's MIG capability: profiles keyed by NVML_GPU_INSTANCE_PROFILE_* index."""
+
+    maxDevices: int = Field(ge=1)
+    profiles: dict[int, GiProfile] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _indexes_and_ids(self) -> MigSpec:
+        seen: dict[int, int] = {}
+        for index, profile in self.profiles.items():
+            if index not in GI_PROFILE_INDEXES:
+                raise FieldError(f"profiles[{index}]", "not an NVML_GPU_INSTANCE_PROFILE_* index "
+                                 f"(0..{GI_PROFILE_INDEXES[-1]})")
+            if profile.id in seen:
+                raise FieldError(f"profiles[{index}].id", f"id {profile.id} is also "
+                                 f"profiles[{seen[profile.id]}]'s")
+            seen[profile.id] = index
+        return self
+
+
+class NvLinkSpec(_Strict):
+    """A model's NVLink ports; `version` names the nvmlNvlinkVersion_t NVML reports."""
+
+    version: str
+    links: int = Field(ge=1, le=pynvml.NVML_NVLINK_MAX_LINKS)
+
+    @field_validator("version")
+    @classmethod
+    def _known(cls, version: str) -> str:
+        _nvml_constant("NVML_NVLINK_VERSION_", version.replace(".", "_"))
+        return version
+
+    @property
+    def enum(self) -> int:
+        """The enum value, not the generation: A100 reports 3.1 (5), H100 4.0 (6)."""
+        return _nvml_constant("NVML_NVLINK_VERSION_", self.version.replace(".", "_"))
+
+
+class Memory(_Strict):
+    """nvmlDeviceGetMemoryInfo at idle, in bytes (`used` includes the driver's reservation)."""
+
+    total: int = Field(ge=1)
+    used: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _fits(self) -> Memory:
+        if self.used > self.total:
+            raise FieldError("used", f"{self.used} is more than total {self.total}")
+        return self
+
+
+class GpuModel(_Strict):
+    """What every GPU of one product reports; brand and architecture name pynvml constants."""
+
+    name: str
+    brand: str
+    architecture: str
+    cudaComputeCapability: tuple[int, int]
+    memory: Memory
+    pciDeviceId: int
+    pciSubSystemId: int
+    nvlink: NvLinkSpec | None = None
+    mig: MigSpec | None = None
+
+    @field_validator("brand")
+    @classmethod
+    def _brand(cls, brand: str) -> str:
+        _nvml_constant("NVML_BRAND_", brand)
+        return brand
+
+    @field_validator("architecture")
+    @classmethod
+    def _architecture(cls, architecture: str) -> str:
+        _nvml_constant("NVML_DEVICE_ARCH_", architecture)
+        return architecture
+
+    @property
+    def brand_value(self) -> int:
+        return _nvml_constant("NVML_BRAND_", self.brand)
+
+    @property
+    def architecture_value(self) -> int:
+        return _nvml_constant("NVML_DEVICE_ARCH_", self.architecture)
+
+
+class NvLink(_Strict):
+    """`count` links of a GPU to one peer GPU (by index) or one NVSwitch (by index)."""
+
+    peer: int | None = None
+    switch: int | None = None
+    count: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _one_end(self) -> NvLink:
+        if (self.peer is None) == (self.switch is None):
+            raise FieldError("peer", "give exactly one of peer (a GPU index) or switch")
+        return self
+
+
+class ComputeInstanceSpec(_Strict):
+    """A live compute instance; start and id are chosen as NVML would when left out."""
+
+    profileId: int
+    start: int | None = None
+    id: int | None = None
+
+
+class GpuInstanceSpec(_Strict):
+    """A live GPU instance; start is chosen as NVML would when left out."""
+
+    profileId: int
+    start: int | None = None
+    computeInstances: list[ComputeInstanceSpec] = []
+
+
+class GpuMig(_Strict):
+    """A GPU's MIG mode (current = pending) and the instances live on it."""
+
+    enabled: bool
+    gpuInstances: list[GpuInstanceSpec] = []
+
+
+class Gpu(_Strict):
+    """One GPU, in NVML index order.
+
+    `faults` maps a pynvml function name to the NVML_ERROR_* (without the prefix) that this
+    GPU answers it with; an alias such as nvmlDeviceGetPciInfo_v3 fails with its function.
+    """
+
+    model: str
+    uuid: str = Field(pattern=_GPU_UUID)
+    minor: int = Field(ge=0, le=254)
+    busId: BusId
+    pcieRoot: str = Field(pattern=_PCIE_ROOT)
+    numaNode: int | None = Field(ge=0)
+    pcieSwitch: str | None = None
+    nvlinks: list[NvLink] = []
+    mig: GpuMig | None = None
+    faults: dict[str, str] = {}
+
+    @field_validator("faults")
+    @classmethod
+    def _faults(cls, faults: dict[str, str]) -> dict[str, str]:
+        for function, code in faults.items():
+            if not (function.startswith("nvml") and callable(getattr(pynvml, function, None))):
+                raise FieldError(function, "not a pynvml function")
+            try:
+                _nvml_constant("NVML_ERROR_", code)
+            except ValueError as err:
+                raise FieldError(function, str(err)) from None
+        return faults
+
+    def fault(self, function: str) -> int | None:
+        """The NVML_ERROR_* this GPU answers `function` with, if one is injected."""
+        code = self.faults.get(function)
+        return None if code is None else _nvml_constant("NVML_ERROR_", code)
+
+    @property
+    def mig_enabled(self) -> bool:
+        return self.mig is not None and self.mig.enabled
+
+
+class NvSwitch(_Strict):
+    """An NVSwitch chip as NVML reports it at the far end of a GPU's links."""
+
+    busId: BusId
+    pciDeviceId: int
+
+
+class Profile(_Strict):
+    """One machine. `gpus` are in NVML index order; links and switches refer to indexes."""
+
+    description: str
+    driverVersion: str
+    cudaDriverVersion: int
+    models: dict[str, GpuModel] = {}
+    nvswitches: list[NvSwitch] = []
+    pcieSwitches: dict[str, Literal["SINGLE", "MULTIPLE"]] = {}
+    gpus: list[Gpu] = Field(min_length=1)
+
+    _resolved: dict[str, GpuModel] = PrivateAttr(default_factory=dict)
+
+    def model_of(self, index: int) -> GpuModel:
+        return self._resolved[self.gpus[index].model]
+
+    @model_validator(mode="after")
+    def _cross_checks(self, info: ValidationInfo) -> Profile:
+        library: Mapping[str, GpuModel] = (info.context or {}).get("library", {})
+        self._resolved.update(library)
+        self._resolved.update(self.models)
+        for check in (self._models_exist, self._identities, self._links, self._switches,
+                      self._mig):
+            check()
+        return self
+
+    def _models_exist(self) -> None:
+        for i, gpu in enumerate(self.gpus):
+            if gpu.model not in self._resolved:
+                raise FieldError(f"gpus[{i}].model", f"unknown model {gpu.model!r} (known: "
+                                 f"{', '.join(sorted(self._resolved))})")
+
+    def _identities(self) -> None:
+        owners: dict[tuple[str, object], str] = {}
+        for i, switch in enumerate(self.nvswitches):
+            _claim(owners, ("busId", switch.busId), f"nvswitches[{i}].busId")
+        for i, gpu in enumerate(self.gpus):
+            for name in ("uuid", "minor", "busId"):
+                _claim(owners, (name, getattr(gpu, name)), f"gpus[{i}].{name}")
+
+    def _links(self) -> None:
+        counts: dict[tuple[int, int], int] = {}
+        for i, gpu in enumerate(self.gpus):
+            spec = self.model_of(i).nvlink
+            if gpu.nvlinks and spec is None:
+                raise FieldError(f"gpus[{i}].nvlinks", f"model {gpu.model!r} has no NVLink")
+            for j, link in enumerate(gpu.nvlinks):
+                at = f"gpus[{i}].nvlinks[{j}]"
+                if link.peer is not None:
+                    if not 0 <= link.peer < len(self.gpus):
+                        raise FieldError(f"{at}.peer", f"no GPU with index {link.peer}")
+                    if link.peer == i:
+                        raise FieldError(f"{at}.peer", "a GPU cannot link to itself")
+                    counts[(i, link.peer)] = counts.get((i, link.peer), 0) + link.count
+                elif link.switch is not None and not 0 <= link.switch < len(self.nvswitches):
+                    raise FieldError(f"{at}.switch", f"no NVSwitch with index {link.switch}")
+            total = sum(link.count for link in gpu.nvlinks)
+            if spec is not None and total > spec.links:
+                raise FieldError(f"gpus[{i}].nvlinks", f"{total} links but a {gpu.model} has "
+                                 f"{spec.links}")
+        for (a, b), n in counts.items():
+            back = counts.get((b, a), 0)
+            if back != n:
+                raise FieldError(f"gpus[{a}].nvlinks", f"{n} links to GPU {b}, but GPU {b} has "
+                                 f"{back} back")
+
+    def _switches(self) -> None:
+        first: dict[str, int] = {}
+        for i, gpu in enumerate(self.gpus):
+            if gpu.pcieSwitch is None:
+                continue
+            at = f"gpus[{i}].pcieSwitch"
+            if gpu.pcieSwitch not in self.pcieSwitches:
+                raise FieldError(at, f"{gpu.pcieSwitch!r} is not in pcieSwitches")
+            other = self.gpus[first.setdefault(gpu.pcieSwitch, i)]
+            if (other.pcieRoot, other.numaNode) != (gpu.pcieRoot, gpu.numaNode):
+                raise FieldError(at, f"GPUs behind {gpu.pcieSwitch!r} must share pcieRoot and "
+                                 "numaNode")
+
+    def _mig(self) -> None:
+        for i, gpu in enumerate(self.gpus):
+            if gpu.mig is None:
+                continue
+            spec = self.model_of(i).mig
+            if spec is None:
+                raise FieldError(f"gpus[{i}].mig", f"model {gpu.model!r} has no MIG")
+            if gpu.mig.gpuInstances and not gpu.mig.enabled:
+                raise FieldError(f"gpus[{i}].mig.gpuInstances", "MIG is not enabled")
+            try:
+                MigLayout(spec).restore(gpu.mig.gpuInstances)
+            except MigError as err:
+                raise FieldError(f"gpus[{i}].mig.{err.where}", err.message) from None
+
+
+def _claim(owners: dict[tuple[str, object], str], key: tuple[str, object], path: str) -> None:
+    if key in owners:
+        raise FieldError(path, f"{key[1]} is also {owners[key]}")
+    owners[key] = path
+
+
+class ModelLibrary(_Strict):
+    """The shape of `_models.yaml`."""
+
+    models: dict[str, GpuModel]
+
+
+class MigState(_Strict):
+    """The mock's persisted MIG instances, by GPU UUID (what a real GPU keeps across restarts)."""
+
+    version: Literal[1]
+    gpus: dict[str, list[GpuInstanceSpec]]
+
+
+# --------------------------------------------------------------------------- MIG rules
+
+
+@dataclass(frozen=True)
+class Placement:
+    start: int
+    size: int
+
+    def overlaps(self, other: Placement) -> bool:
+        return self.start < other.start + other.size and other.start < self.start + self.size
+
+    def __str__(self) -> str:
+        return f"{self.start}:{self.size}"
+
+
+def gi_id(placement: Placement) -> int:
+    """GPU-instance id by the heap layout of the memory slices (allocator-nvml-mig.md C.5)."""
+    return _GI_ID_BASE[placement.size] + placement.start // placement.size
+
+
+@dataclass
+class ComputeInstance:
+    id: int
+    profile_id: int  # the NVML_COMPUTE_INSTANCE_PROFILE_* index, which NVML reports as the id
+    placement: Placement  # in compute slices of its GPU instance
+
+
+@dataclass
+class GpuInstance:
+    id: int
+    profile: GiProfile
+    placement: Placement
+    cis: dict[int, ComputeInstance] = field(default_factory=dict)
+
+    def ci(self, ci_id: int) -> ComputeInstance:
+        if ci_id not in self.cis:
+            raise MigError(pynvml.NVML_ERROR_NOT_FOUND, f"GPU instance {self.id} has no compute "
+                           f"instance {ci_id}", "id")
+        return self.cis[ci_id]
+
+
+class MigError(Exception):
+    """A MIG request NVML refuses: `code` is its NVML_ERROR_*, `where` the offending field."""
+
+    def __init__(self, code: int, message: str, where: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.where = where
+
+
+class MigLayout:
+    """The live GPU and compute instances of one GPU, created and destroyed by NVML's rules.
+
+    Refusals: a placement the profile does not list is INVALID_ARGUMENT; one that overlaps a
+    live instance, or a profile at its instanceCount, is INSUFFICIENT_RESOURCES; destroying
+    a GPU instance that still has compute instances is IN_USE.
+    """
+
+    def __init__(self, spec: MigSpec) -> None:
+        self.spec = spec
+        self.gis: dict[int, GpuInstance] = {}
+
+    def profile(self, profile_id: int) -> GiProfile:
+        for profile in self.spec.profiles.values():
+            if profile.id == profile_id:
+                return profile
+        raise MigError(pynvml.NVML_ERROR_INVALID_ARGUMENT,
+                       f"no GPU-instance profile with id {profile_id}", "profileId")
+
+    def placements(self, profile_id: int) -> list[Placement]:
+        placements = self.profile(profile_id).placements
+        return [Placement(start, placements.size) for start in placements.starts]
+
+    def _blocker(self, placement: Placement) -> GpuInstance | None:
+        return next((gi for gi in self.gis.values() if gi.placement.overlaps(placement)), None)
+
+    def _room(self, profile: GiProfile) -> int:
+        return profile.instanceCount - sum(gi.profile.id == profile.id for gi in self.gis.values())
+
+    def remaining(self, profile_id: int) -> int:
+        """How many more instances of the profile fit (its placements never overlap each other)."""
+        free = sum(self._blocker(p) is None for p in self.placements(profile_id))
+        return max(0, min(free, self._room(self.profile(profile_id))))
+
+    def create_gi(self, profile_id: int, start: int | None = None,
+                  size: int | None = None) -> GpuInstance:
+        """A GPU instance at `start` (and `size`, if the caller gives one), else where NVML
+        would put it."""
+        profile = self.profile(profile_id)
+        legal = self.placements(profile_id)
+        if start is None:
+            free = [p for p in legal if self._blocker(p) is None]
+            if not free:
+                raise MigError(pynvml.NVML_ERROR_INSUFFICIENT_RESOURCES,
+                               f"no free placement for {profile.name}", "profileId")
+            # NVML fills from the top: in the MIG user guide two 3g instances get ids 2, then 1
+            placement = free[-1]
+        else:
+            placement = Placement(start, profile.placements.size if size is None else size)
+            if placement not in legal:
+                raise MigError(pynvml.NVML_ERROR_INVALID_ARGUMENT,
+                               f"{placement} is not a placement of {profile.name} "
+                               f"({', '.join(map(str, legal))})", "start")
+            blocker = self._blocker(placement)
+            if blocker is not None:
+                raise MigError(pynvml.NVML_ERROR_INSUFFICIENT_RESOURCES,
+                               f"placement {placement} overlaps GPU instance {blocker.id} "
+                               f"({blocker.profile.name} at {blocker.placement})", "start")
+        if self._room(profile) <= 0:
+            raise MigError(pynvml.NVML_ERROR_INSUFFICIENT_RESOURCES,
+                           f"{profile.name} allows {profile.instanceCount} instance(s)",
+                           "profileId")
+        gi = GpuInstance(gi_id(placement), profile, placement)
+        self.gis[gi.id] = gi
+        return gi
+
+    def gi(self, gi_id: int) -> GpuInstance:
+        if gi_id not in self.gis:
+            raise MigError(pynvml.NVML_ERROR_NOT_FOUND, f"no GPU instance {gi_id}")
+        return self.gis[gi_id]
+
+    def destroy_gi(self, gi_id: int) -> None:
+        gi = self.gi(gi_id)
+        if gi.cis:
+            raise MigError(pynvml.NVML_ERROR_IN_USE, f"GPU instance {gi_id} still has compute "
+                           f"instances {sorted(gi.cis)}")
+        del self.gis[gi_id]
+
+    @staticmethod
+    def ci_slices(gi: GpuInstance, ci_profile: int) -> int:
+        slices = CI_PROFILE_SLICES.get(ci_profile)
+        if slices is None or slices > gi.profile.sliceCount:
+            raise MigError(pynvml.NVML_ERROR_NOT_SUPPORTED, f"compute-instance profile "
+                           f"{ci_profile} does not fit {gi.profile.name}", "profileId")
+        return slices
+
+    @classmethod
+    def ci_placements(cls, gi: GpuInstance, ci_profile: int) -> list[Placement]:
+        size = cls.ci_slices(gi, ci_profile)
+        width = gi.profile.sliceCount
+        return [Placement(start, size) for start in range(0, width, _CI_ALIGN[size])
+                if start + size <= width]
+
+    def create_ci(self, gi_id: int, ci_profile: int, start: int | None = None,
+                  ci_id: int | None = None) -> ComputeInstance:
+        gi = self.gi(gi_id)
+        legal = self.ci_placements(gi, ci_profile)
+        free = [p for p in legal if not any(p.overlaps(ci.placement) for ci in gi.cis.values())]
+        if start is None:
+            if not free:
+                raise MigError(pynvml.NVML_ERROR_INSUFFICIENT_RESOURCES,
+                               f"GPU instance {gi_id} has no room for compute-instance profile "
+                               f"{ci_profile}", "profileId")
+            placement = free[0]
+        else:
+            placement = Placement(start, legal[0].size)
+            if placement not in legal:
+                raise MigError(pynvml.NVML_ERROR_INVALID_ARGUMENT, f"{placement} is not a "
+                               f"compute-instance placement in {gi.profile.name}", "start")
+            if placement not in free:
+                raise MigError(pynvml.NVML_ERROR_INSUFFICIENT_RESOURCES, f"placement "
+                               f"{placement} overlaps a compute instance", "start")
+        if ci_id is None:
+            ci_id = min(set(range(MAX_COMPUTE_INSTANCES)) - set(gi.cis))
+        elif ci_id in gi.cis or not 0 <= ci_id < MAX_COMPUTE_INSTANCES:
+            raise MigError(pynvml.NVML_ERROR_INVALID_ARGUMENT,
+                           f"compute-instance id {ci_id} is taken or out of range", "id")
+        ci = ComputeInstance(ci_id, ci_profile, placement)
+        gi.cis[ci_id] = ci
+        return ci
+
+    def destroy_ci(self, gi_id: int, ci_id: int) -> None:
+        gi = self.gi(gi_id)
+        del gi.cis[gi.ci(ci_id).id]
+
+    def restore(self, specs: Sequence[GpuInstanceSpec]) -> None:
+        """Create declared instances in order; a refusal names the entry (`gpuInstances[1]`)."""
+        for i, spec in enumerate(specs):
+            at = f"gpuInstances[{i}]"
+            try:
+                gi = self.create_gi(spec.profileId, spec.start)
+            except MigError as err:
+                raise MigError(err.code, err.message, f"{at}.{err.where}") from None
+            for j, ci in enumerate(spec.computeInstances):
+                try:
+                    self.create_ci(gi.id, ci.profileId, ci.start, ci.id)
+                except MigError as err:
+                    raise MigError(err.code, err.message,
+                                   f"{at}.computeInstances[{j}].{err.where}") from None
+
+    def specs(self) -> list[GpuInstanceSpec]:
+        """The live instances with every choice spelled out, so `restore` rebuilds them exactly."""
+        return [GpuInstanceSpec(
+            profileId=gi.profile.id, start=gi.placement.start,
+            computeInstances=[ComputeInstanceSpec(profileId=ci.profile_id,
+                                                  start=ci.placement.start, id=ci.id)
+                              for _, ci in sorted(gi.cis.items())])
+            for _, gi in sorted(self.gis.items())]
+
+    def mig_devices(self) -> Iterator[tuple[GpuInstance, ComputeInstance]]:
+        """Every compute instance, which NVML presents as one MIG device, in id order."""
+        for _, gi in sorted(self.gis.items()):
+            for _, ci in sorted(gi.cis.items()):
+                yield gi, ci
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys, which plain YAML silently lets the last win."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        self.flatten_mapping(node)
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path, file: str) -> Any:
+    """Parse a YAML file; a syntax error names the file and the line."""
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ProfileError(file, [("", err.strerror or str(err))]) from None
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ProfileError(file, [(where, err.problem or str(err))]) from None
+    except yaml.YAMLError as err:
+        raise ProfileError(file, [("", str(err))]) from None
+
+
+def validate(model: type[M], data: Any, file: str, context: dict[str, Any] | None = None) -> M:
+    """Validate data into `model`; every problem becomes a ProfileError entry with its path."""
+    try:
+        return model.model_validate(data, context=context)
+    except ValidationError as err:
+        raise ProfileError(file, [_problem(e) for e in err.errors()]) from None
+
+
+def _problem(error: Any) -> tuple[str, str]:
+    path = ""
+    for part in error["loc"]:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    cause = error.get("ctx", {}).get("error")
+    if isinstance(cause, FieldError):
+        return (f"{path}.{cause.path}" if path else cause.path), cause.message
+    if isinstance(cause, ValueError):
+        return path, str(cause)
+    return path, error["msg"]
+
+
+@functools.cache
+def model_library() -> dict[str, GpuModel]:
+    """The shipped GPU models every profile may name."""
+    path = PROFILES_DIR / MODELS_FILE
+    return validate(ModelLibrary, read_yaml(path, MODELS_FILE), MODELS_FILE).models
+
+
+def parse_profile(path: Path, file: str) -> Profile:
+    """Read and validate a profile file; `file` is how errors name it."""
+    return validate(Profile, read_yaml(path, file), file, {"library": model_library()})
