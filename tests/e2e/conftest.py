@@ -1,0 +1,174 @@
+"""Session fixtures for e2e tests: a real control plane (etcd, kube-apiserver, and on
+request kube-scheduler and kube-controller-manager) built from pinned upstream sources.
+
+Binaries: ``$KUBEBUILDER_ASSETS``, else the build cache, else built now when Go is
+installed (about 8 minutes once; progress is shown), else every e2e test is skipped with
+one line saying how to get them. ``.ci/run`` always provides them, so CI never skips.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from driver.localcluster import (
+    ALL_BINARIES,
+    CONTROL_PLANE_SRC,
+    CORE_BINARIES,
+    AssetsUnavailable,
+    ClusterConfig,
+    FakeNodeKeeper,
+    LocalCluster,
+    api_request,
+    build_assets,
+    find_assets,
+    iter_log_tails,
+)
+from tests.e2e.helpers import ControlPlane, make_namespace, unique
+
+HERE = Path(__file__).resolve().parent
+BUILD_HINT = f"run {CONTROL_PLANE_SRC / 'build.sh'} (needs Go >= 1.26)"
+HOW_TO_GET = (
+    f"e2e skipped: no control-plane binaries; {BUILD_HINT} or set KUBEBUILDER_ASSETS to a "
+    "folder with " + ", ".join(ALL_BINARIES)
+)
+
+_cluster: LocalCluster | None = None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.is_relative_to(HERE):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Attach the control-plane log tails to a failed e2e test's report."""
+    report = yield
+    if report.failed and _cluster is not None and item.path.is_relative_to(HERE):
+        for name, tail in iter_log_tails(_cluster, lines=25):
+            report.sections.append((f"{name} log (last lines)", tail))
+    return report
+
+
+def _say(config: pytest.Config) -> Callable[[str], None]:
+    """Print past pytest's capture: a build that takes minutes must show it is alive."""
+    capman = config.pluginmanager.getplugin("capturemanager")
+    reporter = config.pluginmanager.getplugin("terminalreporter")
+
+    def say(line: str) -> None:
+        if capman is None or reporter is None:
+            print(line, flush=True)
+            return
+        with capman.global_and_fixture_disabled():
+            reporter.write_line(line)
+
+    return say
+
+
+@pytest.fixture(scope="session")
+def assets(pytestconfig: pytest.Config) -> Path:
+    """The folder with the control-plane binaries (envtest layout)."""
+    found = find_assets(ALL_BINARIES)
+    if found is not None:
+        return found
+    can_build = (
+        shutil.which("go") is not None
+        and (CONTROL_PLANE_SRC / "build.sh").is_file()
+        and os.environ.get("GPU_DRA_NO_BUILD") != "1"
+    )
+    if can_build:
+        say = _say(pytestconfig)
+        say("e2e: control-plane binaries not found; building them with Go "
+            "(about 8 minutes cold on 2 cores, cached afterwards)")
+        try:
+            return build_assets(say)
+        except AssetsUnavailable as err:
+            pytest.fail(f"e2e: building the control plane failed: {err}", pytrace=False)
+    # envtest's downloads have etcd and kube-apiserver only: API-server tests still run.
+    core = find_assets(CORE_BINARIES)
+    if core is not None:
+        return core
+    pytest.skip(HOW_TO_GET)
+
+
+@pytest.fixture(scope="session")
+def control_plane(assets: Path) -> Iterator[ControlPlane]:
+    """etcd + kube-apiserver with the DRA gates of 1.37, torn down at session end.
+
+    ``GPU_DRA_KEEP_CLUSTER=1`` keeps its folder (kubeconfig, certificates, component logs)
+    in the system temp dir for a look afterwards."""
+    global _cluster
+    keep = os.environ.get("GPU_DRA_KEEP_CLUSTER") == "1"  # keep certs, kubeconfig and logs
+    with LocalCluster(ClusterConfig(assets=assets, keep_workdir=keep)) as cluster:
+        _cluster = cluster
+        api = cluster.api_client()
+        try:
+            yield ControlPlane(cluster=cluster, kubeconfig=cluster.kubeconfig, api=api)
+        finally:
+            _cluster = None
+            api.close()
+
+
+def _need(assets: Path, binary: str) -> None:
+    if not (assets / binary).is_file():
+        pytest.skip(f"{binary} not in {assets} (envtest downloads lack it); {BUILD_HINT}")
+
+
+@pytest.fixture(scope="session")
+def scheduler(control_plane: ControlPlane, assets: Path) -> LocalCluster:
+    """kube-scheduler running against the session cluster."""
+    _need(assets, "kube-scheduler")
+    control_plane.cluster.start_scheduler()
+    return control_plane.cluster
+
+
+@pytest.fixture(scope="session")
+def controller_manager(control_plane: ControlPlane, assets: Path) -> LocalCluster:
+    """kube-controller-manager with the ResourceClaim controller (and no node lifecycle)."""
+    _need(assets, "kube-controller-manager")
+    control_plane.cluster.start_controller_manager()
+    return control_plane.cluster
+
+
+@pytest.fixture(scope="session")
+def node_keeper(control_plane: ControlPlane) -> Iterator[FakeNodeKeeper]:
+    api = control_plane.cluster.api_client()
+    with FakeNodeKeeper(api) as keeper:
+        yield keeper
+    api.close()
+
+
+@pytest.fixture
+def fake_node(node_keeper: FakeNodeKeeper) -> Iterator[Callable[..., str]]:
+    """Factory: ``fake_node(capacity=None, labels=None) -> node name``; a Ready Node kept
+    fresh for the run and deleted after the test."""
+    made: list[str] = []
+
+    def make(
+        name: str | None = None,
+        capacity: Mapping[str, str] | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> str:
+        node = name or unique("fake-node")
+        node_keeper.add(node, capacity=capacity, labels=labels)
+        made.append(node)
+        return node
+
+    yield make
+    for node in made:
+        node_keeper.remove(node)
+
+
+@pytest.fixture
+def namespace(control_plane: ControlPlane) -> Iterator[str]:
+    """A fresh namespace (with its default ServiceAccount), deleted after the test."""
+    name = make_namespace(control_plane.api, unique("e2e"))
+    yield name
+    api_request(control_plane.api, "DELETE", f"/api/v1/namespaces/{name}").expect(200, 202, 404)
