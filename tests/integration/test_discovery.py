@@ -13,7 +13,7 @@ from driver.inventory import Inventory
 from driver.nvml.mock import list_profiles, mock_provider
 from driver.topology import nvlink_islands
 
-FIXTURE = Path(__file__).parents[2].parent / "shared/fixtures/nvml/h200-141gb-single"
+FIXTURE = Path(__file__).parents[1] / "fixtures/nvml/h200-141gb-single"
 
 
 def inv(profile: str) -> Inventory:
@@ -102,7 +102,6 @@ def test_a100_mig_lists_live_instances_with_cap_minors() -> None:
         assert device.placement in legal
 
 
-@pytest.mark.skipif(not FIXTURE.exists(), reason="shared fixtures not beside the checkout")
 def test_h200_matches_the_real_capture() -> None:
     calls = json.loads((FIXTURE / "nvml.json").read_text())["calls"]
     gpu = inv("h200-141gb").gpus[0]

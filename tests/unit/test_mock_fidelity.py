@@ -1,6 +1,6 @@
 """The `h200-141gb` mock answers every query discovery makes exactly as the real H200 did.
 
-Ground truth is the capture in shared/fixtures/nvml/h200-141gb-single: `nvml.json` (each
+Ground truth is the capture in tests/fixtures/nvml/h200-141gb-single: `nvml.json` (each
 query's value or NVML error) and `extra.txt` (`nvidia-smi mig -lgipp` placements). Nothing
 of the capture is copied here: the test reads it and replays each query on the mock.
 """
@@ -19,8 +19,7 @@ import pytest
 
 from driver.nvml.mock import MockNvml, load_profile
 
-FIXTURE = Path(__file__).resolve().parents[3] / "shared/fixtures/nvml/h200-141gb-single"
-pytestmark = pytest.mark.skipif(not FIXTURE.exists(), reason="shared fixtures not beside the repo")
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures/nvml/h200-141gb-single"
 
 # The per-device queries of discovery (driver/discovery.py) that the capture recorded.
 DEVICE_QUERIES = ["Name", "UUID", "MinorNumber", "Index", "Brand", "Architecture",
