@@ -65,9 +65,9 @@ def discover(provider: Provider) -> Inventory:
     nvml.nvmlInit()
     try:
         cuda = nvml.nvmlSystemGetCudaDriverVersion()
-        handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
-        gpus = tuple(_GpuReader(provider, index, handle).read()
-                     for index, handle in enumerate(handles))
+        readers = [_GpuReader(provider, index) for index in range(nvml.nvmlDeviceGetCount())]
+        gpus = tuple(reader.read() for reader in readers)
+        handles = [reader.handle for reader in readers]
         links = _pair_links(nvml, gpus, handles)
         return Inventory(
             driver_version=nvml.nvmlSystemGetDriverVersion(),
@@ -97,12 +97,16 @@ def _pair_links(nvml: Any, gpus: tuple[Gpu, ...], handles: list[Any]) -> dict[tu
 class _GpuReader:
     """Reads one GPU; the first failing required query becomes its health error."""
 
-    def __init__(self, provider: Provider, index: int, handle: Any) -> None:
+    def __init__(self, provider: Provider, index: int) -> None:
         self.nvml = provider.nvml
         self.host = provider.host
         self.index = index
-        self.handle = handle
         self.error: str | None = None
+        try:
+            self.handle: Any = self.nvml.nvmlDeviceGetHandleByIndex(index)
+        except pynvml.NVMLError as err:
+            self.handle = None
+            self.error = f"nvmlDeviceGetHandleByIndex: {err}"
 
     def required(self, fn: Callable[..., T], *args: Any, default: T) -> T:
         try:
@@ -122,6 +126,11 @@ class _GpuReader:
             return default
 
     def read(self) -> Gpu:
+        if self.handle is None:
+            return Gpu(index=self.index, minor=-1, uuid="", product_name="", brand="Unknown",
+                       architecture="Unknown", cuda_compute_capability="0.0", memory_bytes=0,
+                       pci_bus_id="", pcie_root=None, numa_node=None, mig_enabled=False,
+                       mig_pending=False, health_error=self.error)
         nvml = self.nvml
         minor = self.required(nvml.nvmlDeviceGetMinorNumber, default=-1)
         cc = self.required(nvml.nvmlDeviceGetCudaComputeCapability, default=(0, 0))

@@ -7,12 +7,15 @@ from itertools import combinations
 from pathlib import Path
 
 import pytest
+import yaml
 
+import driver.nvml
 from driver.discovery import discover
 from driver.inventory import Inventory
 from driver.nvml.mock import list_profiles, mock_provider
 from driver.topology import nvlink_islands
 
+PROFILES = Path(driver.nvml.__file__).parent / "profiles"
 FIXTURE = Path(__file__).parents[1] / "fixtures/nvml/h200-141gb-single"
 
 
@@ -119,3 +122,21 @@ def test_h200_matches_the_real_capture() -> None:
         assert f"Profile ID {profile.id:2d} Placement" in extra
         assert f"{{{starts}}}:{size}" in extra
     assert {p.id for p in gpu.mig_profiles} == {19, 20, 15, 14, 9, 5, 0}
+
+
+def test_an_nvml_error_on_one_gpu_marks_only_that_gpu(tmp_path: Path) -> None:
+    profile = yaml.safe_load((PROFILES / "dgx-h100.yaml").read_text())
+    profile["gpus"][3]["faults"] = {"nvmlDeviceGetMemoryInfo": "GPU_IS_LOST"}
+    profile["gpus"][5]["faults"] = {"nvmlDeviceGetHandleByIndex": "GPU_IS_LOST"}
+    path = tmp_path / "dgx-h100-faulty.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    inventory = discover(mock_provider(str(path)))
+    assert len(inventory.gpus) == 8
+    broken = {g.index: g.health_error for g in inventory.gpus if not g.healthy}
+    assert set(broken) == {3, 5}
+    assert "nvmlDeviceGetMemoryInfo" in broken[3] and "GPU is lost" in broken[3]
+    assert "nvmlDeviceGetHandleByIndex" in broken[5]
+    gpu3 = inventory.gpus[3]
+    assert gpu3.uuid and gpu3.minor == 3, "what NVML did answer is kept"
+    assert all(3 not in pair and 5 not in pair for pair in inventory.links)
+    assert inventory.link(0, 1) == "NV18"
