@@ -38,6 +38,8 @@ from typing import Any
 
 import yaml
 
+from driver.kubeapi import api_request
+
 __all__ = [
     "ALL_BINARIES",
     "CONTROL_PLANE_SRC",
@@ -45,15 +47,12 @@ __all__ = [
     "DEFAULT_CONTROLLERS",
     "DEFAULT_NODE_CAPACITY",
     "DRA_FEATURE_GATES",
-    "ApiError",
-    "ApiResult",
     "AssetsUnavailable",
     "ClusterConfig",
     "ComponentError",
     "FakeNodeKeeper",
     "LocalCluster",
     "Versions",
-    "api_request",
     "build_assets",
     "cache_dir",
     "ensure_assets",
@@ -61,6 +60,7 @@ __all__ = [
     "free_port",
     "iter_log_tails",
     "pinned_versions",
+    "run_build_script",
 ]
 
 CONTROL_PLANE_SRC = Path(__file__).resolve().parent.parent / "tests" / "e2e" / "control-plane"
@@ -164,22 +164,14 @@ def find_assets(need: Sequence[str] = ALL_BINARIES) -> Path | None:
     return next((c for c in candidates if _has(c, need)), None)
 
 
-def build_assets(progress: Callable[[str], None] | None = None) -> Path:
-    """Build (or reuse) the pinned binaries with build.sh; returns the cache folder.
+def run_build_script(script: Path, progress: Callable[[str], None] | None = None) -> Path:
+    """Run a build script that prints its output folder last on stdout and its progress
+    on stderr; relays each progress line and returns the folder.
 
-    A cold build takes about 8 minutes on 2 cores; ``progress`` gets each status line.
+    Raises AssetsUnavailable with the log's tail when the script fails.
     """
-    script = CONTROL_PLANE_SRC / "build.sh"
-    if not script.is_file():
-        raise AssetsUnavailable(f"{script} not found: build from a source checkout")
-    if shutil.which("go") is None:
-        raise AssetsUnavailable("Go is not installed: cannot build the control plane")
-    proc = subprocess.Popen(
-        ["bash", str(script)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stderr is not None
     tail: list[str] = []
 
@@ -191,14 +183,28 @@ def build_assets(progress: Callable[[str], None] | None = None) -> Path:
             if progress is not None:
                 progress(line.rstrip("\n"))
 
-    relay_thread = threading.Thread(target=relay, name="build-assets-stderr", daemon=True)
+    relay_thread = threading.Thread(target=relay, name=f"build-{script.parent.name}",
+                                    daemon=True)
     relay_thread.start()
     out = proc.stdout.read()
     rc = proc.wait()
     relay_thread.join()
-    if rc != 0:
-        raise AssetsUnavailable(f"build.sh failed (exit {rc}):\n{''.join(tail)}")
-    return Path(out.strip().splitlines()[-1])
+    if rc != 0 or not out.split():
+        raise AssetsUnavailable(f"{script} failed (exit {rc}):\n{''.join(tail)}")
+    return Path(out.split()[-1])
+
+
+def build_assets(progress: Callable[[str], None] | None = None) -> Path:
+    """Build (or reuse) the pinned binaries with build.sh; returns the cache folder.
+
+    A cold build takes about 8 minutes on 2 cores; ``progress`` gets each status line.
+    """
+    script = CONTROL_PLANE_SRC / "build.sh"
+    if not script.is_file():
+        raise AssetsUnavailable(f"{script} not found: build from a source checkout")
+    if shutil.which("go") is None:
+        raise AssetsUnavailable("Go is not installed: cannot build the control plane")
+    return run_build_script(script, progress)
 
 
 def ensure_assets(
@@ -353,7 +359,7 @@ except (OSError, AttributeError):  # not Linux
     _PRCTL = None
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """preexec_fn: the child gets SIGKILL when the thread that spawned it dies, even if
     that is by SIGKILL, so an interrupted test run leaves no control plane behind."""
     if _PRCTL is not None:
@@ -435,6 +441,7 @@ class LocalCluster:
         self.kubeconfig = self.workdir / "kubeconfig"
         self.started_in: float | None = None
         """Seconds from start() to a ready API server."""
+        self._apiserver_args: list[str] = []
 
     # context manager
     def __enter__(self) -> LocalCluster:
@@ -526,7 +533,18 @@ class LocalCluster:
         if cfg.runtime_config:
             args.append(f"--runtime-config={cfg.runtime_config}")
         args += cfg.extra_apiserver_args
+        self._apiserver_args = args
         apiserver = self._spawn("kube-apiserver", args)
+        self._wait_ready(apiserver, f"{self.server}/readyz", expect=b"ok", client_cert=True)
+
+    def stop_apiserver(self) -> None:
+        """Stop kube-apiserver alone (etcd keeps the data): an outage for clients to ride out."""
+        self._stop_components(("kube-apiserver",))
+
+    def start_apiserver(self) -> None:
+        """Start kube-apiserver again after :meth:`stop_apiserver`: same port, flags, data."""
+        assert self._apiserver_args, "start() the cluster first"
+        apiserver = self._spawn("kube-apiserver", self._apiserver_args)
         self._wait_ready(apiserver, f"{self.server}/readyz", expect=b"ok", client_cert=True)
 
     def start_scheduler(self) -> None:
@@ -587,7 +605,7 @@ class LocalCluster:
                 cwd=self.workdir,
                 start_new_session=True,  # own process group: stop() kills all of it
                 preexec_fn=(
-                    _die_with_parent if self.config.die_with_parent and _PRCTL else None
+                    die_with_parent if self.config.die_with_parent and _PRCTL else None
                 ),
             )
         comp = _Component(name, proc, log_path)
@@ -681,72 +699,6 @@ class LocalCluster:
         _LIVE.discard(self)
         if self._own_workdir and not self.config.keep_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-# --- raw API access ----------------------------------------------------------------------------
-
-
-class ApiError(RuntimeError):
-    """An API call answered with an unexpected HTTP status."""
-
-    def __init__(self, result: ApiResult, expected: Sequence[int]) -> None:
-        message = result.body.get("message") if isinstance(result.body, dict) else result.body
-        super().__init__(f"{result.method} {result.path}: HTTP {result.status} "
-                         f"(expected {', '.join(map(str, expected))}): {message}")
-        self.result = result
-
-
-@dataclass(frozen=True)
-class ApiResult:
-    """Status code and decoded JSON body of one API call."""
-
-    method: str
-    path: str
-    status: int
-    body: Any
-
-    def expect(self, *codes: int) -> Any:
-        """The body if the status is one of ``codes`` (any 2xx when none given)."""
-        ok = self.status in codes if codes else 200 <= self.status < 300
-        if not ok:
-            raise ApiError(self, codes or (200,))
-        return self.body
-
-
-def api_request(
-    api_client: Any,
-    method: str,
-    path: str,
-    body: Any = None,
-    *,
-    query: Mapping[str, str] | None = None,
-    content_type: str = "application/json",
-    timeout: float = 30.0,
-) -> ApiResult:
-    """One raw call through a ``kubernetes.client.ApiClient``: any JSON in, JSON out.
-
-    The typed client validates bodies with its own (pydantic) models before sending;
-    going around it lets the API server alone judge an object, which is the point when
-    testing what the server accepts, and keeps fields newer than the client intact.
-    """
-    headers = {"Accept": "application/json"}
-    if body is not None:
-        headers["Content-Type"] = content_type
-    m, url, hdrs, data, post = api_client.param_serialize(
-        method=method,
-        resource_path=path,
-        query_params=list((query or {}).items()),
-        header_params=headers,
-        body=body,
-    )
-    resp = api_client.call_api(m, url, header_params=hdrs, body=data, post_params=post,
-                               _request_timeout=timeout)
-    raw = resp.read()
-    try:
-        decoded: Any = json.loads(raw) if raw else None
-    except ValueError:
-        decoded = raw.decode(errors="replace")
-    return ApiResult(method=method, path=path, status=int(resp.status), body=decoded)
 
 
 # --- fake nodes ------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from driver.localcluster import LocalCluster, api_request
+from driver.kubeapi import api_request
+from driver.localcluster import LocalCluster
 
 T = TypeVar("T")
 

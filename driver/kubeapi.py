@@ -1,0 +1,79 @@
+"""Raw calls to the Kubernetes API: any JSON in, JSON out, status code kept.
+
+The typed client validates bodies against its own models before sending; going
+around it lets the API server alone judge an object (what the server accepts is
+the point when publishing slices) and keeps fields newer than the client intact.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+class ApiError(RuntimeError):
+    """An API call answered with an unexpected HTTP status."""
+
+    def __init__(self, result: ApiResult, expected: Sequence[int]) -> None:
+        message = result.body.get("message") if isinstance(result.body, dict) else result.body
+        super().__init__(f"{result.method} {result.path}: HTTP {result.status} "
+                         f"(expected {', '.join(map(str, expected))}): {message}")
+        self.result = result
+
+
+@dataclass(frozen=True)
+class ApiResult:
+    """Status code and decoded JSON body of one API call."""
+
+    method: str
+    path: str
+    status: int
+    body: Any
+
+    def expect(self, *codes: int) -> Any:
+        """The body if the status is one of ``codes`` (any 2xx when none given)."""
+        ok = self.status in codes if codes else 200 <= self.status < 300
+        if not ok:
+            raise ApiError(self, codes or (200,))
+        return self.body
+
+
+def api_request(
+    api_client: Any,
+    method: str,
+    path: str,
+    body: Any = None,
+    *,
+    query: Mapping[str, str] | None = None,
+    content_type: str = "application/json",
+    timeout: float = 30.0,
+) -> ApiResult:
+    """One raw call through a ``kubernetes.client.ApiClient``: any JSON in, JSON out.
+
+    The typed client validates bodies with its own (pydantic) models before sending;
+    going around it lets the API server alone judge an object, which is the point when
+    testing what the server accepts, and keeps fields newer than the client intact.
+    """
+    headers = {"Accept": "application/json"}
+    if body is not None:
+        headers["Content-Type"] = content_type
+    m, url, hdrs, data, post = api_client.param_serialize(
+        method=method,
+        resource_path=path,
+        query_params=list((query or {}).items()),
+        header_params=headers,
+        body=body,
+        # The client's bearer token (in-cluster or kubeconfig), re-read when it rotates;
+        # without this only client certificates would authenticate the call.
+        auth_settings=["BearerToken"],
+    )
+    resp = api_client.call_api(m, url, header_params=hdrs, body=data, post_params=post,
+                               _request_timeout=timeout)
+    raw = resp.read()
+    try:
+        decoded: Any = json.loads(raw) if raw else None
+    except ValueError:
+        decoded = raw.decode(errors="replace")
+    return ApiResult(method=method, path=path, status=int(resp.status), body=decoded)

@@ -1,0 +1,189 @@
+"""What the real kube-scheduler makes of our slices: NVLink islands through
+``matchAttribute``, and partitionable MIG devices that never overlap in memory."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from itertools import combinations
+from typing import Any
+
+import pytest
+
+from driver.discovery import discover
+from driver.inventory import Inventory
+from driver.kubeapi import api_request
+from driver.localcluster import LocalCluster
+from driver.nvml.mock import mock_provider
+from driver.publish import ApiPublisher
+from driver.slices import MigMode, SliceOptions, build_slices
+from tests.e2e.helpers import (
+    RESOURCE_V1,
+    ControlPlane,
+    create,
+    delete,
+    events_for,
+    get,
+    pod_with_claim,
+    wait_for,
+)
+
+DRIVER = "gpu.dra.dev"
+ISLAND = f"{DRIVER}/nvlinkIsland"
+
+
+@contextlib.contextmanager
+def published(control_plane: ControlPlane, node: str, inventory: Inventory,
+              mig_mode: MigMode) -> Iterator[list[dict[str, Any]]]:
+    """Publish ``inventory`` as ``node``'s pool; yields the slices; deletes them after."""
+    api = control_plane.cluster.api_client()
+    publisher = ApiPublisher(api, DRIVER, node, mig_mode)
+    try:
+        publisher.publish(inventory, timeout=60)
+        yield build_slices(inventory, SliceOptions(DRIVER, node, mig_mode), 1)
+    finally:
+        publisher.cleanup()
+        api.close()
+
+
+class Claims:
+    """ResourceClaims in one namespace, each with a pod pinned to one node so that the
+    scheduler allocates it there."""
+
+    def __init__(self, api: Any, namespace: str, node: str) -> None:
+        self.api, self.namespace, self.node = api, namespace, node
+        self.claims = f"{RESOURCE_V1}/namespaces/{namespace}/resourceclaims"
+        self.pods = f"/api/v1/namespaces/{namespace}/pods"
+
+    def request(self, name: str, device_class: str, count: int = 1, cel: str | None = None,
+                match_attribute: str | None = None) -> None:
+        exactly: dict[str, Any] = {"deviceClassName": device_class, "count": count}
+        if cel:
+            exactly["selectors"] = [{"cel": {"expression": cel}}]
+        devices: dict[str, Any] = {"requests": [{"name": "gpu", "exactly": exactly}]}
+        if match_attribute:
+            devices["constraints"] = [{"requests": ["gpu"], "matchAttribute": match_attribute}]
+        create(self.api, self.claims, {"apiVersion": "resource.k8s.io/v1",
+                                       "kind": "ResourceClaim", "metadata": {"name": name},
+                                       "spec": {"devices": devices}})
+        pod = pod_with_claim(name, {"resourceClaimName": name})
+        pod["spec"]["nodeSelector"] = {"kubernetes.io/hostname": self.node}
+        create(self.api, self.pods, pod)
+
+    def allocated(self, name: str) -> list[str] | None:
+        """The devices allocated to claim ``name``, None while it has none."""
+        claim = get(self.api, f"{self.claims}/{name}") or {}
+        allocation = claim.get("status", {}).get("allocation")
+        if not allocation:
+            return None
+        results = allocation["devices"]["results"]
+        assert {(r["driver"], r["pool"]) for r in results} == {(DRIVER, self.node)}
+        return [r["device"] for r in results]
+
+    def wait_allocated(self, name: str) -> list[str]:
+        return wait_for(lambda: self.allocated(name), f"the scheduler to allocate {name}")
+
+    def wait_unschedulable(self, name: str) -> None:
+        """Wait until the scheduler says it cannot allocate ``name``'s claim on the node;
+        the claim must still be unallocated after that. (A message about anything else,
+        e.g. a node its informer has not seen yet, is not the answer asked for.)"""
+        wait_for(lambda: any(e.get("reason") == "FailedScheduling"
+                             and "cannot allocate all claims" in e.get("message", "")
+                             for e in events_for(self.api, self.namespace, name)),
+                 f"the scheduler to find no devices for {name}")
+        assert self.allocated(name) is None
+
+    def release(self, name: str) -> None:
+        """Delete the pod and its claim; wait until the claim (and its devices) are gone."""
+        delete(self.api, f"{self.pods}/{name}", grace_seconds=0)
+        delete(self.api, f"{self.claims}/{name}")
+        wait_for(lambda: get(self.api, f"{self.claims}/{name}") is None,
+                 f"claim {name} to be deallocated and deleted")
+
+    def all_allocated(self) -> dict[str, list[str]]:
+        items = api_request(self.api, "GET", self.claims).expect(200)["items"]
+        return {c["metadata"]["name"]: [r["device"] for r in
+                                        c["status"]["allocation"]["devices"]["results"]]
+                for c in items if c.get("status", {}).get("allocation")}
+
+
+@pytest.fixture
+def claims_on(control_plane: ControlPlane, scheduler: LocalCluster,
+              controller_manager: LocalCluster, device_classes: None,
+              namespace: str) -> Any:
+    return lambda node: Claims(control_plane.api, namespace, node)
+
+
+def test_nvlink_island_constraint_gets_a_bridged_pair_and_no_triple(
+        control_plane: ControlPlane, fake_node: Any, claims_on: Any) -> None:
+    node = fake_node()
+    inventory = discover(mock_provider("a100-pcie-4x"))  # NVLink bridges 0-1 and 2-3
+    claims = claims_on(node)
+    with published(control_plane, node, inventory, "static"):
+        # Four GPUs are free, but no three of them are all NVLink-connected.
+        claims.request("three-linked", DRIVER, count=3, match_attribute=ISLAND)
+        claims.wait_unschedulable("three-linked")
+        claims.release("three-linked")
+        claims.request("three-any", DRIVER, count=3)  # the same, without the constraint
+        assert len(claims.wait_allocated("three-any")) == 3
+        claims.release("three-any")
+
+        claims.request("pair", DRIVER, count=2, match_attribute=ISLAND)
+        pair = claims.wait_allocated("pair")
+        assert sorted(pair) in (["gpu-0", "gpu-1"], ["gpu-2", "gpu-3"])
+        a, b = (next(g.index for g in inventory.gpus if f"gpu-{g.minor}" == d) for d in pair)
+        assert inventory.link(a, b).startswith("NV"), inventory.link(a, b)
+        claims.release("pair")
+
+
+def test_mig_1g10gb_fills_the_h100_and_7g80gb_waits_for_all_of_it(
+        control_plane: ControlPlane, fake_node: Any, claims_on: Any) -> None:
+    node = fake_node()
+    inventory = discover(mock_provider("h100-80gb-hbm3"))
+    claims = claims_on(node)
+    mig_class = f"mig.{DRIVER}"
+
+    def profile(name: str) -> str:
+        return f'device.attributes["{DRIVER}"].profile == "{name}"'
+
+    with published(control_plane, node, inventory, "dynamic") as slices:
+        placement = {d["name"]: range(d["attributes"]["placementStart"]["int"],
+                                      d["attributes"]["placementStart"]["int"]
+                                      + d["attributes"]["placementSize"]["int"])
+                     for s in slices for d in s["spec"].get("devices", [])
+                     if "placementStart" in d["attributes"]}
+
+        def no_overlap() -> None:
+            held = [d for devices in claims.all_allocated().values() for d in devices]
+            for x, y in combinations(held, 2):
+                assert not set(placement[x]) & set(placement[y]), (x, y)
+
+        small = [f"small-{i}" for i in range(7)]
+        for name in small:
+            claims.request(name, mig_class, cel=profile("1g.10gb"))
+        got = [claims.wait_allocated(name) for name in small]
+        assert sorted(d for devices in got for d in devices) == \
+            [f"gpu-0-mig-1g10gb-{i}" for i in range(7)]
+        no_overlap()
+
+        claims.request("small-8", mig_class, cel=profile("1g.10gb"))
+        claims.wait_unschedulable("small-8")
+        claims.request("big", mig_class, cel=profile("7g.80gb"))
+        claims.wait_unschedulable("big")
+        no_overlap()
+
+        claims.release("small-8")
+        for name in small[:-1]:
+            claims.release(name)
+        # One 1g.10gb is still allocated: a fresh 7g.80gb attempt must fail too.
+        claims.request("big-while-one-left", mig_class, cel=profile("7g.80gb"))
+        claims.wait_unschedulable("big-while-one-left")
+        assert claims.allocated("big") is None
+        no_overlap()
+        claims.release("big-while-one-left")
+
+        claims.release(small[-1])
+        assert claims.wait_allocated("big") == ["gpu-0-mig-7g80gb-0"]
+        assert list(claims.all_allocated()) == ["big"]
+        no_overlap()
+        claims.release("big")
