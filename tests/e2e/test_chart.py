@@ -1,0 +1,242 @@
+"""The Helm chart (deploy/helm/gpu-dra-driver): it lints, renders with default and
+non-default values, every rendered object passes the strict schemas of Kubernetes
+1.34-1.37, refuses bad values with the field named, and what it renders is created on
+the real API server.
+
+The ServiceMonitor is a prometheus-operator CRD: no Kubernetes schema knows it, and the
+e2e API server has no such CRD (a stand-in CRD would accept anything and prove nothing),
+so it is checked for shape here and left out of the schema and create checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+
+from driver.cli import build_parser
+from tests.e2e.chart import CHART, Helm, HelmFailed, created, one, only
+from tests.e2e.helpers import ControlPlane, unique
+
+SCHEMA_VERSIONS = ("1.34.0", "1.35.0", "1.36.0", "1.37.0")
+NOT_BUILT_IN = {"ServiceMonitor"}
+CUSTOM = {
+    "driverName": "gpu.example.com",
+    "migMode": "dynamic",
+    "logFormat": "json",
+    "logVerbosity": 2,
+    "image": {"repository": "registry.example.com/gpu-dra-driver", "tag": "1.2.3"},
+    "metrics": {"port": 9400, "serviceMonitor": {"enabled": True, "labels": {"team": "gpu"}}},
+    "kubeletPlugin": {"driverRoot": "/run/nvidia/driver"},
+}
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def plugin_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    (container,) = one(objects, "DaemonSet")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def plugin_env(helm: Helm, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The chart's env for the plugin (downward-API fields as sample values), set in
+    this process; the CLI reads its defaults from it when its parser is built."""
+    samples = {"spec.nodeName": "gpu-node-7",
+               "metadata.uid": "0b7c6a2e-1f4d-4d8e-9a51-3c2f6e8d9b10"}
+    env = {e["name"]: e.get("value") or samples[e["valueFrom"]["fieldRef"]["fieldPath"]]
+           for e in plugin_container(helm.template("gpu", "gpu-dra", CUSTOM))["env"]}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+def plugin_help(capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["plugin", "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_plugin_reads_the_env_the_chart_sets(helm: Helm, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    env = plugin_env(helm, monkeypatch)
+    args = build_parser().parse_args(["plugin"])
+    assert (args.node_name, args.driver_name, args.mig_mode) == \
+        ("gpu-node-7", "gpu.example.com", "dynamic")
+    assert args.kubelet_registry_dir == Path("/var/lib/kubelet/plugins_registry")
+    assert args.plugin_data_dir == Path("/var/lib/kubelet/plugins/gpu.example.com")
+    assert args.cdi_root == Path("/var/run/cdi")
+    assert (args.driver_root, args.host_driver_root) == \
+        (Path("/driver-root"), Path("/run/nvidia/driver"))
+    assert (args.health_port, args.metrics_port) == (51515, 9400)
+    assert (args.log_format, args.verbosity) == ("json", 2)
+    # Every variable the chart sets is one the plugin documents (NVIDIA_VISIBLE_DEVICES
+    # is for an nvidia container runtime, POD_UID has a test of its own).
+    documented = plugin_help(capsys)
+    missing = [n for n in env if n not in ("NVIDIA_VISIBLE_DEVICES", "POD_UID")
+               and f"env {n}" not in documented]
+    assert missing == []
+
+
+@pytest.mark.xfail(strict=True, reason="issue 7, plugin side: `gpu-dra plugin` does not yet "
+                   "name its sockets after POD_UID (spec-digest 1.4)")
+def test_plugin_reads_pod_uid_for_rolling_updates(
+    helm: Helm, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plugin_env(helm, monkeypatch)
+    assert "env POD_UID" in plugin_help(capsys)
+
+
+def test_lints_strict(helm: Helm) -> None:
+    helm.run("lint", "--strict", str(CHART))
+    helm.run("lint", "--strict", str(CHART), "--set", "migMode=dynamic",
+             "--set", "metrics.serviceMonitor.enabled=true")
+
+
+def test_default_render(helm: Helm) -> None:
+    objects = helm.template("gpu", "gpu-dra")
+    assert sorted(o["kind"] for o in objects) == sorted([
+        "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "DaemonSet", "DeviceClass",
+        "DeviceClass", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"])
+
+    classes = {c["metadata"]["name"]: c["spec"] for c in only(objects, "DeviceClass")}
+    selects = 'device.driver == "gpu.dra.dev" && device.attributes["gpu.dra.dev"].type == "{}"'
+    assert classes == {
+        "gpu.dra.dev": {"selectors": [{"cel": {"expression": selects.format("gpu")}}],
+                        "extendedResourceName": "gpu.dra.dev/gpu"},
+        "mig.gpu.dra.dev": {"selectors": [{"cel": {"expression": selects.format("mig")}}],
+                            "extendedResourceName": "gpu.dra.dev/mig"},
+    }
+
+    daemonset = one(objects, "DaemonSet")
+    assert daemonset["metadata"]["namespace"] == "gpu-dra"
+    assert daemonset["spec"]["updateStrategy"] == {
+        "type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    pod = daemonset["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == one(objects, "ServiceAccount")["metadata"]["name"]
+    container = plugin_container(objects)
+    env = env_of(container)
+    assert env["NODE_NAME"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    assert env["POD_UID"] == {"fieldRef": {"fieldPath": "metadata.uid"}}
+    assert env["DRIVER_NAME"] == "gpu.dra.dev" and env["MIG_MODE"] == "static"
+    assert env["PLUGIN_DATA_DIR"] == "/var/lib/kubelet/plugins/gpu.dra.dev"
+    assert env["KUBELET_REGISTRY_DIR"] == "/var/lib/kubelet/plugins_registry"
+    assert env["DRIVER_ROOT"] == "/driver-root" and env["HOST_DRIVER_ROOT"] == "/"
+    assert env["HEALTH_PORT"] == "51515" and env["METRICS_PORT"] == "8080"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"] == {"port": 51515}
+
+    # Sockets, checkpoint and CDI specs are on the host at the same paths the plugin uses.
+    host = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    for name in ("plugins-registry", "plugin-data", "cdi"):
+        assert mounts[name]["mountPath"] == host[name]
+    assert host["plugin-data"] == env["PLUGIN_DATA_DIR"] and host["cdi"] == env["CDI_ROOT"]
+    assert host["driver-root"] == "/" and mounts["driver-root"]["readOnly"] is True
+
+    affinity = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    keys = {e["key"] for t in affinity["nodeSelectorTerms"] for e in t["matchExpressions"]}
+    assert "feature.node.kubernetes.io/pci-10de.present" in keys
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in \
+        pod["tolerations"]
+
+    policy = one(objects, "ValidatingAdmissionPolicy")
+    user = "system:serviceaccount:gpu-dra:gpu-gpu-dra-driver"
+    assert user in policy["spec"]["matchConditions"][0]["expression"]
+    assert one(objects, "ValidatingAdmissionPolicyBinding")["spec"]["policyName"] == \
+        policy["metadata"]["name"]
+
+
+def test_custom_values_render(helm: Helm) -> None:
+    objects = helm.template("gpu", "monitoring-and-gpus", CUSTOM)
+    classes = {c["metadata"]["name"]: c["spec"] for c in only(objects, "DeviceClass")}
+    assert set(classes) == {"gpu.example.com", "mig.gpu.example.com"}
+    assert classes["gpu.example.com"]["extendedResourceName"] == "gpu.example.com/gpu"
+    assert 'device.attributes["gpu.example.com"].type == "mig"' in \
+        classes["mig.gpu.example.com"]["selectors"][0]["cel"]["expression"]
+
+    container = plugin_container(objects)
+    env = env_of(container)
+    assert container["image"] == "registry.example.com/gpu-dra-driver:1.2.3"
+    assert (env["DRIVER_NAME"], env["MIG_MODE"], env["LOG_FORMAT"], env["LOG_VERBOSITY"]) == \
+        ("gpu.example.com", "dynamic", "json", "2")
+    assert env["PLUGIN_DATA_DIR"] == "/var/lib/kubelet/plugins/gpu.example.com"
+    assert env["HOST_DRIVER_ROOT"] == "/run/nvidia/driver"
+    assert env["METRICS_PORT"] == "9400"
+
+    service, monitor = one(objects, "Service"), one(objects, "ServiceMonitor")
+    assert service["spec"]["ports"][0]["port"] == 9400
+    assert service["spec"]["selector"].items() <= \
+        one(objects, "DaemonSet")["spec"]["template"]["metadata"]["labels"].items()
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= \
+        service["metadata"]["labels"].items()
+    assert monitor["metadata"]["labels"]["team"] == "gpu"
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics",
+                                             "interval": "30s"}]
+
+
+def test_options_switch_parts_off(helm: Helm) -> None:
+    objects = helm.template("gpu", "gpu-dra", {
+        "metrics": {"enabled": False, "serviceMonitor": {"enabled": True}},
+        "deviceClasses": {"mig": {"enabled": False}, "gpu": {"extendedResourceName": ""}},
+        "resourceSlicePolicy": {"enabled": False},
+        "counterLayout": "combined",
+    })
+    kinds = {o["kind"] for o in objects}
+    assert not kinds & {"Service", "ServiceMonitor", "ValidatingAdmissionPolicy"}
+    (gpu_class,) = only(objects, "DeviceClass")
+    assert "extendedResourceName" not in gpu_class["spec"]
+    env = env_of(plugin_container(objects))
+    assert env["METRICS_PORT"] == "0" and env["COUNTER_LAYOUT"] == "combined"
+    assert [p["name"] for p in plugin_container(objects)["ports"]] == ["health"]
+
+
+@pytest.mark.parametrize("values", [{}, CUSTOM], ids=["default", "custom"])
+def test_rendered_objects_pass_strict_schemas(helm: Helm, values: dict[str, Any]) -> None:
+    objects = [o for o in helm.template("gpu", "gpu-dra", values)
+               if o["kind"] not in NOT_BUILT_IN]
+    assert len(objects) >= 8
+    for version in SCHEMA_VERSIONS:
+        for obj in objects:
+            kubernetes_validate.validate(obj, version, strict=True)
+
+
+@pytest.mark.parametrize(("values", "field"), [
+    ({"migMode": "sometimes"}, "migMode"),
+    ({"driverName": "GPU_Driver"}, "driverName"),
+    ({"driverName": "a" * 64}, "driverName"),
+    ({"kubeletPlugin": {"registryDir": "relative/dir"}}, "registryDir"),
+    ({"metrics": {"port": 70000}}, "port"),
+    ({"kubeletPlugin": {"healthprobePort": 1}}, "healthprobePort"),
+])
+def test_bad_values_are_refused_naming_the_field(helm: Helm, values: dict[str, Any],
+                                                 field: str) -> None:
+    with pytest.raises(HelmFailed, match=field):
+        helm.template("gpu", "gpu-dra", values)
+
+
+def test_refuses_kubernetes_before_1_34(helm: Helm) -> None:
+    with pytest.raises(HelmFailed, match="kubeVersion"):
+        helm.template("gpu", "gpu-dra", kube_version="1.33.0")
+
+
+@pytest.mark.parametrize("values", [{}, CUSTOM], ids=["default", "custom"])
+def test_rendered_objects_are_created_on_the_api_server(
+    helm: Helm, control_plane: ControlPlane, namespace: str, values: dict[str, Any]
+) -> None:
+    # DeviceClasses, ClusterRoles and the policy are cluster-wide: a unique driver and
+    # release name keep this test clear of others sharing the session's cluster.
+    driver = f"{unique('gpu')}.example.com"
+    objects = [o for o in helm.template(unique("rel"), namespace,
+                                        {**values, "driverName": driver})
+               if o["kind"] not in NOT_BUILT_IN]
+    with created(control_plane.api, objects) as stored:
+        assert [o["kind"] for o in stored] == [o["kind"] for o in objects]
+        classes = {c["metadata"]["name"]: c["spec"] for c in only(stored, "DeviceClass")}
+        assert classes[driver]["extendedResourceName"] == f"{driver}/gpu", \
+            "the API server kept extendedResourceName (DRAExtendedResource)"
+        daemonset = one(stored, "DaemonSet")
+        assert daemonset["spec"]["updateStrategy"]["rollingUpdate"] == {
+            "maxSurge": 1, "maxUnavailable": 0}
