@@ -9,6 +9,7 @@ from setuptools import Extension, setup
 
 extensions = [
     Extension("driver._native", ["native/_native.pyx"]),
+    Extension("driver._alloc", ["native/_alloc.pyx"]),
 ]
 
 setup(

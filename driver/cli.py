@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from driver.allocator_cli import add_allocation_commands
 from driver.discovery import discover
 from driver.inventory_view import inventory_table, inventory_to_dict
 from driver.nvml import Provider
@@ -34,7 +35,7 @@ def provider_from_args(args: argparse.Namespace) -> Provider:
         from driver.nvml.mock import ProfileError, mock_provider
 
         try:
-            return mock_provider(args.mock)
+            return mock_provider(args.mock, getattr(args, "mock_state", None))
         except ProfileError as err:
             raise UsageError(str(err)) from err
     from driver.nvml.real import NvmlUnavailable, real_provider
@@ -46,12 +47,14 @@ def provider_from_args(args: argparse.Namespace) -> Provider:
 
 
 def add_provider_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mock", metavar="NAME|PATH",
+    parser.add_argument("--mock", metavar="NAME|PATH", default=os.environ.get("MOCK_PROFILE"),
                         help="use a mock NVML machine profile (a shipped name or a YAML file) "
-                             "instead of the real GPUs")
+                             "instead of the real GPUs (env MOCK_PROFILE)")
     parser.add_argument("--driver-root", type=Path, metavar="DIR",
+                        default=os.environ.get("DRIVER_ROOT"),
                         help="root of the NVIDIA driver install holding libnvidia-ml.so.1 "
-                             "(e.g. /driver-root); default: the dynamic linker's path")
+                             "(e.g. /driver-root); default: the dynamic linker's path "
+                             "(env DRIVER_ROOT)")
 
 
 def cmd_discover(args: argparse.Namespace) -> int:
@@ -86,9 +89,94 @@ def add_slice_args(parser: argparse.ArgumentParser) -> None:
                         default=os.environ.get("MIG_MODE", "static"),
                         help="static: publish the MIG devices that exist; dynamic: publish "
                              "every profile and placement as partitionable devices (env MIG_MODE)")
-    parser.add_argument("--counter-layout", choices=["split", "combined"], default="split",
+    parser.add_argument("--counter-layout", choices=["split", "combined"],
+                        default=os.environ.get("COUNTER_LAYOUT", "split"),
                         help="where shared counters go: split, in their own slices "
-                             "(Kubernetes 1.35+), or combined with the devices (1.34)")
+                             "(Kubernetes 1.35+), or combined with the devices (1.34) "
+                             "(env COUNTER_LAYOUT)")
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def add_plugin_args(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    parser.add_argument("--kubelet-registry-dir", type=Path, metavar="DIR",
+                        default=env("KUBELET_REGISTRY_DIR", "/var/lib/kubelet/plugins_registry"),
+                        help="where the kubelet watches for registration sockets "
+                             "(env KUBELET_REGISTRY_DIR)")
+    parser.add_argument("--plugin-data-dir", type=Path, metavar="DIR",
+                        default=env("PLUGIN_DATA_DIR"),
+                        help="the DRA socket and the checkpoint; default "
+                             "/var/lib/kubelet/plugins/<driver> (env PLUGIN_DATA_DIR)")
+    parser.add_argument("--cdi-root", type=Path, metavar="DIR",
+                        default=env("CDI_ROOT", "/var/run/cdi"),
+                        help="where CDI specs are written (env CDI_ROOT)")
+    parser.add_argument("--host-driver-root", type=Path, metavar="DIR",
+                        default=env("HOST_DRIVER_ROOT"),
+                        help="the driver root as the container runtime on the host sees it, "
+                             "for paths in CDI specs; default: --driver-root "
+                             "(env HOST_DRIVER_ROOT)")
+    parser.add_argument("--nvidia-cdi-hook", type=Path, metavar="PATH",
+                        default=env("NVIDIA_CDI_HOOK"),
+                        help="host path of nvidia-cdi-hook for the ldcache hook; default: "
+                             "found under the driver root (env NVIDIA_CDI_HOOK)")
+    parser.add_argument("--mock-state", type=Path, metavar="FILE", default=env("MOCK_STATE"),
+                        help="with --mock: keep the mock GPUs' MIG devices in this file, as "
+                             "real GPUs keep them across plugin restarts (env MOCK_STATE)")
+    parser.add_argument("--kubeconfig", type=Path, metavar="FILE", default=env("KUBECONFIG"),
+                        help="kubeconfig of the API server; default: in-cluster "
+                             "(env KUBECONFIG)")
+    parser.add_argument("--local-dir", type=Path, metavar="DIR", default=env("LOCAL_DIR"),
+                        help="no cluster: write ResourceSlices to DIR/resourceslices/ and read "
+                             "claims from DIR/resourceclaims/<namespace>/<name>.yaml "
+                             "(env LOCAL_DIR)")
+    parser.add_argument("--health-port", type=int, metavar="PORT",
+                        default=env("HEALTH_PORT", "51515"),
+                        help="TCP port of the grpc.health.v1 service for probes; 0: off "
+                             "(env HEALTH_PORT)")
+    parser.add_argument("--metrics-port", type=int, metavar="PORT",
+                        default=env("METRICS_PORT", "8080"),
+                        help="TCP port of the Prometheus /metrics; 0: off (env METRICS_PORT)")
+    parser.add_argument("--log-format", choices=["text", "json"],
+                        default=env("LOG_FORMAT", "text"), help="(env LOG_FORMAT)")
+    parser.add_argument("-v", "--verbosity", type=int, metavar="N",
+                        default=env("LOG_VERBOSITY", "0"),
+                        help="0: info; 1 or more: debug (env LOG_VERBOSITY)")
+    parser.add_argument("--cleanup", action="store_true", default=_env_flag("CLEANUP_ON_EXIT"),
+                        help="on exit, delete this node's ResourceSlices (env "
+                             "CLEANUP_ON_EXIT=true)")
+
+
+def cmd_plugin(args: argparse.Namespace) -> int:
+    from driver.checkpoint import CheckpointError
+    from driver.logs import setup_logging
+    from driver.plugin.daemon import PluginOptions, run
+
+    setup_logging(args.log_format, args.verbosity)
+    if args.mock_state is not None and not args.mock:
+        raise UsageError("--mock-state needs --mock")
+    options = PluginOptions(
+        driver=args.driver_name, node=args.node_name,
+        registry_dir=args.kubelet_registry_dir,
+        plugin_dir=args.plugin_data_dir or Path("/var/lib/kubelet/plugins") / args.driver_name,
+        cdi_root=args.cdi_root, driver_root=args.driver_root or Path("/"),
+        host_driver_root=args.host_driver_root, mig_mode=args.mig_mode,
+        counter_layout=args.counter_layout, local_dir=args.local_dir,
+        kubeconfig=args.kubeconfig, health_port=args.health_port or None,
+        metrics_port=args.metrics_port or None, cleanup=args.cleanup,
+        cdi_hook=args.nvidia_cdi_hook)
+    from driver.publish import PublishError
+
+    try:
+        return run(options, provider_from_args(args))
+    except CheckpointError as err:
+        raise UsageError(f"{err}; move it away to start without it") from err
+    except PublishError as err:
+        raise UsageError(f"cannot publish ResourceSlices: {err}") from err
+    except OSError as err:  # a port in use, a directory that cannot be created
+        raise UsageError(f"cannot start: {err}") from err
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,7 +197,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_slice_args(slices_cmd)
     slices_cmd.add_argument("--output", "-o", choices=["yaml", "json"], default="yaml")
     slices_cmd.set_defaults(run=cmd_slices)
+
+    plugin_cmd = commands.add_parser(
+        "plugin", help="run the kubelet plugin: publish this node's GPUs, prepare claims")
+    add_provider_args(plugin_cmd)
+    add_slice_args(plugin_cmd)
+    add_plugin_args(plugin_cmd)
+    # unset: the API server publisher picks by the server's version; local mode: split
+    plugin_cmd.set_defaults(run=cmd_plugin, counter_layout=os.environ.get("COUNTER_LAYOUT",
+                                                                           "auto"))
+
+    add_allocation_commands(commands, add_provider_args, add_slice_args, node_slices)
     return parser
+
+
+def node_slices(args: argparse.Namespace) -> list[dict]:
+    """This node's ResourceSlices, as `gpu-dra slices` prints them."""
+    options = SliceOptions(driver=args.driver_name, node=args.node_name,
+                           mig_mode=args.mig_mode, counter_layout=args.counter_layout)
+    return build_slices(discover(provider_from_args(args)), options, generation=1)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

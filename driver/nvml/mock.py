@@ -301,6 +301,7 @@ class MockNvml:
         self._store = _MigStore(profile, state_path)
         self._inits = 0
         self._by_bus = {gpu.busId: i for i, gpu in enumerate(profile.gpus)}
+        self.timeslices: dict[str, int] = {}  # GPU UUID -> compute time slice, as last set
 
     # -- handles -------------------------------------------------------------------------
 
@@ -395,6 +396,13 @@ class MockNvml:
                     self._fault(i)
                     return ref.handle()
         raise _error(pynvml.NVML_ERROR_NOT_FOUND)
+
+    def set_timeslice(self, uuid_: str, interval: int) -> None:
+        """Records `nvidia-smi compute-policy -i <uuid> --set-timeslice <0..3>`, the one GPU
+        setting the driver changes without an NVML call (NVML has none for it)."""
+        if uuid_ not in {gpu.uuid for gpu in self.profile.gpus} or interval not in range(4):
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        self.timeslices[uuid_] = interval
 
     # -- one GPU -------------------------------------------------------------------------
 

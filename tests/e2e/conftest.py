@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from driver.kubeapi import api_request
 from driver.localcluster import (
     ALL_BINARIES,
     CONTROL_PLANE_SRC,
@@ -24,12 +26,20 @@ from driver.localcluster import (
     ClusterConfig,
     FakeNodeKeeper,
     LocalCluster,
-    api_request,
     build_assets,
     find_assets,
     iter_log_tails,
 )
-from tests.e2e.helpers import ControlPlane, make_namespace, unique
+from tests.e2e.chart import HELM_BUILD, Helm
+from tests.e2e.helpers import DEVICE_CLASSES, ControlPlane, make_namespace, unique
+from tests.e2e.standin import (
+    TOOLS_BUILD,
+    E2eTools,
+    KubeletStandin,
+    ToolsUnavailable,
+    build_tools,
+    find_tools,
+)
 
 HERE = Path(__file__).resolve().parent
 BUILD_HINT = f"run {CONTROL_PLANE_SRC / 'build.sh'} (needs Go >= 1.26)"
@@ -172,3 +182,84 @@ def namespace(control_plane: ControlPlane) -> Iterator[str]:
     name = make_namespace(control_plane.api, unique("e2e"))
     yield name
     api_request(control_plane.api, "DELETE", f"/api/v1/namespaces/{name}").expect(200, 202, 404)
+
+
+@pytest.fixture(scope="session")
+def e2e_tools(pytestconfig: pytest.Config) -> E2eTools:
+    """kubelet-standin and cdi-resolve: from the cache when the sources are unchanged,
+    else built now when Go is installed (about 5 minutes cold), else the tests skip."""
+    found = find_tools()
+    if found is not None:
+        return found
+    if shutil.which("go") is None or os.environ.get("GPU_DRA_NO_BUILD") == "1":
+        pytest.skip(f"e2e skipped: kubelet-standin and cdi-resolve are not built; run "
+                    f"{TOOLS_BUILD} (needs Go >= 1.26)")
+    say = _say(pytestconfig)
+    say("e2e: building kubelet-standin and cdi-resolve with Go (about 5 minutes cold on "
+        "2 cores, cached afterwards)")
+    try:
+        return build_tools(say)
+    except ToolsUnavailable as err:
+        pytest.fail(f"e2e: building the node tools failed: {err}", pytrace=False)
+
+
+@pytest.fixture
+def kubelet_standin(
+    control_plane: ControlPlane, e2e_tools: E2eTools
+) -> Iterator[Callable[..., KubeletStandin]]:
+    """Factory: ``kubelet_standin(node, root, dra_api="v1", driver="")`` starts the kubelet
+    stand-in for ``node`` with its folders under ``root`` (keep it short: socket paths) and
+    waits until it watches pods and plugins; stopped after the test."""
+    started: list[KubeletStandin] = []
+
+    def start(node: str, root: Path, dra_api: str = "v1", driver: str = "") -> KubeletStandin:
+        standin = KubeletStandin(e2e_tools.kubelet_standin, control_plane.kubeconfig, node,
+                                 root, dra_api, driver)
+        started.append(standin)
+        standin.wait_running()
+        return standin
+
+    yield start
+    for standin in started:
+        standin.stop()
+
+
+@pytest.fixture(scope="module")
+def device_classes(control_plane: ControlPlane) -> Iterator[None]:
+    """The two DeviceClasses the driver ships (deploy/helm), whole GPUs and MIG devices;
+    those this fixture created (another module may have installed them) are deleted after
+    the module."""
+    driver = "gpu.dra.dev"
+    created = []
+    for name, kind in ((driver, "gpu"), (f"mig.{driver}", "mig")):
+        expression = (f'device.driver == "{driver}" && '
+                      f'device.attributes["{driver}"].type == "{kind}"')
+        result = api_request(control_plane.api, "POST", DEVICE_CLASSES, {
+            "apiVersion": "resource.k8s.io/v1", "kind": "DeviceClass",
+            "metadata": {"name": name},
+            "spec": {"selectors": [{"cel": {"expression": expression}}]},
+        })
+        result.expect(201, 409)
+        if result.status == 201:
+            created.append(name)
+    yield
+    for name in created:
+        api_request(control_plane.api, "DELETE", f"{DEVICE_CLASSES}/{name}").expect(200, 404)
+
+
+@pytest.fixture(scope="session")
+def helm(pytestconfig: pytest.Config) -> Helm:
+    """The pinned helm CLI (deploy/helm/build-helm.sh): cached, else built now when Go is
+    installed, else the chart tests skip."""
+    found = subprocess.run(["bash", str(HELM_BUILD), "--print"], capture_output=True,
+                           text=True, check=False)
+    if found.returncode == 0:
+        return Helm(Path(found.stdout.split()[-1]))
+    if shutil.which("go") is None or os.environ.get("GPU_DRA_NO_BUILD") == "1":
+        pytest.skip(f"helm is not built; run {HELM_BUILD} (needs Go >= 1.26)")
+    _say(pytestconfig)("e2e: building the pinned helm with Go (cached afterwards)")
+    built = subprocess.run(["bash", str(HELM_BUILD)], capture_output=True, text=True,
+                           check=False)
+    if built.returncode != 0 or not built.stdout.split():
+        pytest.fail(f"e2e: building helm failed:\n{built.stderr[-3000:]}", pytrace=False)
+    return Helm(Path(built.stdout.split()[-1]))

@@ -1,0 +1,333 @@
+"""Allocate ResourceClaims from ResourceSlices, as the v1.37 scheduler would, or better.
+
+    allocator = Allocator(slices, classes)
+    outcome = allocator.allocate(allocator.parse(claims), Ledger.of(allocated), node)
+
+Two modes:
+- parity: the answer the kube-scheduler v1.37.2 allocator (its default "incubating"
+  variant, with the default feature gates) gives, device for device;
+- topology: among the solutions the same search reaches, the best by
+  `allocator_ref.score` (NVLink-connected sets with the most bandwidth, one NUMA
+  node and PCIe root, MIG placements that keep the largest free blocks). It finds a
+  solution exactly when parity does.
+
+The search runs in the native kernel (`driver._alloc`) when it is built, else in the
+pure-Python reference; both read the same `Problem` and give the same answers.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from dataclasses import field as _field
+from typing import Any, Literal
+
+from driver import allocator_ref
+from driver.allocator_input import Claim, DeviceClass, InputError, parse_claim, parse_classes
+from driver.allocator_ledger import DeviceRef, Ledger
+from driver.allocator_model import AllocationError, NodeModel, Problem
+from driver.allocator_pools import Node, Pool, check_slices, gather_pools
+from driver.allocator_units import format_quantity
+
+Mode = Literal["parity", "topology"]
+Backend = Literal["native", "reference"]
+
+# Search nodes (allocateOne calls) before a search says "gave up". Upstream has no
+# such limit, only its 10 s filter timeout; a node costs well under a microsecond
+# in the kernel.
+DEFAULT_BUDGET = 5_000_000
+TOPOLOGY_BUDGET = 200_000
+
+try:
+    from driver import allocator_kernel
+except ImportError:  # the extension is not built: the reference does the work
+    allocator_kernel = None  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """allocated: one AllocationResult per claim; unschedulable: the claims do not fit
+    on this node; error: what the scheduler reports as an error; gave-up: the search
+    ran out of its budget before deciding."""
+
+    status: str
+    allocations: tuple[dict[str, Any], ...] = ()
+    message: str = ""
+    field: str = ""
+    nodes: int = 0
+    complete: bool = True
+    picks: tuple[tuple[tuple[int, int], ...], ...] = ()
+    problem: Problem | None = _field(default=None, compare=False, repr=False)
+
+
+def driver_classes(driver: str) -> list[dict[str, Any]]:
+    """The DeviceClasses the driver ships: whole GPUs and MIG devices."""
+    def make(name: str, kind: str) -> dict[str, Any]:
+        return {"apiVersion": "resource.k8s.io/v1", "kind": "DeviceClass",
+                "metadata": {"name": name},
+                "spec": {"selectors": [{"cel": {"expression":
+                    f'device.driver == "{driver}" && '
+                    f'device.attributes["{driver}"].type == "{kind}"'}}]}}
+    return [make(driver, "gpu"), make(f"mig.{driver}", "mig")]
+
+
+class Allocator:
+    """The slices and classes of one cluster snapshot; allocate against it many times.
+
+    Per node, pools and the CEL result of every (selector, device) pair are kept,
+    so each expression is evaluated once per device for the snapshot's lifetime. Not
+    thread-safe: give each thread its own, or hold a lock.
+    """
+
+    def __init__(self, slices: Sequence[Mapping[str, Any]],
+                 classes: Sequence[Mapping[str, Any]]) -> None:
+        check_slices(slices)
+        self.slices = list(slices)
+        self.classes: dict[str, DeviceClass] = parse_classes(list(classes))
+        self._models: dict[Node, NodeModel] = {}
+
+    def nodes(self) -> list[str]:
+        return sorted({s["spec"]["nodeName"] for s in self.slices
+                       if s["spec"].get("nodeName")})
+
+    def model(self, node: Node) -> NodeModel:
+        """The node's pools and everything known about them before any claim."""
+        found = self._models.get(node)
+        if found is None:
+            found = self._models[node] = NodeModel(gather_pools(self.slices, node))
+        return found
+
+    def pools(self, node: Node) -> list[Pool]:
+        return self.model(node).pools
+
+    def parse(self, claims: Sequence[Mapping[str, Any]]) -> list[Claim]:
+        """Checked claims; InputError names the first bad claim and field."""
+        return [parse_claim(c, self.classes) for c in claims]
+
+    def allocate(self, claims: Sequence[Claim], ledger: Ledger, node: str | Node,
+                 mode: Mode = "parity", backend: Backend = "native",
+                 budget: int | None = None) -> Outcome:
+        """All claims together, as the scheduler does for one pod's claims."""
+        where = node if isinstance(node, Node) else Node(node)
+        model = self.model(where)
+        pools = model.pools
+        try:
+            problem = model.problem(claims, self.classes, ledger)
+        except AllocationError as err:
+            return Outcome("error", message=str(err), field=err.field)
+        solve = _backend(backend)
+        found = solve.solve(problem, budget or DEFAULT_BUDGET)
+        if found.status == "ok" and mode == "topology":
+            best = solve.optimize(problem, budget or TOPOLOGY_BUDGET)
+            if best.status == "ok":
+                best.nodes += found.nodes
+                found = best
+        return self._outcome(found, problem, claims, pools, where)
+
+    def _outcome(self, found: allocator_ref.Found, problem: Problem, claims: Sequence[Claim],
+                 pools: list[Pool], node: Node) -> Outcome:
+        if found.status == "gave-up":
+            return Outcome("gave-up", message=f"gave up after {found.nodes} search steps",
+                           nodes=found.nodes)
+        if found.status == "error":
+            message, field_ = _error_text(found, problem, claims)
+            return Outcome("error", message=message, field=field_, nodes=found.nodes)
+        if found.status == "fail":
+            invalid = [p for p in pools if p.invalid]
+            if invalid:
+                return Outcome("error", message="invalid resource pools were encountered: "
+                               + "; ".join(f"{p}: {p.invalid}" for p in invalid),
+                               nodes=found.nodes)
+            return Outcome("unschedulable", message="cannot allocate all claims",
+                           nodes=found.nodes)
+        allocations = tuple(
+            _allocation(claim, self.classes, problem, found.picks[c], found.alts[c], node)
+            for c, claim in enumerate(claims))
+        return Outcome("allocated", allocations, nodes=found.nodes, complete=found.complete,
+                       picks=tuple(tuple(x) for x in found.picks), problem=problem)
+
+
+def _backend(backend: Backend) -> Any:
+    if backend == "native" and allocator_kernel is not None:
+        return allocator_kernel
+    return allocator_ref
+
+
+def _error_text(found: allocator_ref.Found, problem: Problem, claims: Sequence[Claim]
+                ) -> tuple[str, str]:
+    if found.error_kind == "max-size":
+        return allocator_ref.ABORTED_BY_MAX_SIZE, ""
+    entry = problem.entries[found.error_entry]
+    claim = claims[entry.claim]
+    device = problem.devices[found.error_device]
+    if found.error_kind == "selector":
+        return entry.errors[found.error_device], f"{entry.request.field}.selectors"
+    return (f"claim {claim.key}, request {entry.request.name}: cannot add device {device.ref} "
+            "because a claim constraint would not be satisfied",
+            "spec.devices.constraints")
+
+
+def _allocation(claim: Claim, classes: Mapping[str, DeviceClass], problem: Problem,
+                picks: Sequence[tuple[int, int]], alts: Sequence[int], node: Node
+                ) -> dict[str, Any]:
+    results: list[dict[str, Any]] = []
+    for e, d in picks:
+        entry, device = problem.entries[e], problem.devices[d]
+        result: dict[str, Any] = {"request": entry.request.name, "driver": device.ref.driver,
+                                  "pool": device.ref.pool, "device": device.ref.device}
+        if entry.admin:
+            result["adminAccess"] = True
+        if entry.request.raw_tolerations:
+            result["tolerations"] = [dict(t) for t in entry.request.raw_tolerations]
+        for key in ("bindingConditions", "bindingFailureConditions"):
+            if device.raw.get(key):
+                result[key] = list(device.raw[key])
+        if device.multi:
+            result["shareID"] = str(uuid.uuid4())
+            consumed = entry.consumed.get(d) or {}
+            if consumed:
+                result["consumedCapacity"] = {k: format_quantity(v)
+                                              for k, v in sorted(consumed.items())}
+        results.append(result)
+    allocation: dict[str, Any] = {"devices": {"results": results}}
+    configs = _configs(claim, classes, alts)
+    if configs:
+        allocation["devices"]["config"] = configs
+    selector = _node_selector(problem, [d for _, d in picks], node)
+    if selector is not None:
+        allocation["nodeSelector"] = selector
+    return allocation
+
+
+def _configs(claim: Claim, classes: Mapping[str, DeviceClass], alts: Sequence[int]
+             ) -> list[dict[str, Any]]:
+    """Class configs once per class, then the claim's, as the scheduler copies them."""
+    chosen = [group.alternatives[alts[g]] for g, group in enumerate(claim.requests)]
+    configs: list[dict[str, Any]] = []
+    added: dict[str, tuple[int, int]] = {}
+    for request in chosen:
+        span = added.get(request.class_name)
+        if span is not None:
+            for i in range(*span):
+                configs[i]["requests"].append(request.name)
+            continue
+        start = len(configs)
+        for config in classes[request.class_name].configs:
+            configs.append({"source": "FromClass", "requests": [request.name],
+                            **{k: v for k, v in config.items() if k != "requests"}})
+        added[request.class_name] = (start, len(configs))
+    for config in claim.configs:
+        names = list(config.get("requests") or [])
+        body = {k: v for k, v in config.items() if k != "requests"}
+        if not names or any(g.name in names or r.name in names
+                            for g, r in zip(claim.requests, chosen, strict=True)):
+            configs.append({"source": "FromClaim", "requests": names, **body})
+    for config in configs:
+        names = config["requests"]
+        if names and all(g.name in names or r.name in names
+                         for g, r in zip(claim.requests, chosen, strict=True)):
+            config["requests"] = []
+    for config in configs:
+        if not config["requests"]:
+            del config["requests"]
+    return configs
+
+
+def _node_selector(problem: Problem, devices: Sequence[int], node: Node
+                   ) -> dict[str, Any] | None:
+    requirements: dict[str, list[dict[str, Any]]] = {"matchFields": [], "matchExpressions": []}
+    for d in devices:
+        device = problem.devices[d]
+        spec = device.slice["spec"]
+        source = device.raw if spec.get("perDeviceNodeSelection") else spec
+        if source.get("nodeName") or device.raw.get("bindsToNode"):
+            return {"nodeSelectorTerms": [{"matchFields": [
+                {"key": "metadata.name", "operator": "In", "values": [node.name]}]}]}
+        terms = (source.get("nodeSelector") or {}).get("nodeSelectorTerms") or []
+        if len(terms) == 1:
+            for kind in ("matchFields", "matchExpressions"):
+                for requirement in terms[0].get(kind) or []:
+                    if not any(_same_requirement(requirement, r) for r in requirements[kind]):
+                        requirements[kind].append(dict(requirement))
+    term = {k: v for k, v in requirements.items() if v}
+    return {"nodeSelectorTerms": [term]} if term else None
+
+
+def _same_requirement(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return (a.get("key") == b.get("key") and a.get("operator") == b.get("operator")
+            and set(a.get("values") or []) == set(b.get("values") or []))
+
+
+def allocate_in_order(allocator: Allocator, claims: Sequence[Claim], ledger: Ledger,
+                      nodes: Sequence[str], mode: Mode = "parity",
+                      backend: Backend = "native") -> list[tuple[Claim, str, Outcome]]:
+    """Each claim on the first node where it fits, seeing the claims before it.
+
+    The ledger is updated with every allocation. Returns (claim, node, outcome) per
+    claim; the node is "" when the claim fits nowhere.
+    """
+    done: list[tuple[Claim, str, Outcome]] = []
+    for claim in claims:
+        last: Outcome | None = None
+        placed = ""
+        for node in nodes:
+            outcome = allocator.allocate([claim], ledger, node, mode, backend)
+            if outcome.status == "allocated":
+                ledger.add(claim.key, outcome.allocations[0]["devices"]["results"])
+                last, placed = outcome, node
+                break
+            if last is None or outcome.status in ("error", "gave-up"):
+                last = outcome
+            if outcome.status == "error":
+                break
+        assert last is not None, "at least one node"
+        done.append((claim, placed, last))
+    return done
+
+
+def prepare_conflicts(ledger: Ledger, key: str, results: Sequence[Mapping[str, Any]],
+                      slices: Sequence[Mapping[str, Any]], node: str) -> list[str]:
+    """Why preparing claim `key` with these allocation results would double-book the
+    node: a device another claim in the ledger holds, or shared counters (MIG memory
+    slices, ...) that the ledger's claims and this one together overdraw. Empty when
+    the prepare may go ahead. The ledger holds what is prepared; `key` itself in it
+    (a repeated prepare) is not a conflict.
+    """
+    problems: list[str] = []
+    mine: list[DeviceRef] = []
+    for result in results:
+        if result.get("adminAccess"):
+            continue
+        ref = DeviceRef(result["driver"], result["pool"], result["device"])
+        owner = ledger.exclusive.get(ref)
+        if result.get("shareID") is None:
+            shared = [k for k in ledger.shares.get(ref, {}) if k != key]
+            if owner not in (None, key) or shared:
+                problems.append(f"device {ref} is taken by {owner or shared[0]}")
+        mine.append(ref)
+    others = ledger.copy()
+    others.remove(key)
+    for pool in gather_pools(slices, Node(node)):
+        left = {(s, c): v for s, counters in pool.counters.items() for c, v in counters.items()}
+        holders: dict[tuple[str, str], list[str]] = {}
+        for device in [*pool.devices, *pool.elsewhere]:
+            taken = others.allocated(device.ref)
+            if taken or device.ref in mine:
+                for set_name, counter, amount in device.consumes:
+                    left[(set_name, counter)] -= amount
+                    if taken:
+                        holders.setdefault((set_name, counter), []).append(
+                            f"{device.ref.device} ({others.owner(device.ref)})")
+        for (set_name, counter), value in sorted(left.items()):
+            if value < 0 and any(set_name == s and counter == c
+                                 for d in pool.devices if d.ref in mine
+                                 for s, c, _ in d.consumes):
+                held = ", ".join(holders.get((set_name, counter), [])[:4]) or "nothing else"
+                problems.append(f"counter {counter} of {pool}/{set_name} is overdrawn by "
+                                f"{format_quantity(-value)} (also held by {held})")
+    return problems
+
+
+__all__ = ["Allocator", "InputError", "Ledger", "Node", "Outcome", "allocate_in_order",
+           "driver_classes", "prepare_conflicts"]

@@ -1,0 +1,190 @@
+"""`gpu-dra allocate` and `gpu-dra explain`: the allocator from the command line.
+
+    gpu-dra allocate (--slices DIR | --mock PROFILE [--mig-mode static|dynamic])
+        --claims PATH [--classes PATH] [--allocated PATH] [--mode parity|topology]
+        [--node NAME] [--output yaml|json|table]
+
+PATH is a YAML file (one or more documents) or a directory of them. Claims are
+allocated in order, each seeing the ones before, each on the first node (by name)
+where it fits. Exit code 0 when all fit, 1 when some do not (printed without
+allocation, the reason in the annotation `gpu.dra.dev/allocation-failure`), 2 for bad
+input, with nothing printed on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from driver.allocator import Allocator, Ledger, allocate_in_order, driver_classes
+from driver.allocator_input import InputError
+from driver.explain import explain_all
+
+FAILURE_ANNOTATION = "gpu.dra.dev/allocation-failure"
+
+SlicesFromProvider = Callable[[argparse.Namespace], list[dict[str, Any]]]
+
+
+def add_allocation_commands(commands: Any, add_provider_args: Callable[..., None],
+                            add_slice_args: Callable[..., None],
+                            node_slices: SlicesFromProvider) -> None:
+    for name, helptext, run in (
+            ("allocate", "allocate ResourceClaims against ResourceSlices, as the scheduler "
+                         "would (parity) or topology-aware", _cmd_allocate),
+            ("explain", "say why claims do not fit, with numbers, and the nearest change "
+                        "that would", _cmd_explain)):
+        cmd = commands.add_parser(name, help=helptext)
+        cmd.add_argument("--slices", type=Path, metavar="DIR",
+                         help="ResourceSlices (YAML/JSON files) instead of this node's GPUs "
+                              "(not with --mock)")
+        add_provider_args(cmd)
+        add_slice_args(cmd)
+        cmd.add_argument("--claims", type=Path, required=True, metavar="PATH",
+                         help="ResourceClaims: a YAML file or a directory of them")
+        cmd.add_argument("--classes", type=Path, metavar="PATH",
+                         help="DeviceClasses; default: the driver's own (<driver> for whole "
+                              "GPUs, mig.<driver> for MIG devices)")
+        cmd.add_argument("--allocated", type=Path, metavar="PATH",
+                         help="ResourceClaims already allocated (with status.allocation)")
+        cmd.add_argument("--mode", choices=["parity", "topology"], default="parity",
+                         help="parity: what kube-scheduler v1.37 picks; topology: the best "
+                              "NVLink/NUMA/PCIe set and MIG placement")
+        cmd.add_argument("--node", metavar="NAME", help="only this node")
+        if name == "allocate":
+            cmd.add_argument("--output", "-o", choices=["yaml", "json", "table"],
+                             default="yaml")
+        cmd.set_defaults(run=lambda args, run=run: _guarded(args, run, node_slices))
+
+
+def _guarded(args: argparse.Namespace, run: Callable[..., int],
+             node_slices: SlicesFromProvider) -> int:
+    try:
+        return run(args, node_slices)
+    except (InputError, OSError, ValueError) as err:
+        print(f"gpu-dra {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+def _setup(args: argparse.Namespace, node_slices: SlicesFromProvider
+           ) -> tuple[Allocator, list[Any], Ledger, list[str]]:
+    if args.slices is not None and args.mock:
+        raise InputError("--slices and --mock: give one of them")
+    if args.slices is not None:
+        slices = [d for d in load_documents(args.slices) if d.get("kind") == "ResourceSlice"]
+        if not slices:
+            raise InputError(f"{args.slices}: no ResourceSlice documents")
+    else:
+        slices = node_slices(args)
+    classes = ([d for d in load_documents(args.classes) if d.get("kind") == "DeviceClass"]
+               if args.classes else driver_classes(args.driver_name))
+    allocator = Allocator(slices, classes)
+    raw_claims = [d for d in load_documents(args.claims)
+                  if d.get("kind", "ResourceClaim") == "ResourceClaim"]
+    if not raw_claims:
+        raise InputError(f"{args.claims}: no ResourceClaim documents")
+    claims = allocator.parse(raw_claims)
+    seen: set[str] = set()
+    for claim in claims:
+        if claim.key in seen:
+            raise InputError(f"ResourceClaim {claim.key}: metadata.name: listed twice")
+        seen.add(claim.key)
+    ledger = Ledger.of(load_documents(args.allocated) if args.allocated else [])
+    nodes = allocator.nodes()
+    if args.node:
+        if args.node not in nodes:
+            raise InputError(f"--node {args.node}: no slices for it (nodes: "
+                             f"{', '.join(nodes) or 'none'})")
+        nodes = [args.node]
+    if not nodes:
+        raise InputError("no node: the slices name no spec.nodeName")
+    return allocator, claims, ledger, nodes
+
+
+def _cmd_allocate(args: argparse.Namespace, node_slices: SlicesFromProvider) -> int:
+    allocator, claims, ledger, nodes = _setup(args, node_slices)
+    done = allocate_in_order(allocator, claims, ledger, nodes, args.mode)
+    for claim, _, outcome in done:
+        if outcome.status == "error":
+            raise InputError(f"ResourceClaim {claim.key}: {outcome.field or 'spec.devices'}: "
+                             f"{outcome.message}")
+    objects = []
+    rows = []
+    for claim, node, outcome in done:
+        obj = json.loads(json.dumps(claim.raw))
+        obj.setdefault("apiVersion", "resource.k8s.io/v1")
+        obj.setdefault("kind", "ResourceClaim")
+        if outcome.status == "allocated":
+            obj["status"] = {**(obj.get("status") or {}), "allocation": outcome.allocations[0]}
+            devices = [f"{r['request']}={r['device']}"
+                       for r in outcome.allocations[0]["devices"]["results"]]
+            rows.append((claim.key, node, "allocated", " ".join(devices)))
+        else:
+            reason = (outcome.message if outcome.status == "gave-up"
+                      else f"does not fit on {', '.join(nodes)}; see gpu-dra explain")
+            obj.setdefault("metadata", {}).setdefault("annotations", {})[FAILURE_ANNOTATION] = \
+                reason
+            rows.append((claim.key, "", outcome.status, reason))
+        objects.append(obj)
+    if args.output == "json":
+        print(json.dumps(objects if len(objects) > 1 else objects[0], indent=2))
+    elif args.output == "table":
+        print(_table(("CLAIM", "NODE", "STATUS", "DEVICES / REASON"), rows))
+    else:
+        print(yaml.safe_dump_all(objects, sort_keys=False), end="")
+    return 0 if all(o.status == "allocated" for _, _, o in done) else 1
+
+
+def _cmd_explain(args: argparse.Namespace, node_slices: SlicesFromProvider) -> int:
+    allocator, claims, ledger, nodes = _setup(args, node_slices)
+    explanations = explain_all(allocator, claims, ledger, nodes, args.mode)
+    for item in explanations:
+        verdict = "fits" if item.fits else "does not fit"
+        print(f"{item.claim} on {item.node}: {verdict}")
+        if not item.fits:
+            for reason in item.reasons:
+                print(f"  - {reason}")
+            if item.nearest:
+                print("  nearest change that fits:")
+                for change in item.nearest:
+                    print(f"  * {change}")
+            else:
+                print("  no single change found that fits")
+    return 0 if all(e.fits for e in explanations) else 1
+
+
+def load_documents(path: Path) -> list[dict[str, Any]]:
+    """Every YAML/JSON document of a file, or of a directory's *.yaml/*.yml/*.json files."""
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml", ".json"))
+    elif path.exists():
+        files = [path]
+    else:
+        raise InputError(f"{path}: no such file or directory")
+    documents: list[dict[str, Any]] = []
+    for file in files:
+        try:
+            loaded: Iterable[Any] = list(yaml.safe_load_all(file.read_text()))
+        except yaml.YAMLError as err:
+            raise InputError(f"{file}: not YAML: {str(err).splitlines()[0]}") from None
+        for doc in loaded:
+            if doc is None:
+                continue
+            if not isinstance(doc, dict):
+                raise InputError(f"{file}: a document is not a mapping")
+            if doc.get("kind") == "List" or ("items" in doc and "kind" not in doc):
+                documents += [d for d in doc.get("items") or [] if isinstance(d, dict)]
+            else:
+                documents.append(doc)
+    return documents
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(r, widths, strict=True))
+                     .rstrip() for r in [header, *rows])

@@ -1,0 +1,206 @@
+"""A `Problem` packed into flat arrays for the native kernel (`driver._alloc`).
+
+Same interface as `allocator_ref` (`solve`, `optimize` -> `Found`). Importing this
+module fails where the extension is not built; driver.allocator then uses the
+reference. Counters and capacities beyond what int64 holds with headroom go to the
+reference too (`KernelRange`), which computes with Python integers.
+"""
+
+from __future__ import annotations
+
+from array import array
+from typing import Any
+
+from driver import _alloc
+from driver.allocator_input import MAX_RESULTS
+from driver.allocator_model import ConstraintPlan, Problem
+from driver.allocator_ref import Found
+from driver.allocator_ref import optimize as ref_optimize
+from driver.allocator_ref import solve as ref_solve
+
+_MASK = (1 << 64) - 1
+_LIMIT = 1 << 62
+_STATUS = {1: "ok", 0: "fail", -2: "error", -3: "gave-up"}
+
+
+class KernelRange(ValueError):
+    """Amounts too large for the kernel's 64-bit arithmetic."""
+
+
+def solve(p: Problem, budget: int) -> Found:
+    try:
+        packed = pack(p)
+    except KernelRange:
+        return ref_solve(p, budget)
+    return _found(_alloc.run(packed, 0, budget), p)
+
+
+def optimize(p: Problem, budget: int) -> Found:
+    try:
+        packed = pack(p)
+    except KernelRange:
+        return ref_optimize(p, budget)
+    return _found(_alloc.run(packed, 1, budget), p)
+
+
+def _found(raw: tuple[Any, ...], p: Problem) -> Found:
+    status, picks, alts, (err_e, err_d, err_kind), nodes, has_best = raw
+    if status == -1:
+        return Found("error", error_kind="max-size", nodes=nodes)
+    found = Found(_STATUS[status], nodes=nodes)
+    if status == 1:
+        found.picks = [list(x) for x in picks]
+        i = 0
+        for groups in p.claims:
+            found.alts.append(alts[i:i + len(groups)])
+            i += len(groups)
+    if status == -2:
+        found.error_entry, found.error_device = err_e, err_d
+        found.error_kind = "selector" if err_kind == 1 else "constraint"
+    found.complete = status != -3
+    if status == -3 and has_best:
+        found.status = "ok"
+    return found
+
+
+def _words(bits: int, w: int) -> list[int]:
+    return [(bits >> (64 * i)) & _MASK for i in range(w)]
+
+
+def _check(values: list[int]) -> list[int]:
+    if any(not -_LIMIT < v < _LIMIT for v in values):
+        raise KernelRange("amount out of the kernel's range")
+    return values
+
+
+def _i8(values: list[Any]) -> array:
+    return array("b", [1 if v else 0 for v in values] or [0])
+
+
+def _i32(values: list[int]) -> array:
+    return array("i", values or [0])
+
+
+def _i64(values: list[int]) -> array:
+    return array("q", values or [0])
+
+
+def _u32(values: list[int]) -> array:
+    return array("I", values or [0])
+
+
+def _u64(values: list[int]) -> array:
+    return array("Q", values or [0])
+
+
+def _static(p: Problem) -> dict[str, Any]:
+    """Arrays that only depend on the node's devices: built once per NodeModel."""
+    cached = p.static.packed if p.static is not None else None
+    if cached is not None:
+        return cached
+    dc_start, dc_idx, dc_amt = [0], [], []
+    for uses in p.dev_counters:
+        for k, amount in uses:
+            dc_idx.append(k)
+            dc_amt.append(amount)
+        dc_start.append(len(dc_idx))
+    totals = [0] * len(p.counter_names)
+    for k, amount in zip(dc_idx, dc_amt, strict=True):
+        totals[k] += abs(amount)
+    _check(totals)
+    packed = {
+        "n": p.n, "multi_bits": sum(1 << d for d in range(p.n) if p.multi[d]),
+        "multi": _i8(p.multi), "counted": _i8(p.counted),
+        "dc_start": _i32(dc_start), "dc_idx": _i32(dc_idx), "dc_amt": _i64(dc_amt),
+        "island": _i32(p.island), "bandwidth": _i32(p.bandwidth), "numa": _i32(p.numa),
+        "pcie": _i32(p.pcie), "slice_set": _i32(p.slice_set), "slice_mask": _u32(p.slice_mask),
+        "set_full": _u32(p.set_full), "set_island": _i32(p.set_island),
+        "nothing": _i8(p.static.no_blocks if p.static is not None else []),
+    }
+    if p.static is not None:
+        p.static.packed = packed
+    return packed
+
+
+def _constraint_words(plan: ConstraintPlan, w: int) -> tuple[list[int], list[int]]:
+    """Value groups and "has the attribute" as words, kept on the (cached) plan."""
+    if plan.packed is None:
+        groups: list[int] = []
+        has = 0
+        for group in plan.groups:
+            groups += _words(group, w)
+            has |= group
+        plan.packed = (groups, _words(has, w))
+    return plan.packed
+
+
+def _flags(p: Problem, flags: list[bool], static: dict[str, Any]) -> array:
+    """The node model's all-false list is packed once."""
+    if p.static is not None and flags is p.static.no_blocks:
+        return static["nothing"]
+    return _i8(flags)
+
+
+def pack(p: Problem) -> dict[str, Any]:
+    static = _static(p)
+    n = p.n
+    w = max(1, (n + 63) // 64)
+    _check(p.counter_avail)
+    _check(p.dim_avail)
+    multi_bits = static["multi_bits"]
+    e_cand, e_err, e_all_start, e_all_idx, e_all_soft = [], [], [0], [], []
+    e_cons_start, cons_dev, cons_dim, cons_amt = [0], [], [], []
+    for entry in p.entries:
+        e_cand += _words(entry.cand, w)
+        e_err += _words(entry.err, w)
+        e_all_idx += entry.all_list
+        e_all_soft += entry.all_soft
+        e_all_start.append(len(e_all_idx))
+        for d, uses in sorted(entry.cons.items()):
+            for k, amount in uses:
+                cons_dev.append(d)
+                cons_dim.append(k)
+                cons_amt.append(amount)
+        e_cons_start.append(len(cons_dev))
+    _check(cons_amt)
+    c_gstart, g_estart = [0], [0]
+    for groups in p.claims:
+        for ids in groups:
+            g_estart.append(g_estart[-1] + len(ids))
+        c_gstart.append(len(g_estart) - 1)
+    c_kstart, k_kind, k_values, k_gstart, k_groups, k_has = [0], [], [], [0], [], []
+    for plans in p.constraints:
+        for plan in plans:
+            k_kind.append(plan.kind)
+            k_values += plan.values
+            groups_words, has_words = _constraint_words(plan, w)
+            k_groups += groups_words
+            k_gstart.append(k_gstart[-1] + len(plan.groups))
+            k_has += has_words
+        c_kstart.append(len(k_kind))
+    entries = p.entries
+    return {
+        **static, "E": len(entries), "K": len(k_kind),
+        "base_inuse": _u64(_words(p.base_inuse, w)),
+        "base_shared": _flags(p, p.base_shared, static), "blocked": _flags(p, p.blocked, static),
+        "counter_avail": _i64(p.counter_avail), "dim_avail": _i64(p.dim_avail),
+        "e_count": _i32([e.count for e in entries]),
+        "e_all": _i8([e.all_mode for e in entries]),
+        "e_admin": _i8([e.admin for e in entries]),
+        "e_fa": _i8([e.first_available for e in entries]),
+        "e_has_err": _i8([e.err for e in entries]),
+        "e_has_multi": _i8([e.cand & multi_bits for e in entries]),
+        "c_safe": _i8([sum(max(entries[i].count for i in ids) for ids in groups) <= MAX_RESULTS
+                       for groups in p.claims]),
+        "e_cand": _u64(e_cand), "e_err": _u64(e_err),
+        "e_all_start": _i32(e_all_start), "e_all_idx": _i32(e_all_idx),
+        "e_all_soft": _i8(e_all_soft),
+        "e_cmask": _u32([e.cmask for e in entries]),
+        "e_cons_start": _i32(e_cons_start), "cons_dev": _i32(cons_dev),
+        "cons_dim": _i32(cons_dim), "cons_amt": _i64(cons_amt),
+        "c_gstart": _i32(c_gstart), "g_estart": _i32(g_estart),
+        "c_kstart": _i32(c_kstart), "k_kind": _i8(k_kind),
+        "k_values": _i32(k_values), "k_gstart": _i32(k_gstart), "k_groups": _u64(k_groups),
+        "k_has": _u64(k_has),
+        "set_free": _u32(p.set_free), "island_free": _i32(p.island_free),
+    }

@@ -1,0 +1,110 @@
+"""What is already allocated: devices, shares of shared devices, consumed capacity.
+
+The allocator reads it as the scheduler reads its allocated-device cache; the
+plugin asks it whether a claim's devices or counters are still free before it
+prepares them (`conflicts`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, NamedTuple
+
+from driver.allocator_units import parse_quantity
+
+
+class DeviceRef(NamedTuple):
+    driver: str
+    pool: str
+    device: str
+
+    def __str__(self) -> str:
+        return f"{self.driver}/{self.pool}/{self.device}"
+
+
+@dataclass
+class Ledger:
+    """Allocation results by claim (namespace/name).
+
+    Admin-access results take nothing, as in the scheduler. A result with a
+    shareID is one share of a device that allows multiple allocations.
+    """
+
+    _results: dict[str, list[Mapping[str, Any]]] = field(default_factory=dict)
+    exclusive: dict[DeviceRef, str] = field(default_factory=dict)
+    shares: dict[DeviceRef, dict[str, int]] = field(default_factory=dict)
+    capacity: dict[DeviceRef, dict[str, Fraction]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, claims: Iterable[Mapping[str, Any]]) -> Ledger:
+        """From ResourceClaims with `status.allocation` (others are ignored)."""
+        ledger = cls()
+        for claim in claims:
+            allocation = (claim.get("status") or {}).get("allocation")
+            if allocation:
+                meta = claim.get("metadata") or {}
+                key = f"{meta.get('namespace', 'default')}/{meta.get('name', '')}"
+                ledger.add(key, (allocation.get("devices") or {}).get("results") or [])
+        return ledger
+
+    def copy(self) -> Ledger:
+        other = Ledger()
+        for key, results in self._results.items():
+            other.add(key, results)
+        return other
+
+    def claims(self) -> list[str]:
+        return list(self._results)
+
+    def results(self, key: str) -> list[Mapping[str, Any]]:
+        return list(self._results.get(key, ()))
+
+    def add(self, key: str, results: Iterable[Mapping[str, Any]]) -> None:
+        if key in self._results:
+            self.remove(key)
+        kept = list(results)
+        self._results[key] = kept
+        for result in kept:
+            if result.get("adminAccess"):
+                continue
+            ref = DeviceRef(result["driver"], result["pool"], result["device"])
+            if result.get("shareID") is None:
+                self.exclusive[ref] = key
+                continue
+            owners = self.shares.setdefault(ref, {})
+            owners[key] = owners.get(key, 0) + 1
+            used = self.capacity.setdefault(ref, {})
+            for name, text in (result.get("consumedCapacity") or {}).items():
+                used[name] = used.get(name, Fraction(0)) + parse_quantity(str(text))
+
+    def remove(self, key: str) -> None:
+        for result in self._results.pop(key, []):
+            if result.get("adminAccess"):
+                continue
+            ref = DeviceRef(result["driver"], result["pool"], result["device"])
+            if result.get("shareID") is None:
+                if self.exclusive.get(ref) == key:
+                    del self.exclusive[ref]
+                continue
+            owners = self.shares.get(ref, {})
+            owners[key] = owners.get(key, 0) - 1
+            if owners[key] <= 0:
+                del owners[key]
+            used = self.capacity.get(ref, {})
+            for name, text in (result.get("consumedCapacity") or {}).items():
+                used[name] = used.get(name, Fraction(0)) - parse_quantity(str(text))
+            if not owners:
+                self.shares.pop(ref, None)
+                self.capacity.pop(ref, None)
+
+    def allocated(self, ref: DeviceRef) -> bool:
+        """The scheduler's IsDeviceAllocated: taken whole or by at least one share."""
+        return ref in self.exclusive or ref in self.shares
+
+    def owner(self, ref: DeviceRef) -> str | None:
+        if ref in self.exclusive:
+            return self.exclusive[ref]
+        owners = self.shares.get(ref)
+        return next(iter(owners)) if owners else None

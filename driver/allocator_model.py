@@ -1,0 +1,571 @@
+"""Claims + pools + ledger -> a `Problem`: bitsets and integer tables the search runs on.
+
+Everything that does not change while searching is decided here, once: which devices
+each request (or subrequest) may take (class and request selectors, node, capacity
+policy, taints), which selector errors the search would run into, the attribute
+value of every device under every constraint, counters and shared capacity scaled to
+exact integers. The searches (`allocator_ref`, the native kernel) see only this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from math import lcm
+from typing import Any
+
+from driver.allocator_input import MAX_RESULTS, Claim, DeviceClass, Request
+from driver.allocator_ledger import DeviceRef, Ledger
+from driver.allocator_pools import Device, Pool
+from driver.allocator_units import parse_quantity
+from driver.cel import SelectorError
+
+MATCH, DISTINCT = 0, 1
+
+
+class AllocationError(Exception):
+    """What the scheduler reports as an error instead of "does not fit"."""
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass
+class Entry:
+    """One request, or one subrequest of a firstAvailable request."""
+
+    claim: int
+    group: int
+    alt: int
+    request: Request
+    count: int
+    all_mode: bool
+    admin: bool
+    first_available: bool
+    cand: int = 0
+    err: int = 0
+    errors: dict[int, str] = field(default_factory=dict)
+    all_list: list[int] = field(default_factory=list)
+    all_soft: list[bool] = field(default_factory=list)
+    cmask: int = 0
+    cons: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    consumed: dict[int, dict[str, Fraction]] = field(default_factory=dict)
+
+
+@dataclass
+class ConstraintPlan:
+    kind: int
+    attribute: str
+    values: list[int]  # value id per device; -1: the device lacks the attribute
+    groups: list[int]  # value id -> bitset of devices with that value
+    packed: Any = None  # the kernel's words for the groups, made once
+
+
+@dataclass
+class Problem:
+    devices: list[Device]
+    base_inuse: int
+    multi: list[bool]
+    base_shared: list[bool]
+    counted: list[bool]
+    blocked: list[bool]
+    dev_counters: list[list[tuple[int, int]]]
+    counter_avail: list[int]
+    counter_names: list[str]
+    dim_avail: list[int]
+    entries: list[Entry]
+    claims: list[list[list[int]]]  # claim -> request -> entry indexes
+    constraints: list[list[ConstraintPlan]]
+    # Topology features (scores only; never change feasibility).
+    island: list[int]
+    bandwidth: list[int]
+    numa: list[int]
+    pcie: list[int]
+    slice_set: list[int]
+    slice_mask: list[int]
+    set_free: list[int]
+    set_full: list[int]
+    set_island: list[int]
+    island_free: list[int]
+    has_errors: bool = False
+    static: Any = None  # the NodeModel it came from (the kernel caches arrays on it)
+
+    @property
+    def n(self) -> int:
+        return len(self.devices)
+
+
+class NodeModel:
+    """What one node's pools offer, worked out once per snapshot.
+
+    Devices in search order, counters scaled to integers, topology features,
+    constraint values per attribute and, per distinct request, its candidates;
+    `problem()` adds what depends on the ledger and the claims.
+    """
+
+    def __init__(self, pools: Sequence[Pool]) -> None:
+        self.pools = list(pools)
+        self.usable = [p for p in pools if p.usable]
+        self.devices = [d for p in self.usable for d in p.devices]
+        self.index = {d.ref: i for i, d in enumerate(self.devices)}
+        self.multi = [d.multi for d in self.devices]
+        self.counted = [d.counted for d in self.devices]
+        self.counters = _counters(self.usable)
+        self.dev_counters = [self.counters.uses[d.ref] for d in self.devices]
+        self.topology = _topology(self.devices, self.counters)
+        self.no_blocks = [False] * len(self.devices)  # also "no shares": read-only
+        self.multi_devices = [i for i, m in enumerate(self.multi) if m]
+        self._requests: dict[tuple[Any, ...], _Classified] = {}
+        self._constraints: dict[tuple[str, str], ConstraintPlan] = {}
+        self.packed: dict[str, Any] | None = None  # the kernel's arrays of the above
+
+    def problem(self, claims: Sequence[Claim], classes: Mapping[str, DeviceClass],
+                ledger: Ledger) -> Problem:
+        """The pre-pass of Allocate: AllocationError where the scheduler errors out."""
+        devices = self.devices
+        base_inuse = 0
+        for ref in ledger.exclusive:
+            i = self.index.get(ref)
+            if i is not None:
+                base_inuse |= 1 << i
+        base_shared = self.no_blocks
+        for ref in (*ledger.shares, *ledger.capacity):
+            i = self.index.get(ref)
+            if i is not None:
+                if base_shared is self.no_blocks:
+                    base_shared = list(self.no_blocks)
+                base_shared[i] = True
+        avail, negative = self.counters.available(ledger)
+        blocked = self.no_blocks if not negative else [
+            d.counted and f"{d.ref.driver}/{d.ref.pool}" in negative for d in devices]
+        dims = _dims(devices, self.multi_devices, ledger)
+        entries: list[Entry] = []
+        claim_plans: list[list[list[int]]] = []
+        constraint_plans: list[list[ConstraintPlan]] = []
+        for c, claim in enumerate(claims):
+            groups: list[list[int]] = []
+            min_total = 0
+            for g, group in enumerate(claim.requests):
+                ids: list[int] = []
+                for a, request in enumerate(group.alternatives):
+                    entry = Entry(c, g, a, request, request.count,
+                                  request.all_devices, request.admin_access,
+                                  group.first_available)
+                    self._classify(entry, claim, classes[request.class_name])
+                    entry.cmask = sum(1 << k for k, con in enumerate(claim.constraints)
+                                      if con.applies(request))
+                    ids.append(len(entries))
+                    entries.append(entry)
+                need = min(entries[i].count for i in ids)
+                if need > MAX_RESULTS - min_total:
+                    raise AllocationError(
+                        f"claim {claim.key}, request {group.name}: adding {need} devices "
+                        f"exceeds the claim limit of {MAX_RESULTS}, with {min_total} already "
+                        "accounted for", f"{group.alternatives[0].field}.count")
+                min_total += need
+                groups.append(ids)
+            claim_plans.append(groups)
+            constraint_plans.append([self._constraint(con.kind, con.attribute)
+                                     for con in claim.constraints])
+        topology = self.topology
+        set_free = topology.free_sets(avail)
+        problem = Problem(
+            devices=devices, base_inuse=base_inuse, multi=self.multi, base_shared=base_shared,
+            counted=self.counted, blocked=blocked, dev_counters=self.dev_counters,
+            counter_avail=avail, counter_names=self.counters.names,
+            dim_avail=[], entries=entries, claims=claim_plans, constraints=constraint_plans,
+            island=topology.island, bandwidth=topology.bandwidth, numa=topology.numa,
+            pcie=topology.pcie, slice_set=topology.slice_set, slice_mask=topology.slice_mask,
+            set_free=set_free, set_full=topology.set_full, set_island=topology.set_island,
+            island_free=topology.free_islands(base_inuse, set_free),
+            has_errors=any(e.err for e in entries), static=self)
+        _scale_dims(problem, dims)
+        return problem
+
+    def _classify(self, entry: Entry, claim: Claim, device_class: DeviceClass) -> None:
+        request = entry.request
+        if entry.all_mode:
+            for pool in self.pools:
+                if pool.incomplete:
+                    raise AllocationError(
+                        f"claim {claim.key}, request {request.name}: asks for all devices, "
+                        f"but resource pool {pool} is currently being updated",
+                        f"{request.field}.allocationMode")
+                if pool.invalid:
+                    raise AllocationError(
+                        f"claim {claim.key}, request {request.name}: asks for all devices, "
+                        f"but resource pool {pool} is currently invalid ({pool.invalid})",
+                        f"{request.field}.allocationMode")
+        key = (request.class_name, tuple(s.expression for s in request.selectors),
+               request.tolerations, request.capacity, request.all_devices)
+        found = self._requests.get(key)
+        if found is None:
+            found = self._requests[key] = _classify(request, device_class, self.devices)
+        if entry.all_mode and found.errors:
+            first = min(found.errors)
+            raise AllocationError(found.errors[first].replace(CLAIM, claim.key), request.field)
+        entry.cand, entry.err = found.cand, found.err
+        if found.errors:
+            entry.errors = {d: text.replace(CLAIM, claim.key)
+                            for d, text in found.errors.items()}
+        entry.all_list, entry.all_soft, entry.consumed = \
+            found.all_list, found.all_soft, found.consumed
+        if entry.all_mode:
+            entry.count = len(entry.all_list)
+
+    def _constraint(self, kind: str, attribute: str) -> ConstraintPlan:
+        found = self._constraints.get((kind, attribute))
+        if found is None:
+            found = self._constraints[(kind, attribute)] = _constraint(kind, attribute,
+                                                                       self.devices)
+        return found
+
+
+def compile_problem(claims: Sequence[Claim], classes: Mapping[str, DeviceClass],
+                    pools: Sequence[Pool], ledger: Ledger) -> Problem:
+    """One-off: `NodeModel(pools).problem(...)`."""
+    return NodeModel(pools).problem(claims, classes, ledger)
+
+
+CLAIM = "\x00claim\x00"  # stands for the claim's name in cached error messages
+
+
+@dataclass(frozen=True)
+class _Classified:
+    cand: int
+    err: int
+    errors: dict[int, str]
+    all_list: list[int]
+    all_soft: list[bool]
+    consumed: dict[int, dict[str, Fraction]]
+
+
+def _classify(request: Request, device_class: DeviceClass, devices: list[Device]
+              ) -> _Classified:
+    """Which devices a request may take: selectors, node, capacity policy, taints.
+
+    For an All request, the fixed list (selectable and capacity-fitting, taints
+    included: upstream fails the request on them later); errors in device order.
+    """
+    cand = err = 0
+    errors: dict[int, str] = {}
+    all_list: list[int] = []
+    all_soft: list[bool] = []
+    consumed_by: dict[int, dict[str, Fraction]] = {}
+    for i, device in enumerate(devices):
+        verdict = selectable(CLAIM, device_class, request, device)
+        if isinstance(verdict, str):
+            err |= 1 << i
+            errors[i] = verdict
+            continue
+        if not verdict:
+            continue
+        consumed = consumed_capacity(CLAIM, request, device)
+        if consumed is None:
+            continue
+        if isinstance(consumed, str):
+            err |= 1 << i
+            errors[i] = consumed
+            continue
+        fits = all(consumed[k] <= v for k, v in device.capacity.items())
+        if not fits and (request.all_devices or not device.multi):
+            continue
+        consumed_by[i] = consumed
+        tainted = device.untolerated_taint(request.tolerations) is not None
+        if request.all_devices:
+            all_list.append(i)
+            all_soft.append(tainted)
+        elif not tainted:
+            cand |= 1 << i
+    return _Classified(cand, err, errors, all_list, all_soft, consumed_by)
+
+
+def selectable(claim_key: str, device_class: DeviceClass, request: Request,
+               device: Device) -> bool | str:
+    """True, False, or the error the scheduler would stop with."""
+    for owner, selectors in ((f"class {device_class.name}", device_class.selectors),
+                             (f"claim {claim_key}", request.selectors)):
+        for k, selector in enumerate(selectors):
+            result = device.memo.get(selector.expression)
+            if result is None:
+                try:
+                    result = selector.matches(device.cel)
+                except SelectorError as err:
+                    result = str(err)
+                device.memo[selector.expression] = result
+            if isinstance(result, str):
+                return f"{owner}: selector #{k} on device {device.ref}: {result}"
+            if not result:
+                return False
+    return device.node_ok
+
+
+def consumed_capacity(claim_key: str, request: Request, device: Device
+                      ) -> dict[str, Fraction] | str | None:
+    """The capacity this request would take of every capacity of the device;
+    None where the request names a capacity the device lacks or breaks its policy."""
+    asked = dict(request.capacity)
+    if any(name not in device.capacity for name in asked):
+        return None
+    consumed: dict[str, Fraction] = {}
+    policies = {k: (v or {}).get("requestPolicy") for k, v in
+                (device.raw.get("capacity") or {}).items()}
+    for name, value in device.capacity.items():
+        amount = _policy_amount(asked.get(name), value, policies.get(name))
+        if amount < 0:
+            return (f"claim {claim_key}, request {request.name}: checking capacity for device "
+                    f"{device.ref}: capacity {name!r}: capacity value is negative")
+        if _violates(amount, policies.get(name)):
+            return None
+        consumed[name] = amount
+    return consumed
+
+
+def _q(text: Any) -> Fraction:
+    return parse_quantity(str(text))
+
+
+def _policy_amount(asked: Fraction | None, value: Fraction,
+                   policy: Mapping[str, Any] | None) -> Fraction:
+    if asked is None:
+        if policy and policy.get("default") is not None:
+            return _q(policy["default"])
+        return value
+    if not policy:
+        return asked
+    valid_range = policy.get("validRange")
+    if valid_range and valid_range.get("min") is not None:
+        low = _q(valid_range["min"])
+        if asked < low:
+            return low
+        if valid_range.get("step") is None:
+            return asked
+        step = _q(valid_range["step"])
+        steps = -((low - asked) // step)
+        return low + step * steps
+    if policy.get("validValues"):
+        for option in (_q(v) for v in policy["validValues"]):
+            if asked <= option:
+                return option
+    return asked
+
+
+def _violates(amount: Fraction, policy: Mapping[str, Any] | None) -> bool:
+    if not policy:
+        return False
+    if policy.get("default") is not None and amount == _q(policy["default"]):
+        return False
+    valid_range = policy.get("validRange")
+    if valid_range:
+        if valid_range.get("max") is not None and amount > _q(valid_range["max"]):
+            return True
+        if valid_range.get("step") is not None:
+            low = _q(valid_range.get("min") or 0)
+            return (amount - low) % _q(valid_range["step"]) != 0
+        return False
+    if policy.get("validValues"):
+        return all(amount != _q(v) for v in policy["validValues"])
+    return False
+
+
+# --- constraints --------------------------------------------------------------------------
+
+def _constraint(kind: str, attribute: str, devices: list[Device]) -> ConstraintPlan:
+    ids: dict[tuple[str, Any], int] = {}
+    values: list[int] = []
+    groups: list[int] = []
+    for i, device in enumerate(devices):
+        value = device.attribute(attribute)
+        if not value:
+            values.append(-1)
+            continue
+        key = next((k, v) for k, v in value.items() if k in ("int", "bool", "string", "version"))
+        vid = ids.get(key)
+        if vid is None:
+            vid = ids[key] = len(groups)
+            groups.append(0)
+        groups[vid] |= 1 << i
+        values.append(vid)
+    return ConstraintPlan(MATCH if kind == "match" else DISTINCT, attribute, values, groups)
+
+
+# --- counters and shared capacity as exact integers ---------------------------------------
+
+@dataclass
+class _Counters:
+    """Every counter of the usable pools, each in units of the least common
+    denominator of all amounts it is declared or consumed in."""
+
+    names: list[str]
+    index: dict[tuple[str, str, str], int]  # (pool, set, counter) -> position
+    declared: list[int]
+    uses: dict[DeviceRef, list[tuple[int, int]]]  # every device of the pools, any node
+    pool_of: dict[DeviceRef, str]
+    pool_counters: dict[str, list[int]]
+
+    def available(self, ledger: Ledger) -> tuple[list[int], set[str]]:
+        """Declared minus what allocated devices consume; pools with a counter below 0."""
+        avail = list(self.declared)
+        for ref in (*ledger.exclusive, *ledger.shares):
+            for k, amount in self.uses.get(ref, ()):
+                avail[k] -= amount
+        negative = {pool for pool, ks in self.pool_counters.items()
+                    if any(avail[k] < 0 for k in ks)}
+        return avail, negative
+
+
+def _counters(pools: list[Pool]) -> _Counters:
+    index: dict[tuple[str, str, str], int] = {}
+    names: list[str] = []
+    values: list[Fraction] = []
+    pool_counters: dict[str, list[int]] = {}
+    raw: dict[DeviceRef, list[tuple[int, Fraction]]] = {}
+    pool_of: dict[DeviceRef, str] = {}
+    for pool in pools:
+        mine = pool_counters.setdefault(str(pool), [])
+        for set_name, counters in pool.counters.items():
+            for counter, value in counters.items():
+                index[(str(pool), set_name, counter)] = len(names)
+                mine.append(len(names))
+                names.append(f"{pool}/{set_name}/{counter}")
+                values.append(value)
+        for device in [*pool.devices, *pool.elsewhere]:
+            raw[device.ref] = [(index[(str(pool), s, c)], a) for s, c, a in device.consumes]
+            pool_of[device.ref] = str(pool)
+    scale = [v.denominator for v in values]
+    for uses in raw.values():
+        for k, amount in uses:
+            scale[k] = lcm(scale[k], amount.denominator)
+    return _Counters(names, index, [int(v * scale[k]) for k, v in enumerate(values)],
+                     {ref: [(k, int(a * scale[k])) for k, a in uses] for ref, uses in raw.items()},
+                     pool_of, pool_counters)
+
+
+@dataclass
+class _Dims:
+    per_device: list[list[int]]
+    names: list[tuple[int, str]]
+    left: list[Fraction]
+
+
+def _dims(devices: list[Device], multi: list[int], ledger: Ledger) -> _Dims:
+    """One dimension per capacity of each device that allows multiple allocations."""
+    per_device: list[list[int]] = [[] for _ in devices] if multi else []
+    names: list[tuple[int, str]] = []
+    left: list[Fraction] = []
+    for i in multi:
+        device = devices[i]
+        used = ledger.capacity.get(device.ref, {})
+        for name, value in sorted(device.capacity.items()):
+            per_device[i].append(len(names))
+            names.append((i, name))
+            left.append(value - used.get(name, Fraction(0)))
+    return _Dims(per_device, names, left)
+
+
+def _scale_dims(problem: Problem, dims: _Dims) -> None:
+    """Each dimension in units of the least common denominator of all its amounts."""
+    wanted: list[tuple[Entry, int, list[tuple[int, Fraction]]]] = []
+    for entry in problem.entries:
+        for i, consumed in entry.consumed.items():
+            if problem.multi[i]:
+                names = {dims.names[k][1]: k for k in dims.per_device[i]}
+                wanted.append((entry, i, [(names[n], a) for n, a in sorted(consumed.items())]))
+    scale = [value.denominator for value in dims.left]
+    for _, _, uses in wanted:
+        for k, amount in uses:
+            scale[k] = lcm(scale[k], amount.denominator)
+    problem.dim_avail = [int(v * scale[k]) for k, v in enumerate(dims.left)]
+    for entry, i, uses in wanted:
+        entry.cons[i] = [(k, int(a * scale[k])) for k, a in uses]
+
+
+# --- topology features --------------------------------------------------------------------
+
+@dataclass
+class _Topology:
+    """Per-device numbers the topology score reads (allocator_ref.score)."""
+
+    island: list[int]
+    bandwidth: list[int]
+    numa: list[int]
+    pcie: list[int]
+    slice_set: list[int]
+    slice_mask: list[int]
+    set_full: list[int]
+    set_island: list[int]
+    set_slots: list[list[tuple[int, int]]]  # (slot, counter index) per set
+    island_members: list[list[int]]  # whole GPUs per island
+    n_islands: int
+
+    def free_sets(self, avail: list[int]) -> list[int]:
+        return [sum(1 << slot for slot, k in slots if avail[k] >= 1) if slots else 0
+                for slots in self.set_slots]
+
+    def free_islands(self, base_inuse: int, set_free: list[int]) -> list[int]:
+        free = [0] * self.n_islands
+        for island, members in enumerate(self.island_members):
+            for i in members:
+                s = self.slice_set[i]
+                if not base_inuse >> i & 1 and (s < 0 or set_free[s] == self.set_full[s]):
+                    free[island] += 1
+        return free
+
+
+def _topology(devices: list[Device], counters: _Counters) -> _Topology:
+    island_ids: dict[tuple[str, int], int] = {}
+    pcie_ids: dict[str, int] = {}
+    island, bandwidth, numa, pcie = [], [], [], []
+    for device in devices:
+        driver = device.ref.driver
+        value = device.attribute(f"{driver}/nvlinkIsland")
+        if value and "int" in value:
+            key = (f"{driver}/{device.ref.pool}", int(value["int"]))
+            island.append(island_ids.setdefault(key, len(island_ids)))
+        else:
+            island.append(-1)
+        value = device.attribute(f"{driver}/nvlinkBandwidthGBps")
+        bandwidth.append(int(value["int"]) if value and "int" in value else 0)
+        value = device.attribute("resource.kubernetes.io/numaNode")
+        numa.append(int(value["int"]) if value and "int" in value else -1)
+        value = device.attribute("resource.kubernetes.io/pcieRoot")
+        pcie.append(pcie_ids.setdefault(value["string"], len(pcie_ids))
+                    if value and "string" in value else -1)
+    # MIG memory slices: counters named memory-slice-<i>, one set per physical GPU.
+    set_ids: dict[tuple[str, str], int] = {}
+    slice_set, slice_mask = [], []
+    for device in devices:
+        mask, owner = 0, -1
+        for set_name, counter, _ in device.consumes:
+            if _slice_number(counter) >= 0:
+                owner = set_ids.setdefault((f"{device.ref.driver}/{device.ref.pool}", set_name),
+                                           len(set_ids))
+                mask |= 1 << _slice_number(counter)
+        slice_set.append(owner)
+        slice_mask.append(mask)
+    set_slots: list[list[tuple[int, int]]] = [[] for _ in set_ids]
+    for (pool, set_name, counter), k in counters.index.items():
+        s = set_ids.get((pool, set_name))
+        if s is not None and _slice_number(counter) >= 0:
+            set_slots[s].append((_slice_number(counter), k))
+    set_full = [sum(1 << slot for slot, _ in slots) for slots in set_slots]
+    set_island = [-1] * len(set_ids)
+    members: list[list[int]] = [[] for _ in island_ids]
+    for i in range(len(devices)):
+        s = slice_set[i]
+        whole = s < 0 or slice_mask[i] == set_full[s]
+        if island[i] >= 0 and whole:
+            members[island[i]].append(i)
+            if s >= 0:
+                set_island[s] = island[i]
+    return _Topology(island, bandwidth, numa, pcie, slice_set, slice_mask, set_full,
+                     set_island, set_slots, members, len(island_ids))
+
+
+def _slice_number(counter: str) -> int:
+    """N of a `memory-slice-N` counter below 32, else -1 (scores use 32-bit masks)."""
+    if counter.startswith("memory-slice-") and counter[13:].isdigit() and int(counter[13:]) < 32:
+        return int(counter[13:])
+    return -1

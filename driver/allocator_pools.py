@@ -1,0 +1,284 @@
+"""ResourceSlices -> the resource pools one node can allocate from, in search order.
+
+Follows the v1.37 scheduler's incubating allocator (GatherPools): only the newest
+generation of a pool counts; a pool missing slices is incomplete; duplicate device
+or counter-set names or a reference to an unknown counter make it invalid. Pools are
+ordered by (driver, pool) with pools holding devices with binding conditions last,
+slices by name, devices in slice order. A slice that carries shared counters holds
+only counters: devices in it are not allocatable (the 1.35+ API forbids both).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+from driver.allocator_input import InputError
+from driver.allocator_ledger import DeviceRef
+from driver.allocator_units import QuantityError, parse_quantity
+from driver.cel import DeviceInput, device_input
+
+NO_SCHEDULE_EFFECTS = ("NoSchedule", "NoExecute")
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    labels: tuple[tuple[str, str], ...] = ()
+
+    def label(self, key: str) -> str | None:
+        return next((v for k, v in self.labels if k == key), None)
+
+
+@dataclass
+class Device:
+    """One device of a pool, with what CEL and the search need, converted once."""
+
+    ref: DeviceRef
+    raw: Mapping[str, Any]
+    slice: Mapping[str, Any]
+    capacity: dict[str, Fraction]
+    consumes: tuple[tuple[str, str, Fraction], ...]  # (counter set, counter, amount)
+    # consumesCounters is set (even if it names no counter): the device takes part in the
+    # counter check, and so in the pool-wide "no negative counter" rule.
+    counted: bool
+    multi: bool
+    node_ok: bool
+    _cel: DeviceInput | None = None
+    memo: dict[str, bool | str] = field(default_factory=dict)  # expression -> result/error
+
+    @property
+    def cel(self) -> DeviceInput:
+        if self._cel is None:
+            self._cel = device_input(self.ref.driver, self.raw.get("attributes") or {},
+                                     self.raw.get("capacity") or {}, self.multi)
+        return self._cel
+
+    def attribute(self, name: str) -> Mapping[str, Any] | None:
+        """lookupAttribute: the qualified name, or the short name in the driver's domain."""
+        attributes = self.raw.get("attributes") or {}
+        if name in attributes:
+            return attributes[name]
+        domain, _, ident = name.partition("/")
+        if domain == self.ref.driver:
+            return attributes.get(ident)
+        return None
+
+    def untolerated_taint(self, tolerations: Sequence[Any]) -> Mapping[str, Any] | None:
+        for taint in self.raw.get("taints") or ():
+            if taint.get("effect") in NO_SCHEDULE_EFFECTS and not any(
+                    t.tolerates(taint) for t in tolerations):
+                return taint
+        return None
+
+
+@dataclass
+class Pool:
+    driver: str
+    name: str
+    incomplete: bool = False
+    invalid: str = ""
+    devices: list[Device] = field(default_factory=list)
+    counters: dict[str, dict[str, Fraction]] = field(default_factory=dict)
+    # Devices of the pool on other nodes: their allocations still consume counters.
+    elsewhere: list[Device] = field(default_factory=list)
+
+    @property
+    def usable(self) -> bool:
+        return not self.incomplete and not self.invalid
+
+    def __str__(self) -> str:
+        return f"{self.driver}/{self.name}"
+
+
+def check_slices(slices: Sequence[Mapping[str, Any]]) -> None:
+    """The shape the search relies on; InputError names the slice and field."""
+    for s in slices:
+        name = (s.get("metadata") or {}).get("name", "<unnamed>")
+        where = f"ResourceSlice {name}"
+        spec = s.get("spec")
+        if not isinstance(spec, Mapping):
+            raise InputError(f"{where}: spec: required")
+        if not spec.get("driver"):
+            raise InputError(f"{where}: spec.driver: required")
+        pool = spec.get("pool") or {}
+        if not pool.get("name"):
+            raise InputError(f"{where}: spec.pool.name: required")
+        for key in ("generation", "resourceSliceCount"):
+            if not isinstance(pool.get(key, 0 if key == "generation" else None), int):
+                raise InputError(f"{where}: spec.pool.{key}: must be an integer")
+        for i, device in enumerate(spec.get("devices") or []):
+            field_ = f"{where}: spec.devices[{i}]"
+            if not device.get("name"):
+                raise InputError(f"{field_}.name: required")
+            for key, value in (device.get("attributes") or {}).items():
+                kinds = [k for k in ("int", "bool", "string", "version") if k in (value or {})]
+                if len(kinds) != 1:
+                    raise InputError(f"{field_}.attributes[{key}]: exactly one of int, bool, "
+                                     "string, version (list attributes need the alpha "
+                                     "DRAListTypeAttributes feature)")
+            for key, value in (device.get("capacity") or {}).items():
+                _quantity((value or {}).get("value"), f"{field_}.capacity[{key}].value")
+            for j, use in enumerate(device.get("consumesCounters") or []):
+                for counter, value in (use.get("counters") or {}).items():
+                    _quantity((value or {}).get("value"),
+                              f"{field_}.consumesCounters[{j}].counters[{counter}].value")
+        for i, counter_set in enumerate(spec.get("sharedCounters") or []):
+            for counter, value in (counter_set.get("counters") or {}).items():
+                _quantity((value or {}).get("value"),
+                          f"{where}: spec.sharedCounters[{i}].counters[{counter}].value")
+
+
+def _quantity(text: Any, where: str) -> Fraction:
+    try:
+        return parse_quantity(str(text))
+    except QuantityError as err:
+        raise InputError(f"{where}: {err}") from None
+
+
+def node_matches(node: Node, node_name: str | None, all_nodes: bool,
+                 selector: Mapping[str, Any] | None) -> bool:
+    if node_name:
+        return node.name == node_name
+    if all_nodes:
+        return True
+    if selector is not None:
+        return any(_term_matches(node, term) for term in selector.get("nodeSelectorTerms") or [])
+    return False
+
+
+def _term_matches(node: Node, term: Mapping[str, Any]) -> bool:
+    expressions = term.get("matchExpressions") or []
+    fields = term.get("matchFields") or []
+    if not expressions and not fields:
+        return False
+    return all(_requirement(node.label(r["key"]), r) for r in expressions) and all(
+        _requirement(node.name if r["key"] == "metadata.name" else None, r) for r in fields)
+
+
+def _requirement(value: str | None, requirement: Mapping[str, Any]) -> bool:
+    operator, values = requirement.get("operator"), requirement.get("values") or []
+    if operator == "In":
+        return value is not None and value in values
+    if operator == "NotIn":
+        return value is None or value not in values
+    if operator == "Exists":
+        return value is not None
+    if operator == "DoesNotExist":
+        return value is None
+    if operator in ("Gt", "Lt") and value is not None and values:
+        try:
+            left, right = int(value), int(values[0])
+        except ValueError:
+            return False
+        return left > right if operator == "Gt" else left < right
+    return False
+
+
+def gather_pools(slices: Sequence[Mapping[str, Any]], node: Node) -> list[Pool]:
+    """The pools `node` can allocate from, in the order the search visits them."""
+    for_node = [s for s in slices if s["spec"].get("nodeName") == node.name]
+    for_node += [s for s in slices if not s["spec"].get("nodeName")]
+    grouped: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for s in for_node:
+        spec = s["spec"]
+        if spec.get("nodeName") or spec.get("allNodes") or spec.get("nodeSelector") is not None:
+            relevant = node_matches(node, spec.get("nodeName"), bool(spec.get("allNodes")),
+                                    spec.get("nodeSelector"))
+        elif spec.get("perDeviceNodeSelection"):
+            relevant = any(node_matches(node, d.get("nodeName"), bool(d.get("allNodes")),
+                                        d.get("nodeSelector")) for d in spec.get("devices") or [])
+        else:
+            continue
+        if not relevant:
+            continue
+        key = (spec["driver"], spec["pool"]["name"])
+        known = grouped.get(key)
+        generation = spec["pool"].get("generation", 0)
+        if known is None or generation > known[0]["spec"]["pool"].get("generation", 0):
+            grouped[key] = [s]
+        elif generation == known[0]["spec"]["pool"].get("generation", 0):
+            known.append(s)
+    plain: list[Pool] = []
+    binding: list[Pool] = []
+    for (driver, name), pool_slices in grouped.items():
+        first = pool_slices[0]["spec"]["pool"]
+        everything: list[Mapping[str, Any]] | None = None
+        if len(pool_slices) != first["resourceSliceCount"]:
+            generation = first.get("generation", 0)
+            same = [s for s in slices if s["spec"]["driver"] == driver
+                    and s["spec"]["pool"]["name"] == name]
+            if any(s["spec"]["pool"].get("generation", 0) > generation for s in same):
+                continue  # obsolete: the driver is replacing this generation
+            everything = [s for s in same if s["spec"]["pool"].get("generation", 0) == generation]
+            if len(everything) != first["resourceSliceCount"]:
+                plain.append(Pool(driver, name, incomplete=True))
+                continue
+        pool = _build_pool(driver, name, pool_slices, everything or [], node)
+        has_binding = any(d.raw.get("bindingConditions") is not None for d in pool.devices)
+        (binding if has_binding else plain).append(pool)
+    plain.sort(key=lambda p: (p.driver, p.name))
+    binding.sort(key=lambda p: (p.driver, p.name))
+    return plain + binding
+
+
+def _build_pool(driver: str, name: str, pool_slices: list[Mapping[str, Any]],
+                everything: list[Mapping[str, Any]], node: Node) -> Pool:
+    pool = Pool(driver, name)
+    ordered = sorted(pool_slices, key=lambda s: s["metadata"]["name"])
+    taken = {s["metadata"]["name"] for s in ordered}
+    others = [s for s in everything if s["metadata"]["name"] not in taken]
+    device_slices = [s for s in ordered if not s["spec"].get("sharedCounters")]
+    counter_slices = [s for s in [*ordered, *others] if s["spec"].get("sharedCounters")]
+    other_device_slices = [s for s in others if not s["spec"].get("sharedCounters")]
+    seen: set[str] = set()
+    for s in device_slices:
+        for raw in s["spec"].get("devices") or []:
+            if raw["name"] in seen:
+                pool.invalid = f"duplicate device name {raw['name']}"
+                return pool
+            seen.add(raw["name"])
+    for s in counter_slices:
+        for counter_set in s["spec"]["sharedCounters"]:
+            if counter_set["name"] in pool.counters:
+                pool.invalid = f"duplicate counter set name {counter_set['name']}"
+                return pool
+            pool.counters[counter_set["name"]] = {
+                counter: parse_quantity(str(value["value"]))
+                for counter, value in (counter_set.get("counters") or {}).items()}
+    for s in [*device_slices, *other_device_slices]:
+        for raw in s["spec"].get("devices") or []:
+            for use in raw.get("consumesCounters") or []:
+                known = pool.counters.get(use["counterSet"])
+                if known is None:
+                    pool.invalid = f"counter set {use['counterSet']} not found"
+                    return pool
+                for counter in use.get("counters") or {}:
+                    if counter not in known:
+                        pool.invalid = f"counter {counter} not found in counter set " \
+                                       f"{use['counterSet']}"
+                        return pool
+    pool.devices = [_device(driver, name, s, raw, node)
+                    for s in device_slices for raw in s["spec"].get("devices") or []]
+    pool.elsewhere = [_device(driver, name, s, raw, node)
+                      for s in other_device_slices for raw in s["spec"].get("devices") or []]
+    return pool
+
+
+def _device(driver: str, pool: str, s: Mapping[str, Any], raw: Mapping[str, Any],
+            node: Node) -> Device:
+    consumes = tuple(
+        (use["counterSet"], counter, parse_quantity(str(value["value"])))
+        for use in raw.get("consumesCounters") or []
+        for counter, value in (use.get("counters") or {}).items())
+    node_ok = True
+    if s["spec"].get("perDeviceNodeSelection"):
+        node_ok = node_matches(node, raw.get("nodeName"), bool(raw.get("allNodes")),
+                               raw.get("nodeSelector"))
+    capacity = {key: parse_quantity(str(value["value"]))
+                for key, value in (raw.get("capacity") or {}).items()}
+    return Device(DeviceRef(driver, pool, raw["name"]), raw, s, capacity, consumes,
+                  bool(raw.get("consumesCounters")), bool(raw.get("allowMultipleAllocations")),
+                  node_ok)

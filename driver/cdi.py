@@ -1,0 +1,204 @@
+"""CDI specs: one per prepared claim, telling the container runtime what to inject.
+
+`build_spec` is a pure function of the prepared devices and the driver files found on the
+host; the rest writes and removes spec files. Conventions (spec-digest.md section 5):
+kind `k8s.<driver>/claim`, device names `<claimUID>-<device>` so a name is never reused
+(runtimes cache specs), one transient spec file `k8s.<driver>-claim_<claimUID>.json` per
+claim, and the lowest cdiVersion that covers the fields used, because a runtime with an
+older CDI library rejects versions it does not know.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from driver.atomicfile import remove_leftovers, write_atomically
+
+CLASS = "claim"
+VERSIONS = ("0.3.0", "0.4.0", "0.5.0", "0.6.0", "0.7.0", "0.8.0", "1.0.0", "1.1.0")
+LIBRARY_MOUNT_OPTIONS = ("ro", "nosuid", "nodev", "rbind", "rprivate")
+
+_VENDOR = re.compile(r"^[A-Za-z]([A-Za-z0-9_.-]*[A-Za-z0-9])?$")
+_CLASS = re.compile(r"^[A-Za-z]([A-Za-z0-9_.-]*[A-Za-z0-9])?$")
+_DEVICE_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?$")
+_UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+
+
+@dataclass(frozen=True)
+class DeviceNode:
+    """A character device to create in the container. `host_path` where it differs from
+    `path`; major/minor where the host file may not exist yet (MIG capability nodes, which
+    the driver creates on first use) so the runtime can create the node itself."""
+
+    path: str
+    host_path: str | None = None
+    major: int | None = None
+    minor: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        node: dict[str, Any] = {"path": self.path}
+        if self.host_path is not None and self.host_path != self.path:
+            node["hostPath"] = self.host_path
+        if self.major is not None and self.minor is not None:
+            node.update(type="c", major=self.major, minor=self.minor)
+        return node
+
+
+@dataclass(frozen=True)
+class Mount:
+    host_path: str
+    container_path: str
+
+
+@dataclass(frozen=True)
+class DriverFiles:
+    """What every container of a claim gets: control device nodes, the driver's user-space
+    libraries and tools, and the ldcache hook where the toolkit's hook binary exists."""
+
+    device_nodes: tuple[DeviceNode, ...]
+    mounts: tuple[Mount, ...] = ()
+    ldcache_folders: tuple[str, ...] = ()
+    hook: str | None = None  # host path of nvidia-cdi-hook
+
+
+@dataclass(frozen=True)
+class CdiDevice:
+    """One device of the spec: its name within the spec and the nodes it adds."""
+
+    name: str
+    device_nodes: tuple[DeviceNode, ...]
+
+
+def vendor(driver: str) -> str:
+    return f"k8s.{driver}"
+
+
+def kind(driver: str) -> str:
+    return f"{vendor(driver)}/{CLASS}"
+
+
+def device_name(claim_uid: str, device: str) -> str:
+    return f"{claim_uid}-{device}"
+
+
+def qualified_name(driver: str, name: str) -> str:
+    """What goes into the kubelet's cdi_device_ids: `<vendor>/<class>=<name>`."""
+    return f"{kind(driver)}={name}"
+
+
+def spec_file_name(driver: str, claim_uid: str) -> str:
+    return f"{vendor(driver)}-{CLASS}_{claim_uid}.json"
+
+
+def build_spec(driver: str, devices: Sequence[CdiDevice], files: DriverFiles) -> dict[str, Any]:
+    """The spec of one claim: common edits once, each device's nodes under its own name."""
+    edits: dict[str, Any] = {
+        "env": ["NVIDIA_VISIBLE_DEVICES=void"],  # keep a legacy NVIDIA hook from adding GPUs
+        "deviceNodes": [node.to_json() for node in files.device_nodes],
+    }
+    if files.mounts:
+        edits["mounts"] = [{"hostPath": m.host_path, "containerPath": m.container_path,
+                            "options": list(LIBRARY_MOUNT_OPTIONS)} for m in files.mounts]
+    if files.hook is not None and files.ldcache_folders:
+        args = ["nvidia-cdi-hook", "update-ldcache"]
+        for folder in files.ldcache_folders:
+            args += ["--folder", folder]
+        edits["hooks"] = [{"hookName": "createContainer", "path": files.hook, "args": args}]
+    spec: dict[str, Any] = {
+        "kind": kind(driver),
+        "devices": [{"name": d.name,
+                     "containerEdits": {"deviceNodes": [n.to_json() for n in d.device_nodes]}}
+                    for d in devices],
+        "containerEdits": edits,
+    }
+    return {"cdiVersion": minimum_version(spec), **spec}
+
+
+def minimum_version(spec: dict[str, Any]) -> str:
+    """The lowest cdiVersion that allows every field the spec uses (specs-go/version.go)."""
+    edits = [spec.get("containerEdits") or {}] + \
+        [d.get("containerEdits") or {} for d in spec.get("devices", [])]
+    needed = "0.3.0"
+
+    def need(version: str) -> None:
+        nonlocal needed
+        needed = max(needed, version, key=VERSIONS.index)
+
+    if any(m.get("type") for e in edits for m in e.get("mounts", [])):
+        need("0.4.0")
+    if any(n.get("hostPath") for e in edits for n in e.get("deviceNodes", [])) or \
+            any(d["name"][:1].isdigit() for d in spec.get("devices", [])):
+        need("0.5.0")
+    if spec.get("annotations") or any(d.get("annotations") for d in spec.get("devices", [])) \
+            or "." in spec["kind"].partition("/")[2]:
+        need("0.6.0")
+    if any(e.get("intelRdt") or e.get("additionalGids") for e in edits):
+        need("0.7.0")
+    if any(e.get("netDevices") for e in edits) or any(
+            "schemata" in (e.get("intelRdt") or {}) or "enableMonitoring" in
+            (e.get("intelRdt") or {}) for e in edits):
+        need("1.1.0")
+    return needed
+
+
+def spec_problems(spec: dict[str, Any]) -> list[str]:
+    """The CDI rules its JSON schema does not encode: kind and device name syntax, unique
+    names, a known cdiVersion at least the minimum the fields need."""
+    problems = []
+    version = spec.get("cdiVersion")
+    if version not in VERSIONS:
+        problems.append(f"cdiVersion: {version!r} is not a known CDI version")
+    elif VERSIONS.index(version) < VERSIONS.index(minimum_version(spec)):
+        problems.append(f"cdiVersion: {version} is lower than {minimum_version(spec)}, "
+                        "which the fields used need")
+    vendor_part, slash, class_part = str(spec.get("kind", "")).partition("/")
+    if not slash or not _VENDOR.match(vendor_part) or not _CLASS.match(class_part) or \
+            "/" in class_part:
+        problems.append(f"kind: {spec.get('kind')!r} is not <vendor>/<class>")
+    elif len(class_part) > 63 or len(vendor_part) > 253:
+        problems.append("kind: vendor longer than 253 or class longer than 63 characters")
+    names = [d.get("name", "") for d in spec.get("devices", [])]
+    if not names:
+        problems.append("devices: a spec needs at least one device")
+    for name in names:
+        if not _DEVICE_NAME.match(name):
+            problems.append(f"devices: {name!r} is not a valid CDI device name")
+    if len(set(names)) != len(names):
+        problems.append("devices: names are not unique")
+    return problems
+
+
+def write_spec(cdi_root: Path, driver: str, claim_uid: str, spec: dict[str, Any]) -> Path:
+    """Write atomically (temp file, rename) so a runtime never reads half a spec.
+
+    Not fsynced: a crash of the OS voids every preparation (boot id) and the next start
+    removes the specs of claims no longer prepared, so durability would buy nothing.
+    """
+    path = cdi_root / spec_file_name(driver, claim_uid)
+    write_atomically(path, json.dumps(spec, indent=1).encode(), durable=False)
+    return path
+
+
+def remove_spec(cdi_root: Path, driver: str, claim_uid: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        (cdi_root / spec_file_name(driver, claim_uid)).unlink()
+
+
+def claim_specs(cdi_root: Path, driver: str) -> dict[str, Path]:
+    """This driver's claim spec files under `cdi_root`, by claim UID, and removes the temp
+    files of writes that were killed."""
+    prefix = f"{vendor(driver)}-{CLASS}_"
+    remove_leftovers(cdi_root, prefix)
+    pattern = re.compile(re.escape(prefix) + f"({_UUID})" + r"\.json$")
+    found = {}
+    for path in cdi_root.glob(f"{prefix}*.json"):
+        match = pattern.match(path.name)
+        if match:
+            found[match.group(1)] = path
+    return found

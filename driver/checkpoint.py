@@ -1,0 +1,233 @@
+"""The plugin's record of what it prepared: one JSON file, written atomically.
+
+Kubelet asks to unprepare claims that may be gone from the API server, and after a crash
+the plugin must know what it half-did, so every claim's state is written down before and
+after its side effects. Rules that keep upgrades and downgrades working (NVIDIA's driver
+crash-looped on checkpoint changes):
+- no checksum over re-marshalled data; the write is atomic (temp file, fsync, rename,
+  fsync of the directory), so a torn file cannot happen;
+- fields this version does not know are kept, at every level, and written back;
+- fields are only ever added, with a meaning that does not change, and a reader defaults
+  a field that is missing; `schemaVersion` says which version wrote the file last;
+- the node's boot id is stored: after a reboot every preparation is void.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from driver.atomicfile import write_atomically
+
+SCHEMA_VERSION = 1
+BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
+
+State = Literal["PrepareStarted", "PrepareCompleted", "UnprepareStarted"]
+STATES: tuple[State, ...] = ("PrepareStarted", "PrepareCompleted", "UnprepareStarted")
+
+
+class CheckpointError(Exception):
+    """The checkpoint file cannot be read as a checkpoint; names the file and the field."""
+
+
+@dataclass(frozen=True)
+class MigInstance:
+    """A MIG device the plugin created (dynamic MIG); ids are None until created."""
+
+    profile_id: int
+    start: int
+    size: int
+    gi_id: int | None = None
+    ci_id: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class PreparedDevice:
+    """One allocation result as prepared: what the kubelet got back and what to undo."""
+
+    request_names: tuple[str, ...]
+    pool: str
+    device: str
+    cdi_device_ids: tuple[str, ...]
+    gpu_uuid: str
+    admin_access: bool = False
+    share_id: str | None = None
+    created_mig: MigInstance | None = None
+    timeslice: str | None = None  # the interval set on the GPU, reset at unprepare
+    config: dict[str, Any] | None = None  # the opaque config applied, as decoded
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class ClaimRecord:
+    uid: str
+    namespace: str
+    name: str
+    state: State
+    devices: tuple[PreparedDevice, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def with_state(self, state: State, devices: tuple[PreparedDevice, ...] | None = None
+                   ) -> ClaimRecord:
+        return replace(self, state=state, devices=self.devices if devices is None else devices)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    boot_id: str
+    claims: dict[str, ClaimRecord] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION  # as read; what the file was last written by
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def with_claims(self, claims: dict[str, ClaimRecord]) -> Checkpoint:
+        return replace(self, claims=claims)
+
+
+def read_boot_id(path: Path = BOOT_ID_PATH) -> str:
+    return path.read_text().strip()
+
+
+# -- encoding --------------------------------------------------------------------------
+
+def _mig_to_json(mig: MigInstance) -> dict[str, Any]:
+    out = {**mig.extra, "profileId": mig.profile_id, "start": mig.start, "size": mig.size}
+    if mig.gi_id is not None:
+        out["gpuInstanceId"] = mig.gi_id
+    if mig.ci_id is not None:
+        out["computeInstanceId"] = mig.ci_id
+    return out
+
+
+def _device_to_json(device: PreparedDevice) -> dict[str, Any]:
+    out: dict[str, Any] = {**device.extra, "requestNames": list(device.request_names),
+                           "pool": device.pool, "device": device.device,
+                           "cdiDeviceIDs": list(device.cdi_device_ids),
+                           "gpuUUID": device.gpu_uuid, "adminAccess": device.admin_access}
+    if device.share_id is not None:
+        out["shareID"] = device.share_id
+    if device.created_mig is not None:
+        out["createdMig"] = _mig_to_json(device.created_mig)
+    if device.timeslice is not None:
+        out["timeslice"] = device.timeslice
+    if device.config is not None:
+        out["config"] = device.config
+    return out
+
+
+def to_json(checkpoint: Checkpoint) -> dict[str, Any]:
+    return {**checkpoint.extra, "schemaVersion": SCHEMA_VERSION,
+            "nodeBootID": checkpoint.boot_id,
+            "claims": {uid: {**r.extra, "namespace": r.namespace, "name": r.name,
+                             "state": r.state, "devices": [_device_to_json(d) for d in r.devices]}
+                       for uid, r in sorted(checkpoint.claims.items())}}
+
+
+# -- decoding --------------------------------------------------------------------------
+
+_MIG_KEYS = {"profileId", "start", "size", "gpuInstanceId", "computeInstanceId"}
+_DEVICE_KEYS = {"requestNames", "pool", "device", "cdiDeviceIDs", "gpuUUID", "adminAccess",
+                "shareID", "createdMig", "timeslice", "config"}
+_CLAIM_KEYS = {"namespace", "name", "state", "devices"}
+_TOP_KEYS = {"schemaVersion", "nodeBootID", "claims"}
+
+
+class _Reader:
+    def __init__(self, file: str) -> None:
+        self.file = file
+
+    def fail(self, where: str, what: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {self.file}: {where}: {what}")
+
+    def take(self, obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str,
+             default: Any = ...) -> Any:
+        if key not in obj:
+            if default is ...:
+                raise self.fail(f"{where}.{key}", "missing")
+            return default
+        value = obj[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self.fail(f"{where}.{key}", f"unexpected {type(value).__name__}")
+        return value
+
+    def obj(self, value: Any, where: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(where, "not an object")
+        return value
+
+    def strings(self, obj: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
+        values = self.take(obj, key, list, where, default=[])
+        if not all(isinstance(v, str) for v in values):
+            raise self.fail(f"{where}.{key}", "not a list of strings")
+        return tuple(values)
+
+    def mig(self, value: Any, where: str) -> MigInstance:
+        obj = self.obj(value, where)
+        return MigInstance(
+            profile_id=self.take(obj, "profileId", int, where),
+            start=self.take(obj, "start", int, where), size=self.take(obj, "size", int, where),
+            gi_id=self.take(obj, "gpuInstanceId", int, where, default=None),
+            ci_id=self.take(obj, "computeInstanceId", int, where, default=None),
+            extra={k: v for k, v in obj.items() if k not in _MIG_KEYS})
+
+    def device(self, value: Any, where: str) -> PreparedDevice:
+        obj = self.obj(value, where)
+        mig = obj.get("createdMig")
+        return PreparedDevice(
+            request_names=self.strings(obj, "requestNames", where),
+            pool=self.take(obj, "pool", str, where), device=self.take(obj, "device", str, where),
+            cdi_device_ids=self.strings(obj, "cdiDeviceIDs", where),
+            gpu_uuid=self.take(obj, "gpuUUID", str, where),
+            admin_access=self.take(obj, "adminAccess", bool, where, default=False),
+            share_id=self.take(obj, "shareID", str, where, default=None),
+            created_mig=None if mig is None else self.mig(mig, f"{where}.createdMig"),
+            timeslice=self.take(obj, "timeslice", str, where, default=None),
+            config=self.take(obj, "config", dict, where, default=None),
+            extra={k: v for k, v in obj.items() if k not in _DEVICE_KEYS})
+
+    def claim(self, uid: str, value: Any, where: str) -> ClaimRecord:
+        obj = self.obj(value, where)
+        state = self.take(obj, "state", str, where)
+        if state not in STATES:
+            raise self.fail(f"{where}.state", f"unknown state {state!r}")
+        devices = self.take(obj, "devices", list, where, default=[])
+        return ClaimRecord(
+            uid=uid, namespace=self.take(obj, "namespace", str, where),
+            name=self.take(obj, "name", str, where), state=state,
+            devices=tuple(self.device(d, f"{where}.devices[{i}]") for i, d in enumerate(devices)),
+            extra={k: v for k, v in obj.items() if k not in _CLAIM_KEYS})
+
+    def checkpoint(self, data: Any) -> Checkpoint:
+        top = self.obj(data, "(top)")
+        claims = self.obj(top.get("claims", {}), "claims")
+        return Checkpoint(
+            boot_id=self.take(top, "nodeBootID", str, "(top)", default=""),
+            claims={uid: self.claim(uid, c, f"claims.{uid}") for uid, c in claims.items()},
+            schema_version=self.take(top, "schemaVersion", int, "(top)", default=0),
+            extra={k: v for k, v in top.items() if k not in _TOP_KEYS})
+
+
+def from_json(data: Any, file: str = "checkpoint") -> Checkpoint:
+    return _Reader(file).checkpoint(data)
+
+
+# -- the file --------------------------------------------------------------------------
+
+def load(path: Path) -> Checkpoint | None:
+    """The checkpoint at `path`, None if there is none yet."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"checkpoint {path}: not JSON: {err}") from None
+    return from_json(data, str(path))
+
+
+def save(path: Path, checkpoint: Checkpoint) -> None:
+    """Replace the file atomically and durably."""
+    write_atomically(path, json.dumps(to_json(checkpoint), indent=1).encode(), durable=True)

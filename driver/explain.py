@@ -1,0 +1,254 @@
+"""Why a claim does not fit on a node, with numbers, and the nearest change that would.
+
+    4 devices match class gpu.dra.dev; 2 are allocated (gpu-0 to default/train-a, ...)
+    matchAttribute gpu.dra.dev/nvlinkIsland leaves at most 2 in one value (0: 2, 1: 1);
+    value 0 has 2 allocated to default/train-a
+    nearest change: count 2 instead of 4
+
+Each reason is counted over the same per-device facts the allocator uses; each
+suggested change is checked by running the allocator on the changed claim.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from driver.allocator import Allocator, Mode
+from driver.allocator_input import Claim, InputError, Request, parse_claim
+from driver.allocator_ledger import Ledger
+from driver.allocator_model import AllocationError, consumed_capacity, selectable
+from driver.allocator_pools import Device, Node
+
+MAX_LISTED = 4
+
+
+@dataclass(frozen=True)
+class Explanation:
+    claim: str
+    node: str
+    fits: bool
+    reasons: tuple[str, ...]
+    nearest: tuple[str, ...]
+
+
+def explain(allocator: Allocator, claim: Claim, ledger: Ledger, node: str,
+            mode: Mode = "parity") -> Explanation:
+    outcome = allocator.allocate([claim], ledger, node, mode)
+    if outcome.status == "allocated":
+        devices = [r["device"] for r in outcome.allocations[0]["devices"]["results"]]
+        return Explanation(claim.key, node, True, (f"fits: {', '.join(devices)}",), ())
+    if outcome.status == "error":
+        return Explanation(claim.key, node, False, (f"error: {outcome.message}",), ())
+    reasons = list(_reasons(allocator, claim, ledger, Node(node)))
+    if outcome.status == "gave-up":
+        reasons.insert(0, outcome.message)
+    if not reasons:
+        reasons.append("each request has enough devices on its own, but no combination "
+                       "satisfies all requests and constraints together")
+    return Explanation(claim.key, node, False, tuple(reasons),
+                       tuple(_nearest(allocator, claim, ledger, node, mode)))
+
+
+def _reasons(allocator: Allocator, claim: Claim, ledger: Ledger, node: Node) -> list[str]:
+    model = allocator.model(node)
+    reasons = [f"pool {p} is {'incomplete' if p.incomplete else 'invalid: ' + p.invalid}"
+               for p in model.pools if not p.usable]
+    devices = model.devices
+    try:
+        problem = model.problem([claim], allocator.classes, ledger)
+    except AllocationError as err:
+        return [*reasons, str(err)]
+    free_of: dict[str, list[Device]] = {}
+    for group in claim.requests:
+        for request in group.alternatives:
+            free, line = _request_line(allocator, claim, request, devices, ledger, problem)
+            free_of[request.name] = free
+            reasons.append(line)
+    for constraint in claim.constraints:
+        # Across the requests it covers (firstAvailable: each one's first alternative).
+        covered = [g.alternatives[0] for g in claim.requests
+                   if constraint.applies(g.alternatives[0])]
+        free = list({d.ref: d for r in covered for d in free_of[r.name]}.values())
+        need = sum(len(free_of[r.name]) if r.all_devices else r.count for r in covered)
+        text = _constraint_line(constraint.kind, constraint.attribute, covered, need, free,
+                                devices, ledger, allocator, claim)
+        if text:
+            reasons.append(text)
+    return reasons
+
+
+def _request_line(allocator: Allocator, claim: Claim, request: Request, devices: list[Device],
+                  ledger: Ledger, problem: Any) -> tuple[list[Device], str]:
+    device_class = allocator.classes[request.class_name]
+    in_class = [d for d in devices
+                if selectable(claim.key, device_class, _bare(request), d) is True]
+    selected = [d for d in in_class if selectable(claim.key, device_class, request, d) is True]
+    parts = [f"request {request.name}: {len(in_class)} devices match class "
+             f"{request.class_name}"]
+    if request.selectors:
+        parts.append(f"its selectors leave {len(selected)}")
+    fitting = [d for d in selected if isinstance(consumed_capacity(claim.key, request, d), dict)]
+    if len(fitting) < len(selected):
+        parts.append(f"{len(selected) - len(fitting)} lack the requested capacity")
+    tainted = [d for d in fitting if d.untolerated_taint(request.tolerations)]
+    if tainted:
+        taint = tainted[0].untolerated_taint(request.tolerations) or {}
+        parts.append(f"{len(tainted)} tainted ({taint.get('key')}={taint.get('value', '')}:"
+                     f"{taint.get('effect')}, not tolerated)")
+    usable = [d for d in fitting if d not in tainted]
+    taken = [d for d in usable if d.ref in ledger.exclusive and not request.admin_access]
+    if taken:
+        owners = ", ".join(f"{d.ref.device} to {ledger.exclusive[d.ref]}"
+                           for d in taken[:MAX_LISTED])
+        more = f", {len(taken) - MAX_LISTED} more" if len(taken) > MAX_LISTED else ""
+        parts.append(f"{len(taken)} allocated ({owners}{more})")
+    index = {d.ref: i for i, d in enumerate(problem.devices)}
+    short = [d for d in usable if d not in taken and _short_of_counters(problem, index[d.ref])]
+    if short:
+        parts.append(f"{len(short)} short of shared counters "
+                     f"({_counter_owners(short, devices, ledger)})")
+    free = [d for d in usable if d not in taken and d not in short]
+    want = "all of them" if request.all_devices else str(request.count)
+    parts.append(f"{len(free)} free for {want}")
+    return free, "; ".join(parts)
+
+
+def _bare(request: Request) -> Request:
+    return replace(request, selectors=())
+
+
+def _short_of_counters(problem: Any, i: int) -> bool:
+    if not problem.counted[i]:
+        return False
+    if problem.multi[i] and problem.base_shared[i]:
+        return False
+    return problem.blocked[i] or any(amount > problem.counter_avail[k]
+                                     for k, amount in problem.dev_counters[i])
+
+
+def _counter_owners(short: list[Device], devices: list[Device], ledger: Ledger) -> str:
+    """Which allocated devices hold the counters the short devices need."""
+    wanted = {(s, c) for d in short for s, c, _ in d.consumes}
+    holders: Counter[str] = Counter()
+    for device in devices:
+        if ledger.allocated(device.ref) and any((s, c) in wanted for s, c, _ in device.consumes):
+            holders[f"{device.ref.device} ({ledger.owner(device.ref)})"] += 1
+    if not holders:
+        return "the counters are exhausted"
+    names = list(holders)[:MAX_LISTED]
+    return "held by " + ", ".join(names) + (", ..." if len(holders) > MAX_LISTED else "")
+
+
+def _constraint_line(kind: str, attribute: str, covered: list[Request], need: int,
+                     free: list[Device], devices: list[Device], ledger: Ledger,
+                     allocator: Allocator, claim: Claim) -> str:
+    values = Counter(_value(d, attribute) for d in free)
+    missing = values.pop(None, 0)
+    label = f"{'matchAttribute' if kind == 'match' else 'distinctAttribute'} {attribute}"
+    names = ", ".join(r.name for r in covered)
+    lack = f"; {missing} free devices lack it" if missing else ""
+    if kind == "match":
+        best = max(values.values(), default=0)
+        if best >= need:
+            return ""
+        by_value = ", ".join(f"{v}: {n}" for v, n in values.most_common(MAX_LISTED))
+        text = (f"{label} needs {need} devices with one value for {names}; free devices "
+                f"leave at most {best} in one value ({by_value or 'none'}){lack}")
+        matching = [d for d in devices if d.ref in ledger.exclusive and any(
+            selectable(claim.key, allocator.classes[r.class_name], r, d) is True for r in covered)]
+        held = Counter(_value(d, attribute) for d in matching)
+        held.pop(None, None)
+        for value, count in held.most_common(2):
+            owners = sorted({ledger.exclusive[d.ref] for d in matching
+                             if _value(d, attribute) == value})
+            text += (f"; value {value} has {count} allocated to "
+                     + ", ".join(owners[:MAX_LISTED]))
+        return text
+    if len(values) >= need:
+        return ""
+    return (f"{label} needs {need} distinct values for {names}; free devices have "
+            f"{len(values)}{lack}")
+
+
+def _value(device: Device, attribute: str) -> str | None:
+    value = device.attribute(attribute)
+    if not value:
+        return None
+    return str(next(iter(value.values())))
+
+
+def _nearest(allocator: Allocator, claim: Claim, ledger: Ledger, node: str,
+             mode: Mode) -> list[str]:
+    """Single changes, smallest first, that make the claim fit; each one checked."""
+    found: list[str] = []
+
+    def fits(raw: Mapping[str, Any], with_ledger: Ledger = ledger) -> bool:
+        try:
+            changed = parse_claim(raw, allocator.classes)
+        except InputError:
+            return False
+        return allocator.allocate([changed], with_ledger, node, mode).status == "allocated"
+
+    requests = claim.raw["spec"]["devices"].get("requests") or []
+    for i, raw in enumerate(requests):
+        exact = raw.get("exactly")
+        if exact and exact.get("allocationMode", "ExactCount") == "ExactCount":
+            count = exact.get("count", 1)
+            for smaller in range(count - 1, 0, -1):
+                edited = copy.deepcopy(claim.raw)
+                edited["spec"]["devices"]["requests"][i]["exactly"]["count"] = smaller
+                if fits(edited):
+                    found.append(f"request {raw['name']}: count {smaller} instead of {count}")
+                    break
+        if exact and exact.get("selectors"):
+            edited = copy.deepcopy(claim.raw)
+            del edited["spec"]["devices"]["requests"][i]["exactly"]["selectors"]
+            if fits(edited):
+                found.append(f"request {raw['name']}: without its selectors")
+    for j, constraint in enumerate(claim.raw["spec"]["devices"].get("constraints") or []):
+        edited = copy.deepcopy(claim.raw)
+        del edited["spec"]["devices"]["constraints"][j]
+        if fits(edited):
+            name = constraint.get("matchAttribute") or constraint.get("distinctAttribute")
+            kind = "matchAttribute" if "matchAttribute" in constraint else "distinctAttribute"
+            found.append(f"without constraint {kind} {name}")
+    for owner in ledger.claims():
+        lighter = ledger.copy()
+        lighter.remove(owner)
+        if fits(claim.raw, lighter):
+            found.append(f"after {owner} is released")
+            if len(found) >= 6:
+                break
+    for other in allocator.nodes():
+        if other != node and allocator.allocate([claim], ledger, other, mode).status \
+                == "allocated":
+            found.append(f"on node {other}")
+            break
+    return found
+
+
+def explain_all(allocator: Allocator, claims: Sequence[Claim], ledger: Ledger,
+                nodes: Sequence[str], mode: Mode = "parity") -> list[Explanation]:
+    """Claims in order, each seeing the allocations of the ones before it; a claim that
+    fits is placed on the first node where it fits, one that does not is explained on
+    every node."""
+    done: list[Explanation] = []
+    for claim in claims:
+        placed = None
+        for node in nodes:
+            outcome = allocator.allocate([claim], ledger, node, mode)
+            if outcome.status == "allocated":
+                ledger.add(claim.key, outcome.allocations[0]["devices"]["results"])
+                names = [r["device"] for r in outcome.allocations[0]["devices"]["results"]]
+                placed = Explanation(claim.key, node, True,
+                                     (f"fits: {', '.join(names)}",), ())
+                break
+        if placed is not None:
+            done.append(placed)
+            continue
+        done += [explain(allocator, claim, ledger, node, mode) for node in nodes]
+    return done

@@ -1,0 +1,1 @@
+"""The kubelet plugin: gRPC servers, prepare/unprepare state, life cycle."""

@@ -1,0 +1,190 @@
+"""`gpu-dra plugin`: the kubelet plugin's life cycle.
+
+Start: discovery; recovery from the checkpoint (void after a reboot, roll back half-done
+work, destroy stray dynamic MIG devices, remove orphan CDI specs); publish the slices;
+serve the DRA socket; then create the registration socket, so the kubelet never calls a
+plugin that is not ready. SIGTERM or SIGINT: remove the registration socket, refuse new
+calls, finish those in flight, remove the DRA socket; the slices stay (the kubelet wipes
+them if the plugin stays away) unless `cleanup` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from driver.checkpoint import BOOT_ID_PATH, read_boot_id
+from driver.claims import ApiClaimSource, ClaimSource, DirClaimSource
+from driver.discovery import discover
+from driver.metrics import Metrics
+from driver.nvml import Provider
+from driver.plugin.devices import device_index
+from driver.plugin.driverfiles import driver_files, host_devices
+from driver.plugin.mig import MigManager
+from driver.plugin.servers import KUBELET_CALL_TIMEOUT, Servers
+from driver.plugin.sharing import timeslicer
+from driver.plugin.state import PluginState
+from driver.slices import CounterLayout, MigMode, SliceOptions
+
+if TYPE_CHECKING:
+    from driver.publish import LayoutChoice, Publisher
+
+log = logging.getLogger(__name__)
+
+# How long start-up waits for the API server before serving without published slices.
+START_PUBLISH_TIMEOUT = 20.0
+
+
+@dataclass(frozen=True)
+class PluginOptions:
+    driver: str
+    node: str
+    registry_dir: Path
+    plugin_dir: Path
+    cdi_root: Path
+    driver_root: Path = Path("/")
+    host_driver_root: Path | None = None  # default: driver_root
+    mig_mode: MigMode = "static"
+    counter_layout: LayoutChoice = "auto"  # auto: by the API server's version; local: split
+    local_dir: Path | None = None
+    kubeconfig: Path | None = None
+    health_port: int | None = None
+    metrics_port: int | None = None
+    cleanup: bool = False
+    cdi_hook: Path | None = None
+    boot_id_path: Path = BOOT_ID_PATH
+    proc_devices: Path = Path("/proc/devices")
+
+    @property
+    def dra_socket(self) -> Path:
+        return self.plugin_dir / "dra.sock"
+
+    @property
+    def registration_socket(self) -> Path:
+        return self.registry_dir / f"{self.driver}-reg.sock"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.plugin_dir / "checkpoint.json"
+
+
+def _api_client(kubeconfig: Path | None) -> Any:
+    from kubernetes import client, config
+
+    if kubeconfig is not None:
+        return config.new_client_from_config(str(kubeconfig))
+    config.load_incluster_config()
+    return client.ApiClient()
+
+
+class Plugin:
+    """The running plugin; `start` and `stop` are separate so tests can drive it in-process."""
+
+    def __init__(self, options: PluginOptions, provider: Provider,
+                 publisher: Publisher | None = None, claims: ClaimSource | None = None) -> None:
+        self.options = options
+        self.provider = provider
+        self.metrics = Metrics()
+        self._publisher = publisher
+        self._claims = claims
+        self._resync_stop = threading.Event()
+        self.state: PluginState | None = None
+        self.servers: Servers | None = None
+        self.probe_port: int | None = None
+
+    def _sources(self) -> tuple[Publisher, ClaimSource]:
+        """Local directory or API server, unless the caller gave its own."""
+        o = self.options
+        if self._publisher is not None and self._claims is not None:
+            return self._publisher, self._claims
+        from driver.publish import ApiPublisher, DirPublisher
+
+        if o.local_dir is not None:
+            layout: CounterLayout = "split" if o.counter_layout == "auto" else o.counter_layout
+            publisher: Publisher = DirPublisher(o.local_dir, SliceOptions(
+                o.driver, o.node, o.mig_mode, layout))
+            claims: ClaimSource = DirClaimSource(o.local_dir)
+        else:
+            api = _api_client(o.kubeconfig)
+            api_publisher = ApiPublisher(api, o.driver, o.node, o.mig_mode, o.counter_layout)
+            threading.Thread(target=api_publisher.run_resync, args=(self._resync_stop,),
+                             name="publish-resync", daemon=True).start()
+            publisher, claims = api_publisher, ApiClaimSource(api)
+        return self._publisher or publisher, self._claims or claims
+
+    def start(self) -> None:
+        o = self.options
+        if o.metrics_port is not None:
+            self.metrics.serve(o.metrics_port)
+        inventory = discover(self.provider)
+        log.info("discovered %d GPUs (driver %s)", len(inventory.gpus), inventory.driver_version)
+        self.provider.nvml.nvmlInit()  # one NVML session for MIG changes, until stop
+        index = device_index(inventory, o.mig_mode)
+        host_root = o.host_driver_root or o.driver_root
+        devices = host_devices(o.driver_root, host_root, o.proc_devices)
+        publisher, claims = self._sources()
+        self._publisher = publisher
+        for directory in (o.plugin_dir, o.cdi_root):
+            directory.mkdir(parents=True, exist_ok=True)
+        self.state = PluginState(
+            driver=o.driver, pool=o.node, inventory=inventory, index=index, claims=claims,
+            cdi_root=o.cdi_root, files=driver_files(o.driver_root, host_root, devices,
+                                                    o.cdi_hook),
+            devices=devices, host=self.provider.host, mig=MigManager(self.provider),
+            timeslicer=timeslicer(self.provider, o.driver_root),
+            checkpoint_path=o.checkpoint_path, boot_id=read_boot_id(o.boot_id_path),
+            metrics=self.metrics, dynamic_mig=o.mig_mode == "dynamic")
+        self.state.recover()
+        from driver.publish import PublishTimeout  # the kubernetes client loads lazily
+
+        try:
+            result = publisher.publish(inventory, timeout=START_PUBLISH_TIMEOUT)
+            self.metrics.slice_writes.inc(result.writes)
+        except PublishTimeout as err:
+            # Serving matters more: the kubelet may need to unprepare what we prepared
+            # before. The resync loop publishes as soon as the API server answers.
+            log.warning("serving before the ResourceSlices are published: %s", err)
+        self.metrics.published.set(len(index))
+        self.servers = Servers(
+            state=self.state, metrics=self.metrics, driver=o.driver, pool=o.node, index=index,
+            dra_socket=o.dra_socket, registration_socket=o.registration_socket)
+        if o.health_port is not None:
+            self.probe_port = self.servers.start_probe(o.health_port)
+        self.servers.start()
+
+    def stop(self, grace: float = KUBELET_CALL_TIMEOUT) -> None:
+        if self.servers is not None:
+            self.servers.stop(grace)
+        self._resync_stop.set()
+        if self.options.cleanup and self._publisher is not None:
+            removed = self._publisher.cleanup()
+            log.info("removed this node's ResourceSlices (%s)", removed)
+        if self.state is not None:
+            self.state.close()
+            self.provider.nvml.nvmlShutdown()
+
+
+def run(options: PluginOptions, provider: Provider) -> int:
+    """Run until SIGTERM or SIGINT; the exit code."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    plugin = Plugin(options, provider)
+    try:
+        plugin.start()
+        log.info("plugin %s ready on node %s", options.driver, options.node)
+        while not stop.wait(3600):
+            pass
+    finally:
+        plugin.stop()
+    return 0

@@ -1,0 +1,156 @@
+"""Dynamic MIG: create a MIG device at an exact placement, and destroy it, through NVML.
+
+One lock per GPU serializes MIG changes on that GPU (NVML reconfigures the whole GPU's
+partition table); different GPUs change in parallel. A MIG device is one GPU instance at
+the published placement plus one compute instance spanning it. A creation that fails
+half-way destroys what it made before raising. A device is found again by its placement,
+which identifies a GPU instance uniquely on its GPU, so destroying works from a plan
+recorded before creation as well as from a finished record.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import pynvml
+
+from driver.inventory import Gpu, MigProfile, Placement
+from driver.nvml import Provider
+
+log = logging.getLogger(__name__)
+
+# The compute-instance profiles by size, largest first: the one whose slice count equals
+# the GPU instance's spans it.
+_CI_PROFILES = (pynvml.NVML_COMPUTE_INSTANCE_PROFILE_8_SLICE,
+                pynvml.NVML_COMPUTE_INSTANCE_PROFILE_7_SLICE,
+                pynvml.NVML_COMPUTE_INSTANCE_PROFILE_6_SLICE,
+                pynvml.NVML_COMPUTE_INSTANCE_PROFILE_4_SLICE,
+                pynvml.NVML_COMPUTE_INSTANCE_PROFILE_3_SLICE,
+                pynvml.NVML_COMPUTE_INSTANCE_PROFILE_2_SLICE,
+                pynvml.NVML_COMPUTE_INSTANCE_PROFILE_1_SLICE)
+_MAX_INSTANCES = 8  # GPU instances of one profile, or compute instances of one GPU instance
+_GONE = (pynvml.NVML_ERROR_NOT_FOUND, pynvml.NVML_ERROR_INVALID_ARGUMENT)
+
+
+class MigFailure(Exception):
+    """NVML refused a MIG change; the message names the GPU, profile and placement."""
+
+
+@dataclass(frozen=True)
+class CreatedMig:
+    gi_id: int
+    ci_id: int
+
+
+@dataclass(frozen=True)
+class LiveInstance:
+    profile_id: int
+    start: int
+    gi_id: int
+
+
+class MigManager:
+    def __init__(self, provider: Provider) -> None:
+        self.nvml = provider.nvml
+        self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._locks_mutex = threading.Lock()
+
+    def _lock(self, gpu_uuid: str) -> threading.Lock:
+        with self._locks_mutex:
+            return self._locks[gpu_uuid]
+
+    def create(self, gpu: Gpu, profile: MigProfile, placement: Placement) -> CreatedMig:
+        what = f"MIG {profile.name} at {placement.start}:{placement.size} on {gpu.uuid}"
+        nvml = self.nvml
+        with self._lock(gpu.uuid):
+            try:
+                device = nvml.nvmlDeviceGetHandleByUUID(gpu.uuid)
+                gi = nvml.nvmlDeviceCreateGpuInstanceWithPlacement(
+                    device, profile.id, ctypes.byref(
+                        pynvml.c_nvmlGpuInstancePlacement_t(placement.start, placement.size)))
+            except pynvml.NVMLError as err:
+                raise MigFailure(f"cannot create {what}: {err}") from None
+            ci = None
+            try:
+                gi_id = nvml.nvmlGpuInstanceGetInfo(gi).id
+                ci = nvml.nvmlGpuInstanceCreateComputeInstance(
+                    gi, self._full_ci_profile(gi, profile))
+                ci_id = nvml.nvmlComputeInstanceGetInfo(ci).id
+            except pynvml.NVMLError as err:
+                self._undo(gi, ci, what)
+                raise MigFailure(f"cannot create the compute instance of {what}: {err}") \
+                    from None
+        log.info("created %s: GPU instance %d, compute instance %d", what, gi_id, ci_id)
+        return CreatedMig(gi_id, ci_id)
+
+    def _full_ci_profile(self, gi: Any, profile: MigProfile) -> int:
+        for index in _CI_PROFILES:
+            try:
+                info = self.nvml.nvmlGpuInstanceGetComputeInstanceProfileInfo(
+                    gi, index, pynvml.NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED)
+            except pynvml.NVMLError:
+                continue
+            if info.sliceCount == profile.slice_count:
+                return int(info.id)
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+
+    def _undo(self, gi: Any, ci: Any, what: str) -> None:
+        try:
+            if ci is not None:
+                self.nvml.nvmlComputeInstanceDestroy(ci)
+            self.nvml.nvmlGpuInstanceDestroy(gi)
+        except pynvml.NVMLError as err:  # the start-up sweep destroys it on the next start
+            log.error("cannot roll back the half-created %s: %s", what, err)
+
+    def destroy(self, gpu_uuid: str, profile_id: int, start: int) -> bool:
+        """Destroy the MIG device at this placement (its compute instances, then the GPU
+        instance); False when there is none, which is success for a rollback."""
+        nvml = self.nvml
+        with self._lock(gpu_uuid):
+            try:
+                device = nvml.nvmlDeviceGetHandleByUUID(gpu_uuid)
+                gi = next((gi for gi in self._gpu_instances(device, profile_id)
+                           if nvml.nvmlGpuInstanceGetInfo(gi).placement.start == start), None)
+                if gi is None:
+                    return False
+                for ci_id in range(_MAX_INSTANCES):
+                    try:
+                        ci = nvml.nvmlGpuInstanceGetComputeInstanceById(gi, ci_id)
+                    except pynvml.NVMLError as err:
+                        if err.value in _GONE:
+                            continue
+                        raise
+                    nvml.nvmlComputeInstanceDestroy(ci)
+                nvml.nvmlGpuInstanceDestroy(gi)
+            except pynvml.NVMLError as err:
+                raise MigFailure(f"cannot destroy the MIG device of profile {profile_id} at "
+                                 f"{start} on {gpu_uuid}: {err}") from None
+        log.info("destroyed the MIG device of profile %d at %d on %s", profile_id, start,
+                 gpu_uuid)
+        return True
+
+    def _gpu_instances(self, device: Any, profile_id: int) -> list[Any]:
+        buffer = (pynvml.c_nvmlGpuInstance_t * _MAX_INSTANCES)()
+        count = ctypes.c_uint(0)
+        self.nvml.nvmlDeviceGetGpuInstances(device, profile_id, buffer, ctypes.byref(count))
+        return [buffer[i] for i in range(count.value)]
+
+    def live(self, gpu: Gpu) -> list[LiveInstance]:
+        """Every GPU instance on the GPU, of any profile it offers."""
+        nvml = self.nvml
+        found = []
+        with self._lock(gpu.uuid):
+            try:
+                device = nvml.nvmlDeviceGetHandleByUUID(gpu.uuid)
+                for profile in gpu.mig_profiles:
+                    for gi in self._gpu_instances(device, profile.id):
+                        info = nvml.nvmlGpuInstanceGetInfo(gi)
+                        found.append(LiveInstance(profile.id, info.placement.start, info.id))
+            except pynvml.NVMLError as err:
+                raise MigFailure(f"cannot list the MIG devices of {gpu.uuid}: {err}") from None
+        return found

@@ -1,0 +1,255 @@
+"""The plugin's gRPC servers: the DRA socket, the registration socket, and the TCP probe.
+
+The DRA socket serves DRAPlugin v1 and v1beta1 (one implementation; v1beta1 only lacks
+share_id) and the resource-health stream in v1 and v1alpha1. The registration socket
+answers the kubelet's plugin watcher. The TCP health service answers probes by calling
+the plugin's own sockets, so a deleted or wedged socket fails the probe and the pod is
+restarted, instead of a kubelet silently losing the plugin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from driver._proto.dra_v1 import api_pb2 as dra_v1
+from driver._proto.dra_v1 import api_pb2_grpc as dra_v1_grpc
+from driver._proto.dra_v1beta1 import api_pb2 as dra_v1beta1
+from driver._proto.dra_v1beta1 import api_pb2_grpc as dra_v1beta1_grpc
+from driver._proto.drahealth_v1 import api_pb2 as health_v1
+from driver._proto.drahealth_v1 import api_pb2_grpc as health_v1_grpc
+from driver._proto.drahealth_v1alpha1 import api_pb2 as health_v1alpha1
+from driver._proto.drahealth_v1alpha1 import api_pb2_grpc as health_v1alpha1_grpc
+from driver._proto.pluginregistration_v1 import api_pb2 as reg_v1
+from driver._proto.pluginregistration_v1 import api_pb2_grpc as reg_v1_grpc
+from driver.claims import ClaimRef
+from driver.metrics import Metrics
+from driver.plugin.devices import Target
+from driver.plugin.state import Outcome, PluginState
+
+log = logging.getLogger(__name__)
+
+# What GetInfo advertises, newest first: kubelets pick the first they know.
+SERVICES = ("v1.DRAPlugin", "v1beta1.DRAPlugin", "v1.DRAResourceHealth",
+            "v1alpha1.DRAResourceHealth")
+KUBELET_CALL_TIMEOUT = 45.0  # the kubelet's per-call deadline
+ANSWER_MARGIN = 3.0  # answer this long before the caller's deadline
+HEALTH_RESEND = 10.0  # the kubelet marks a device Unknown after 30 s without a report
+PROBE_TIMEOUT = 1.0
+DRA_WORKERS = 16  # prepare/unprepare calls and the (long-lived) health streams
+
+
+class DraServicer:
+    """NodePrepareResources and NodeUnprepareResources for one API version."""
+
+    def __init__(self, state: PluginState, metrics: Metrics, pb: ModuleType,
+                 share_ids: bool, stopping: threading.Event) -> None:
+        self.state = state
+        self.metrics = metrics
+        self.pb = pb
+        self.share_ids = share_ids
+        self.stopping = stopping
+
+    def _refuse_when_stopping(self, context: grpc.ServicerContext) -> None:
+        """Once deregistration began, a new call is refused, not started: the server's
+        grace period is for the calls already in flight."""
+        if self.stopping.is_set():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the plugin is shutting down")
+
+    @staticmethod
+    def _deadline(context: grpc.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        budget = KUBELET_CALL_TIMEOUT if remaining is None else min(remaining,
+                                                                    KUBELET_CALL_TIMEOUT)
+        return time.monotonic() + max(0.0, budget - ANSWER_MARGIN)
+
+    @staticmethod
+    def _refs(request: Any) -> list[ClaimRef]:
+        return [ClaimRef(c.namespace, c.name, c.uid) for c in request.claims]
+
+    def NodePrepareResources(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._refuse_when_stopping(context)
+        started = time.monotonic()
+        outcomes = self.state.prepare(self._refs(request), self._deadline(context))
+        response = self.pb.NodePrepareResourcesResponse()
+        for uid, outcome in outcomes.items():
+            self._prepared(response.claims[uid], outcome)
+        self.metrics.latency.labels("prepare").observe(time.monotonic() - started)
+        return response
+
+    def _prepared(self, entry: Any, outcome: Outcome) -> None:
+        entry.SetInParent()  # an empty entry is success with no devices
+        if outcome.error is not None:
+            entry.error = outcome.error
+            return
+        for device in outcome.devices:
+            added = entry.devices.add(request_names=device.request_names,
+                                      pool_name=device.pool, device_name=device.device,
+                                      cdi_device_ids=device.cdi_device_ids)
+            if self.share_ids and device.share_id is not None:
+                added.share_id = device.share_id
+
+    def NodeUnprepareResources(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._refuse_when_stopping(context)
+        started = time.monotonic()
+        outcomes = self.state.unprepare(self._refs(request), self._deadline(context))
+        response = self.pb.NodeUnprepareResourcesResponse()
+        for uid, outcome in outcomes.items():
+            entry = response.claims[uid]
+            entry.SetInParent()
+            if outcome.error is not None:
+                entry.error = outcome.error
+        self.metrics.latency.labels("unprepare").observe(time.monotonic() - started)
+        return response
+
+
+class HealthStreamServicer:
+    """NodeWatchResources: the complete device list with its health, re-sent until the
+    stream or the plugin ends."""
+
+    def __init__(self, pool: str, index: dict[str, Target], pb: ModuleType,
+                 stopping: threading.Event) -> None:
+        self.pool = pool
+        self.index = index
+        self.pb = pb
+        self.stopping = stopping
+
+    def _report(self) -> Any:
+        now = int(time.time())
+        response = self.pb.NodeWatchResourcesResponse()
+        for name, target in sorted(self.index.items()):
+            health = self.pb.HEALTHY if target.gpu.healthy else self.pb.UNHEALTHY
+            response.devices.add(device=self.pb.DeviceIdentifier(pool_name=self.pool,
+                                                                 device_name=name),
+                                 health=health, last_updated_time=now,
+                                 message=(target.gpu.health_error or "")[:1024])
+        return response
+
+    def NodeWatchResources(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        while context.is_active() and not self.stopping.is_set():
+            yield self._report()
+            self.stopping.wait(HEALTH_RESEND)
+
+
+class RegistrationServicer:
+    def __init__(self, driver: str, endpoint: Path) -> None:
+        self.driver = driver
+        self.endpoint = endpoint
+        self.registered = threading.Event()
+
+    def GetInfo(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return reg_v1.PluginInfo(type="DRAPlugin", name=self.driver, endpoint=str(self.endpoint),
+                                 supported_versions=list(SERVICES))
+
+    def NotifyRegistrationStatus(self, request: Any, context: grpc.ServicerContext) -> Any:
+        if request.plugin_registered:
+            log.info("the kubelet registered the plugin")
+            self.registered.set()
+        else:
+            log.error("the kubelet refused the plugin: %s; still serving, it retries when the "
+                      "registration socket is created again", request.error)
+        return reg_v1.RegistrationStatusResponse()
+
+
+class ProbeServicer(health_pb2_grpc.HealthServicer):
+    """grpc.health.v1 Check for the pod's probes: SERVING when both sockets answer."""
+
+    def __init__(self, registration_socket: Path, dra_socket: Path) -> None:
+        self.ready = threading.Event()
+        self._registration_socket = registration_socket
+        self._dra_socket = dra_socket
+
+    def Check(self, request: Any, context: grpc.ServicerContext) -> Any:
+        status = health_pb2.HealthCheckResponse
+        if not self.ready.is_set():
+            return status(status=status.NOT_SERVING)
+        try:
+            with grpc.insecure_channel(f"unix://{self._registration_socket}") as channel:
+                reg_v1_grpc.RegistrationStub(channel).GetInfo(reg_v1.InfoRequest(),
+                                                              timeout=PROBE_TIMEOUT)
+            with grpc.insecure_channel(f"unix://{self._dra_socket}") as channel:
+                dra_v1_grpc.DRAPluginStub(channel).NodePrepareResources(
+                    dra_v1.NodePrepareResourcesRequest(), timeout=PROBE_TIMEOUT)
+        except grpc.RpcError as err:
+            log.warning("health probe: a plugin socket does not answer: %s", err.code())
+            return status(status=status.NOT_SERVING)
+        return status(status=status.SERVING)
+
+
+def _bind_unix(server: grpc.Server, path: Path) -> None:
+    """Replace a stale socket left by a killed plugin, then listen."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    server.add_insecure_port(f"unix://{path}")
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+class Servers:
+    """Start order: DRA socket, then the registration socket (the kubelet dials the DRA
+    endpoint as soon as it registers). Stop order: the other way round."""
+
+    def __init__(self, *, state: PluginState, metrics: Metrics, driver: str, pool: str,
+                 index: dict[str, Target], dra_socket: Path, registration_socket: Path) -> None:
+        self.dra_socket = dra_socket
+        self.registration_socket = registration_socket
+        self.stopping = threading.Event()
+        self.registration = RegistrationServicer(driver, dra_socket)
+        self.probe = ProbeServicer(registration_socket, dra_socket)
+        self._dra = grpc.server(ThreadPoolExecutor(DRA_WORKERS, thread_name_prefix="dra"))
+        dra_v1_grpc.add_DRAPluginServicer_to_server(
+            DraServicer(state, metrics, dra_v1, share_ids=True, stopping=self.stopping),
+            self._dra)
+        dra_v1beta1_grpc.add_DRAPluginServicer_to_server(
+            DraServicer(state, metrics, dra_v1beta1, share_ids=False, stopping=self.stopping),
+            self._dra)
+        health_v1_grpc.add_DRAResourceHealthServicer_to_server(
+            HealthStreamServicer(pool, index, health_v1, self.stopping), self._dra)
+        health_v1alpha1_grpc.add_DRAResourceHealthServicer_to_server(
+            HealthStreamServicer(pool, index, health_v1alpha1, self.stopping), self._dra)
+        self._registration = grpc.server(ThreadPoolExecutor(2, thread_name_prefix="reg"))
+        reg_v1_grpc.add_RegistrationServicer_to_server(self.registration, self._registration)
+        self._probe: grpc.Server | None = None
+
+    def start_probe(self, port: int, address: str = "[::]") -> int:
+        """The grpc.health.v1 service on TCP (NOT_SERVING until `ready`); returns the port."""
+        self._probe = grpc.server(ThreadPoolExecutor(2, thread_name_prefix="probe"))
+        health_pb2_grpc.add_HealthServicer_to_server(self.probe, self._probe)
+        bound = self._probe.add_insecure_port(f"{address}:{port}")
+        self._probe.start()
+        return bound
+
+    def start(self) -> None:
+        _bind_unix(self._dra, self.dra_socket)
+        self._dra.start()
+        _bind_unix(self._registration, self.registration_socket)
+        self._registration.start()
+        self.probe.ready.set()
+        log.info("serving %s on %s; registration socket %s", ", ".join(SERVICES),
+                 self.dra_socket, self.registration_socket)
+
+    def stop(self, grace: float) -> None:
+        """Deregister first, then refuse new calls and let those in flight finish."""
+        self.probe.ready.clear()
+        self.stopping.set()  # refuses new DRA calls, ends the health streams
+        _remove(self.registration_socket)
+        self._registration.stop(0)
+        self._dra.stop(grace).wait()
+        _remove(self.dra_socket)
+        if self._probe is not None:
+            self._probe.stop(0)

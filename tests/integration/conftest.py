@@ -1,0 +1,23 @@
+"""Fixtures of the plugin's integration tests: a node folder and a plugin starter."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.plugin import Node, Start, plugins, short_tmp
+
+
+@pytest.fixture
+def node() -> Iterator[Node]:
+    """A fresh node: registry, plugin data, CDI and local-mode folders under a short path
+    (unix socket paths must stay under 108 bytes)."""
+    with short_tmp() as root:
+        yield Node(root)
+
+
+@pytest.fixture
+def start(node: Node) -> Iterator[Start]:
+    with plugins(node) as start_:
+        yield start_

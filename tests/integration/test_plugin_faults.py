@@ -1,0 +1,213 @@
+"""The plugin as a real process (`gpu-dra plugin --mock ...`): killed with SIGKILL at random
+points while it prepares a dynamic MIG claim, it converges after every restart; SIGTERM
+shuts it down cleanly; a damaged checkpoint stops it with one clear line; a checkpoint of
+another schema version is read and its unknown fields kept."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from driver import cdi, checkpoint
+from tests.support.forkserver import ForkServer
+from tests.support.plugin import (
+    DRIVER,
+    Claim,
+    Kubelet,
+    Node,
+    cdi_problems,
+    cdi_specs,
+    live_mig,
+    make_claim,
+    mig_profile,
+    result,
+    wait_for_socket,
+)
+
+KILLS = 50
+# Dynamic MIG devices of the one H100 (h100-80gb-hbm3, MIG on) to prepare in turn: GI
+# profile id and placement start.
+DEVICES = {"gpu-0-mig-1g10gb-5": (19, 5), "gpu-0-mig-2g20gb-2": (14, 2),
+           "gpu-0-mig-3g40gb-4": (9, 4), "gpu-0-mig-7g80gb-0": (0, 0)}
+GPU0 = "GPU-38ab404c-3055-5622-b266-e2d6fb39931a"
+
+
+class Daemon:
+    """`gpu-dra <args>` in a child process (spawned, or forked by a fork server for a fast
+    start), and a kubelet client of its sockets."""
+
+    def __init__(self, node: Node, args: list[str], forks: ForkServer | None = None) -> None:
+        self.node = node
+        node.registration_socket.unlink(missing_ok=True)  # a killed plugin's
+        log = node.root / "plugin.log"
+        if forks is not None:
+            self.pid = forks.run(args, log)
+            self._wait: Callable[[], int] = lambda: forks.wait(self.pid)
+        else:
+            with open(log, "ab") as out:
+                proc = subprocess.Popen([sys.executable, "-m", "driver.cli", *args],
+                                        stdout=out, stderr=subprocess.STDOUT)
+            self.pid = proc.pid
+            self._wait = lambda: proc.wait(30)
+        try:
+            wait_for_socket(node.registration_socket)
+        except AssertionError:
+            self.stop(signal.SIGKILL)
+            raise AssertionError(f"the plugin did not start:\n{self.output()}") from None
+        self.kubelet = Kubelet(node.dra_socket, node.registration_socket)
+        self.kubelet.get_info(timeout=10, wait_for_ready=True)  # the file precedes listen()
+
+    def output(self) -> str:
+        return (self.node.root / "plugin.log").read_text(errors="replace")[-4000:]
+
+    def send(self, sig: int) -> int:
+        """Send `sig`; the exit code once the process has ended."""
+        os.kill(self.pid, sig)
+        return self._wait()
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        code = self.send(sig)
+        if hasattr(self, "kubelet"):
+            self.kubelet.close()
+        return code
+
+
+def dynamic_daemon(node: Node, profile: Path, forks: ForkServer) -> Daemon:
+    return Daemon(node, node.cli_args(str(profile), "--mig-mode", "dynamic",
+                                      "--mock-state", str(node.mock_state)), forks)
+
+
+def converged(node: Node, claim: Claim, placement: tuple[int, int]) -> str:
+    """Check the node after a restart; returns 'prepared' or 'rolled back'."""
+    loaded = checkpoint.load(node.checkpoint)  # readable, or this raises
+    assert loaded is not None
+    record = loaded.claims.get(claim.uid)
+    leftovers = [p for d in (node.cdi, node.plugin_dir) for p in d.iterdir()
+                 if p.name.endswith(".tmp")]
+    assert leftovers == []
+    specs = cdi_specs(node.cdi)
+    if record is None:
+        assert live_mig(node.mock_state) == {}
+        assert specs == {}
+        return "rolled back"
+    assert record.state == "PrepareCompleted"
+    assert live_mig(node.mock_state) == {GPU0: [(*placement, 1)]}
+    assert set(specs) == {claim.uid} and cdi_problems(specs[claim.uid]) == []
+    return "prepared"
+
+
+@pytest.fixture(scope="module")
+def forks() -> Iterator[ForkServer]:
+    server = ForkServer()
+    yield server
+    server.close()
+
+
+def test_sigkill_while_preparing_dynamic_mig_always_converges(node: Node,
+                                                              forks: ForkServer) -> None:
+    profile = mig_profile(node.root / "mig.yaml", base="h100-80gb-hbm3", gpus=(0,))
+    seed = int(os.environ.get("FAULT_SEED", time.time_ns() % 100000))
+    rng = random.Random(seed)
+    daemon = dynamic_daemon(node, profile, forks)
+    # how long one preparation takes: the window the kills are spread over
+    calibration = make_claim(node.local, [result("gpu-0-mig-1g10gb-0")])
+    began = time.perf_counter()
+    daemon.kubelet.prepare([calibration])
+    window = (time.perf_counter() - began) * 1.5
+    daemon.kubelet.unprepare([calibration])
+    outcomes: Counter[str] = Counter()
+    names = list(DEVICES)
+    for i in range(KILLS):
+        device = names[i % len(names)]
+        claim = make_claim(node.local, [result(device, request="mig")])
+        # the kubelet's call, sent without waiting for the answer
+        pending = daemon.kubelet.v1.NodePrepareResources.future(_request(claim), timeout=45)
+        time.sleep(rng.uniform(0, window))
+        assert daemon.send(signal.SIGKILL) == -signal.SIGKILL
+        failure = pending.exception(timeout=10)  # answered before the kill, or cut off
+        acknowledged = failure is None and pending.result().claims[claim.uid].error == ""
+        daemon.kubelet.close()
+        daemon = dynamic_daemon(node, profile, forks)
+        outcome = converged(node, claim, DEVICES[device])
+        assert outcome == "prepared" or not acknowledged, "an answered prepare was lost"
+        outcomes[outcome] += 1
+        if outcome == "prepared":
+            assert daemon.kubelet.unprepare([claim]) == {claim.uid: ""}
+        assert live_mig(node.mock_state) == {}, f"kill {i} (seed {seed})"
+    assert daemon.stop() == 0
+    print(f"seed {seed}, window {window * 1000:.1f} ms: {dict(outcomes)}")
+
+
+def _request(claim: Claim) -> object:
+    from driver._proto.dra_v1 import api_pb2
+
+    return api_pb2.NodePrepareResourcesRequest(claims=[api_pb2.Claim(
+        namespace=claim.namespace, name=claim.name, uid=claim.uid)])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_sigterm_removes_the_sockets_and_keeps_the_slices(node: Node) -> None:
+    port = free_port()
+    daemon = Daemon(node, [*node.cli_args("l4-8x"), "--metrics-port", str(port),
+                           "--log-format", "json"])
+    claim = make_claim(node.local, [result("gpu-3")])
+    assert daemon.kubelet.prepare([claim])[claim.uid].error == ""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        metrics = response.read().decode()
+    assert "gpu_dra_published_devices 8.0" in metrics
+    assert 'gpu_dra_claims_total{operation="prepare",result="success"} 1.0' in metrics
+    assert daemon.stop() == 0
+    assert not node.registration_socket.exists() and not node.dra_socket.exists()
+    assert node.slices()
+    assert set(cdi_specs(node.cdi)) == {claim.uid}  # prepared claims outlive the plugin
+    lines = [json.loads(line) for line in daemon.output().splitlines()]
+    assert any(line.get("claim") == claim.uid and "prepared" in line["msg"] for line in lines)
+
+
+def test_a_damaged_checkpoint_is_reported_in_one_line(node: Node) -> None:
+    node.plugin_dir.mkdir(parents=True)
+    node.checkpoint.write_text("{not json")
+    done = subprocess.run([sys.executable, "-m", "driver.cli", *node.cli_args("l4-8x")],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"gpu-dra plugin: checkpoint {node.checkpoint}: not JSON")
+    assert "Traceback" not in done.stderr
+
+
+def test_a_checkpoint_of_another_schema_version_is_read_and_kept(node: Node) -> None:
+    first = Daemon(node, node.cli_args("l4-8x"))
+    claim = make_claim(node.local, [result("gpu-1")])
+    answer = first.kubelet.prepare([claim])
+    first.stop()
+    data = json.loads(node.checkpoint.read_text())
+    data["schemaVersion"] = 7
+    data["futureSetting"] = {"x": 1}
+    data["claims"][claim.uid]["futureField"] = [1, 2]
+    node.checkpoint.write_text(json.dumps(data))
+    second = Daemon(node, node.cli_args("l4-8x"))
+    assert second.kubelet.prepare([claim]) == answer
+    other = make_claim(node.local, [result("gpu-2")])
+    second.kubelet.prepare([other])  # a write
+    second.stop()
+    written = json.loads(node.checkpoint.read_text())
+    assert written["futureSetting"] == {"x": 1}
+    assert written["claims"][claim.uid]["futureField"] == [1, 2]
+    assert (node.cdi / cdi.spec_file_name(DRIVER, other.uid)).exists()

@@ -1,0 +1,139 @@
+"""MIG devices through the plugin: dynamic MIG creates the device at the published placement
+when a claim is prepared and destroys it when unprepared, rolls back whatever fails, and
+owns the GPU's MIG devices (strays are destroyed at start); static MIG injects what exists.
+The mock's MIG state file plays the hardware."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from driver.nvml.mock import mock_provider
+from driver.plugin.mig import MigManager
+from tests.support.plugin import (
+    Node,
+    Start,
+    cdi_problems,
+    cdi_specs,
+    live_mig,
+    make_claim,
+    mig_profile,
+    result,
+)
+
+GPU0 = "GPU-6493d427-501d-5931-bd3f-97d1981f0fc8"  # dgx-h100 GPU 0 (minor 0)
+GPU1 = "GPU-df0fc3e6-d2c7-5d85-984d-a4c26364deeb"  # GPU 1 (minor 1)
+PROFILE_3G, PROFILE_1G, PROFILE_4G = 9, 19, 5  # H100 GPU-instance profile ids
+
+
+def dynamic(start: Start, node: Node, profile: Path | None = None) -> object:
+    return start(str(profile or mig_profile(node.root / "mig.yaml")), mock_state=node.mock_state,
+                 mig_mode="dynamic")
+
+
+def test_prepare_creates_the_device_at_its_placement_and_unprepare_destroys_it(
+        node: Node, start: Start) -> None:
+    running = dynamic(start, node)
+    claim = make_claim(node.local, [result("gpu-0-mig-3g40gb-4", request="mig")])
+    answer = running.kubelet.prepare([claim])[claim.uid]
+    assert answer.error == ""
+    assert live_mig(node.mock_state) == {GPU0: [(PROFILE_3G, 4, 1)]}
+    spec = cdi_specs(node.cdi)[claim.uid]
+    assert cdi_problems(spec) == []
+    # GPU instance 2 (the 4-slice half at 4), compute instance 0: caps 3 + 9*2 and + 1
+    assert spec["devices"][0]["containerEdits"]["deviceNodes"] == [
+        {"path": "/dev/nvidia0"},
+        {"path": "/dev/nvidia-caps/nvidia-cap21", "type": "c", "major": 241, "minor": 21},
+        {"path": "/dev/nvidia-caps/nvidia-cap22", "type": "c", "major": 241, "minor": 22}]
+    assert running.kubelet.unprepare([claim]) == {claim.uid: ""}
+    assert live_mig(node.mock_state) == {} and cdi_specs(node.cdi) == {}
+
+
+def test_several_mig_devices_of_one_claim_on_two_gpus(node: Node, start: Start) -> None:
+    running = dynamic(start, node)
+    claim = make_claim(node.local, [result("gpu-0-mig-1g10gb-0"), result("gpu-0-mig-1g10gb-1"),
+                                    result("gpu-1-mig-4g40gb-0", request="big")])
+    assert running.kubelet.prepare([claim])[claim.uid].error == ""
+    assert live_mig(node.mock_state) == {GPU0: [(PROFILE_1G, 0, 1), (PROFILE_1G, 1, 1)],
+                                         GPU1: [(PROFILE_4G, 0, 1)]}
+    assert len(cdi_specs(node.cdi)[claim.uid]["devices"]) == 3
+    running.kubelet.unprepare([claim])
+    assert live_mig(node.mock_state) == {}
+
+
+def test_a_failed_compute_instance_rolls_back_its_gpu_instance(node: Node, start: Start) -> None:
+    profile = mig_profile(node.root / "faulty.yaml", faults={
+        0: {"nvmlGpuInstanceCreateComputeInstance": "UNKNOWN"}})
+    running = dynamic(start, node, profile)
+    claim = make_claim(node.local, [result("gpu-0-mig-1g10gb-3")])
+    error = running.kubelet.prepare([claim])[claim.uid].error
+    assert "cannot create the compute instance of MIG 1g.10gb at 3:1" in error
+    assert live_mig(node.mock_state) == {}
+    assert cdi_specs(node.cdi) == {} and running.plugin.state.records == {}
+
+
+def test_a_claim_whose_later_device_fails_undoes_the_earlier_ones(node: Node,
+                                                                  start: Start) -> None:
+    profile = mig_profile(node.root / "faulty.yaml", faults={
+        1: {"nvmlDeviceCreateGpuInstanceWithPlacement": "INSUFFICIENT_RESOURCES"}})
+    running = dynamic(start, node, profile)
+    claim = make_claim(node.local, [result("gpu-0-mig-3g40gb-0"),
+                                    result("gpu-1-mig-3g40gb-0", request="second")])
+    error = running.kubelet.prepare([claim])[claim.uid].error
+    assert f"cannot create MIG 3g.40gb at 0:4 on {GPU1}: " in error
+    assert live_mig(node.mock_state) == {}
+    assert cdi_specs(node.cdi) == {}
+    healthy = make_claim(node.local, [result("gpu-0-mig-3g40gb-0")])
+    assert running.kubelet.prepare([healthy])[healthy.uid].error == ""  # nothing was left
+
+
+def test_devices_sharing_hardware_with_a_prepared_claim_are_refused(node: Node,
+                                                                    start: Start) -> None:
+    running = dynamic(start, node)
+    half = make_claim(node.local, [result("gpu-0-mig-4g40gb-0")])
+    running.kubelet.prepare([half])
+    inside = make_claim(node.local, [result("gpu-0-mig-1g10gb-2")])
+    whole = make_claim(node.local, [result("gpu-0")])
+    beside = make_claim(node.local, [result("gpu-0-mig-3g40gb-4")])
+    answers = running.kubelet.prepare([inside, whole, beside])
+    assert answers[inside.uid].error == (
+        f"device gpu-0-mig-1g10gb-2 overlaps gpu-0-mig-4g40gb-0, which is already prepared "
+        f"for ResourceClaim ns/{half.name} ({half.uid})")
+    assert "device gpu-0 overlaps gpu-0-mig-4g40gb-0" in answers[whole.uid].error
+    assert answers[beside.uid].error == ""
+    assert live_mig(node.mock_state) == {GPU0: [(PROFILE_4G, 0, 1), (PROFILE_3G, 4, 1)]}
+
+
+def test_stray_mig_devices_are_destroyed_at_start_and_claimed_ones_kept(
+        node: Node, start: Start) -> None:
+    profile = mig_profile(node.root / "mig.yaml")
+    first = dynamic(start, node, profile)
+    claim = make_claim(node.local, [result("gpu-1-mig-1g10gb-6")])
+    first.kubelet.prepare([claim])
+    first.stop()
+    outside = mock_provider(str(profile), node.mock_state)  # e.g. an admin's nvidia-smi
+    outside.nvml.nvmlInit()
+    gpu0 = next(g for g in first.plugin.state.inventory.gpus if g.uuid == GPU0)
+    MigManager(outside).create(gpu0, gpu0.mig_profiles[0], gpu0.mig_profiles[0].placements[2])
+    assert GPU0 in live_mig(node.mock_state)
+    dynamic(start, node, profile)
+    assert live_mig(node.mock_state) == {GPU1: [(PROFILE_1G, 6, 1)]}
+
+
+def test_mig_devices_of_a_gpu_with_mig_mode_off_are_refused(node: Node, start: Start) -> None:
+    running = dynamic(start, node)
+    claim = make_claim(node.local, [result("gpu-2-mig-1g10gb-0")])
+    error = running.kubelet.prepare([claim])[claim.uid].error
+    assert "MIG mode is off on GPU" in error
+    assert live_mig(node.mock_state) == {}
+
+
+def test_static_mig_devices_are_injected_as_they_are(node: Node, start: Start) -> None:
+    running = start("a100-mig", mock_state=node.mock_state)
+    before = node.mock_state.exists()
+    claim = make_claim(node.local, [result("gpu-0-mig-3g20gb-4")])
+    assert running.kubelet.prepare([claim])[claim.uid].error == ""
+    nodes = cdi_specs(node.cdi)[claim.uid]["devices"][0]["containerEdits"]["deviceNodes"]
+    assert [n["path"] for n in nodes] == ["/dev/nvidia0", "/dev/nvidia-caps/nvidia-cap21",
+                                          "/dev/nvidia-caps/nvidia-cap22"]
+    running.kubelet.unprepare([claim])
+    assert node.mock_state.exists() == before  # no MIG change was made

@@ -1,0 +1,77 @@
+"""Start `gpu-dra` processes fast: a server process imports the driver once, then forks a
+child per request that runs `driver.cli.main(argv)`.
+
+Each child is a real, separate process (its own pid, sockets and files) that a test can
+SIGKILL; only the interpreter start and the imports (about a second on the CI box) are
+shared. The server itself creates no threads or gRPC objects before forking.
+
+Protocol on stdin/stdout, one line each: `run {"log": FILE, "argv": [...]}` -> `pid <pid>`;
+`wait <pid>` -> `exit <code>` (negative: killed by that signal).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _serve() -> None:
+    import driver.cli
+    import driver.plugin.daemon
+    import driver.publish  # the ResourceSlice publisher, with the Kubernetes client
+
+    for line in sys.stdin:
+        command, _, rest = line.strip().partition(" ")
+        if command == "run":
+            request = json.loads(rest)
+            pid = os.fork()
+            if pid == 0:
+                fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
+                code = 1
+                try:
+                    code = driver.cli.main(request["argv"])
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code)
+            print(f"pid {pid}", flush=True)
+        elif command == "wait":
+            _, status = os.waitpid(int(rest), 0)
+            print(f"exit {os.waitstatus_to_exitcode(status)}", flush=True)
+
+
+class ForkServer:
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.support.forkserver"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     cwd=Path(__file__).parents[2])
+
+    def _ask(self, line: str, answer: str) -> int:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        reply = self.proc.stdout.readline().split()
+        assert reply and reply[0] == answer, f"fork server answered {reply!r} to {line!r}"
+        return int(reply[1])
+
+    def run(self, argv: list[str], log: Path) -> int:
+        """Start `gpu-dra <argv>` with stdout and stderr appended to `log`; its pid."""
+        return self._ask(f"run {json.dumps({'log': str(log), 'argv': argv})}", "pid")
+
+    def wait(self, pid: int) -> int:
+        """Its exit code once it has ended (negative: the signal that killed it)."""
+        return self._ask(f"wait {pid}", "exit")
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(10)
+
+
+if __name__ == "__main__":
+    _serve()
