@@ -20,7 +20,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from dataclasses import field as _field
 from typing import Any, Literal
 
 from driver import allocator_ref
@@ -56,9 +55,9 @@ class Outcome:
     message: str = ""
     field: str = ""
     nodes: int = 0
+    # Topology mode: False when the budget ended the search for a better placement
+    # early (the placement returned is still valid, and the best one seen).
     complete: bool = True
-    picks: tuple[tuple[tuple[int, int], ...], ...] = ()
-    problem: Problem | None = _field(default=None, compare=False, repr=False)
 
 
 def driver_classes(driver: str) -> list[dict[str, Any]]:
@@ -144,8 +143,7 @@ class Allocator:
         allocations = tuple(
             _allocation(claim, self.classes, problem, found.picks[c], found.alts[c], node)
             for c, claim in enumerate(claims))
-        return Outcome("allocated", allocations, nodes=found.nodes, complete=found.complete,
-                       picks=tuple(tuple(x) for x in found.picks), problem=problem)
+        return Outcome("allocated", allocations, nodes=found.nodes, complete=found.complete)
 
 
 def _backend(backend: Backend) -> Any:

@@ -223,12 +223,6 @@ class NodeModel:
         return found
 
 
-def compile_problem(claims: Sequence[Claim], classes: Mapping[str, DeviceClass],
-                    pools: Sequence[Pool], ledger: Ledger) -> Problem:
-    """One-off: `NodeModel(pools).problem(...)`."""
-    return NodeModel(pools).problem(claims, classes, ledger)
-
-
 CLAIM = "\x00claim\x00"  # stands for the claim's name in cached error messages
 
 

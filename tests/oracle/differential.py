@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.oracle.client import Oracle, normalized, ours
+from tests.oracle.client import Oracle, normalized, oracle_binary, ours
 from tests.oracle.generate import instance
 
 
@@ -74,8 +74,6 @@ def run(oracle: Oracle, count: int, seed: int, backend: str = "native",
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tests.oracle.client import oracle_binary
-
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--count", type=int, default=10000)
     parser.add_argument("--seed", type=int, default=1)
