@@ -261,9 +261,13 @@ class Node:
         fields.update(overrides)
         return PluginOptions(**fields)
 
-    def cli_args(self, profile: str, *extra: str) -> list[str]:
+    def cli_args(self, profile: str, *extra: str, node_name: str = NODE,
+                 kubeconfig: Path | None = None) -> list[str]:
+        """Claims and slices in the local directory, or on `kubeconfig`'s API server."""
         self.prepare_dirs()
-        return ["plugin", "--mock", profile, "--node-name", NODE, "--local-dir", str(self.local),
+        source = ["--local-dir", str(self.local)] if kubeconfig is None else \
+            ["--kubeconfig", str(kubeconfig)]
+        return ["plugin", "--mock", profile, "--node-name", node_name, *source,
                 "--kubelet-registry-dir", str(self.registry),
                 "--plugin-data-dir", str(self.plugin_dir), "--cdi-root", str(self.cdi),
                 "--health-port", "0", "--metrics-port", "0", *extra]

@@ -1,0 +1,103 @@
+"""Kubelet plugin cost with claims from the API server: NodePrepareResources and
+NodeUnprepareResources over the unix socket of a real `gpu-dra plugin --mock dgx-h100
+--kubeconfig ...` process, each claim a ResourceClaim in the real kube-apiserver that the
+plugin GETs. The claims are allocated by writing status.allocation directly (no
+scheduler), in the shapes of the local-directory bench (tests/bench/test_bench_plugin.py).
+
+Run with `pytest tests/e2e/test_bench_plugin_api.py --benchmark-enable`; the numbers go to
+docs/benchmarks.md (p50 is the median; p99 is in each benchmark's extra_info). Under the
+default test run each benchmark runs once, as a smoke test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from pytest_benchmark.fixture import BenchmarkFixture
+
+from driver.kubeapi import api_request
+from driver.localcluster import FakeNodeKeeper
+from tests.e2e.helpers import RESOURCE_V1, SLICES, ControlPlane, create, unique, wait_for
+from tests.support.plugin import DRIVER, Claim, Node, short_tmp
+from tests.support.plugin_bench import Daemon, bench_prepare, bench_unprepare, daemon_process
+from tests.support.plugin_bench import shapes as shapes_in
+
+ADMIN_LABEL = "resource.kubernetes.io/admin-access"  # lets a namespace's claims use adminAccess
+
+
+@pytest.fixture(scope="module")
+def node_name(node_keeper: FakeNodeKeeper) -> Iterator[str]:
+    """A Ready Node: the plugin's slices are owned by it."""
+    name = unique("bench-node")
+    node_keeper.add(name)
+    yield name
+    node_keeper.remove(name)
+
+
+@pytest.fixture(scope="module")
+def admin_namespace(control_plane: ControlPlane) -> Iterator[str]:
+    name = unique("bench")
+    create(control_plane.api, "/api/v1/namespaces", {
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": name, "labels": {ADMIN_LABEL: "true"}}})
+    yield name
+    api_request(control_plane.api, "DELETE", f"/api/v1/namespaces/{name}").expect(200, 202, 404)
+
+
+@pytest.fixture(scope="module")
+def daemon(control_plane: ControlPlane, device_classes: None, node_name: str) -> Iterator[Daemon]:
+    with short_tmp() as root:
+        node = Node(root)
+        args = node.cli_args("dgx-h100", node_name=node_name,
+                             kubeconfig=control_plane.kubeconfig)
+        with daemon_process(node, args) as running:
+            # Publishing at start-up would compete with the first timed calls.
+            wait_for(lambda: api_request(control_plane.api, "GET", SLICES, query={
+                "fieldSelector": f"spec.nodeName={node_name}"}).expect(200)["items"],
+                f"{node_name}'s ResourceSlices")
+            yield running
+        api_request(control_plane.api, "DELETE", SLICES, query={
+            "fieldSelector": f"spec.nodeName={node_name}"}).expect(200, 404)
+
+
+def allocated_claim(api: Any, namespace: str, results: list[dict[str, Any]]) -> Claim:
+    """A ResourceClaim for len(results) GPUs of the driver's class, created and then
+    allocated to `results` as the scheduler would (PUT of the status subresource)."""
+    admin = all(r.get("adminAccess") for r in results)
+    exactly: dict[str, Any] = {"deviceClassName": DRIVER, "count": len(results)}
+    if admin:
+        exactly["adminAccess"] = True
+    path = f"{RESOURCE_V1}/namespaces/{namespace}/resourceclaims"
+    claim = create(api, path, {
+        "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+        "metadata": {"name": unique("claim")},
+        "spec": {"devices": {"requests": [{"name": "gpu", "exactly": exactly}]}}})
+    claim["status"] = {"allocation": {"devices": {"results": results}}}
+    meta = claim["metadata"]
+    api_request(api, "PUT", f"{path}/{meta['name']}/status", claim).expect(200)
+    return Claim(namespace, meta["name"], meta["uid"])
+
+
+def claims_for(control_plane: ControlPlane, namespace: str, node_name: str,
+               case: str) -> list[Claim]:
+    return [allocated_claim(control_plane.api, namespace, results)
+            for results in shapes_in(node_name)[case]]
+
+
+CASES = list(shapes_in("pool"))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_prepare_latency(benchmark: BenchmarkFixture, control_plane: ControlPlane,
+                         daemon: Daemon, admin_namespace: str, node_name: str,
+                         case: str) -> None:
+    bench_prepare(benchmark, daemon, claims_for(control_plane, admin_namespace, node_name, case))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_unprepare_latency(benchmark: BenchmarkFixture, control_plane: ControlPlane,
+                           daemon: Daemon, admin_namespace: str, node_name: str,
+                         case: str) -> None:
+    bench_unprepare(benchmark, daemon, claims_for(control_plane, admin_namespace, node_name, case))

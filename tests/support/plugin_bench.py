@@ -1,0 +1,102 @@
+"""Kubelet-side latency benches of a `gpu-dra plugin` process: the claim shapes, the
+process with a gRPC client of its socket, and p50/p99 timing with pytest-benchmark.
+Shared by the local-directory bench (tests/bench) and the API-server one (tests/e2e)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pytest_benchmark.fixture import BenchmarkFixture
+
+from driver._proto.dra_v1 import api_pb2 as dra_v1
+from tests.support.plugin import Claim, Kubelet, Node, result, wait_for_socket
+
+ROUNDS = 200
+
+Shape = list[list[dict[str, Any]]]
+"""Each claim's allocation results."""
+
+
+def shapes(pool: str) -> dict[str, Shape]:
+    """The claims of one call, by case; only 8 GPUs exist, so 100 claims share them with
+    adminAccess."""
+    return {
+        "1 claim, 1 GPU": [[result("gpu-0", pool=pool)]],
+        "1 claim, 8 GPUs": [[result(f"gpu-{i}", pool=pool) for i in range(8)]],
+        "100 claims, 1 GPU each": [[result(f"gpu-{i % 8}", pool=pool, admin=True)]
+                                   for i in range(100)],
+    }
+
+
+@dataclass
+class Daemon:
+    node: Node
+    proc: subprocess.Popen[bytes]
+    kubelet: Kubelet
+
+    def call(self, method: str, claims: Sequence[Claim]) -> Any:
+        request_type = getattr(dra_v1, f"{method}Request")
+        request = request_type(claims=[dra_v1.Claim(namespace=c.namespace, name=c.name,
+                                                    uid=c.uid) for c in claims])
+        response = getattr(self.kubelet.v1, method)(request, timeout=45)
+        assert all(not entry.error for entry in response.claims.values()), response
+        return response
+
+    def rss_kib(self) -> int:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines()
+                        if line.startswith("VmRSS:")))
+
+
+@contextmanager
+def daemon_process(node: Node, args: Sequence[str]) -> Iterator[Daemon]:
+    """`python -m driver.cli <args>` logging to the node's plugin.log, once it answers
+    the kubelet's GetInfo; terminated at the end."""
+    with open(node.root / "plugin.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "driver.cli", *args],
+                                stdout=log, stderr=log)
+    try:
+        wait_for_socket(node.registration_socket)
+        kubelet = Kubelet(node.dra_socket, node.registration_socket)
+        kubelet.get_info(timeout=10, wait_for_ready=True)
+        yield Daemon(node, proc, kubelet)
+        kubelet.close()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def record_p99(benchmark: BenchmarkFixture) -> None:
+    stats = getattr(benchmark.stats, "stats", None)
+    if stats is not None and stats.rounds:
+        data = stats.sorted_data
+        benchmark.extra_info["p99_ms"] = round(data[int(0.99 * (len(data) - 1))] * 1000, 3)
+
+
+def measure(benchmark: BenchmarkFixture, timed: Callable[[], Any],
+            untimed: Callable[[], Any]) -> None:
+    """Time `timed`; `untimed` runs before each round and puts the state back."""
+
+    def setup() -> None:  # pytest-benchmark would take a returned value as arguments
+        untimed()
+
+    benchmark.pedantic(timed, setup=setup, rounds=ROUNDS, iterations=1, warmup_rounds=5)
+    record_p99(benchmark)
+
+
+def bench_prepare(benchmark: BenchmarkFixture, daemon: Daemon, claims: Sequence[Claim]) -> None:
+    measure(benchmark, lambda: daemon.call("NodePrepareResources", claims),
+            lambda: daemon.call("NodeUnprepareResources", claims))
+    daemon.call("NodeUnprepareResources", claims)
+
+
+def bench_unprepare(benchmark: BenchmarkFixture, daemon: Daemon,
+                    claims: Sequence[Claim]) -> None:
+    measure(benchmark, lambda: daemon.call("NodeUnprepareResources", claims),
+            lambda: daemon.call("NodePrepareResources", claims))
