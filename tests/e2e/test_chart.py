@@ -113,7 +113,7 @@ def test_default_render(helm: Helm) -> None:
     daemonset = one(objects, "DaemonSet")
     assert daemonset["metadata"]["namespace"] == "gpu-dra"
     assert daemonset["spec"]["updateStrategy"] == {
-        "type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+        "type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
     pod = daemonset["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == one(objects, "ServiceAccount")["metadata"]["name"]
     container = plugin_container(objects)
@@ -239,4 +239,4 @@ def test_rendered_objects_are_created_on_the_api_server(
             "the API server kept extendedResourceName (DRAExtendedResource)"
         daemonset = one(stored, "DaemonSet")
         assert daemonset["spec"]["updateStrategy"]["rollingUpdate"] == {
-            "maxSurge": 1, "maxUnavailable": 0}
+            "maxSurge": 0, "maxUnavailable": 1}
