@@ -208,7 +208,35 @@ def build_parser() -> argparse.ArgumentParser:
                                                                            "auto"))
 
     add_allocation_commands(commands, add_provider_args, add_slice_args, node_slices)
+
+    demo_cmd = commands.add_parser(
+        "demo", help="the driver end to end on a mock machine: no cluster, no GPU")
+    demo_cmd.add_argument("--profile", default="dgx-h100", metavar="NAME|PATH",
+                          help="mock machine profile: a shipped name or a YAML file")
+    demo_cmd.add_argument("--claims", type=Path, metavar="PATH",
+                          help="ResourceClaims (a YAML file or a directory); default: the "
+                               "shipped examples")
+    demo_cmd.add_argument("--keep", action="store_true",
+                          help="leave the temporary folder (sockets, slices, claims, CDI "
+                               "specs) to inspect")
+    demo_cmd.set_defaults(run=cmd_demo)
     return parser
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from driver.allocator_input import InputError
+    from driver.demo import EXAMPLE_CLAIMS, DemoOptions, StepFailed, run_demo
+
+    try:
+        return run_demo(DemoOptions(args.profile, args.claims or EXAMPLE_CLAIMS, args.keep))
+    except InputError as err:
+        raise UsageError(str(err)) from err
+    except StepFailed as err:
+        print(f"gpu-dra demo: {err}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `gpu-dra demo | head`: the reader left; the folder is gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 1
 
 
 def node_slices(args: argparse.Namespace) -> list[dict]:

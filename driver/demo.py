@@ -1,0 +1,344 @@
+"""`gpu-dra demo`: the driver end to end on a mock machine, with no cluster and no GPU.
+
+The real plugin runs in local mode in a temporary folder with real unix sockets; the demo
+plays the scheduler (the allocation kernel, `explain` for what does not fit) and the
+kubelet (registration GetInfo, then NodePrepareResources / NodeUnprepareResources over
+the DRA socket). Every step prints one line with its time, then its details.
+
+Dynamic MIG needs MIG mode on: the demo runs on a copy of the profile with MIG mode
+enabled on every GPU that supports it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+
+from driver import cdi
+from driver._proto.dra_v1 import api_pb2 as dra_v1
+from driver._proto.dra_v1 import api_pb2_grpc as dra_v1_grpc
+from driver._proto.pluginregistration_v1 import api_pb2 as reg_v1
+from driver._proto.pluginregistration_v1 import api_pb2_grpc as reg_v1_grpc
+from driver.allocator import Allocator, Ledger, allocate_in_order, driver_classes
+from driver.allocator_cli import load_documents
+from driver.allocator_input import InputError
+from driver.discovery import discover
+from driver.explain import explain_all
+from driver.inventory import Inventory
+from driver.inventory_view import inventory_table
+from driver.nvml import Provider
+from driver.nvml.profile import PROFILES_DIR
+from driver.plugin.daemon import Plugin, PluginOptions
+
+EXAMPLE_CLAIMS = Path(__file__).parent / "demo_claims"
+KUBELET_TIMEOUT = 45.0  # the kubelet's deadline for DRA calls
+Print = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    profile: str  # a shipped profile name or a YAML file
+    claims: Path = EXAMPLE_CLAIMS
+    keep: bool = False
+    driver: str = "gpu.dra.dev"
+    node: str = "demo-node"
+
+
+class StepFailed(Exception):
+    """A step of the demo went wrong: exit code 1, the step named."""
+
+
+@dataclass(frozen=True)
+class Placed:
+    """A claim as the demo scheduler left it: `allocation` None when it does not fit."""
+
+    namespace: str
+    name: str
+    uid: str
+    obj: dict[str, Any]
+    allocation: dict[str, Any] | None
+    reason: str = ""
+
+
+def profile_source(profile: str) -> Path:
+    """The YAML file of a shipped profile name or a path; InputError when there is none."""
+    path = PROFILES_DIR / f"{profile}.yaml"
+    if "/" not in profile and not profile.endswith((".yaml", ".yml")) and path.exists():
+        return path
+    if Path(profile).is_file():
+        return Path(profile)
+    shipped = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml")
+                               if not p.stem.startswith("_")))
+    raise InputError(f"--profile {profile}: no such profile or file (shipped: {shipped})")
+
+
+def with_mig_enabled(profile_yaml: str, gpus: Sequence[int]) -> str:
+    """The profile with MIG mode on for the GPUs at these positions, their MIG devices kept."""
+    data = json.loads(json.dumps(yaml.safe_load(profile_yaml)))  # unshare YAML aliases
+    for index in gpus:
+        mig = data["gpus"][index].get("mig") or {}
+        data["gpus"][index]["mig"] = {**mig, "enabled": True}
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def read_claims(path: Path) -> list[dict[str, Any]]:
+    try:
+        documents = load_documents(path)
+    except InputError as err:
+        raise InputError(f"--claims {err}") from None
+    claims = [d for d in documents if d.get("kind", "ResourceClaim") == "ResourceClaim"]
+    if not claims:
+        raise InputError(f"--claims {path}: no ResourceClaim documents")
+    return claims
+
+
+def allocate(slices: list[dict[str, Any]], raw_claims: list[dict[str, Any]], driver: str,
+             node: str) -> list[Placed]:
+    """Each claim in order as the scheduler would (parity), seeing the ones before it; the
+    ones that do not fit carry `explain`'s answer."""
+    allocator = Allocator(slices, driver_classes(driver))
+    claims = allocator.parse(raw_claims)
+    ledger = Ledger.of([])
+    placed = []
+    for claim, _, outcome in allocate_in_order(allocator, claims, ledger, [node]):
+        if outcome.status == "error":
+            raise InputError(f"ResourceClaim {claim.key}: {outcome.field or 'spec.devices'}: "
+                             f"{outcome.message}")
+        meta = claim.raw.get("metadata") or {}
+        namespace, name = meta.get("namespace") or "default", meta["name"]
+        uid = meta.get("uid") or str(uuid.uuid4())
+        obj = json.loads(json.dumps(claim.raw))
+        obj.setdefault("apiVersion", "resource.k8s.io/v1")
+        obj.setdefault("kind", "ResourceClaim")
+        obj["metadata"] = {**meta, "namespace": namespace, "uid": uid}
+        if outcome.status == "allocated":
+            placed.append(Placed(namespace, name, uid, obj, outcome.allocations[0]))
+            continue
+        reason = outcome.message
+        if outcome.status == "unschedulable":
+            (why,) = explain_all(allocator, [claim], ledger, [node])
+            reason = "\n".join([*why.reasons, *(f"nearest change that fits: {c}"
+                                                for c in why.nearest)])
+        placed.append(Placed(namespace, name, uid, obj, None, reason))
+    return placed
+
+
+def write_allocated(local_dir: Path, claim: Placed) -> None:
+    """Where the plugin's local mode reads the claim, with its status.allocation."""
+    path = local_dir / "resourceclaims" / claim.namespace / f"{claim.name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({**claim.obj, "status": {"allocation": claim.allocation}},
+                                   sort_keys=False))
+
+
+class Kubelet:
+    """The kubelet's side of the plugin's sockets: registration, then DRA v1."""
+
+    def __init__(self, options: PluginOptions) -> None:
+        self._reg = grpc.insecure_channel(f"unix://{options.registration_socket}")
+        self._dra = grpc.insecure_channel(f"unix://{options.dra_socket}")
+
+    def close(self) -> None:
+        self._reg.close()
+        self._dra.close()
+
+    def get_info(self) -> Any:
+        return reg_v1_grpc.RegistrationStub(self._reg).GetInfo(
+            reg_v1.InfoRequest(), timeout=KUBELET_TIMEOUT)
+
+    def _claims(self, claims: Sequence[Placed]) -> list[Any]:
+        return [dra_v1.Claim(namespace=c.namespace, name=c.name, uid=c.uid) for c in claims]
+
+    def prepare(self, claims: Sequence[Placed]) -> Any:
+        return dra_v1_grpc.DRAPluginStub(self._dra).NodePrepareResources(
+            dra_v1.NodePrepareResourcesRequest(claims=self._claims(claims)),
+            timeout=KUBELET_TIMEOUT)
+
+    def unprepare(self, claims: Sequence[Placed]) -> Any:
+        return dra_v1_grpc.DRAPluginStub(self._dra).NodeUnprepareResources(
+            dra_v1.NodeUnprepareResourcesRequest(claims=self._claims(claims)),
+            timeout=KUBELET_TIMEOUT)
+
+
+class Steps:
+    """Numbered steps, each one line with its time, then its details indented."""
+
+    def __init__(self, total: int, out: Print) -> None:
+        self.total, self.done, self.out = total, 0, out
+
+    def run(self, name: str, step: Callable[[], tuple[str, list[str]]]) -> None:
+        self.done += 1
+        started = time.monotonic()
+        try:
+            summary, details = step()
+        except InputError:
+            raise
+        except Exception as err:  # any failure of a step is reported with the step named
+            message = err.details() if isinstance(err, grpc.RpcError) else str(err)
+            self.out(f"[{self.done}/{self.total}] {name}  FAILED  {message}")
+            raise StepFailed(f"step {name} failed: {message}") from err
+        self.out(f"[{self.done}/{self.total}] {name}  {time.monotonic() - started:.2f}s  "
+                 f"{summary}")
+        for line in details:
+            self.out(f"      {line}")
+
+
+def slice_summary(slices: list[dict[str, Any]]) -> str:
+    devices = [d for s in slices for d in s["spec"].get("devices") or []]
+    migs = sum(1 for d in devices if "-mig-" in d["name"])
+    counters = sum(len(s["spec"].get("sharedCounters") or []) for s in slices)
+    return (f"{len(slices)} ResourceSlices: {len(devices) - migs} GPUs, {migs} MIG "
+            f"placements, {counters} counter sets")
+
+
+def run_demo(options: DemoOptions, out: Print = print) -> int:
+    """Exit code 0 when every step worked; raises InputError for bad input, StepFailed."""
+    from driver.nvml.mock import ProfileError, mock_provider
+
+    source = profile_source(options.profile)
+    raw_claims = read_claims(options.claims)
+    try:
+        plain = discover(mock_provider(str(source)))
+    except ProfileError as err:
+        raise InputError(str(err)) from err
+    root = Path(tempfile.mkdtemp(prefix="gpu-dra-demo-", dir="/tmp"))  # sockets: short paths
+    started = time.monotonic()
+    plugin: Plugin | None = None
+    kubelet: Kubelet | None = None
+    steps = Steps(9, out)
+    try:
+        mig_gpus = [i for i, gpu in enumerate(plain.gpus) if gpu.mig_profiles]
+        profile = root / "profile.yaml"
+        profile.write_text(with_mig_enabled(source.read_text(), mig_gpus))
+        provider = mock_provider(str(profile), root / "mig-state.json")
+        plugin_options = PluginOptions(
+            driver=options.driver, node=options.node, registry_dir=root / "registry",
+            plugin_dir=root / "plugin", cdi_root=root / "cdi", mig_mode="dynamic",
+            counter_layout="split", local_dir=root / "local")
+        (root / "local").mkdir()
+        out(f"gpu-dra demo: profile {options.profile}, claims {options.claims}, "
+            f"folder {root}")
+        steps.run("discover", lambda: _discover(provider, options, mig_gpus))
+        plugin = Plugin(plugin_options, provider)
+        steps.run("start plugin", lambda: _start(plugin, plugin_options))
+        kubelet = Kubelet(plugin_options)
+        steps.run("register", lambda: _register(kubelet))
+        slices = [yaml.safe_load(p.read_text())
+                  for p in sorted((root / "local" / "resourceslices").glob("*.yaml"))]
+        steps.run("publish", lambda: (slice_summary(slices),
+                                      [f"{root / 'local' / 'resourceslices'}"]))
+        placed: list[Placed] = []
+        steps.run("allocate", lambda: _allocate(placed, slices, raw_claims, options,
+                                                 plugin_options))
+        allocated = [c for c in placed if c.allocation is not None]
+        steps.run("prepare", lambda: _prepare(kubelet, allocated))
+        steps.run("cdi spec", lambda: _cdi_spec(plugin_options, allocated))
+        steps.run("unprepare", lambda: _unprepare(kubelet, allocated, plugin_options))
+        kubelet.close()
+        kubelet = None
+        running, plugin = plugin, None
+        steps.run("stop", lambda: _stop(running, root, options.keep))
+    finally:
+        if kubelet is not None:
+            kubelet.close()
+        if plugin is not None:
+            plugin.stop(grace=1.0)
+        if not options.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    out(f"done in {time.monotonic() - started:.2f}s")
+    return 0
+
+
+def _discover(provider: Provider, options: DemoOptions,
+              mig_gpus: list[int]) -> tuple[str, list[str]]:
+    inventory: Inventory = discover(provider)
+    mig = f"MIG mode on for GPUs {', '.join(map(str, mig_gpus))}" if mig_gpus else "no MIG"
+    return (f"{len(inventory.gpus)} GPUs on mock profile {options.profile} ({mig})",
+            inventory_table(inventory).splitlines())
+
+
+def _start(plugin: Plugin, options: PluginOptions) -> tuple[str, list[str]]:
+    plugin.start()
+    return ("plugin serving in local mode, dynamic MIG",
+            [f"DRA socket {options.dra_socket}",
+             f"registration socket {options.registration_socket}"])
+
+
+def _register(kubelet: Kubelet) -> tuple[str, list[str]]:
+    info = kubelet.get_info()
+    return (f"GetInfo: {info.type} {info.name} at {info.endpoint}",
+            [f"services: {', '.join(info.supported_versions)}"])
+
+
+def _allocate(placed: list[Placed], slices: list[dict[str, Any]],
+              raw_claims: list[dict[str, Any]], demo: DemoOptions,
+              options: PluginOptions) -> tuple[str, list[str]]:
+    assert options.local_dir is not None
+    placed += allocate(slices, raw_claims, demo.driver, demo.node)
+    details = []
+    for claim in placed:
+        if claim.allocation is None:
+            details.append(f"{claim.namespace}/{claim.name}: does not fit; explain:")
+            details += [f"  {line}" for line in claim.reason.splitlines()]
+            continue
+        write_allocated(options.local_dir, claim)
+        devices = ", ".join(r["device"] for r in claim.allocation["devices"]["results"])
+        details.append(f"{claim.namespace}/{claim.name}: {devices}")
+    fit = sum(1 for c in placed if c.allocation is not None)
+    return f"{fit} of {len(placed)} claims allocated (parity with kube-scheduler)", details
+
+
+def _prepare(kubelet: Kubelet, claims: list[Placed]) -> tuple[str, list[str]]:
+    response = kubelet.prepare(claims)
+    details = []
+    for claim in claims:
+        answer = response.claims[claim.uid]
+        if answer.error:
+            raise StepFailed(f"{claim.namespace}/{claim.name}: {answer.error}")
+        details.append(f"{claim.namespace}/{claim.name}:")
+        details += [f"  {d.device_name}: {' '.join(d.cdi_device_ids)}" for d in answer.devices]
+    return f"NodePrepareResources: {len(claims)} claims prepared", details
+
+
+def _cdi_spec(options: PluginOptions, claims: list[Placed]) -> tuple[str, list[str]]:
+    specs = cdi.claim_specs(options.cdi_root, options.driver)
+    missing = [f"{c.namespace}/{c.name}" for c in claims if c.uid not in specs]
+    if missing:
+        raise StepFailed(f"no CDI spec for {', '.join(missing)}")
+    if not claims:
+        return "no claim prepared", []
+    path = specs[claims[0].uid]
+    return (f"{len(specs)} CDI specs in {options.cdi_root}; "
+            f"{claims[0].namespace}/{claims[0].name}'s:",
+            [str(path), *json.dumps(json.loads(path.read_text()), indent=2).splitlines()])
+
+
+def _unprepare(kubelet: Kubelet, claims: list[Placed],
+               options: PluginOptions) -> tuple[str, list[str]]:
+    response = kubelet.unprepare(claims)
+    for claim in claims:
+        if response.claims[claim.uid].error:
+            raise StepFailed(f"{claim.namespace}/{claim.name}: "
+                             f"{response.claims[claim.uid].error}")
+    left = cdi.claim_specs(options.cdi_root, options.driver)
+    if left:
+        raise StepFailed(f"CDI specs left after unprepare: {', '.join(map(str, left.values()))}")
+    return f"NodeUnprepareResources: {len(claims)} claims unprepared, CDI specs removed", []
+
+
+def _stop(plugin: Plugin, root: Path, keep: bool) -> tuple[str, list[str]]:
+    plugin.stop(grace=1.0)
+    if keep:
+        return f"plugin stopped; folder kept: {root}", []
+    shutil.rmtree(root)
+    return "plugin stopped, sockets and folder removed", []
