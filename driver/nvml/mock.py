@@ -5,9 +5,10 @@ failures raised as `pynvml.NVMLError(code)` with NVML's codes, so discovery and 
 management run unchanged on a laptop. Handles are pynvml's own pointer types whose
 address encodes what they point at; they are never dereferenced.
 
-MIG is alive: GPU and compute instances are created and destroyed by NVML's rules
-(profile.MigLayout). With a state path, those instances are "the hardware": kept in a JSON
-file shared by processes, so a driver killed with SIGKILL finds on restart what it made.
+MIG is alive: MIG mode is switched (at once, as on Hopper with no process on the GPU), GPU
+and compute instances are created and destroyed by NVML's rules (profile.MigLayout). With a
+state path, the modes and instances are "the hardware": kept in a JSON file shared by
+processes, so a driver killed with SIGKILL finds on restart what it made.
 
 Answers beyond the capture were read on a real H200 (driver 580, MIG off): a GPU-instance
 lookup or MIG device index that finds nothing is NOT_FOUND, listing GPU instances with MIG
@@ -188,7 +189,8 @@ class _Ref:
 
 
 class _MigStore:
-    """The live MIG instances of every GPU: in memory, or in a JSON file shared by processes.
+    """The MIG mode and live MIG instances of every GPU: in memory, or in a JSON file shared
+    by processes.
 
     Writers hold an flock on `<state>.lock`, reload, change, and replace the file
     atomically (temp file, fsync, rename); readers reload only when the file changed.
@@ -200,18 +202,23 @@ class _MigStore:
         self._stamp: tuple[int, int, int] | None = None
         self._mutex = threading.Lock()
         self._layouts = self._build({i: gpu.mig.gpuInstances for i, gpu in enumerate(profile.gpus)
-                                     if gpu.mig is not None})
+                                     if gpu.mig is not None}, {})
         if path is not None:
             self._reload()  # a bad state file fails here, not in the middle of discovery
 
-    def _build(self, specs: dict[int, list[GpuInstanceSpec]]) -> list[MigLayout | None]:
-        """Layouts holding `specs` (by GPU index); a FieldError names what cannot exist."""
+    def _build(self, specs: dict[int, list[GpuInstanceSpec]],
+               modes: dict[int, bool]) -> list[MigLayout | None]:
+        """Layouts holding `specs` in `modes` (by GPU index; a GPU left out has its profile's
+        mode); a FieldError names what cannot exist."""
         layouts: list[MigLayout | None] = []
         for i, gpu in enumerate(self._profile.gpus):
             spec = self._profile.model_of(i).mig
-            layout = MigLayout(spec) if spec is not None else None
+            if modes.get(i) and spec is None:
+                raise FieldError(f"migEnabled.{gpu.uuid}", f"model {gpu.model!r} has no MIG")
+            enabled = modes.get(i, gpu.mig_enabled)
+            layout = MigLayout(spec, enabled) if spec is not None else None
             wanted = specs.get(i, [])
-            if wanted and (layout is None or not gpu.mig_enabled):
+            if wanted and (layout is None or not enabled):
                 raise FieldError(f"gpus.{gpu.uuid}", "MIG is not enabled on this GPU")
             if layout is not None:
                 try:
@@ -245,10 +252,12 @@ class _MigStore:
         state = validate(MigState, data, file)
         index = {gpu.uuid: i for i, gpu in enumerate(self._profile.gpus)}
         try:
-            unknown = sorted(set(state.gpus) - set(index))
-            if unknown:
-                raise FieldError(f"gpus.{unknown[0]}", "no such GPU in the profile")
-            self._layouts = self._build({index[u]: specs for u, specs in state.gpus.items()})
+            for section, uuids in (("gpus", state.gpus), ("migEnabled", state.migEnabled)):
+                unknown = sorted(set(uuids) - set(index))
+                if unknown:
+                    raise FieldError(f"{section}.{unknown[0]}", "no such GPU in the profile")
+            self._layouts = self._build({index[u]: specs for u, specs in state.gpus.items()},
+                                        {index[u]: on for u, on in state.migEnabled.items()})
         except FieldError as err:
             raise ProfileError(file, [(err.path, err.message)]) from None
         self._stamp = stamp
@@ -274,10 +283,12 @@ class _MigStore:
 
     def _save(self) -> None:
         assert self._path is not None
-        state = {"version": 1, "gpus": {
-            gpu.uuid: [s.model_dump(exclude_none=True) for s in layout.specs()]
-            for gpu, layout in zip(self._profile.gpus, self._layouts, strict=True)
-            if layout is not None}}
+        live = [(gpu.uuid, layout) for gpu, layout in zip(self._profile.gpus, self._layouts,
+                                                          strict=True) if layout is not None]
+        state = {"version": 1,
+                 "gpus": {uuid_: [s.model_dump(exclude_none=True) for s in layout.specs()]
+                          for uuid_, layout in live},
+                 "migEnabled": {uuid_: layout.enabled for uuid_, layout in live}}
         fd, tmp = tempfile.mkstemp(dir=self._path.parent, prefix=f".{self._path.name}.")
         try:
             with os.fdopen(fd, "w") as f:
@@ -470,9 +481,20 @@ class MockNvml:
     @_api
     def nvmlDeviceGetMigMode(self, handle: Any) -> list[int]:
         gpu = self._ref(handle, _DEVICE).gpu
-        self._layout(gpu)
-        mode = int(self.profile.gpus[gpu].mig_enabled)
+        mode = int(self._layout(gpu).enabled)
         return [mode, mode]
+
+    @_api
+    def nvmlDeviceSetMigMode(self, handle: Any, mode: int) -> int:
+        """Switches at once and answers the activation status NVML_SUCCESS, as Hopper does
+        when no process uses the GPU; off while GPU instances live is IN_USE."""
+        gpu = self._ref(handle, _DEVICE).gpu
+        self._layout(gpu)
+        if mode not in (pynvml.NVML_DEVICE_MIG_DISABLE, pynvml.NVML_DEVICE_MIG_ENABLE):
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        with self._store.change(gpu) as layout, _as_nvml_errors():
+            layout.set_enabled(mode == pynvml.NVML_DEVICE_MIG_ENABLE)
+        return pynvml.NVML_SUCCESS
 
     @_api
     def nvmlDeviceGetGpuInstanceProfileInfo(self, handle: Any, profile: int,
@@ -514,9 +536,8 @@ class MockNvml:
     @_api
     def nvmlDeviceGetMaxMigDeviceCount(self, handle: Any) -> int:
         """7 on these parts with MIG on; 0 with MIG off or on a GPU without MIG."""
-        gpu = self._ref(handle, _DEVICE).gpu
-        spec = self.profile.model_of(gpu).mig
-        return spec.maxDevices if spec is not None and self.profile.gpus[gpu].mig_enabled else 0
+        layout = self._store.layouts()[self._ref(handle, _DEVICE).gpu]
+        return layout.spec.maxDevices if layout is not None and layout.enabled else 0
 
     @_api
     def nvmlDeviceGetMigDeviceHandleByIndex(self, handle: Any, index: int) -> Any:
@@ -589,9 +610,9 @@ class MockNvml:
                    size: int | None) -> Any:
         gpu = self._ref(handle, _DEVICE).gpu
         self._layout(gpu)
-        if not self.profile.gpus[gpu].mig_enabled:
-            raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
         with self._store.change(gpu) as layout, _as_nvml_errors():
+            if not layout.enabled:
+                raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
             gi = layout.create_gi(profile_id, start, size)
         return _Ref(_GI, gpu, gi.id).handle()
 

@@ -420,7 +420,7 @@ class Profile(_Strict):
             if gpu.mig.gpuInstances and not gpu.mig.enabled:
                 raise FieldError(f"gpus[{i}].mig.gpuInstances", "MIG is not enabled")
             try:
-                MigLayout(spec).restore(gpu.mig.gpuInstances)
+                MigLayout(spec, gpu.mig.enabled).restore(gpu.mig.gpuInstances)
             except MigError as err:
                 raise FieldError(f"gpus[{i}].mig.{err.where}", err.message) from None
 
@@ -438,10 +438,12 @@ class ModelLibrary(_Strict):
 
 
 class MigState(_Strict):
-    """The mock's persisted MIG instances, by GPU UUID (what a real GPU keeps across restarts)."""
+    """The mock's persisted MIG instances and MIG modes, by GPU UUID (what a real GPU keeps
+    across restarts); a GPU missing from `migEnabled` has its profile's mode."""
 
     version: Literal[1]
     gpus: dict[str, list[GpuInstanceSpec]]
+    migEnabled: dict[str, bool] = {}
 
 
 # --------------------------------------------------------------------------- MIG rules
@@ -500,11 +502,13 @@ class MigLayout:
 
     Refusals: a placement the profile does not list is INVALID_ARGUMENT; one that overlaps a
     live instance, or a profile at its instanceCount, is INSUFFICIENT_RESOURCES; destroying
-    a GPU instance that still has compute instances is IN_USE.
+    a GPU instance that still has compute instances, or turning MIG mode off while GPU
+    instances live, is IN_USE.
     """
 
-    def __init__(self, spec: MigSpec) -> None:
+    def __init__(self, spec: MigSpec, enabled: bool) -> None:
         self.spec = spec
+        self.enabled = enabled  # MIG mode, current = pending (no reset needed, as on Hopper)
         self.gis: dict[int, GpuInstance] = {}
 
     def profile(self, profile_id: int) -> GiProfile:
@@ -565,6 +569,12 @@ class MigLayout:
         if gi_id not in self.gis:
             raise MigError(pynvml.NVML_ERROR_NOT_FOUND, f"no GPU instance {gi_id}")
         return self.gis[gi_id]
+
+    def set_enabled(self, enabled: bool) -> None:
+        if not enabled and self.gis:
+            raise MigError(pynvml.NVML_ERROR_IN_USE, "MIG mode cannot be disabled while GPU "
+                           f"instances {sorted(self.gis)} exist")
+        self.enabled = enabled
 
     def destroy_gi(self, gi_id: int) -> None:
         gi = self.gi(gi_id)

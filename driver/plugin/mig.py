@@ -2,10 +2,13 @@
 
 One lock per GPU serializes MIG changes on that GPU (NVML reconfigures the whole GPU's
 partition table); different GPUs change in parallel. A MIG device is one GPU instance at
-the published placement plus one compute instance spanning it. A creation that fails
-half-way destroys what it made before raising. A device is found again by its placement,
-which identifies a GPU instance uniquely on its GPU, so destroying works from a plan
-recorded before creation as well as from a finished record.
+the published placement plus one compute instance spanning it. MIG mode follows what is
+prepared, read live from NVML: the first MIG device turns it on, a whole-GPU prepare turns
+it off (Hopper and later switch without a reset when no process uses the GPU; a GPU that
+would need a reset is refused). A creation that fails half-way destroys what it made, and
+turns MIG mode off again if it turned it on, before raising. A device is found again by its
+placement, which identifies a GPU instance uniquely on its GPU, so destroying works from a
+plan recorded before creation as well as from a finished record.
 """
 
 from __future__ import annotations
@@ -70,10 +73,15 @@ class MigManager:
         with self._lock(gpu.uuid):
             try:
                 device = nvml.nvmlDeviceGetHandleByUUID(gpu.uuid)
+            except pynvml.NVMLError as err:
+                raise MigFailure(f"cannot create {what}: {err}") from None
+            enabled = self._set_mode(device, gpu.uuid, True)
+            try:
                 gi = nvml.nvmlDeviceCreateGpuInstanceWithPlacement(
                     device, profile.id, ctypes.byref(
                         pynvml.c_nvmlGpuInstancePlacement_t(placement.start, placement.size)))
             except pynvml.NVMLError as err:
+                self._restore_mode(device, gpu.uuid, enabled)
                 raise MigFailure(f"cannot create {what}: {err}") from None
             ci = None
             try:
@@ -82,11 +90,61 @@ class MigManager:
                     gi, self._full_ci_profile(gi, profile))
                 ci_id = nvml.nvmlComputeInstanceGetInfo(ci).id
             except pynvml.NVMLError as err:
-                self._undo(gi, ci, what)
+                if self._undo(gi, ci, what):
+                    self._restore_mode(device, gpu.uuid, enabled)
                 raise MigFailure(f"cannot create the compute instance of {what}: {err}") \
                     from None
         log.info("created %s: GPU instance %d, compute instance %d", what, gi_id, ci_id)
         return CreatedMig(gi_id, ci_id)
+
+    def disable(self, gpu: Gpu) -> None:
+        """Turn MIG mode off for a whole-GPU prepare; refused while MIG devices exist or a
+        process uses the GPU."""
+        nvml = self.nvml
+        with self._lock(gpu.uuid):
+            try:
+                device = nvml.nvmlDeviceGetHandleByUUID(gpu.uuid)
+                if nvml.nvmlDeviceGetMigMode(device)[0] != pynvml.NVML_DEVICE_MIG_ENABLE:
+                    return
+                live = [(p.name, gi.placement.start) for p in gpu.mig_profiles
+                        for gi in map(nvml.nvmlGpuInstanceGetInfo,
+                                      self._gpu_instances(device, p.id))]
+            except pynvml.NVMLError as err:
+                raise MigFailure(f"cannot read the MIG mode of {gpu.uuid}: {err}") from None
+            if live:
+                raise MigFailure(f"cannot use the whole GPU {gpu.uuid}: MIG mode is on and "
+                                 f"MIG devices still exist on it ("
+                                 + ", ".join(f"{name} at {start}" for name, start in live)
+                                 + "); unprepare the claims that hold them first")
+            self._set_mode(device, gpu.uuid, False)
+
+    def _set_mode(self, device: Any, gpu_uuid: str, on: bool) -> bool:
+        """Switch MIG mode (the GPU's lock held); True if it changed."""
+        nvml = self.nvml
+        verb = "enable" if on else "disable"
+        wanted = pynvml.NVML_DEVICE_MIG_ENABLE if on else pynvml.NVML_DEVICE_MIG_DISABLE
+        try:
+            if nvml.nvmlDeviceGetMigMode(device)[0] == wanted:
+                return False
+            status = nvml.nvmlDeviceSetMigMode(device, wanted)
+        except pynvml.NVMLError as err:
+            hint = "; a process is using the GPU" \
+                if err.value == pynvml.NVML_ERROR_IN_USE else ""
+            raise MigFailure(f"cannot {verb} MIG mode on {gpu_uuid}: {err}{hint}") from None
+        if status != pynvml.NVML_SUCCESS:
+            raise MigFailure(f"cannot {verb} MIG mode on {gpu_uuid} without a GPU reset "
+                             f"(activation status {status}); reset the GPU, then retry")
+        log.info("%sd MIG mode on %s", verb, gpu_uuid)
+        return True
+
+    def _restore_mode(self, device: Any, gpu_uuid: str, enabled: bool) -> None:
+        """Undo a MIG mode switch that `create` made, once nothing it made is left."""
+        if not enabled:
+            return
+        try:
+            self._set_mode(device, gpu_uuid, False)
+        except MigFailure as err:  # harmless: the next whole-GPU prepare turns it off
+            log.error("%s", err)
 
     def _full_ci_profile(self, gi: Any, profile: MigProfile) -> int:
         for index in _CI_PROFILES:
@@ -99,13 +157,15 @@ class MigManager:
                 return int(info.id)
         raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
 
-    def _undo(self, gi: Any, ci: Any, what: str) -> None:
+    def _undo(self, gi: Any, ci: Any, what: str) -> bool:
         try:
             if ci is not None:
                 self.nvml.nvmlComputeInstanceDestroy(ci)
             self.nvml.nvmlGpuInstanceDestroy(gi)
         except pynvml.NVMLError as err:  # the start-up sweep destroys it on the next start
             log.error("cannot roll back the half-created %s: %s", what, err)
+            return False
+        return True
 
     def destroy(self, gpu_uuid: str, profile_id: int, start: int) -> bool:
         """Destroy the MIG device at this placement (its compute instances, then the GPU

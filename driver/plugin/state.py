@@ -196,7 +196,7 @@ class PluginState:
         wanted = {(d.gpu_uuid, d.created_mig.profile_id, d.created_mig.start)
                   for r in records for d in r.devices if d.created_mig is not None}
         for gpu in self.inventory.gpus:
-            if not (gpu.mig_enabled and gpu.mig_profiles):
+            if not gpu.mig_profiles:  # MIG mode may have changed since discovery
                 continue
             try:
                 for live in self.mig.live(gpu):
@@ -297,10 +297,6 @@ class PluginState:
             if result.admin_access:
                 raise ClaimError("bad_request", f"device {result.device}: adminAccess to a "
                                                 "dynamic MIG device is not supported")
-            if not target.gpu.mig_enabled:
-                raise ClaimError("mig_disabled", f"device {result.device}: MIG mode is off on "
-                                                 f"GPU {target.gpu.uuid}; enable it to use "
-                                                 "MIG devices")
             assert target.placement is not None
             created = MigInstance(target.dynamic_profile.id, target.placement.start,
                                   target.placement.size)
@@ -385,8 +381,11 @@ class PluginState:
             try:
                 created: dict[str, MigInstance] = {}
                 for device in plan.devices:
+                    target = self.index[device.device]
+                    if self.dynamic_mig and target.kind == "gpu" and target.gpu.mig_profiles \
+                            and not device.admin_access:  # its partitions are free (counters)
+                        self.mig.disable(target.gpu)
                     if device.created_mig is not None and device.device not in created:
-                        target = self.index[device.device]
                         assert target.dynamic_profile is not None and target.placement
                         made = self.mig.create(target.gpu, target.dynamic_profile,
                                                target.placement)

@@ -1,10 +1,12 @@
 """MIG devices through the plugin: dynamic MIG creates the device at the published placement
-when a claim is prepared and destroys it when unprepared, rolls back whatever fails, and
-owns the GPU's MIG devices (strays are destroyed at start); static MIG injects what exists.
+when a claim is prepared and destroys it when unprepared, turns MIG mode on for a MIG device
+and off for the whole GPU, rolls back whatever fails, and owns the GPU's MIG devices (strays
+are destroyed at start); static MIG injects what exists.
 The mock's MIG state file plays the hardware."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from driver.nvml.mock import mock_provider
@@ -22,6 +24,7 @@ from tests.support.plugin import (
 
 GPU0 = "GPU-6493d427-501d-5931-bd3f-97d1981f0fc8"  # dgx-h100 GPU 0 (minor 0)
 GPU1 = "GPU-df0fc3e6-d2c7-5d85-984d-a4c26364deeb"  # GPU 1 (minor 1)
+H100 = "GPU-38ab404c-3055-5622-b266-e2d6fb39931a"  # h100-80gb-hbm3 GPU 0: MIG mode off
 PROFILE_3G, PROFILE_1G, PROFILE_4G = 9, 19, 5  # H100 GPU-instance profile ids
 
 
@@ -119,12 +122,71 @@ def test_stray_mig_devices_are_destroyed_at_start_and_claimed_ones_kept(
     assert live_mig(node.mock_state) == {GPU1: [(PROFILE_1G, 6, 1)]}
 
 
-def test_mig_devices_of_a_gpu_with_mig_mode_off_are_refused(node: Node, start: Start) -> None:
-    running = dynamic(start, node)
-    claim = make_claim(node.local, [result("gpu-2-mig-1g10gb-0")])
+def mig_mode(mock_state: Path) -> dict[str, bool]:
+    """MIG mode by GPU UUID as the mock hardware holds it."""
+    return json.loads(mock_state.read_text())["migEnabled"] if mock_state.exists() else {}
+
+
+def test_mig_mode_follows_what_is_prepared_on_a_gpu_with_mig_off(node: Node,
+                                                                 start: Start) -> None:
+    running = start("h100-80gb-hbm3", mock_state=node.mock_state, mig_mode="dynamic")
+    part = make_claim(node.local, [result("gpu-0-mig-1g10gb-0")])
+    assert running.kubelet.prepare([part])[part.uid].error == ""
+    assert mig_mode(node.mock_state) == {H100: True}
+    assert live_mig(node.mock_state) == {H100: [(PROFILE_1G, 0, 1)]}
+    # GPU instance 7 (the 1-slice at 0), compute instance 0: caps 3 + 9*7 and + 1
+    assert [n["path"] for n in cdi_specs(node.cdi)[part.uid]["devices"][0]["containerEdits"][
+        "deviceNodes"]] == ["/dev/nvidia0", "/dev/nvidia-caps/nvidia-cap66",
+                            "/dev/nvidia-caps/nvidia-cap67"]
+    assert running.kubelet.unprepare([part]) == {part.uid: ""}
+    assert live_mig(node.mock_state) == {} and mig_mode(node.mock_state) == {H100: True}
+    whole = make_claim(node.local, [result("gpu-0")])
+    assert running.kubelet.prepare([whole])[whole.uid].error == ""
+    assert mig_mode(node.mock_state) == {H100: False}
+    assert [n["path"] for n in cdi_specs(node.cdi)[whole.uid]["devices"][0]["containerEdits"][
+        "deviceNodes"]] == ["/dev/nvidia0"]
+
+
+def test_a_whole_gpu_is_refused_while_mig_devices_live_on_it(node: Node, start: Start) -> None:
+    running = start("h100-80gb-hbm3", mock_state=node.mock_state, mig_mode="dynamic")
+    part = make_claim(node.local, [result("gpu-0-mig-1g10gb-0")])
+    assert running.kubelet.prepare([part])[part.uid].error == ""
+    whole = make_claim(node.local, [result("gpu-0")])  # allocated against the counters
+    assert "device gpu-0 overlaps gpu-0-mig-1g10gb-0, which is already prepared" in \
+        running.kubelet.prepare([whole])[whole.uid].error
+    running.kubelet.unprepare([part])
+    outside = mock_provider("h100-80gb-hbm3", node.mock_state)  # e.g. an admin's nvidia-smi
+    outside.nvml.nvmlInit()
+    gpu = running.plugin.state.inventory.gpus[0]
+    profile = next(p for p in gpu.mig_profiles if p.id == PROFILE_1G)
+    MigManager(outside).create(gpu, profile, profile.placements[3])
+    error = running.kubelet.prepare([whole])[whole.uid].error
+    assert error == (f"cannot use the whole GPU {H100}: MIG mode is on and MIG devices still "
+                     "exist on it (1g.10gb at 3); unprepare the claims that hold them first")
+    assert mig_mode(node.mock_state) == {H100: True}
+    assert live_mig(node.mock_state) == {H100: [(PROFILE_1G, 3, 1)]}
+    assert cdi_specs(node.cdi) == {} and running.plugin.state.records == {}
+
+
+def test_a_gpu_that_cannot_enable_mig_fails_the_claim_cleanly(node: Node, start: Start) -> None:
+    profile = mig_profile(node.root / "busy.yaml", base="h100-80gb-hbm3", gpus=(),
+                          faults={0: {"nvmlDeviceSetMigMode": "IN_USE"}})
+    running = dynamic(start, node, profile)
+    claim = make_claim(node.local, [result("gpu-0-mig-1g10gb-0")])
     error = running.kubelet.prepare([claim])[claim.uid].error
-    assert "MIG mode is off on GPU" in error
-    assert live_mig(node.mock_state) == {}
+    assert error.startswith(f"cannot enable MIG mode on {H100}: ")
+    assert error.endswith("; a process is using the GPU")
+    assert mig_mode(node.mock_state) == {} and live_mig(node.mock_state) == {}
+    assert cdi_specs(node.cdi) == {} and running.plugin.state.records == {}
+
+
+def test_a_failed_creation_turns_mig_mode_off_again(node: Node, start: Start) -> None:
+    profile = mig_profile(node.root / "faulty.yaml", base="h100-80gb-hbm3", gpus=(),
+                          faults={0: {"nvmlDeviceCreateGpuInstanceWithPlacement": "UNKNOWN"}})
+    running = dynamic(start, node, profile)
+    claim = make_claim(node.local, [result("gpu-0-mig-1g10gb-0")])
+    assert "cannot create MIG 1g.10gb at 0:1" in running.kubelet.prepare([claim])[claim.uid].error
+    assert mig_mode(node.mock_state) == {H100: False} and live_mig(node.mock_state) == {}
 
 
 def test_static_mig_devices_are_injected_as_they_are(node: Node, start: Start) -> None:

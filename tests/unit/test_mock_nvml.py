@@ -166,6 +166,8 @@ def test_a_gpu_without_mig_answers_not_supported_or_zero() -> None:
     handle = nvml.nvmlDeviceGetHandleByIndex(0)
     not_supported = pynvml.NVML_ERROR_NOT_SUPPORTED
     assert code_of(nvml.nvmlDeviceGetMigMode, handle) == not_supported
+    assert code_of(nvml.nvmlDeviceSetMigMode, handle, pynvml.NVML_DEVICE_MIG_ENABLE) == \
+        not_supported
     for index in range(pynvml.NVML_GPU_INSTANCE_PROFILE_COUNT):
         assert code_of(nvml.nvmlDeviceGetGpuInstanceProfileInfo, handle, index) == not_supported
     assert nvml.nvmlDeviceGetMaxMigDeviceCount(handle) == 0
@@ -654,6 +656,32 @@ def test_state_file_is_the_hardware_shared_by_two_mocks(lab: Path, tmp_path: Pat
         "no temporary file left behind"
 
 
+def test_mig_mode_switches_live_and_persists(tmp_path: Path) -> None:
+    state = tmp_path / "mig.json"
+    nvml = started("h100-80gb-hbm3", state)
+    device = nvml.nvmlDeviceGetHandleByIndex(0)
+    off, on = pynvml.NVML_DEVICE_MIG_DISABLE, pynvml.NVML_DEVICE_MIG_ENABLE
+    assert nvml.nvmlDeviceGetMigMode(device) == [off, off]
+    assert code_of(nvml.nvmlDeviceCreateGpuInstanceWithPlacement, device, 19,
+                   placement(0, 1)) == pynvml.NVML_ERROR_NOT_SUPPORTED
+    assert nvml.nvmlDeviceGetMaxMigDeviceCount(device) == 0
+    assert code_of(nvml.nvmlDeviceSetMigMode, device, 2) == pynvml.NVML_ERROR_INVALID_ARGUMENT
+    assert nvml.nvmlDeviceSetMigMode(device, on) == pynvml.NVML_SUCCESS  # activation status
+    assert nvml.nvmlDeviceGetMigMode(device) == [on, on]
+    assert nvml.nvmlDeviceGetMaxMigDeviceCount(device) == 7
+    gi = nvml.nvmlDeviceCreateGpuInstanceWithPlacement(device, 19, placement(0, 1))
+    other = started("h100-80gb-hbm3", state)  # another process, or a restart
+    other_device = other.nvmlDeviceGetHandleByIndex(0)
+    assert other.nvmlDeviceGetMigMode(other_device) == [on, on]
+    assert live_gis(other, other_device) == {(7, 19, 0)}
+    assert code_of(other.nvmlDeviceSetMigMode, other_device, off) == pynvml.NVML_ERROR_IN_USE
+    assert nvml.nvmlDeviceGetMigMode(device) == [on, on], "a refused switch changes nothing"
+    nvml.nvmlGpuInstanceDestroy(gi)
+    assert other.nvmlDeviceSetMigMode(other_device, off) == pynvml.NVML_SUCCESS
+    assert nvml.nvmlDeviceGetMigMode(device) == [off, off]
+    assert started("h100-80gb-hbm3", state).nvmlDeviceGetMigMode(device) == [off, off]
+
+
 def test_a_state_path_without_a_file_starts_from_the_profile(tmp_path: Path) -> None:
     state = tmp_path / "mig.json"
     nvml = started("a100-mig", state)
@@ -709,6 +737,12 @@ def test_concurrent_processes_lose_no_instance(lab: Path, tmp_path: Path) -> Non
      "gpus.GPU-0d3bc11a-100e-5b77-adb5-2fbf5587b271.gpuInstances[1].start"),
     ('{"version": 1, "gpus": {"GPU-70e3794e-f4cb-546f-aa37-72f210f1150d": ['
      '{"profileId": 9, "start": 0}]}}', "gpus.GPU-70e3794e-f4cb-546f-aa37-72f210f1150d"),
+    ('{"version": 1, "gpus": {}, "migEnabled": {"GPU-00000000-0000-0000-0000-000000000000": '
+     'true}}', "migEnabled.GPU-00000000-0000-0000-0000-000000000000"),
+    ('{"version": 1, "gpus": {"GPU-0d3bc11a-100e-5b77-adb5-2fbf5587b271": ['
+     '{"profileId": 9, "start": 0}]}, "migEnabled": '
+     '{"GPU-0d3bc11a-100e-5b77-adb5-2fbf5587b271": false}}',
+     "gpus.GPU-0d3bc11a-100e-5b77-adb5-2fbf5587b271"),
 ])
 def test_a_bad_state_file_is_refused_naming_it(tmp_path: Path, content: str, where: str) -> None:
     state = tmp_path / "mig.json"
