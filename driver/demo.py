@@ -5,8 +5,8 @@ plays the scheduler (the allocation kernel, `explain` for what does not fit) and
 kubelet (registration GetInfo, then NodePrepareResources / NodeUnprepareResources over
 the DRA socket). Every step prints one line with its time, then its details.
 
-Dynamic MIG needs MIG mode on: the demo runs on a copy of the profile with MIG mode
-enabled on every GPU that supports it.
+The plugin runs dynamic MIG: it turns MIG mode on for the GPU of the first MIG claim, as
+it would on a real node.
 """
 
 from __future__ import annotations
@@ -80,15 +80,6 @@ def profile_source(profile: str) -> Path:
     shipped = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml")
                                if not p.stem.startswith("_")))
     raise InputError(f"--profile {profile}: no such profile or file (shipped: {shipped})")
-
-
-def with_mig_enabled(profile_yaml: str, gpus: Sequence[int]) -> str:
-    """The profile with MIG mode on for the GPUs at these positions, their MIG devices kept."""
-    data = json.loads(json.dumps(yaml.safe_load(profile_yaml)))  # unshare YAML aliases
-    for index in gpus:
-        mig = data["gpus"][index].get("mig") or {}
-        data["gpus"][index]["mig"] = {**mig, "enabled": True}
-    return yaml.safe_dump(data, sort_keys=False)
 
 
 def read_claims(path: Path) -> list[dict[str, Any]]:
@@ -207,20 +198,16 @@ def run_demo(options: DemoOptions, out: Print = print) -> int:
 
     source = profile_source(options.profile)
     raw_claims = read_claims(options.claims)
-    try:
-        plain = discover(mock_provider(str(source)))
-    except ProfileError as err:
-        raise InputError(str(err)) from err
     root = Path(tempfile.mkdtemp(prefix="gpu-dra-demo-", dir="/tmp"))  # sockets: short paths
     started = time.monotonic()
     plugin: Plugin | None = None
     kubelet: Kubelet | None = None
     steps = Steps(9, out)
     try:
-        mig_gpus = [i for i, gpu in enumerate(plain.gpus) if gpu.mig_profiles]
-        profile = root / "profile.yaml"
-        profile.write_text(with_mig_enabled(source.read_text(), mig_gpus))
-        provider = mock_provider(str(profile), root / "mig-state.json")
+        try:
+            provider = mock_provider(str(source), root / "mig-state.json")
+        except ProfileError as err:
+            raise InputError(str(err)) from err
         plugin_options = PluginOptions(
             driver=options.driver, node=options.node, registry_dir=root / "registry",
             plugin_dir=root / "plugin", cdi_root=root / "cdi", mig_mode="dynamic",
@@ -228,7 +215,7 @@ def run_demo(options: DemoOptions, out: Print = print) -> int:
         (root / "local").mkdir()
         out(f"gpu-dra demo: profile {options.profile}, claims {options.claims}, "
             f"folder {root}")
-        steps.run("discover", lambda: _discover(provider, options, mig_gpus))
+        steps.run("discover", lambda: _discover(provider, options))
         plugin = Plugin(plugin_options, provider)
         steps.run("start plugin", lambda: _start(plugin, plugin_options))
         kubelet = Kubelet(plugin_options)
@@ -259,12 +246,11 @@ def run_demo(options: DemoOptions, out: Print = print) -> int:
     return 0
 
 
-def _discover(provider: Provider, options: DemoOptions,
-              mig_gpus: list[int]) -> tuple[str, list[str]]:
+def _discover(provider: Provider, options: DemoOptions) -> tuple[str, list[str]]:
     inventory: Inventory = discover(provider)
-    mig = f"MIG mode on for GPUs {', '.join(map(str, mig_gpus))}" if mig_gpus else "no MIG"
-    return (f"{len(inventory.gpus)} GPUs on mock profile {options.profile} ({mig})",
-            inventory_table(inventory).splitlines())
+    mig = sum(1 for gpu in inventory.gpus if gpu.mig_profiles)
+    return (f"{len(inventory.gpus)} GPUs on mock profile {options.profile} "
+            f"({mig} MIG-capable)", inventory_table(inventory).splitlines())
 
 
 def _start(plugin: Plugin, options: PluginOptions) -> tuple[str, list[str]]:
