@@ -19,7 +19,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -241,9 +241,11 @@ class DirPublisher:
     atomically (temp file in the same folder, fsync, rename). Files of other drivers or
     nodes in the folder are left alone; names starting with ``.`` are never slices."""
 
-    def __init__(self, root: Path, options: SliceOptions) -> None:
+    def __init__(self, root: Path, options: SliceOptions,
+                 on_writes: Callable[[int], None] | None = None) -> None:
         self.directory = Path(root) / "resourceslices"
         self.options = options
+        self.on_writes = on_writes  # told how many files each publish wrote (metrics)
 
     def _existing(self) -> list[dict[str, Any]]:
         found = []
@@ -275,6 +277,8 @@ class DirPublisher:
             obj["metadata"].pop("resourceVersion", None)
             write_atomically(self.directory / f"{obj['metadata']['name']}.yaml",
                              yaml.safe_dump(obj, sort_keys=False).encode(), durable=True)
+        if todo.writes and self.on_writes is not None:
+            self.on_writes(todo.writes)
         return _result(todo)
 
     def cleanup(self) -> int:
@@ -321,8 +325,10 @@ class ApiPublisher:
         resync_period: float = 60.0,
         backoff: Backoff | None = None,
         request_timeout: float = 30.0,
+        on_writes: Callable[[int], None] | None = None,
     ) -> None:
         self._api = api_client
+        self.on_writes = on_writes  # told how many writes each sync made, the loop's too
         self.driver = driver
         self.node = node
         self.mig_mode: MigMode = mig_mode
@@ -478,6 +484,8 @@ class ApiPublisher:
             todo.generation)
         self.syncs += 1
         if todo.writes:
+            if self.on_writes is not None:
+                self.on_writes(todo.writes)
             log.info("ResourceSlices of %s: generation %d, created %d, updated %d, deleted %d",
                      self.node, todo.generation, len(todo.create), len(todo.update),
                      len(todo.delete))

@@ -107,11 +107,12 @@ class Plugin:
         if o.local_dir is not None:
             layout: CounterLayout = "split" if o.counter_layout == "auto" else o.counter_layout
             publisher: Publisher = DirPublisher(o.local_dir, SliceOptions(
-                o.driver, o.node, o.mig_mode, layout))
+                o.driver, o.node, o.mig_mode, layout), on_writes=self.metrics.slice_writes.inc)
             claims: ClaimSource = DirClaimSource(o.local_dir)
         else:
             api = _api_client(o.kubeconfig)
-            api_publisher = ApiPublisher(api, o.driver, o.node, o.mig_mode, o.counter_layout)
+            api_publisher = ApiPublisher(api, o.driver, o.node, o.mig_mode, o.counter_layout,
+                                         on_writes=self.metrics.slice_writes.inc)
             threading.Thread(target=api_publisher.run_resync, args=(self._resync_stop,),
                              name="publish-resync", daemon=True).start()
             publisher, claims = api_publisher, ApiClaimSource(api)
@@ -143,8 +144,7 @@ class Plugin:
         from driver.publish import PublishTimeout  # the kubernetes client loads lazily
 
         try:
-            result = publisher.publish(inventory, timeout=START_PUBLISH_TIMEOUT)
-            self.metrics.slice_writes.inc(result.writes)
+            publisher.publish(inventory, timeout=START_PUBLISH_TIMEOUT)
         except PublishTimeout as err:
             # Serving matters more: the kubelet may need to unprepare what we prepared
             # before. The resync loop publishes as soon as the API server answers.

@@ -202,7 +202,9 @@ def test_a_deleted_or_edited_slice_is_restored_by_the_watch(
     node = fake_node()
     inventory = discover(mock_provider("dgx-h100"))
     # A resync period far beyond the test: only the watch can bring the slices back.
-    with publisher_for(control_plane, node, "dynamic", resync_period=600) as (publisher, _):
+    reported: list[int] = []  # what the plugin's slice-writes metric is told
+    with publisher_for(control_plane, node, "dynamic", resync_period=600,
+                       on_writes=reported.append) as (publisher, calls):
         publisher.publish(inventory)
         original = pool(api, node)
         victim = original[2]["metadata"]
@@ -227,6 +229,8 @@ def test_a_deleted_or_edited_slice_is_restored_by_the_watch(
             assert [content(s) for s in again] == [content(s) for s in original]
             assert [s["metadata"]["name"] for s in again] == \
                 [s["metadata"]["name"] for s in original]
+        assert sum(reported) == len(writes(calls)) > len(original), \
+            "the resync loop's writes are reported too"
 
 
 class Injected:
