@@ -27,7 +27,7 @@ from driver.allocator_input import Claim, DeviceClass, InputError, parse_claim, 
 from driver.allocator_ledger import DeviceRef, Ledger
 from driver.allocator_model import AllocationError, NodeModel, Problem
 from driver.allocator_pools import Node, Pool, check_slices, gather_pools
-from driver.allocator_units import format_quantity
+from driver.quantity import format_quantity
 
 Mode = Literal["parity", "topology"]
 Backend = Literal["native", "reference"]

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-from driver.allocator_units import QuantityError, parse_quantity
 from driver.cel import Selector, SelectorError, compile_selector
+from driver.quantity import QuantityError, parse_quantity
 
 # resource.k8s.io/v1 limits.
 MAX_REQUESTS = 32

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, NamedTuple
 
-from driver.allocator_units import parse_quantity
+from driver.quantity import parse_quantity
 
 
 class DeviceRef(NamedTuple):

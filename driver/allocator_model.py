@@ -18,8 +18,8 @@ from typing import Any
 from driver.allocator_input import MAX_RESULTS, Claim, DeviceClass, Request
 from driver.allocator_ledger import DeviceRef, Ledger
 from driver.allocator_pools import Device, Pool
-from driver.allocator_units import parse_quantity
 from driver.cel import SelectorError
+from driver.quantity import parse_quantity
 
 MATCH, DISTINCT = 0, 1
 

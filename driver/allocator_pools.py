@@ -17,8 +17,8 @@ from typing import Any
 
 from driver.allocator_input import InputError
 from driver.allocator_ledger import DeviceRef
-from driver.allocator_units import QuantityError, parse_quantity
 from driver.cel import DeviceInput, device_input
+from driver.quantity import QuantityError, parse_quantity
 
 NO_SCHEDULE_EFFECTS = ("NoSchedule", "NoExecute")
 

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from driver.allocator_units import parse_quantity
+from driver.quantity import parse_quantity
 
 GROUP = "gpu.dra.dev"
 API_VERSION = f"{GROUP}/v1alpha1"

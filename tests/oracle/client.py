@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from driver.allocator import Allocator, InputError, Ledger, Node
-from driver.allocator_units import parse_quantity
+from driver.quantity import parse_quantity
 
 HERE = Path(__file__).parent
 

@@ -21,9 +21,9 @@ from functools import cache
 from typing import Any
 
 from driver.allocator import driver_classes
-from driver.allocator_units import parse_quantity
 from driver.discovery import discover
 from driver.nvml.mock import mock_provider
+from driver.quantity import parse_quantity
 from driver.slices import SliceOptions, build_slices
 
 PROFILES = ("h200-141gb", "h100-80gb-hbm3", "dgx-h100", "dgx-a100", "a100-pcie-4x", "l4-8x",
