@@ -29,7 +29,6 @@ import fcntl
 import functools
 import json
 import os
-import tempfile
 import threading
 import time
 import uuid
@@ -41,6 +40,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pynvml
 
+from driver.atomicfile import write_atomically
 from driver.nvml import Provider
 from driver.nvml.profile import (
     GI_PROFILE_INDEXES,
@@ -289,17 +289,7 @@ class _MigStore:
                  "gpus": {uuid_: [s.model_dump(exclude_none=True) for s in layout.specs()]
                           for uuid_, layout in live},
                  "migEnabled": {uuid_: layout.enabled for uuid_, layout in live}}
-        fd, tmp = tempfile.mkstemp(dir=self._path.parent, prefix=f".{self._path.name}.")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(state, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        write_atomically(self._path, json.dumps(state, indent=1).encode(), durable=True)
         st = os.stat(self._path)
         self._stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
 
