@@ -31,8 +31,8 @@ from typing import Any
 from cel_expr_python import cel
 from cel_expr_python.ext import ext_bindings, ext_optional, ext_strings
 
-from driver.allocator_units import SemverError, normalize_semver, parse_semver
 from driver.quantity import QuantityError, parse_quantity
+from driver.semver import SemverError, normalize_semver, parse_semver
 
 MAX_EXPRESSION_LENGTH = 10 * 1024
 MAX_COST = 1_000_000

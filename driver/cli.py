@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from driver.allocator_cli import add_allocation_commands
+from driver.allocator.cli import add_allocation_commands
 from driver.discovery import discover
 from driver.inventory_view import inventory_table, inventory_to_dict
 from driver.nvml import Provider
@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from driver.allocator_input import InputError
+    from driver.allocator.input import InputError
     from driver.demo import EXAMPLE_CLAIMS, DemoOptions, StepFailed, run_demo
 
     try:

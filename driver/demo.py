@@ -30,10 +30,10 @@ from driver._proto.dra_v1 import api_pb2_grpc as dra_v1_grpc
 from driver._proto.pluginregistration_v1 import api_pb2 as reg_v1
 from driver._proto.pluginregistration_v1 import api_pb2_grpc as reg_v1_grpc
 from driver.allocator import Allocator, Ledger, allocate_in_order, driver_classes
-from driver.allocator_cli import load_documents
-from driver.allocator_input import InputError
+from driver.allocator.cli import load_documents
+from driver.allocator.explain import explain_all
+from driver.allocator.input import InputError
 from driver.discovery import discover
-from driver.explain import explain_all
 from driver.inventory import Inventory
 from driver.inventory_view import inventory_table
 from driver.nvml import Provider

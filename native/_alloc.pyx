@@ -1,7 +1,7 @@
 # cython: language_level=3
 """The allocation search over device bitsets: no Python objects inside the loop.
 
-Same semantics as driver/allocator_ref.py (the upstream v1.37 search, first fit in
+Same semantics as driver/allocator/reference.py (the upstream v1.37 search, first fit in
 pool/slice/device order, combinations within a request), plus pruning that only
 cuts subtrees holding no solution, so the first solution found is the same:
 - count: fewer usable devices left in scan order than slots to fill;
@@ -756,7 +756,7 @@ cdef void keep(State* s) noexcept nogil:
 
 
 def run(dict a, int optimize, long long budget, int prune=1):
-    """Search one packed problem (see driver/allocator_kernel.py for the layout).
+    """Search one packed problem (see driver/allocator/kernel.py for the layout).
 
     Returns (status, picks per claim as [(entry, device)], alternative per request,
     (error entry, error device, error kind), search steps).

@@ -26,9 +26,10 @@ from typing import Any
 
 import pytest
 
-from driver import _alloc, allocator_kernel
+from driver import _alloc
 from driver.allocator import DEFAULT_BUDGET, Allocator, Ledger, driver_classes
-from driver.allocator_pools import Node
+from driver.allocator import kernel as allocator_kernel
+from driver.allocator.pools import Node
 from driver.discovery import discover
 from driver.nvml.mock import mock_provider
 from driver.slices import SliceOptions, build_slices

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from driver.allocator import Allocator, Ledger, driver_classes
-from driver.allocator_pools import Node
+from driver.allocator.pools import Node
 from driver.discovery import discover
 from driver.nvml.mock import mock_provider
 from driver.slices import SliceOptions, build_slices

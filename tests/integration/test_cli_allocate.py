@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from driver.allocator_cli import FAILURE_ANNOTATION
+from driver.allocator.cli import FAILURE_ANNOTATION
 from driver.cli import main
 
 

@@ -11,11 +11,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import driver._alloc
-from driver import allocator_kernel, allocator_ref
-from driver.allocator_input import Request
-from driver.allocator_ledger import DeviceRef
-from driver.allocator_model import DISTINCT, MATCH, ConstraintPlan, Entry, Problem
-from driver.allocator_pools import Device
+from driver.allocator import kernel as allocator_kernel
+from driver.allocator import reference as allocator_ref
+from driver.allocator.input import Request
+from driver.allocator.ledger import DeviceRef
+from driver.allocator.model import DISTINCT, MATCH, ConstraintPlan, Entry, Problem
+from driver.allocator.pools import Device
 
 BUDGET = 200_000
 

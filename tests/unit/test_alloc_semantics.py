@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from driver.allocator import Allocator, InputError, Ledger, Outcome, prepare_conflicts
-from driver.allocator_ledger import DeviceRef
+from driver.allocator.ledger import DeviceRef
 
 DRIVER = "d.example.com"
 BACKENDS = ["reference", "native"]

@@ -17,11 +17,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from driver.allocator import Allocator, Mode
-from driver.allocator_input import Claim, InputError, Request, parse_claim
-from driver.allocator_ledger import Ledger
-from driver.allocator_model import AllocationError, consumed_capacity, selectable
-from driver.allocator_pools import Device, Node
+from driver.allocator.allocate import Allocator, Mode
+from driver.allocator.input import Claim, InputError, Request, parse_claim
+from driver.allocator.ledger import Ledger
+from driver.allocator.model import AllocationError, consumed_capacity, selectable
+from driver.allocator.pools import Device, Node
 
 MAX_LISTED = 4
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from driver.allocator_input import MAX_RESULTS
-from driver.allocator_model import MATCH, Problem
+from driver.allocator.input import MAX_RESULTS
+from driver.allocator.model import MATCH, Problem
 
 OK, FAIL, MAXSIZE, ERROR = 1, 0, -1, -2
 

@@ -1,6 +1,6 @@
 """A `Problem` packed into flat arrays for the native kernel (`driver._alloc`).
 
-Same interface as `allocator_ref` (`solve`, `optimize` -> `Found`). Importing this
+Same interface as `reference` (`solve`, `optimize` -> `Found`). Importing this
 module fails where the extension is not built; driver.allocator then uses the
 reference. Counters and capacities beyond what int64 holds with headroom go to the
 reference too (`KernelRange`), which computes with Python integers.
@@ -12,11 +12,11 @@ from array import array
 from typing import Any
 
 from driver import _alloc
-from driver.allocator_input import MAX_RESULTS
-from driver.allocator_model import ConstraintPlan, Problem
-from driver.allocator_ref import Found
-from driver.allocator_ref import optimize as ref_optimize
-from driver.allocator_ref import solve as ref_solve
+from driver.allocator.input import MAX_RESULTS
+from driver.allocator.model import ConstraintPlan, Problem
+from driver.allocator.reference import Found
+from driver.allocator.reference import optimize as ref_optimize
+from driver.allocator.reference import solve as ref_solve
 
 _MASK = (1 << 64) - 1
 _LIMIT = 1 << 62

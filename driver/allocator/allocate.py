@@ -7,7 +7,7 @@ Two modes:
 - parity: the answer the kube-scheduler v1.37.2 allocator (its default "incubating"
   variant, with the default feature gates) gives, device for device;
 - topology: among the solutions the same search reaches, the best by
-  `allocator_ref.score` (NVLink-connected sets with the most bandwidth, one NUMA
+  `reference.score` (NVLink-connected sets with the most bandwidth, one NUMA
   node and PCIe root, MIG placements that keep the largest free blocks). It finds a
   solution exactly when parity does.
 
@@ -22,11 +22,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from driver import allocator_ref
-from driver.allocator_input import Claim, DeviceClass, InputError, parse_claim, parse_classes
-from driver.allocator_ledger import DeviceRef, Ledger
-from driver.allocator_model import AllocationError, NodeModel, Problem
-from driver.allocator_pools import Node, Pool, check_slices, gather_pools
+from driver.allocator import reference
+from driver.allocator.input import Claim, DeviceClass, InputError, parse_claim, parse_classes
+from driver.allocator.ledger import DeviceRef, Ledger
+from driver.allocator.model import AllocationError, NodeModel, Problem
+from driver.allocator.pools import Node, Pool, check_slices, gather_pools
 from driver.quantity import format_quantity
 
 Mode = Literal["parity", "topology"]
@@ -39,9 +39,9 @@ DEFAULT_BUDGET = 5_000_000
 TOPOLOGY_BUDGET = 200_000
 
 try:
-    from driver import allocator_kernel
+    from driver.allocator import kernel
 except ImportError:  # the extension is not built: the reference does the work
-    allocator_kernel = None  # type: ignore[assignment]
+    kernel = None  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ class Allocator:
                 found = best
         return self._outcome(found, problem, claims, pools, where)
 
-    def _outcome(self, found: allocator_ref.Found, problem: Problem, claims: Sequence[Claim],
+    def _outcome(self, found: reference.Found, problem: Problem, claims: Sequence[Claim],
                  pools: list[Pool], node: Node) -> Outcome:
         if found.status == "gave-up":
             return Outcome("gave-up", message=f"gave up after {found.nodes} search steps",
@@ -147,15 +147,15 @@ class Allocator:
 
 
 def _backend(backend: Backend) -> Any:
-    if backend == "native" and allocator_kernel is not None:
-        return allocator_kernel
-    return allocator_ref
+    if backend == "native" and kernel is not None:
+        return kernel
+    return reference
 
 
-def _error_text(found: allocator_ref.Found, problem: Problem, claims: Sequence[Claim]
+def _error_text(found: reference.Found, problem: Problem, claims: Sequence[Claim]
                 ) -> tuple[str, str]:
     if found.error_kind == "max-size":
-        return allocator_ref.ABORTED_BY_MAX_SIZE, ""
+        return reference.ABORTED_BY_MAX_SIZE, ""
     entry = problem.entries[found.error_entry]
     claim = claims[entry.claim]
     device = problem.devices[found.error_device]

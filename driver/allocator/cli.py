@@ -22,9 +22,9 @@ from typing import Any
 
 import yaml
 
-from driver.allocator import Allocator, Ledger, allocate_in_order, driver_classes
-from driver.allocator_input import InputError
-from driver.explain import explain_all
+from driver.allocator.allocate import Allocator, Ledger, allocate_in_order, driver_classes
+from driver.allocator.explain import explain_all
+from driver.allocator.input import InputError
 
 FAILURE_ANNOTATION = "gpu.dra.dev/allocation-failure"
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from driver.allocator_input import InputError
-from driver.allocator_ledger import DeviceRef
+from driver.allocator.input import InputError
+from driver.allocator.ledger import DeviceRef
 from driver.cel import DeviceInput, device_input
 from driver.quantity import QuantityError, parse_quantity
 

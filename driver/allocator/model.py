@@ -4,7 +4,7 @@ Everything that does not change while searching is decided here, once: which dev
 each request (or subrequest) may take (class and request selectors, node, capacity
 policy, taints), which selector errors the search would run into, the attribute
 value of every device under every constraint, counters and shared capacity scaled to
-exact integers. The searches (`allocator_ref`, the native kernel) see only this.
+exact integers. The searches (`reference`, the native kernel) see only this.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from fractions import Fraction
 from math import lcm
 from typing import Any
 
-from driver.allocator_input import MAX_RESULTS, Claim, DeviceClass, Request
-from driver.allocator_ledger import DeviceRef, Ledger
-from driver.allocator_pools import Device, Pool
+from driver.allocator.input import MAX_RESULTS, Claim, DeviceClass, Request
+from driver.allocator.ledger import DeviceRef, Ledger
+from driver.allocator.pools import Device, Pool
 from driver.cel import SelectorError
 from driver.quantity import parse_quantity
 
