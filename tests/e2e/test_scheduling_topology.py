@@ -6,10 +6,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from itertools import combinations
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from driver.cli import main
 from driver.discovery import discover
 from driver.inventory import Inventory
 from driver.kubeapi import api_request
@@ -187,3 +190,48 @@ def test_mig_1g10gb_fills_the_h100_and_7g80gb_waits_for_all_of_it(
         assert list(claims.all_allocated()) == ["big"]
         no_overlap()
         claims.release("big")
+
+
+def test_explain_says_why_a_claim_is_pending_from_the_clusters_objects(
+        control_plane: ControlPlane, fake_node: Any, claims_on: Any, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """README's "A claim stays Pending" recipe: the objects kubectl would dump, fed to
+    `gpu-dra explain`, name the constraint and the claims holding the devices."""
+    node = fake_node()
+    claims = claims_on(node)
+    with published(control_plane, node, discover(mock_provider("a100-pcie-4x")),
+                   "static") as slices:
+        island = {d["name"]: d["attributes"]["nvlinkIsland"]["int"]
+                  for s in slices for d in s["spec"]["devices"]}
+        claims.request("train-a", DRIVER, count=2, match_attribute=ISLAND)
+        held = claims.wait_allocated("train-a")
+        # One GPU of the other NVLink pair: no pair is left whole.
+        claims.request("single", DRIVER, cel=f'device.attributes["{DRIVER}"].nvlinkIsland '
+                       f'!= {island[held[0]]}')
+        claims.wait_allocated("single")
+        claims.request("train-b", DRIVER, count=2, match_attribute=ISLAND)
+        claims.wait_unschedulable("train-b")
+
+        def dump(path: str, name: str) -> str:
+            """The API's typed list (`kubectl get --raw`), items without a kind."""
+            file = tmp_path / name
+            file.write_text(yaml.safe_dump(dict(api_request(control_plane.api, "GET", path)
+                                                .expect(200))))
+            return str(file)
+
+        pending = tmp_path / "pending.yaml"
+        pending.write_text(yaml.safe_dump(get(control_plane.api,
+                                              f"{claims.claims}/train-b")))
+        code = main(["explain", "--slices", dump(f"{RESOURCE_V1}/resourceslices", "s.yaml"),
+                     "--classes", dump(f"{RESOURCE_V1}/deviceclasses", "c.yaml"),
+                     "--allocated", dump(f"{RESOURCE_V1}/resourceclaims", "a.yaml"),
+                     "--claims", str(pending)])
+        out, err = capsys.readouterr()
+        assert (code, err) == (1, ""), err
+        ours = [block for block in out.split("\n" + claims.namespace)
+                if f"/train-b on {node}: does not fit" in block]
+        assert ours, out
+        assert f"matchAttribute {ISLAND}" in ours[0]
+        assert f"{claims.namespace}/train-a" in ours[0] and f"{claims.namespace}/single" in ours[0]
+        for name in ("train-b", "single", "train-a"):
+            claims.release(name)

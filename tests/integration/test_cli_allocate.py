@@ -74,6 +74,24 @@ def test_table_output_and_a_directory_of_slices(tmp_path: Path,
     assert "-mig-" in row
 
 
+def test_typed_api_lists_whose_items_carry_no_kind_are_read(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """What `kubectl get --raw` (or a client's list call) returns: ResourceSliceList and
+    ResourceClaimList whose items have no kind of their own."""
+    assert main(["slices", "--mock", "a100-pcie-4x", "--node-name", "node-1"]) == 0
+    items = [{k: v for k, v in s.items() if k not in ("kind", "apiVersion")}
+             for s in yaml.safe_load_all(capsys.readouterr().out)]
+    slices = write(tmp_path / "slices.yaml", {"apiVersion": "resource.k8s.io/v1",
+                                              "kind": "ResourceSliceList", "items": items})
+    bare = {k: v for k, v in claim("a", 2).items() if k not in ("kind", "apiVersion")}
+    claims = write(tmp_path / "claims.yaml", {"apiVersion": "resource.k8s.io/v1",
+                                              "kind": "ResourceClaimList", "items": [bare]})
+    code, out, err = allocate(capsys, "--slices", str(slices), "--claims", str(claims))
+    assert (code, err) == (0, "")
+    assert yaml.safe_load(out)["status"]["allocation"]["devices"]["results"][0]["pool"] == \
+        "node-1"
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda c: c["spec"]["devices"]["requests"][0]["exactly"].update(deviceClassName="tpu"),
      "ResourceClaim default/a: spec.devices.requests[0].exactly.deviceClassName: no "
