@@ -8,6 +8,17 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device-out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+if [ -d build/device-wheels ]; then  # scripts/device-wheels.sh: the plugin's dependencies
+    if python3 -m venv --system-site-packages /tmp/gpu-dra-venv >"$OUT/install.log" 2>&1; then
+        export PATH=/tmp/gpu-dra-venv/bin:$PATH
+        target=()
+    else  # no venv module: install beside the system packages
+        target=(--target /tmp/gpu-dra-site)
+        export PYTHONPATH=$PYTHONPATH:/tmp/gpu-dra-site
+    fi
+    python3 -m pip install -q --no-index --find-links build/device-wheels "${target[@]}" \
+        build/device-wheels/*.whl >>"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+fi
 python3 setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1 || { cat "$OUT/build.log"; exit 1; }
 nvidia-smi -q -x >"$OUT/smi.xml"
 { nvidia-smi; nvidia-smi topo -m; nvidia-smi mig -lgip; nvidia-smi mig -lgipp; nvidia-smi -L; } \
