@@ -40,9 +40,9 @@ def add_allocation_commands(commands: Any, add_provider_args: Callable[..., None
             ("explain", "say why claims do not fit, with numbers, and the nearest change "
                         "that would", _cmd_explain)):
         cmd = commands.add_parser(name, help=helptext)
-        cmd.add_argument("--slices", type=Path, metavar="DIR",
-                         help="ResourceSlices (YAML/JSON files) instead of this node's GPUs "
-                              "(not with --mock)")
+        cmd.add_argument("--slices", type=Path, metavar="PATH",
+                         help="ResourceSlices (a YAML/JSON file, lists too, or a directory "
+                              "of them) instead of this node's GPUs (not with --mock)")
         add_provider_args(cmd)
         add_slice_args(cmd)
         cmd.add_argument("--claims", type=Path, required=True, metavar="PATH",
