@@ -219,6 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo_cmd.add_argument("--keep", action="store_true",
                           help="leave the temporary folder (sockets, slices, claims, CDI "
                                "specs) to inspect")
+    demo_cmd.add_argument("--cluster", action="store_true",
+                          help="run against a real local control plane with the kubelet "
+                               "stand-in on a fake GPU node; print a kubeconfig and wait "
+                               "for Ctrl-C (needs the e2e binaries: KUBEBUILDER_ASSETS or Go)")
+    demo_cmd.add_argument("--mig-mode", choices=["static", "dynamic"],
+                          help="with --cluster: the plugin's MIG mode (default dynamic)")
+    demo_cmd.add_argument("--kubeconfig-out", type=Path, metavar="PATH",
+                          help="with --cluster: also write the kubeconfig to PATH (left "
+                               "there on exit)")
     demo_cmd.set_defaults(run=cmd_demo)
     return parser
 
@@ -228,6 +237,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from driver.demo import EXAMPLE_CLAIMS, DemoOptions, StepFailed, run_demo
 
     try:
+        if args.cluster:
+            return _cluster_demo(args)
+        for flag, value in (("--kubeconfig-out", args.kubeconfig_out),
+                            ("--mig-mode", args.mig_mode)):
+            if value is not None:
+                raise UsageError(f"{flag} needs --cluster")
         return run_demo(DemoOptions(args.profile, args.claims or EXAMPLE_CLAIMS, args.keep))
     except InputError as err:
         raise UsageError(str(err)) from err
@@ -237,6 +252,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # `gpu-dra demo | head`: the reader left; the folder is gone
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 1
+
+
+def _cluster_demo(args: argparse.Namespace) -> int:
+    from driver.demo_cluster import ClusterDemoOptions, MissingBinaries, run_cluster_demo
+
+    if args.claims is not None:
+        raise UsageError("--claims runs without --cluster; with it, kubectl apply your claims")
+    try:
+        return run_cluster_demo(ClusterDemoOptions(
+            profile=args.profile, mig_mode=args.mig_mode or "dynamic",
+            kubeconfig_out=args.kubeconfig_out,
+            keep=args.keep), out=lambda line: print(line, flush=True))
+    except MissingBinaries as err:
+        raise UsageError(str(err)) from err
 
 
 def node_slices(args: argparse.Namespace) -> list[dict]:

@@ -464,6 +464,13 @@ class LocalCluster:
         """Component name -> pid (also its process-group id)."""
         return {n: c.proc.pid for n, c in self._components.items()}
 
+    def exited(self) -> dict[str, int]:
+        """Components that exited on their own, with their exit codes (nothing stopped
+        them): what a watcher of a long-running cluster reports."""
+        with self._lock:
+            codes = {n: c.proc.poll() for n, c in self._components.items()}
+        return {n: code for n, code in codes.items() if code is not None}
+
     def log(self, component: str) -> Path:
         """Where ``component`` (e.g. ``kube-scheduler``) writes its output."""
         return self.workdir / f"{component}.log"

@@ -3,15 +3,18 @@ deadlines, and submitting any ResourceSlice to the API server for its verdict.""
 
 from __future__ import annotations
 
-import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from driver.kubeapi import api_request
 from driver.localcluster import LocalCluster
+from driver.localnode import poll
 
 T = TypeVar("T")
 
@@ -33,20 +36,10 @@ def wait_for(
     Exceptions from the probe count as "not yet" so transient API errors don't fail a test,
     but the last one is reported.
     """
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while True:
-        try:
-            value = probe()
-            if value:
-                return value
-            last = value
-        except Exception as err:
-            last = err
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; "
-                                 f"last: {last!r}")
-        time.sleep(interval)
+    try:
+        return poll(probe, what, timeout, interval)
+    except TimeoutError as err:
+        raise AssertionError(str(err)) from None
 
 
 @dataclass(frozen=True)
@@ -97,6 +90,28 @@ def make_namespace(api: Any, name: str) -> str:
     sa = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default"}}
     api_request(api, "POST", f"/api/v1/namespaces/{name}/serviceaccounts", sa).expect(201, 409)
     return name
+
+
+# --- what the API server served ---------------------------------------------------------------
+
+# The verb label is the HTTP method, except APPLY (server-side apply) and DELETECOLLECTION.
+WRITE_VERBS = frozenset({"POST", "PUT", "PATCH", "APPLY", "DELETE", "DELETECOLLECTION"})
+
+
+def api_writes(api: Any) -> Counter[str]:
+    """Write requests the API server has served since it started, from its own
+    ``apiserver_request_total``, as ``"VERB resource[/subresource]"`` -> count. Subtract
+    two readings to count the writes in between (every client's: the metric has no user)."""
+    text = api_request(api, "GET", "/metrics").expect(200)
+    writes: Counter[str] = Counter()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name != "apiserver_request_total" or labels["verb"] not in WRITE_VERBS:
+                continue
+            resource = "/".join(filter(None, (labels["resource"], labels["subresource"])))
+            writes[f"{labels['verb']} {resource}"] += int(sample.value)
+    return writes
 
 
 # --- ResourceSlice verdicts -----------------------------------------------------------------
