@@ -144,6 +144,11 @@ def add_plugin_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbosity", type=int, metavar="N",
                         default=env("LOG_VERBOSITY", "0"),
                         help="0: info; 1 or more: debug (env LOG_VERBOSITY)")
+    parser.add_argument("--pod-uid", metavar="UID", default=env("POD_UID") or None,
+                        help="this pod's UID (downward API metadata.uid): name the sockets "
+                             "<driver>-<uid>-reg.sock and dra-<uid>.sock so the old and the "
+                             "new pod of a rolling update (kubelet 1.33+) serve side by side; "
+                             "unset: <driver>-reg.sock and dra.sock (env POD_UID)")
     parser.add_argument("--cleanup", action="store_true", default=_env_flag("CLEANUP_ON_EXIT"),
                         help="on exit, delete this node's ResourceSlices (env "
                              "CLEANUP_ON_EXIT=true)")
@@ -157,16 +162,20 @@ def cmd_plugin(args: argparse.Namespace) -> int:
     setup_logging(args.log_format, args.verbosity)
     if args.mock_state is not None and not args.mock:
         raise UsageError("--mock-state needs --mock")
-    options = PluginOptions(
-        driver=args.driver_name, node=args.node_name,
-        registry_dir=args.kubelet_registry_dir,
-        plugin_dir=args.plugin_data_dir or Path("/var/lib/kubelet/plugins") / args.driver_name,
-        cdi_root=args.cdi_root, driver_root=args.driver_root or Path("/"),
-        host_driver_root=args.host_driver_root, mig_mode=args.mig_mode,
-        counter_layout=args.counter_layout, local_dir=args.local_dir,
-        kubeconfig=args.kubeconfig, health_port=args.health_port or None,
-        metrics_port=args.metrics_port or None, cleanup=args.cleanup,
-        cdi_hook=args.nvidia_cdi_hook)
+    try:
+        options = PluginOptions(
+            driver=args.driver_name, node=args.node_name,
+            registry_dir=args.kubelet_registry_dir,
+            plugin_dir=args.plugin_data_dir or Path("/var/lib/kubelet/plugins") /
+            args.driver_name,
+            cdi_root=args.cdi_root, driver_root=args.driver_root or Path("/"),
+            host_driver_root=args.host_driver_root, mig_mode=args.mig_mode,
+            counter_layout=args.counter_layout, local_dir=args.local_dir,
+            kubeconfig=args.kubeconfig, health_port=args.health_port or None,
+            metrics_port=args.metrics_port or None, cleanup=args.cleanup,
+            cdi_hook=args.nvidia_cdi_hook, pod_uid=args.pod_uid)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     from driver.publish import PublishError
 
     try:

@@ -6,11 +6,24 @@ serve the DRA socket; then create the registration socket, so the kubelet never 
 plugin that is not ready. SIGTERM or SIGINT: remove the registration socket, refuse new
 calls, finish those in flight, remove the DRA socket; the slices stay (the kubelet wipes
 them if the plugin stays away) unless `cleanup` is set.
+
+Rolling updates (`pod_uid`, kubelet 1.33+): the old and the new pod of a DaemonSet with
+maxSurge run side by side on the same directories, so each names its sockets after its pod
+UID as the upstream kubeletplugin helper does (`RollingUpdate(uid)`): the registration
+socket `<driver>-<uid>-reg.sock` (hashed shorter where the path would pass 108 bytes) and
+the DRA socket `dra-<uid>.sock`; the kubelet uses the newest registered one. Prepare and
+unprepare are serialized across the two by the node lock (`nodelock`), both publish the
+same slices (the second finds nothing to write), and a pod that stops removes only its own
+sockets and leaves the slices to the other.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
+import os
+import re
 import signal
 import threading
 from dataclasses import dataclass
@@ -26,10 +39,11 @@ from driver.nvml import Provider
 from driver.plugin.devices import device_index
 from driver.plugin.driverfiles import driver_files, host_devices
 from driver.plugin.mig import MigManager
+from driver.plugin.nodelock import LOCK_FILE
 from driver.plugin.servers import KUBELET_CALL_TIMEOUT, Servers
 from driver.plugin.sharing import timeslicer
 from driver.plugin.state import PluginState
-from driver.slices import CounterLayout, MigMode, SliceOptions
+from driver.slices import CounterLayout, MigMode, SliceOptions, build_slices
 
 if TYPE_CHECKING:
     from driver.publish import LayoutChoice, Publisher
@@ -38,6 +52,25 @@ log = logging.getLogger(__name__)
 
 # How long start-up waits for the API server before serving without published slices.
 START_PUBLISH_TIMEOUT = 20.0
+UNIX_PATH_MAX = 108  # bytes of an AF_UNIX socket path on Linux
+_POD_UID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def rolling_update_socket_name(registry_dir: Path, driver: str, pod_uid: str) -> str:
+    """The registration socket's name for a pod of a rolling update, chosen as upstream's
+    RollingUpdateRegistrarSocketFile does: the first that keeps the path within 108
+    bytes of `<driver>-<uid>-reg.sock`, `<driver>-<b64(sha256(uid))[:8 bytes]>-reg.sock`,
+    `dra-<b64(sha256(driver NUL uid))[:16 bytes]>-reg.sock` (base64url, unpadded)."""
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    uid_hash = hashlib.sha256(pod_uid.encode()).digest()
+    pair_hash = hashlib.sha256(f"{driver}\0{pod_uid}".encode()).digest()
+    candidates = (f"{driver}-{pod_uid}-reg.sock", f"{driver}-{b64(uid_hash[:8])}-reg.sock",
+                  f"dra-{b64(pair_hash[:16])}-reg.sock")
+    return next((name for name in candidates
+                 if len(os.fsencode(os.path.join(registry_dir, name))) <= UNIX_PATH_MAX),
+                candidates[-1])
 
 
 @dataclass(frozen=True)
@@ -59,14 +92,27 @@ class PluginOptions:
     cdi_hook: Path | None = None
     boot_id_path: Path = BOOT_ID_PATH
     proc_devices: Path = Path("/proc/devices")
+    pod_uid: str | None = None  # set: a rolling update may run two pods; sockets per pod
+
+    def __post_init__(self) -> None:
+        if self.pod_uid is not None and not _POD_UID.fullmatch(self.pod_uid):
+            raise ValueError(f"--pod-uid (env POD_UID): {self.pod_uid!r} is not a pod UID "
+                             "(letters, digits, '-', '_', '.'; it names the sockets)")
 
     @property
     def dra_socket(self) -> Path:
-        return self.plugin_dir / "dra.sock"
+        return self.plugin_dir / (f"dra-{self.pod_uid}.sock" if self.pod_uid else "dra.sock")
 
     @property
     def registration_socket(self) -> Path:
+        if self.pod_uid:
+            return self.registry_dir / rolling_update_socket_name(self.registry_dir,
+                                                                  self.driver, self.pod_uid)
         return self.registry_dir / f"{self.driver}-reg.sock"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.plugin_dir / LOCK_FILE
 
     @property
     def checkpoint_path(self) -> Path:
@@ -139,7 +185,11 @@ class Plugin:
             devices=devices, host=self.provider.host, mig=MigManager(self.provider),
             timeslicer=timeslicer(self.provider, o.driver_root),
             checkpoint_path=o.checkpoint_path, boot_id=read_boot_id(o.boot_id_path),
-            metrics=self.metrics, dynamic_mig=o.mig_mode == "dynamic")
+            metrics=self.metrics, dynamic_mig=o.mig_mode == "dynamic",
+            # the devices and counters published; the counter layout does not change them
+            slices=build_slices(inventory, SliceOptions(o.driver, o.node, o.mig_mode),
+                                generation=0),
+            lock_path=o.lock_path)
         self.state.recover()
         from driver.publish import PublishTimeout  # the kubernetes client loads lazily
 

@@ -1,9 +1,8 @@
 """The devices this node publishes, by name: what preparing each one means physically.
 
 Built once at start from the inventory with the same rules and names as the slice builder,
-so a name in an allocation result resolves without a search, and `overlaps` tells whether
-two devices share hardware (a whole GPU and any of its MIG devices, or MIG placements
-sharing memory slices).
+so a name in an allocation result resolves without a search. Which devices share hardware
+is not decided here: the published counters say it, and the allocator's ledger checks them.
 """
 
 from __future__ import annotations
@@ -28,13 +27,6 @@ class Target:
     @property
     def kind(self) -> str:
         return "gpu" if self.placement is None else "mig"
-
-    def overlaps(self, other: Target) -> bool:
-        if self.gpu.uuid != other.gpu.uuid:
-            return False
-        if self.placement is None or other.placement is None:
-            return True
-        return self.placement.overlaps(other.placement)
 
 
 def device_index(inventory: Inventory, mig_mode: MigMode) -> dict[str, Target]:

@@ -4,15 +4,21 @@ A batch (one kubelet call) goes through four phases, so the checkpoint is writte
 per call however many claims it carries:
 1. plan, in parallel: read each claim, pick this driver's results in this pool, resolve
    devices and opaque configs; no side effects, so a bad claim costs nothing;
-2. under the ledger lock: refuse devices another claim holds (whole GPUs and MIG
-   placements that share hardware count too; adminAccess is exempt), then record every
+2. under the ledger lock: refuse a claim whose devices or shared counters another claim
+   holds, by the allocator's own bookkeeping (`Ledger`, `prepare_conflicts`) over the
+   slices this plugin publishes: a whole GPU and its MIG devices, or overlapping MIG
+   placements, draw on one counter set; adminAccess is exempt. Then record every
    accepted claim as PrepareStarted, with the MIG devices it is about to create;
 3. act, in parallel: create MIG devices, set time slices, write the CDI spec; a claim that
    fails undoes what it did;
 4. under the ledger lock: PrepareCompleted for the claims that succeeded, others removed.
 A kill at any point leaves PrepareStarted records, which the next start rolls back.
 Unprepare mirrors it: UnprepareStarted, tear down, remove. One claim is never worked on
-twice at once (a lock per claim UID); MIG changes lock their GPU.
+twice at once (a lock per claim UID); MIG changes lock their GPU. Across processes (the
+old and the new pod of a rolling update) every call holds the node lock (`nodelock`), and
+the checkpoint is read again whenever another process may have written it; a record
+still half-done when this process holds both the node lock and the claim's lock was left
+by a process that died, and is rolled back before the claim is prepared again.
 """
 
 from __future__ import annotations
@@ -22,16 +28,23 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from driver import cdi, checkpoint
+from driver.allocator import Ledger, prepare_conflicts
 from driver.atomicfile import remove_leftovers
 from driver.cdi import DeviceNode, DriverFiles
-from driver.checkpoint import Checkpoint, ClaimRecord, MigInstance, PreparedDevice
+from driver.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    ClaimRecord,
+    MigInstance,
+    PreparedDevice,
+)
 from driver.claims import AllocatedDevice, ClaimError, ClaimRef, ClaimSource, claim_allocation
 from driver.config import GpuConfig, MigDeviceConfig, OpaqueConfig, config_for
 from driver.inventory import Inventory
@@ -41,6 +54,7 @@ from driver.nvml import HostView
 from driver.plugin.devices import Target
 from driver.plugin.driverfiles import HostDevices
 from driver.plugin.mig import MigFailure, MigManager
+from driver.plugin.nodelock import LockTimeout, NodeLock
 from driver.plugin.sharing import SharingFailure, Timeslicer
 
 log = logging.getLogger(__name__)
@@ -48,6 +62,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 WORKERS = 8
+START_LOCK_TIMEOUT = 120.0  # a start waits this long for the other pod's calls in flight
 
 
 @dataclass(frozen=True)
@@ -61,6 +76,25 @@ class Outcome:
 
 def _failed(reason: str, message: str) -> Outcome:
     return Outcome(error=message, reason=reason)
+
+
+def ledger_key(namespace: str, name: str, uid: str) -> str:
+    """A claim in the ledger, as conflict messages name it: by UID too, since a claim
+    deleted and created again under its name is another claim."""
+    return f"ResourceClaim {namespace}/{name} ({uid})"
+
+
+def _record_key(record: ClaimRecord) -> str:
+    return ledger_key(record.namespace, record.name, record.uid)
+
+
+def _file_id(path: Path) -> tuple[int, int, int] | None:
+    """What changes whenever the file is replaced (every write is a rename)."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
 @dataclass(frozen=True)
@@ -114,7 +148,8 @@ class PluginState:
                  index: dict[str, Target], claims: ClaimSource, cdi_root: Path,
                  files: DriverFiles, devices: HostDevices, host: HostView,
                  mig: MigManager, timeslicer: Timeslicer, checkpoint_path: Path, boot_id: str,
-                 metrics: Metrics, dynamic_mig: bool) -> None:
+                 metrics: Metrics, dynamic_mig: bool, slices: Sequence[Mapping[str, Any]],
+                 lock_path: Path) -> None:
         self.driver = driver
         self.pool = pool
         self.inventory = inventory
@@ -129,9 +164,13 @@ class PluginState:
         self.checkpoint_path = checkpoint_path
         self.metrics = metrics
         self.dynamic_mig = dynamic_mig
+        self.slices = list(slices)  # what this plugin publishes: its devices and counters
         self._checkpoint = Checkpoint(boot_id=boot_id)
+        self._checkpoint_id: tuple[int, int, int] | None = None  # as last read or written
         self._boot_id = boot_id
+        self._book = Ledger()  # the allocation results of every claim in the checkpoint
         self._ledger = threading.Lock()
+        self._node_lock = NodeLock(lock_path, self._reload)
         self._claim_locks = _KeyedLocks()
         self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="claim")
 
@@ -141,6 +180,12 @@ class PluginState:
     def records(self) -> dict[str, ClaimRecord]:
         return dict(self._checkpoint.claims)
 
+    @property
+    def ledger(self) -> Ledger:
+        """A copy of what the prepared claims hold, as the allocator books it."""
+        with self._ledger:
+            return self._book.copy()
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
@@ -148,7 +193,15 @@ class PluginState:
 
     def recover(self) -> None:
         """Make the node match the checkpoint before the first call: void it after a reboot,
-        roll back what was half-done, restore missing specs, remove orphans."""
+        roll back what was half-done, restore missing specs, remove orphans. Under the node
+        lock: another pod's calls in flight are never taken for half-done work."""
+        try:
+            with self._node_lock.hold(time.monotonic() + START_LOCK_TIMEOUT):
+                self._recover()
+        except LockTimeout as err:
+            raise OSError(str(err)) from None
+
+    def _recover(self) -> None:
         remove_leftovers(self.checkpoint_path.parent, self.checkpoint_path.name)
         loaded = checkpoint.load(self.checkpoint_path)
         claims: dict[str, ClaimRecord] = {}
@@ -159,7 +212,8 @@ class PluginState:
                             self._boot_id, len(loaded.claims))
             else:
                 claims = dict(loaded.claims)
-            self._checkpoint = replace(loaded, boot_id=self._boot_id, claims=claims)
+            self._checkpoint = replace(loaded, boot_id=self._boot_id, claims={})
+        self._book = Ledger()  # rebuilt by the save below, from the claims that stay
         for uid, record in list(claims.items()):
             if record.state == "PrepareCompleted":
                 continue
@@ -214,20 +268,39 @@ class PluginState:
         with self._claim_locks.hold(unique, deadline) as held:
             for uid in unique.keys() - held:
                 outcomes[uid] = _failed("busy", "another call is working on this claim")
-            planned = self._parallel(self._plan, [unique[uid] for uid in sorted(held)])
-            plans: list[_Plan] = []
-            for plan in planned:
-                if isinstance(plan, _Plan):
-                    plans.append(plan)
-                else:
-                    uid, outcome = plan
-                    outcomes[uid] = outcome
-            accepted = self._start(plans, outcomes)
-            acted = self._parallel(lambda p: self._act(p, deadline), accepted)
-            self._finish(accepted, acted, outcomes)
+            self._serialized(held, outcomes, deadline, lambda: self._prepare_held(
+                [unique[uid] for uid in sorted(held)], outcomes, deadline))
         for outcome in outcomes.values():
             self.metrics.claim_done("prepare", outcome.reason if outcome.error else None)
         return outcomes
+
+    def _serialized(self, uids: Iterable[str], outcomes: dict[str, Outcome], deadline: float,
+                    work: Callable[[], None]) -> None:
+        """Run `work` under the node lock; if the lock or the checkpoint another process
+        wrote cannot be had, every claim of the call fails with the reason."""
+        try:
+            with self._node_lock.hold(deadline):
+                work()
+        except LockTimeout as err:
+            for uid in uids:
+                outcomes[uid] = _failed("busy", str(err))
+        except CheckpointError as err:
+            log.error("%s", err)
+            for uid in uids:
+                outcomes[uid] = _failed("internal", str(err))
+
+    def _prepare_held(self, refs: list[ClaimRef], outcomes: dict[str, Outcome],
+                      deadline: float) -> None:
+        plans: list[_Plan] = []
+        for plan in self._parallel(self._plan, refs):
+            if isinstance(plan, _Plan):
+                plans.append(plan)
+            else:
+                uid, outcome = plan
+                outcomes[uid] = outcome
+        accepted = self._start(plans, outcomes)
+        acted = self._parallel(lambda p: self._act(p, deadline), accepted)
+        self._finish(accepted, acted, outcomes)
 
     def _admit(self, refs: Sequence[ClaimRef]) -> tuple[dict[str, Outcome], dict[str, ClaimRef]]:
         """Answer malformed and repeated claims at once; the rest, by UID."""
@@ -258,8 +331,12 @@ class PluginState:
         with claim_context(ref.uid):
             record = self._checkpoint.claims.get(ref.uid)
             if record is not None and record.state != "PrepareCompleted":
-                return ref.uid, _failed("busy", f"ResourceClaim {ref} is being unprepared "
-                                                f"({record.state}); try again")
+                problems = self._roll_back_stale(record)
+                if problems:
+                    return ref.uid, _failed("device_error", f"ResourceClaim {ref} was left "
+                                            f"{record.state}: rolling it back failed: "
+                                            f"{'; '.join(problems)}")
+                record = None
             try:
                 if record is not None:
                     if not (self.cdi_root / cdi.spec_file_name(self.driver, ref.uid)).exists():
@@ -277,6 +354,23 @@ class PluginState:
                 log.exception("preparing ResourceClaim %s failed", ref)
                 return ref.uid, _failed("internal", f"internal error: {err!r}")
             return _Plan(ref, devices)
+
+    def _roll_back_stale(self, record: ClaimRecord) -> list[str]:
+        """Undo a record a dead process left half-done (this call holds the claim's lock
+        and the node lock, so nobody else is working on it) and forget it."""
+        log.warning("ResourceClaim %s/%s was left %s by a plugin process that stopped; "
+                    "rolling it back", record.namespace, record.name, record.state)
+        problems = self._teardown(record.uid, record.devices)
+        if problems:
+            return problems
+        with self._ledger:
+            claims = dict(self._checkpoint.claims)
+            claims.pop(record.uid, None)
+            try:
+                self._save(claims)
+            except OSError as err:
+                return [f"cannot write the checkpoint: {err}"]
+        return []
 
     def _planned(self, ref: ClaimRef, result: AllocatedDevice,
                  configs: Sequence[OpaqueConfig]) -> PreparedDevice:
@@ -314,20 +408,24 @@ class PluginState:
             config=config.model_dump(exclude_none=True) if config is not None else None)
 
     def _start(self, plans: list[_Plan], outcomes: dict[str, Outcome]) -> list[_Plan]:
-        """Refuse plans that need hardware another claim holds; record the rest as started."""
+        """Refuse plans whose devices or counters other claims hold; record the rest as
+        started (each accepted plan holds its devices for the ones after it)."""
         with self._ledger:
             claims = dict(self._checkpoint.claims)
-            holders = self._holders(claims.values())
             accepted = []
             for plan in plans:
-                conflict = self._conflict(plan, holders)
-                if conflict is not None:
+                key = ledger_key(plan.ref.namespace, plan.ref.name, plan.ref.uid)
+                results = self._results(plan.devices)
+                problems = prepare_conflicts(self._book, key, results, self.slices, self.pool)
+                if problems:
+                    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                    message = f"cannot prepare ResourceClaim {plan.ref}: {problems[0]}{more}"
                     with claim_context(plan.ref.uid):
-                        log.warning("cannot prepare ResourceClaim %s: %s", plan.ref, conflict)
-                    outcomes[plan.ref.uid] = _failed("in_use", conflict)
+                        log.warning("%s", message)
+                    outcomes[plan.ref.uid] = _failed("in_use", message)
                     continue
                 accepted.append(plan)
-                self._hold(holders, plan.ref, plan.devices)
+                self._book.add(key, results)
                 claims[plan.ref.uid] = ClaimRecord(plan.ref.uid, plan.ref.namespace,
                                                    plan.ref.name, "PrepareStarted", plan.devices)
             if not accepted:
@@ -335,40 +433,26 @@ class PluginState:
             try:
                 self._save(claims)
             except OSError as err:
+                self._sync_book(claims, self._checkpoint.claims)
                 for plan in accepted:
                     outcomes[plan.ref.uid] = _failed("internal", f"cannot write the checkpoint:"
                                                                  f" {err}")
                 return []
             return accepted
 
-    def _holders(self, records: Iterable[ClaimRecord]
-                 ) -> defaultdict[str, list[tuple[str, str, Target]]]:
-        """Exclusively held devices by GPU: (claim UID, claim name, device)."""
-        holders: defaultdict[str, list[tuple[str, str, Target]]] = defaultdict(list)
-        for record in records:
-            self._hold(holders, ClaimRef(record.namespace, record.name, record.uid),
-                       record.devices)
-        return holders
-
-    def _hold(self, holders: defaultdict[str, list[tuple[str, str, Target]]], ref: ClaimRef,
-              devices: Iterable[PreparedDevice]) -> None:
+    def _results(self, devices: Iterable[PreparedDevice]) -> list[dict[str, Any]]:
+        """Prepared devices as the allocation results they came from."""
+        results = []
         for device in devices:
-            target = self.index.get(device.device)
-            if target is not None and not device.admin_access:
-                holders[target.gpu.uuid].append((ref.uid, str(ref), target))
-
-    def _conflict(self, plan: _Plan,
-                  holders: defaultdict[str, list[tuple[str, str, Target]]]) -> str | None:
-        for device in plan.devices:
+            result: dict[str, Any] = {"request": device.request_names[0] if
+                                      device.request_names else "", "driver": self.driver,
+                                      "pool": device.pool, "device": device.device}
             if device.admin_access:
-                continue
-            target = self.index[device.device]
-            for uid, name, held in holders.get(target.gpu.uuid, ()):
-                if uid != plan.ref.uid and target.overlaps(held):
-                    same = "is" if held.name == target.name else f"overlaps {held.name}, which is"
-                    return (f"device {target.name} {same} already prepared for ResourceClaim "
-                            f"{name} ({uid})")
-        return None
+                result["adminAccess"] = True
+            if device.share_id is not None:
+                result["shareID"] = device.share_id
+            results.append(result)
+        return results
 
     def _act(self, plan: _Plan, deadline: float) -> Outcome:
         uid = plan.ref.uid
@@ -458,15 +542,19 @@ class PluginState:
         with self._claim_locks.hold(uids, deadline) as held:
             for uid in uids - held:
                 outcomes[uid] = _failed("busy", "another call is working on this claim")
-            records = self._begin_unprepare(held, outcomes)
-            results = self._parallel(self._unprepare_one, list(records.values()))
-            self._end_unprepare(records, results, outcomes)
-            for uid in held - records.keys() - outcomes.keys():
-                cdi.remove_spec(self.cdi_root, self.driver, uid)  # unknown: nothing to undo
-                outcomes[uid] = Outcome()
+            self._serialized(held, outcomes, deadline,
+                             lambda: self._unprepare_held(held, outcomes))
         for outcome in outcomes.values():
             self.metrics.claim_done("unprepare", outcome.reason if outcome.error else None)
         return outcomes
+
+    def _unprepare_held(self, uids: set[str], outcomes: dict[str, Outcome]) -> None:
+        records = self._begin_unprepare(uids, outcomes)
+        results = self._parallel(self._unprepare_one, list(records.values()))
+        self._end_unprepare(records, results, outcomes)
+        for uid in uids - records.keys() - outcomes.keys():
+            cdi.remove_spec(self.cdi_root, self.driver, uid)  # unknown: nothing to undo
+            outcomes[uid] = Outcome()
 
     def _begin_unprepare(self, uids: set[str], outcomes: dict[str, Outcome]
                          ) -> dict[str, ClaimRecord]:
@@ -570,5 +658,38 @@ class PluginState:
     def _save(self, claims: dict[str, ClaimRecord]) -> None:
         updated = self._checkpoint.with_claims(claims)
         checkpoint.save(self.checkpoint_path, updated)
+        self._checkpoint_id = _file_id(self.checkpoint_path)
+        self._adopt(updated)
+
+    def _adopt(self, updated: Checkpoint) -> None:
+        self._sync_book(self._checkpoint.claims, updated.claims)
         self._checkpoint = updated
-        self.metrics.prepared.set(sum(r.state == "PrepareCompleted" for r in claims.values()))
+        self.metrics.prepared.set(sum(r.state == "PrepareCompleted"
+                                      for r in updated.claims.values()))
+
+    def _sync_book(self, old: Mapping[str, ClaimRecord], new: Mapping[str, ClaimRecord]
+                   ) -> None:
+        """Make the ledger hold `new`'s claims where it held `old`'s."""
+        for uid, record in old.items():
+            if uid not in new or _record_key(new[uid]) != _record_key(record):
+                self._book.remove(_record_key(record))
+        for uid, record in new.items():
+            before = old.get(uid)
+            if before is None or before.devices != record.devices or \
+                    _record_key(before) != _record_key(record):
+                self._book.add(_record_key(record), self._results(record.devices))
+
+    def _reload(self) -> None:
+        """Read the checkpoint again if another process replaced it since this one last
+        read or wrote it (run when this process takes the node lock)."""
+        found = _file_id(self.checkpoint_path)
+        if found is None or found == self._checkpoint_id:
+            return
+        loaded = checkpoint.load(self.checkpoint_path)
+        if loaded is None:
+            return
+        with self._ledger:
+            self._checkpoint_id = found
+            self._adopt(replace(loaded, boot_id=self._boot_id))
+        log.debug("read the checkpoint another plugin process wrote: %d claims",
+                  len(loaded.claims))

@@ -73,20 +73,18 @@ def test_plugin_reads_the_env_the_chart_sets(helm: Helm, monkeypatch: pytest.Mon
     assert (args.health_port, args.metrics_port) == (51515, 9400)
     assert (args.log_format, args.verbosity) == ("json", 2)
     # Every variable the chart sets is one the plugin documents (NVIDIA_VISIBLE_DEVICES
-    # is for an nvidia container runtime, POD_UID has a test of its own).
+    # is for an nvidia container runtime).
     documented = plugin_help(capsys)
-    missing = [n for n in env if n not in ("NVIDIA_VISIBLE_DEVICES", "POD_UID")
-               and f"env {n}" not in documented]
+    missing = [n for n in env if n != "NVIDIA_VISIBLE_DEVICES" and f"env {n}" not in documented]
     assert missing == []
 
 
-@pytest.mark.xfail(strict=True, reason="issue 7, plugin side: `gpu-dra plugin` does not yet "
-                   "name its sockets after POD_UID (spec-digest 1.4)")
 def test_plugin_reads_pod_uid_for_rolling_updates(
     helm: Helm, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    plugin_env(helm, monkeypatch)
+    env = plugin_env(helm, monkeypatch)
     assert "env POD_UID" in plugin_help(capsys)
+    assert build_parser().parse_args(["plugin"]).pod_uid == env["POD_UID"]
 
 
 def test_lints_strict(helm: Helm) -> None:
@@ -113,7 +111,7 @@ def test_default_render(helm: Helm) -> None:
     daemonset = one(objects, "DaemonSet")
     assert daemonset["metadata"]["namespace"] == "gpu-dra"
     assert daemonset["spec"]["updateStrategy"] == {
-        "type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+        "type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
     pod = daemonset["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == one(objects, "ServiceAccount")["metadata"]["name"]
     container = plugin_container(objects)
@@ -239,4 +237,4 @@ def test_rendered_objects_are_created_on_the_api_server(
             "the API server kept extendedResourceName (DRAExtendedResource)"
         daemonset = one(stored, "DaemonSet")
         assert daemonset["spec"]["updateStrategy"]["rollingUpdate"] == {
-            "maxSurge": 0, "maxUnavailable": 1}
+            "maxSurge": 1, "maxUnavailable": 0}

@@ -12,6 +12,7 @@ import os
 import shutil
 import stat
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,8 @@ class GpuNode:
     plugin: PluginDaemon
     mock: str
     mock_state: Path | None
+    args: tuple[str, ...]
+    """The plugin's command line (without --pod-uid): another pod of it on this node."""
 
     @property
     def cdi_root(self) -> Path:
@@ -124,15 +127,15 @@ def gpu_node(
     kubelet_standin: Callable[..., KubeletStandin],
     driver_root: Path,
 ) -> Iterator[Callable[..., GpuNode]]:
-    """Factory: ``gpu_node(mock, mig_mode="static", dra_api="v1", mock_state=None)``: a
-    Ready Node, the kubelet stand-in for it, and ``gpu-dra plugin`` on the mock machine,
-    registered and with its slices published. The plugin's and stand-in's log tails are
-    printed at teardown (pytest shows them when the test fails)."""
+    """Factory: ``gpu_node(mock, mig_mode="static", dra_api="v1", mock_state=None,
+    pod_uid=None)``: a Ready Node, the kubelet stand-in for it, and ``gpu-dra plugin`` on
+    the mock machine, registered and with its slices published. The plugin's and
+    stand-in's log tails are printed at teardown (pytest shows them when the test fails)."""
     made: list[GpuNode] = []
     dirs = contextlib.ExitStack()
 
     def make(mock: str, mig_mode: str = "static", dra_api: str = "v1",
-             mock_state: Path | None = None) -> GpuNode:
+             mock_state: Path | None = None, pod_uid: str | None = None) -> GpuNode:
         root = dirs.enter_context(short_tmp())
         node = fake_node()
         standin = kubelet_standin(node, root, dra_api, DRIVER)
@@ -143,8 +146,9 @@ def gpu_node(
                 "--driver-root", str(driver_root), "--health-port", "0", "--metrics-port", "0"]
         if mock_state is not None:
             args += ["--mock-state", str(mock_state)]
-        plugin = PluginDaemon(args, root / "plugin.log")
-        gpu = GpuNode(node, root, standin, plugin, mock, mock_state)
+        pod = [] if pod_uid is None else ["--pod-uid", pod_uid]
+        plugin = PluginDaemon([*args, *pod], root / "plugin.log")
+        gpu = GpuNode(node, root, standin, plugin, mock, mock_state, tuple(args))
         made.append(gpu)
         standin.wait_registered(DRIVER)
         wait_for(lambda: published(control_plane.api, node), f"{node}'s ResourceSlices")
@@ -425,3 +429,56 @@ def test_dynamic_mig_devices_exist_exactly_while_prepared(
     pods.delete(large)
     assert live() == {}
     assert_released(node, e2e_tools, [small, large])
+
+
+def slice_versions(api: Any, node: str) -> dict[str, str]:
+    """resourceVersion of each of the node's ResourceSlices: any write changes one."""
+    items = api_request(api, "GET", SLICES, query={
+        "fieldSelector": f"spec.nodeName={node},spec.driver={DRIVER}"}).expect(200)["items"]
+    return {s["metadata"]["name"]: s["metadata"]["resourceVersion"] for s in items}
+
+
+def test_a_rolling_update_hands_the_node_over_without_a_gap(
+    control_plane: ControlPlane, gpu_node: Callable[..., GpuNode],
+    pods_on: Callable[[GpuNode], Pods],
+) -> None:
+    """maxSurge: the new pod starts beside the old one (sockets per pod UID), the kubelet's
+    own plugin manager registers both and uses the newest; the old pod's SIGTERM leaves
+    the new one serving and the slices untouched."""
+    old_uid, new_uid = str(uuid.uuid4()), str(uuid.uuid4())
+    node = gpu_node("dgx-h100", pod_uid=old_uid)
+    pods = pods_on(node)
+    slices = slice_versions(control_plane.api, node.name)
+    early = pods.run("before-surge", DRIVER)
+    new = PluginDaemon([*node.args, "--pod-uid", new_uid], node.root / "plugin-new.log")
+    try:
+        endpoints = {uid: str(node.root / "plugin" / f"dra-{uid}.sock")
+                     for uid in (old_uid, new_uid)}
+
+        def events(kind: str) -> list[str]:
+            return [e["endpoint"] for e in node.standin.registrations()
+                    if e["event"] == kind and e["driver"] == DRIVER]
+
+        wait_for(lambda: endpoints[new_uid] in events("register"),
+                 "the new plugin pod to register beside the old one")
+        assert events("register") == [endpoints[old_uid], endpoints[new_uid]]
+        during = pods.run("during-surge", DRIVER)
+        assert f"prepared ResourceClaim {pods.namespace}/{during.claim['metadata']['name']}" \
+            in new.log.read_text(), "the kubelet calls the newest plugin"
+
+        assert node.plugin.stop() == 0  # the DaemonSet controller ends the old pod
+        wait_for(lambda: endpoints[old_uid] in events("deregister"),
+                 "the old plugin pod to deregister")
+        assert endpoints[new_uid] not in events("deregister")
+        assert Path(endpoints[new_uid]).exists()
+        late = pods.run("after-surge", DRIVER)
+        assert len({*early.devices, *during.devices, *late.devices}) == 3
+        assert slice_versions(control_plane.api, node.name) == slices  # no write, no gap
+
+        for pod in (early, during, late):  # early was prepared by the old pod
+            pods.delete(pod)
+        saved = checkpoint.load(node.checkpoint)
+        assert saved is not None and saved.claims == {}
+    finally:
+        code = new.stop()
+        print(f"--- the new gpu-dra plugin pod (exit {code}) ---\n{new.tail()}")

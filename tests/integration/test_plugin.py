@@ -24,6 +24,7 @@ from driver._proto.drahealth_v1alpha1 import api_pb2 as health_v1alpha1
 from driver._proto.drahealth_v1alpha1 import api_pb2_grpc as health_v1alpha1_grpc
 from driver._proto.pluginregistration_v1 import api_pb2 as reg_v1
 from driver._proto.pluginregistration_v1 import api_pb2_grpc as reg_v1_grpc
+from driver.allocator import DeviceRef
 from driver.checkpoint import CheckpointError, ClaimRecord, PreparedDevice
 from driver.claims import ClaimRef, DirClaimSource
 from tests.support.plugin import (
@@ -154,8 +155,9 @@ def test_a_device_prepared_for_another_claim_is_refused_unless_admin_access(
     monitor = make_claim(node.local, [result("gpu-4", admin=True)])
     assert running.kubelet.prepare([first])[first.uid].error == ""
     answers = running.kubelet.prepare([second, monitor])
-    assert answers[second.uid].error == (f"device gpu-4 is already prepared for ResourceClaim "
-                                         f"ns/{first.name} ({first.uid})")
+    assert answers[second.uid].error == (
+        f"cannot prepare ResourceClaim ns/{second.name}: device {DRIVER}/{NODE}/gpu-4 is taken "
+        f"by ResourceClaim ns/{first.name} ({first.uid})")
     assert answers[monitor.uid].error == ""
     running.kubelet.unprepare([first])
     assert running.kubelet.prepare([second])[second.uid].error == ""
@@ -302,9 +304,11 @@ def test_a_restart_keeps_prepared_claims(node: Node, start: Start) -> None:
     answer = first.kubelet.prepare([claim])
     first.stop()
     second = start()
+    held = f"ResourceClaim ns/{claim.name} ({claim.uid})"
+    assert second.plugin.state.ledger.exclusive == {DeviceRef(DRIVER, NODE, "gpu-7"): held}
     assert second.kubelet.prepare([claim]) == answer
     other = make_claim(node.local, [result("gpu-7")])
-    assert "already prepared" in second.kubelet.prepare([other])[other.uid].error
+    assert f"gpu-7 is taken by {held}" in second.kubelet.prepare([other])[other.uid].error
 
 
 def test_start_rolls_back_half_done_work_and_removes_orphan_specs(node: Node,

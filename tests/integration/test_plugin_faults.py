@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,7 @@ from tests.support.forkserver import ForkServer
 from tests.support.plugin import (
     DRIVER,
     Claim,
-    Kubelet,
+    Daemon,
     Node,
     cdi_problems,
     cdi_specs,
@@ -33,7 +33,6 @@ from tests.support.plugin import (
     make_claim,
     mig_profile,
     result,
-    wait_for_socket,
 )
 
 KILLS = 50
@@ -42,46 +41,6 @@ KILLS = 50
 DEVICES = {"gpu-0-mig-1g10gb-5": (19, 5), "gpu-0-mig-2g20gb-2": (14, 2),
            "gpu-0-mig-3g40gb-4": (9, 4), "gpu-0-mig-7g80gb-0": (0, 0)}
 GPU0 = "GPU-38ab404c-3055-5622-b266-e2d6fb39931a"
-
-
-class Daemon:
-    """`gpu-dra <args>` in a child process (spawned, or forked by a fork server for a fast
-    start), and a kubelet client of its sockets."""
-
-    def __init__(self, node: Node, args: list[str], forks: ForkServer | None = None) -> None:
-        self.node = node
-        node.registration_socket.unlink(missing_ok=True)  # a killed plugin's
-        log = node.root / "plugin.log"
-        if forks is not None:
-            self.pid = forks.run(args, log)
-            self._wait: Callable[[], int] = lambda: forks.wait(self.pid)
-        else:
-            with open(log, "ab") as out:
-                proc = subprocess.Popen([sys.executable, "-m", "driver.cli", *args],
-                                        stdout=out, stderr=subprocess.STDOUT)
-            self.pid = proc.pid
-            self._wait = lambda: proc.wait(30)
-        try:
-            wait_for_socket(node.registration_socket)
-        except AssertionError:
-            self.stop(signal.SIGKILL)
-            raise AssertionError(f"the plugin did not start:\n{self.output()}") from None
-        self.kubelet = Kubelet(node.dra_socket, node.registration_socket)
-        self.kubelet.get_info(timeout=10, wait_for_ready=True)  # the file precedes listen()
-
-    def output(self) -> str:
-        return (self.node.root / "plugin.log").read_text(errors="replace")[-4000:]
-
-    def send(self, sig: int) -> int:
-        """Send `sig`; the exit code once the process has ended."""
-        os.kill(self.pid, sig)
-        return self._wait()
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        code = self.send(sig)
-        if hasattr(self, "kubelet"):
-            self.kubelet.close()
-        return code
 
 
 def dynamic_daemon(node: Node, profile: Path, forks: ForkServer) -> Daemon:

@@ -9,9 +9,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from driver import checkpoint
+from driver.allocator import DeviceRef
+from driver.checkpoint import ClaimRecord
 from driver.nvml.mock import mock_provider
 from driver.plugin.mig import MigManager
 from tests.support.plugin import (
+    DRIVER,
+    NODE,
     Node,
     Start,
     cdi_problems,
@@ -25,7 +30,12 @@ from tests.support.plugin import (
 GPU0 = "GPU-6493d427-501d-5931-bd3f-97d1981f0fc8"  # dgx-h100 GPU 0 (minor 0)
 GPU1 = "GPU-df0fc3e6-d2c7-5d85-984d-a4c26364deeb"  # GPU 1 (minor 1)
 H100 = "GPU-38ab404c-3055-5622-b266-e2d6fb39931a"  # h100-80gb-hbm3 GPU 0: MIG mode off
-PROFILE_3G, PROFILE_1G, PROFILE_4G = 9, 19, 5  # H100 GPU-instance profile ids
+PROFILE_3G, PROFILE_1G, PROFILE_4G, PROFILE_2G = 9, 19, 5, 14  # H100 GPU-instance profiles
+
+
+def records(node: Node) -> dict[str, ClaimRecord]:
+    loaded = checkpoint.load(node.checkpoint)
+    return loaded.claims if loaded is not None else {}
 
 
 def dynamic(start: Start, node: Node, profile: Path | None = None) -> object:
@@ -98,12 +108,63 @@ def test_devices_sharing_hardware_with_a_prepared_claim_are_refused(node: Node,
     whole = make_claim(node.local, [result("gpu-0")])
     beside = make_claim(node.local, [result("gpu-0-mig-3g40gb-4")])
     answers = running.kubelet.prepare([inside, whole, beside])
-    assert answers[inside.uid].error == (
-        f"device gpu-0-mig-1g10gb-2 overlaps gpu-0-mig-4g40gb-0, which is already prepared "
-        f"for ResourceClaim ns/{half.name} ({half.uid})")
-    assert "device gpu-0 overlaps gpu-0-mig-4g40gb-0" in answers[whole.uid].error
+    holder = f"gpu-0-mig-4g40gb-0 (ResourceClaim ns/{half.name} ({half.uid}))"
+    # the 1g at 2 draws memory slice 2, which the 4g at 0 holds; the whole GPU draws every
+    # counter of the set
+    for refused in (inside, whole):
+        error = answers[refused.uid].error
+        assert error.startswith(f"cannot prepare ResourceClaim ns/{refused.name}: counter ")
+        assert f" of {DRIVER}/{NODE}/gpu-0-counter-set is overdrawn by " in error
+        assert holder in error
     assert answers[beside.uid].error == ""
     assert live_mig(node.mock_state) == {GPU0: [(PROFILE_4G, 0, 1), (PROFILE_3G, 4, 1)]}
+    assert set(records(node)) == {half.uid, beside.uid}
+
+
+def test_two_claims_asking_one_mig_placement_in_one_call_get_it_once(
+        node: Node, start: Start) -> None:
+    running = dynamic(start, node)
+    first = make_claim(node.local, [result("gpu-1-mig-2g20gb-2")])
+    second = make_claim(node.local, [result("gpu-1-mig-2g20gb-2")])
+    answers = running.kubelet.prepare([first, second])
+    refused = [uid for uid, answer in answers.items() if answer.error]
+    assert len(refused) == 1
+    winner = first if refused == [second.uid] else second
+    assert answers[refused[0]].error.endswith(
+        f"device {DRIVER}/{NODE}/gpu-1-mig-2g20gb-2 is taken by ResourceClaim "
+        f"ns/{winner.name} ({winner.uid})")
+    assert live_mig(node.mock_state) == {GPU1: [(PROFILE_2G, 2, 1)]}
+    assert set(records(node)) == {winner.uid} and set(cdi_specs(node.cdi)) == {winner.uid}
+
+
+def test_a_whole_gpu_then_its_partition_is_refused_and_nothing_is_made(
+        node: Node, start: Start) -> None:
+    running = dynamic(start, node)
+    whole = make_claim(node.local, [result("gpu-0")])
+    assert running.kubelet.prepare([whole])[whole.uid].error == ""
+    part = make_claim(node.local, [result("gpu-1-mig-1g10gb-0"), result("gpu-0-mig-1g10gb-6")])
+    error = running.kubelet.prepare([part])[part.uid].error
+    assert f"also held by gpu-0 (ResourceClaim ns/{whole.name} ({whole.uid}))" in error
+    assert live_mig(node.mock_state) == {}  # its free GPU-1 device was not made either
+    assert set(records(node)) == {whole.uid} and set(cdi_specs(node.cdi)) == {whole.uid}
+
+
+def test_the_ledger_is_rebuilt_from_the_checkpoint_at_start(node: Node, start: Start) -> None:
+    profile = mig_profile(node.root / "mig.yaml")
+    first = dynamic(start, node, profile)
+    claim = make_claim(node.local, [result("gpu-0-mig-3g40gb-0")])
+    assert first.kubelet.prepare([claim])[claim.uid].error == ""
+    first.stop()
+    second = dynamic(start, node, profile)
+    key = f"ResourceClaim ns/{claim.name} ({claim.uid})"
+    assert second.plugin.state.ledger.exclusive == {
+        DeviceRef(DRIVER, NODE, "gpu-0-mig-3g40gb-0"): key}
+    overlapping = make_claim(node.local, [result("gpu-0-mig-1g10gb-3")])
+    assert f"also held by gpu-0-mig-3g40gb-0 ({key})" in \
+        second.kubelet.prepare([overlapping])[overlapping.uid].error
+    assert second.kubelet.unprepare([claim]) == {claim.uid: ""}
+    assert second.plugin.state.ledger.claims() == []
+    assert second.kubelet.prepare([overlapping])[overlapping.uid].error == ""
 
 
 def test_stray_mig_devices_are_destroyed_at_start_and_claimed_ones_kept(
@@ -152,7 +213,7 @@ def test_a_whole_gpu_is_refused_while_mig_devices_live_on_it(node: Node, start: 
     part = make_claim(node.local, [result("gpu-0-mig-1g10gb-0")])
     assert running.kubelet.prepare([part])[part.uid].error == ""
     whole = make_claim(node.local, [result("gpu-0")])  # allocated against the counters
-    assert "device gpu-0 overlaps gpu-0-mig-1g10gb-0, which is already prepared" in \
+    assert f"also held by gpu-0-mig-1g10gb-0 (ResourceClaim ns/{part.name} ({part.uid}))" in \
         running.kubelet.prepare([whole])[whole.uid].error
     running.kubelet.unprepare([part])
     outside = mock_provider("h100-80gb-hbm3", node.mock_state)  # e.g. an admin's nvidia-smi

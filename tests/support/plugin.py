@@ -5,7 +5,11 @@ against the official schema."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -29,6 +33,7 @@ from driver._proto.dra_v1beta1 import api_pb2_grpc as dra_v1beta1_grpc
 from driver._proto.pluginregistration_v1 import api_pb2 as reg_v1
 from driver._proto.pluginregistration_v1 import api_pb2_grpc as reg_v1_grpc
 from driver.nvml.profile import PROFILES_DIR
+from tests.support.forkserver import ForkServer
 
 DRIVER = "gpu.dra.dev"
 NODE = "node-a"
@@ -310,7 +315,8 @@ def plugins(node: Node) -> Iterator[Start]:
         provider = mock_provider(profile, mock_state)
         plugin = Plugin(node.options(**overrides), provider, claims=claims)
         plugin.start()
-        running = Running(plugin, Kubelet(node.dra_socket, node.registration_socket), provider)
+        running = Running(plugin, Kubelet(plugin.options.dra_socket,
+                                          plugin.options.registration_socket), provider)
         started.append(running)
         return running
 
@@ -319,6 +325,54 @@ def plugins(node: Node) -> Iterator[Start]:
     finally:
         for running in started:
             running.stop()
+
+
+class Daemon:
+    """`gpu-dra <args>` in a child process (spawned, or forked by a fork server for a fast
+    start), and a kubelet client of its sockets (named after `pod_uid` when given, as in
+    a rolling update)."""
+
+    def __init__(self, node: Node, args: list[str], forks: ForkServer | None = None,
+                 pod_uid: str | None = None, log_name: str = "plugin.log") -> None:
+        self.node = node
+        self.log = node.root / log_name
+        options = node.options(pod_uid=pod_uid)
+        self.dra_socket, self.registration_socket = options.dra_socket, \
+            options.registration_socket
+        if pod_uid is not None:
+            args = [*args, "--pod-uid", pod_uid]
+        self.registration_socket.unlink(missing_ok=True)  # a killed plugin's
+        log = self.log
+        if forks is not None:
+            self.pid = forks.run(args, log)
+            self._wait: Callable[[], int] = lambda: forks.wait(self.pid)
+        else:
+            with open(log, "ab") as out:
+                proc = subprocess.Popen([sys.executable, "-m", "driver.cli", *args],
+                                        stdout=out, stderr=subprocess.STDOUT)
+            self.pid = proc.pid
+            self._wait = lambda: proc.wait(30)
+        try:
+            wait_for_socket(self.registration_socket)
+        except AssertionError:
+            self.stop(signal.SIGKILL)
+            raise AssertionError(f"the plugin did not start:\n{self.output()}") from None
+        self.kubelet = Kubelet(self.dra_socket, self.registration_socket)
+        self.kubelet.get_info(timeout=10, wait_for_ready=True)  # the file precedes listen()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def send(self, sig: int) -> int:
+        """Send `sig`; the exit code once the process has ended."""
+        os.kill(self.pid, sig)
+        return self._wait()
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        code = self.send(sig)
+        if hasattr(self, "kubelet"):
+            self.kubelet.close()
+        return code
 
 
 def live_mig(mock_state: Path) -> dict[str, list[tuple[int, int, int]]]:

@@ -1,0 +1,213 @@
+"""A rolling update with maxSurge: the old and the new plugin pod on one node at once, as
+two real processes on the same directories, each with its pod UID. Both serve on their own
+sockets; prepare and unprepare through either never double-book a device, and each sees
+what the other did; SIGTERM of the old pod leaves the new pod's sockets and the slices."""
+
+from __future__ import annotations
+
+import fcntl
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from driver import checkpoint
+from driver.checkpoint import Checkpoint, ClaimRecord, MigInstance, PreparedDevice
+from driver.claims import ClaimRef
+from driver.nvml.mock import mock_provider
+from driver.plugin.mig import MigManager
+from driver.plugin.nodelock import LOCK_FILE
+from tests.support.forkserver import ForkServer
+from tests.support.plugin import (
+    DRIVER,
+    NODE,
+    Claim,
+    Daemon,
+    Node,
+    Start,
+    cdi_specs,
+    live_mig,
+    make_claim,
+    mig_profile,
+    new_uid,
+    result,
+)
+
+GPU0 = "GPU-38ab404c-3055-5622-b266-e2d6fb39931a"  # h100-80gb-hbm3 GPU 0
+PROFILE_2G = 14  # H100 GPU-instance profile id of 2g.20gb
+
+
+@pytest.fixture(scope="module")
+def forks() -> Iterator[ForkServer]:
+    server = ForkServer()
+    yield server
+    server.close()
+
+
+def pod(node: Node, forks: ForkServer, name: str, *extra: str, profile: str = "l4-8x"
+        ) -> Daemon:
+    return Daemon(node, node.cli_args(profile, *extra), forks, pod_uid=new_uid(),
+                  log_name=f"{name}.log")
+
+
+def prepared(node: Node) -> set[str]:
+    loaded = checkpoint.load(node.checkpoint)
+    assert loaded is not None
+    return {uid for uid, r in loaded.claims.items() if r.state == "PrepareCompleted"}
+
+
+def test_two_pods_serve_side_by_side_on_sockets_named_after_their_uids(
+        node: Node, forks: ForkServer) -> None:
+    old = pod(node, forks, "old")
+    new = pod(node, forks, "new")
+    try:
+        for daemon in (old, new):
+            uid = daemon.dra_socket.name.removeprefix("dra-").removesuffix(".sock")
+            assert daemon.registration_socket.name == f"{DRIVER}-{uid}-reg.sock"
+            assert daemon.kubelet.get_info().endpoint == str(daemon.dra_socket)
+        assert not node.registration_socket.exists() and not node.dra_socket.exists()
+        first = make_claim(node.local, [result("gpu-1")])
+        second = make_claim(node.local, [result("gpu-2")])
+        assert old.kubelet.prepare([first])[first.uid].error == ""
+        assert new.kubelet.prepare([second])[second.uid].error == ""
+        assert prepared(node) == {first.uid, second.uid}
+    finally:
+        old.stop()
+        new.stop()
+
+
+def test_concurrent_prepares_through_both_pods_never_double_book(
+        node: Node, forks: ForkServer) -> None:
+    args = ("--mig-mode", "dynamic", "--mock-state", str(node.mock_state))
+    profile = str(mig_profile(node.root / "mig.yaml", base="h100-80gb-hbm3", gpus=(0,)))
+    old = pod(node, forks, "old", *args, profile=profile)
+    new = pod(node, forks, "new", *args, profile=profile)
+    try:
+        # each device asked by two claims, one through each pod; the 1g devices at 0-3
+        # overlap the 4g at 0, the 3g at 4 stands alone
+        devices = ["gpu-0-mig-1g10gb-0", "gpu-0-mig-1g10gb-3", "gpu-0-mig-4g40gb-0",
+                   "gpu-0-mig-3g40gb-4"]
+        pairs = [(make_claim(node.local, [result(d)]), make_claim(node.local, [result(d)]))
+                 for d in devices]
+        calls = [(daemon, claim) for a, b in pairs for daemon, claim in ((old, a), (new, b))]
+        with ThreadPoolExecutor(len(calls)) as pool:
+            answers = list(pool.map(lambda c: c[0].kubelet.prepare([c[1]])[c[1].uid], calls))
+        won = {claim.uid for (_, claim), answer in zip(calls, answers, strict=True)
+               if answer.error == ""}
+        for a, b in pairs:
+            assert len(won & {a.uid, b.uid}) <= 1
+        assert prepared(node) == won and set(cdi_specs(node.cdi)) == won
+        assert pairs[3][0].uid in won or pairs[3][1].uid in won  # nothing overlaps it
+        placements = {"gpu-0-mig-1g10gb-0": (19, 0), "gpu-0-mig-1g10gb-3": (19, 3),
+                      "gpu-0-mig-4g40gb-0": (5, 0), "gpu-0-mig-3g40gb-4": (9, 4)}
+        winners = [devices[i] for i, (a, b) in enumerate(pairs) if {a.uid, b.uid} & won]
+        assert sorted(live_mig(node.mock_state)[GPU0]) == sorted(
+            (*placements[d], 1) for d in winners)
+        for daemon, claim in calls:
+            if claim.uid in won:  # unprepared through the other pod
+                other = new if daemon is old else old
+                assert other.kubelet.unprepare([claim]) == {claim.uid: ""}
+        assert prepared(node) == set() and live_mig(node.mock_state) == {}
+    finally:
+        old.stop()
+        new.stop()
+
+
+def test_a_claim_prepared_through_one_pod_is_seen_through_the_other(
+        node: Node, forks: ForkServer) -> None:
+    old = pod(node, forks, "old")
+    new = pod(node, forks, "new")
+    try:
+        claim = make_claim(node.local, [result("gpu-5")])
+        answer = old.kubelet.prepare([claim])
+        assert answer[claim.uid].error == ""
+        assert new.kubelet.prepare([claim]) == answer  # idempotent, from the checkpoint
+        rival = make_claim(node.local, [result("gpu-5")])
+        assert f"gpu-5 is taken by ResourceClaim ns/{claim.name} ({claim.uid})" in \
+            new.kubelet.prepare([rival])[rival.uid].error
+        assert new.kubelet.unprepare([claim]) == {claim.uid: ""}
+        assert old.kubelet.prepare([rival])[rival.uid].error == ""  # the old pod saw it go
+        assert prepared(node) == {rival.uid} and set(cdi_specs(node.cdi)) == {rival.uid}
+    finally:
+        old.stop()
+        new.stop()
+
+
+def test_sigterm_of_the_old_pod_leaves_the_new_pods_sockets_and_the_slices(
+        node: Node, forks: ForkServer) -> None:
+    old = pod(node, forks, "old")
+    slices = {p.name: (p.stat().st_mtime_ns, p.read_text())
+              for p in (node.local / "resourceslices").iterdir()}
+    new = pod(node, forks, "new")
+    try:
+        after = {p.name: (p.stat().st_mtime_ns, p.read_text())
+                 for p in (node.local / "resourceslices").iterdir()}
+        assert after == slices  # the new pod found nothing to write
+        assert old.stop() == 0
+        assert not old.registration_socket.exists() and not old.dra_socket.exists()
+        assert new.registration_socket.exists() and new.dra_socket.exists()
+        assert {p.name: (p.stat().st_mtime_ns, p.read_text())
+                for p in (node.local / "resourceslices").iterdir()} == slices
+        claim = make_claim(node.local, [result("gpu-0")])
+        assert new.kubelet.prepare([claim])[claim.uid].error == ""
+    finally:
+        new.stop()
+
+
+def test_a_call_waits_for_the_other_pod_and_answers_busy_at_its_deadline(
+        node: Node, start: Start) -> None:
+    running = start(pod_uid=new_uid())
+    claim = make_claim(node.local, [result("gpu-3")])
+    lock = node.plugin_dir / LOCK_FILE
+    with open(lock, "a") as held:  # the other pod, in the middle of a call
+        fcntl.flock(held, fcntl.LOCK_EX)
+        began = time.monotonic()
+        outcome = running.plugin.state.prepare([_ref(claim)], time.monotonic() + 0.5)
+        waited = time.monotonic() - began
+    assert outcome[claim.uid].reason == "busy"
+    assert str(lock) in (outcome[claim.uid].error or "")
+    assert waited >= 0.5
+    assert cdi_specs(node.cdi) == {} and running.plugin.state.records == {}
+    assert running.kubelet.prepare([claim])[claim.uid].error == ""  # once it is free
+
+
+def test_a_claim_the_other_pod_left_half_done_is_rolled_back_and_prepared(
+        node: Node, start: Start) -> None:
+    profile = str(mig_profile(node.root / "mig.yaml", base="h100-80gb-hbm3", gpus=(0,)))
+    running = start(profile, mock_state=node.mock_state, mig_mode="dynamic", pod_uid=new_uid())
+    claim = make_claim(node.local, [result("gpu-0-mig-2g20gb-2")])
+    # the other pod died in the middle of preparing it: its record and its MIG device stay
+    gpu = running.plugin.state.inventory.gpus[0]
+    two = next(p for p in gpu.mig_profiles if p.id == PROFILE_2G)
+    placement = next(p for p in two.placements if p.start == 2)
+    outside = mock_provider(profile, node.mock_state)
+    outside.nvml.nvmlInit()
+    MigManager(outside).create(gpu, two, placement)
+    device = PreparedDevice(("gpu",), NODE, "gpu-0-mig-2g20gb-2", (), GPU0,
+                            created_mig=MigInstance(PROFILE_2G, 2, 2))
+    with open(node.plugin_dir / LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        checkpoint.save(node.checkpoint, Checkpoint(node.boot_id.read_text().strip(), {
+            claim.uid: ClaimRecord(claim.uid, claim.namespace, claim.name, "PrepareStarted",
+                                   (device,))}))
+    assert running.kubelet.prepare([claim])[claim.uid].error == ""
+    assert prepared(node) == {claim.uid}
+    assert live_mig(node.mock_state) == {GPU0: [(PROFILE_2G, 2, 1)]}
+    assert running.kubelet.unprepare([claim]) == {claim.uid: ""}
+    assert live_mig(node.mock_state) == {} and cdi_specs(node.cdi) == {}
+
+
+def _ref(claim: Claim) -> ClaimRef:
+    return ClaimRef(claim.namespace, claim.name, claim.uid)
+
+
+def test_a_checkpoint_the_other_pod_damaged_fails_the_call_not_the_plugin(
+        node: Node, start: Start) -> None:
+    running = start(pod_uid=new_uid())
+    claim = make_claim(node.local, [result("gpu-4")])
+    node.checkpoint.write_text("{not json")  # a new file: this pod must read it again
+    error = running.kubelet.prepare([claim])[claim.uid].error
+    assert error.startswith(f"checkpoint {node.checkpoint}: not JSON")
+    assert running.kubelet.get_info().name == DRIVER
+    assert cdi_specs(node.cdi) == {}
