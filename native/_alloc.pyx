@@ -13,7 +13,7 @@ cuts subtrees holding no solution, so the first solution found is the same:
 A request whose candidates include a selector error is never pruned: upstream
 would reach the error and stop with it.
 
-`Kernel.run` returns a status (1 ok, 0 no solution, -1 result limit exceeded,
+`Prepared.run` returns a status (1 ok, 0 no solution, -1 result limit exceeded,
 -2 error, -3 gave up: the work budget ran out before the search decided).
 """
 
@@ -755,192 +755,401 @@ cdef void keep(State* s) noexcept nogil:
     memcpy(s.best_alts, s.alts, s.G * sizeof(int32_t))
 
 
-def run(dict a, int optimize, long long budget, int prune=1):
-    """Search one packed problem (see driver/allocator/kernel.py for the layout).
+cdef const int8_t* _i8(object o) except NULL:
+    cdef const int8_t[::1] v = o
+    return &v[0]
 
-    Returns (status, picks per claim as [(entry, device)], alternative per request,
-    (error entry, error device, error kind), search steps).
-    """
-    cdef State s
-    cdef int status, c, i
-    # Typed views keep the buffers alive and give raw pointers.
+
+cdef const int32_t* _i32(object o) except NULL:
+    cdef const int32_t[::1] v = o
+    return &v[0]
+
+
+cdef const int64_t* _i64(object o) except NULL:
+    cdef const int64_t[::1] v = o
+    return &v[0]
+
+
+cdef const uint32_t* _u32(object o) except NULL:
+    cdef const uint32_t[::1] v = o
+    return &v[0]
+
+
+cdef const uint64_t* _u64(object o) except NULL:
+    cdef const uint64_t[::1] v = o
+    return &v[0]
+
+
+# The arrays a `Prepared` reads (everything but what the ledger decides), by type.
+_I8 = ("multi", "counted", "e_all", "e_admin", "e_fa", "e_has_err", "e_has_multi", "c_safe",
+       "e_all_soft", "k_kind")
+_I32 = ("dc_start", "dc_idx", "e_count", "e_all_start", "e_all_idx", "e_cons_start",
+        "cons_dev", "cons_dim", "c_gstart", "g_estart", "c_kstart", "k_values", "k_gstart",
+        "island", "bandwidth", "numa", "pcie", "slice_set", "set_island")
+_I64 = ("dc_amt", "cons_amt")
+_U32 = ("e_cmask", "slice_mask", "set_full")
+_U64 = ("e_cand", "e_err", "k_groups", "k_has")
+
+
+cdef class Dynamic:
+    """What the allocated claims decide, as C arrays: devices in use, devices shared,
+    devices blocked by an overdrawn pool, counters and capacities left, free MIG
+    slices per GPU, free whole GPUs per NVLink island."""
+
+    cdef uint64_t* base_inuse
+    cdef int8_t* base_shared
+    cdef int8_t* blocked
+    cdef int64_t* counter_avail
+    cdef int64_t* dim_avail
+    cdef uint32_t* set_free
+    cdef int32_t* island_free
+    cdef int n, W, NC, ND, NS, NI
+
+    def __cinit__(self, int n, int NC, int ND, int NS, int NI):
+        self.n, self.W, self.NC, self.ND, self.NS, self.NI = n, max(1, (n + 63) // 64), NC, ND, NS, NI
+        self.base_inuse = <uint64_t*>calloc(self.W, sizeof(uint64_t))
+        self.base_shared = <int8_t*>calloc(max(1, n), sizeof(int8_t))
+        self.blocked = <int8_t*>calloc(max(1, n), sizeof(int8_t))
+        self.counter_avail = <int64_t*>calloc(max(1, NC), sizeof(int64_t))
+        self.dim_avail = <int64_t*>calloc(max(1, ND), sizeof(int64_t))
+        self.set_free = <uint32_t*>calloc(max(1, NS), sizeof(uint32_t))
+        self.island_free = <int32_t*>calloc(max(1, NI), sizeof(int32_t))
+        if (not self.base_inuse or not self.base_shared or not self.blocked
+                or not self.counter_avail or not self.dim_avail or not self.set_free
+                or not self.island_free):
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.base_inuse)
+        free(self.base_shared)
+        free(self.blocked)
+        free(self.counter_avail)
+        free(self.dim_avail)
+        free(self.set_free)
+        free(self.island_free)
+
+
+def dynamic(dict a):
+    """The ledger's part of a packed problem (see driver/allocator/kernel.py)."""
     cdef const uint64_t[::1] base_inuse = a["base_inuse"]
-    cdef const int8_t[::1] multi = a["multi"]
     cdef const int8_t[::1] base_shared = a["base_shared"]
-    cdef const int8_t[::1] counted = a["counted"]
     cdef const int8_t[::1] blocked = a["blocked"]
-    cdef const int32_t[::1] dc_start = a["dc_start"]
-    cdef const int32_t[::1] dc_idx = a["dc_idx"]
-    cdef const int64_t[::1] dc_amt = a["dc_amt"]
     cdef const int64_t[::1] counter_avail = a["counter_avail"]
     cdef const int64_t[::1] dim_avail = a["dim_avail"]
-    cdef const int32_t[::1] e_count = a["e_count"]
-    cdef const int8_t[::1] e_all = a["e_all"]
-    cdef const int8_t[::1] e_admin = a["e_admin"]
-    cdef const int8_t[::1] e_fa = a["e_fa"]
-    cdef const int8_t[::1] e_has_err = a["e_has_err"]
-    cdef const int8_t[::1] e_has_multi = a["e_has_multi"]
-    cdef const int8_t[::1] c_safe = a["c_safe"]
-    cdef const uint64_t[::1] e_cand = a["e_cand"]
-    cdef const uint64_t[::1] e_err = a["e_err"]
-    cdef const int32_t[::1] e_all_start = a["e_all_start"]
-    cdef const int32_t[::1] e_all_idx = a["e_all_idx"]
-    cdef const int8_t[::1] e_all_soft = a["e_all_soft"]
-    cdef const uint32_t[::1] e_cmask = a["e_cmask"]
-    cdef const int32_t[::1] e_cons_start = a["e_cons_start"]
-    cdef const int32_t[::1] cons_dev = a["cons_dev"]
-    cdef const int32_t[::1] cons_dim = a["cons_dim"]
-    cdef const int64_t[::1] cons_amt = a["cons_amt"]
-    cdef const int32_t[::1] c_gstart = a["c_gstart"]
-    cdef const int32_t[::1] g_estart = a["g_estart"]
-    cdef const int32_t[::1] c_kstart = a["c_kstart"]
-    cdef const int8_t[::1] k_kind = a["k_kind"]
-    cdef const int32_t[::1] k_values = a["k_values"]
-    cdef const int32_t[::1] k_gstart = a["k_gstart"]
-    cdef const uint64_t[::1] k_groups = a["k_groups"]
-    cdef const uint64_t[::1] k_has = a["k_has"]
-    cdef const int32_t[::1] island = a["island"]
-    cdef const int32_t[::1] bandwidth = a["bandwidth"]
-    cdef const int32_t[::1] numa = a["numa"]
-    cdef const int32_t[::1] pcie = a["pcie"]
-    cdef const int32_t[::1] slice_set = a["slice_set"]
-    cdef const uint32_t[::1] slice_mask = a["slice_mask"]
     cdef const uint32_t[::1] set_free = a["set_free"]
-    cdef const uint32_t[::1] set_full = a["set_full"]
-    cdef const int32_t[::1] set_island = a["set_island"]
     cdef const int32_t[::1] island_free = a["island_free"]
+    cdef int n = a["n"]
+    cdef Dynamic d = Dynamic(n, len(counter_avail), len(dim_avail), len(set_free),
+                             len(island_free))
+    memcpy(d.base_inuse, &base_inuse[0], d.W * sizeof(uint64_t))
+    memcpy(d.base_shared, &base_shared[0], max(1, n) * sizeof(int8_t))
+    memcpy(d.blocked, &blocked[0], max(1, n) * sizeof(int8_t))
+    memcpy(d.counter_avail, &counter_avail[0], d.NC * sizeof(int64_t))
+    memcpy(d.dim_avail, &dim_avail[0], d.ND * sizeof(int64_t))
+    memcpy(d.set_free, &set_free[0], d.NS * sizeof(uint32_t))
+    memcpy(d.island_free, &island_free[0], d.NI * sizeof(int32_t))
+    return d
 
-    memset(&s, 0, sizeof(State))
-    s.n = a["n"]
-    s.W = max(1, (s.n + 63) // 64)
-    s.C = len(c_gstart) - 1
-    s.G = len(g_estart) - 1
-    s.E = a["E"]
-    s.K = a["K"]
-    s.NC = len(counter_avail)
-    s.ND = len(dim_avail)
-    s.NI = len(island_free)
-    s.NS = len(set_free)
 
-    s.base_inuse = &base_inuse[0]
-    s.multi = &multi[0]
-    s.base_shared = &base_shared[0]
-    s.counted = &counted[0]
-    s.blocked = &blocked[0]
-    s.dc_start = &dc_start[0]
-    s.dc_idx = &dc_idx[0]
-    s.dc_amt = &dc_amt[0]
-    s.counter_avail = &counter_avail[0]
-    s.dim_avail = &dim_avail[0]
-    s.e_count = &e_count[0]
-    s.e_all = &e_all[0]
-    s.e_admin = &e_admin[0]
-    s.e_fa = &e_fa[0]
-    s.e_has_err = &e_has_err[0]
-    s.e_has_multi = &e_has_multi[0]
-    s.c_safe = &c_safe[0]
-    s.e_cand = &e_cand[0]
-    s.e_err = &e_err[0]
-    s.e_all_start = &e_all_start[0]
-    s.e_all_idx = &e_all_idx[0]
-    s.e_all_soft = &e_all_soft[0]
-    s.e_cmask = &e_cmask[0]
-    s.e_cons_start = &e_cons_start[0]
-    s.cons_dev = &cons_dev[0]
-    s.cons_dim = &cons_dim[0]
-    s.cons_amt = &cons_amt[0]
-    s.c_gstart = &c_gstart[0]
-    s.g_estart = &g_estart[0]
-    s.c_kstart = &c_kstart[0]
-    s.k_kind = &k_kind[0]
-    s.k_values = &k_values[0]
-    s.k_gstart = &k_gstart[0]
-    s.k_groups = &k_groups[0]
-    s.k_has = &k_has[0]
-    s.island = &island[0]
-    s.bandwidth = &bandwidth[0]
-    s.numa = &numa[0]
-    s.pcie = &pcie[0]
-    s.slice_set = &slice_set[0]
-    s.slice_mask = &slice_mask[0]
-    s.set_free = &set_free[0]
-    s.set_full = &set_full[0]
-    s.set_island = &set_island[0]
-    s.island_free = &island_free[0]
+cdef class Tables:
+    """One node's counters and topology as the ledger sees them, built once: from the
+    devices the allocated claims hold, `state` computes a `Dynamic` in C.
 
-    s.budget = budget
-    s.optimize = optimize
-    s.prune = prune
-    s.err_e = -1
-    s.err_d = -1
+    Devices are numbered as the search numbers them, then the devices of the same
+    pools on other nodes (their allocations consume the pools' counters too). Only
+    for nodes without devices that allow multiple allocations (base_shared and
+    capacities stay empty)."""
 
-    s.counter_used = <int64_t*>calloc(s.NC + 1, sizeof(int64_t))
-    s.dim_used = <int64_t*>calloc(s.ND + 1, sizeof(int64_t))
-    s.shares = <int32_t*>calloc(s.n + 1, sizeof(int32_t))
-    s.alloc_any_count = <int32_t*>calloc(s.n + 1, sizeof(int32_t))
-    s.alloc_any = <uint64_t*>calloc(s.W, sizeof(uint64_t))
-    s.alloc_claim = <uint64_t*>calloc(max(1, s.C) * s.W, sizeof(uint64_t))
-    s.k_count = <int32_t*>calloc(s.K + 1, sizeof(int32_t))
-    s.k_value = <int32_t*>calloc(s.K + 1, sizeof(int32_t))
-    s.k_seen = <int32_t*>calloc(max(1, s.K) * (s.n + 1), sizeof(int32_t))
-    s.pick_e = <int32_t*>calloc(max(1, s.C) * MAX_RESULTS, sizeof(int32_t))
-    s.pick_d = <int32_t*>calloc(max(1, s.C) * MAX_RESULTS, sizeof(int32_t))
-    s.npicks = <int32_t*>calloc(max(1, s.C), sizeof(int32_t))
-    s.alts = <int32_t*>calloc(max(1, s.G), sizeof(int32_t))
-    # Recursion depth: one level per slot, request and claim, plus subrequest loops.
-    cdef int depth_max = s.C * (MAX_RESULTS + 2) + 3 * s.G + 4
-    s.scratch = <uint64_t*>calloc(2 * (depth_max + 1) * s.W, sizeof(uint64_t))
-    s.best_pick_e = <int32_t*>calloc(max(1, s.C) * MAX_RESULTS, sizeof(int32_t))
-    s.best_pick_d = <int32_t*>calloc(max(1, s.C) * MAX_RESULTS, sizeof(int32_t))
-    s.best_npicks = <int32_t*>calloc(max(1, s.C), sizeof(int32_t))
-    s.best_alts = <int32_t*>calloc(max(1, s.G), sizeof(int32_t))
-    s.alone_fail = <int8_t*>calloc(max(1, s.C), sizeof(int8_t))
-    s.stop_claim = s.C
-    try:
-        if (not s.counter_used or not s.dim_used or not s.shares or not s.alloc_any_count
-                or not s.alloc_any or not s.alloc_claim or not s.k_count or not s.k_value
-                or not s.k_seen or not s.pick_e or not s.pick_d or not s.npicks or not s.alts
-                or not s.scratch or not s.best_pick_e or not s.best_pick_d
-                or not s.best_npicks or not s.best_alts or not s.alone_fail):
+    cdef int n, m, NC, NS, NI, npools
+    cdef int32_t* x_start
+    cdef int32_t* x_idx
+    cdef int64_t* x_amt
+    cdef int64_t* declared
+    cdef int32_t* counter_pool
+    cdef int32_t* dev_pool
+    cdef int8_t* counted
+    cdef int32_t* slot_start
+    cdef int32_t* slot_bit
+    cdef int32_t* slot_k
+    cdef uint32_t* set_full
+    cdef int32_t* slice_set
+    cdef int32_t* member_start
+    cdef int32_t* member_dev
+
+    def __cinit__(self, int n, list uses, list declared, list counter_pool, list dev_pool,
+                  list counted, list set_slots, list set_full, list slice_set, list islands):
+        cdef int i, j, k, total
+        self.n, self.m, self.NC = n, len(uses), len(declared)
+        self.NS, self.NI = len(set_slots), len(islands)
+        self.npools = max([p + 1 for p in counter_pool] + [p + 1 for p in dev_pool] + [1])
+        total = sum(len(u) for u in uses)
+        self.x_start = <int32_t*>calloc(self.m + 1, sizeof(int32_t))
+        self.x_idx = <int32_t*>calloc(max(1, total), sizeof(int32_t))
+        self.x_amt = <int64_t*>calloc(max(1, total), sizeof(int64_t))
+        self.declared = <int64_t*>calloc(max(1, self.NC), sizeof(int64_t))
+        self.counter_pool = <int32_t*>calloc(max(1, self.NC), sizeof(int32_t))
+        self.dev_pool = <int32_t*>calloc(max(1, n), sizeof(int32_t))
+        self.counted = <int8_t*>calloc(max(1, n), sizeof(int8_t))
+        total = sum(len(s) for s in set_slots)
+        self.slot_start = <int32_t*>calloc(self.NS + 1, sizeof(int32_t))
+        self.slot_bit = <int32_t*>calloc(max(1, total), sizeof(int32_t))
+        self.slot_k = <int32_t*>calloc(max(1, total), sizeof(int32_t))
+        self.set_full = <uint32_t*>calloc(max(1, self.NS), sizeof(uint32_t))
+        self.slice_set = <int32_t*>calloc(max(1, n), sizeof(int32_t))
+        total = sum(len(members) for members in islands)
+        self.member_start = <int32_t*>calloc(self.NI + 1, sizeof(int32_t))
+        self.member_dev = <int32_t*>calloc(max(1, total), sizeof(int32_t))
+        if (not self.x_start or not self.x_idx or not self.x_amt or not self.declared
+                or not self.counter_pool or not self.dev_pool or not self.counted
+                or not self.slot_start or not self.slot_bit or not self.slot_k
+                or not self.set_full or not self.slice_set or not self.member_start
+                or not self.member_dev):
             raise MemoryError()
-        with nogil:
-            if prune and s.C > 1:
-                claims_alone(&s)
-            status = one(&s, 0, 0, 0, 0, False, 0, 0)
-        if optimize:
-            if s.has_best:
-                status = OK
-                memcpy(s.npicks, s.best_npicks, s.C * sizeof(int32_t))
-                memcpy(s.pick_e, s.best_pick_e, s.C * MAX_RESULTS * sizeof(int32_t))
-                memcpy(s.pick_d, s.best_pick_d, s.C * MAX_RESULTS * sizeof(int32_t))
-                memcpy(s.alts, s.best_alts, s.G * sizeof(int32_t))
-            elif status != GAVEUP:
-                status = FAIL
-        picks = []
-        alts = []
-        if status == OK:
-            for c in range(s.C):
-                picks.append([(s.pick_e[c * MAX_RESULTS + i], s.pick_d[c * MAX_RESULTS + i])
-                              for i in range(s.npicks[c])])
-            alts = [s.alts[i] for i in range(s.G)]
-        return status, picks, alts, (s.err_e, s.err_d, s.err_kind), s.nodes, bool(s.has_best)
-    finally:
-        free(s.counter_used)
-        free(s.dim_used)
-        free(s.shares)
-        free(s.alloc_any_count)
-        free(s.alloc_any)
-        free(s.alloc_claim)
-        free(s.k_count)
-        free(s.k_value)
-        free(s.k_seen)
-        free(s.pick_e)
-        free(s.pick_d)
-        free(s.npicks)
-        free(s.alts)
-        free(s.scratch)
-        free(s.best_pick_e)
-        free(s.best_pick_d)
-        free(s.best_npicks)
-        free(s.best_alts)
-        free(s.alone_fail)
+        j = 0
+        for i in range(self.m):
+            for k, amount in uses[i]:
+                self.x_idx[j] = k
+                self.x_amt[j] = amount
+                j += 1
+            self.x_start[i + 1] = j
+        for k in range(self.NC):
+            self.declared[k] = declared[k]
+            self.counter_pool[k] = counter_pool[k]
+        for i in range(n):
+            self.dev_pool[i] = dev_pool[i]
+            self.counted[i] = 1 if counted[i] else 0
+            self.slice_set[i] = slice_set[i]
+        j = 0
+        for i in range(self.NS):
+            for bit, k in set_slots[i]:
+                self.slot_bit[j] = bit
+                self.slot_k[j] = k
+                j += 1
+            self.slot_start[i + 1] = j
+            self.set_full[i] = set_full[i]
+        j = 0
+        for i in range(self.NI):
+            for k in islands[i]:
+                self.member_dev[j] = k
+                j += 1
+            self.member_start[i + 1] = j
+
+    def __dealloc__(self):
+        free(self.x_start)
+        free(self.x_idx)
+        free(self.x_amt)
+        free(self.declared)
+        free(self.counter_pool)
+        free(self.dev_pool)
+        free(self.counted)
+        free(self.slot_start)
+        free(self.slot_bit)
+        free(self.slot_k)
+        free(self.set_full)
+        free(self.slice_set)
+        free(self.member_start)
+        free(self.member_dev)
+
+    def state(self, list exclusive, list shared):
+        """The `Dynamic` for claims holding `exclusive` devices whole and shares of
+        `shared` ones (indexes as above; a device in both counts twice, as in
+        NodeModel.problem); None where a counter leaves the kernel's range."""
+        cdef Dynamic d = Dynamic(self.n, self.NC, 0, self.NS, self.NI)
+        cdef int i, j, k, s
+        cdef int64_t limit = (<int64_t>1) << 62
+        cdef uint32_t bits
+        cdef int8_t* negative = <int8_t*>calloc(self.npools, sizeof(int8_t))
+        if not negative:
+            raise MemoryError()
+        try:
+            memcpy(d.counter_avail, self.declared, self.NC * sizeof(int64_t))
+            for held in (exclusive, shared):
+                for i in held:
+                    if i < 0 or i >= self.m:
+                        raise IndexError(i)
+                    for j in range(self.x_start[i], self.x_start[i + 1]):
+                        d.counter_avail[self.x_idx[j]] -= self.x_amt[j]
+            for i in exclusive:
+                if i < self.n:
+                    setbit(d.base_inuse, i)
+            for k in range(self.NC):
+                if not -limit < d.counter_avail[k] < limit:
+                    return None
+                if d.counter_avail[k] < 0:
+                    negative[self.counter_pool[k]] = 1
+            for i in range(self.n):
+                d.blocked[i] = self.counted[i] and negative[self.dev_pool[i]]
+            for s in range(self.NS):
+                bits = 0
+                for j in range(self.slot_start[s], self.slot_start[s + 1]):
+                    if d.counter_avail[self.slot_k[j]] >= 1:
+                        bits |= (<uint32_t>1) << self.slot_bit[j]
+                d.set_free[s] = bits
+            for k in range(self.NI):
+                for j in range(self.member_start[k], self.member_start[k + 1]):
+                    i = self.member_dev[j]
+                    s = self.slice_set[i]
+                    if not test(d.base_inuse, i) and (s < 0 or d.set_free[s] == self.set_full[s]):
+                        d.island_free[k] += 1
+            return d
+        finally:
+            free(negative)
+
+
+cdef class Prepared:
+    """A packed problem without the ledger's part, bound once: `run` searches it
+    against any `Dynamic` of the same node."""
+
+    cdef State t
+    cdef list keep  # the arrays the pointers in t point into
+
+    def __cinit__(self, dict a):
+        memset(&self.t, 0, sizeof(State))
+        self.keep = [a[k] for k in _I8 + _I32 + _I64 + _U32 + _U64]
+        cdef State* s = &self.t
+        s.n = a["n"]
+        s.W = max(1, (s.n + 63) // 64)
+        s.E = a["E"]
+        s.K = a["K"]
+        s.C = len(a["c_gstart"]) - 1
+        s.G = len(a["g_estart"]) - 1
+        s.multi = _i8(a["multi"])
+        s.counted = _i8(a["counted"])
+        s.dc_start = _i32(a["dc_start"])
+        s.dc_idx = _i32(a["dc_idx"])
+        s.dc_amt = _i64(a["dc_amt"])
+        s.e_count = _i32(a["e_count"])
+        s.e_all = _i8(a["e_all"])
+        s.e_admin = _i8(a["e_admin"])
+        s.e_fa = _i8(a["e_fa"])
+        s.e_has_err = _i8(a["e_has_err"])
+        s.e_has_multi = _i8(a["e_has_multi"])
+        s.c_safe = _i8(a["c_safe"])
+        s.e_cand = _u64(a["e_cand"])
+        s.e_err = _u64(a["e_err"])
+        s.e_all_start = _i32(a["e_all_start"])
+        s.e_all_idx = _i32(a["e_all_idx"])
+        s.e_all_soft = _i8(a["e_all_soft"])
+        s.e_cmask = _u32(a["e_cmask"])
+        s.e_cons_start = _i32(a["e_cons_start"])
+        s.cons_dev = _i32(a["cons_dev"])
+        s.cons_dim = _i32(a["cons_dim"])
+        s.cons_amt = _i64(a["cons_amt"])
+        s.c_gstart = _i32(a["c_gstart"])
+        s.g_estart = _i32(a["g_estart"])
+        s.c_kstart = _i32(a["c_kstart"])
+        s.k_kind = _i8(a["k_kind"])
+        s.k_values = _i32(a["k_values"])
+        s.k_gstart = _i32(a["k_gstart"])
+        s.k_groups = _u64(a["k_groups"])
+        s.k_has = _u64(a["k_has"])
+        s.island = _i32(a["island"])
+        s.bandwidth = _i32(a["bandwidth"])
+        s.numa = _i32(a["numa"])
+        s.pcie = _i32(a["pcie"])
+        s.slice_set = _i32(a["slice_set"])
+        s.slice_mask = _u32(a["slice_mask"])
+        s.set_full = _u32(a["set_full"])
+        s.set_island = _i32(a["set_island"])
+
+    def run(self, Dynamic d, int optimize, long long budget, int prune=1):
+        """Returns (status, picks per claim as [(entry, device)], alternative per
+        request, (error entry, error device, error kind), search steps, whether a
+        best solution was kept)."""
+        cdef State s = self.t
+        cdef int status, c, i
+        if d.n != s.n:
+            raise ValueError(f"ledger state for {d.n} devices, problem of {s.n}")
+        s.base_inuse = d.base_inuse
+        s.base_shared = d.base_shared
+        s.blocked = d.blocked
+        s.counter_avail = d.counter_avail
+        s.dim_avail = d.dim_avail
+        s.set_free = d.set_free
+        s.island_free = d.island_free
+        s.NC = d.NC
+        s.ND = d.ND
+        s.NI = d.NI
+        s.NS = d.NS
+        s.budget = budget
+        s.optimize = optimize
+        s.prune = prune
+        s.err_e = -1
+        s.err_d = -1
+
+        s.counter_used = <int64_t*>calloc(s.NC + 1, sizeof(int64_t))
+        s.dim_used = <int64_t*>calloc(s.ND + 1, sizeof(int64_t))
+        s.shares = <int32_t*>calloc(s.n + 1, sizeof(int32_t))
+        s.alloc_any_count = <int32_t*>calloc(s.n + 1, sizeof(int32_t))
+        s.alloc_any = <uint64_t*>calloc(s.W, sizeof(uint64_t))
+        s.alloc_claim = <uint64_t*>calloc(max(1, s.C) * s.W, sizeof(uint64_t))
+        s.k_count = <int32_t*>calloc(s.K + 1, sizeof(int32_t))
+        s.k_value = <int32_t*>calloc(s.K + 1, sizeof(int32_t))
+        s.k_seen = <int32_t*>calloc(max(1, s.K) * (s.n + 1), sizeof(int32_t))
+        s.pick_e = <int32_t*>calloc(max(1, s.C) * MAX_RESULTS, sizeof(int32_t))
+        s.pick_d = <int32_t*>calloc(max(1, s.C) * MAX_RESULTS, sizeof(int32_t))
+        s.npicks = <int32_t*>calloc(max(1, s.C), sizeof(int32_t))
+        s.alts = <int32_t*>calloc(max(1, s.G), sizeof(int32_t))
+        # Recursion depth: one level per slot, request and claim, plus subrequest loops.
+        cdef int depth_max = s.C * (MAX_RESULTS + 2) + 3 * s.G + 4
+        s.scratch = <uint64_t*>calloc(2 * (depth_max + 1) * s.W, sizeof(uint64_t))
+        s.best_pick_e = <int32_t*>calloc(max(1, s.C) * MAX_RESULTS, sizeof(int32_t))
+        s.best_pick_d = <int32_t*>calloc(max(1, s.C) * MAX_RESULTS, sizeof(int32_t))
+        s.best_npicks = <int32_t*>calloc(max(1, s.C), sizeof(int32_t))
+        s.best_alts = <int32_t*>calloc(max(1, s.G), sizeof(int32_t))
+        s.alone_fail = <int8_t*>calloc(max(1, s.C), sizeof(int8_t))
+        s.stop_claim = s.C
+        try:
+            if (not s.counter_used or not s.dim_used or not s.shares or not s.alloc_any_count
+                    or not s.alloc_any or not s.alloc_claim or not s.k_count or not s.k_value
+                    or not s.k_seen or not s.pick_e or not s.pick_d or not s.npicks or not s.alts
+                    or not s.scratch or not s.best_pick_e or not s.best_pick_d
+                    or not s.best_npicks or not s.best_alts or not s.alone_fail):
+                raise MemoryError()
+            with nogil:
+                if prune and s.C > 1:
+                    claims_alone(&s)
+                status = one(&s, 0, 0, 0, 0, False, 0, 0)
+            if optimize:
+                if s.has_best:
+                    status = OK
+                    memcpy(s.npicks, s.best_npicks, s.C * sizeof(int32_t))
+                    memcpy(s.pick_e, s.best_pick_e, s.C * MAX_RESULTS * sizeof(int32_t))
+                    memcpy(s.pick_d, s.best_pick_d, s.C * MAX_RESULTS * sizeof(int32_t))
+                    memcpy(s.alts, s.best_alts, s.G * sizeof(int32_t))
+                elif status != GAVEUP:
+                    status = FAIL
+            picks = []
+            alts = []
+            if status == OK:
+                for c in range(s.C):
+                    picks.append([(s.pick_e[c * MAX_RESULTS + i], s.pick_d[c * MAX_RESULTS + i])
+                                  for i in range(s.npicks[c])])
+                alts = [s.alts[i] for i in range(s.G)]
+            return status, picks, alts, (s.err_e, s.err_d, s.err_kind), s.nodes, bool(s.has_best)
+        finally:
+            free(s.counter_used)
+            free(s.dim_used)
+            free(s.shares)
+            free(s.alloc_any_count)
+            free(s.alloc_any)
+            free(s.alloc_claim)
+            free(s.k_count)
+            free(s.k_value)
+            free(s.k_seen)
+            free(s.pick_e)
+            free(s.pick_d)
+            free(s.npicks)
+            free(s.alts)
+            free(s.scratch)
+            free(s.best_pick_e)
+            free(s.best_pick_d)
+            free(s.best_npicks)
+            free(s.best_alts)
+            free(s.alone_fail)
+
+
+def run(dict a, int optimize, long long budget, int prune=1):
+    """Search one packed problem (see driver/allocator/kernel.py for the layout):
+    `Prepared(a).run(dynamic(a), ...)`."""
+    return Prepared(a).run(dynamic(a), optimize, budget, prune)

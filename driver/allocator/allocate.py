@@ -12,7 +12,10 @@ Two modes:
   solution exactly when parity does.
 
 The search runs in the native kernel (`driver._alloc`) when it is built, else in the
-pure-Python reference; both read the same `Problem` and give the same answers.
+pure-Python reference; both read the same `Problem` and give the same answers. On
+the kernel path an `Allocator` keeps, per node, the packed device and counter tables
+and, per list of parsed claims, their compiled problem (`kernel.NodeKernel`); a call
+computes only the ledger's part and shapes the results from per-device parts.
 """
 
 from __future__ import annotations
@@ -20,13 +23,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from driver.allocator import reference
 from driver.allocator.input import Claim, DeviceClass, InputError, parse_claim, parse_classes
 from driver.allocator.ledger import DeviceRef, Ledger
 from driver.allocator.model import AllocationError, NodeModel, Problem
-from driver.allocator.pools import Node, Pool, check_slices, gather_pools
+from driver.allocator.pools import Device, Node, Pool, check_slices, gather_pools
 from driver.quantity import format_quantity
 
 Mode = Literal["parity", "topology"]
@@ -37,6 +40,7 @@ Backend = Literal["native", "reference"]
 # in the kernel.
 DEFAULT_BUDGET = 5_000_000
 TOPOLOGY_BUDGET = 200_000
+_MAX_PARSED = 16384  # parsed claims kept per Allocator, by (uid, resourceVersion)
 
 try:
     from driver.allocator import kernel
@@ -85,6 +89,8 @@ class Allocator:
         self.slices = list(slices)
         self.classes: dict[str, DeviceClass] = parse_classes(list(classes))
         self._models: dict[Node, NodeModel] = {}
+        self._parsed: dict[tuple[str, str], Claim] = {}
+        self._sites: dict[str | Node, _Site] = {}
 
     def nodes(self) -> list[str]:
         return sorted({s["spec"]["nodeName"] for s in self.slices
@@ -101,15 +107,43 @@ class Allocator:
         return self.model(node).pools
 
     def parse(self, claims: Sequence[Mapping[str, Any]]) -> list[Claim]:
-        """Checked claims; InputError names the first bad claim and field."""
-        return [parse_claim(c, self.classes) for c in claims]
+        """Checked claims; InputError names the first bad claim and field.
+
+        A claim with a uid and a resourceVersion (as read from the API server) is
+        parsed once: the server gives a changed object a new resourceVersion. The
+        same `Claim` object back also lets `allocate` reuse what it compiled for it.
+        """
+        parsed: list[Claim] = []
+        for raw in claims:
+            meta = raw.get("metadata") or {}
+            uid, version = meta.get("uid"), meta.get("resourceVersion")
+            if not uid or not version:
+                parsed.append(parse_claim(raw, self.classes))
+                continue
+            found = self._parsed.get((uid, version))
+            if found is None:
+                if len(self._parsed) >= _MAX_PARSED:
+                    self._parsed.clear()
+                found = self._parsed[(uid, version)] = parse_claim(raw, self.classes)
+            parsed.append(found)
+        return parsed
 
     def allocate(self, claims: Sequence[Claim], ledger: Ledger, node: str | Node,
                  mode: Mode = "parity", backend: Backend = "native",
                  budget: int | None = None) -> Outcome:
         """All claims together, as the scheduler does for one pod's claims."""
-        where = node if isinstance(node, Node) else Node(node)
-        model = self.model(where)
+        site = self._sites.get(node)
+        if site is None:
+            where = node if isinstance(node, Node) else Node(node)
+            site = self._sites[node] = _Site(where, self.model(where))
+        if backend == "native" and kernel is not None:
+            if site.kernel is False:
+                site.kernel = kernel.node_kernel(site.model)
+            if site.kernel is not None:
+                outcome = self._kernel_path(site, claims, ledger, mode, budget)
+                if outcome is not None:
+                    return outcome
+        model = site.model
         pools = model.pools
         try:
             problem = model.problem(claims, self.classes, ledger)
@@ -122,10 +156,28 @@ class Allocator:
             if best.status == "ok":
                 best.nodes += found.nodes
                 found = best
-        return self._outcome(found, problem, claims, pools, where)
+        return self._outcome(found, problem, claims, pools, site)
+
+    def _kernel_path(self, site: _Site, claims: Sequence[Claim], ledger: Ledger, mode: Mode,
+                     budget: int | None) -> Outcome | None:
+        """The node's kernel with the claims' compiled problem; None where the ledger
+        takes counters out of the kernel's range (the general path decides)."""
+        plan = site.kernel.plan(claims, self.classes)
+        if plan.error is not None:
+            return Outcome("error", message=str(plan.error), field=plan.error.field)
+        state = site.kernel.state(ledger)
+        if state is None:
+            return None
+        found = site.kernel.search(plan, state, False, budget or DEFAULT_BUDGET)
+        if found.status == "ok" and mode == "topology":
+            best = site.kernel.search(plan, state, True, budget or TOPOLOGY_BUDGET)
+            if best.status == "ok":
+                best.nodes += found.nodes
+                found = best
+        return self._outcome(found, plan.problem, claims, site.model.pools, site)
 
     def _outcome(self, found: reference.Found, problem: Problem, claims: Sequence[Claim],
-                 pools: list[Pool], node: Node) -> Outcome:
+                 pools: list[Pool], site: _Site) -> Outcome:
         if found.status == "gave-up":
             return Outcome("gave-up", message=f"gave up after {found.nodes} search steps",
                            nodes=found.nodes)
@@ -140,8 +192,11 @@ class Allocator:
                                nodes=found.nodes)
             return Outcome("unschedulable", message="cannot allocate all claims",
                            nodes=found.nodes)
+        if site.parts is None:
+            site.parts = _parts(problem.devices)
         allocations = tuple(
-            _allocation(claim, self.classes, problem, found.picks[c], found.alts[c], node)
+            _allocation(claim, self.classes, problem, found.picks[c], found.alts[c], site.node,
+                        site.parts)
             for c, claim in enumerate(claims))
         return Outcome("allocated", allocations, nodes=found.nodes, complete=found.complete)
 
@@ -166,33 +221,75 @@ def _error_text(found: reference.Found, problem: Problem, claims: Sequence[Claim
             "spec.devices.constraints")
 
 
+class _Site:
+    """One node as `allocate` names it, with what is kept for it: its model, its
+    kernel (False: not built yet; None: the general path serves it), result parts."""
+
+    __slots__ = ("kernel", "model", "node", "parts")
+
+    def __init__(self, node: Node, model: NodeModel) -> None:
+        self.node = node
+        self.model = model
+        self.kernel: Any = False
+        self.parts: list[_Part] | None = None
+
+
+class _Part(NamedTuple):
+    """What a device puts in every result that picks it, worked out once per node."""
+
+    driver: str
+    pool: str
+    device: str
+    binding: tuple[tuple[str, tuple[Any, ...]], ...]  # bindingConditions and the like, if set
+    multi: bool
+    local: bool  # its slice (or itself) names the node: the selector is the node's name
+
+
+def _parts(devices: Sequence[Device]) -> list[_Part]:
+    parts = []
+    for device in devices:
+        spec = device.slice["spec"]
+        source = device.raw if spec.get("perDeviceNodeSelection") else spec
+        parts.append(_Part(
+            device.ref.driver, device.ref.pool, device.ref.device,
+            tuple((key, tuple(device.raw[key])) for key in ("bindingConditions",
+                  "bindingFailureConditions") if device.raw.get(key)),
+            device.multi, bool(source.get("nodeName") or device.raw.get("bindsToNode"))))
+    return parts
+
+
 def _allocation(claim: Claim, classes: Mapping[str, DeviceClass], problem: Problem,
-                picks: Sequence[tuple[int, int]], alts: Sequence[int], node: Node
-                ) -> dict[str, Any]:
+                picks: Sequence[tuple[int, int]], alts: Sequence[int], node: Node,
+                parts: Sequence[_Part]) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
+    local = False
+    entries = problem.entries
     for e, d in picks:
-        entry, device = problem.entries[e], problem.devices[d]
-        result: dict[str, Any] = {"request": entry.request.name, "driver": device.ref.driver,
-                                  "pool": device.ref.pool, "device": device.ref.device}
+        entry, part = entries[e], parts[d]
+        result: dict[str, Any] = {"request": entry.request.name, "driver": part.driver,
+                                  "pool": part.pool, "device": part.device}
         if entry.admin:
             result["adminAccess"] = True
         if entry.request.raw_tolerations:
             result["tolerations"] = [dict(t) for t in entry.request.raw_tolerations]
-        for key in ("bindingConditions", "bindingFailureConditions"):
-            if device.raw.get(key):
-                result[key] = list(device.raw[key])
-        if device.multi:
+        for key, values in part.binding:
+            result[key] = list(values)
+        if part.multi:
             result["shareID"] = str(uuid.uuid4())
             consumed = entry.consumed.get(d) or {}
             if consumed:
                 result["consumedCapacity"] = {k: format_quantity(v)
                                               for k, v in sorted(consumed.items())}
+        local = local or part.local
         results.append(result)
     allocation: dict[str, Any] = {"devices": {"results": results}}
-    configs = _configs(claim, classes, alts)
-    if configs:
-        allocation["devices"]["config"] = configs
-    selector = _node_selector(problem, [d for _, d in picks], node)
+    if claim.configs or any(classes[r.class_name].configs
+                            for group in claim.requests for r in group.alternatives):
+        configs = _configs(claim, classes, alts)
+        if configs:
+            allocation["devices"]["config"] = configs
+    selector = _node_name_selector(node) if local else \
+        _node_selector(problem, [d for _, d in picks], node)
     if selector is not None:
         allocation["nodeSelector"] = selector
     return allocation
@@ -240,8 +337,7 @@ def _node_selector(problem: Problem, devices: Sequence[int], node: Node
         spec = device.slice["spec"]
         source = device.raw if spec.get("perDeviceNodeSelection") else spec
         if source.get("nodeName") or device.raw.get("bindsToNode"):
-            return {"nodeSelectorTerms": [{"matchFields": [
-                {"key": "metadata.name", "operator": "In", "values": [node.name]}]}]}
+            return _node_name_selector(node)
         terms = (source.get("nodeSelector") or {}).get("nodeSelectorTerms") or []
         if len(terms) == 1:
             for kind in ("matchFields", "matchExpressions"):
@@ -250,6 +346,11 @@ def _node_selector(problem: Problem, devices: Sequence[int], node: Node
                         requirements[kind].append(dict(requirement))
     term = {k: v for k, v in requirements.items() if v}
     return {"nodeSelectorTerms": [term]} if term else None
+
+
+def _node_name_selector(node: Node) -> dict[str, Any]:
+    return {"nodeSelectorTerms": [{"matchFields": [
+        {"key": "metadata.name", "operator": "In", "values": [node.name]}]}]}
 
 
 def _same_requirement(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:

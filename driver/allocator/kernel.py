@@ -4,16 +4,23 @@ Same interface as `reference` (`solve`, `optimize` -> `Found`). Importing this
 module fails where the extension is not built; driver.allocator then uses the
 reference. Counters and capacities beyond what int64 holds with headroom go to the
 reference too (`KernelRange`), which computes with Python integers.
+
+`NodeKernel` is the warm path `Allocator` takes: the node's arrays packed once, a
+claim list's arrays packed and bound (`_alloc.Prepared`) once, and per call only
+the ledger's part, computed in C (`_alloc.Tables.state`).
 """
 
 from __future__ import annotations
 
 from array import array
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from driver import _alloc
-from driver.allocator.input import MAX_RESULTS
-from driver.allocator.model import ConstraintPlan, Problem
+from driver.allocator.input import MAX_RESULTS, Claim, DeviceClass
+from driver.allocator.ledger import Ledger
+from driver.allocator.model import AllocationError, ConstraintPlan, Entry, NodeModel, Problem
 from driver.allocator.reference import Found
 from driver.allocator.reference import optimize as ref_optimize
 from driver.allocator.reference import solve as ref_solve
@@ -47,19 +54,21 @@ def _found(raw: tuple[Any, ...], p: Problem) -> Found:
     status, picks, alts, (err_e, err_d, err_kind), nodes, has_best = raw
     if status == -1:
         return Found("error", error_kind="max-size", nodes=nodes)
-    found = Found(_STATUS[status], nodes=nodes)
     if status == 1:
-        found.picks = [list(x) for x in picks]
         i = 0
+        split = []
         for groups in p.claims:
-            found.alts.append(alts[i:i + len(groups)])
+            split.append(alts[i:i + len(groups)])
             i += len(groups)
+        return Found("ok", picks, split, nodes=nodes)
+    found = Found(_STATUS[status], nodes=nodes)
     if status == -2:
         found.error_entry, found.error_device = err_e, err_d
         found.error_kind = "selector" if err_kind == 1 else "constraint"
-    found.complete = status != -3
-    if status == -3 and has_best:
-        found.status = "ok"
+    if status == -3:
+        found.complete = False
+        if has_best:
+            found.status = "ok"
     return found
 
 
@@ -109,7 +118,8 @@ def _static(p: Problem) -> dict[str, Any]:
         totals[k] += abs(amount)
     _check(totals)
     packed = {
-        "n": p.n, "multi_bits": sum(1 << d for d in range(p.n) if p.multi[d]),
+        "n": p.n, "W": max(1, (p.n + 63) // 64),
+        "multi_bits": sum(1 << d for d in range(p.n) if p.multi[d]),
         "multi": _i8(p.multi), "counted": _i8(p.counted),
         "dc_start": _i32(dc_start), "dc_idx": _i32(dc_idx), "dc_amt": _i64(dc_amt),
         "island": _i32(p.island), "bandwidth": _i32(p.bandwidth), "numa": _i32(p.numa),
@@ -143,14 +153,25 @@ def _flags(p: Problem, flags: list[bool], static: dict[str, Any]) -> array:
 
 def pack(p: Problem) -> dict[str, Any]:
     static = _static(p)
-    n = p.n
-    w = max(1, (n + 63) // 64)
     _check(p.counter_avail)
     _check(p.dim_avail)
+    return {**static, **_claim_arrays(p.entries, p.claims, p.constraints, static),
+            "base_inuse": _u64(_words(p.base_inuse, static["W"])),
+            "base_shared": _flags(p, p.base_shared, static),
+            "blocked": _flags(p, p.blocked, static),
+            "counter_avail": _i64(p.counter_avail), "dim_avail": _i64(p.dim_avail),
+            "set_free": _u32(p.set_free), "island_free": _i32(p.island_free)}
+
+
+def _claim_arrays(entries: list[Entry], claims: list[list[list[int]]],
+                  constraints: list[list[ConstraintPlan]], static: dict[str, Any]
+                  ) -> dict[str, Any]:
+    """The arrays that depend on the claims (requests, candidates, constraints)."""
+    w = static["W"]
     multi_bits = static["multi_bits"]
     e_cand, e_err, e_all_start, e_all_idx, e_all_soft = [], [], [0], [], []
     e_cons_start, cons_dev, cons_dim, cons_amt = [0], [], [], []
-    for entry in p.entries:
+    for entry in entries:
         e_cand += _words(entry.cand, w)
         e_err += _words(entry.err, w)
         e_all_idx += entry.all_list
@@ -164,12 +185,12 @@ def pack(p: Problem) -> dict[str, Any]:
         e_cons_start.append(len(cons_dev))
     _check(cons_amt)
     c_gstart, g_estart = [0], [0]
-    for groups in p.claims:
+    for groups in claims:
         for ids in groups:
             g_estart.append(g_estart[-1] + len(ids))
         c_gstart.append(len(g_estart) - 1)
     c_kstart, k_kind, k_values, k_gstart, k_groups, k_has = [0], [], [], [0], [], []
-    for plans in p.constraints:
+    for plans in constraints:
         for plan in plans:
             k_kind.append(plan.kind)
             k_values += plan.values
@@ -178,12 +199,8 @@ def pack(p: Problem) -> dict[str, Any]:
             k_gstart.append(k_gstart[-1] + len(plan.groups))
             k_has += has_words
         c_kstart.append(len(k_kind))
-    entries = p.entries
     return {
-        **static, "E": len(entries), "K": len(k_kind),
-        "base_inuse": _u64(_words(p.base_inuse, w)),
-        "base_shared": _flags(p, p.base_shared, static), "blocked": _flags(p, p.blocked, static),
-        "counter_avail": _i64(p.counter_avail), "dim_avail": _i64(p.dim_avail),
+        "E": len(entries), "K": len(k_kind),
         "e_count": _i32([e.count for e in entries]),
         "e_all": _i8([e.all_mode for e in entries]),
         "e_admin": _i8([e.admin for e in entries]),
@@ -191,7 +208,7 @@ def pack(p: Problem) -> dict[str, Any]:
         "e_has_err": _i8([e.err for e in entries]),
         "e_has_multi": _i8([e.cand & multi_bits for e in entries]),
         "c_safe": _i8([sum(max(entries[i].count for i in ids) for ids in groups) <= MAX_RESULTS
-                       for groups in p.claims]),
+                       for groups in claims]),
         "e_cand": _u64(e_cand), "e_err": _u64(e_err),
         "e_all_start": _i32(e_all_start), "e_all_idx": _i32(e_all_idx),
         "e_all_soft": _i8(e_all_soft),
@@ -202,5 +219,97 @@ def pack(p: Problem) -> dict[str, Any]:
         "c_kstart": _i32(c_kstart), "k_kind": _i8(k_kind),
         "k_values": _i32(k_values), "k_gstart": _i32(k_gstart), "k_groups": _u64(k_groups),
         "k_has": _u64(k_has),
-        "set_free": _u32(p.set_free), "island_free": _i32(p.island_free),
     }
+
+
+@dataclass
+class Plan:
+    """Claims compiled for one node: the problem without the ledger's part (its
+    entries, request groups and constraints say what the picks mean) and the kernel's
+    arrays of it, bound once; or the error the scheduler reports for these claims."""
+
+    claims: tuple[Claim, ...]  # keeps the objects whose ids key the cache alive
+    problem: Problem | None = None
+    prepared: Any = None
+    error: AllocationError | None = None
+
+
+class NodeKernel:
+    """One node's packed arrays and counter tables, built once per snapshot.
+
+    Per call only what the ledger decides is computed (in C, from the devices the
+    node's pools have allocated), and per list of parsed claims (the same `Claim`
+    objects) the compiled problem is kept. For nodes without devices that allow
+    multiple allocations; `node_kernel` says None for the others.
+    """
+
+    _MAX_PLANS = 256  # claim lists kept per node; the cache starts over when full
+
+    def __init__(self, model: NodeModel) -> None:
+        self.model = model
+        self.static = _static(model.problem([], {}, Ledger()))
+        held = [*model.devices, *(d for p in model.usable for d in p.elsewhere)]
+        self.index = {d.ref: i for i, d in enumerate(held)}
+        self.pools = [(p.driver, p.name) for p in model.usable]
+        counters, topology = model.counters, model.topology
+        pool_ids = {str(p): i for i, p in enumerate(model.usable)}
+        counter_pool = [0] * len(counters.names)
+        for pool, ks in counters.pool_counters.items():
+            for k in ks:
+                counter_pool[k] = pool_ids[pool]
+        _check(counters.declared)
+        self.tables = _alloc.Tables(
+            len(model.devices), [counters.uses[d.ref] for d in held], counters.declared,
+            counter_pool, [pool_ids[counters.pool_of[d.ref]] for d in model.devices],
+            model.counted, topology.set_slots, topology.set_full, topology.slice_set,
+            topology.island_members)
+        self._plans: dict[tuple[int, ...], Plan] = {}
+
+    def plan(self, claims: Sequence[Claim], classes: Mapping[str, DeviceClass]) -> Plan:
+        key = tuple(map(id, claims))
+        found = self._plans.get(key)
+        if found is not None:
+            return found
+        if len(self._plans) >= self._MAX_PLANS:
+            self._plans.clear()
+        found = Plan(tuple(claims))
+        try:
+            problem = self.model.problem(claims, classes, Ledger())
+        except AllocationError as err:
+            found.error = err
+        else:
+            found.problem = problem
+            found.prepared = _alloc.Prepared({**self.static, **_claim_arrays(
+                problem.entries, problem.claims, problem.constraints, self.static)})
+        self._plans[key] = found
+        return found
+
+    def state(self, ledger: Ledger) -> Any:
+        """The ledger's part for this node (`_alloc.Dynamic`); None where counters
+        leave the kernel's range."""
+        exclusive, shares, index = ledger.exclusive, ledger.shares, self.index
+        whole: list[int] = []
+        shared: list[int] = []
+        for driver, pool in self.pools:
+            for ref in ledger.held_in(driver, pool):
+                i = index.get(ref)
+                if i is not None:
+                    if ref in exclusive:
+                        whole.append(i)
+                    if ref in shares:
+                        shared.append(i)
+        return self.tables.state(whole, shared)
+
+    def search(self, plan: Plan, state: Any, optimize: bool, budget: int) -> Found:
+        assert plan.problem is not None
+        return _found(plan.prepared.run(state, 1 if optimize else 0, budget), plan.problem)
+
+
+def node_kernel(model: NodeModel) -> NodeKernel | None:
+    """The node's kernel, or None where the general path (`solve`) must serve it."""
+    if model.multi_devices:
+        return None
+    try:
+        return NodeKernel(model)
+    except KernelRange:
+        return None

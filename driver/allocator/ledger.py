@@ -14,6 +14,8 @@ from typing import Any, NamedTuple
 
 from driver.quantity import parse_quantity
 
+_NOTHING: set[Any] = set()
+
 
 class DeviceRef(NamedTuple):
     driver: str
@@ -24,18 +26,27 @@ class DeviceRef(NamedTuple):
         return f"{self.driver}/{self.pool}/{self.device}"
 
 
+_ref = DeviceRef._make
+
+
 @dataclass
 class Ledger:
     """Allocation results by claim (namespace/name).
 
     Admin-access results take nothing, as in the scheduler. A result with a
-    shareID is one share of a device that allows multiple allocations.
+    shareID is one share of a device that allows multiple allocations. Change it
+    through `add` and `remove` only: they keep the per-pool index (`held_in`) that
+    the allocator reads in step.
     """
 
     _results: dict[str, list[Mapping[str, Any]]] = field(default_factory=dict)
     exclusive: dict[DeviceRef, str] = field(default_factory=dict)
     shares: dict[DeviceRef, dict[str, int]] = field(default_factory=dict)
     capacity: dict[DeviceRef, dict[str, Fraction]] = field(default_factory=dict)
+    # (driver, pool) -> the devices of that pool held whole or shared: the allocator
+    # reads one node's pools without scanning every claim of the cluster.
+    _pools: dict[tuple[str, str], set[DeviceRef]] = field(default_factory=dict, repr=False,
+                                                          compare=False)
 
     @classmethod
     def of(cls, claims: Iterable[Mapping[str, Any]]) -> Ledger:
@@ -66,12 +77,18 @@ class Ledger:
             self.remove(key)
         kept = list(results)
         self._results[key] = kept
+        pools, exclusive = self._pools, self.exclusive
         for result in kept:
             if result.get("adminAccess"):
                 continue
-            ref = DeviceRef(result["driver"], result["pool"], result["device"])
+            driver, pool = result["driver"], result["pool"]
+            ref = _ref((driver, pool, result["device"]))
+            held = pools.get((driver, pool))
+            if held is None:
+                held = pools[(driver, pool)] = set()
+            held.add(ref)
             if result.get("shareID") is None:
-                self.exclusive[ref] = key
+                exclusive[ref] = key
                 continue
             owners = self.shares.setdefault(ref, {})
             owners[key] = owners.get(key, 0) + 1
@@ -87,6 +104,7 @@ class Ledger:
             if result.get("shareID") is None:
                 if self.exclusive.get(ref) == key:
                     del self.exclusive[ref]
+                self._release(ref)
                 continue
             owners = self.shares.get(ref, {})
             owners[key] = owners.get(key, 0) - 1
@@ -98,6 +116,17 @@ class Ledger:
             if not owners:
                 self.shares.pop(ref, None)
                 self.capacity.pop(ref, None)
+            self._release(ref)
+
+    def _release(self, ref: DeviceRef) -> None:
+        if ref not in self.exclusive and ref not in self.shares:
+            held = self._pools.get((ref.driver, ref.pool))
+            if held is not None:
+                held.discard(ref)
+
+    def held_in(self, driver: str, pool: str) -> set[DeviceRef]:
+        """The devices of one pool that claims hold, whole or shared (do not modify)."""
+        return self._pools.get((driver, pool)) or _NOTHING
 
     def allocated(self, ref: DeviceRef) -> bool:
         """The scheduler's IsDeviceAllocated: taken whole or by at least one share."""

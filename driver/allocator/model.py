@@ -141,6 +141,28 @@ class NodeModel:
         blocked = self.no_blocks if not negative else [
             d.counted and f"{d.ref.driver}/{d.ref.pool}" in negative for d in devices]
         dims = _dims(devices, self.multi_devices, ledger)
+        entries, claim_plans, constraint_plans = self.compile(claims, classes)
+        topology = self.topology
+        set_free = topology.free_sets(avail)
+        problem = Problem(
+            devices=devices, base_inuse=base_inuse, multi=self.multi, base_shared=base_shared,
+            counted=self.counted, blocked=blocked, dev_counters=self.dev_counters,
+            counter_avail=avail, counter_names=self.counters.names,
+            dim_avail=[], entries=entries, claims=claim_plans, constraints=constraint_plans,
+            island=topology.island, bandwidth=topology.bandwidth, numa=topology.numa,
+            pcie=topology.pcie, slice_set=topology.slice_set, slice_mask=topology.slice_mask,
+            set_free=set_free, set_full=topology.set_full, set_island=topology.set_island,
+            island_free=topology.free_islands(base_inuse, set_free),
+            has_errors=any(e.err for e in entries), static=self)
+        _scale_dims(problem, dims)
+        return problem
+
+    def compile(self, claims: Sequence[Claim], classes: Mapping[str, DeviceClass]
+                ) -> tuple[list[Entry], list[list[list[int]]], list[list[ConstraintPlan]]]:
+        """The part of the problem that depends on the claims alone: entries (one per
+        request or subrequest, with its candidates), request groups per claim, the
+        constraint plans per claim. AllocationError where the scheduler errors out
+        whatever is allocated."""
         entries: list[Entry] = []
         claim_plans: list[list[list[int]]] = []
         constraint_plans: list[list[ConstraintPlan]] = []
@@ -169,20 +191,7 @@ class NodeModel:
             claim_plans.append(groups)
             constraint_plans.append([self._constraint(con.kind, con.attribute)
                                      for con in claim.constraints])
-        topology = self.topology
-        set_free = topology.free_sets(avail)
-        problem = Problem(
-            devices=devices, base_inuse=base_inuse, multi=self.multi, base_shared=base_shared,
-            counted=self.counted, blocked=blocked, dev_counters=self.dev_counters,
-            counter_avail=avail, counter_names=self.counters.names,
-            dim_avail=[], entries=entries, claims=claim_plans, constraints=constraint_plans,
-            island=topology.island, bandwidth=topology.bandwidth, numa=topology.numa,
-            pcie=topology.pcie, slice_set=topology.slice_set, slice_mask=topology.slice_mask,
-            set_free=set_free, set_full=topology.set_full, set_island=topology.set_island,
-            island_free=topology.free_islands(base_inuse, set_free),
-            has_errors=any(e.err for e in entries), static=self)
-        _scale_dims(problem, dims)
-        return problem
+        return entries, claim_plans, constraint_plans
 
     def _classify(self, entry: Entry, claim: Claim, device_class: DeviceClass) -> None:
         request = entry.request
@@ -432,9 +441,16 @@ def _counters(pools: list[Pool]) -> _Counters:
     for uses in raw.values():
         for k, amount in uses:
             scale[k] = lcm(scale[k], amount.denominator)
-    return _Counters(names, index, [int(v * scale[k]) for k, v in enumerate(values)],
-                     {ref: [(k, int(a * scale[k])) for k, a in uses] for ref, uses in raw.items()},
+    return _Counters(names, index, [_scaled(v, scale[k]) for k, v in enumerate(values)],
+                     {ref: [(k, _scaled(a, scale[k])) for k, a in uses]
+                      for ref, uses in raw.items()},
                      pool_of, pool_counters)
+
+
+def _scaled(amount: Fraction, scale: int) -> int:
+    """amount * scale, where scale is a multiple of amount's denominator (exact, and
+    without Fraction arithmetic: a cold allocator scales every counter of a node)."""
+    return amount.numerator * (scale // amount.denominator)
 
 
 @dataclass

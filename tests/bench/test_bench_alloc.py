@@ -6,11 +6,14 @@
         -k side_by_side -s        # all three in one run, a markdown table
 
 One allocation = what the scheduler does for one pod on one node (NewAllocator +
-Allocate in Go; parse the claim, read the allocated claims, allocate, in Python),
-except the cluster scenario, which filters all 64 nodes for one pod. "warm" keeps
-one `Allocator` per snapshot, as the driver does (pools gathered and CEL results
-kept); "cold" builds a new one for every allocation, evaluating every selector on
-every device again.
+Allocate in Go, from the allocated claims and the claim already decoded from JSON;
+in Python: look the claim up among the parsed ones by uid and resourceVersion, read
+the allocated claims into a `Ledger`, allocate, shape the results), except the
+cluster scenario, which filters all 64 nodes for one pod. "warm" keeps one
+`Allocator` per snapshot, as the driver does (pools gathered, CEL results, each
+node's kernel tables, parsed claims and their compiled problems kept); "cold"
+builds a new one for every allocation, parsing the claim and evaluating every
+selector on every device again.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from typing import Any
 
 import pytest
 
-from driver import _alloc
 from driver.allocator import DEFAULT_BUDGET, Allocator, Ledger, driver_classes
 from driver.allocator import kernel as allocator_kernel
 from driver.allocator.pools import Node
@@ -63,7 +65,9 @@ def _claim(name: str, request: dict[str, Any], constraints: list[Any] | None = N
     if constraints:
         devices["constraints"] = constraints
     return {"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
-            "metadata": {"name": name, "namespace": "bench"}, "spec": {"devices": devices}}
+            "metadata": {"name": name, "namespace": "bench", "uid": f"uid-{name}",
+                         "resourceVersion": "1"},
+            "spec": {"devices": devices}}
 
 
 def _held(name: str, pool: str, *devices: str) -> dict[str, Any]:
@@ -147,22 +151,25 @@ def _median_ns(run: Callable[[], object], budget_s: float = 0.4, rounds: int = 1
 
 
 def kernel_median(scenario: Scenario) -> float:
-    """The native search alone, on problems already compiled and packed, in ns."""
+    """The native search alone, in ns: `Prepared.run` on the claims' compiled problem
+    and the ledger's state (both made before timing), node after node as in
+    `allocate_once`."""
     per_step = []
     allocator = Allocator(list(scenario.slices), driver_classes(DRIVER))
     for step in scenario.steps:
         claims = allocator.parse(step.claims)
         ledger = Ledger.of(step.allocated)
-        packed = []
+        prepared = []
         for node in scenario.nodes:
-            packed.append(allocator_kernel.pack(
-                allocator.model(Node(node)).problem(claims, allocator.classes, ledger)))
+            fast = allocator_kernel.node_kernel(allocator.model(Node(node)))
+            assert fast is not None, "the scenarios have no shared devices"
+            prepared.append((fast.plan(claims, allocator.classes).prepared, fast.state(ledger)))
             if allocator.allocate(claims, ledger, node).status != "unschedulable":
                 break
 
-        def search(problems: list[dict[str, Any]] = packed) -> None:
-            for arrays in problems:
-                _alloc.run(arrays, 0, DEFAULT_BUDGET)
+        def search(problems: list[tuple[Any, Any]] = prepared) -> None:
+            for plan, state in problems:
+                plan.run(state, 0, DEFAULT_BUDGET)
 
         per_step.append(_median_ns(search))
     return statistics.median(per_step)

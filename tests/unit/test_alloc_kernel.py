@@ -2,21 +2,30 @@
 
 Problems are drawn at the level the searches see (bitsets, counters, constraints,
 firstAvailable, All, admin access, shared devices, selector errors), small enough
-for the unpruned reference to finish.
+for the unpruned reference to finish; and as whole allocations (the differential
+test's generated instances) through one warm `Allocator`, whose kernel path keeps
+what it compiled across ledgers.
 """
 
 from __future__ import annotations
+
+import random
+from dataclasses import asdict
+from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import driver._alloc
+from driver.allocator import Allocator, InputError, Ledger, driver_classes
 from driver.allocator import kernel as allocator_kernel
 from driver.allocator import reference as allocator_ref
-from driver.allocator.input import Request
+from driver.allocator.input import Claim, Request
 from driver.allocator.ledger import DeviceRef
 from driver.allocator.model import DISTINCT, MATCH, ConstraintPlan, Entry, Problem
-from driver.allocator.pools import Device
+from driver.allocator.pools import Device, Node
+from tests.oracle.client import normalized
+from tests.oracle.generate import instance
 
 BUDGET = 200_000
 
@@ -141,3 +150,92 @@ def test_topology_search_matches_the_reference(p: Problem) -> None:
     if reference.status == "ok":
         assert allocator_ref.score(p, kernel.picks, kernel.alts) == \
                allocator_ref.score(p, reference.picks, reference.alts)
+
+
+def _sequence_ledgers(allocator: Allocator, claims: list[Claim], start: Ledger, node: Node
+                      ) -> list[Ledger]:
+    """The instance's ledger, an empty one, one without its first claim, and the
+    ledgers after each claim is allocated on top of the instance's, one at a time."""
+    ledgers = [start, Ledger()]
+    if start.claims():
+        lighter = start.copy()
+        lighter.remove(start.claims()[0])
+        ledgers.append(lighter)
+    growing = start.copy()
+    for claim in claims:
+        outcome = allocator.allocate([claim], growing, node, backend="reference",
+                                     budget=20_000)
+        if outcome.status != "allocated":
+            break
+        growing.add(claim.key, outcome.allocations[0]["devices"]["results"])
+        ledgers.append(growing.copy())
+    return ledgers
+
+
+def test_a_warm_allocator_answers_as_the_reference_under_every_ledger() -> None:
+    """The kernel path keeps the node's tables, each claim list's compiled problem and
+    computes the ledger's part in C; the reference builds everything afresh. One
+    allocator serves every ledger, so stale state would show as a different answer."""
+    compared = fast_nodes = 0
+    statuses: set[str] = set()
+    for i in range(150):
+        problem = instance(random.Random(f"warm-{i}"))
+        try:
+            allocator = Allocator(problem["slices"], problem["classes"])
+            claims = allocator.parse(problem["claims"])
+        except InputError:
+            continue
+        raw = problem["node"]
+        node = Node(raw["name"], tuple(sorted(raw["labels"].items())))
+        for ledger in _sequence_ledgers(allocator, claims, Ledger.of(problem["allocated"]),
+                                        node):
+            for mode in ("parity", "topology"):
+                reference = allocator.allocate(claims, ledger, node, mode, "reference",
+                                               budget=20_000)
+                if reference.status == "gave-up" or not reference.complete:
+                    continue
+                native = allocator.allocate(claims, ledger, node, mode, "native",
+                                            budget=20_000)
+                assert normalized(asdict(native)) == normalized(asdict(reference)), \
+                    f"instance warm-{i}, {mode}"
+                assert native.message == reference.message
+                statuses.add(native.status)
+                compared += 1
+        fast_nodes += allocator._sites[node].kernel not in (None, False)
+    assert compared > 300
+    assert fast_nodes > 50
+    assert statuses == {"allocated", "unschedulable", "error"}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["add", "remove"]), st.integers(0, 3),
+                          st.lists(st.tuples(st.sampled_from(["p1", "p2"]), st.integers(0, 3),
+                                             st.booleans()), max_size=3)), max_size=12))
+def test_the_ledger_indexes_held_devices_by_pool(ops: list[Any]) -> None:
+    ledger = Ledger()
+    for op, owner, picks in ops:
+        if op == "remove":
+            ledger.remove(f"ns/c{owner}")
+            continue
+        ledger.add(f"ns/c{owner}", [{"driver": "d", "pool": pool, "device": f"x{d}",
+                                     **({"shareID": "s"} if shared else {})}
+                                    for pool, d, shared in picks])
+    for pool in ("p1", "p2"):
+        held = {ref for ref in [*ledger.exclusive, *ledger.shares] if ref.pool == pool}
+        assert ledger.held_in("d", pool) == held
+
+
+def test_claims_with_a_uid_and_resource_version_are_parsed_once() -> None:
+    allocator = Allocator([], driver_classes("gpu.dra.dev"))
+    raw = {"metadata": {"name": "a", "namespace": "ns", "uid": "u1", "resourceVersion": "7"},
+           "spec": {"devices": {"requests": [{"name": "r", "exactly": {
+               "deviceClassName": "gpu.dra.dev"}}]}}}
+    first, = allocator.parse([raw])
+    assert allocator.parse([raw])[0] is first
+    changed = {**raw, "metadata": {**raw["metadata"], "resourceVersion": "8"},
+               "spec": {"devices": {"requests": [{"name": "r", "exactly": {
+                   "deviceClassName": "gpu.dra.dev", "count": 2}}]}}}
+    second, = allocator.parse([changed])
+    assert second.requests[0].alternatives[0].count == 2
+    anonymous = {**raw, "metadata": {"name": "a", "namespace": "ns"}}
+    assert allocator.parse([anonymous])[0] is not allocator.parse([anonymous])[0]
