@@ -386,46 +386,56 @@ def allocate_in_order(allocator: Allocator, claims: Sequence[Claim], ledger: Led
 
 
 def prepare_conflicts(ledger: Ledger, key: str, results: Sequence[Mapping[str, Any]],
-                      slices: Sequence[Mapping[str, Any]], node: str) -> list[str]:
+                      pools: Sequence[Pool]) -> list[str]:
     """Why preparing claim `key` with these allocation results would double-book the
     node: a device another claim in the ledger holds, or shared counters (MIG memory
     slices, ...) that the ledger's claims and this one together overdraw. Empty when
-    the prepare may go ahead. The ledger holds what is prepared; `key` itself in it
-    (a repeated prepare) is not a conflict.
+    the prepare may go ahead. `pools`: the node's, gathered once (`gather_pools`). The
+    ledger holds what is prepared; `key` itself in it (a repeated prepare) is not a
+    conflict.
     """
     problems: list[str] = []
-    mine: list[DeviceRef] = []
+    mine: set[DeviceRef] = set()
     for result in results:
         if result.get("adminAccess"):
             continue
         ref = DeviceRef(result["driver"], result["pool"], result["device"])
-        owner = ledger.exclusive.get(ref)
-        if result.get("shareID") is None:
-            shared = [k for k in ledger.shares.get(ref, {}) if k != key]
-            if owner not in (None, key) or shared:
-                problems.append(f"device {ref} is taken by {owner or shared[0]}")
-        mine.append(ref)
-    others = ledger.copy()
-    others.remove(key)
-    for pool in gather_pools(slices, Node(node)):
+        holder = _other_holder(ledger, ref, key)
+        if result.get("shareID") is None and holder is not None:
+            problems.append(f"device {ref} is taken by {holder}")
+        mine.add(ref)
+    for pool in pools:
+        if not any(ref.driver == pool.driver and ref.pool == pool.name for ref in mine):
+            continue
         left = {(s, c): v for s, counters in pool.counters.items() for c, v in counters.items()}
         holders: dict[tuple[str, str], list[str]] = {}
-        for device in [*pool.devices, *pool.elsewhere]:
-            taken = others.allocated(device.ref)
-            if taken or device.ref in mine:
-                for set_name, counter, amount in device.consumes:
-                    left[(set_name, counter)] -= amount
-                    if taken:
-                        holders.setdefault((set_name, counter), []).append(
-                            f"{device.ref.device} ({others.owner(device.ref)})")
+        for ref in mine | ledger.held_in(pool.driver, pool.name):
+            device = pool.by_ref.get(ref)
+            holder = _other_holder(ledger, ref, key)
+            if device is None or (holder is None and ref not in mine):
+                continue
+            for set_name, counter, amount in device.consumes:
+                left[(set_name, counter)] -= amount
+                if holder is not None:
+                    holders.setdefault((set_name, counter), []).append(
+                        f"{ref.device} ({holder})")
+        wanted = {(s, c) for ref in mine if ref in pool.by_ref
+                  for s, c, _ in pool.by_ref[ref].consumes}
         for (set_name, counter), value in sorted(left.items()):
-            if value < 0 and any(set_name == s and counter == c
-                                 for d in pool.devices if d.ref in mine
-                                 for s, c, _ in d.consumes):
-                held = ", ".join(holders.get((set_name, counter), [])[:4]) or "nothing else"
+            if value < 0 and (set_name, counter) in wanted:
+                held = ", ".join(sorted(holders.get((set_name, counter), []))[:4]) \
+                    or "nothing else"
                 problems.append(f"counter {counter} of {pool}/{set_name} is overdrawn by "
                                 f"{format_quantity(-value)} (also held by {held})")
     return problems
+
+
+def _other_holder(ledger: Ledger, ref: DeviceRef, key: str) -> str | None:
+    """A claim other than `key` that holds `ref`, whole or by a share."""
+    owner = ledger.exclusive.get(ref)
+    if owner is not None and owner != key:
+        return owner
+    return next((k for k in ledger.shares.get(ref, {}) if k != key), None)
 
 
 __all__ = ["Allocator", "InputError", "Ledger", "Node", "Outcome", "allocate_in_order",

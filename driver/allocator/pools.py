@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
+from functools import cached_property
 from typing import Any
 
 from driver.allocator.input import InputError
@@ -88,6 +89,12 @@ class Pool:
     @property
     def usable(self) -> bool:
         return not self.incomplete and not self.invalid
+
+    @cached_property
+    def by_ref(self) -> dict[DeviceRef, Device]:
+        """Every device of the pool, this node's and elsewhere, by reference (read once
+        the pool is gathered)."""
+        return {d.ref: d for d in (*self.devices, *self.elsewhere)}
 
     def __str__(self) -> str:
         return f"{self.driver}/{self.name}"

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from driver import cdi, checkpoint
-from driver.allocator import Ledger, prepare_conflicts
+from driver.allocator import Ledger, Node, prepare_conflicts
+from driver.allocator.pools import gather_pools
 from driver.atomicfile import remove_leftovers
 from driver.cdi import DeviceNode, DriverFiles
 from driver.checkpoint import (
@@ -164,7 +165,8 @@ class PluginState:
         self.checkpoint_path = checkpoint_path
         self.metrics = metrics
         self.dynamic_mig = dynamic_mig
-        self.slices = list(slices)  # what this plugin publishes: its devices and counters
+        # What this plugin publishes: its devices and the counters they consume.
+        self.pools = gather_pools(slices, Node(pool))
         self._checkpoint = Checkpoint(boot_id=boot_id)
         self._checkpoint_id: tuple[int, int, int] | None = None  # as last read or written
         self._boot_id = boot_id
@@ -416,7 +418,7 @@ class PluginState:
             for plan in plans:
                 key = ledger_key(plan.ref.namespace, plan.ref.name, plan.ref.uid)
                 results = self._results(plan.devices)
-                problems = prepare_conflicts(self._book, key, results, self.slices, self.pool)
+                problems = prepare_conflicts(self._book, key, results, self.pools)
                 if problems:
                     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
                     message = f"cannot prepare ResourceClaim {plan.ref}: {problems[0]}{more}"

@@ -12,6 +12,7 @@ import pytest
 
 from driver.allocator import Allocator, InputError, Ledger, Outcome, prepare_conflicts
 from driver.allocator.ledger import DeviceRef
+from driver.allocator.pools import Node, gather_pools
 
 DRIVER = "d.example.com"
 BACKENDS = ["reference", "native"]
@@ -284,18 +285,18 @@ def test_more_than_32_devices_is_an_error_naming_the_field() -> None:
 
 
 def test_prepare_refuses_devices_and_counters_already_taken() -> None:
-    slices = _partitioned()
+    pools = gather_pools(_partitioned(), Node("n1"))
     ledger = Ledger.of([allocated_claim("old", "half-0")])
     result = [{"request": "r", "driver": DRIVER, "pool": "p1", "device": "q-1"}]
-    problems = prepare_conflicts(ledger, "ns/new", result, slices, "n1")
+    problems = prepare_conflicts(ledger, "ns/new", result, pools)
     assert problems == ["counter slice-1 of d.example.com/p1/gpu0 is overdrawn by 1 "
                         "(also held by half-0 (ns/old))"]
     taken = [{"request": "r", "driver": DRIVER, "pool": "p1", "device": "half-0"}]
-    assert prepare_conflicts(ledger, "ns/new", taken, slices, "n1")[0] == \
+    assert prepare_conflicts(ledger, "ns/new", taken, pools)[0] == \
         "device d.example.com/p1/half-0 is taken by ns/old"
-    assert prepare_conflicts(ledger, "ns/old", taken, slices, "n1") == []
+    assert prepare_conflicts(ledger, "ns/old", taken, pools) == []
     free = [{"request": "r", "driver": DRIVER, "pool": "p1", "device": "q-3"}]
-    assert prepare_conflicts(ledger, "ns/new", free, slices, "n1") == []
+    assert prepare_conflicts(ledger, "ns/new", free, pools) == []
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
