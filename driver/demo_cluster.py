@@ -14,6 +14,7 @@ from __future__ import annotations
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from driver.localcluster import (
     FakeNodeKeeper,
     LocalCluster,
     ensure_assets,
+    stop_signals_held,
 )
 from driver.localnode import (
     NODE_TOOLS_BUILD,
@@ -161,8 +163,9 @@ class ClusterDemo:
 
     def start_standin(self, binary: Path) -> tuple[str, list[str]]:
         assert self.cluster is not None
-        self.standin = KubeletStandin(binary, self.cluster.kubeconfig, self.options.node,
-                                      self.root / "kubelet", driver=self.options.driver)
+        with stop_signals_held():  # recorded before a Ctrl-C can land: stop() takes it
+            self.standin = KubeletStandin(binary, self.cluster.kubeconfig, self.options.node,
+                                          self.root / "kubelet", driver=self.options.driver)
         self.standin.wait_running(READY_TIMEOUT)
         return (f"kubelet-standin for {self.options.node} (the kubelet's plugin and DRA "
                 f"managers)", [f"watching {self.standin.registry_dir}",
@@ -171,7 +174,7 @@ class ClusterDemo:
     def start_plugin(self) -> tuple[str, list[str]]:
         assert self.cluster is not None and self.standin is not None
         o = self.options
-        self.plugin = PluginDaemon([
+        args = [
             "--mock", str(profile_source(o.profile)), "--mock-state",
             str(self.root / "mig-state.json"), "--mig-mode", o.mig_mode,
             "--node-name", o.node, "--driver-name", o.driver,
@@ -179,7 +182,9 @@ class ClusterDemo:
             "--kubelet-registry-dir", str(self.standin.registry_dir),
             "--plugin-data-dir", str(self.root / "plugin"), "--cdi-root", str(self.cdi_root),
             "--health-port", "0", "--metrics-port", "0",
-        ], self.root / "plugin.log")
+        ]
+        with stop_signals_held():
+            self.plugin = PluginDaemon(args, self.root / "plugin.log")
         standin, plugin = self.standin, self.plugin
 
         def registered() -> dict[str, Any] | None:
@@ -256,7 +261,11 @@ class ClusterDemo:
 class _Signals:
     """Within the block, records the first SIGINT/SIGTERM and raises KeyboardInterrupt for
     it while armed (startup), so a Ctrl-C then stops what has started. Later ones are
-    ignored: a second Ctrl-C must not cut the cleanup short."""
+    ignored: a second Ctrl-C must not cut the cleanup short.
+
+    Python runs the handler in the main thread even when another thread took the signal,
+    so a signal that the main thread holds (``stop_signals_held``: a child being started
+    and recorded) is queued back to it, to arrive when the block ends."""
 
     def __init__(self) -> None:
         self.signum = 0
@@ -279,6 +288,9 @@ class _Signals:
         self.armed = True
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum in signal.pthread_sigmask(signal.SIG_BLOCK, ()):
+            signal.pthread_kill(threading.get_ident(), signum)
+            return
         if self.signum:
             return
         self.signum = signum

@@ -47,6 +47,7 @@ __all__ = [
     "DEFAULT_CONTROLLERS",
     "DEFAULT_NODE_CAPACITY",
     "DRA_FEATURE_GATES",
+    "STOP_SIGNALS",
     "AssetsUnavailable",
     "ClusterConfig",
     "ComponentError",
@@ -61,6 +62,9 @@ __all__ = [
     "iter_log_tails",
     "pinned_versions",
     "run_build_script",
+    "spawn_logged",
+    "stop_group",
+    "stop_signals_held",
 ]
 
 CONTROL_PLANE_SRC = Path(__file__).resolve().parent.parent / "tests" / "e2e" / "control-plane"
@@ -168,27 +172,38 @@ def run_build_script(script: Path, progress: Callable[[str], None] | None = None
     """Run a build script that prints its output folder last on stdout and its progress
     on stderr; relays each progress line and returns the folder.
 
+    The build runs in its own session: an interrupt (KeyboardInterrupt from a signal
+    handler) stops the script and every compiler it started before propagating, where a
+    terminal's Ctrl-C alone would have reached only its foreground group.
     Raises AssetsUnavailable with the log's tail when the script fails.
     """
-    proc = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    assert proc.stdout is not None and proc.stderr is not None
     tail: list[str] = []
+    proc: subprocess.Popen[str] | None = None
+    try:
+        with stop_signals_held():
+            proc = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True,
+                                    start_new_session=True, preexec_fn=_unblock_stop_signals)
+        assert proc.stdout is not None and proc.stderr is not None
+        stderr = proc.stderr
 
-    def relay() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            tail.append(line)
-            del tail[:-40]
-            if progress is not None:
-                progress(line.rstrip("\n"))
+        def relay() -> None:
+            for line in stderr:
+                tail.append(line)
+                del tail[:-40]
+                if progress is not None:
+                    progress(line.rstrip("\n"))
 
-    relay_thread = threading.Thread(target=relay, name=f"build-{script.parent.name}",
-                                    daemon=True)
-    relay_thread.start()
-    out = proc.stdout.read()
-    rc = proc.wait()
-    relay_thread.join()
+        relay_thread = threading.Thread(target=relay, name=f"build-{script.parent.name}",
+                                        daemon=True)
+        relay_thread.start()
+        out = proc.stdout.read()
+        rc = proc.wait()
+        relay_thread.join()
+    except BaseException:
+        if proc is not None:
+            stop_group(proc, grace=5.0)
+        raise
     if rc != 0 or not out.split():
         raise AssetsUnavailable(f"{script} failed (exit {rc}):\n{''.join(tail)}")
     return Path(out.split()[-1])
@@ -358,12 +373,69 @@ try:  # loaded now: dlopen() between fork and exec could deadlock
 except (OSError, AttributeError):  # not Linux
     _PRCTL = None
 
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+
+
+@contextlib.contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM stay pending in this thread until the block ends, then arrive.
+
+    Start a child and record it inside one: a handler that raises KeyboardInterrupt (the
+    demo's) landing in between would leave a child that no stop() knows. A handler run
+    for a signal that another thread took must check this thread's mask itself (see
+    driver/demo_cluster.py).
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _unblock_stop_signals() -> None:
+    """preexec_fn: a child must not inherit the mask of :func:`stop_signals_held`, or it
+    would ignore the SIGTERM that stops it."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
 
 def die_with_parent() -> None:
     """preexec_fn: the child gets SIGKILL when the thread that spawned it dies, even if
     that is by SIGKILL, so an interrupted test run leaves no control plane behind."""
     if _PRCTL is not None:
         _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _child_of_dying_parent() -> None:
+    _unblock_stop_signals()
+    die_with_parent()
+
+
+def spawn_logged(argv: Sequence[str], log: Path, *, cwd: Path | None = None,
+                 env: Mapping[str, str] | None = None,
+                 dies_with_parent: bool = True) -> subprocess.Popen[bytes]:
+    """A child in its own session (:func:`stop_group` takes all it starts) writing
+    stdout and stderr to ``log``; with ``dies_with_parent``, SIGKILLed when the spawning
+    thread dies. Call it under :func:`stop_signals_held` with the recording of the child."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            cwd=cwd, env=env, start_new_session=True,
+            preexec_fn=_child_of_dying_parent if dies_with_parent else _unblock_stop_signals)
+
+
+def stop_group(proc: subprocess.Popen[Any], grace: float) -> int:
+    """SIGTERM the process group of ``proc`` (a session leader), SIGKILL what is left of it
+    after ``grace`` seconds, reap; the exit code."""
+    pgid = proc.pid  # start_new_session: the leader's pid is the group id
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
+    # Leftover group members (or a leader that ignored SIGTERM) go unconditionally.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+    return proc.wait()
 
 
 @dataclass
@@ -379,17 +451,7 @@ class _Component:
             return ""
 
     def stop(self, grace: float) -> None:
-        """SIGTERM the process group, SIGKILL it after ``grace`` seconds, reap."""
-        pgid = self.proc.pid  # start_new_session: the leader's pid is the group id
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=grace)
-        # Leftover group members (or a leader that ignored SIGTERM) go unconditionally.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
-        self.proc.wait()
+        stop_group(self.proc, grace)
 
 
 @dataclass(frozen=True)
@@ -603,21 +665,12 @@ class LocalCluster:
         if not _has(self.config.assets, [name]):
             raise AssetsUnavailable(f"{binary} is missing")
         log_path = self.log(name)
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                [str(binary), *args],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-                start_new_session=True,  # own process group: stop() kills all of it
-                preexec_fn=(
-                    die_with_parent if self.config.die_with_parent and _PRCTL else None
-                ),
-            )
-        comp = _Component(name, proc, log_path)
-        with self._lock:
-            self._components[name] = comp
+        with stop_signals_held():
+            proc = spawn_logged([str(binary), *args], log_path, cwd=self.workdir,
+                                dies_with_parent=self.config.die_with_parent)
+            comp = _Component(name, proc, log_path)
+            with self._lock:
+                self._components[name] = comp
         return comp
 
     def _ssl_context(self, client_cert: bool) -> ssl.SSLContext:

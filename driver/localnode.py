@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -26,8 +25,9 @@ from driver.localcluster import (
     CONTROL_PLANE_SRC,
     AssetsUnavailable,
     ComponentError,
-    die_with_parent,
     run_build_script,
+    spawn_logged,
+    stop_group,
 )
 
 __all__ = [
@@ -92,9 +92,11 @@ def find_standin(assets: Path | None = None) -> Path | None:
         if not _executable(path):
             raise AssetsUnavailable(f"{STANDIN_ENV}={env}: not an executable file")
         return path
-    folders = [f for f in (assets, os.environ.get("KUBEBUILDER_ASSETS")) if f]
-    folders += [f for f in (node_tools_folder(),) if f is not None]
-    return next((Path(f) / STANDIN for f in folders if _executable(Path(f) / STANDIN)), None)
+    for folder in (assets, os.environ.get("KUBEBUILDER_ASSETS")):
+        if folder and _executable(Path(folder) / STANDIN):
+            return Path(folder) / STANDIN
+    cached = node_tools_folder()  # last: it runs Go and hashes every stand-in source
+    return cached / STANDIN if cached is not None and _executable(cached / STANDIN) else None
 
 
 def ensure_standin(assets: Path | None = None,
@@ -136,15 +138,16 @@ def poll(probe: Callable[[], T | None], what: str, timeout: float = 60.0,
 
 class ChildProcess:
     """A child in its own process group (a stop takes all of it), logging to a file, and
-    SIGKILLed if the thread that started it dies."""
+    SIGKILLed if the thread that started it dies.
+
+    Where a signal handler raises, construct it and record it under
+    ``localcluster.stop_signals_held()``, so no interrupt lands in between.
+    """
 
     def __init__(self, name: str, argv: Sequence[str], log: Path,
                  env: dict[str, str] | None = None) -> None:
         self.name, self.log = name, log
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen(
-                list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                env=env, start_new_session=True, preexec_fn=die_with_parent)
+        self.proc = spawn_logged(argv, log, env=env)
 
     @property
     def pid(self) -> int:
@@ -167,14 +170,7 @@ class ChildProcess:
 
     def stop(self, grace: float = 15.0) -> int:
         """SIGTERM the group, SIGKILL it after ``grace`` seconds; the exit code."""
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=grace)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        return self.proc.wait()
+        return stop_group(self.proc, grace)
 
 
 class PluginDaemon(ChildProcess):

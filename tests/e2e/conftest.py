@@ -30,10 +30,10 @@ from driver.localcluster import (
     find_assets,
     iter_log_tails,
 )
+from driver.localnode import NODE_TOOLS_BUILD
 from tests.e2e.chart import HELM_BUILD, Helm
 from tests.e2e.helpers import DEVICE_CLASSES, ControlPlane, make_namespace, unique
 from tests.e2e.standin import (
-    TOOLS_BUILD,
     E2eTools,
     KubeletStandin,
     ToolsUnavailable,
@@ -193,7 +193,7 @@ def e2e_tools(pytestconfig: pytest.Config) -> E2eTools:
         return found
     if shutil.which("go") is None or os.environ.get("GPU_DRA_NO_BUILD") == "1":
         pytest.skip(f"e2e skipped: kubelet-standin and cdi-resolve are not built; run "
-                    f"{TOOLS_BUILD} (needs Go >= 1.26)")
+                    f"{NODE_TOOLS_BUILD} (needs Go >= 1.26)")
     say = _say(pytestconfig)
     say("e2e: building kubelet-standin and cdi-resolve with Go (about 5 minutes cold on "
         "2 cores, cached afterwards)")

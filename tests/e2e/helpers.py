@@ -29,15 +29,17 @@ def unique(prefix: str) -> str:
 
 
 def wait_for(
-    probe: Callable[[], T | None], what: str, timeout: float = 60.0, interval: float = 0.25
+    probe: Callable[[], T | None], what: str, timeout: float = 60.0, interval: float = 0.25,
+    fatal: tuple[type[Exception], ...] = (),
 ) -> T:
     """Poll ``probe`` until it returns something truthy; fail with ``what`` at the deadline.
 
     Exceptions from the probe count as "not yet" so transient API errors don't fail a test,
-    but the last one is reported.
+    but the last one is reported; ``fatal`` ones (the process under test died) propagate
+    at once.
     """
     try:
-        return poll(probe, what, timeout, interval)
+        return poll(probe, what, timeout, interval, fatal)
     except TimeoutError as err:
         raise AssertionError(str(err)) from None
 

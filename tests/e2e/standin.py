@@ -16,18 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from driver.localcluster import AssetsUnavailable
+from driver.localcluster import AssetsUnavailable, ComponentError
+from driver.localnode import KubeletStandin as _KubeletStandin
 from driver.localnode import (  # noqa: F401  (PluginDaemon: the tests import it from here)
-    NODE_TOOLS_BUILD,
     PluginDaemon,
     build_node_tools,
     node_tools_folder,
 )
-from driver.localnode import KubeletStandin as _KubeletStandin
 from tests.e2e.helpers import wait_for
-
-HERE = Path(__file__).resolve().parent
-TOOLS_BUILD = NODE_TOOLS_BUILD
 
 
 class ToolsUnavailable(RuntimeError):
@@ -62,13 +58,15 @@ class KubeletStandin(_KubeletStandin):
     """The product's stand-in (driver/localnode.py), waiting for pods as tests do."""
 
     def wait_pod(self, uid: str, state: str, timeout: float = 90.0) -> dict[str, Any]:
-        """The pod's status once it is in ``state`` (prepared, unprepared)."""
+        """The pod's status once it is in ``state`` (prepared, unprepared); ComponentError
+        at once if the stand-in exits."""
         def in_state() -> dict[str, Any] | None:
             self.check_alive()
             status = self.pod(uid)
             return status if status and status["state"] == state else None
 
-        return wait_for(in_state, f"pod {uid} to be {state} by {self.name}", timeout=timeout)
+        return wait_for(in_state, f"pod {uid} to be {state} by {self.name}", timeout=timeout,
+                        fatal=(ComponentError,))
 
 
 class CdiResolveError(AssertionError):

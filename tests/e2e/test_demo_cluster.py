@@ -32,12 +32,17 @@ DRIVER = "gpu.dra.dev"
 READY_TIMEOUT = 180.0  # a cold start of the control plane on 2 busy cores
 
 
+class DemoExited(AssertionError):
+    """The demo ended before printing the line waited for: fails the wait at once."""
+
+
 @dataclass
 class Demo:
     """A running `gpu-dra demo --cluster` and what it printed so far."""
 
     proc: subprocess.Popen[str]
     lines: list[str] = field(default_factory=list)
+    ended: bool = False
     _new: queue.Queue[str | None] = field(default_factory=queue.Queue)
 
     def read(self) -> None:
@@ -54,13 +59,17 @@ class Demo:
             while not self._new.empty():
                 line = self._new.get()
                 if line is None:
-                    raise AssertionError(f"the demo exited ({self.proc.poll()}):\n"
-                                         + self.output())
-                self.lines.append(line)
-            return next((m for m in map(regex.search, self.lines) if m), None)
+                    self.ended = True
+                else:
+                    self.lines.append(line)
+            found = next((m for m in map(regex.search, self.lines) if m), None)
+            if found is None and self.ended:
+                raise DemoExited(f"the demo exited ({self.proc.poll()}) before a line "
+                                 f"matching {pattern!r}:\n{self.output()}")
+            return found
 
         return wait_for(seen, f"a line matching {pattern!r}; output so far:\n"
-                        f"{self.output()}", timeout=timeout)
+                        f"{self.output()}", timeout=timeout, fatal=(DemoExited,))
 
     def output(self) -> str:
         return "\n".join(self.lines)
@@ -271,3 +280,25 @@ def test_the_stand_in_is_found_where_the_user_put_it(
         find_standin()
     named.chmod(0o755)
     assert find_standin() == named
+
+    def no_build_cache() -> None:
+        raise AssertionError("looked in the build cache (runs Go) though a place the user "
+                             "named has the stand-in")
+
+    monkeypatch.setattr("driver.localnode.node_tools_folder", no_build_cache)
+    monkeypatch.delenv(STANDIN_ENV)
+    assert find_standin() == next_to_assets
+
+
+def test_a_demo_that_dies_at_startup_fails_the_wait_at_once(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "driver.cli", "demo", "--cluster",
+         "--profile", str(tmp_path / "no-such-profile.yaml")],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    demo = Demo(proc)
+    threading.Thread(target=demo.read, daemon=True).start()
+    # Without `fatal`, the wait would sit out its timeout and fail with a plain timeout.
+    with pytest.raises(DemoExited, match="the demo exited"):
+        demo.wait_line(r"^export KUBECONFIG=", timeout=60)
+    assert proc.wait(timeout=60) == 2
+    assert "no-such-profile.yaml" in demo.output()
