@@ -200,7 +200,10 @@ class _MigStore:
         self._profile = profile
         self._path = path
         self._stamp: tuple[int, int, int] | None = None
-        self._mutex = threading.Lock()
+        # Reentrant: a reader inside a change (the caller's own NVML calls) must not
+        # deadlock, and no reader may rebuild the layouts under a change in flight
+        # (its objects, and so the GI/CI handles given out, would be replaced).
+        self._mutex = threading.RLock()
         self._layouts = self._build({i: gpu.mig.gpuInstances for i, gpu in enumerate(profile.gpus)
                                      if gpu.mig is not None}, {})
         if path is not None:
@@ -229,9 +232,10 @@ class _MigStore:
         return layouts
 
     def layouts(self) -> list[MigLayout | None]:
-        if self._path is not None:
-            self._reload()
-        return self._layouts
+        with self._mutex:
+            if self._path is not None:
+                self._reload()
+            return self._layouts
 
     def _reload(self) -> None:
         assert self._path is not None
