@@ -108,6 +108,9 @@ func run(ctx context.Context, opts options) error {
 		return fmt.Errorf("--kubeconfig: %w", err)
 	}
 	config.UserAgent = "kubelet-standin/" + opts.nodeName
+	// The kubelet's own client limits (KubeletConfiguration kubeAPIQPS and kubeAPIBurst
+	// defaults), not client-go's 5 and 10, so pod churn is paced as on a real node.
+	config.QPS, config.Burst = 50, 100
 	client, err := kubernetes.NewForConfig(config)
 	if err != nil {
 		return err
