@@ -150,8 +150,8 @@ def add_plugin_args(parser: argparse.ArgumentParser) -> None:
                              "new pod of a rolling update (kubelet 1.33+) serve side by side; "
                              "unset: <driver>-reg.sock and dra.sock (env POD_UID)")
     parser.add_argument("--cleanup", action="store_true", default=_env_flag("CLEANUP_ON_EXIT"),
-                        help="on exit, delete this node's ResourceSlices (env "
-                             "CLEANUP_ON_EXIT=true)")
+                        help="on exit, delete this node's ResourceSlices (uninstall); "
+                             "refused with --pod-uid (env CLEANUP_ON_EXIT=true)")
 
 
 def cmd_plugin(args: argparse.Namespace) -> int:

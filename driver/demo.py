@@ -39,6 +39,7 @@ from driver.inventory_view import inventory_table
 from driver.nvml import Provider
 from driver.nvml.profile import PROFILES_DIR
 from driver.plugin.daemon import Plugin, PluginOptions
+from driver.plugin.sockets import grpc_address
 
 EXAMPLE_CLAIMS = Path(__file__).parent / "demo_claims"
 KUBELET_TIMEOUT = 45.0  # the kubelet's deadline for DRA calls
@@ -136,8 +137,8 @@ class Kubelet:
     """The kubelet's side of the plugin's sockets: registration, then DRA v1."""
 
     def __init__(self, options: PluginOptions) -> None:
-        self._reg = grpc.insecure_channel(f"unix://{options.registration_socket}")
-        self._dra = grpc.insecure_channel(f"unix://{options.dra_socket}")
+        self._reg = grpc.insecure_channel(grpc_address(options.registration_socket))
+        self._dra = grpc.insecure_channel(grpc_address(options.dra_socket))
 
     def close(self) -> None:
         self._reg.close()

@@ -389,10 +389,11 @@ def prepare_conflicts(ledger: Ledger, key: str, results: Sequence[Mapping[str, A
                       pools: Sequence[Pool]) -> list[str]:
     """Why preparing claim `key` with these allocation results would double-book the
     node: a device another claim in the ledger holds, or shared counters (MIG memory
-    slices, ...) that the ledger's claims and this one together overdraw. Empty when
-    the prepare may go ahead. `pools`: the node's, gathered once (`gather_pools`). The
-    ledger holds what is prepared; `key` itself in it (a repeated prepare) is not a
-    conflict.
+    slices, ...) that the ledger's claims and this one together overdraw, or a shareID
+    on a device that does not allow multiple allocations. Empty when the prepare may go
+    ahead. `pools`: the node's, gathered once (`gather_pools`). The ledger holds what is
+    prepared; `key` itself in it (a repeated prepare) is not a conflict. A device held
+    whole by another claim is a conflict whatever the shareID.
     """
     problems: list[str] = []
     mine: set[DeviceRef] = set()
@@ -400,9 +401,16 @@ def prepare_conflicts(ledger: Ledger, key: str, results: Sequence[Mapping[str, A
         if result.get("adminAccess"):
             continue
         ref = DeviceRef(result["driver"], result["pool"], result["device"])
-        holder = _other_holder(ledger, ref, key)
-        if result.get("shareID") is None and holder is not None:
+        share = result.get("shareID")
+        owner = ledger.exclusive.get(ref)
+        holder = owner if owner is not None and owner != key else \
+            _other_holder(ledger, ref, key) if share is None else None
+        if holder is not None:
             problems.append(f"device {ref} is taken by {holder}")
+        if share is not None and not any(ref in pool.by_ref and pool.by_ref[ref].multi
+                                         for pool in pools):
+            problems.append(f"device {ref} does not allow multiple allocations: shareID "
+                            f"{share} cannot be prepared")
         mine.add(ref)
     for pool in pools:
         if not any(ref.driver == pool.driver and ref.pool == pool.name for ref in mine):

@@ -10,20 +10,18 @@ them if the plugin stays away) unless `cleanup` is set.
 Rolling updates (`pod_uid`, kubelet 1.33+): the old and the new pod of a DaemonSet with
 maxSurge run side by side on the same directories, so each names its sockets after its pod
 UID as the upstream kubeletplugin helper does (`RollingUpdate(uid)`): the registration
-socket `<driver>-<uid>-reg.sock` (hashed shorter where the path would pass 108 bytes) and
-the DRA socket `dra-<uid>.sock`; the kubelet uses the newest registered one. Prepare and
-unprepare are serialized across the two by the node lock (`nodelock`), both publish the
-same slices (the second finds nothing to write), and a pod that stops removes only its own
-sockets and leaves the slices to the other.
+socket `<driver>-<uid>-reg.sock` (hashed shorter where the path would not fit a socket
+address) and the DRA socket `dra-<uid>.sock`; the kubelet uses the newest registered one.
+Prepare and unprepare are serialized across the two by the node lock (`nodelock`), both
+publish the same slices (the second finds nothing to write), and a pod that stops removes
+only its own sockets and leaves the slices to the other (`cleanup` is refused with a pod
+UID). A pod killed without its stop leaves its sockets: the next start removes those of
+this driver that nobody listens on.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import logging
-import os
-import re
 import signal
 import threading
 from dataclasses import dataclass
@@ -42,6 +40,12 @@ from driver.plugin.mig import MigManager
 from driver.plugin.nodelock import LOCK_FILE
 from driver.plugin.servers import KUBELET_CALL_TIMEOUT, Servers
 from driver.plugin.sharing import timeslicer
+from driver.plugin.sockets import (
+    POD_UID,
+    remove_dead_sockets,
+    rolling_update_socket_name,
+    too_long,
+)
 from driver.plugin.state import PluginState
 from driver.slices import CounterLayout, MigMode, SliceOptions, build_slices
 
@@ -52,25 +56,6 @@ log = logging.getLogger(__name__)
 
 # How long start-up waits for the API server before serving without published slices.
 START_PUBLISH_TIMEOUT = 20.0
-UNIX_PATH_MAX = 108  # bytes of an AF_UNIX socket path on Linux
-_POD_UID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-
-def rolling_update_socket_name(registry_dir: Path, driver: str, pod_uid: str) -> str:
-    """The registration socket's name for a pod of a rolling update, chosen as upstream's
-    RollingUpdateRegistrarSocketFile does: the first that keeps the path within 108
-    bytes of `<driver>-<uid>-reg.sock`, `<driver>-<b64(sha256(uid))[:8 bytes]>-reg.sock`,
-    `dra-<b64(sha256(driver NUL uid))[:16 bytes]>-reg.sock` (base64url, unpadded)."""
-    def b64(data: bytes) -> str:
-        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-    uid_hash = hashlib.sha256(pod_uid.encode()).digest()
-    pair_hash = hashlib.sha256(f"{driver}\0{pod_uid}".encode()).digest()
-    candidates = (f"{driver}-{pod_uid}-reg.sock", f"{driver}-{b64(uid_hash[:8])}-reg.sock",
-                  f"dra-{b64(pair_hash[:16])}-reg.sock")
-    return next((name for name in candidates
-                 if len(os.fsencode(os.path.join(registry_dir, name))) <= UNIX_PATH_MAX),
-                candidates[-1])
 
 
 @dataclass(frozen=True)
@@ -95,9 +80,18 @@ class PluginOptions:
     pod_uid: str | None = None  # set: a rolling update may run two pods; sockets per pod
 
     def __post_init__(self) -> None:
-        if self.pod_uid is not None and not _POD_UID.fullmatch(self.pod_uid):
+        if self.pod_uid is not None and not POD_UID.fullmatch(self.pod_uid):
             raise ValueError(f"--pod-uid (env POD_UID): {self.pod_uid!r} is not a pod UID "
                              "(letters, digits, '-', '_', '.'; it names the sockets)")
+        if self.pod_uid is not None and self.cleanup:
+            raise ValueError("--cleanup (env CLEANUP_ON_EXIT) and --pod-uid (env POD_UID) "
+                             "cannot be combined: in a rolling update the old pod's exit "
+                             "would delete the ResourceSlices the new pod serves")
+        for problem in (too_long("--kubelet-registry-dir", "KUBELET_REGISTRY_DIR",
+                                 self.registration_socket),
+                        too_long("--plugin-data-dir", "PLUGIN_DATA_DIR", self.dra_socket)):
+            if problem is not None:
+                raise ValueError(problem)
 
     @property
     def dra_socket(self) -> Path:
@@ -190,7 +184,7 @@ class Plugin:
             slices=build_slices(inventory, SliceOptions(o.driver, o.node, o.mig_mode),
                                 generation=0),
             lock_path=o.lock_path)
-        self.state.recover()
+        self.state.recover(lambda: remove_dead_sockets(o.registry_dir, o.plugin_dir, o.driver))
         from driver.publish import PublishTimeout  # the kubernetes client loads lazily
 
         try:

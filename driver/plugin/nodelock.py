@@ -9,6 +9,12 @@ and per-GPU locks order them), and the other process waits until none is in flig
 process that takes the lock first runs `on_acquire` (the plugin re-reads the checkpoint
 there: the other process may have changed it).
 
+Fairness: a process waiting for the lock holds `serialize.lock.want` exclusively while it
+waits, and a new call joins its process's hold only while nobody holds that file; so once
+the other process waits, this one lets no new call in, its calls in flight end, and the
+other gets the lock however busy this one is (its own next calls wait for `.want` first,
+so the two alternate).
+
 Lock order, everywhere: claim locks, then this lock, then the state's ledger mutex.
 """
 
@@ -23,6 +29,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 LOCK_FILE = "serialize.lock"
+WANT_SUFFIX = ".want"  # held by a process while it waits for LOCK_FILE
 _POLL = 0.01  # flock cannot time out: poll a non-blocking try until the deadline
 
 
@@ -30,9 +37,14 @@ class LockTimeout(Exception):
     """Another process held the lock until the caller's deadline; names the file."""
 
 
+class LockFailure(Exception):
+    """A lock file cannot be opened or locked (not a wait: a broken directory); names it."""
+
+
 class NodeLock:
     def __init__(self, path: Path, on_acquire: Callable[[], None]) -> None:
         self.path = path
+        self.want_path = path.with_name(path.name + WANT_SUFFIX)
         self._on_acquire = on_acquire
         self._cond = threading.Condition()
         self._users = 0
@@ -42,7 +54,8 @@ class NodeLock:
     @contextlib.contextmanager
     def hold(self, deadline: float) -> Iterator[None]:
         """Hold the lock (shared with this process's other calls) until the block ends;
-        LockTimeout if another process keeps it past `deadline` (time.monotonic)."""
+        LockTimeout if another process keeps it past `deadline` (time.monotonic),
+        LockFailure if a lock file cannot be used."""
         self._enter(deadline)
         try:
             yield
@@ -51,15 +64,17 @@ class NodeLock:
 
     def _enter(self, deadline: float) -> None:
         with self._cond:
-            while self._fd is None and self._taking:
+            while True:
+                if self._fd is not None and not self._other_waits():
+                    self._users += 1
+                    return
+                if self._fd is None and not self._taking:
+                    self._taking = True
+                    break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise self._timeout()
-                self._cond.wait(remaining)
-            if self._fd is not None:
-                self._users += 1
-                return
-            self._taking = True
+                self._cond.wait(remaining)  # woken when this process's hold ends
         fd = None
         try:
             fd = self._take(deadline)
@@ -75,18 +90,53 @@ class NodeLock:
             self._fd, self._users, self._taking = fd, 1, False
             self._cond.notify_all()
 
+    def _other_waits(self) -> bool:
+        """Another process holds `.want`: it waits for the lock this process holds."""
+        fd = self._open(self.want_path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        except OSError as err:
+            raise LockFailure(f"cannot lock {self.want_path}: {err}") from None
+        finally:
+            os.close(fd)  # closing the descriptor releases the flock
+
     def _take(self, deadline: float) -> int:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        """The lock, taken exclusively with `.want` held while waiting for it."""
+        want = self._open(self.want_path)
+        try:
+            self._flock(want, self.want_path, deadline)
+            fd = self._open(self.path)
+            try:
+                self._flock(fd, self.path, deadline)
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+        finally:
+            os.close(want)
+
+    def _flock(self, fd: int, path: Path, deadline: float) -> None:
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
+                return
             except BlockingIOError:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    os.close(fd)
                     raise self._timeout() from None
                 time.sleep(min(_POLL, remaining))
+            except OSError as err:
+                raise LockFailure(f"cannot lock {path}: {err}") from None
+
+    @staticmethod
+    def _open(path: Path) -> int:
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as err:
+            raise LockFailure(f"cannot open {path}: {err}") from None
 
     def _leave(self) -> None:
         with self._cond:

@@ -36,6 +36,7 @@ from driver._proto.pluginregistration_v1 import api_pb2_grpc as reg_v1_grpc
 from driver.claims import ClaimRef
 from driver.metrics import Metrics
 from driver.plugin.devices import Target
+from driver.plugin.sockets import grpc_address
 from driver.plugin.state import Outcome, PluginState
 
 log = logging.getLogger(__name__)
@@ -175,10 +176,10 @@ class ProbeServicer(health_pb2_grpc.HealthServicer):
         if not self.ready.is_set():
             return status(status=status.NOT_SERVING)
         try:
-            with grpc.insecure_channel(f"unix://{self._registration_socket}") as channel:
+            with grpc.insecure_channel(grpc_address(self._registration_socket)) as channel:
                 reg_v1_grpc.RegistrationStub(channel).GetInfo(reg_v1.InfoRequest(),
                                                               timeout=PROBE_TIMEOUT)
-            with grpc.insecure_channel(f"unix://{self._dra_socket}") as channel:
+            with grpc.insecure_channel(grpc_address(self._dra_socket)) as channel:
                 dra_v1_grpc.DRAPluginStub(channel).NodePrepareResources(
                     dra_v1.NodePrepareResourcesRequest(), timeout=PROBE_TIMEOUT)
         except grpc.RpcError as err:
@@ -192,7 +193,7 @@ def _bind_unix(server: grpc.Server, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
-    server.add_insecure_port(f"unix://{path}")
+    server.add_insecure_port(grpc_address(path))
 
 
 def _remove(path: Path) -> None:

@@ -15,8 +15,9 @@ per call however many claims it carries:
 A kill at any point leaves PrepareStarted records, which the next start rolls back.
 Unprepare mirrors it: UnprepareStarted, tear down, remove. One claim is never worked on
 twice at once (a lock per claim UID); MIG changes lock their GPU. Across processes (the
-old and the new pod of a rolling update) every call holds the node lock (`nodelock`), and
-the checkpoint is read again whenever another process may have written it; a record
+old and the new pod of a rolling update) every call with work to do holds the node lock
+(`nodelock`), and the checkpoint is read again each time this process takes it; the
+claims are fetched before, so a slow API server does not hold the other pod out. A record
 still half-done when this process holds both the node lock and the claim's lock was left
 by a process that died, and is rolled back before the claim is prepared again.
 """
@@ -55,7 +56,7 @@ from driver.nvml import HostView
 from driver.plugin.devices import Target
 from driver.plugin.driverfiles import HostDevices
 from driver.plugin.mig import MigFailure, MigManager
-from driver.plugin.nodelock import LockTimeout, NodeLock
+from driver.plugin.nodelock import LockFailure, LockTimeout, NodeLock
 from driver.plugin.sharing import SharingFailure, Timeslicer
 
 log = logging.getLogger(__name__)
@@ -87,15 +88,6 @@ def ledger_key(namespace: str, name: str, uid: str) -> str:
 
 def _record_key(record: ClaimRecord) -> str:
     return ledger_key(record.namespace, record.name, record.uid)
-
-
-def _file_id(path: Path) -> tuple[int, int, int] | None:
-    """What changes whenever the file is replaced (every write is a rename)."""
-    try:
-        stat = path.stat()
-    except FileNotFoundError:
-        return None
-    return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
 @dataclass(frozen=True)
@@ -168,7 +160,6 @@ class PluginState:
         # What this plugin publishes: its devices and the counters they consume.
         self.pools = gather_pools(slices, Node(pool))
         self._checkpoint = Checkpoint(boot_id=boot_id)
-        self._checkpoint_id: tuple[int, int, int] | None = None  # as last read or written
         self._boot_id = boot_id
         self._book = Ledger()  # the allocation results of every claim in the checkpoint
         self._ledger = threading.Lock()
@@ -193,14 +184,16 @@ class PluginState:
 
     # -- start -------------------------------------------------------------------------
 
-    def recover(self) -> None:
+    def recover(self, also: Callable[[], object] = lambda: None) -> None:
         """Make the node match the checkpoint before the first call: void it after a reboot,
-        roll back what was half-done, restore missing specs, remove orphans. Under the node
-        lock: another pod's calls in flight are never taken for half-done work."""
+        roll back what was half-done, restore missing specs, remove orphans; then run `also`
+        under the same hold. Under the node lock: another pod's calls in flight are never
+        taken for half-done work."""
         try:
             with self._node_lock.hold(time.monotonic() + START_LOCK_TIMEOUT):
                 self._recover()
-        except LockTimeout as err:
+                also()
+        except (LockTimeout, LockFailure) as err:
             raise OSError(str(err)) from None
 
     def _recover(self) -> None:
@@ -270,31 +263,51 @@ class PluginState:
         with self._claim_locks.hold(unique, deadline) as held:
             for uid in unique.keys() - held:
                 outcomes[uid] = _failed("busy", "another call is working on this claim")
+            mine = [unique[uid] for uid in sorted(held)]
+            to_fetch = [ref for ref in mine if not self._prepared(ref.uid)]
+            fetched = dict(zip((ref.uid for ref in to_fetch),
+                               self._parallel(self._fetch, to_fetch), strict=True))
             self._serialized(held, outcomes, deadline, lambda: self._prepare_held(
-                [unique[uid] for uid in sorted(held)], outcomes, deadline))
+                mine, fetched, outcomes, deadline))
         for outcome in outcomes.values():
             self.metrics.claim_done("prepare", outcome.reason if outcome.error else None)
         return outcomes
 
-    def _serialized(self, uids: Iterable[str], outcomes: dict[str, Outcome], deadline: float,
+    def _serialized(self, uids: set[str], outcomes: dict[str, Outcome], deadline: float,
                     work: Callable[[], None]) -> None:
-        """Run `work` under the node lock; if the lock or the checkpoint another process
-        wrote cannot be had, every claim of the call fails with the reason."""
+        """Run `work` under the node lock, if there is any; if the lock or the checkpoint
+        another process wrote cannot be had, every claim of the call fails with the
+        reason."""
+        if not uids:
+            return
         try:
             with self._node_lock.hold(deadline):
                 work()
         except LockTimeout as err:
             for uid in uids:
                 outcomes[uid] = _failed("busy", str(err))
-        except CheckpointError as err:
+        except (LockFailure, CheckpointError) as err:
             log.error("%s", err)
             for uid in uids:
                 outcomes[uid] = _failed("internal", str(err))
 
-    def _prepare_held(self, refs: list[ClaimRef], outcomes: dict[str, Outcome],
-                      deadline: float) -> None:
+    def _prepared(self, uid: str) -> bool:
+        record = self._checkpoint.claims.get(uid)
+        return record is not None and record.state == "PrepareCompleted"
+
+    def _fetch(self, ref: ClaimRef) -> dict[str, Any] | Exception:
+        """The claim from its source, or why not (raised again by `_plan` if the claim
+        still needs it once the node lock is held)."""
+        with claim_context(ref.uid):
+            try:
+                return self.claims.get(ref)
+            except Exception as err:  # ClaimError, or a bug: _plan answers it
+                return err
+
+    def _prepare_held(self, refs: list[ClaimRef], fetched: Mapping[str, Any],
+                      outcomes: dict[str, Outcome], deadline: float) -> None:
         plans: list[_Plan] = []
-        for plan in self._parallel(self._plan, refs):
+        for plan in self._parallel(lambda ref: self._plan(ref, fetched), refs):
             if isinstance(plan, _Plan):
                 plans.append(plan)
             else:
@@ -329,7 +342,8 @@ class PluginState:
             return [fn(item) for item in items]
         return list(self._pool.map(fn, items))
 
-    def _plan(self, ref: ClaimRef) -> _Plan | tuple[str, Outcome]:
+    def _plan(self, ref: ClaimRef, fetched: Mapping[str, Any]
+              ) -> _Plan | tuple[str, Outcome]:
         with claim_context(ref.uid):
             record = self._checkpoint.claims.get(ref.uid)
             if record is not None and record.state != "PrepareCompleted":
@@ -345,7 +359,10 @@ class PluginState:
                         self._write_spec(ref.uid, record.devices)
                     log.debug("ResourceClaim %s is already prepared", ref)
                     return ref.uid, Outcome(devices=record.devices)
-                claim = self.claims.get(ref)
+                # not fetched: it was prepared before this process took the lock
+                claim = fetched[ref.uid] if ref.uid in fetched else self.claims.get(ref)
+                if isinstance(claim, Exception):
+                    raise claim
                 allocation = claim_allocation(claim, self.driver, self.pool)
                 devices = tuple(self._planned(ref, result, allocation.configs)
                                 for result in allocation.devices)
@@ -660,7 +677,6 @@ class PluginState:
     def _save(self, claims: dict[str, ClaimRecord]) -> None:
         updated = self._checkpoint.with_claims(claims)
         checkpoint.save(self.checkpoint_path, updated)
-        self._checkpoint_id = _file_id(self.checkpoint_path)
         self._adopt(updated)
 
     def _adopt(self, updated: Checkpoint) -> None:
@@ -682,16 +698,15 @@ class PluginState:
                 self._book.add(_record_key(record), self._results(record.devices))
 
     def _reload(self) -> None:
-        """Read the checkpoint again if another process replaced it since this one last
-        read or wrote it (run when this process takes the node lock)."""
-        found = _file_id(self.checkpoint_path)
-        if found is None or found == self._checkpoint_id:
-            return
-        loaded = checkpoint.load(self.checkpoint_path)
+        """Read the checkpoint again (run when this process takes the node lock: the other
+        process may have written it since); a few KB, so always."""
+        try:
+            loaded = checkpoint.load(self.checkpoint_path)
+        except (OSError, ValueError) as err:  # ValueError: UnicodeDecodeError too
+            raise CheckpointError(f"checkpoint {self.checkpoint_path}: cannot read it: "
+                                  f"{err}") from None
         if loaded is None:
             return
         with self._ledger:
-            self._checkpoint_id = found
             self._adopt(replace(loaded, boot_id=self._boot_id))
-        log.debug("read the checkpoint another plugin process wrote: %d claims",
-                  len(loaded.claims))
+        log.debug("read the checkpoint again: %d claims", len(loaded.claims))

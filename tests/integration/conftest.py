@@ -12,7 +12,7 @@ from tests.support.plugin import Node, Start, plugins, short_tmp
 @pytest.fixture
 def node() -> Iterator[Node]:
     """A fresh node: registry, plugin data, CDI and local-mode folders under a short path
-    (unix socket paths must stay under 108 bytes)."""
+    (a unix socket path holds at most 107 bytes)."""
     with short_tmp() as root:
         yield Node(root)
 

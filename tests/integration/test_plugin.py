@@ -163,6 +163,23 @@ def test_a_device_prepared_for_another_claim_is_refused_unless_admin_access(
     assert running.kubelet.prepare([second])[second.uid].error == ""
 
 
+def test_a_share_id_does_not_get_past_a_device_held_whole(node: Node, start: Start) -> None:
+    running = start()
+    first = make_claim(node.local, [result("gpu-4")])
+    shared = make_claim(node.local, [{**result("gpu-4"), "shareID": "a1"}])
+    alone = make_claim(node.local, [{**result("gpu-5"), "shareID": "a2"}])
+    assert running.kubelet.prepare([first])[first.uid].error == ""
+    answers = running.kubelet.prepare([shared, alone])
+    assert answers[shared.uid].error == (
+        f"cannot prepare ResourceClaim ns/{shared.name}: device {DRIVER}/{NODE}/gpu-4 is taken "
+        f"by ResourceClaim ns/{first.name} ({first.uid}) (and 1 more)")
+    assert answers[alone.uid].error == (
+        f"cannot prepare ResourceClaim ns/{alone.name}: device {DRIVER}/{NODE}/gpu-5 does not "
+        "allow multiple allocations: shareID a2 cannot be prepared")
+    assert set(cdi_specs(node.cdi)) == {first.uid}
+    assert set(running.plugin.state.records) == {first.uid}
+
+
 def test_a_thousand_claims_in_one_call(node: Node, start: Start) -> None:
     running = start()
     claims = [make_claim(node.local, [result(f"gpu-{i % 8}", admin=True)]) for i in range(1000)]

@@ -33,6 +33,7 @@ from driver._proto.dra_v1beta1 import api_pb2_grpc as dra_v1beta1_grpc
 from driver._proto.pluginregistration_v1 import api_pb2 as reg_v1
 from driver._proto.pluginregistration_v1 import api_pb2_grpc as reg_v1_grpc
 from driver.nvml.profile import PROFILES_DIR
+from driver.plugin.sockets import grpc_address
 from tests.support.forkserver import ForkServer
 
 DRIVER = "gpu.dra.dev"
@@ -42,7 +43,7 @@ SCHEMA_DIR = Path(__file__).parents[1] / "fixtures" / "cdi-schema"
 
 @contextmanager
 def short_tmp() -> Iterator[Path]:
-    """A fresh directory with a short path: unix socket paths must stay under 108 bytes."""
+    """A fresh directory with a short path: a unix socket path holds at most 107 bytes."""
     path = Path(tempfile.mkdtemp(prefix="gd-", dir="/tmp"))
     try:
         yield path
@@ -141,8 +142,8 @@ class Kubelet:
     """What the kubelet does over the plugin's sockets, with its 45 s deadline."""
 
     def __init__(self, dra_socket: Path, registration_socket: Path) -> None:
-        self.dra_channel = grpc.insecure_channel(f"unix://{dra_socket}")
-        self.reg_channel = grpc.insecure_channel(f"unix://{registration_socket}")
+        self.dra_channel = grpc.insecure_channel(grpc_address(dra_socket))
+        self.reg_channel = grpc.insecure_channel(grpc_address(registration_socket))
         self.v1 = dra_v1_grpc.DRAPluginStub(self.dra_channel)
         self.v1beta1 = dra_v1beta1_grpc.DRAPluginStub(self.dra_channel)
 

@@ -299,6 +299,27 @@ def test_prepare_refuses_devices_and_counters_already_taken() -> None:
     assert prepare_conflicts(ledger, "ns/new", free, pools) == []
 
 
+def test_prepare_refuses_a_share_id_on_a_device_held_whole_or_not_shareable() -> None:
+    devices = FOUR[0]["spec"]["devices"] + _shared_device()[0]["spec"]["devices"]
+    pools = gather_pools([pool_slice("s1", devices)], Node("n1"))
+    ledger = Ledger.of([allocated_claim("old", "dev-0")])
+    shared = [{"request": "r", "driver": DRIVER, "pool": "p1", "device": "dev-0",
+               "shareID": "s1"}]
+    assert prepare_conflicts(ledger, "ns/new", shared, pools) == [
+        "device d.example.com/p1/dev-0 is taken by ns/old",
+        "device d.example.com/p1/dev-0 does not allow multiple allocations: shareID s1 "
+        "cannot be prepared"]
+    on_free = [{**shared[0], "device": "dev-1"}]
+    assert prepare_conflicts(ledger, "ns/new", on_free, pools) == [
+        "device d.example.com/p1/dev-1 does not allow multiple allocations: shareID s1 "
+        "cannot be prepared"]
+    nic = [{**shared[0], "device": "nic"}]
+    assert prepare_conflicts(Ledger.of([allocated_claim("old", "nic", shareID="s0")]),
+                             "ns/new", nic, pools) == []
+    assert prepare_conflicts(Ledger.of([allocated_claim("old", "nic")]), "ns/new", nic,
+                             pools) == ["device d.example.com/p1/nic is taken by ns/old"]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_devices_held_with_admin_access_stay_free_for_others(backend: str) -> None:
     held = [allocated_claim("monitor", "dev-0", "dev-1", adminAccess=True)]
