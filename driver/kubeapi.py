@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -77,3 +78,13 @@ def api_request(
     except ValueError:
         decoded = raw.decode(errors="replace")
     return ApiResult(method=method, path=path, status=int(resp.status), body=decoded)
+
+
+def api_client(kubeconfig: Path | None) -> Any:
+    """A client for the kubeconfig's current context, else the pod's in-cluster config."""
+    from kubernetes import client, config
+
+    if kubeconfig is not None:
+        return config.new_client_from_config(str(kubeconfig))
+    config.load_incluster_config()
+    return client.ApiClient()

@@ -25,8 +25,10 @@ import yaml
 from driver.allocator.allocate import Allocator, Ledger, allocate_in_order, driver_classes
 from driver.allocator.explain import explain_all
 from driver.allocator.input import InputError
+from driver.kubeapi import ApiError, api_client, api_request
 
 FAILURE_ANNOTATION = "gpu.dra.dev/allocation-failure"
+RESOURCE = "/apis/resource.k8s.io/v1"
 
 SlicesFromProvider = Callable[[argparse.Namespace], list[dict[str, Any]]]
 
@@ -45,8 +47,14 @@ def add_allocation_commands(commands: Any, add_provider_args: Callable[..., None
                               "of them) instead of this node's GPUs (not with --mock)")
         add_provider_args(cmd)
         add_slice_args(cmd)
-        cmd.add_argument("--claims", type=Path, required=True, metavar="PATH",
+        cmd.add_argument("--claims", type=Path, metavar="PATH",
                          help="ResourceClaims: a YAML file or a directory of them")
+        cmd.add_argument("--kubeconfig", type=Path, metavar="FILE",
+                         help="read the ResourceSlices, DeviceClasses and allocated claims "
+                              "from this cluster (instead of --slices, --classes, --allocated)")
+        cmd.add_argument("--claim", action="append", default=[], metavar="NAMESPACE/NAME",
+                         help="with --kubeconfig: a ResourceClaim of the cluster (repeat for "
+                              "more), instead of --claims")
         cmd.add_argument("--classes", type=Path, metavar="PATH",
                          help="DeviceClasses; default: the driver's own (<driver> for whole "
                               "GPUs, mig.<driver> for MIG devices)")
@@ -73,6 +81,38 @@ def _guarded(args: argparse.Namespace, run: Callable[..., int],
 
 def _setup(args: argparse.Namespace, node_slices: SlicesFromProvider
            ) -> tuple[Allocator, list[Any], Ledger, list[str]]:
+    if args.kubeconfig is not None:
+        slices, classes, raw_claims, allocated = _from_cluster(args)
+    else:
+        slices, classes, raw_claims, allocated = _from_files(args, node_slices)
+    allocator = Allocator(slices, classes)
+    claims = allocator.parse(raw_claims)
+    seen: set[str] = set()
+    for claim in claims:
+        if claim.key in seen:
+            raise InputError(f"ResourceClaim {claim.key}: metadata.name: listed twice")
+        seen.add(claim.key)
+    # A claim asked about is not also one that holds devices (it would block itself).
+    ledger = Ledger.of(c for c in allocated if _key(c) not in seen)
+    nodes = allocator.nodes()
+    if args.node:
+        if args.node not in nodes:
+            raise InputError(f"--node {args.node}: no slices for it (nodes: "
+                             f"{', '.join(nodes) or 'none'})")
+        nodes = [args.node]
+    if not nodes:
+        raise InputError("no node: the slices name no spec.nodeName")
+    return allocator, claims, ledger, nodes
+
+
+def _from_files(args: argparse.Namespace, node_slices: SlicesFromProvider
+                ) -> tuple[list[dict[str, Any]], ...]:
+    if args.claim:
+        raise InputError("--claim NAMESPACE/NAME reads the claim from a cluster: give "
+                         "--kubeconfig (or --claims PATH for files)")
+    if args.claims is None:
+        raise InputError("--claims PATH (or --kubeconfig FILE --claim NAMESPACE/NAME): "
+                         "which claims?")
     if args.slices is not None and args.mock:
         raise InputError("--slices and --mock: give one of them")
     if args.slices is not None:
@@ -83,27 +123,69 @@ def _setup(args: argparse.Namespace, node_slices: SlicesFromProvider
         slices = node_slices(args)
     classes = ([d for d in load_documents(args.classes) if d.get("kind") == "DeviceClass"]
                if args.classes else driver_classes(args.driver_name))
-    allocator = Allocator(slices, classes)
     raw_claims = [d for d in load_documents(args.claims)
                   if d.get("kind", "ResourceClaim") == "ResourceClaim"]
     if not raw_claims:
         raise InputError(f"{args.claims}: no ResourceClaim documents")
-    claims = allocator.parse(raw_claims)
-    seen: set[str] = set()
-    for claim in claims:
-        if claim.key in seen:
-            raise InputError(f"ResourceClaim {claim.key}: metadata.name: listed twice")
-        seen.add(claim.key)
-    ledger = Ledger.of(load_documents(args.allocated) if args.allocated else [])
-    nodes = allocator.nodes()
-    if args.node:
-        if args.node not in nodes:
-            raise InputError(f"--node {args.node}: no slices for it (nodes: "
-                             f"{', '.join(nodes) or 'none'})")
-        nodes = [args.node]
-    if not nodes:
-        raise InputError("no node: the slices name no spec.nodeName")
-    return allocator, claims, ledger, nodes
+    return slices, classes, raw_claims, load_documents(args.allocated) if args.allocated else []
+
+
+def _from_cluster(args: argparse.Namespace) -> tuple[list[dict[str, Any]], ...]:
+    """What the scheduler sees: every slice, class and claim of the cluster."""
+    given = [flag for flag, value in (("--slices", args.slices), ("--mock", args.mock),
+                                      ("--classes", args.classes),
+                                      ("--allocated", args.allocated)) if value]
+    if given:
+        raise InputError(f"--kubeconfig reads them from the cluster: drop {', '.join(given)}")
+    wanted = [_namespaced(name) for name in args.claim]
+    if args.claims is not None:
+        raise InputError("--kubeconfig takes the claims as --claim NAMESPACE/NAME")
+    if not wanted:
+        raise InputError("--kubeconfig needs --claim NAMESPACE/NAME (one or more)")
+    from kubernetes.config import ConfigException
+    from urllib3.exceptions import HTTPError
+
+    try:
+        api = api_client(args.kubeconfig)
+        try:
+            slices = _list(api, f"{RESOURCE}/resourceslices")
+            classes = _list(api, f"{RESOURCE}/deviceclasses")
+            claims = _list(api, f"{RESOURCE}/resourceclaims")
+        finally:
+            api.close()
+    except (ApiError, ConfigException, HTTPError) as err:
+        raise InputError(f"--kubeconfig {args.kubeconfig}: {err}") from None
+    by_key = {_key(c): c for c in claims}
+    missing = [f"{ns}/{name}" for ns, name in wanted if f"{ns}/{name}" not in by_key]
+    if missing:
+        raise InputError(f"--claim {missing[0]}: no such ResourceClaim in the cluster")
+    return slices, classes, [by_key[f"{ns}/{name}"] for ns, name in wanted], claims
+
+
+def _namespaced(name: str) -> tuple[str, str]:
+    namespace, _, claim = name.partition("/")
+    if not namespace or not claim or "/" in claim:
+        raise InputError(f"--claim {name}: expected NAMESPACE/NAME")
+    return namespace, claim
+
+
+def _list(api: Any, path: str) -> list[dict[str, Any]]:
+    """Every object of a collection, page by page, each with its kind."""
+    items: list[dict[str, Any]] = []
+    query = {"limit": "500"}
+    while True:
+        page = api_request(api, "GET", path, query=query).expect(200)
+        kind = str(page.get("kind", "")).removesuffix("List")
+        items += [_with_kind(item, kind, page.get("apiVersion")) for item in page["items"]]
+        token = (page.get("metadata") or {}).get("continue")
+        if not token:
+            return items
+        query = {"limit": "500", "continue": token}
+
+
+def _key(claim: dict[str, Any]) -> str:
+    meta = claim.get("metadata") or {}
+    return f"{meta.get('namespace', 'default')}/{meta.get('name', '')}"
 
 
 def _cmd_allocate(args: argparse.Namespace, node_slices: SlicesFromProvider) -> int:

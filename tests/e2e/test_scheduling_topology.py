@@ -233,5 +233,13 @@ def test_explain_says_why_a_claim_is_pending_from_the_clusters_objects(
         assert ours, out
         assert f"matchAttribute {ISLAND}" in ours[0]
         assert f"{claims.namespace}/train-a" in ours[0] and f"{claims.namespace}/single" in ours[0]
+
+        # The same answer in one command, straight from the cluster.
+        code = main(["explain", "--kubeconfig", str(control_plane.kubeconfig),
+                     "--claim", f"{claims.namespace}/train-b", "--node", node])
+        direct, err = capsys.readouterr()
+        assert (code, err) == (1, ""), err
+        assert f"{claims.namespace}/train-b on {node}: does not fit" in direct
+        assert direct.strip() in out, (direct, out)
         for name in ("train-b", "single", "train-a"):
             claims.release(name)

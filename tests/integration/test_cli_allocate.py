@@ -151,3 +151,23 @@ def test_explain_points_at_the_claim_to_release(tmp_path: Path,
     out = capsys.readouterr().out
     assert code == 1
     assert "* after default/old is released" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mock", "a100-pcie-4x", "--claim", "ns/a"], "--claim NAMESPACE/NAME reads the claim "
+     "from a cluster: give --kubeconfig"),
+    (["--mock", "a100-pcie-4x"], "--claims PATH (or --kubeconfig FILE --claim NAMESPACE/NAME)"),
+    (["--kubeconfig", "kc", "--mock", "a100-pcie-4x", "--claim", "ns/a"],
+     "--kubeconfig reads them from the cluster: drop --mock"),
+    (["--kubeconfig", "kc"], "--kubeconfig needs --claim NAMESPACE/NAME"),
+    (["--kubeconfig", "kc", "--claim", "just-a-name"], "--claim just-a-name: expected "
+     "NAMESPACE/NAME"),
+    (["--kubeconfig", "/nonexistent/kubeconfig", "--claim", "ns/a"],
+     "--kubeconfig /nonexistent/kubeconfig: "),
+])
+def test_cluster_source_flags_are_checked_naming_the_flag(
+        capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:
+    assert main(["explain", *args]) == 2
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert message in out.err
