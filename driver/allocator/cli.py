@@ -24,7 +24,7 @@ import yaml
 
 from driver.allocator.allocate import Allocator, Ledger, allocate_in_order, driver_classes
 from driver.allocator.explain import explain_all
-from driver.allocator.input import InputError
+from driver.allocator.input import InputError, claim_key
 from driver.kubeapi import ApiError, api_client, api_request
 
 FAILURE_ANNOTATION = "gpu.dra.dev/allocation-failure"
@@ -93,7 +93,7 @@ def _setup(args: argparse.Namespace, node_slices: SlicesFromProvider
             raise InputError(f"ResourceClaim {claim.key}: metadata.name: listed twice")
         seen.add(claim.key)
     # A claim asked about is not also one that holds devices (it would block itself).
-    ledger = Ledger.of(c for c in allocated if _key(c) not in seen)
+    ledger = Ledger.of(c for c in allocated if claim_key(c) not in seen)
     nodes = allocator.nodes()
     if args.node:
         if args.node not in nodes:
@@ -155,7 +155,7 @@ def _from_cluster(args: argparse.Namespace) -> tuple[list[dict[str, Any]], ...]:
             api.close()
     except (ApiError, ConfigException, HTTPError) as err:
         raise InputError(f"--kubeconfig {args.kubeconfig}: {err}") from None
-    by_key = {_key(c): c for c in claims}
+    by_key = {claim_key(c): c for c in claims}
     missing = [f"{ns}/{name}" for ns, name in wanted if f"{ns}/{name}" not in by_key]
     if missing:
         raise InputError(f"--claim {missing[0]}: no such ResourceClaim in the cluster")
@@ -181,11 +181,6 @@ def _list(api: Any, path: str) -> list[dict[str, Any]]:
         if not token:
             return items
         query = {"limit": "500", "continue": token}
-
-
-def _key(claim: dict[str, Any]) -> str:
-    meta = claim.get("metadata") or {}
-    return f"{meta.get('namespace', 'default')}/{meta.get('name', '')}"
 
 
 def _cmd_allocate(args: argparse.Namespace, node_slices: SlicesFromProvider) -> int:

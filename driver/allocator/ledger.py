@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, NamedTuple
 
+from driver.allocator.input import claim_key
 from driver.quantity import parse_quantity
 
 _NOTHING: set[Any] = set()
@@ -55,9 +56,8 @@ class Ledger:
         for claim in claims:
             allocation = (claim.get("status") or {}).get("allocation")
             if allocation:
-                meta = claim.get("metadata") or {}
-                key = f"{meta.get('namespace', 'default')}/{meta.get('name', '')}"
-                ledger.add(key, (allocation.get("devices") or {}).get("results") or [])
+                ledger.add(claim_key(claim),
+                           (allocation.get("devices") or {}).get("results") or [])
         return ledger
 
     def copy(self) -> Ledger:
