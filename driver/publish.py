@@ -8,6 +8,11 @@ Generation: consumers use only the slices of a pool's highest generation and wai
 until they see ``resourceSliceCount`` of them, so every content change (ours, or
 someone else's edit being undone) moves every slice to max(existing) + 1, and an
 unchanged pool is left alone: a restart with the same inventory writes nothing.
+
+Two publishers of one pool (a rolling update: the old and the new plugin pod side by side)
+whose versions build different slices would undo each other's writes for as long as both
+run; the one that finds the pool moved past its own last write, to other content, yields
+(:func:`stance`) while the other pod lives.
 """
 
 from __future__ import annotations
@@ -207,6 +212,33 @@ def foreign_change(event: Mapping[str, Any], expected: Mapping[str, Mapping[str,
     return None
 
 
+Stance = Literal["write", "yield", "wait"]
+"""What a resync does about a difference: write (restore), yield to a newer publisher of the
+pool, or wait a little for that publisher's pod to show it is alive."""
+
+
+def overtaken(existing: Sequence[Mapping[str, Any]], todo: Plan, last_generation: int) -> bool:
+    """Another publisher moved the pool past ``last_generation`` (the one we last wrote) to
+    content other than ours. A deleted slice or an edit that keeps the generation (a
+    person's ``kubectl edit``) is not that: it is restored as any other difference."""
+    top = max((generation_of(s) for s in existing), default=0)
+    return bool(todo.writes) and 0 < last_generation < top
+
+
+def stance(overtaken: bool, others_alive: bool, yielding: bool, alone_for: float,
+           grace: float) -> Stance:
+    """Whether a resync restores our content. Overtaken while another plugin pod of the
+    driver is alive on the node: yield, so the newer version's slices stand. Overtaken
+    with no other pod in sight: a new pod publishes before it opens its sockets, so wait up
+    to ``grace`` seconds (``alone_for``: how long we have seen nobody) for them, unless we
+    were already yielding, which means the other pod has just gone: restore at once."""
+    if not overtaken:
+        return "write"
+    if others_alive:
+        return "yield"
+    return "wait" if not yielding and alone_for < grace else "write"
+
+
 @dataclass(frozen=True)
 class Backoff:
     """Exponential backoff with jitter: try n waits ``initial * factor**n`` capped at
@@ -313,6 +345,12 @@ class ApiPublisher:
     any slice someone deletes or edits, resyncs every ``resync_period`` seconds, and
     rides out an unreachable API server with backoff, saying in ``waiting_for`` and the
     log what it waits for. ``cleanup()`` deletes the pool (uninstall).
+
+    ``others_alive`` (None: never) tells whether another plugin pod of this driver runs on
+    the node. While it does, the resync loop does not restore a pool that someone else
+    moved to a higher generation with other content (see :func:`stance`): it checks again
+    every ``yield_poll`` seconds and restores once that pod is gone. ``publish()`` always
+    writes: a new inventory is news, not a restore.
     """
 
     def __init__(
@@ -326,6 +364,9 @@ class ApiPublisher:
         backoff: Backoff | None = None,
         request_timeout: float = 30.0,
         on_writes: Callable[[int], None] | None = None,
+        others_alive: Callable[[], bool] | None = None,
+        yield_grace: float = 10.0,
+        yield_poll: float = 5.0,
     ) -> None:
         self._api = api_client
         self.on_writes = on_writes  # told how many writes each sync made, the loop's too
@@ -336,6 +377,11 @@ class ApiPublisher:
         self.resync_period = resync_period
         self.backoff = backoff or Backoff()
         self.request_timeout = request_timeout
+        self.others_alive = others_alive
+        self.yield_grace = yield_grace
+        self.yield_poll = yield_poll
+        self._yielding = False  # the loop leaves the pool to a newer publisher's pod
+        self._alone_since: float | None = None  # overtaken, and no other pod seen since
         self._selector = f"spec.nodeName={node},spec.driver={driver}"
         self._lock = threading.Lock()  # one sync at a time: publish() and the loop
         self._inventory: Inventory | None = None
@@ -351,6 +397,11 @@ class ApiPublisher:
     def waiting_for(self) -> str | None:
         """What publishing waits for right now (e.g. the API server), None when in sync."""
         return self._waiting_for
+
+    @property
+    def yielding(self) -> bool:
+        """The resync loop leaves the pool to another plugin pod's newer slices."""
+        return self._yielding
 
     @property
     def api_client(self) -> Any:
@@ -379,7 +430,7 @@ class ApiPublisher:
                     with self._lock:
                         if pending is not None:  # a newer publish() may follow ours
                             self._inventory, pending = pending, None
-                        result, _ = self._sync()
+                        result, _, _ = self._sync(restore=False)
                     self._set_waiting(None)
                     return result
                 except PublishError as err:
@@ -412,11 +463,13 @@ class ApiPublisher:
                 continue
             try:
                 with self._lock:
-                    _, resource_version = self._sync()
+                    _, resource_version, taken = self._sync(restore=True)
                 self._set_waiting(None)
                 delays = None
                 if resource_version:  # else cleanup() took the inventory away
-                    self._watch(resource_version, stop)
+                    self._watch(resource_version, stop, {
+                        "write": self.resync_period, "yield": self.yield_poll,
+                        "wait": 1.0}[taken])
             except _Transient as err:
                 self._set_waiting(err.waiting_for)
                 delays = delays or self.backoff.delays()
@@ -457,11 +510,12 @@ class ApiPublisher:
 
     # -- one sync ------------------------------------------------------------------------
 
-    def _sync(self) -> tuple[PublishResult, str]:
-        """List, plan, write. Returns the result and the list's resourceVersion."""
+    def _sync(self, restore: bool) -> tuple[PublishResult, str, Stance]:
+        """List, plan, write (``restore``: unless :meth:`_stance` says not to). Returns the
+        result, the list's resourceVersion and the stance taken."""
         inventory = self._inventory
         if inventory is None:
-            return PublishResult(generation=self._published.generation), ""
+            return PublishResult(generation=self._published.generation), "", "write"
         layout = (counter_layout_for(self._server_version())
                   if self.counter_layout == "auto" else self.counter_layout)
         options = SliceOptions(self.driver, self.node, self.mig_mode, layout)
@@ -473,6 +527,14 @@ class ApiPublisher:
             obj["metadata"]["ownerReferences"] = [owner]
         existing, resource_version = self._list()
         todo = plan(existing, desired)
+        taken = self._stance(existing, todo) if restore else "write"
+        if taken != "write":
+            self.syncs += 1
+            return PublishResult(generation=self._published.generation), resource_version, taken
+        if self._yielding:
+            self._yielding = False
+            log.info("ResourceSlices of %s: no longer leaving them to another plugin pod of "
+                     "%s (it is gone, or its slices are ours)", self.node, self.driver)
         for obj in todo.delete:
             self._delete(obj)
         for obj in todo.update:
@@ -489,7 +551,27 @@ class ApiPublisher:
             log.info("ResourceSlices of %s: generation %d, created %d, updated %d, deleted %d",
                      self.node, todo.generation, len(todo.create), len(todo.update),
                      len(todo.delete))
-        return _result(todo), resource_version
+        return _result(todo), resource_version, "write"
+
+    def _stance(self, existing: Sequence[Mapping[str, Any]], todo: Plan) -> Stance:
+        """:func:`stance` for this resync, asking ``others_alive`` only when it matters."""
+        over = (self.others_alive is not None
+                and overtaken(existing, todo, self._published.generation))
+        alive = over and self.others_alive is not None and self.others_alive()
+        now = time.monotonic()
+        if over and not alive and self._alone_since is None:
+            self._alone_since = now
+        taken = stance(over, alive, self._yielding,
+                       now - (self._alone_since or now), self.yield_grace)
+        if taken != "wait":  # a publisher that is no pod waits a grace before each restore
+            self._alone_since = None
+        if taken == "yield" and not self._yielding:
+            self._yielding = True
+            log.info("ResourceSlices of %s: another plugin pod of %s on the node published "
+                     "other slices (pool generation %d, ours %d); leaving them to it while "
+                     "it runs", self.node, self.driver,
+                     max(generation_of(s) for s in existing), self._published.generation)
+        return taken
 
     def _call(self, method: str, path: str, body: Any = None,
               query: Mapping[str, str] | None = None) -> ApiResult:
@@ -556,10 +638,10 @@ class ApiPublisher:
 
     # -- watching ------------------------------------------------------------------------
 
-    def _watch(self, resource_version: str, stop: threading.Event) -> None:
-        """Follow the pool from ``resource_version`` until someone else changes it, the
-        resync period is over, or ``stop``; then return so the caller resyncs."""
-        seconds = max(1, int(self.resync_period))
+    def _watch(self, resource_version: str, stop: threading.Event, period: float) -> None:
+        """Follow the pool from ``resource_version`` until someone else changes it,
+        ``period`` seconds are over, or ``stop``; then return so the caller resyncs."""
+        seconds = max(1, int(period))
         try:
             resp = ResourceV1Api(self._api).list_resource_slice(
                 field_selector=self._selector, resource_version=resource_version, watch=True,

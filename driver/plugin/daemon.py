@@ -13,14 +13,18 @@ UID as the upstream kubeletplugin helper does (`RollingUpdate(uid)`): the regist
 socket `<driver>-<uid>-reg.sock` (hashed shorter where the path would not fit a socket
 address) and the DRA socket `dra-<uid>.sock`; the kubelet uses the newest registered one.
 Prepare and unprepare are serialized across the two by the node lock (`nodelock`), both
-publish the same slices (the second finds nothing to write), and a pod that stops removes
-only its own sockets and leaves the slices to the other (`cleanup` is refused with a pod
-UID). A pod killed without its stop leaves its sockets: the next start removes those of
-this driver that nobody listens on.
+publish the slices (the same ones: the second finds nothing to write), and a pod that stops
+removes only its own sockets and leaves the slices to the other (`cleanup` is refused with a
+pod UID). Where the new version builds other slices, the pod whose slices were overwritten
+by the other does not restore them while the other pod's sockets accept connections
+(`ApiPublisher`'s `others_alive`): no write ping-pong; the survivor restores its own.
+A pod killed without its stop leaves its sockets: the next start removes those of this
+driver that nobody listens on.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import threading
@@ -42,6 +46,7 @@ from driver.plugin.servers import KUBELET_CALL_TIMEOUT, Servers
 from driver.plugin.sharing import timeslicer
 from driver.plugin.sockets import (
     POD_UID,
+    other_plugin_alive,
     remove_dead_sockets,
     rolling_update_socket_name,
     too_long,
@@ -151,8 +156,12 @@ class Plugin:
             claims: ClaimSource = DirClaimSource(o.local_dir)
         else:
             api = _api_client(o.kubeconfig)
+            others_alive = functools.partial(
+                other_plugin_alive, o.registry_dir, o.plugin_dir, o.driver,
+                (o.registration_socket, o.dra_socket))
             api_publisher = ApiPublisher(api, o.driver, o.node, o.mig_mode, o.counter_layout,
-                                         on_writes=self.metrics.slice_writes.inc)
+                                         on_writes=self.metrics.slice_writes.inc,
+                                         others_alive=others_alive)
             threading.Thread(target=api_publisher.run_resync, args=(self._resync_stop,),
                              name="publish-resync", daemon=True).start()
             publisher, claims = api_publisher, ApiClaimSource(api)

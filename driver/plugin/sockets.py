@@ -17,6 +17,7 @@ import os
 import re
 import socket
 import stat
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -71,22 +72,19 @@ def _ours(driver: str) -> tuple[re.Pattern[str], re.Pattern[str]]:
             re.compile(rf"dra(-{_SUFFIX})?\.sock"))
 
 
-def _refused(path: Path) -> bool:
-    """Nothing listens on the socket file: connect() is refused."""
+def _connect_error(path: Path) -> OSError | None:
+    """Why connecting to the socket file fails; None if something accepts the connection."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(_PROBE_TIMEOUT)
         try:
             probe.connect(str(path))
         except OSError as err:
-            return err.errno == errno.ECONNREFUSED
-        return False
+            return err
+        return None
 
 
-def remove_dead_sockets(registry_dir: Path, plugin_dir: Path, driver: str) -> list[Path]:
-    """Remove this driver's sockets that no process listens on (a pod killed without its
-    stop leaves them, and the kubelet's plugin watcher keeps trying them); a socket that
-    accepts a connection, or any other file, is never touched. Returns those removed."""
-    removed = []
+def _sockets(registry_dir: Path, plugin_dir: Path, driver: str) -> Iterator[Path]:
+    """This driver's socket files in the registry dir and its plugin data dir."""
     for directory, pattern in zip((registry_dir, plugin_dir), _ours(driver), strict=True):
         try:
             names = sorted(os.listdir(directory))
@@ -95,10 +93,32 @@ def remove_dead_sockets(registry_dir: Path, plugin_dir: Path, driver: str) -> li
         for name in names:
             path = directory / name
             with contextlib.suppress(FileNotFoundError):
-                if not pattern.fullmatch(name) or not stat.S_ISSOCK(path.lstat().st_mode) \
-                        or not _refused(path):
-                    continue
-                path.unlink()
-                log.info("removed %s: no plugin listens on it (a pod that was killed)", path)
-                removed.append(path)
+                if pattern.fullmatch(name) and stat.S_ISSOCK(path.lstat().st_mode):
+                    yield path
+
+
+def remove_dead_sockets(registry_dir: Path, plugin_dir: Path, driver: str) -> list[Path]:
+    """Remove this driver's sockets that no process listens on (a pod killed without its
+    stop leaves them, and the kubelet's plugin watcher keeps trying them); a socket that
+    accepts a connection, or any other file, is never touched. Returns those removed."""
+    removed = []
+    for path in _sockets(registry_dir, plugin_dir, driver):
+        err = _connect_error(path)
+        if err is None or err.errno != errno.ECONNREFUSED:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            log.info("removed %s: no plugin listens on it (a pod that was killed)", path)
+            removed.append(path)
     return removed
+
+
+def other_plugin_alive(registry_dir: Path, plugin_dir: Path, driver: str,
+                       own: Collection[Path]) -> bool:
+    """Whether another plugin pod of this driver runs on this node (the other pod of a
+    rolling update): one of this driver's sockets, not one in ``own``, accepts a
+    connection. The DRA sockets count too: they name the driver even where a registration
+    socket's name had to be hashed, and they live until the pod's last call is done."""
+    mine = {os.path.abspath(p) for p in own}
+    return any(os.path.abspath(path) not in mine and _connect_error(path) is None
+               for path in _sockets(registry_dir, plugin_dir, driver))
