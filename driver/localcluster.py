@@ -38,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from driver.kubeapi import api_request
+from driver.kubeapi import api_client, api_request
 
 __all__ = [
     "ALL_BINARIES",
@@ -732,9 +732,7 @@ class LocalCluster:
 
     def api_client(self) -> Any:
         """A new ``kubernetes.client.ApiClient`` for the admin user (one per thread)."""
-        from kubernetes import config as kube_config
-
-        return kube_config.new_client_from_config(config_file=str(self.kubeconfig))
+        return api_client(self.kubeconfig)
 
     def server_version(self) -> str:
         """``gitVersion`` from /version, e.g. ``v1.37.2``."""

@@ -31,11 +31,12 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from driver.checkpoint import BOOT_ID_PATH, read_boot_id
 from driver.claims import ApiClaimSource, ClaimSource, DirClaimSource
 from driver.discovery import discover
+from driver.kubeapi import api_client
 from driver.metrics import Metrics
 from driver.nvml import Provider
 from driver.plugin.devices import device_index
@@ -118,15 +119,6 @@ class PluginOptions:
         return self.plugin_dir / "checkpoint.json"
 
 
-def _api_client(kubeconfig: Path | None) -> Any:
-    from kubernetes import client, config
-
-    if kubeconfig is not None:
-        return config.new_client_from_config(str(kubeconfig))
-    config.load_incluster_config()
-    return client.ApiClient()
-
-
 class Plugin:
     """The running plugin; `start` and `stop` are separate so tests can drive it in-process."""
 
@@ -155,7 +147,7 @@ class Plugin:
                 o.driver, o.node, o.mig_mode, layout), on_writes=self.metrics.slice_writes.inc)
             claims: ClaimSource = DirClaimSource(o.local_dir)
         else:
-            api = _api_client(o.kubeconfig)
+            api = api_client(o.kubeconfig)
             others_alive = functools.partial(
                 other_plugin_alive, o.registry_dir, o.plugin_dir, o.driver,
                 (o.registration_socket, o.dra_socket))
