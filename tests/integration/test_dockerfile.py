@@ -1,6 +1,7 @@
-"""deploy/Dockerfile, checked without Docker: this machine reaches no image registry, so
-the image itself is not built here. Instead hadolint lints it, and its two stages run
-as they would in the image: the files its COPY lines take (after
+"""deploy/Dockerfile, checked without Docker: CI reaches no image registry, so the image
+itself is not built here (deploy/build-image-nodocker.sh builds it with buildah on a
+stand-in base, by hand). Instead hadolint lints it, and its two stages run as they
+would in the image: the files its COPY lines take (after
 Dockerfile.dockerignore) build the wheel with the compiled kernel, the wheel installs
 into a fresh virtualenv, and the image's entrypoint starts from there."""
 
