@@ -41,6 +41,7 @@ from driver.localnode import (
     STANDIN_ENV,
     KubeletStandin,
     PluginDaemon,
+    PluginFolders,
     ensure_standin,
     poll,
 )
@@ -125,7 +126,7 @@ class ClusterDemo:
         self.keeper: FakeNodeKeeper | None = None
         self.standin: KubeletStandin | None = None
         self.plugin: PluginDaemon | None = None
-        self.cdi_root = root / "cdi"
+        self.folders = PluginFolders(root)
         self._seen: dict[str, str] = {}
 
     # --- start -------------------------------------------------------------------------------
@@ -174,17 +175,14 @@ class ClusterDemo:
     def start_plugin(self) -> tuple[str, list[str]]:
         assert self.cluster is not None and self.standin is not None
         o = self.options
-        args = [
-            "--mock", str(profile_source(o.profile)), "--mock-state",
-            str(self.root / "mig-state.json"), "--mig-mode", o.mig_mode,
-            "--node-name", o.node, "--driver-name", o.driver,
-            "--kubeconfig", str(self.cluster.kubeconfig),
-            "--kubelet-registry-dir", str(self.standin.registry_dir),
-            "--plugin-data-dir", str(self.root / "plugin"), "--cdi-root", str(self.cdi_root),
-            "--health-port", "0", "--metrics-port", "0",
-        ]
+        folders = self.folders
+        args = folders.plugin_args(node=o.node, driver=o.driver,
+                                   kubeconfig=self.cluster.kubeconfig,
+                                   registry_dir=self.standin.registry_dir,
+                                   mock=str(profile_source(o.profile)), mig_mode=o.mig_mode,
+                                   mock_state=folders.mig_state)
         with stop_signals_held():
-            self.plugin = PluginDaemon(args, self.root / "plugin.log")
+            self.plugin = PluginDaemon(args, folders.plugin_log)
         standin, plugin = self.standin, self.plugin
 
         def registered() -> dict[str, Any] | None:
@@ -339,7 +337,7 @@ def run_cluster_demo(options: ClusterDemoOptions, out: Print = print) -> int:
             steps.run("ready", lambda: (f"up in {time.monotonic() - began:.1f}s; Ctrl-C "
                                         f"stops everything", [f"kubeconfig {kubeconfig}"]))
             signals.armed = False
-            for line in _usage(kubeconfig, demo.cdi_root, options):
+            for line in _usage(kubeconfig, demo.folders.cdi_root, options):
                 out(line)
             while not signals.signum:
                 demo.report_pods()

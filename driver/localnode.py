@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,6 +37,7 @@ __all__ = [
     "ChildProcess",
     "KubeletStandin",
     "PluginDaemon",
+    "PluginFolders",
     "build_node_tools",
     "ensure_standin",
     "find_standin",
@@ -179,6 +181,46 @@ class PluginDaemon(ChildProcess):
     def __init__(self, args: Sequence[str], log: Path) -> None:
         super().__init__("gpu-dra plugin", [sys.executable, "-m", "driver.cli", "plugin", *args],
                          log)
+
+
+@dataclass(frozen=True)
+class PluginFolders:
+    """Where ``gpu-dra plugin`` keeps a local node's state, under the node's ``root`` (keep
+    it short: socket paths); the layout ``demo --cluster`` and the e2e tests share."""
+
+    root: Path
+
+    @property
+    def plugin_dir(self) -> Path:
+        return self.root / "plugin"
+
+    @property
+    def cdi_root(self) -> Path:
+        return self.root / "cdi"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.plugin_dir / "checkpoint.json"
+
+    @property
+    def mig_state(self) -> Path:
+        return self.root / "mig-state.json"
+
+    @property
+    def plugin_log(self) -> Path:
+        return self.root / "plugin.log"
+
+    def plugin_args(self, *, node: str, driver: str, kubeconfig: Path, registry_dir: Path,
+                    mock: str, mig_mode: str, mock_state: Path | None = None,
+                    metrics_port: int = 0) -> list[str]:
+        """The command line of the plugin on the mock machine ``mock``, talking to the API
+        server of ``kubeconfig`` and registering in the stand-in's ``registry_dir``."""
+        args = ["--mock", mock, "--mig-mode", mig_mode, "--node-name", node,
+                "--driver-name", driver, "--kubeconfig", str(kubeconfig),
+                "--kubelet-registry-dir", str(registry_dir),
+                "--plugin-data-dir", str(self.plugin_dir), "--cdi-root", str(self.cdi_root),
+                "--health-port", "0", "--metrics-port", str(metrics_port)]
+        return args if mock_state is None else [*args, "--mock-state", str(mock_state)]
 
 
 def _read_json(path: Path) -> Any:

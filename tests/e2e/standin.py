@@ -18,11 +18,7 @@ from typing import Any
 
 from driver.localcluster import AssetsUnavailable, ComponentError
 from driver.localnode import KubeletStandin as _KubeletStandin
-from driver.localnode import (  # noqa: F401  (PluginDaemon: the tests import it from here)
-    PluginDaemon,
-    build_node_tools,
-    node_tools_folder,
-)
+from driver.localnode import build_node_tools, node_tools_folder
 from tests.e2e.helpers import wait_for
 
 

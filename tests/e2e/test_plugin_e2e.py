@@ -25,6 +25,7 @@ from driver.discovery import discover
 from driver.inventory import Gpu, Inventory, MigDevice, MigProfile, Placement
 from driver.kubeapi import api_request
 from driver.localcluster import LocalCluster
+from driver.localnode import PluginDaemon, PluginFolders
 from driver.nvml.mock import mock_provider
 from driver.plugin.devices import Target, device_index
 from tests.e2e.helpers import (
@@ -38,13 +39,7 @@ from tests.e2e.helpers import (
     pod_with_claim,
     wait_for,
 )
-from tests.e2e.standin import (
-    CdiResolveError,
-    E2eTools,
-    KubeletStandin,
-    PluginDaemon,
-    cdi_resolve,
-)
+from tests.e2e.standin import CdiResolveError, E2eTools, KubeletStandin, cdi_resolve
 from tests.support.plugin import live_mig, mig_profile, short_tmp
 
 DRIVER = "gpu.dra.dev"
@@ -96,21 +91,13 @@ def driver_root() -> Iterator[Path]:
 @dataclass(frozen=True)
 class GpuNode:
     name: str
-    root: Path
+    folders: PluginFolders
     standin: KubeletStandin
     plugin: PluginDaemon
     mock: str
     mock_state: Path | None
     args: tuple[str, ...]
     """The plugin's command line (without --pod-uid): another pod of it on this node."""
-
-    @property
-    def cdi_root(self) -> Path:
-        return self.root / "cdi"
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.root / "plugin" / "checkpoint.json"
 
     def inventory(self) -> Inventory:
         """The node's GPUs as NVML reports them now (a fresh mock over the same state)."""
@@ -139,16 +126,15 @@ def gpu_node(
         root = dirs.enter_context(short_tmp())
         node = fake_node()
         standin = kubelet_standin(node, root, dra_api, DRIVER)
-        args = ["--mock", mock, "--mig-mode", mig_mode, "--node-name", node,
-                "--driver-name", DRIVER, "--kubeconfig", str(control_plane.kubeconfig),
-                "--kubelet-registry-dir", str(standin.registry_dir),
-                "--plugin-data-dir", str(root / "plugin"), "--cdi-root", str(root / "cdi"),
-                "--driver-root", str(driver_root), "--health-port", "0", "--metrics-port", "0"]
-        if mock_state is not None:
-            args += ["--mock-state", str(mock_state)]
+        folders = PluginFolders(root)
+        args = [*folders.plugin_args(node=node, driver=DRIVER,
+                                     kubeconfig=control_plane.kubeconfig,
+                                     registry_dir=standin.registry_dir, mock=mock,
+                                     mig_mode=mig_mode, mock_state=mock_state),
+                "--driver-root", str(driver_root)]
         pod = [] if pod_uid is None else ["--pod-uid", pod_uid]
-        plugin = PluginDaemon([*args, *pod], root / "plugin.log")
-        gpu = GpuNode(node, root, standin, plugin, mock, mock_state, tuple(args))
+        plugin = PluginDaemon([*args, *pod], folders.plugin_log)
+        gpu = GpuNode(node, folders, standin, plugin, mock, mock_state, tuple(args))
         made.append(gpu)
         standin.wait_registered(DRIVER)
         wait_for(lambda: published(control_plane.api, node), f"{node}'s ResourceSlices")
@@ -242,7 +228,7 @@ def pods_on(control_plane: ControlPlane, namespace: str) -> Callable[[GpuNode], 
 
 
 def resolve(tools: E2eTools, node: GpuNode, pod: PreparedPod) -> dict[str, Any]:
-    return cdi_resolve(tools.cdi_resolve, [node.cdi_root], pod.cdi_ids)
+    return cdi_resolve(tools.cdi_resolve, [node.folders.cdi_root], pod.cdi_ids)
 
 
 def device_nodes(oci: dict[str, Any]) -> dict[str, tuple[int, int]]:
@@ -302,10 +288,10 @@ def assert_released(node: GpuNode, tools: E2eTools, pods: list[PreparedPod]) -> 
     """No CDI spec, no checkpointed claim, and a runtime can no longer inject the ids."""
     for pod in pods:
         uid = pod.claim["metadata"]["uid"]
-        assert not (node.cdi_root / cdi.spec_file_name(DRIVER, uid)).exists()
+        assert not (node.folders.cdi_root / cdi.spec_file_name(DRIVER, uid)).exists()
         with pytest.raises(CdiResolveError, match="unresolvable CDI devices"):
             resolve(tools, node, pod)
-    saved = checkpoint.load(node.checkpoint)
+    saved = checkpoint.load(node.folders.checkpoint)
     assert saved is not None and saved.claims == {}
 
 
@@ -325,8 +311,8 @@ def test_whole_gpu_is_prepared_injected_and_released(
     minor = int(device.removeprefix("gpu-"))
     assert_cdi_ids(pod)
     claim_uid = pod.claim["metadata"]["uid"]
-    assert (node.cdi_root / cdi.spec_file_name(DRIVER, claim_uid)).exists()
-    saved = checkpoint.load(node.checkpoint)
+    assert (node.folders.cdi_root / cdi.spec_file_name(DRIVER, claim_uid)).exists()
+    saved = checkpoint.load(node.folders.checkpoint)
     assert saved is not None and set(saved.claims) == {claim_uid}
 
     oci = resolve(e2e_tools, node, pod)
@@ -424,7 +410,7 @@ def test_dynamic_mig_devices_exist_exactly_while_prepared(
 
     pods.delete(small)
     assert live() == instances(large)
-    assert not (node.cdi_root / cdi.spec_file_name(
+    assert not (node.folders.cdi_root / cdi.spec_file_name(
         DRIVER, small.claim["metadata"]["uid"])).exists()
     pods.delete(large)
     assert live() == {}
@@ -450,9 +436,9 @@ def test_a_rolling_update_hands_the_node_over_without_a_gap(
     pods = pods_on(node)
     slices = slice_versions(control_plane.api, node.name)
     early = pods.run("before-surge", DRIVER)
-    new = PluginDaemon([*node.args, "--pod-uid", new_uid], node.root / "plugin-new.log")
+    new = PluginDaemon([*node.args, "--pod-uid", new_uid], node.folders.root / "plugin-new.log")
     try:
-        endpoints = {uid: str(node.root / "plugin" / f"dra-{uid}.sock")
+        endpoints = {uid: str(node.folders.plugin_dir / f"dra-{uid}.sock")
                      for uid in (old_uid, new_uid)}
 
         def events(kind: str) -> list[str]:
@@ -477,7 +463,7 @@ def test_a_rolling_update_hands_the_node_over_without_a_gap(
 
         for pod in (early, during, late):  # early was prepared by the old pod
             pods.delete(pod)
-        saved = checkpoint.load(node.checkpoint)
+        saved = checkpoint.load(node.folders.checkpoint)
         assert saved is not None and saved.claims == {}
     finally:
         code = new.stop()

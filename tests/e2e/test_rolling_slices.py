@@ -20,7 +20,7 @@ import pytest
 from driver.discovery import discover
 from driver.inventory import Inventory
 from driver.localcluster import ComponentError
-from driver.localnode import PluginDaemon
+from driver.localnode import PluginDaemon, PluginFolders
 from driver.nvml.mock import mock_provider
 from driver.plugin.sockets import other_plugin_alive, rolling_update_socket_name
 from driver.publish import ApiPublisher
@@ -175,17 +175,16 @@ def test_the_plugin_pods_of_two_versions_share_a_node_without_write_ping_pong(
     node = fake_node()
     with short_tmp() as root:
         (root / "driver").mkdir()
-        args = ["--mock", "dgx-h100", "--node-name", node, "--driver-name", DRIVER,
-                "--kubeconfig", str(control_plane.kubeconfig),
-                "--kubelet-registry-dir", str(root / "registry"),
-                "--plugin-data-dir", str(root / "plugin"), "--cdi-root", str(root / "cdi"),
-                "--driver-root", str(root / "driver"), "--health-port", "0",
-                "--metrics-port", "0"]
+        folders = PluginFolders(root)
         pods: list[PluginDaemon] = []
 
         def start(mig_mode: str) -> PluginDaemon:
-            pod = PluginDaemon([*args, "--mig-mode", mig_mode, "--pod-uid", new_uid()],
-                               root / f"{mig_mode}.log")
+            args = folders.plugin_args(node=node, driver=DRIVER,
+                                       kubeconfig=control_plane.kubeconfig,
+                                       registry_dir=root / "registry", mock="dgx-h100",
+                                       mig_mode=mig_mode)
+            pod = PluginDaemon([*args, "--driver-root", str(root / "driver"),
+                                "--pod-uid", new_uid()], root / f"{mig_mode}.log")
             pods.append(pod)
             return pod
 

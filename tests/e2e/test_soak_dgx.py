@@ -39,7 +39,7 @@ from driver.checkpoint import ClaimRecord
 from driver.discovery import discover
 from driver.kubeapi import api_request
 from driver.localcluster import ComponentError, LocalCluster, free_port
-from driver.localnode import poll
+from driver.localnode import PluginDaemon, PluginFolders, poll
 from driver.nvml.mock import mock_provider
 from driver.plugin.devices import Target, device_index
 from tests.e2e.helpers import (
@@ -52,7 +52,7 @@ from tests.e2e.helpers import (
     pod_with_claim,
     wait_for,
 )
-from tests.e2e.standin import KubeletStandin, PluginDaemon
+from tests.e2e.standin import KubeletStandin
 from tests.support.plugin import live_mig, short_tmp
 
 DRIVER = "gpu.dra.dev"
@@ -143,35 +143,21 @@ class DgxNode:
     with its MIG state in a file, so the GPUs outlive the plugin process."""
 
     name: str
-    root: Path
+    folders: PluginFolders
     standin: KubeletStandin
     kubeconfig: Path
     plugin: PluginDaemon | None = None
     metrics_port: int = 0
     lives: list[PluginDaemon] = field(default_factory=list)
 
-    @property
-    def mig_state(self) -> Path:
-        return self.root / "mig-state.json"
-
-    @property
-    def cdi_root(self) -> Path:
-        return self.root / "cdi"
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.root / "plugin" / "checkpoint.json"
-
     def start_plugin(self) -> None:
         self.metrics_port = free_port()
-        args = ["--mock", MACHINE, "--mock-state", str(self.mig_state), "--mig-mode", "dynamic",
-                "--node-name", self.name, "--driver-name", DRIVER,
-                "--kubeconfig", str(self.kubeconfig),
-                "--kubelet-registry-dir", str(self.standin.registry_dir),
-                "--plugin-data-dir", str(self.root / "plugin"),
-                "--cdi-root", str(self.cdi_root), "--health-port", "0",
-                "--metrics-port", str(self.metrics_port)]
-        self.plugin = PluginDaemon(args, self.root / "plugin.log")  # appended to by each life
+        folders = self.folders
+        args = folders.plugin_args(node=self.name, driver=DRIVER, kubeconfig=self.kubeconfig,
+                                   registry_dir=self.standin.registry_dir, mock=MACHINE,
+                                   mig_mode="dynamic", mock_state=folders.mig_state,
+                                   metrics_port=self.metrics_port)
+        self.plugin = PluginDaemon(args, folders.plugin_log)  # appended to by each life
         self.lives.append(self.plugin)
 
     def kill_plugin(self) -> int:
@@ -204,14 +190,14 @@ class DgxNode:
              fatal=(ComponentError,))
 
     def records(self) -> dict[str, ClaimRecord]:
-        saved = checkpoint.load(self.checkpoint)
+        saved = checkpoint.load(self.folders.checkpoint)
         return {} if saved is None else dict(saved.claims)
 
     @contextlib.contextmanager
     def frozen_gpus(self) -> Iterator[None]:
         """Hold the mock NVML's lock (``<state>.lock``, taken by every MIG change of any
         process): the plugin's MIG creations and destructions hang as on a wedged driver."""
-        with open(f"{self.mig_state}.lock", "a") as lock:
+        with open(f"{self.folders.mig_state}.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield
@@ -236,13 +222,13 @@ def dgx_node(
     deleted."""
     with short_tmp() as root:
         name = fake_node()
-        node = DgxNode(name, root, kubelet_standin(name, root, "v1", DRIVER),
+        node = DgxNode(name, PluginFolders(root), kubelet_standin(name, root, "v1", DRIVER),
                        control_plane.kubeconfig)
         try:
             yield node
         finally:
             codes = [plugin.stop() for plugin in node.lives]
-            log = root / "plugin.log"
+            log = node.folders.plugin_log
             print(f"--- gpu-dra plugin, {len(codes)} lives (exit codes {codes}) ---\n"
                   f"{log.read_text(errors='replace') if log.exists() else ''}")
             print(f"--- kubelet-standin ---\n{node.standin.tail()}")
@@ -310,7 +296,7 @@ def test_forty_pods_through_a_dgx_h100_with_a_plugin_crash(
     initial = wait_for(lambda: slice_specs(api, node.name), f"{node.name}'s ResourceSlices",
                        interval=POLL)
     ready = time.monotonic()
-    index = device_index(discover(mock_provider(MACHINE, node.mig_state)), "dynamic")
+    index = device_index(discover(mock_provider(MACHINE, node.folders.mig_state)), "dynamic")
     islands = {d["name"]: d["attributes"]["nvlinkIsland"]["int"] for spec in initial.values()
                for d in spec.get("devices", []) if "nvlinkIsland" in d["attributes"]}
     assert set(islands) == {n for n, t in index.items() if t.kind == "gpu"}
@@ -352,8 +338,8 @@ def test_forty_pods_through_a_dgx_h100_with_a_plugin_crash(
 
     # Nothing is left on the node, and it offers what it offered at the start.
     assert node.records() == {}
-    assert live_mig(node.mig_state) == {}
-    assert sorted(p.name for p in node.cdi_root.iterdir()) == []
+    assert live_mig(node.folders.mig_state) == {}
+    assert sorted(p.name for p in node.folders.cdi_root.iterdir()) == []
     assert slice_specs(api, node.name) == initial
     assert node.plugin is not None and node.plugin.alive()
 
@@ -368,7 +354,7 @@ def test_forty_pods_through_a_dgx_h100_with_a_plugin_crash(
         "plugin_start_to_slices_s": round(ready - started, 2),
         "wall_s": round(finished - submitted, 2),
         "crash": run.crash | restart_gaps(run),
-        "gpus_left_in_mig_mode": sum(json.loads(node.mig_state.read_text())["migEnabled"]
+        "gpus_left_in_mig_mode": sum(json.loads(node.folders.mig_state.read_text())["migEnabled"]
                                      .values()),
         "plugin_slice_writes": plugin_slice_writes,
         "plugin_claims": [claim_counts(m) for m in (life1, life2)],
@@ -427,7 +413,7 @@ def crash_step(run: Run, node: DgxNode, freeze: contextlib.ExitStack) -> None:
             at["frozen"] = time.monotonic()
         return
     if "killed" not in at:
-        hung = [r for r in node.records().values() if stuck(r, node.mig_state)]
+        hung = [r for r in node.records().values() if stuck(r, node.folders.mig_state)]
         if not hung:
             assert time.monotonic() - at["frozen"] < FREEZE_TIMEOUT, (
                 f"no prepare hung on the frozen GPUs; {run.progress()}")
@@ -443,7 +429,7 @@ def crash_step(run: Run, node: DgxNode, freeze: contextlib.ExitStack) -> None:
         crash["hung_prepares"] = sorted(r.name for r in hung)
         # Still frozen, nothing moves: every MIG device that exists is one a record
         # explains, and every completed preparation has its devices.
-        held = live(node.mig_state)
+        held = live(node.folders.mig_state)
         done = mig_of(r for r in records.values() if r.state == "PrepareCompleted")
         assert done <= held <= mig_of(records.values())
         freeze.close()
