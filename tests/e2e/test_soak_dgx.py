@@ -3,11 +3,14 @@
 The real scheduler allocates a mix of claims (whole GPUs, NVLink sets, MIG slices of four
 profiles) from the slices `gpu-dra plugin` publishes; the kubelet stand-in prepares each
 pod's claim over the plugin's socket; the test deletes every pod as soon as it is
-prepared, so the next ones fit. Once half of them ran, the GPUs are frozen (the test
-holds the mock NVML's cross-process lock, as a wedged driver call would) until a prepare
-that needs a MIG change hangs mid-way; the plugin is SIGKILLed there, then started again
-like a crashed pod. At the end no claim is prepared, no MIG instance and no CDI spec is left,
-and the node's ResourceSlices are the ones it started with.
+prepared, so the next ones fit. The first half runs to the end (every claim unprepared,
+the node idle); then the GPUs are frozen (the test holds the mock NVML's cross-process
+lock, as a wedged driver call would) and the second half is submitted, a MIG pod first.
+With nothing in flight at the freeze, no unprepare can wait on the lock (only MIG
+teardowns take it, and no MIG claim can be prepared while frozen), so the first call to
+hang is a prepare that needs a MIG change; the plugin is SIGKILLed there, then started
+again like a crashed pod. At the end no claim is prepared, no MIG instance and no CDI
+spec is left, and the node's ResourceSlices are the ones it started with.
 
 The run's wall time, the restart gap and the API writes are printed as JSON (and written
 to ``$GPU_DRA_SOAK_REPORT`` when set) for docs/benchmarks.md; nothing is timed in the
@@ -58,8 +61,8 @@ from tests.support.plugin import live_mig, short_tmp
 DRIVER = "gpu.dra.dev"
 MACHINE = "dgx-h100"
 ISLAND = f"{DRIVER}/nvlinkIsland"
-KILL_AFTER = 20  # pods prepared before the crash
-RUN_TIMEOUT = 120.0  # the whole run; it takes 12-16 s on the 2-core CI box
+KILL_AFTER = 20  # pods run to the end before the GPUs are frozen
+RUN_TIMEOUT = 180.0  # the whole run; it takes 12-16 s on the 2-core CI box
 FREEZE_TIMEOUT = 60.0  # for a prepare to hang on the frozen GPUs
 POLL = 0.05
 SLICE_WRITES = "gpu_dra_resourceslice_writes_total"
@@ -122,6 +125,15 @@ def interleaved() -> list[Shape]:
     """The 40 pods' shapes, round-robin, so every kind is still coming after the crash."""
     rows = itertools.zip_longest(*([shape] * n for shape, n in MIX))
     return [shape for row in rows for shape in row if shape is not None]
+
+
+def halves() -> tuple[list[Shape], list[Shape]]:
+    """The shapes run before the freeze, and those submitted while frozen with a MIG shape
+    first: its prepare must create a MIG device, so it hangs on the frozen GPUs."""
+    shapes = interleaved()
+    before, after = shapes[:KILL_AFTER], shapes[KILL_AFTER:]
+    first_mig = next(i for i, shape in enumerate(after) if shape.profile is not None)
+    return before, [after.pop(first_mig), *after]
 
 
 # --- the node ----------------------------------------------------------------------------------
@@ -305,22 +317,39 @@ def test_forty_pods_through_a_dgx_h100_with_a_plugin_crash(
         create(api, f"{RESOURCE_V1}/namespaces/{namespace}/resourceclaimtemplates",
                shape.template())
     run = Run()
-    for i, shape in enumerate(interleaved()):
-        pod = pod_with_claim(f"soak-{i:02d}-{shape.name}", {"resourceClaimTemplateName":
-                                                            shape.name})
-        pod["spec"]["nodeSelector"] = {"kubernetes.io/hostname": node.name}
-        run.shapes[create(api, pods_path, pod)["metadata"]["uid"]] = (pod["metadata"]["name"],
-                                                                      shape)
-    submitted = time.monotonic()
+    before, after = halves()
 
-    with contextlib.ExitStack() as freeze:
-        deadline = submitted + RUN_TIMEOUT
+    def submit(shapes: list[Shape]) -> None:
+        for shape in shapes:
+            i = len(run.shapes)
+            pod = pod_with_claim(f"soak-{i:02d}-{shape.name}",
+                                 {"resourceClaimTemplateName": shape.name})
+            pod["spec"]["nodeSelector"] = {"kubernetes.io/hostname": node.name}
+            uid = create(api, pods_path, pod)["metadata"]["uid"]
+            run.shapes[uid] = (pod["metadata"]["name"], shape)
+
+    def run_all(deadline: float, freeze: contextlib.ExitStack) -> None:
+        """Until every pod submitted so far was prepared and unprepared."""
         while len(run.unprepared) < len(run.shapes):
             assert time.monotonic() < deadline, f"timed out: {run.progress(node.standin)}"
             node.check_alive()
             crash_step(run, node, freeze)
             observe(run, node, api, pods_path)
             time.sleep(POLL)
+
+    submit(before)
+    submitted = time.monotonic()
+    deadline = submitted + RUN_TIMEOUT
+    with contextlib.ExitStack() as freeze:
+        run_all(deadline, freeze)
+        # The node is idle: nothing prepared, nothing in flight.
+        assert node.records() == {}
+        run.metrics = node.plugin_metrics()
+        run.registrations = node.registrations()
+        freeze.enter_context(node.frozen_gpus())
+        run.at["frozen"] = time.monotonic()
+        submit(after)
+        run_all(deadline, freeze)
 
     # Every pod ran: prepared with an allocation of its shape, then unprepared.
     problems = [p for uid, (_, shape) in run.shapes.items()
@@ -402,15 +431,10 @@ def observe(run: Run, node: DgxNode, api: Any, pods_path: str) -> None:
 
 
 def crash_step(run: Run, node: DgxNode, freeze: contextlib.ExitStack) -> None:
-    """Halfway, freeze the GPUs; once a prepare hangs on them, SIGKILL the plugin, check
-    what it left, thaw and start it again; then note when it is back."""
+    """Once the GPUs are frozen and a prepare hangs on them, SIGKILL the plugin, check what
+    it left, thaw and start it again; then note when it is back."""
     at, crash = run.at, run.crash
     if "frozen" not in at:
-        if len(run.prepared) >= KILL_AFTER:
-            run.metrics = node.plugin_metrics()
-            run.registrations = node.registrations()
-            freeze.enter_context(node.frozen_gpus())
-            at["frozen"] = time.monotonic()
         return
     if "killed" not in at:
         hung = [r for r in node.records().values() if stuck(r, node.folders.mig_state)]
