@@ -1,3 +1,42 @@
-"""gpu-dra-driver: a Kubernetes DRA node driver for NVIDIA GPUs."""
+"""gpu-dra-driver: a Kubernetes DRA node driver for NVIDIA GPUs.
+
+The code map, one package per concern; a package imports only those listed for it (the
+arrows point down the data flow), and `tests/unit/test_layers.py` checks it.
+
+- `nvml`: the NVML providers: the real library (`real`, nvidia-ml-py) or a mock machine
+  (`mock`) from a profile (`profile`: schema and loading) that obeys NVML's MIG rules
+  (`miglayout`). Imports nothing of the driver but `errors` and `atomicfile`.
+- `kube`: Kubernetes helpers with no driver knowledge: the API client, quantities,
+  semantic versions. Imports only `errors`.
+- `inventory`: what a node has: the device model, discovery through a provider, NVLink
+  and PCIe topology (with the native clique partition), the table/JSON view. Imports `nvml`.
+- `resourceslice`: an inventory as ResourceSlices (`build`, pure), the writes that make the
+  published pool match (`plan`, pure), and the publishers to a directory or the API server.
+  Imports `inventory`, `nvml`, `kube`.
+- `allocator`: the scheduler's allocation over slices, claims and classes: input checks,
+  CEL selectors, pools, the ledger of what is taken, the problem model, the pure-Python
+  reference and the Cython kernel (`driver._alloc`), the answer and its explanation.
+  Imports `kube`.
+- `plugin`: the kubelet plugin on a GPU node: the daemon and its gRPC servers and sockets,
+  claims and their opaque configs, the prepare/unprepare state machine (records: the
+  checkpoint and the ledger; effects: MIG, time slicing, CDI specs), the node lock, logs,
+  metrics. Imports `inventory`, `resourceslice`, `allocator`, `nvml`, `kube`.
+- `devcluster`: a local control plane and fake GPU nodes with the kubelet stand-in, for
+  `demo --cluster` and the tests; never imported by `plugin` (its `cryptography` is the
+  `devcluster` extra). Imports `kube`.
+- `demo`: `gpu-dra demo`, locally or on a `devcluster`. Imports any of the above.
+- `cli`: `gpu-dra`: flag groups (each flag's environment variable validated like the flag)
+  and the commands. Imports any of the above.
+- `errors` (one base per layer, each with a metrics `reason`) and `atomicfile` (temp file,
+  fsync, rename) serve every layer; `_proto` is generated gRPC code.
+
+The data flow from NVML to a CDI file: a provider answers `inventory.discovery`, which
+builds an `Inventory`; `resourceslice.build` turns it into ResourceSlices that a publisher
+writes to the API server; the scheduler allocates a claim from them (as `allocator` does);
+the kubelet calls NodePrepareResources on `plugin.servers`; `plugin.state` reads the claim
+(`plugin.claims`), checks it against the ledger, records it in the checkpoint, acts on the
+devices (`plugin.mig`, `plugin.sharing`) and writes the claim's CDI spec (`plugin.cdi`),
+whose device ids go back to the kubelet for the container runtime.
+"""
 
 __version__ = "0.1.0"

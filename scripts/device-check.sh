@@ -28,7 +28,7 @@ python3 -m driver.cli discover | tee "$OUT/discover.txt"
 python3 -m driver.cli discover -o json >"$OUT/discover.json"
 python3 - "$OUT" <<'PY'
 import json, sys, time
-from driver.discovery import discover
+from driver.inventory.discovery import discover
 from driver.nvml.real import real_provider
 from tests.support.nvml_trace import traced
 

@@ -30,7 +30,7 @@ from driver.allocator.input import Claim, DeviceClass, InputError, parse_claim, 
 from driver.allocator.ledger import DeviceRef, Ledger
 from driver.allocator.model import AllocationError, NodeModel, Problem
 from driver.allocator.pools import Device, Node, Pool, check_slices, gather_pools
-from driver.quantity import format_quantity
+from driver.kube.quantity import format_quantity
 
 Mode = Literal["parity", "topology"]
 Backend = Literal["native", "reference"]

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-from driver.cel import Selector, SelectorError, compile_selector
-from driver.quantity import QuantityError, parse_quantity
+from driver.allocator.cel import Selector, SelectorError, compile_selector
+from driver.errors import AllocatorError
+from driver.kube.quantity import QuantityError, parse_quantity
 
 # resource.k8s.io/v1 limits.
 MAX_REQUESTS = 32
@@ -31,7 +32,7 @@ _SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-class InputError(ValueError):
+class InputError(AllocatorError, ValueError):
     """Bad input: the message names the object and the field."""
 
 

@@ -13,7 +13,7 @@ from fractions import Fraction
 from typing import Any, NamedTuple
 
 from driver.allocator.input import claim_key
-from driver.quantity import parse_quantity
+from driver.kube.quantity import parse_quantity
 
 _NOTHING: set[Any] = set()
 

@@ -15,16 +15,17 @@ from fractions import Fraction
 from math import lcm
 from typing import Any
 
+from driver.allocator.cel import SelectorError
 from driver.allocator.input import MAX_RESULTS, Claim, DeviceClass, Request
 from driver.allocator.ledger import DeviceRef, Ledger
 from driver.allocator.pools import Device, Pool
-from driver.cel import SelectorError
-from driver.quantity import parse_quantity
+from driver.errors import AllocatorError
+from driver.kube.quantity import parse_quantity
 
 MATCH, DISTINCT = 0, 1
 
 
-class AllocationError(Exception):
+class AllocationError(AllocatorError):
     """What the scheduler reports as an error instead of "does not fit"."""
 
     def __init__(self, message: str, field: str = "") -> None:

@@ -16,10 +16,10 @@ from fractions import Fraction
 from functools import cached_property
 from typing import Any
 
+from driver.allocator.cel import DeviceInput, device_input
 from driver.allocator.input import InputError
 from driver.allocator.ledger import DeviceRef
-from driver.cel import DeviceInput, device_input
-from driver.quantity import QuantityError, parse_quantity
+from driver.kube.quantity import QuantityError, parse_quantity
 
 NO_SCHEDULE_EFFECTS = ("NoSchedule", "NoExecute")
 

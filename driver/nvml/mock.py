@@ -42,15 +42,12 @@ import pynvml
 
 from driver.atomicfile import write_atomically
 from driver.nvml import Provider
+from driver.nvml.miglayout import ComputeInstance, GpuInstance, MigError, MigLayout
 from driver.nvml.profile import (
     GI_PROFILE_INDEXES,
     PROFILES_DIR,
-    ComputeInstance,
     FieldError,
-    GpuInstance,
     GpuInstanceSpec,
-    MigError,
-    MigLayout,
     MigState,
     Profile,
     ProfileError,

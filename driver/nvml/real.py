@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pynvml
 
+from driver.errors import NvmlLayerError
 from driver.nvml import Provider
 
 LIBRARY = "libnvidia-ml.so.1"
@@ -23,7 +24,7 @@ LIBRARY_DIRS = ("usr/lib64", "usr/lib/x86_64-linux-gnu", "usr/lib/aarch64-linux-
 _PCI_ROOT = re.compile(r"^pci[0-9a-f]{4}:[0-9a-f]{2}$")
 
 
-class NvmlUnavailable(RuntimeError):
+class NvmlUnavailable(NvmlLayerError, RuntimeError):
     """libnvidia-ml cannot be loaded: no GPU driver on this machine or root."""
 
 

@@ -33,14 +33,14 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from driver.checkpoint import BOOT_ID_PATH, read_boot_id
-from driver.claims import ApiClaimSource, ClaimSource, DirClaimSource
-from driver.discovery import discover
-from driver.kubeapi import api_client
-from driver.metrics import Metrics
+from driver.inventory.discovery import discover
+from driver.kube.api import api_client
 from driver.nvml import Provider
+from driver.plugin.checkpoint import BOOT_ID_PATH, read_boot_id
+from driver.plugin.claims import ApiClaimSource, ClaimSource, DirClaimSource
 from driver.plugin.devices import device_index
 from driver.plugin.driverfiles import driver_files, host_devices
+from driver.plugin.metrics import Metrics
 from driver.plugin.mig import MigManager
 from driver.plugin.nodelock import LOCK_FILE
 from driver.plugin.servers import KUBELET_CALL_TIMEOUT, Servers
@@ -53,10 +53,10 @@ from driver.plugin.sockets import (
     too_long,
 )
 from driver.plugin.state import PluginState
-from driver.slices import CounterLayout, MigMode, SliceOptions, build_slices
+from driver.resourceslice.build import CounterLayout, MigMode, SliceOptions, build_slices
 
 if TYPE_CHECKING:
-    from driver.publish import LayoutChoice, Publisher
+    from driver.resourceslice.publish import LayoutChoice, Publisher
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class Plugin:
         o = self.options
         if self._publisher is not None and self._claims is not None:
             return self._publisher, self._claims
-        from driver.publish import ApiPublisher, DirPublisher
+        from driver.resourceslice.publish import ApiPublisher, DirPublisher
 
         if o.local_dir is not None:
             layout: CounterLayout = "split" if o.counter_layout == "auto" else o.counter_layout
@@ -186,7 +186,9 @@ class Plugin:
                                 generation=0),
             lock_path=o.lock_path)
         self.state.recover(lambda: remove_dead_sockets(o.registry_dir, o.plugin_dir, o.driver))
-        from driver.publish import PublishTimeout  # the kubernetes client loads lazily
+        from driver.resourceslice.publish import (
+            PublishTimeout,  # the kubernetes client loads lazily
+        )
 
         try:
             publisher.publish(inventory, timeout=START_PUBLISH_TIMEOUT)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from driver.inventory import Gpu, Inventory, MigDevice, MigProfile, Placement
-from driver.slices import MigMode, gpu_device_name, mig_device_name
+from driver.inventory.model import Gpu, Inventory, MigDevice, MigProfile, Placement
+from driver.resourceslice.build import MigMode, gpu_device_name, mig_device_name
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from driver.cdi import DeviceNode, DriverFiles, Mount
-from driver.inventory import Gpu
+from driver.inventory.model import Gpu
 from driver.nvml.real import LIBRARY, LIBRARY_DIRS
+from driver.plugin.cdi import DeviceNode, DriverFiles, Mount
 
 # Where distributions and the GPU operator put the driver's libraries.
 LIBRARY_SEARCH = (*LIBRARY_DIRS, "usr/local/nvidia/lib64", "usr/lib/nvidia")

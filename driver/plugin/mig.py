@@ -22,7 +22,8 @@ from typing import Any
 
 import pynvml
 
-from driver.inventory import Gpu, MigProfile, Placement
+from driver.errors import PluginError
+from driver.inventory.model import Gpu, MigProfile, Placement
 from driver.nvml import Provider
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ _MAX_INSTANCES = 8  # GPU instances of one profile, or compute instances of one 
 _GONE = (pynvml.NVML_ERROR_NOT_FOUND, pynvml.NVML_ERROR_INVALID_ARGUMENT)
 
 
-class MigFailure(Exception):
+class MigFailure(PluginError):
     """NVML refused a MIG change; the message names the GPU, profile and placement."""
 
 

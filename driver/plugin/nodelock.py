@@ -28,16 +28,18 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from driver.errors import PluginError
+
 LOCK_FILE = "serialize.lock"
 WANT_SUFFIX = ".want"  # held by a process while it waits for LOCK_FILE
 _POLL = 0.01  # flock cannot time out: poll a non-blocking try until the deadline
 
 
-class LockTimeout(Exception):
+class LockTimeout(PluginError):
     """Another process held the lock until the caller's deadline; names the file."""
 
 
-class LockFailure(Exception):
+class LockFailure(PluginError):
     """A lock file cannot be opened or locked (not a wait: a broken directory); names it."""
 
 

@@ -33,9 +33,9 @@ from driver._proto.drahealth_v1alpha1 import api_pb2 as health_v1alpha1
 from driver._proto.drahealth_v1alpha1 import api_pb2_grpc as health_v1alpha1_grpc
 from driver._proto.pluginregistration_v1 import api_pb2 as reg_v1
 from driver._proto.pluginregistration_v1 import api_pb2_grpc as reg_v1_grpc
-from driver.claims import ClaimRef
-from driver.metrics import Metrics
+from driver.plugin.claims import ClaimRef
 from driver.plugin.devices import Target
+from driver.plugin.metrics import Metrics
 from driver.plugin.sockets import grpc_address
 from driver.plugin.state import Outcome, PluginState
 

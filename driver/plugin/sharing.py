@@ -15,15 +15,16 @@ from typing import Protocol
 
 import pynvml
 
-from driver.config import TIMESLICE_INTERVALS
+from driver.errors import PluginError
 from driver.nvml import Provider
+from driver.plugin.config import TIMESLICE_INTERVALS
 from driver.plugin.driverfiles import BINARY_SEARCH
 
 log = logging.getLogger(__name__)
 NVIDIA_SMI_TIMEOUT = 10.0
 
 
-class SharingFailure(Exception):
+class SharingFailure(PluginError):
     """The GPU refused the setting."""
 
 

@@ -35,26 +35,33 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from driver import cdi, checkpoint
 from driver.allocator import Ledger, Node, prepare_conflicts
 from driver.allocator.pools import gather_pools
 from driver.atomicfile import remove_leftovers
-from driver.cdi import DeviceNode, DriverFiles
-from driver.checkpoint import (
+from driver.errors import DriverError
+from driver.inventory.model import Inventory
+from driver.nvml import HostView
+from driver.plugin import cdi, checkpoint
+from driver.plugin.cdi import DeviceNode, DriverFiles
+from driver.plugin.checkpoint import (
     Checkpoint,
     CheckpointError,
     ClaimRecord,
     MigInstance,
     PreparedDevice,
 )
-from driver.claims import AllocatedDevice, ClaimError, ClaimRef, ClaimSource, claim_allocation
-from driver.config import GpuConfig, MigDeviceConfig, OpaqueConfig, config_for
-from driver.inventory import Inventory
-from driver.logs import claim_context
-from driver.metrics import Metrics
-from driver.nvml import HostView
+from driver.plugin.claims import (
+    AllocatedDevice,
+    ClaimError,
+    ClaimRef,
+    ClaimSource,
+    claim_allocation,
+)
+from driver.plugin.config import GpuConfig, MigDeviceConfig, OpaqueConfig, config_for
 from driver.plugin.devices import Target
 from driver.plugin.driverfiles import HostDevices
+from driver.plugin.logs import claim_context
+from driver.plugin.metrics import Metrics
 from driver.plugin.mig import MigFailure, MigManager
 from driver.plugin.nodelock import LockFailure, LockTimeout, NodeLock
 from driver.plugin.sharing import SharingFailure, Timeslicer
@@ -512,7 +519,8 @@ class PluginState:
                 problems = self._teardown(uid, done)
                 message = str(err) if not problems else \
                     f"{err}; rollback also failed: {'; '.join(problems)}"
-                return _failed(getattr(err, "reason", "device_error"), message)
+                return _failed(err.reason if isinstance(err, DriverError) else "device_error",
+                               message)
             self.metrics.claim_latency.labels("prepare").observe(time.monotonic() - started)
             log.info("prepared ResourceClaim %s: %s", plan.ref,
                      ", ".join(d.device for d in done) or "no devices of this driver")

@@ -32,9 +32,9 @@ import pytest
 from driver.allocator import DEFAULT_BUDGET, Allocator, Ledger, driver_classes
 from driver.allocator import kernel as allocator_kernel
 from driver.allocator.pools import Node
-from driver.discovery import discover
+from driver.inventory.discovery import discover
 from driver.nvml.mock import mock_provider
-from driver.slices import SliceOptions, build_slices
+from driver.resourceslice.build import SliceOptions, build_slices
 
 DRIVER = "gpu.dra.dev"
 

@@ -13,7 +13,7 @@ import sys
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from driver.discovery import discover
+from driver.inventory.discovery import discover
 from driver.nvml.mock import list_profiles, mock_provider
 
 

@@ -15,18 +15,18 @@ from typing import Any
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from driver.discovery import discover
-from driver.inventory import Inventory
-from driver.localcluster import (
+from driver.devcluster.controlplane import (
     CORE_BINARIES,
     ClusterConfig,
     FakeNodeKeeper,
     LocalCluster,
     find_assets,
 )
+from driver.inventory.discovery import discover
+from driver.inventory.model import Inventory
 from driver.nvml.mock import mock_provider
-from driver.publish import ApiPublisher
-from driver.slices import SliceOptions, build_slices
+from driver.resourceslice.build import SliceOptions, build_slices
+from driver.resourceslice.publish import ApiPublisher
 
 DRIVER = "gpu.dra.dev"
 NODE = "bench-node"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from driver.discovery import discover
-from driver.inventory import Inventory
+from driver.inventory.discovery import discover
+from driver.inventory.model import Inventory
 from driver.nvml.real import real_provider
 
 

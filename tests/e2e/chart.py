@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from driver.kubeapi import api_request
+from driver.kube.api import api_request
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "deploy" / "helm" / "gpu-dra-driver"

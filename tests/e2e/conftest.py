@@ -17,8 +17,7 @@ from typing import Any
 
 import pytest
 
-from driver.kubeapi import api_request
-from driver.localcluster import (
+from driver.devcluster.controlplane import (
     ALL_BINARIES,
     CONTROL_PLANE_SRC,
     CORE_BINARIES,
@@ -30,7 +29,8 @@ from driver.localcluster import (
     find_assets,
     iter_log_tails,
 )
-from driver.localnode import NODE_TOOLS_BUILD
+from driver.devcluster.node import NODE_TOOLS_BUILD
+from driver.kube.api import api_request
 from tests.e2e.chart import HELM_BUILD, Helm
 from tests.e2e.helpers import DEVICE_CLASSES, ControlPlane, make_namespace, unique
 from tests.e2e.standin import (

@@ -12,9 +12,9 @@ from typing import Any, TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from driver.kubeapi import api_request
-from driver.localcluster import LocalCluster
-from driver.localnode import poll
+from driver.devcluster.controlplane import LocalCluster
+from driver.devcluster.node import poll
+from driver.kube.api import api_request
 
 T = TypeVar("T")
 

@@ -1,5 +1,5 @@
 """The node side of the e2e tests: the kubelet stand-in (the kubelet's own plugin manager
-and DRA manager, in Go, see kubelet-standin/main.go; started by driver/localnode.py, which
+and DRA manager, in Go, see kubelet-standin/main.go; started by driver/devcluster/node.py, which
 ``gpu-dra demo --cluster`` shares), the plugin daemon as a process, and CDI resolution with
 the library the container runtimes use (cdi-resolve/main.go).
 
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from driver.localcluster import AssetsUnavailable, ComponentError
-from driver.localnode import KubeletStandin as _KubeletStandin
-from driver.localnode import build_node_tools, node_tools_folder
+from driver.devcluster.controlplane import AssetsUnavailable, ComponentError
+from driver.devcluster.node import KubeletStandin as _KubeletStandin
+from driver.devcluster.node import build_node_tools, node_tools_folder
 from tests.e2e.helpers import wait_for
 
 
@@ -51,7 +51,7 @@ def build_tools(progress: Callable[[str], None] | None = None) -> E2eTools:
 
 
 class KubeletStandin(_KubeletStandin):
-    """The product's stand-in (driver/localnode.py), waiting for pods as tests do."""
+    """The product's stand-in (driver/devcluster/node.py), waiting for pods as tests do."""
 
     def wait_pod(self, uid: str, state: str, timeout: float = 90.0) -> dict[str, Any]:
         """The pod's status once it is in ``state`` (prepared, unprepared); ComponentError

@@ -15,7 +15,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
-from driver.cli import build_parser
+from driver.cli.main import build_parser
 from tests.e2e.chart import CHART, Helm, HelmFailed, created, one, only
 from tests.e2e.helpers import ControlPlane, unique
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from driver.localcluster import (
+from driver.devcluster.controlplane import (
     ClusterConfig,
     FakeNodeKeeper,
     LocalCluster,

@@ -22,9 +22,9 @@ import pytest
 import yaml
 from kubernetes import config as kube_config
 
-from driver import cdi
-from driver.localcluster import ALL_BINARIES, AssetsUnavailable, die_with_parent
-from driver.localnode import STANDIN_ENV, find_standin
+from driver.devcluster.controlplane import ALL_BINARIES, AssetsUnavailable, die_with_parent
+from driver.devcluster.node import STANDIN_ENV, find_standin
+from driver.plugin import cdi
 from tests.e2e.helpers import RESOURCE_V1, create, get, wait_for
 from tests.e2e.standin import E2eTools
 
@@ -285,7 +285,7 @@ def test_the_stand_in_is_found_where_the_user_put_it(
         raise AssertionError("looked in the build cache (runs Go) though a place the user "
                              "named has the stand-in")
 
-    monkeypatch.setattr("driver.localnode.node_tools_folder", no_build_cache)
+    monkeypatch.setattr("driver.devcluster.node.node_tools_folder", no_build_cache)
     monkeypatch.delenv(STANDIN_ENV)
     assert find_standin() == next_to_assets
 

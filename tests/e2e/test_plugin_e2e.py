@@ -20,13 +20,13 @@ from typing import Any
 
 import pytest
 
-from driver import cdi, checkpoint
-from driver.discovery import discover
-from driver.inventory import Gpu, Inventory, MigDevice, MigProfile, Placement
-from driver.kubeapi import api_request
-from driver.localcluster import LocalCluster
-from driver.localnode import PluginDaemon, PluginFolders
+from driver.devcluster.controlplane import LocalCluster
+from driver.devcluster.node import PluginDaemon, PluginFolders
+from driver.inventory.discovery import discover
+from driver.inventory.model import Gpu, Inventory, MigDevice, MigProfile, Placement
+from driver.kube.api import api_request
 from driver.nvml.mock import mock_provider
+from driver.plugin import cdi, checkpoint
 from driver.plugin.devices import Target, device_index
 from tests.e2e.helpers import (
     RESOURCE_V1,

@@ -15,13 +15,19 @@ from typing import Any
 import pynvml
 import pytest
 
-from driver.discovery import discover
-from driver.kubeapi import api_request
-from driver.localcluster import ClusterConfig, FakeNodeKeeper, LocalCluster
+from driver.devcluster.controlplane import ClusterConfig, FakeNodeKeeper, LocalCluster
+from driver.inventory.discovery import discover
+from driver.kube.api import api_request
 from driver.nvml import Provider
 from driver.nvml.mock import mock_provider
-from driver.publish import ApiPublisher, Backoff, PublishError, PublishTimeout, content
-from driver.slices import MigMode, SliceOptions, build_slices
+from driver.resourceslice.build import MigMode, SliceOptions, build_slices
+from driver.resourceslice.publish import (
+    ApiPublisher,
+    Backoff,
+    PublishError,
+    PublishTimeout,
+    content,
+)
 from tests.e2e.helpers import SLICES, ControlPlane, unique, wait_for
 
 DRIVER = "gpu.dra.dev"
@@ -269,7 +275,7 @@ def test_409_429_and_5xx_are_retried_until_the_pool_is_published(
     with publisher_for(control_plane, node, "dynamic", backoff=backoff) as (publisher, _):
         injected = inject(publisher.api_client, {("GET", "resourceslices"): [503, 429],
                                            ("POST", "resourceslices"): [409, 500]})
-        with caplog.at_level(logging.WARNING, logger="driver.publish"):
+        with caplog.at_level(logging.WARNING, logger="driver.resourceslice.publish"):
             result = publisher.publish(inventory, timeout=30)
         assert injected == [("GET", 503), ("GET", 429), ("POST", 409), ("POST", 500)]
         waited = [r.getMessage().split("waiting for ", 1)[1] for r in caplog.records]

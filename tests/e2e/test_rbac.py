@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 import yaml
 
-from driver.discovery import discover
-from driver.kubeapi import ApiResult, api_request
+from driver.inventory.discovery import discover
+from driver.kube.api import ApiResult, api_request
 from driver.nvml.mock import mock_provider
-from driver.publish import ApiPublisher
+from driver.resourceslice.publish import ApiPublisher
 from tests.e2e.chart import Helm, created, one
 from tests.e2e.helpers import SLICES, ControlPlane, create, delete, resource_slice, unique, wait_for
 

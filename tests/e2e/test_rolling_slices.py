@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 
-from driver.discovery import discover
-from driver.inventory import Inventory
-from driver.localcluster import ComponentError
-from driver.localnode import PluginDaemon, PluginFolders
+from driver.devcluster.controlplane import ComponentError
+from driver.devcluster.node import PluginDaemon, PluginFolders
+from driver.inventory.discovery import discover
+from driver.inventory.model import Inventory
 from driver.nvml.mock import mock_provider
 from driver.plugin.sockets import other_plugin_alive, rolling_update_socket_name
-from driver.publish import ApiPublisher
+from driver.resourceslice.publish import ApiPublisher
 from tests.e2e.helpers import ControlPlane, api_writes, wait_for
 from tests.e2e.test_publisher import DRIVER, consistent, pool, publisher_for, resyncing, writes
 from tests.support.plugin import new_uid, short_tmp
@@ -134,7 +134,7 @@ def test_two_versions_side_by_side_write_a_bounded_number_of_times(
             return made
 
         old, new = pod(old_yields), pod(yields=True)
-        caplog.set_level(logging.INFO, logger="driver.publish")
+        caplog.set_level(logging.INFO, logger="driver.resourceslice.publish")
 
         old.start(old_inventory)
         old.checks(2)

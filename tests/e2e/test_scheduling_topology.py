@@ -12,14 +12,14 @@ from typing import Any
 import pytest
 import yaml
 
-from driver.cli import main
-from driver.discovery import discover
-from driver.inventory import Inventory
-from driver.kubeapi import api_request
-from driver.localcluster import LocalCluster
+from driver.cli.main import main
+from driver.devcluster.controlplane import LocalCluster
+from driver.inventory.discovery import discover
+from driver.inventory.model import Inventory
+from driver.kube.api import api_request
 from driver.nvml.mock import mock_provider
-from driver.publish import ApiPublisher
-from driver.slices import MigMode, SliceOptions, build_slices
+from driver.resourceslice.build import MigMode, SliceOptions, build_slices
+from driver.resourceslice.publish import ApiPublisher
 from tests.e2e.helpers import (
     RESOURCE_V1,
     ControlPlane,

@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
-from driver.discovery import discover
-from driver.kubeapi import api_request
+from driver.inventory.discovery import discover
+from driver.kube.api import api_request
 from driver.nvml.mock import list_profiles, mock_provider
-from driver.publish import ApiPublisher, PublishError
-from driver.slices import MigMode, SliceOptions, build_slices, limit_violations
+from driver.resourceslice.build import MigMode, SliceOptions, build_slices, limit_violations
+from driver.resourceslice.publish import ApiPublisher, PublishError
 from tests.e2e.helpers import SLICES, ControlPlane, submit_slice, unique
 
 DRIVER = "gpu.dra.dev"

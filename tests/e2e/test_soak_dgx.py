@@ -37,13 +37,13 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from driver import checkpoint
-from driver.checkpoint import ClaimRecord
-from driver.discovery import discover
-from driver.kubeapi import api_request
-from driver.localcluster import ComponentError, LocalCluster, free_port
-from driver.localnode import PluginDaemon, PluginFolders, poll
+from driver.devcluster.controlplane import ComponentError, LocalCluster, free_port
+from driver.devcluster.node import PluginDaemon, PluginFolders, poll
+from driver.inventory.discovery import discover
+from driver.kube.api import api_request
 from driver.nvml.mock import mock_provider
+from driver.plugin import checkpoint
+from driver.plugin.checkpoint import ClaimRecord
 from driver.plugin.devices import Target, device_index
 from tests.e2e.helpers import (
     RESOURCE_V1,

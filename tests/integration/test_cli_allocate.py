@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import yaml
 
-from driver.allocator.cli import FAILURE_ANNOTATION
-from driver.cli import main
+from driver.cli.allocation import FAILURE_ANNOTATION
+from driver.cli.main import main
 
 
 def claim(name: str, count: int, island: bool = True, cls: str = "gpu.dra.dev"

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 import yaml
 
-from driver.discovery import discover
-from driver.inventory import Inventory
+from driver.inventory.discovery import discover
+from driver.inventory.model import Inventory
 from driver.nvml.mock import mock_provider
-from driver.publish import DirPublisher, PublishError, content
-from driver.slices import MigMode, SliceOptions, build_slices
+from driver.resourceslice.build import MigMode, SliceOptions, build_slices
+from driver.resourceslice.publish import DirPublisher, PublishError, content
 
 DRIVER = "gpu.dra.dev"
 NODE = "node-a"

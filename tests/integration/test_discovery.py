@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 import driver.nvml
-from driver.discovery import discover
-from driver.inventory import Inventory
+from driver.inventory.discovery import discover
+from driver.inventory.model import Inventory
+from driver.inventory.topology import nvlink_islands
 from driver.nvml.mock import list_profiles, mock_provider
-from driver.topology import nvlink_islands
 
 PROFILES = Path(driver.nvml.__file__).parent / "profiles"
 FIXTURE = Path(__file__).parents[1] / "fixtures/nvml/h200-141gb-single"

@@ -16,14 +16,14 @@ from typing import Any
 
 import pytest
 
-from driver.demo_cluster import _Signals
-from driver.localcluster import (
+from driver.demo.cluster import _Signals
+from driver.devcluster.controlplane import (
     ClusterConfig,
     ComponentError,
     LocalCluster,
     stop_signals_held,
 )
-from driver.localnode import ChildProcess, poll
+from driver.devcluster.node import ChildProcess, poll
 from tests.e2e.standin import KubeletStandin
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,8 +59,8 @@ DEMO_BUILDING = """\
 import sys
 from pathlib import Path
 
-import driver.demo_cluster as demo
-from driver.localcluster import run_build_script
+import driver.demo.cluster as demo
+from driver.devcluster.controlplane import run_build_script
 
 demo.ensure_assets = lambda progress: run_build_script(Path(sys.argv[1]), progress)
 sys.exit(demo.run_cluster_demo(demo.ClusterDemoOptions()))
@@ -108,7 +108,7 @@ def _signal_once_spawned(monkeypatch: pytest.MonkeyPatch, signum: int) -> list[i
         signal.pthread_kill(threading.get_ident(), signum)
         return child
 
-    monkeypatch.setattr("driver.localcluster.subprocess.Popen", popen)
+    monkeypatch.setattr("driver.devcluster.controlplane.subprocess.Popen", popen)
     return spawned
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from driver.discovery import discover
+from driver.inventory.discovery import discover
 from driver.nvml.mock import mock_provider
 from driver.plugin.mig import MigManager
 from tests.support.plugin import live_mig

@@ -16,7 +16,6 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from driver import cdi, checkpoint
 from driver._proto.dra_v1 import api_pb2 as dra_v1
 from driver._proto.drahealth_v1 import api_pb2 as health_v1
 from driver._proto.drahealth_v1 import api_pb2_grpc as health_v1_grpc
@@ -25,8 +24,9 @@ from driver._proto.drahealth_v1alpha1 import api_pb2_grpc as health_v1alpha1_grp
 from driver._proto.pluginregistration_v1 import api_pb2 as reg_v1
 from driver._proto.pluginregistration_v1 import api_pb2_grpc as reg_v1_grpc
 from driver.allocator import DeviceRef
-from driver.checkpoint import CheckpointError, ClaimRecord, PreparedDevice
-from driver.claims import ClaimRef, DirClaimSource
+from driver.plugin import cdi, checkpoint
+from driver.plugin.checkpoint import CheckpointError, ClaimRecord, PreparedDevice
+from driver.plugin.claims import ClaimRef, DirClaimSource
 from tests.support.plugin import (
     DRIVER,
     NODE,

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from driver.claims import ApiClaimSource, ClaimError, ClaimRef, DirClaimSource
+from driver.plugin.claims import ApiClaimSource, ClaimError, ClaimRef, DirClaimSource
 from tests.support.plugin import (
     Claim,
     Node,

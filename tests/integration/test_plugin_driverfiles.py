@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from driver import cdi
-from driver.inventory import Gpu
+from driver.inventory.model import Gpu
+from driver.plugin import cdi
 from driver.plugin.driverfiles import driver_files, host_devices
 from tests.support.plugin import PROC_DEVICES, cdi_problems
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from driver import cdi, checkpoint
+from driver.plugin import cdi, checkpoint
 from tests.support.forkserver import ForkServer
 from tests.support.plugin import (
     DRIVER,

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from driver import checkpoint
 from driver.allocator import DeviceRef
-from driver.checkpoint import ClaimRecord
 from driver.nvml.mock import mock_provider
+from driver.plugin import checkpoint
+from driver.plugin.checkpoint import ClaimRecord
 from driver.plugin.mig import MigManager
 from tests.support.plugin import (
     DRIVER,

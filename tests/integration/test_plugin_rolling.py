@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 
-from driver import cdi, checkpoint
-from driver.checkpoint import Checkpoint, ClaimRecord, MigInstance, PreparedDevice
-from driver.claims import ClaimRef, DirClaimSource
 from driver.nvml.mock import mock_provider
+from driver.plugin import cdi, checkpoint
+from driver.plugin.checkpoint import Checkpoint, ClaimRecord, MigInstance, PreparedDevice
+from driver.plugin.claims import ClaimRef, DirClaimSource
 from driver.plugin.mig import MigManager
 from driver.plugin.nodelock import LOCK_FILE, WANT_SUFFIX, NodeLock
 from tests.support.forkserver import ForkServer
@@ -277,15 +277,18 @@ def test_a_busy_pod_whose_calls_always_overlap_does_not_keep_the_other_out(
 
 
 class FetchSeesTheLock:
-    """A claim source that records, per fetch, whether the node lock was free then."""
+    """A claim source that records, per fetch, whether the node lock was free then. The
+    plugin fetches a batch's claims in parallel: one probe at a time, or two probes would
+    see each other's flock."""
 
     def __init__(self, local: Path, lock: Path) -> None:
         self.source = DirClaimSource(local)
         self.lock = lock
         self.free: list[bool] = []
+        self._probing = threading.Lock()
 
     def get(self, ref: ClaimRef) -> dict[str, Any]:
-        with open(self.lock, "a") as probe:
+        with self._probing, open(self.lock, "a") as probe:
             try:
                 fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 self.free.append(True)

@@ -11,11 +11,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from driver.cli import main
-from driver.config import GpuConfig, parse_parameters
-from driver.discovery import discover
+from driver.cli.main import main
+from driver.inventory.discovery import discover
 from driver.nvml.mock import mock_provider
-from driver.slices import SliceOptions, build_slices
+from driver.plugin.config import GpuConfig, parse_parameters
+from driver.resourceslice.build import SliceOptions, build_slices
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 DRIVER = "gpu.dra.dev"

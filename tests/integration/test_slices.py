@@ -10,10 +10,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from driver.discovery import discover
-from driver.inventory import Inventory, Placement
+from driver.inventory.discovery import discover
+from driver.inventory.model import Inventory, Placement
 from driver.nvml.mock import list_profiles, mock_provider
-from driver.slices import SliceOptions, build_slices, limit_violations
+from driver.resourceslice.build import SliceOptions, build_slices, limit_violations
 
 DRIVER = "gpu.dra.dev"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from driver.discovery import discover
+from driver.inventory.discovery import discover
 from driver.nvml.mock import mock_provider
 from tests.support.nvml_trace import traced
 

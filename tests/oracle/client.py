@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from driver.allocator import Allocator, InputError, Ledger, Node
-from driver.quantity import parse_quantity
+from driver.kube.quantity import parse_quantity
 
 HERE = Path(__file__).parent
 NO_GO = 3  # build.sh: not cached and Go is not on PATH

@@ -21,10 +21,10 @@ from functools import cache
 from typing import Any
 
 from driver.allocator import driver_classes
-from driver.discovery import discover
+from driver.inventory.discovery import discover
+from driver.kube.quantity import parse_quantity
 from driver.nvml.mock import mock_provider
-from driver.quantity import parse_quantity
-from driver.slices import SliceOptions, build_slices
+from driver.resourceslice.build import SliceOptions, build_slices
 
 PROFILES = ("h200-141gb", "h100-80gb-hbm3", "dgx-h100", "dgx-a100", "a100-pcie-4x", "l4-8x",
             "a100-mig", "mesh-4x")

@@ -1,5 +1,5 @@
 """Start `gpu-dra` processes fast: a server process imports the driver once, then forks a
-child per request that runs `driver.cli.main(argv)`.
+child per request that runs `driver.cli.main.main(argv)`.
 
 Each child is a real, separate process (its own pid, sockets and files) that a test can
 SIGKILL; only the interpreter start and the imports (about a second on the CI box) are
@@ -19,9 +19,9 @@ from pathlib import Path
 
 
 def _serve() -> None:
-    import driver.cli
+    import driver.cli.main
     import driver.plugin.daemon
-    import driver.publish  # the ResourceSlice publisher, with the Kubernetes client
+    import driver.resourceslice.publish  # the ResourceSlice publisher, with the Kubernetes client
 
     for line in sys.stdin:
         command, _, rest = line.strip().partition(" ")
@@ -34,7 +34,7 @@ def _serve() -> None:
                 os.dup2(fd, 2)
                 code = 1
                 try:
-                    code = driver.cli.main(request["argv"])
+                    code = driver.cli.main.main(request["argv"])
                 finally:
                     sys.stdout.flush()
                     sys.stderr.flush()

@@ -25,7 +25,6 @@ import yaml
 from referencing import Registry
 from referencing.jsonschema import DRAFT7
 
-from driver import cdi
 from driver._proto.dra_v1 import api_pb2 as dra_v1
 from driver._proto.dra_v1 import api_pb2_grpc as dra_v1_grpc
 from driver._proto.dra_v1beta1 import api_pb2 as dra_v1beta1
@@ -33,6 +32,7 @@ from driver._proto.dra_v1beta1 import api_pb2_grpc as dra_v1beta1_grpc
 from driver._proto.pluginregistration_v1 import api_pb2 as reg_v1
 from driver._proto.pluginregistration_v1 import api_pb2_grpc as reg_v1_grpc
 from driver.nvml.profile import PROFILES_DIR
+from driver.plugin import cdi
 from driver.plugin.sockets import grpc_address
 from tests.support.forkserver import ForkServer
 

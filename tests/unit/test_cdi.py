@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from driver import cdi
-from driver.cdi import CdiDevice, DeviceNode, DriverFiles, Mount
+from driver.plugin import cdi
+from driver.plugin.cdi import CdiDevice, DeviceNode, DriverFiles, Mount
 from tests.support.plugin import cdi_problems
 
 UID = "4f6a0f57-3c1e-4f1b-9d2a-0c5b8e7f6a11"  # starts with a digit

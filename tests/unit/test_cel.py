@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from driver.cel import SelectorError, compile_selector, device_input
+from driver.allocator.cel import SelectorError, compile_selector, device_input
 
 GPU = device_input(
     "gpu.dra.dev",

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from driver.checkpoint import (
+from driver.plugin.checkpoint import (
     SCHEMA_VERSION,
     Checkpoint,
     CheckpointError,

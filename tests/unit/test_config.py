@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from driver.config import (
+from driver.plugin.config import (
     ConfigError,
     GpuConfig,
     MigDeviceConfig,

@@ -774,7 +774,7 @@ def test_mig_minors_exist_only_for_live_instances() -> None:
 
 
 def test_an_injected_fault_hits_only_its_gpu_and_call(edited_profile: Callable[..., Path]) -> None:
-    from driver.discovery import discover
+    from driver.inventory.discovery import discover
 
     path = edited_profile("dgx-h100", lambda d: d["gpus"][2].update(
         faults={"nvmlDeviceGetMemoryInfo": "GPU_IS_LOST", "nvmlDeviceGetNvLinkState": "UNKNOWN"}))

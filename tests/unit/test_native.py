@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import driver._native
-from driver import topology
+from driver.inventory import topology
 
 
 def test_native_module_is_a_compiled_shared_object() -> None:

@@ -19,7 +19,7 @@ import pytest
 
 from driver._proto.pluginregistration_v1 import api_pb2 as reg_v1
 from driver._proto.pluginregistration_v1 import api_pb2_grpc as reg_v1_grpc
-from driver.cli import UsageError, build_parser, cmd_plugin
+from driver.cli.main import UsageError, build_parser, cmd_plugin
 from driver.plugin.daemon import PluginOptions
 from driver.plugin.servers import RegistrationServicer, _bind_unix
 from driver.plugin.sockets import (

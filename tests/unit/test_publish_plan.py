@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from driver.inventory import Gpu, Inventory
-from driver.publish import (
+from driver.inventory.model import Gpu, Inventory
+from driver.resourceslice.build import SliceOptions, build_slices
+from driver.resourceslice.publish import (
     Backoff,
     PublishError,
     content,
@@ -22,7 +23,6 @@ from driver.publish import (
     plan,
     stamped,
 )
-from driver.slices import SliceOptions, build_slices
 
 BASE = Gpu(index=0, minor=0, uuid="GPU-0", product_name="NVIDIA L4", brand="Nvidia",
            architecture="Ada Lovelace", cuda_compute_capability="8.9", memory_bytes=24 * 2**30,

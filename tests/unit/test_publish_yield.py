@@ -7,7 +7,7 @@ import copy
 
 import pytest
 
-from driver.publish import Stance, overtaken, plan, stance
+from driver.resourceslice.publish import Stance, overtaken, plan, stance
 from tests.unit.test_publish_plan import desired, stored
 
 OURS = desired(200)  # two slices

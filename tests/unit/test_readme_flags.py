@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from driver.cli import build_parser
+from driver.cli.main import build_parser
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

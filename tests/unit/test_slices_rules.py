@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from driver.inventory import Gpu, Inventory
-from driver.slices import (
+from driver.inventory.model import Gpu, Inventory
+from driver.resourceslice.build import (
     MAX_DEVICES,
     SliceOptions,
     build_slices,

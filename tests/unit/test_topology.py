@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from driver.inventory import Gpu, Inventory, NvLink
-from driver.topology import link_class, nvlink_count, nvlink_islands
+from driver.inventory.model import Gpu, Inventory, NvLink
+from driver.inventory.topology import link_class, nvlink_count, nvlink_islands
 
 BASE = Gpu(index=0, minor=0, uuid="GPU-0", product_name="X", brand="Nvidia",
            architecture="Hopper", cuda_compute_capability="9.0", memory_bytes=1,

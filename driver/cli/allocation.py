@@ -16,16 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from driver.allocator.allocate import Allocator, Ledger, allocate_in_order, driver_classes
+from driver.allocator.documents import load_documents
 from driver.allocator.explain import explain_all
 from driver.allocator.input import InputError, claim_key
-from driver.kubeapi import ApiError, api_client, api_request
+from driver.kube.api import ApiError, api_client, api_request
 
 FAILURE_ANNOTATION = "gpu.dra.dev/allocation-failure"
 RESOURCE = "/apis/resource.k8s.io/v1"
@@ -233,42 +234,6 @@ def _cmd_explain(args: argparse.Namespace, node_slices: SlicesFromProvider) -> i
             else:
                 print("  no single change found that fits")
     return 0 if all(e.fits for e in explanations) else 1
-
-
-def load_documents(path: Path) -> list[dict[str, Any]]:
-    """Every YAML/JSON document of a file, or of a directory's *.yaml/*.yml/*.json files."""
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml", ".json"))
-    elif path.exists():
-        files = [path]
-    else:
-        raise InputError(f"{path}: no such file or directory")
-    documents: list[dict[str, Any]] = []
-    for file in files:
-        try:
-            loaded: Iterable[Any] = list(yaml.safe_load_all(file.read_text()))
-        except yaml.YAMLError as err:
-            raise InputError(f"{file}: not YAML: {str(err).splitlines()[0]}") from None
-        for doc in loaded:
-            if doc is None:
-                continue
-            if not isinstance(doc, dict):
-                raise InputError(f"{file}: a document is not a mapping")
-            kind = str(doc.get("kind", ""))
-            if kind.endswith("List") or ("items" in doc and not kind):
-                documents += [_with_kind(d, kind.removesuffix("List"), doc.get("apiVersion"))
-                              for d in doc.get("items") or [] if isinstance(d, dict)]
-            else:
-                documents.append(doc)
-    return documents
-
-
-def _with_kind(item: dict[str, Any], kind: str, api_version: Any) -> dict[str, Any]:
-    """An item of a typed list (the API's `ResourceSliceList`) carries no kind of its own;
-    `kubectl get -o yaml` adds it, a raw API list does not."""
-    if "kind" in item or not kind:
-        return item
-    return {"apiVersion": api_version, "kind": kind, **item}
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:

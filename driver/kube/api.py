@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from driver.errors import KubeError
 
-class ApiError(RuntimeError):
+
+class ApiError(KubeError, RuntimeError):
     """An API call answered with an unexpected HTTP status."""
 
     def __init__(self, result: ApiResult, expected: Sequence[int]) -> None:

@@ -15,9 +15,9 @@ from typing import Any, TypeVar
 
 import pynvml
 
-from driver.inventory import Gpu, Inventory, MigDevice, MigProfile, NvLink, Placement
+from driver.inventory.model import Gpu, Inventory, MigDevice, MigProfile, NvLink, Placement
+from driver.inventory.topology import link_class
 from driver.nvml import Provider
-from driver.topology import link_class
 
 T = TypeVar("T")
 

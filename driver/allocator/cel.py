@@ -31,8 +31,9 @@ from typing import Any
 from cel_expr_python import cel
 from cel_expr_python.ext import ext_bindings, ext_optional, ext_strings
 
-from driver.quantity import QuantityError, parse_quantity
-from driver.semver import SemverError, normalize_semver, parse_semver
+from driver.errors import AllocatorError
+from driver.kube.quantity import QuantityError, parse_quantity
+from driver.kube.semver import SemverError, normalize_semver, parse_semver
 
 MAX_EXPRESSION_LENGTH = 10 * 1024
 MAX_COST = 1_000_000
@@ -43,7 +44,7 @@ QUANTITY_TAG = "__quantity__"
 SEMVER_TAG = "__semver__"
 
 
-class SelectorError(ValueError):
+class SelectorError(AllocatorError, ValueError):
     """A selector that does not compile, costs too much, or fails on a device."""
 
 

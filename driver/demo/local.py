@@ -24,24 +24,25 @@ from typing import Any
 import grpc
 import yaml
 
-from driver import cdi
 from driver._proto.dra_v1 import api_pb2 as dra_v1
 from driver._proto.dra_v1 import api_pb2_grpc as dra_v1_grpc
 from driver._proto.pluginregistration_v1 import api_pb2 as reg_v1
 from driver._proto.pluginregistration_v1 import api_pb2_grpc as reg_v1_grpc
 from driver.allocator import Allocator, Ledger, allocate_in_order, driver_classes
-from driver.allocator.cli import load_documents
+from driver.allocator.documents import load_documents
 from driver.allocator.explain import explain_all
 from driver.allocator.input import InputError
-from driver.discovery import discover
-from driver.inventory import Inventory
-from driver.inventory_view import inventory_table
+from driver.errors import DevClusterError
+from driver.inventory.discovery import discover
+from driver.inventory.model import Inventory
+from driver.inventory.view import inventory_table
 from driver.nvml import Provider
 from driver.nvml.profile import PROFILES_DIR
+from driver.plugin import cdi
 from driver.plugin.daemon import Plugin, PluginOptions
 from driver.plugin.sockets import grpc_address
 
-EXAMPLE_CLAIMS = Path(__file__).parent / "demo_claims"
+EXAMPLE_CLAIMS = Path(__file__).with_name("claims")
 KUBELET_TIMEOUT = 45.0  # the kubelet's deadline for DRA calls
 Print = Callable[[str], None]
 
@@ -55,7 +56,7 @@ class DemoOptions:
     node: str = "demo-node"
 
 
-class StepFailed(Exception):
+class StepFailed(DevClusterError):
     """A step of the demo went wrong: exit code 1, the step named."""
 
 

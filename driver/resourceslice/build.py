@@ -16,10 +16,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from driver.inventory import Gpu, Inventory, MigDevice, MigProfile, Placement
+from driver.inventory.model import Gpu, Inventory, MigDevice, MigProfile, Placement
+from driver.inventory.topology import nvlink_islands
+from driver.kube.quantity import canonical
 from driver.nvml.real import sysfs_bus_id
-from driver.quantity import canonical
-from driver.topology import nvlink_islands
 
 MigMode = Literal["static", "dynamic"]
 CounterLayout = Literal["split", "combined"]

@@ -37,8 +37,13 @@ from types import TracebackType
 from typing import Any
 
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from driver.kubeapi import api_client, api_request
+from driver.errors import DevClusterError
+from driver.kube.api import api_client, api_request
 
 __all__ = [
     "ALL_BINARIES",
@@ -67,8 +72,12 @@ __all__ = [
     "stop_signals_held",
 ]
 
-CONTROL_PLANE_SRC = Path(__file__).resolve().parent.parent / "tests" / "e2e" / "control-plane"
-"""Where build.sh and versions.env live (present in a source checkout, not in a wheel)."""
+SOURCE_ROOT = Path(os.environ.get("GPU_DRA_SOURCE") or Path(__file__).resolve().parents[2])
+"""The source checkout whose Go build scripts (``tests/e2e/control-plane``,
+``tests/e2e/kubelet-standin``) build the binaries: ``$GPU_DRA_SOURCE``, else the checkout
+this package runs from (an editable install); a wheel has none."""
+CONTROL_PLANE_SRC = SOURCE_ROOT / "tests" / "e2e" / "control-plane"
+"""Where build.sh and versions.env live."""
 
 CORE_BINARIES: tuple[str, ...] = ("etcd", "kube-apiserver")
 ALL_BINARIES: tuple[str, ...] = (*CORE_BINARIES, "kube-scheduler", "kube-controller-manager")
@@ -102,11 +111,11 @@ _SERVICE_CIDR = "10.0.0.0/24"
 _PR_SET_PDEATHSIG = 1
 
 
-class AssetsUnavailable(RuntimeError):
+class AssetsUnavailable(DevClusterError, RuntimeError):
     """The control-plane binaries are neither present nor buildable here."""
 
 
-class ComponentError(RuntimeError):
+class ComponentError(DevClusterError, RuntimeError):
     """A control-plane process exited early or did not become ready in time."""
 
     def __init__(self, component: str, message: str, log_tail: str = "") -> None:
@@ -250,12 +259,6 @@ class _Pki:
 
 def _write_pki(folder: Path) -> _Pki:
     """A fresh CA, a loopback serving cert, an admin client cert and a SA signing key."""
-    # Imported here: only starting a cluster needs cryptography.
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
     folder.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC)
 
@@ -383,7 +386,7 @@ def stop_signals_held() -> Iterator[None]:
     Start a child and record it inside one: a handler that raises KeyboardInterrupt (the
     demo's) landing in between would leave a child that no stop() knows. A handler run
     for a signal that another thread took must check this thread's mask itself (see
-    driver/demo_cluster.py).
+    driver/demo/cluster.py).
     """
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:

@@ -35,9 +35,10 @@ from kubernetes.client import ApiException, ResourceV1Api
 from kubernetes.watch.watch import iter_resp_lines
 
 from driver.atomicfile import remove_leftovers, write_atomically
-from driver.inventory import Inventory
-from driver.kubeapi import ApiResult, api_request
-from driver.slices import (
+from driver.errors import SliceError
+from driver.inventory.model import Inventory
+from driver.kube.api import ApiResult, api_request
+from driver.resourceslice.build import (
     CounterLayout,
     MigMode,
     SliceOptions,
@@ -53,11 +54,11 @@ LayoutChoice = Literal["auto", "split", "combined"]
 SLICES_PATH = "/apis/resource.k8s.io/v1/resourceslices"
 
 
-class PublishError(RuntimeError):
+class PublishError(SliceError, RuntimeError):
     """Publishing cannot succeed by retrying: the slices, the RBAC or the cluster need a fix."""
 
 
-class PublishTimeout(RuntimeError):
+class PublishTimeout(SliceError, RuntimeError):
     """:meth:`ApiPublisher.publish` gave up waiting; the resync loop keeps trying."""
 
 

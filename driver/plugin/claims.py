@@ -17,7 +17,8 @@ from typing import Any, Protocol
 
 import yaml
 
-from driver.config import ConfigError, OpaqueConfig, parse_allocation_configs
+from driver.errors import PluginError
+from driver.plugin.config import ConfigError, OpaqueConfig, parse_allocation_configs
 
 MAX_CLAIM_FILE_BYTES = 3 * 1024 * 1024  # etcd's object limit is 1.5 MiB; leave room for YAML
 
@@ -27,7 +28,7 @@ _SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-class ClaimError(Exception):
+class ClaimError(PluginError):
     """This claim cannot be prepared; `reason` is a short code for metrics."""
 
     def __init__(self, reason: str, message: str) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from driver.atomicfile import write_atomically
+from driver.errors import PluginError
 
 SCHEMA_VERSION = 1
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
@@ -28,7 +29,7 @@ State = Literal["PrepareStarted", "PrepareCompleted", "UnprepareStarted"]
 STATES: tuple[State, ...] = ("PrepareStarted", "PrepareCompleted", "UnprepareStarted")
 
 
-class CheckpointError(Exception):
+class CheckpointError(PluginError):
     """The checkpoint file cannot be read as a checkpoint; names the file and the field."""
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from driver.localcluster import (
+from driver.devcluster.controlplane import (
     CONTROL_PLANE_SRC,
     AssetsUnavailable,
     ComponentError,

@@ -14,12 +14,14 @@ from fractions import Fraction
 from functools import lru_cache
 from math import ceil
 
+from driver.errors import KubeError
+
 _QUANTITY = re.compile(r"^([+-]?)(\d+\.?\d*|\.\d+)(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?\d+)?$")
 _BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
 _DECIMAL = {"n": -9, "u": -6, "m": -3, "": 0, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
 _NANO = Fraction(1, 10**9)
 
-class QuantityError(ValueError):
+class QuantityError(KubeError, ValueError):
     """Text that is not a Kubernetes quantity."""
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from driver.inventory import Gpu, Inventory, MigDevice, MigProfile, NvLink
-from driver.topology import nvlink_islands
+from driver.inventory.model import Gpu, Inventory, MigDevice, MigProfile, NvLink
+from driver.inventory.topology import nvlink_islands
 
 
 def inventory_to_dict(inventory: Inventory) -> dict[str, Any]:

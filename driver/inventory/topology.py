@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from driver._native import clique_partition
-from driver.inventory import Gpu, Inventory
+from driver.inventory.model import Gpu, Inventory
 
 # nvmlGpuTopologyLevel_t -> topo -m label. INTERNAL (both GPUs on one board) has no
 # label of its own in nvidia-smi; it is at most one bridge away, so PIX.

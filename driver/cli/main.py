@@ -10,23 +10,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
 
-from driver.allocator.cli import add_allocation_commands
-from driver.discovery import discover
-from driver.inventory_view import inventory_table, inventory_to_dict
+from driver.cli.allocation import add_allocation_commands
+from driver.cli.flags import EnvParser, add_plugin_args, add_provider_args, add_slice_args
+from driver.errors import CliError
+from driver.inventory.discovery import discover
+from driver.inventory.view import inventory_table, inventory_to_dict
 from driver.nvml import Provider
-from driver.slices import SliceOptions, build_slices
-
-DEFAULT_DRIVER = "gpu.dra.dev"
+from driver.resourceslice.build import SliceOptions, build_slices
 
 
-class UsageError(Exception):
+class UsageError(CliError):
     """Bad input from the user: printed as one line, exit code 2."""
 
 
@@ -44,17 +43,6 @@ def provider_from_args(args: argparse.Namespace) -> Provider:
         return real_provider(driver_root=args.driver_root)
     except NvmlUnavailable as err:
         raise UsageError(str(err)) from err
-
-
-def add_provider_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mock", metavar="NAME|PATH", default=os.environ.get("MOCK_PROFILE"),
-                        help="use a mock NVML machine profile (a shipped name or a YAML file) "
-                             "instead of the real GPUs (env MOCK_PROFILE)")
-    parser.add_argument("--driver-root", type=Path, metavar="DIR",
-                        default=os.environ.get("DRIVER_ROOT"),
-                        help="root of the NVIDIA driver install holding libnvidia-ml.so.1 "
-                             "(e.g. /driver-root); default: the dynamic linker's path "
-                             "(env DRIVER_ROOT)")
 
 
 def cmd_discover(args: argparse.Namespace) -> int:
@@ -79,85 +67,10 @@ def cmd_slices(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_slice_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--driver-name", default=os.environ.get("DRIVER_NAME", DEFAULT_DRIVER),
-                        help=f"DRA driver name (env DRIVER_NAME; default {DEFAULT_DRIVER})")
-    parser.add_argument("--node-name", default=os.environ.get("NODE_NAME", socket.gethostname()),
-                        help="this node's name, also the pool name (env NODE_NAME; default: "
-                             "the host name)")
-    parser.add_argument("--mig-mode", choices=["static", "dynamic"],
-                        default=os.environ.get("MIG_MODE", "static"),
-                        help="static: publish the MIG devices that exist; dynamic: publish "
-                             "every profile and placement as partitionable devices (env MIG_MODE)")
-    parser.add_argument("--counter-layout", choices=["split", "combined"],
-                        default=os.environ.get("COUNTER_LAYOUT", "split"),
-                        help="where shared counters go: split, in their own slices "
-                             "(Kubernetes 1.35+), or combined with the devices (1.34) "
-                             "(env COUNTER_LAYOUT)")
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")
-
-
-def add_plugin_args(parser: argparse.ArgumentParser) -> None:
-    env = os.environ.get
-    parser.add_argument("--kubelet-registry-dir", type=Path, metavar="DIR",
-                        default=env("KUBELET_REGISTRY_DIR", "/var/lib/kubelet/plugins_registry"),
-                        help="where the kubelet watches for registration sockets "
-                             "(env KUBELET_REGISTRY_DIR)")
-    parser.add_argument("--plugin-data-dir", type=Path, metavar="DIR",
-                        default=env("PLUGIN_DATA_DIR"),
-                        help="the DRA socket and the checkpoint; default "
-                             "/var/lib/kubelet/plugins/<driver> (env PLUGIN_DATA_DIR)")
-    parser.add_argument("--cdi-root", type=Path, metavar="DIR",
-                        default=env("CDI_ROOT", "/var/run/cdi"),
-                        help="where CDI specs are written (env CDI_ROOT)")
-    parser.add_argument("--host-driver-root", type=Path, metavar="DIR",
-                        default=env("HOST_DRIVER_ROOT"),
-                        help="the driver root as the container runtime on the host sees it, "
-                             "for paths in CDI specs; default: --driver-root "
-                             "(env HOST_DRIVER_ROOT)")
-    parser.add_argument("--nvidia-cdi-hook", type=Path, metavar="PATH",
-                        default=env("NVIDIA_CDI_HOOK"),
-                        help="host path of nvidia-cdi-hook for the ldcache hook; default: "
-                             "found under the driver root (env NVIDIA_CDI_HOOK)")
-    parser.add_argument("--mock-state", type=Path, metavar="FILE", default=env("MOCK_STATE"),
-                        help="with --mock: keep the mock GPUs' MIG devices in this file, as "
-                             "real GPUs keep them across plugin restarts (env MOCK_STATE)")
-    parser.add_argument("--kubeconfig", type=Path, metavar="FILE", default=env("KUBECONFIG"),
-                        help="kubeconfig of the API server; default: in-cluster "
-                             "(env KUBECONFIG)")
-    parser.add_argument("--local-dir", type=Path, metavar="DIR", default=env("LOCAL_DIR"),
-                        help="no cluster: write ResourceSlices to DIR/resourceslices/ and read "
-                             "claims from DIR/resourceclaims/<namespace>/<name>.yaml "
-                             "(env LOCAL_DIR)")
-    parser.add_argument("--health-port", type=int, metavar="PORT",
-                        default=env("HEALTH_PORT", "51515"),
-                        help="TCP port of the grpc.health.v1 service for probes; 0: off "
-                             "(env HEALTH_PORT)")
-    parser.add_argument("--metrics-port", type=int, metavar="PORT",
-                        default=env("METRICS_PORT", "8080"),
-                        help="TCP port of the Prometheus /metrics; 0: off (env METRICS_PORT)")
-    parser.add_argument("--log-format", choices=["text", "json"],
-                        default=env("LOG_FORMAT", "text"), help="(env LOG_FORMAT)")
-    parser.add_argument("-v", "--verbosity", type=int, metavar="N",
-                        default=env("LOG_VERBOSITY", "0"),
-                        help="0: info; 1 or more: debug (env LOG_VERBOSITY)")
-    parser.add_argument("--pod-uid", metavar="UID", default=env("POD_UID") or None,
-                        help="this pod's UID (downward API metadata.uid): name the sockets "
-                             "<driver>-<uid>-reg.sock and dra-<uid>.sock so the old and the "
-                             "new pod of a rolling update (kubelet 1.33+) serve side by side; "
-                             "unset: <driver>-reg.sock and dra.sock (env POD_UID)")
-    parser.add_argument("--cleanup", action="store_true", default=_env_flag("CLEANUP_ON_EXIT"),
-                        help="on exit, delete this node's ResourceSlices (uninstall); "
-                             "refused with --pod-uid (env CLEANUP_ON_EXIT=true)")
-
-
 def cmd_plugin(args: argparse.Namespace) -> int:
-    from driver.checkpoint import CheckpointError
-    from driver.logs import setup_logging
+    from driver.plugin.checkpoint import CheckpointError
     from driver.plugin.daemon import PluginOptions, run
+    from driver.plugin.logs import setup_logging
 
     setup_logging(args.log_format, args.verbosity)
     if args.mock_state is not None and not args.mock:
@@ -176,7 +89,7 @@ def cmd_plugin(args: argparse.Namespace) -> int:
             cdi_hook=args.nvidia_cdi_hook, pod_uid=args.pod_uid)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    from driver.publish import PublishError
+    from driver.resourceslice.publish import PublishError
 
     try:
         return run(options, provider_from_args(args))
@@ -189,8 +102,7 @@ def cmd_plugin(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gpu-dra", description="Kubernetes DRA node driver for NVIDIA GPUs")
+    parser = EnvParser(prog="gpu-dra", description="Kubernetes DRA node driver for NVIDIA GPUs")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     discover_cmd = commands.add_parser(
@@ -213,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_slice_args(plugin_cmd)
     add_plugin_args(plugin_cmd)
     # unset: the API server publisher picks by the server's version; local mode: split
-    plugin_cmd.set_defaults(run=cmd_plugin, counter_layout=os.environ.get("COUNTER_LAYOUT",
-                                                                           "auto"))
+    plugin_cmd.set_env_default("counter_layout", "auto")
+    plugin_cmd.set_defaults(run=cmd_plugin)
 
     add_allocation_commands(commands, add_provider_args, add_slice_args, node_slices)
 
@@ -243,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from driver.allocator.input import InputError
-    from driver.demo import EXAMPLE_CLAIMS, DemoOptions, StepFailed, run_demo
+    from driver.demo.local import EXAMPLE_CLAIMS, DemoOptions, StepFailed, run_demo
 
     try:
         if args.cluster:
@@ -264,7 +176,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cluster_demo(args: argparse.Namespace) -> int:
-    from driver.demo_cluster import ClusterDemoOptions, MissingBinaries, run_cluster_demo
+    try:
+        from driver.demo.cluster import ClusterDemoOptions, MissingBinaries, run_cluster_demo
+    except ModuleNotFoundError as err:  # the devcluster extra is not installed
+        raise UsageError(f"--cluster needs the devcluster extra (missing {err.name}): "
+                         "pip install 'gpu-dra-driver[devcluster]'") from err
 
     if args.claims is not None:
         raise UsageError("--claims runs without --cluster; with it, kubectl apply your claims")

@@ -1,8 +1,8 @@
 """`gpu-dra demo --cluster`: the driver against a real local control plane, until Ctrl-C.
 
-etcd, kube-apiserver, kube-scheduler and kube-controller-manager (driver/localcluster.py)
+etcd, kube-apiserver, kube-scheduler and kube-controller-manager (driver/devcluster/controlplane.py)
 run on loopback; a fake Node is kept Ready; on it, the kubelet stand-in (the kubelet's own
-plugin manager and DRA manager, driver/localnode.py) and ``gpu-dra plugin`` on a mock
+plugin manager and DRA manager, driver/devcluster/node.py) and ``gpu-dra plugin`` on a mock
 machine, both as child processes. The user gets a kubeconfig and applies their own
 DeviceClasses, claims and pods: the scheduler allocates, the stand-in prepares through
 the plugin's sockets, the plugin writes CDI specs. SIGINT or SIGTERM stops everything in
@@ -24,9 +24,8 @@ from typing import Any
 from driver.allocator import driver_classes
 from driver.allocator.input import InputError
 from driver.atomicfile import write_atomically
-from driver.demo import Print, Steps, profile_source
-from driver.kubeapi import api_request
-from driver.localcluster import (
+from driver.demo.local import Print, Steps, profile_source
+from driver.devcluster.controlplane import (
     ALL_BINARIES,
     AssetsUnavailable,
     ClusterConfig,
@@ -36,7 +35,7 @@ from driver.localcluster import (
     ensure_assets,
     stop_signals_held,
 )
-from driver.localnode import (
+from driver.devcluster.node import (
     NODE_TOOLS_BUILD,
     STANDIN_ENV,
     KubeletStandin,
@@ -45,7 +44,9 @@ from driver.localnode import (
     ensure_standin,
     poll,
 )
-from driver.slices import MigMode
+from driver.errors import DevClusterError
+from driver.kube.api import api_request
+from driver.resourceslice.build import MigMode
 
 RESOURCE_V1 = "/apis/resource.k8s.io/v1"
 READY_TIMEOUT = 120.0
@@ -63,7 +64,7 @@ class ClusterDemoOptions:
     node: str = "gpu-node-0"
 
 
-class MissingBinaries(Exception):
+class MissingBinaries(DevClusterError):
     """The control plane or the stand-in is neither found nor buildable: exit code 2."""
 
 

@@ -20,7 +20,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from driver.quantity import parse_quantity
+from driver.errors import PluginError
+from driver.kube.quantity import parse_quantity
 
 GROUP = "gpu.dra.dev"
 API_VERSION = f"{GROUP}/v1alpha1"
@@ -32,7 +33,7 @@ TIMESLICE_INTERVALS: dict[str, int] = {"Default": 0, "Short": 1, "Medium": 2, "L
 _DEVICE_KEY = re.compile(r"^(gpu-[0-9]+|GPU-[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12})$")
 
 
-class ConfigError(ValueError):
+class ConfigError(PluginError, ValueError):
     """A config that cannot be used; the message names the field."""
 
 
