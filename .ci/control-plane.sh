@@ -17,5 +17,6 @@ if _cp_assets="$(bash "${_cp_repo}/tests/e2e/control-plane/build.sh" | tail -n 1
 else
   echo "control plane: build failed (see the log above)" >&2
   unset _cp_repo _cp_assets
+  # shellcheck disable=SC2317  # reachable: `return` fails when the file is run, not sourced
   return 1 2>/dev/null || exit 1  # `return` when sourced, `exit` when run
 fi

@@ -21,7 +21,9 @@ trap 'rm -rf "$work"' EXIT
 
 # The build machine's CA bundle and apt settings go into the stand-in base, so that apt
 # and pip inside the build reach the same mirrors as this machine (a TLS-intercepting
-# proxy's CA included).
+# proxy's CA included). The hooks are single-quoted on purpose: mmdebstrap runs them with the
+# root file system's path as $1.
+# shellcheck disable=SC2016  # $1 is the hook's argument, expanded when mmdebstrap runs it
 mmdebstrap --variant=minbase \
   --include=python3,python3-dev,python3-venv,python3-pip,python-is-python3,ca-certificates \
   --customize-hook='cp /etc/ssl/certs/ca-certificates.crt "$1/etc/ssl/certs/"' \

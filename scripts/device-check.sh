@@ -4,7 +4,7 @@
 # (output and NVML call trace) for the mock's fidelity tests. Never changes any
 # GPU setting.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1  # no `set -e` here: stop rather than run elsewhere
 OUT=${OUT:-/tmp/device-out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1

@@ -13,6 +13,7 @@ print(" ".join(project["dependencies"] + [d for d in project["optional-dependenc
                                          if d.split("==")[0] in wanted]))
 PY
 )
+# $deps unquoted on purpose: one argument per requirement (pins like grpcio==1.85.3, no globs)
 # shellcheck disable=SC2086
 "$PY" -m pip download -q -d build/device-wheels --only-binary=:all: --implementation cp \
     --python-version 3.12 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \

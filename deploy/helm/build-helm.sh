@@ -14,11 +14,14 @@ set -euo pipefail
 HELM_MODULE=helm.sh/helm/v4
 HELM_VERSION=v4.3.1
 
-CACHE_ROOT="${GPU_DRA_CACHE:-${HOME}/.cache/gpu-dra}"
+# CACHE_ROOT, log, the Go environment, the lock and the staging folder.
+GO_BUILD_LOG_PREFIX="[helm build]"
+# shellcheck source=../../scripts/lib/go-build.sh
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/../../scripts/lib/go-build.sh"
+
 DEST="${CACHE_ROOT}/helm-${HELM_VERSION}"
 BIN="${DEST}/helm"
 
-log() { printf '[helm build] %s\n' "$*" >&2; }
 complete() { [[ -x "${BIN}" ]] && "${BIN}" version --short 2>/dev/null | grep -qx "${HELM_VERSION}"; }
 
 FORCE=0
@@ -35,27 +38,22 @@ if [[ "${FORCE}" == 0 ]] && complete; then
   exit 0
 fi
 
-command -v go >/dev/null || { log "Go is not on PATH; install Go >= 1.26"; exit 3; }
-mkdir -p "${CACHE_ROOT}"
-
-# One build at a time per cache (CI and a developer's pytest may race).
-exec 9>"${CACHE_ROOT}/.build-helm-${HELM_VERSION}.lock"
-if command -v flock >/dev/null; then
-  flock 9
-  if [[ "${FORCE}" == 0 ]] && complete; then
-    log "built by a concurrent run: ${BIN}"; echo "${BIN}"; exit 0
-  fi
+go_build_require_go "install Go >= 1.26"
+go_build_lock "helm-${HELM_VERSION}"
+if [[ "${GO_BUILD_LOCKED}" == 1 && "${FORCE}" == 0 ]] && complete; then
+  log "built by a concurrent run: ${BIN}"; echo "${BIN}"; exit 0
 fi
 
 START=${SECONDS}
-STAGE="$(mktemp -d "${CACHE_ROOT}/.stage-helm-${HELM_VERSION}.XXXXXX")"
-trap 'rm -rf "${STAGE}"' EXIT
+go_build_stage "helm-${HELM_VERSION}"
 
 # The same version stamp helm's Makefile sets for a release build.
 ldflags="-s -w -X ${HELM_MODULE}/internal/version.version=${HELM_VERSION}"
 ldflags+=" -X ${HELM_MODULE}/internal/version.gitTreeState=clean"
 log "building ${HELM_MODULE}/cmd/helm@${HELM_VERSION} (cold: 4-9 minutes on 2 cores; with Go's caches warm: seconds)"
-CGO_ENABLED=0 GOTOOLCHAIN="${GOTOOLCHAIN:-local}" GOBIN="${STAGE}" \
+# GOFLAGS stays the caller's: `go install MODULE@VERSION` builds from the module cache, not
+# from a VCS checkout, so GO_BUILD_GOFLAGS (-buildvcs=false) has nothing to do here.
+GOBIN="${STAGE}" \
   go install -trimpath -ldflags="${ldflags}" "${HELM_MODULE}/cmd/helm@${HELM_VERSION}" >&2
 
 mkdir -p "${DEST}"

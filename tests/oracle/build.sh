@@ -6,16 +6,21 @@
 # ${GPU_DRA_CACHE:-$HOME/.cache/gpu-dra}/oracle-<hash>/oracle. A second run returns at once.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# CACHE_ROOT, log and the Go environment.
+GO_BUILD_LOG_PREFIX="oracle:"
+# shellcheck source=../../scripts/lib/go-build.sh
+source "${HERE}/../../scripts/lib/go-build.sh"
+
 HASH="$(cat "${HERE}/go.mod" "${HERE}/go.sum" "${HERE}/main.go" | sha256sum | cut -c1-16)"
-DEST="${GPU_DRA_CACHE:-${HOME}/.cache/gpu-dra}/oracle-${HASH}"
+DEST="${CACHE_ROOT}/oracle-${HASH}"
 if [[ -x "${DEST}/oracle" ]]; then
   echo "${DEST}/oracle"
   exit 0
 fi
-command -v go >/dev/null || { echo "oracle: Go is not on PATH" >&2; exit 3; }
+go_build_require_go "install Go >= 1.26"
+export GOFLAGS="${GO_BUILD_GOFLAGS} -mod=readonly"
 mkdir -p "${DEST}"
 cd "${HERE}"
-CGO_ENABLED=0 GOFLAGS="-buildvcs=false -mod=readonly" GOTOOLCHAIN="${GOTOOLCHAIN:-local}" \
-  go build -trimpath -o "${DEST}/oracle.tmp" .
+go build -trimpath -o "${DEST}/oracle.tmp" .
 mv "${DEST}/oracle.tmp" "${DEST}/oracle"
 echo "${DEST}/oracle"

@@ -23,13 +23,15 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "${HERE}/versions.env"
 : "${K8S_VERSION:?versions.env must set K8S_VERSION}" "${ETCD_VERSION:?versions.env must set ETCD_VERSION}"
 
-CACHE_ROOT="${GPU_DRA_CACHE:-${HOME}/.cache/gpu-dra}"
+# CACHE_ROOT, log, the Go environment, the lock and the staging folder.
+GO_BUILD_LOG_PREFIX="[control-plane build]"
+# shellcheck source=../../../scripts/lib/go-build.sh
+source "${HERE}/../../../scripts/lib/go-build.sh"
+
 DEST="${CACHE_ROOT}/k8s-${K8S_VERSION}"
 STAMP="${DEST}/.versions"
 BINARIES=(etcd kube-apiserver kube-scheduler kube-controller-manager kubectl)
 WANT_STAMP="k8s=${K8S_VERSION} etcd=${ETCD_VERSION}"
-
-log() { printf '[control-plane build] %s\n' "$*" >&2; }
 
 complete() {
   [[ -f "${STAMP}" && "$(cat "${STAMP}")" == "${WANT_STAMP}" ]] || return 1
@@ -51,19 +53,13 @@ if [[ "${FORCE}" == 0 ]] && complete; then
   exit 0
 fi
 
-command -v go >/dev/null || { log "Go is not on PATH; install Go >= 1.26 or set KUBEBUILDER_ASSETS"; exit 3; }
-mkdir -p "${CACHE_ROOT}"
-
-# One build at a time per cache (CI and a developer's pytest may race).
-exec 9>"${CACHE_ROOT}/.build-k8s-${K8S_VERSION}.lock"
-if command -v flock >/dev/null; then
-  flock 9
-  if [[ "${FORCE}" == 0 ]] && complete; then
-    log "built by a concurrent run: ${DEST}"; echo "${DEST}"; exit 0
-  fi
+go_build_require_go "install Go >= 1.26 or set KUBEBUILDER_ASSETS"
+go_build_lock "k8s-${K8S_VERSION}"
+if [[ "${GO_BUILD_LOCKED}" == 1 && "${FORCE}" == 0 ]] && complete; then
+  log "built by a concurrent run: ${DEST}"; echo "${DEST}"; exit 0
 fi
 
-export CGO_ENABLED=0 GOFLAGS="-buildvcs=false" GOTOOLCHAIN="${GOTOOLCHAIN:-local}"
+export GOFLAGS="${GO_BUILD_GOFLAGS}"
 START=${SECONDS}
 
 # --- (re)pin the build modules when versions.env changed -------------------------------
@@ -120,8 +116,7 @@ progress() {
     { print; fflush() }' >&2
 }
 
-STAGE="$(mktemp -d "${CACHE_ROOT}/.stage-k8s-${K8S_VERSION}.XXXXXX")"
-trap 'rm -rf "${STAGE}"' EXIT
+go_build_stage "k8s-${K8S_VERSION}"
 
 # Same version stamp the Kubernetes release build sets (hack/lib/version.sh), so the
 # apiserver reports K8S_VERSION from /version.

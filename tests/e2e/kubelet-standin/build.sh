@@ -4,8 +4,10 @@
 # the CDI library the container runtimes use).
 #
 # Output: ${GPU_DRA_CACHE:-$HOME/.cache/gpu-dra}/e2e-tools-<key>/{kubelet-standin,cdi-resolve}
-# (older e2e-tools-* folders are removed) where <key> hashes the Go version and both modules' go.mod, go.sum and non-test .go
-# files, so a change to any of them builds anew and an unchanged tree reuses the cache.
+# (older e2e-tools-* folders are removed) where <key> hashes the Go version, this script, the
+# shared prelude (../../../scripts/lib/go-build.sh) and both modules' go.mod, go.sum and
+# non-test .go files, so a change to any of them builds anew and an unchanged tree reuses
+# the cache.
 # The last line on stdout is always the folder.
 #
 #   build.sh            build, or reuse the cache
@@ -18,17 +20,19 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 MODULES=("${HERE}" "$(cd "${HERE}/../cdi-resolve" && pwd)")
 TOOLS=(kubelet-standin cdi-resolve)
-CACHE_ROOT="${GPU_DRA_CACHE:-${HOME}/.cache/gpu-dra}"
 
-log() { printf '[e2e tools build] %s\n' "$*" >&2; }
+# CACHE_ROOT, log, the Go environment, the lock and the staging folder.
+GO_BUILD_LOG_PREFIX="[e2e tools build]"
+# shellcheck source=../../../scripts/lib/go-build.sh
+source "${HERE}/../../../scripts/lib/go-build.sh"
 
-command -v go >/dev/null || { log "Go is not on PATH; install Go >= 1.26"; exit 3; }
-export CGO_ENABLED=0 GOFLAGS="-buildvcs=false" GOTOOLCHAIN="${GOTOOLCHAIN:-local}"
+go_build_require_go "install Go >= 1.26"
+export GOFLAGS="${GO_BUILD_GOFLAGS}"
 
 key() {
   {
     go env GOVERSION
-    sha256sum "${BASH_SOURCE[0]}" | cut -d' ' -f1
+    sha256sum "${BASH_SOURCE[0]}" "${GO_BUILD_PRELUDE}" | cut -d' ' -f1
     local m f
     for m in "${MODULES[@]}"; do
       while IFS= read -r f; do
@@ -57,16 +61,13 @@ if complete; then
   exit 0
 fi
 
-mkdir -p "${CACHE_ROOT}"
-exec 9>"${CACHE_ROOT}/.build-e2e-tools.lock"
-if command -v flock >/dev/null; then
-  flock 9
-  if complete; then log "built by a concurrent run: ${DEST}"; echo "${DEST}"; exit 0; fi
+go_build_lock e2e-tools
+if [[ "${GO_BUILD_LOCKED}" == 1 ]] && complete; then
+  log "built by a concurrent run: ${DEST}"; echo "${DEST}"; exit 0
 fi
 
 START=${SECONDS}
-STAGE="$(mktemp -d "${CACHE_ROOT}/.stage-e2e-tools.XXXXXX")"
-trap 'rm -rf "${STAGE}"' EXIT
+go_build_stage e2e-tools
 for i in "${!TOOLS[@]}"; do
   log "building ${TOOLS[i]} (cold: minutes; Go's build cache makes rebuilds fast)"
   (cd "${MODULES[i]}" && go build -trimpath -ldflags="-s -w" -o "${STAGE}/${TOOLS[i]}" .) >&2
