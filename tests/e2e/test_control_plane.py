@@ -8,6 +8,7 @@ import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kubernetes import client
@@ -160,11 +161,16 @@ def test_unsatisfiable_claim_stays_pending_with_the_schedulers_reason(
                  and "cannot allocate all claims" in e.get("message", "")],
         "a FailedScheduling event saying the claim cannot be allocated",
     )
-    pod = client.CoreV1Api(api).read_namespaced_pod("greedy", namespace)
+    # The event and the pod's condition are separate writes of the scheduler.
+    def unschedulable() -> Any:
+        pod = client.CoreV1Api(api).read_namespaced_pod("greedy", namespace)
+        scheduled = {c.type: c for c in pod.status.conditions or []}.get("PodScheduled")
+        return pod if scheduled is not None and scheduled.status == "False" else None
+
+    pod = wait_for(unschedulable, "the pod's PodScheduled condition to be False")
     assert pod.status.phase == "Pending"
     assert not pod.spec.node_name
-    scheduled = {c.type: c for c in pod.status.conditions or []}.get("PodScheduled")
-    assert scheduled is not None and scheduled.status == "False"
+    scheduled = {c.type: c for c in pod.status.conditions}["PodScheduled"]
     assert scheduled.reason == "Unschedulable"
     claim = client.ResourceV1Api(api).read_namespaced_resource_claim("four-gpus", namespace)
     assert claim.status is None or claim.status.allocation is None

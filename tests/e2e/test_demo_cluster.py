@@ -75,7 +75,9 @@ class Demo:
         return "\n".join(self.lines)
 
     def example(self) -> list[dict[str, Any]]:
-        """The objects of the printed `kubectl apply -f - <<'EOF'` example."""
+        """The objects of the printed `kubectl apply -f - <<'EOF'` example (waits until the
+        whole example is printed)."""
+        self.wait_line(r"^EOF$")
         start = self.lines.index("kubectl apply -f - <<'EOF'") + 1
         end = self.lines.index("EOF", start)
         return [d for d in yaml.safe_load_all("\n".join(self.lines[start:end])) if d]
@@ -210,7 +212,10 @@ def test_pod_from_the_printed_example_is_prepared_and_ctrl_c_leaves_nothing(
         assert {(r["driver"], r["pool"]) for r in results} == {(DRIVER, node)}
         assert {"resource": "pods", "name": pod["metadata"]["name"],
                 "uid": pod["metadata"]["uid"]} in claim["status"]["reservedFor"]
-        assert (get(api, pod_path) or {})["spec"]["nodeName"] == node
+        # The scheduler reserves the claim, then binds the pod in a separate write.
+        bound = wait_for(lambda: (get(api, pod_path) or {}).get("spec", {}).get("nodeName"),
+                         "the pod to be bound")
+        assert bound == node
 
         claim_uid = claim["metadata"]["uid"]
         [device] = [r["device"] for r in results]

@@ -325,7 +325,9 @@ def test_whole_gpu_is_prepared_injected_and_released(
     assert registered["advertised"][:2] == ["v1.DRAPlugin", "v1beta1.DRAPlugin"]
     assert registered["offered"][0] == f"{dra_api}.DRAPlugin"
     service = f"/k8s.io.kubelet.pkg.apis.dra.{dra_api}.DRAPlugin"
-    assert node.standin.grpc_calls() == [(f"{service}/NodePrepareResources", "OK", 1)]
+    # The stand-in writes the pod's status, then its call counts.
+    prepared = [(f"{service}/NodePrepareResources", "OK", 1)]
+    wait_for(lambda: node.standin.grpc_calls() == prepared, "the stand-in's call counts")
 
     final = pods.delete(pod)
     assert final["containers"]["main"] == pod.cdi_ids

@@ -278,7 +278,8 @@ def test_409_429_and_5xx_are_retried_until_the_pool_is_published(
         with caplog.at_level(logging.WARNING, logger="driver.resourceslice.publish"):
             result = publisher.publish(inventory, timeout=30)
         assert injected == [("GET", 503), ("GET", 429), ("POST", 409), ("POST", 500)]
-        waited = [r.getMessage().split("waiting for ", 1)[1] for r in caplog.records]
+        waited = [r.getMessage().split("waiting for ", 1)[1] for r in caplog.records
+                  if r.name == "driver.resourceslice.publish"]
         assert [w.split(":")[0] for w in waited] == [
             "the API server to recover", "the API server to stop throttling",
             "a conflict to clear", "the API server to recover"]

@@ -72,9 +72,9 @@ def test_sigterm_during_the_build_stops_the_build_and_everything_it_started(
 ) -> None:
     pids = tmp_path / "pids"
     build = script(tmp_path / "build.sh", f"""\
+        echo "compiling" >&2        # said before the test may stop the build
         sleep 300 &                 # a compiler the script started
         echo "$$ $!" > {pids}.tmp && mv {pids}.tmp {pids}
-        echo "compiling" >&2
         wait
         """)
     proc = subprocess.Popen([sys.executable, "-c", DEMO_BUILDING, str(build)], cwd=ROOT,

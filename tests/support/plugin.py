@@ -175,9 +175,14 @@ class Kubelet:
         return {uid: entry.error for uid, entry in response.claims.items()}
 
 
-def wait_for_socket(path: Path, timeout: float = 20.0) -> None:
+def wait_for_socket(path: Path, timeout: float = 60.0,
+                    alive: Callable[[], bool] = lambda: True) -> None:
+    """Until the plugin made its socket at `path`; at once if `alive()` says it exited.
+    The timeout is generous: with an API server the plugin publishes its slices first."""
     deadline = time.monotonic() + timeout
     while not path.exists():
+        if not alive():
+            raise AssertionError(f"the plugin exited before {path} appeared")
         if time.monotonic() > deadline:
             raise AssertionError(f"{path} did not appear within {timeout:g}s")
         time.sleep(0.02)
@@ -347,14 +352,16 @@ class Daemon:
         if forks is not None:
             self.pid = forks.run(args, log)
             self._wait: Callable[[], int] = lambda: forks.wait(self.pid)
+            self._alive: Callable[[], bool] = lambda: True  # the fork server reaps it
         else:
             with open(log, "ab") as out:
                 proc = subprocess.Popen([sys.executable, "-m", "driver.cli", *args],
                                         stdout=out, stderr=subprocess.STDOUT)
             self.pid = proc.pid
             self._wait = lambda: proc.wait(30)
+            self._alive = lambda: proc.poll() is None
         try:
-            wait_for_socket(self.registration_socket)
+            wait_for_socket(self.registration_socket, alive=self._alive)
         except AssertionError:
             self.stop(signal.SIGKILL)
             raise AssertionError(f"the plugin did not start:\n{self.output()}") from None

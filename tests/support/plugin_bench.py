@@ -62,7 +62,7 @@ def daemon_process(node: Node, args: Sequence[str]) -> Iterator[Daemon]:
         proc = subprocess.Popen([sys.executable, "-m", "driver.cli", *args],
                                 stdout=log, stderr=log)
     try:
-        wait_for_socket(node.registration_socket)
+        wait_for_socket(node.registration_socket, alive=lambda: proc.poll() is None)
         kubelet = Kubelet(node.dra_socket, node.registration_socket)
         kubelet.get_info(timeout=10, wait_for_ready=True)
         yield Daemon(node, proc, kubelet)
