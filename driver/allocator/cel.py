@@ -191,7 +191,7 @@ def _key(value: Any) -> Any:
 
 def _compare(a: Any, b: Any) -> int:
     left, right = _key(a), _key(b)
-    return (left > right) - (left < right)
+    return int(left > right) - int(left < right)
 
 
 def _quantity(text: str) -> dict[str, str]:
@@ -292,6 +292,7 @@ def _wire(buf: bytes) -> Fields:
     while i < len(buf):
         key, i = _varint(buf, i)
         number, kind = key >> 3, key & 7
+        value: int | bytes
         if kind == 0:
             value, i = _varint(buf, i)
         elif kind == 2:

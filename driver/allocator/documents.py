@@ -33,14 +33,14 @@ def load_documents(path: Path) -> list[dict[str, Any]]:
                 raise InputError(f"{file}: a document is not a mapping")
             kind = str(doc.get("kind", ""))
             if kind.endswith("List") or ("items" in doc and not kind):
-                documents += [_with_kind(d, kind.removesuffix("List"), doc.get("apiVersion"))
+                documents += [with_kind(d, kind.removesuffix("List"), doc.get("apiVersion"))
                               for d in doc.get("items") or [] if isinstance(d, dict)]
             else:
                 documents.append(doc)
     return documents
 
 
-def _with_kind(item: dict[str, Any], kind: str, api_version: Any) -> dict[str, Any]:
+def with_kind(item: dict[str, Any], kind: str, api_version: Any) -> dict[str, Any]:
     """An item of a typed list (the API's `ResourceSliceList`) carries no kind of its own;
     `kubectl get -o yaml` adds it, a raw API list does not."""
     if "kind" in item or not kind:

@@ -51,7 +51,7 @@ class Toleration:
             return False
         if self.operator == "Exists":
             return True
-        return self.value == taint.get("value", "")
+        return bool(self.value == taint.get("value", ""))
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,7 @@ class Device:
 
     def attribute(self, name: str) -> Mapping[str, Any] | None:
         """lookupAttribute: the qualified name, or the short name in the driver's domain."""
-        attributes = self.raw.get("attributes") or {}
+        attributes: Mapping[str, Mapping[str, Any]] = self.raw.get("attributes") or {}
         if name in attributes:
             return attributes[name]
         domain, _, ident = name.partition("/")
@@ -68,7 +68,8 @@ class Device:
         return None
 
     def untolerated_taint(self, tolerations: Sequence[Any]) -> Mapping[str, Any] | None:
-        for taint in self.raw.get("taints") or ():
+        taints: Sequence[Mapping[str, Any]] = self.raw.get("taints") or ()
+        for taint in taints:
             if taint.get("effect") in NO_SCHEDULE_EFFECTS and not any(
                     t.tolerates(taint) for t in tolerations):
                 return taint

@@ -16,14 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from driver.allocator.allocate import Allocator, Ledger, allocate_in_order, driver_classes
-from driver.allocator.documents import load_documents
+from driver.allocator.documents import load_documents, with_kind
 from driver.allocator.explain import explain_all
 from driver.allocator.input import InputError, claim_key
 from driver.kube.api import ApiError, api_client, api_request
@@ -177,7 +177,7 @@ def _list(api: Any, path: str) -> list[dict[str, Any]]:
     while True:
         page = api_request(api, "GET", path, query=query).expect(200)
         kind = str(page.get("kind", "")).removesuffix("List")
-        items += [_with_kind(item, kind, page.get("apiVersion")) for item in page["items"]]
+        items += [with_kind(item, kind, page.get("apiVersion")) for item in page["items"]]
         token = (page.get("metadata") or {}).get("continue")
         if not token:
             return items
@@ -236,7 +236,7 @@ def _cmd_explain(args: argparse.Namespace, node_slices: SlicesFromProvider) -> i
     return 0 if all(e.fits for e in explanations) else 1
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(r, widths, strict=True))
                      .rstrip() for r in [header, *rows])

@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -31,7 +32,8 @@ class UsageError(CliError):
 
 def provider_from_args(args: argparse.Namespace) -> Provider:
     if args.mock:
-        from driver.nvml.mock import ProfileError, mock_provider
+        from driver.nvml.mock import mock_provider
+        from driver.nvml.profile import ProfileError
 
         try:
             return mock_provider(args.mock, getattr(args, "mock_state", None))
@@ -193,7 +195,7 @@ def _cluster_demo(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from err
 
 
-def node_slices(args: argparse.Namespace) -> list[dict]:
+def node_slices(args: argparse.Namespace) -> list[dict[str, Any]]:
     """This node's ResourceSlices, as `gpu-dra slices` prints them."""
     options = SliceOptions(driver=args.driver_name, node=args.node_name,
                            mig_mode=args.mig_mode, counter_layout=args.counter_layout)
@@ -203,7 +205,8 @@ def node_slices(args: argparse.Namespace) -> list[dict]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        code: int = args.run(args)
+        return code
     except UsageError as err:
         print(f"gpu-dra {args.command}: {err}", file=sys.stderr)
         return 2

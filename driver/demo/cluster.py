@@ -302,7 +302,8 @@ def run_cluster_demo(options: ClusterDemoOptions, out: Print = print) -> int:
     """Start, print how to use it, wait for SIGINT/SIGTERM, stop. Exit code 0 after a
     signal once ready, 130 for one during startup, 1 if a component dies; raises
     InputError (bad option), MissingBinaries, StepFailed (after stopping what started)."""
-    from driver.nvml.mock import ProfileError, mock_provider
+    from driver.nvml.mock import mock_provider
+    from driver.nvml.profile import ProfileError
 
     try:  # the plugin would load it too, but only after the control plane is up
         mock_provider(str(profile_source(options.profile)))

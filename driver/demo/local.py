@@ -196,7 +196,8 @@ def slice_summary(slices: list[dict[str, Any]]) -> str:
 
 def run_demo(options: DemoOptions, out: Print = print) -> int:
     """Exit code 0 when every step worked; raises InputError for bad input, StepFailed."""
-    from driver.nvml.mock import ProfileError, mock_provider
+    from driver.nvml.mock import mock_provider
+    from driver.nvml.profile import ProfileError
 
     source = profile_source(options.profile)
     raw_claims = read_claims(options.claims)
@@ -218,10 +219,10 @@ def run_demo(options: DemoOptions, out: Print = print) -> int:
         out(f"gpu-dra demo: profile {options.profile}, claims {options.claims}, "
             f"folder {root}")
         steps.run("discover", lambda: _discover(provider, options))
-        plugin = Plugin(plugin_options, provider)
-        steps.run("start plugin", lambda: _start(plugin, plugin_options))
-        kubelet = Kubelet(plugin_options)
-        steps.run("register", lambda: _register(kubelet))
+        plugin = started_plugin = Plugin(plugin_options, provider)
+        steps.run("start plugin", lambda: _start(started_plugin, plugin_options))
+        kubelet = client = Kubelet(plugin_options)
+        steps.run("register", lambda: _register(client))
         slices = [yaml.safe_load(p.read_text())
                   for p in sorted((root / "local" / "resourceslices").glob("*.yaml"))]
         steps.run("publish", lambda: (slice_summary(slices),
@@ -230,13 +231,13 @@ def run_demo(options: DemoOptions, out: Print = print) -> int:
         steps.run("allocate", lambda: _allocate(placed, slices, raw_claims, options,
                                                  plugin_options))
         allocated = [c for c in placed if c.allocation is not None]
-        steps.run("prepare", lambda: _prepare(kubelet, allocated))
+        steps.run("prepare", lambda: _prepare(client, allocated))
         steps.run("cdi spec", lambda: _cdi_spec(plugin_options, allocated))
-        steps.run("unprepare", lambda: _unprepare(kubelet, allocated, plugin_options))
-        kubelet.close()
+        steps.run("unprepare", lambda: _unprepare(client, allocated, plugin_options))
+        client.close()
         kubelet = None
-        running, plugin = plugin, None
-        steps.run("stop", lambda: _stop(running, root, options.keep))
+        plugin = None
+        steps.run("stop", lambda: _stop(started_plugin, root, options.keep))
     finally:
         if kubelet is not None:
             kubelet.close()

@@ -335,7 +335,7 @@ def _write_pki(folder: Path) -> _Pki:
     ]
     sans += [
         x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-        x509.IPAddress(next(ipaddress.ip_network(_SERVICE_CIDR).hosts())),
+        x509.IPAddress(ipaddress.ip_address(str(next(ipaddress.ip_network(_SERVICE_CIDR).hosts())))),
     ]
     serving = leaf(serving_key, name("kube-apiserver"), ExtendedKeyUsageOID.SERVER_AUTH, sans)
     client_key = key()

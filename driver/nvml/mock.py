@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import pynvml
 
@@ -105,7 +105,6 @@ def _as_nvml_errors() -> Iterator[None]:
 def _api(fn: Callable[Concatenate[MockNvml, P], R]) -> Callable[Concatenate[MockNvml, P], R]:
     """An NVML entry point: refused before nvmlInit; its name selects injected faults."""
 
-    @functools.wraps(fn)
     def call(self: MockNvml, *args: P.args, **kwargs: P.kwargs) -> R:
         if self._inits == 0:
             raise _error(pynvml.NVML_ERROR_UNINITIALIZED)
@@ -115,7 +114,8 @@ def _api(fn: Callable[Concatenate[MockNvml, P], R]) -> Callable[Concatenate[Mock
         finally:
             _CALL.reset(token)
 
-    return call
+    functools.update_wrapper(call, fn)
+    return cast("Callable[Concatenate[MockNvml, P], R]", call)
 
 
 def _target(ref: Any) -> Any:
