@@ -27,8 +27,9 @@ arrows point down the data flow), and `tests/unit/test_layers.py` checks it.
 - `demo`: `gpu-dra demo`, locally or on a `devcluster`. Imports any of the above.
 - `cli`: `gpu-dra`: flag groups (each flag's environment variable validated like the flag)
   and the commands. Imports any of the above.
-- `errors` (one base per layer, each with a metrics `reason`) and `atomicfile` (temp file,
-  fsync, rename) serve every layer; `_proto` is generated gRPC code.
+- `errors` (one base per layer, each with a metrics `reason`), `atomicfile` (temp file,
+  fsync, rename) and `safeload` (YAML and JSON from outside, bounded in size, depth and
+  alias expansion) serve every layer; `_proto` is generated gRPC code.
 
 The data flow from NVML to a CDI file: a provider answers `inventory.discovery`, which
 builds an `Inventory`; `resourceslice.build` turns it into ResourceSlices that a publisher

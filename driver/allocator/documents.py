@@ -7,9 +7,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from driver.allocator.input import InputError
+from driver.safeload import LoadError, read_text, yaml_documents
 
 
 def load_documents(path: Path) -> list[dict[str, Any]]:
@@ -23,9 +22,9 @@ def load_documents(path: Path) -> list[dict[str, Any]]:
     documents: list[dict[str, Any]] = []
     for file in files:
         try:
-            loaded: Iterable[Any] = list(yaml.safe_load_all(file.read_text()))
-        except yaml.YAMLError as err:
-            raise InputError(f"{file}: not YAML: {str(err).splitlines()[0]}") from None
+            loaded: Iterable[Any] = yaml_documents(read_text(file), str(file))
+        except LoadError as err:
+            raise InputError(str(err)) from None
         for doc in loaded:
             if doc is None:
                 continue

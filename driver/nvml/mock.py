@@ -55,6 +55,7 @@ from driver.nvml.profile import (
     parse_profile,
     validate,
 )
+from driver.safeload import LoadError, json_document
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -237,7 +238,7 @@ class _MigStore:
     def _reload(self) -> None:
         assert self._path is not None
         try:
-            with self._path.open() as f:
+            with self._path.open("rb") as f:
                 st = os.fstat(f.fileno())
                 stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
                 if stamp == self._stamp:
@@ -247,9 +248,9 @@ class _MigStore:
             return  # nothing saved yet: the profile's instances stand
         file = str(self._path)
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ProfileError(file, [(f"line {err.lineno}", err.msg)]) from None
+            data = json_document(text, file)
+        except LoadError as err:
+            raise ProfileError(file, [(err.at, err.problem)]) from None
         state = validate(MigState, data, file)
         index = {gpu.uuid: i for i, gpu in enumerate(self._profile.gpus)}
         try:

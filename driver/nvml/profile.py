@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import pynvml
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -37,6 +36,7 @@ from pydantic import (
 )
 
 from driver.errors import NvmlLayerError
+from driver.safeload import LoadError, read_text, yaml_document
 
 PROFILES_DIR = Path(__file__).with_name("profiles")
 MODELS_FILE = "_models.yaml"
@@ -434,35 +434,12 @@ class MigState(_Strict):
     migEnabled: dict[str, bool] = {}
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys, which plain YAML silently lets the last win."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        self.flatten_mapping(node)
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}",
-                                                        key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
 def read_yaml(path: Path, file: str) -> Any:
-    """Parse a YAML file; a syntax error names the file and the line."""
+    """Parse a YAML file (bounded, keys unique); a problem names the file and the line."""
     try:
-        text = path.read_text()
-    except OSError as err:
-        raise ProfileError(file, [("", err.strerror or str(err))]) from None
-    try:
-        return yaml.load(text, Loader=_Loader)
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ProfileError(file, [(where, err.problem or str(err))]) from None
-    except yaml.YAMLError as err:
-        raise ProfileError(file, [("", str(err))]) from None
+        return yaml_document(read_text(path), file, unique_keys=True)
+    except LoadError as err:
+        raise ProfileError(file, [(err.at, err.problem)]) from None
 
 
 def validate(model: type[M], data: Any, file: str, context: dict[str, Any] | None = None) -> M:
