@@ -13,6 +13,11 @@ cuts subtrees holding no solution, so the first solution found is the same:
 A request whose candidates include a selector error is never pruned: upstream
 would reach the error and stop with it.
 
+What driver/allocator/kernel.py hands over: the cdef classes DeviceArrays, ClaimArrays
+and Dynamic below (typed fields, keyword constructors). The names of the sizes, the
+statuses and the search's State: _alloc_types.pxd; the bit helpers: _bitset.pxd. Each
+owner of C arrays (a search run, a `Dynamic`, a `Tables`) allocates them as one block.
+
 `Prepared.run` returns a status (1 ok, 0 no solution, -1 result limit exceeded,
 -2 error, -3 gave up: the work budget ran out before the search decided).
 """
@@ -21,137 +26,9 @@ from libc.stdint cimport int8_t, int32_t, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memset
 
-
-cdef extern from *:
-    int __builtin_popcountll(unsigned long long) nogil
-    int __builtin_ctzll(unsigned long long) nogil
-
-
-cdef enum:
-    OK = 1
-    FAIL = 0
-    MAXSIZE = -1
-    ERROR = -2
-    GAVEUP = -3
-    MAX_RESULTS = 32
-    NSCORE = 7
-
-
-cdef struct State:
-    # sizes
-    int n, W, E, C, G, K, NC, ND, NI, NS
-    # devices
-    const uint64_t* base_inuse
-    const int8_t* multi
-    const int8_t* base_shared
-    const int8_t* counted
-    const int8_t* blocked
-    const int32_t* dc_start
-    const int32_t* dc_idx
-    const int64_t* dc_amt
-    const int64_t* counter_avail
-    int64_t* counter_used
-    const int64_t* dim_avail
-    int64_t* dim_used
-    int32_t* shares
-    int32_t* alloc_any_count
-    uint64_t* alloc_any        # W: allocating for any claim
-    uint64_t* alloc_claim      # C*W: allocating for claim c
-    # entries
-    const int32_t* e_count
-    const int8_t* e_all
-    const int8_t* e_admin
-    const int8_t* e_fa
-    const int8_t* e_has_err
-    const int8_t* e_has_multi
-    const int8_t* c_safe       # the claim can never exceed the result limit
-    const uint64_t* e_cand     # E*W
-    const uint64_t* e_err      # E*W
-    const int32_t* e_all_start
-    const int32_t* e_all_idx
-    const int8_t* e_all_soft
-    const uint32_t* e_cmask
-    const int32_t* e_cons_start
-    const int32_t* cons_dev
-    const int32_t* cons_dim
-    const int64_t* cons_amt
-    # claims and request groups
-    const int32_t* c_gstart    # C+1
-    const int32_t* g_estart    # G+1
-    # constraints
-    const int32_t* c_kstart    # C+1
-    const int8_t* k_kind
-    const int32_t* k_values    # K*n
-    const int32_t* k_gstart    # K+1: value groups, each W words, in k_groups
-    const uint64_t* k_groups
-    const uint64_t* k_has      # K*W: devices that have the attribute
-    int32_t* k_count           # match: devices in the set; distinct: values seen
-    int32_t* k_value           # match: the fixed value
-    int32_t* k_seen            # distinct: stack of seen values, n per constraint
-    # results
-    int32_t* pick_e            # C*MAX_RESULTS
-    int32_t* pick_d
-    int32_t* npicks
-    int32_t* alts              # G
-    # control
-    int stop_claim             # the search ends after this claim (C, or one claim alone)
-    int8_t* alone_fail         # C: the claim cannot be allocated even on its own
-    int64_t nodes
-    int64_t budget
-    int optimize
-    int prune
-    int err_e, err_d, err_kind
-    uint64_t* scratch          # depth-indexed bitsets: (MAX_RESULTS*C + 8) * W
-    # topology
-    const int32_t* island
-    const int32_t* bandwidth
-    const int32_t* numa
-    const int32_t* pcie
-    const int32_t* slice_set
-    const uint32_t* slice_mask
-    const uint32_t* set_free
-    const uint32_t* set_full
-    const int32_t* set_island
-    const int32_t* island_free
-    int has_best
-    int64_t best[NSCORE]
-    int32_t* best_pick_e
-    int32_t* best_pick_d
-    int32_t* best_npicks
-    int32_t* best_alts
-
-
-cdef inline int popcount(uint64_t x) noexcept nogil:
-    return __builtin_popcountll(x)
-
-
-cdef inline int count_bits(const uint64_t* a, int W) noexcept nogil:
-    cdef int w, total = 0
-    for w in range(W):
-        total += popcount(a[w])
-    return total
-
-
-cdef inline bint test(const uint64_t* a, int d) noexcept nogil:
-    return (a[d >> 6] >> (d & 63)) & 1
-
-
-cdef inline void setbit(uint64_t* a, int d) noexcept nogil:
-    a[d >> 6] |= (<uint64_t>1) << (d & 63)
-
-
-cdef inline void clearbit(uint64_t* a, int d) noexcept nogil:
-    a[d >> 6] &= ~((<uint64_t>1) << (d & 63))
-
-
-cdef inline void clear_before(uint64_t* a, int W, int start) noexcept nogil:
-    """Zero the bits of positions < start."""
-    cdef int w
-    for w in range(W):
-        if (w + 1) * 64 <= start:
-            a[w] = 0
-        elif w * 64 < start:
-            a[w] &= ~(((<uint64_t>1) << (start - w * 64)) - 1)
+from _alloc_types cimport (
+    ERROR, FAIL, GAVEUP, MAX_RESULTS, MAXSIZE, NSCORE, OK, State)
+from _bitset cimport clear_before, clearbit, count_bits, lowest, setbit, test
 
 
 cdef inline bint in_use(State* s, int d) noexcept nogil:
@@ -161,7 +38,8 @@ cdef inline bint in_use(State* s, int d) noexcept nogil:
 cdef bint capacity_fits(State* s, int e, int d) noexcept nogil:
     cdef int i
     for i in range(s.e_cons_start[e], s.e_cons_start[e + 1]):
-        if s.cons_dev[i] == d and s.dim_used[s.cons_dim[i]] + s.cons_amt[i] > s.dim_avail[s.cons_dim[i]]:
+        if (s.cons_dev[i] == d
+                and s.dim_used[s.cons_dim[i]] + s.cons_amt[i] > s.dim_avail[s.cons_dim[i]]):
             return False
     return True
 
@@ -194,7 +72,7 @@ cdef void counters_add(State* s, int d, int sign) noexcept nogil:
 
 
 cdef bint constraint_add(State* s, int k, int d) noexcept nogil:
-    cdef int value = s.k_values[k * s.n + d]
+    cdef int value = s.k_values[k * s.n_devices + d]
     cdef int i
     if value < 0:
         return False
@@ -206,9 +84,9 @@ cdef bint constraint_add(State* s, int k, int d) noexcept nogil:
         s.k_count[k] += 1
         return True
     for i in range(s.k_count[k]):
-        if s.k_seen[k * s.n + i] == value:
+        if s.k_seen[k * s.n_devices + i] == value:
             return False
-    s.k_seen[k * s.n + s.k_count[k]] = value
+    s.k_seen[k * s.n_devices + s.k_count[k]] = value
     s.k_count[k] += 1
     return True
 
@@ -236,7 +114,7 @@ cdef int allocate(State* s, int c, int e, int d, bint must, bint soft_fail) noex
     cdef bint multi = s.multi[d]
     cdef bint reserved = False
     cdef int k, added = 0
-    if not multi and s.e_admin[e] and test(s.alloc_claim + c * s.W, d):
+    if not multi and s.e_admin[e] and test(s.alloc_claim + c * s.words, d):
         return 0
     if not s.e_admin[e] and in_use(s, d):
         return 0
@@ -266,7 +144,7 @@ cdef int allocate(State* s, int c, int e, int d, bint must, bint soft_fail) noex
         capacity_add(s, e, d, 1)
         s.shares[d] += 1
     else:
-        setbit(s.alloc_claim + c * s.W, d)
+        setbit(s.alloc_claim + c * s.words, d)
         s.alloc_any_count[d] += 1
         setbit(s.alloc_any, d)
     s.pick_e[c * MAX_RESULTS + s.npicks[c]] = e
@@ -282,7 +160,7 @@ cdef void deallocate(State* s, int c, int e, int d) noexcept nogil:
         s.shares[d] -= 1
         capacity_add(s, e, d, -1)
     else:
-        clearbit(s.alloc_claim + c * s.W, d)
+        clearbit(s.alloc_claim + c * s.words, d)
         s.alloc_any_count[d] -= 1
         if s.alloc_any_count[d] == 0:
             clearbit(s.alloc_any, d)
@@ -295,43 +173,43 @@ cdef void deallocate(State* s, int c, int e, int d) noexcept nogil:
 cdef int usable(State* s, int c, int e, int start, uint64_t* out) noexcept nogil:
     """Devices from `start` on that the rest of this request could take, as far as
     in-use, constraints and candidacy tell; returns how many."""
-    cdef int W = s.W, w, k, v, i
-    cdef const uint64_t* cand = s.e_cand + e * W
-    cdef const uint64_t* claim_alloc = s.alloc_claim + c * W
-    for w in range(W):
+    cdef int words = s.words, w, k, v, i
+    cdef const uint64_t* cand = s.e_cand + e * words
+    cdef const uint64_t* claim_alloc = s.alloc_claim + c * words
+    for w in range(words):
         if s.e_admin[e]:
             out[w] = cand[w] & ~claim_alloc[w]
         else:
             out[w] = cand[w] & ~s.base_inuse[w] & ~s.alloc_any[w]
-    clear_before(out, W, start)
+    clear_before(out, words, start)
     for k in range(s.c_kstart[c], s.c_kstart[c + 1]):
         if not (s.e_cmask[e] >> (k - s.c_kstart[c])) & 1:
             continue
-        for w in range(W):
-            out[w] &= s.k_has[k * W + w]
+        for w in range(words):
+            out[w] &= s.k_has[k * words + w]
         if s.k_kind[k] == 0:
             if s.k_count[k] > 0:
                 v = s.k_gstart[k] + s.k_value[k]
-                for w in range(W):
-                    out[w] &= s.k_groups[v * W + w]
+                for w in range(words):
+                    out[w] &= s.k_groups[v * words + w]
         else:
             for i in range(s.k_count[k]):
-                v = s.k_gstart[k] + s.k_seen[k * s.n + i]
-                for w in range(W):
-                    out[w] &= ~s.k_groups[v * W + w]
-    return count_bits(out, W)
+                v = s.k_gstart[k] + s.k_seen[k * s.n_devices + i]
+                for w in range(words):
+                    out[w] &= ~s.k_groups[v * words + w]
+    return count_bits(out, words)
 
 
 cdef bint distinct_short(State* s, int c, int e, const uint64_t* avail, int need) noexcept nogil:
     """A distinctAttribute of this request has fewer unused values among `avail`."""
-    cdef int W = s.W, k, v, w, values
+    cdef int words = s.words, k, v, w, values
     for k in range(s.c_kstart[c], s.c_kstart[c + 1]):
         if s.k_kind[k] != 1 or not (s.e_cmask[e] >> (k - s.c_kstart[c])) & 1:
             continue
         values = 0
         for v in range(s.k_gstart[k], s.k_gstart[k + 1]):
-            for w in range(W):
-                if s.k_groups[v * W + w] & avail[w]:
+            for w in range(words):
+                if s.k_groups[v * words + w] & avail[w]:
                     values += 1
                     break
         if values < need:
@@ -340,12 +218,12 @@ cdef bint distinct_short(State* s, int c, int e, const uint64_t* avail, int need
 
 
 cdef int counter_fits_count(State* s, const uint64_t* avail) noexcept nogil:
-    cdef int W = s.W, w, d, total = 0
+    cdef int words = s.words, w, d, total = 0
     cdef uint64_t bits
-    for w in range(W):
+    for w in range(words):
         bits = avail[w]
         while bits:
-            d = w * 64 + __builtin_ctzll(bits)
+            d = w * 64 + lowest(bits)
             bits &= bits - 1
             if not s.counted[d] or skips_counters(s, d) or counters_fit(s, d):
                 total += 1
@@ -356,15 +234,15 @@ cdef bint group_short(State* s, int c, int e, int d, const uint64_t* avail, int 
                       uint64_t* tmp) noexcept nogil:
     """Picking d fixes a matchAttribute value whose group has too few usable devices
     after d to fill the remaining `need` slots."""
-    cdef int W = s.W, k, v, w
+    cdef int words = s.words, k, v, w
     for k in range(s.c_kstart[c], s.c_kstart[c + 1]):
         if s.k_kind[k] != 0 or s.k_count[k] > 0 or not (s.e_cmask[e] >> (k - s.c_kstart[c])) & 1:
             continue
-        v = s.k_gstart[k] + s.k_values[k * s.n + d]
-        for w in range(W):
-            tmp[w] = avail[w] & s.k_groups[v * W + w]
-        clear_before(tmp, W, d + 1)
-        if count_bits(tmp, W) < need:
+        v = s.k_gstart[k] + s.k_values[k * s.n_devices + d]
+        for w in range(words):
+            tmp[w] = avail[w] & s.k_groups[v * words + w]
+        clear_before(tmp, words, d + 1)
+        if count_bits(tmp, words) < need:
             return True
     return False
 
@@ -375,10 +253,10 @@ cdef bint fitting_at_least(State* s, const uint64_t* devices, int need) noexcept
     cdef uint64_t bits
     if need <= 0:
         return True
-    for w in range(s.W):
+    for w in range(s.words):
         bits = devices[w]
         while bits:
-            d = w * 64 + __builtin_ctzll(bits)
+            d = w * 64 + lowest(bits)
             bits &= bits - 1
             if not s.counted[d] or skips_counters(s, d) or counters_fit(s, d):
                 found += 1
@@ -394,7 +272,7 @@ cdef bint all_device_possible(State* s, int c, int e, int i) noexcept nogil:
     if s.e_all_soft[i]:
         return False
     if s.e_admin[e]:
-        if not s.multi[d] and test(s.alloc_claim + c * s.W, d):
+        if not s.multi[d] and test(s.alloc_claim + c * s.words, d):
             return False
     elif in_use(s, d):
         return False
@@ -423,8 +301,8 @@ cdef bint tail_infeasible(State* s, int c, int g, uint64_t* tmp, uint64_t* uni) 
     result limit (where upstream's fallback depends on the search path)."""
     cdef int cc, gg, ee, w, k, v, best_need, need_sum = 0
     cdef bint feasible, exclusive, uni_ok = True
-    cdef int W = s.W
-    for w in range(W):
+    cdef int words = s.words
+    for w in range(words):
         uni[w] = 0
     for cc in range(c, s.stop_claim):
         if not s.c_safe[cc]:
@@ -449,28 +327,28 @@ cdef bint tail_infeasible(State* s, int c, int g, uint64_t* tmp, uint64_t* uni) 
                     elif all_possible(s, cc, ee):
                         feasible = True
                     continue
-                for w in range(W):
+                for w in range(words):
                     if s.e_admin[ee]:
-                        tmp[w] = s.e_cand[ee * W + w] & ~s.alloc_claim[cc * W + w]
+                        tmp[w] = s.e_cand[ee * words + w] & ~s.alloc_claim[cc * words + w]
                     else:
-                        tmp[w] = s.e_cand[ee * W + w] & ~s.base_inuse[w] & ~s.alloc_any[w]
+                        tmp[w] = s.e_cand[ee * words + w] & ~s.base_inuse[w] & ~s.alloc_any[w]
                 if cc == c:
                     for k in range(s.c_kstart[c], s.c_kstart[c + 1]):
                         if not (s.e_cmask[ee] >> (k - s.c_kstart[c])) & 1:
                             continue
-                        for w in range(W):
-                            tmp[w] &= s.k_has[k * W + w]
+                        for w in range(words):
+                            tmp[w] &= s.k_has[k * words + w]
                         if s.k_kind[k] == 0 and s.k_count[k] > 0:
                             v = s.k_gstart[k] + s.k_value[k]
-                            for w in range(W):
-                                tmp[w] &= s.k_groups[v * W + w]
-                if count_bits(tmp, W) >= s.e_count[ee] and fitting_at_least(
+                            for w in range(words):
+                                tmp[w] &= s.k_groups[v * words + w]
+                if count_bits(tmp, words) >= s.e_count[ee] and fitting_at_least(
                         s, tmp, s.e_count[ee]):
                     feasible = True
                 if s.e_admin[ee] or s.e_has_multi[ee]:
                     exclusive = False
                 else:
-                    for w in range(W):
+                    for w in range(words):
                         uni[w] |= tmp[w]
                     if s.e_count[ee] < best_need:
                         best_need = s.e_count[ee]
@@ -478,16 +356,17 @@ cdef bint tail_infeasible(State* s, int c, int g, uint64_t* tmp, uint64_t* uni) 
                 return True
             if exclusive and uni_ok:
                 need_sum += best_need
-                if count_bits(uni, W) < need_sum:
+                if count_bits(uni, words) < need_sum:
                     return True
             else:
                 uni_ok = False
     return False
 
 
-cdef int one(State* s, int c, int g, int a, int slot, bint in_sub, int start, int depth) noexcept nogil:
+cdef int one(State* s, int c, int g, int a, int slot, bint in_sub, int start,
+             int depth) noexcept nogil:
     """allocateOne."""
-    cdef int e, d, result, alt, w, total, after, taken
+    cdef int e, d, result, alt, w, total, after, taken, words = s.words
     cdef bint all_exceeded, prune
     cdef uint64_t bits
     cdef uint64_t* avail
@@ -504,7 +383,7 @@ cdef int one(State* s, int c, int g, int a, int slot, bint in_sub, int start, in
         result = one(s, c + 1, s.c_gstart[c + 1], 0, 0, False, 0, depth + 1)
         return FAIL if result == MAXSIZE else result
     if s.prune and not in_sub and slot == 0 and tail_infeasible(
-            s, c, g, s.scratch + (2 * depth) * s.W, s.scratch + (2 * depth + 1) * s.W):
+            s, c, g, s.scratch + (2 * depth) * words, s.scratch + (2 * depth + 1) * words):
         return FAIL
     if not in_sub and s.e_fa[s.g_estart[g]]:
         all_exceeded = True
@@ -536,8 +415,8 @@ cdef int one(State* s, int c, int g, int a, int slot, bint in_sub, int start, in
         if result != OK:
             deallocate(s, c, e, d)
         return result
-    avail = s.scratch + (2 * depth) * s.W
-    tmp = s.scratch + (2 * depth + 1) * s.W
+    avail = s.scratch + (2 * depth) * words
+    tmp = s.scratch + (2 * depth + 1) * words
     prune = s.prune and (s.optimize or not s.e_has_err[e])
     # After a pick, what comes after this request may have become impossible.
     if prune and slot > 0 and tail_infeasible(s, c, g + 1, avail, tmp):
@@ -551,23 +430,25 @@ cdef int one(State* s, int c, int g, int a, int slot, bint in_sub, int start, in
         if slot == 0 and counter_fits_count(s, avail) < s.e_count[e]:
             return FAIL
     else:
-        for w in range(s.W):
+        for w in range(words):
             if s.e_admin[e]:
-                avail[w] = (s.e_cand[e * s.W + w] | s.e_err[e * s.W + w]) & ~s.alloc_claim[c * s.W + w]
+                avail[w] = ((s.e_cand[e * words + w] | s.e_err[e * words + w])
+                            & ~s.alloc_claim[c * words + w])
             else:
-                avail[w] = (s.e_cand[e * s.W + w] | s.e_err[e * s.W + w]) & ~s.base_inuse[w] & ~s.alloc_any[w]
+                avail[w] = ((s.e_cand[e * words + w] | s.e_err[e * words + w])
+                            & ~s.base_inuse[w] & ~s.alloc_any[w])
             if s.optimize:
-                avail[w] &= ~s.e_err[e * s.W + w]
-        clear_before(avail, s.W, start)
-        total = count_bits(avail, s.W)
+                avail[w] &= ~s.e_err[e * words + w]
+        clear_before(avail, words, start)
+        total = count_bits(avail, words)
     after = total
-    for w in range(s.W):
+    for w in range(words):
         bits = avail[w]
         while bits:
-            d = w * 64 + __builtin_ctzll(bits)
+            d = w * 64 + lowest(bits)
             bits &= bits - 1
             after -= 1
-            if not prune and test(s.e_err + e * s.W, d):
+            if not prune and test(s.e_err + e * words, d):
                 s.err_e = e
                 s.err_d = d
                 s.err_kind = 1
@@ -577,7 +458,7 @@ cdef int one(State* s, int c, int g, int a, int slot, bint in_sub, int start, in
                     return FAIL
                 if group_short(s, c, e, d, avail, s.e_count[e] - slot - 1, tmp):
                     continue
-            elif not test(s.e_cand + e * s.W, d):
+            elif not test(s.e_cand + e * words, d):
                 continue
             if s.multi[d] and not capacity_fits(s, e, d):
                 continue
@@ -595,15 +476,15 @@ cdef int one(State* s, int c, int g, int a, int slot, bint in_sub, int start, in
 
 cdef void reset(State* s) noexcept nogil:
     """Back to nothing allocating (after a search that ended with a solution in place)."""
-    memset(s.counter_used, 0, (s.NC + 1) * sizeof(int64_t))
-    memset(s.dim_used, 0, (s.ND + 1) * sizeof(int64_t))
-    memset(s.shares, 0, (s.n + 1) * sizeof(int32_t))
-    memset(s.alloc_any_count, 0, (s.n + 1) * sizeof(int32_t))
-    memset(s.alloc_any, 0, s.W * sizeof(uint64_t))
-    memset(s.alloc_claim, 0, max(1, s.C) * s.W * sizeof(uint64_t))
-    memset(s.k_count, 0, (s.K + 1) * sizeof(int32_t))
-    memset(s.npicks, 0, max(1, s.C) * sizeof(int32_t))
-    memset(s.alts, 0, max(1, s.G) * sizeof(int32_t))
+    memset(s.counter_used, 0, (s.n_counters + 1) * sizeof(int64_t))
+    memset(s.dim_used, 0, (s.n_dims + 1) * sizeof(int64_t))
+    memset(s.shares, 0, (s.n_devices + 1) * sizeof(int32_t))
+    memset(s.alloc_any_count, 0, (s.n_devices + 1) * sizeof(int32_t))
+    memset(s.alloc_any, 0, s.words * sizeof(uint64_t))
+    memset(s.alloc_claim, 0, max(1, s.n_claims) * s.words * sizeof(uint64_t))
+    memset(s.k_count, 0, (s.n_constraints + 1) * sizeof(int32_t))
+    memset(s.npicks, 0, max(1, s.n_claims) * sizeof(int32_t))
+    memset(s.alts, 0, max(1, s.n_groups) * sizeof(int32_t))
 
 
 cdef void claims_alone(State* s) noexcept nogil:
@@ -613,15 +494,15 @@ cdef void claims_alone(State* s) noexcept nogil:
     cdef int c, result, optimize = s.optimize
     cdef int64_t budget = s.budget
     s.optimize = 0
-    for c in range(s.C):
+    for c in range(s.n_claims):
         s.stop_claim = c + 1
-        s.budget = s.nodes + min(budget // (10 * s.C), 1000000)
+        s.budget = s.nodes + min(budget // (10 * s.n_claims), 1000000)
         result = one(s, c, s.c_gstart[c], 0, 0, False, 0, 0)
         s.alone_fail[c] = result == FAIL
         reset(s)
     s.optimize = optimize
     s.budget = budget
-    s.stop_claim = s.C
+    s.stop_claim = s.n_claims
     s.err_e = -1
     s.err_d = -1
     s.err_kind = 0
@@ -672,9 +553,9 @@ cdef void keep(State* s) noexcept nogil:
     cdef bint seen, whole_free
     memset(sc, 0, sizeof(sc))
     memset(island_loss, 0, sizeof(island_loss))
-    for g in range(s.G):
+    for g in range(s.n_groups):
         sc[0] -= s.alts[g]
-    for c in range(s.C):
+    for c in range(s.n_claims):
         m = s.npicks[c]
         if m == 0:
             continue
@@ -686,7 +567,7 @@ cdef void keep(State* s) noexcept nogil:
         sc[3] -= distinct_count(s.numa, devs, m) - 1
         sc[4] -= distinct_count(s.pcie, devs, m) - 1
     # MIG blocks: every touched set once, with the union of its picked slices.
-    for c in range(s.C):
+    for c in range(s.n_claims):
         for i in range(s.npicks[c]):
             owner = s.slice_set[s.pick_d[c * MAX_RESULTS + i]]
             if owner < 0:
@@ -701,7 +582,7 @@ cdef void keep(State* s) noexcept nogil:
             set_done[nsets_done] = owner
             nsets_done += 1
             used_mask = 0
-            for g in range(s.C):
+            for g in range(s.n_claims):
                 for m in range(s.npicks[g]):
                     d = s.pick_d[g * MAX_RESULTS + m]
                     if s.slice_set[d] == owner:
@@ -711,7 +592,7 @@ cdef void keep(State* s) noexcept nogil:
             sc[5] += after * after - before * before
     # Islands: whole GPUs taken out of the free ones, each GPU (counter set) once.
     nsets_done = 0
-    for c in range(s.C):
+    for c in range(s.n_claims):
         for i in range(s.npicks[c]):
             d = s.pick_d[c * MAX_RESULTS + i]
             owner = s.slice_set[d]
@@ -734,7 +615,7 @@ cdef void keep(State* s) noexcept nogil:
                     nsets_done += 1
             if whole_free:
                 island_loss[isl] += 1
-    for isl in range(min(s.NI, 256)):
+    for isl in range(min(s.n_islands, 256)):
         if island_loss[isl]:
             before = s.island_free[isl]
             after = before - island_loss[isl]
@@ -749,105 +630,299 @@ cdef void keep(State* s) noexcept nogil:
             return
     s.has_best = 1
     memcpy(s.best, sc, sizeof(sc))
-    memcpy(s.best_npicks, s.npicks, s.C * sizeof(int32_t))
-    memcpy(s.best_pick_e, s.pick_e, s.C * MAX_RESULTS * sizeof(int32_t))
-    memcpy(s.best_pick_d, s.pick_d, s.C * MAX_RESULTS * sizeof(int32_t))
-    memcpy(s.best_alts, s.alts, s.G * sizeof(int32_t))
+    memcpy(s.best_npicks, s.npicks, s.n_claims * sizeof(int32_t))
+    memcpy(s.best_pick_e, s.pick_e, s.n_claims * MAX_RESULTS * sizeof(int32_t))
+    memcpy(s.best_pick_d, s.pick_d, s.n_claims * MAX_RESULTS * sizeof(int32_t))
+    memcpy(s.best_alts, s.alts, s.n_groups * sizeof(int32_t))
 
 
-cdef const int8_t* _i8(object o) except NULL:
-    cdef const int8_t[::1] v = o
-    return &v[0]
+# --- memory: each owner's arrays are carved from one block ----------------------------
+
+cdef void* carve(char* block, size_t* at, size_t count, size_t size) noexcept nogil:
+    """The next `count` items of `size` bytes from `block`, at `at` (kept 8-byte aligned);
+    `at` advances past them. With block NULL nothing is handed out: a first pass with
+    NULL measures the block, a second carves it, from the same list of arrays."""
+    cdef size_t start = at[0]
+    at[0] = start + (count * size + 7) // 8 * 8
+    return NULL if block == NULL else <void*>(block + start)
 
 
-cdef const int32_t* _i32(object o) except NULL:
-    cdef const int32_t[::1] v = o
-    return &v[0]
+cdef void* one_block(size_t size) except NULL:
+    cdef void* block = calloc(1, size)
+    if block == NULL:
+        raise MemoryError()
+    return block
 
 
-cdef const int64_t* _i64(object o) except NULL:
-    cdef const int64_t[::1] v = o
-    return &v[0]
+cdef size_t search_layout(State* s, char* block) noexcept nogil:
+    """The arrays a search writes, zeroed; sizes from the bound problem and ledger."""
+    cdef size_t at = 0
+    cdef int claims = max(1, s.n_claims), groups = max(1, s.n_groups)
+    # Recursion depth: one level per slot, request and claim, plus subrequest loops.
+    cdef int depth_max = s.n_claims * (MAX_RESULTS + 2) + 3 * s.n_groups + 4
+    s.counter_used = <int64_t*>carve(block, &at, s.n_counters + 1, sizeof(int64_t))
+    s.dim_used = <int64_t*>carve(block, &at, s.n_dims + 1, sizeof(int64_t))
+    s.alloc_any = <uint64_t*>carve(block, &at, s.words, sizeof(uint64_t))
+    s.alloc_claim = <uint64_t*>carve(block, &at, claims * s.words, sizeof(uint64_t))
+    s.scratch = <uint64_t*>carve(block, &at, 2 * (depth_max + 1) * s.words, sizeof(uint64_t))
+    s.shares = <int32_t*>carve(block, &at, s.n_devices + 1, sizeof(int32_t))
+    s.alloc_any_count = <int32_t*>carve(block, &at, s.n_devices + 1, sizeof(int32_t))
+    s.k_count = <int32_t*>carve(block, &at, s.n_constraints + 1, sizeof(int32_t))
+    s.k_value = <int32_t*>carve(block, &at, s.n_constraints + 1, sizeof(int32_t))
+    s.k_seen = <int32_t*>carve(block, &at, max(1, s.n_constraints) * (s.n_devices + 1),
+                               sizeof(int32_t))
+    s.pick_e = <int32_t*>carve(block, &at, claims * MAX_RESULTS, sizeof(int32_t))
+    s.pick_d = <int32_t*>carve(block, &at, claims * MAX_RESULTS, sizeof(int32_t))
+    s.npicks = <int32_t*>carve(block, &at, claims, sizeof(int32_t))
+    s.alts = <int32_t*>carve(block, &at, groups, sizeof(int32_t))
+    s.best_pick_e = <int32_t*>carve(block, &at, claims * MAX_RESULTS, sizeof(int32_t))
+    s.best_pick_d = <int32_t*>carve(block, &at, claims * MAX_RESULTS, sizeof(int32_t))
+    s.best_npicks = <int32_t*>carve(block, &at, claims, sizeof(int32_t))
+    s.best_alts = <int32_t*>carve(block, &at, groups, sizeof(int32_t))
+    s.alone_fail = <int8_t*>carve(block, &at, claims, sizeof(int8_t))
+    return at
 
 
-cdef const uint32_t* _u32(object o) except NULL:
-    cdef const uint32_t[::1] v = o
-    return &v[0]
+cdef size_t dynamic_layout(Dynamic d, char* block) noexcept:
+    cdef size_t at = 0
+    cdef int devices = max(1, d.n_devices)
+    d.base_inuse = <uint64_t*>carve(block, &at, d.words, sizeof(uint64_t))
+    d.counter_avail = <int64_t*>carve(block, &at, max(1, d.n_counters), sizeof(int64_t))
+    d.dim_avail = <int64_t*>carve(block, &at, max(1, d.n_dims), sizeof(int64_t))
+    d.set_free = <uint32_t*>carve(block, &at, max(1, d.n_slice_sets), sizeof(uint32_t))
+    d.island_free = <int32_t*>carve(block, &at, max(1, d.n_islands), sizeof(int32_t))
+    d.base_shared = <int8_t*>carve(block, &at, devices, sizeof(int8_t))
+    d.blocked = <int8_t*>carve(block, &at, devices, sizeof(int8_t))
+    return at
 
 
-cdef const uint64_t* _u64(object o) except NULL:
-    cdef const uint64_t[::1] v = o
-    return &v[0]
+cdef size_t tables_layout(Tables t, char* block, int uses, int slots, int members
+                          ) noexcept:
+    """`uses`, `slots`, `members`: the lengths of the arrays the *_start arrays index."""
+    cdef size_t at = 0
+    cdef int devices = max(1, t.n_devices), counters = max(1, t.n_counters)
+    t.x_amt = <int64_t*>carve(block, &at, max(1, uses), sizeof(int64_t))
+    t.declared = <int64_t*>carve(block, &at, counters, sizeof(int64_t))
+    t.x_start = <int32_t*>carve(block, &at, t.n_held + 1, sizeof(int32_t))
+    t.x_idx = <int32_t*>carve(block, &at, max(1, uses), sizeof(int32_t))
+    t.counter_pool = <int32_t*>carve(block, &at, counters, sizeof(int32_t))
+    t.dev_pool = <int32_t*>carve(block, &at, devices, sizeof(int32_t))
+    t.slot_start = <int32_t*>carve(block, &at, t.n_slice_sets + 1, sizeof(int32_t))
+    t.slot_bit = <int32_t*>carve(block, &at, max(1, slots), sizeof(int32_t))
+    t.slot_k = <int32_t*>carve(block, &at, max(1, slots), sizeof(int32_t))
+    t.set_full = <uint32_t*>carve(block, &at, max(1, t.n_slice_sets), sizeof(uint32_t))
+    t.slice_set = <int32_t*>carve(block, &at, devices, sizeof(int32_t))
+    t.member_start = <int32_t*>carve(block, &at, t.n_islands + 1, sizeof(int32_t))
+    t.member_dev = <int32_t*>carve(block, &at, max(1, members), sizeof(int32_t))
+    t.counted = <int8_t*>carve(block, &at, devices, sizeof(int8_t))
+    t.negative = <int8_t*>carve(block, &at, t.n_pools, sizeof(int8_t))
+    return at
 
 
-# The arrays a `Prepared` reads (everything but what the ledger decides), by type.
-_I8 = ("multi", "counted", "e_all", "e_admin", "e_fa", "e_has_err", "e_has_multi", "c_safe",
-       "e_all_soft", "k_kind")
-_I32 = ("dc_start", "dc_idx", "e_count", "e_all_start", "e_all_idx", "e_cons_start",
-        "cons_dev", "cons_dim", "c_gstart", "g_estart", "c_kstart", "k_values", "k_gstart",
-        "island", "bandwidth", "numa", "pcie", "slice_set", "set_island")
-_I64 = ("dc_amt", "cons_amt")
-_U32 = ("e_cmask", "slice_mask", "set_full")
-_U64 = ("e_cand", "e_err", "k_groups", "k_has")
+# --- what kernel.py hands over, and the ledger's tables ----------------------------------
+
+cdef int check_length(str name, Py_ssize_t have, Py_ssize_t need) except -1:
+    """An array holds at least `need` elements, and at least one."""
+    if have < need or have < 1:
+        raise ValueError(f"{name}: {have} elements, the kernel reads {max(1, need)}")
+    return 0
+
+
+cdef int check_range(str name, Py_ssize_t have, const int32_t[::1] start, int items
+                     ) except -1:
+    """An array indexed by `start` (items + 1 offsets) holds what the last one says."""
+    return check_length(name, have, start[items])
+
+
+cdef int words_for(int n_devices) except -1:
+    if n_devices < 0:
+        raise ValueError(f"n_devices: {n_devices}")
+    return max(1, (n_devices + 63) // 64)
+
+
+cdef class DeviceArrays:
+    """The node's devices, counters and topology as the search reads them. Keyword
+    arguments only, one per field; lengths in the sizes of _alloc_types.pxd."""
+
+    cdef readonly int n_devices, words
+    cdef const int8_t[::1] multi        # n_devices: allows multiple allocations
+    cdef const int8_t[::1] counted      # n_devices: consumes counters
+    cdef const int32_t[::1] dc_start    # n_devices + 1: device -> its counter uses
+    cdef const int32_t[::1] dc_idx      # counter of each use
+    cdef const int64_t[::1] dc_amt      # amount of each use
+    cdef const int32_t[::1] island      # n_devices: NVLink island, -1 none
+    cdef const int32_t[::1] bandwidth   # n_devices: NVLink bandwidth (GB/s)
+    cdef const int32_t[::1] numa        # n_devices: NUMA node, -1 none
+    cdef const int32_t[::1] pcie        # n_devices: PCIe root, -1 none
+    cdef const int32_t[::1] slice_set   # n_devices: MIG slice set it draws from, -1 none
+    cdef const uint32_t[::1] slice_mask  # n_devices: its memory slices in that set
+    cdef const uint32_t[::1] set_full   # n_slice_sets: every slice of the set
+    cdef const int32_t[::1] set_island  # n_slice_sets: NVLink island of the GPU, -1 none
+
+    def __cinit__(self, *, int n_devices, const int8_t[::1] multi, const int8_t[::1] counted,
+                  const int32_t[::1] dc_start, const int32_t[::1] dc_idx,
+                  const int64_t[::1] dc_amt, const int32_t[::1] island,
+                  const int32_t[::1] bandwidth, const int32_t[::1] numa,
+                  const int32_t[::1] pcie, const int32_t[::1] slice_set,
+                  const uint32_t[::1] slice_mask, const uint32_t[::1] set_full,
+                  const int32_t[::1] set_island):
+        self.n_devices, self.words = n_devices, words_for(n_devices)
+        check_length("multi", multi.shape[0], n_devices)
+        check_length("counted", counted.shape[0], n_devices)
+        check_length("dc_start", dc_start.shape[0], n_devices + 1)
+        check_range("dc_idx", dc_idx.shape[0], dc_start, n_devices)
+        check_range("dc_amt", dc_amt.shape[0], dc_start, n_devices)
+        check_length("island", island.shape[0], n_devices)
+        check_length("bandwidth", bandwidth.shape[0], n_devices)
+        check_length("numa", numa.shape[0], n_devices)
+        check_length("pcie", pcie.shape[0], n_devices)
+        check_length("slice_set", slice_set.shape[0], n_devices)
+        check_length("slice_mask", slice_mask.shape[0], n_devices)
+        check_length("set_island", set_island.shape[0], set_full.shape[0])
+        self.multi, self.counted = multi, counted
+        self.dc_start, self.dc_idx, self.dc_amt = dc_start, dc_idx, dc_amt
+        self.island, self.bandwidth, self.numa, self.pcie = island, bandwidth, numa, pcie
+        self.slice_set, self.slice_mask = slice_set, slice_mask
+        self.set_full, self.set_island = set_full, set_island
+
+
+cdef class ClaimArrays:
+    """The claims' entries (requests, or the subrequests of a firstAvailable request),
+    request groups and constraints as the search reads them, for a node of `n_devices`
+    devices. Keyword arguments only, one per field; lengths in the sizes of
+    _alloc_types.pxd."""
+
+    cdef readonly int n_devices, words, n_entries, n_claims, n_groups, n_constraints
+    cdef const int32_t[::1] e_count       # n_entries: devices the entry asks for
+    cdef const int8_t[::1] e_all          # n_entries: allocationMode All
+    cdef const int8_t[::1] e_admin        # n_entries: adminAccess
+    cdef const int8_t[::1] e_fa           # n_entries: a subrequest of a firstAvailable request
+    cdef const int8_t[::1] e_has_err      # n_entries: a candidate has a selector error
+    cdef const int8_t[::1] e_has_multi    # n_entries: a candidate allows multiple allocations
+    cdef const int8_t[::1] c_safe         # n_claims: can never exceed the result limit
+    cdef const uint64_t[::1] e_cand       # n_entries * words: candidates
+    cdef const uint64_t[::1] e_err        # n_entries * words: selector errors
+    cdef const int32_t[::1] e_all_start   # n_entries + 1: entry -> its All devices
+    cdef const int32_t[::1] e_all_idx     # device of each
+    cdef const int8_t[::1] e_all_soft     # taking it fails without an error
+    cdef const uint32_t[::1] e_cmask      # n_entries: the claim's constraints it is under
+    cdef const int32_t[::1] e_cons_start  # n_entries + 1: entry -> capacity it consumes
+    cdef const int32_t[::1] cons_dev      # device of each consumption
+    cdef const int32_t[::1] cons_dim      # capacity dimension of each
+    cdef const int64_t[::1] cons_amt      # amount of each
+    cdef const int32_t[::1] c_gstart      # n_claims + 1: claim -> its request groups
+    cdef const int32_t[::1] g_estart      # n_groups + 1: group -> its entries
+    cdef const int32_t[::1] c_kstart      # n_claims + 1: claim -> its constraints
+    cdef const int8_t[::1] k_kind         # n_constraints: 0 match, 1 distinct
+    cdef const int32_t[::1] k_values      # n_constraints * n_devices: value id, -1 none
+    cdef const int32_t[::1] k_gstart      # n_constraints + 1: constraint -> value groups
+    cdef const uint64_t[::1] k_groups     # words per value group: devices with the value
+    cdef const uint64_t[::1] k_has        # n_constraints * words: devices with a value
+
+    def __cinit__(self, *, int n_devices, int n_entries, int n_claims, int n_groups,
+                  int n_constraints, const int32_t[::1] e_count, const int8_t[::1] e_all,
+                  const int8_t[::1] e_admin, const int8_t[::1] e_fa,
+                  const int8_t[::1] e_has_err, const int8_t[::1] e_has_multi,
+                  const int8_t[::1] c_safe, const uint64_t[::1] e_cand,
+                  const uint64_t[::1] e_err, const int32_t[::1] e_all_start,
+                  const int32_t[::1] e_all_idx, const int8_t[::1] e_all_soft,
+                  const uint32_t[::1] e_cmask, const int32_t[::1] e_cons_start,
+                  const int32_t[::1] cons_dev, const int32_t[::1] cons_dim,
+                  const int64_t[::1] cons_amt, const int32_t[::1] c_gstart,
+                  const int32_t[::1] g_estart, const int32_t[::1] c_kstart,
+                  const int8_t[::1] k_kind, const int32_t[::1] k_values,
+                  const int32_t[::1] k_gstart, const uint64_t[::1] k_groups,
+                  const uint64_t[::1] k_has):
+        cdef int words = words_for(n_devices)
+        self.n_devices, self.words = n_devices, words
+        self.n_entries, self.n_claims = n_entries, n_claims
+        self.n_groups, self.n_constraints = n_groups, n_constraints
+        check_length("e_count", e_count.shape[0], n_entries)
+        check_length("e_all", e_all.shape[0], n_entries)
+        check_length("e_admin", e_admin.shape[0], n_entries)
+        check_length("e_fa", e_fa.shape[0], n_entries)
+        check_length("e_has_err", e_has_err.shape[0], n_entries)
+        check_length("e_has_multi", e_has_multi.shape[0], n_entries)
+        check_length("e_cmask", e_cmask.shape[0], n_entries)
+        check_length("c_safe", c_safe.shape[0], n_claims)
+        check_length("e_cand", e_cand.shape[0], n_entries * words)
+        check_length("e_err", e_err.shape[0], n_entries * words)
+        check_length("e_all_start", e_all_start.shape[0], n_entries + 1)
+        check_range("e_all_idx", e_all_idx.shape[0], e_all_start, n_entries)
+        check_range("e_all_soft", e_all_soft.shape[0], e_all_start, n_entries)
+        check_length("e_cons_start", e_cons_start.shape[0], n_entries + 1)
+        check_range("cons_dev", cons_dev.shape[0], e_cons_start, n_entries)
+        check_range("cons_dim", cons_dim.shape[0], e_cons_start, n_entries)
+        check_range("cons_amt", cons_amt.shape[0], e_cons_start, n_entries)
+        check_length("c_gstart", c_gstart.shape[0], n_claims + 1)
+        check_length("g_estart", g_estart.shape[0], n_groups + 1)
+        check_length("c_kstart", c_kstart.shape[0], n_claims + 1)
+        check_length("k_kind", k_kind.shape[0], n_constraints)
+        check_length("k_values", k_values.shape[0], n_constraints * n_devices)
+        check_length("k_gstart", k_gstart.shape[0], n_constraints + 1)
+        check_length("k_groups", k_groups.shape[0], k_gstart[n_constraints] * words)
+        check_length("k_has", k_has.shape[0], n_constraints * words)
+        self.e_count, self.e_all, self.e_admin, self.e_fa = e_count, e_all, e_admin, e_fa
+        self.e_has_err, self.e_has_multi, self.c_safe = e_has_err, e_has_multi, c_safe
+        self.e_cand, self.e_err = e_cand, e_err
+        self.e_all_start, self.e_all_idx, self.e_all_soft = e_all_start, e_all_idx, e_all_soft
+        self.e_cmask, self.e_cons_start = e_cmask, e_cons_start
+        self.cons_dev, self.cons_dim, self.cons_amt = cons_dev, cons_dim, cons_amt
+        self.c_gstart, self.g_estart, self.c_kstart = c_gstart, g_estart, c_kstart
+        self.k_kind, self.k_values, self.k_gstart = k_kind, k_values, k_gstart
+        self.k_groups, self.k_has = k_groups, k_has
 
 
 cdef class Dynamic:
     """What the allocated claims decide, as C arrays: devices in use, devices shared,
     devices blocked by an overdrawn pool, counters and capacities left, free MIG
-    slices per GPU, free whole GPUs per NVLink island."""
+    slices per GPU, free whole GPUs per NVLink island. Made zeroed; `Tables.state` or
+    `dynamic()` fill it."""
 
-    cdef uint64_t* base_inuse
-    cdef int8_t* base_shared
-    cdef int8_t* blocked
-    cdef int64_t* counter_avail
-    cdef int64_t* dim_avail
-    cdef uint32_t* set_free
-    cdef int32_t* island_free
-    cdef int n, W, NC, ND, NS, NI
+    cdef readonly int n_devices, words, n_counters, n_dims, n_slice_sets, n_islands
+    cdef void* block               # the one allocation the arrays below are carved from
+    cdef uint64_t* base_inuse      # words: devices allocated whole
+    cdef int8_t* base_shared       # n_devices: devices with shares allocated
+    cdef int8_t* blocked           # n_devices: consumes counters of an overdrawn pool
+    cdef int64_t* counter_avail    # n_counters: left of each counter
+    cdef int64_t* dim_avail        # n_dims: left of each capacity dimension
+    cdef uint32_t* set_free        # n_slice_sets: free memory slices
+    cdef int32_t* island_free      # n_islands: whole free GPUs
 
-    def __cinit__(self, int n, int NC, int ND, int NS, int NI):
-        self.n, self.W, self.NC, self.ND, self.NS, self.NI = n, max(1, (n + 63) // 64), NC, ND, NS, NI
-        self.base_inuse = <uint64_t*>calloc(self.W, sizeof(uint64_t))
-        self.base_shared = <int8_t*>calloc(max(1, n), sizeof(int8_t))
-        self.blocked = <int8_t*>calloc(max(1, n), sizeof(int8_t))
-        self.counter_avail = <int64_t*>calloc(max(1, NC), sizeof(int64_t))
-        self.dim_avail = <int64_t*>calloc(max(1, ND), sizeof(int64_t))
-        self.set_free = <uint32_t*>calloc(max(1, NS), sizeof(uint32_t))
-        self.island_free = <int32_t*>calloc(max(1, NI), sizeof(int32_t))
-        if (not self.base_inuse or not self.base_shared or not self.blocked
-                or not self.counter_avail or not self.dim_avail or not self.set_free
-                or not self.island_free):
-            raise MemoryError()
+    def __cinit__(self, int n_devices, int n_counters, int n_dims, int n_slice_sets,
+                  int n_islands):
+        self.n_devices, self.words = n_devices, words_for(n_devices)
+        self.n_counters, self.n_dims = n_counters, n_dims
+        self.n_slice_sets, self.n_islands = n_slice_sets, n_islands
+        self.block = one_block(dynamic_layout(self, NULL))
+        dynamic_layout(self, <char*>self.block)
 
     def __dealloc__(self):
-        free(self.base_inuse)
-        free(self.base_shared)
-        free(self.blocked)
-        free(self.counter_avail)
-        free(self.dim_avail)
-        free(self.set_free)
-        free(self.island_free)
+        free(self.block)
 
 
-def dynamic(dict a):
-    """The ledger's part of a packed problem (see driver/allocator/kernel.py)."""
-    cdef const uint64_t[::1] base_inuse = a["base_inuse"]
-    cdef const int8_t[::1] base_shared = a["base_shared"]
-    cdef const int8_t[::1] blocked = a["blocked"]
-    cdef const int64_t[::1] counter_avail = a["counter_avail"]
-    cdef const int64_t[::1] dim_avail = a["dim_avail"]
-    cdef const uint32_t[::1] set_free = a["set_free"]
-    cdef const int32_t[::1] island_free = a["island_free"]
-    cdef int n = a["n"]
-    cdef Dynamic d = Dynamic(n, len(counter_avail), len(dim_avail), len(set_free),
+def dynamic(*, int n_devices, const uint64_t[::1] base_inuse, const int8_t[::1] base_shared,
+            const int8_t[::1] blocked, const int64_t[::1] counter_avail,
+            const int64_t[::1] dim_avail, const uint32_t[::1] set_free,
+            const int32_t[::1] island_free):
+    """The ledger's part of a problem from its arrays (see driver/allocator/kernel.py);
+    each size is its array's length."""
+    cdef Dynamic d = Dynamic(n_devices, len(counter_avail), len(dim_avail), len(set_free),
                              len(island_free))
-    memcpy(d.base_inuse, &base_inuse[0], d.W * sizeof(uint64_t))
-    memcpy(d.base_shared, &base_shared[0], max(1, n) * sizeof(int8_t))
-    memcpy(d.blocked, &blocked[0], max(1, n) * sizeof(int8_t))
-    memcpy(d.counter_avail, &counter_avail[0], d.NC * sizeof(int64_t))
-    memcpy(d.dim_avail, &dim_avail[0], d.ND * sizeof(int64_t))
-    memcpy(d.set_free, &set_free[0], d.NS * sizeof(uint32_t))
-    memcpy(d.island_free, &island_free[0], d.NI * sizeof(int32_t))
+    check_length("base_inuse", base_inuse.shape[0], d.words)
+    check_length("base_shared", base_shared.shape[0], n_devices)
+    check_length("blocked", blocked.shape[0], n_devices)
+    check_length("counter_avail", counter_avail.shape[0], 1)
+    check_length("dim_avail", dim_avail.shape[0], 1)
+    check_length("set_free", set_free.shape[0], 1)
+    check_length("island_free", island_free.shape[0], 1)
+    memcpy(d.base_inuse, &base_inuse[0], d.words * sizeof(uint64_t))
+    memcpy(d.base_shared, &base_shared[0], max(1, n_devices) * sizeof(int8_t))
+    memcpy(d.blocked, &blocked[0], max(1, n_devices) * sizeof(int8_t))
+    memcpy(d.counter_avail, &counter_avail[0], d.n_counters * sizeof(int64_t))
+    memcpy(d.dim_avail, &dim_avail[0], d.n_dims * sizeof(int64_t))
+    memcpy(d.set_free, &set_free[0], d.n_slice_sets * sizeof(uint32_t))
+    memcpy(d.island_free, &island_free[0], d.n_islands * sizeof(int32_t))
     return d
 
 
@@ -860,67 +935,53 @@ cdef class Tables:
     for nodes without devices that allow multiple allocations (base_shared and
     capacities stay empty)."""
 
-    cdef int n, m, NC, NS, NI, npools
-    cdef int32_t* x_start
-    cdef int32_t* x_idx
-    cdef int64_t* x_amt
-    cdef int64_t* declared
-    cdef int32_t* counter_pool
-    cdef int32_t* dev_pool
-    cdef int8_t* counted
-    cdef int32_t* slot_start
-    cdef int32_t* slot_bit
-    cdef int32_t* slot_k
-    cdef uint32_t* set_full
-    cdef int32_t* slice_set
-    cdef int32_t* member_start
-    cdef int32_t* member_dev
+    # n_held: the node's devices, then the devices of its pools on other nodes
+    cdef int n_devices, n_held, n_counters, n_slice_sets, n_islands, n_pools
+    cdef void* block               # the one allocation the arrays below are carved from
+    cdef int32_t* x_start          # n_held + 1: device -> its counter uses
+    cdef int32_t* x_idx            # counter of each use
+    cdef int64_t* x_amt            # amount of each use
+    cdef int64_t* declared         # n_counters: what the pools declare
+    cdef int32_t* counter_pool     # n_counters: pool of each counter
+    cdef int32_t* dev_pool         # n_devices: pool of each device
+    cdef int8_t* counted           # n_devices: consumes counters
+    cdef int32_t* slot_start       # n_slice_sets + 1: set -> its slots
+    cdef int32_t* slot_bit         # slice number of each slot
+    cdef int32_t* slot_k           # counter of each slot
+    cdef uint32_t* set_full        # n_slice_sets: every slice of the set
+    cdef int32_t* slice_set        # n_devices: slice set it draws from, -1 none
+    cdef int32_t* member_start     # n_islands + 1: island -> its whole GPUs
+    cdef int32_t* member_dev       # device of each
+    cdef int8_t* negative          # n_pools: scratch of `state`, an overdrawn pool
 
-    def __cinit__(self, int n, list uses, list declared, list counter_pool, list dev_pool,
-                  list counted, list set_slots, list set_full, list slice_set, list islands):
-        cdef int i, j, k, total
-        self.n, self.m, self.NC = n, len(uses), len(declared)
-        self.NS, self.NI = len(set_slots), len(islands)
-        self.npools = max([p + 1 for p in counter_pool] + [p + 1 for p in dev_pool] + [1])
-        total = sum(len(u) for u in uses)
-        self.x_start = <int32_t*>calloc(self.m + 1, sizeof(int32_t))
-        self.x_idx = <int32_t*>calloc(max(1, total), sizeof(int32_t))
-        self.x_amt = <int64_t*>calloc(max(1, total), sizeof(int64_t))
-        self.declared = <int64_t*>calloc(max(1, self.NC), sizeof(int64_t))
-        self.counter_pool = <int32_t*>calloc(max(1, self.NC), sizeof(int32_t))
-        self.dev_pool = <int32_t*>calloc(max(1, n), sizeof(int32_t))
-        self.counted = <int8_t*>calloc(max(1, n), sizeof(int8_t))
-        total = sum(len(s) for s in set_slots)
-        self.slot_start = <int32_t*>calloc(self.NS + 1, sizeof(int32_t))
-        self.slot_bit = <int32_t*>calloc(max(1, total), sizeof(int32_t))
-        self.slot_k = <int32_t*>calloc(max(1, total), sizeof(int32_t))
-        self.set_full = <uint32_t*>calloc(max(1, self.NS), sizeof(uint32_t))
-        self.slice_set = <int32_t*>calloc(max(1, n), sizeof(int32_t))
-        total = sum(len(members) for members in islands)
-        self.member_start = <int32_t*>calloc(self.NI + 1, sizeof(int32_t))
-        self.member_dev = <int32_t*>calloc(max(1, total), sizeof(int32_t))
-        if (not self.x_start or not self.x_idx or not self.x_amt or not self.declared
-                or not self.counter_pool or not self.dev_pool or not self.counted
-                or not self.slot_start or not self.slot_bit or not self.slot_k
-                or not self.set_full or not self.slice_set or not self.member_start
-                or not self.member_dev):
-            raise MemoryError()
+    def __cinit__(self, int n_devices, list uses, list declared, list counter_pool,
+                  list dev_pool, list counted, list set_slots, list set_full,
+                  list slice_set, list islands):
+        cdef int i, j, k, n_uses, n_slots, n_members
+        self.n_devices, self.n_held, self.n_counters = n_devices, len(uses), len(declared)
+        self.n_slice_sets, self.n_islands = len(set_slots), len(islands)
+        self.n_pools = max([p + 1 for p in counter_pool] + [p + 1 for p in dev_pool] + [1])
+        n_uses = sum(len(u) for u in uses)
+        n_slots = sum(len(s) for s in set_slots)
+        n_members = sum(len(members) for members in islands)
+        self.block = one_block(tables_layout(self, NULL, n_uses, n_slots, n_members))
+        tables_layout(self, <char*>self.block, n_uses, n_slots, n_members)
         j = 0
-        for i in range(self.m):
+        for i in range(self.n_held):
             for k, amount in uses[i]:
                 self.x_idx[j] = k
                 self.x_amt[j] = amount
                 j += 1
             self.x_start[i + 1] = j
-        for k in range(self.NC):
+        for k in range(self.n_counters):
             self.declared[k] = declared[k]
             self.counter_pool[k] = counter_pool[k]
-        for i in range(n):
+        for i in range(n_devices):
             self.dev_pool[i] = dev_pool[i]
             self.counted[i] = 1 if counted[i] else 0
             self.slice_set[i] = slice_set[i]
         j = 0
-        for i in range(self.NS):
+        for i in range(self.n_slice_sets):
             for bit, k in set_slots[i]:
                 self.slot_bit[j] = bit
                 self.slot_k[j] = k
@@ -928,138 +989,126 @@ cdef class Tables:
             self.slot_start[i + 1] = j
             self.set_full[i] = set_full[i]
         j = 0
-        for i in range(self.NI):
+        for i in range(self.n_islands):
             for k in islands[i]:
                 self.member_dev[j] = k
                 j += 1
             self.member_start[i + 1] = j
 
     def __dealloc__(self):
-        free(self.x_start)
-        free(self.x_idx)
-        free(self.x_amt)
-        free(self.declared)
-        free(self.counter_pool)
-        free(self.dev_pool)
-        free(self.counted)
-        free(self.slot_start)
-        free(self.slot_bit)
-        free(self.slot_k)
-        free(self.set_full)
-        free(self.slice_set)
-        free(self.member_start)
-        free(self.member_dev)
+        free(self.block)
 
     def state(self, list exclusive, list shared):
         """The `Dynamic` for claims holding `exclusive` devices whole and shares of
         `shared` ones (indexes as above; a device in both counts twice, as in
         NodeModel.problem); None where a counter leaves the kernel's range."""
-        cdef Dynamic d = Dynamic(self.n, self.NC, 0, self.NS, self.NI)
+        cdef Dynamic d = Dynamic(self.n_devices, self.n_counters, 0, self.n_slice_sets,
+                                 self.n_islands)
         cdef int i, j, k, s
         cdef int64_t limit = (<int64_t>1) << 62
         cdef uint32_t bits
-        cdef int8_t* negative = <int8_t*>calloc(self.npools, sizeof(int8_t))
-        if not negative:
-            raise MemoryError()
-        try:
-            memcpy(d.counter_avail, self.declared, self.NC * sizeof(int64_t))
-            for held in (exclusive, shared):
-                for i in held:
-                    if i < 0 or i >= self.m:
-                        raise IndexError(i)
-                    for j in range(self.x_start[i], self.x_start[i + 1]):
-                        d.counter_avail[self.x_idx[j]] -= self.x_amt[j]
-            for i in exclusive:
-                if i < self.n:
-                    setbit(d.base_inuse, i)
-            for k in range(self.NC):
-                if not -limit < d.counter_avail[k] < limit:
-                    return None
-                if d.counter_avail[k] < 0:
-                    negative[self.counter_pool[k]] = 1
-            for i in range(self.n):
-                d.blocked[i] = self.counted[i] and negative[self.dev_pool[i]]
-            for s in range(self.NS):
-                bits = 0
-                for j in range(self.slot_start[s], self.slot_start[s + 1]):
-                    if d.counter_avail[self.slot_k[j]] >= 1:
-                        bits |= (<uint32_t>1) << self.slot_bit[j]
-                d.set_free[s] = bits
-            for k in range(self.NI):
-                for j in range(self.member_start[k], self.member_start[k + 1]):
-                    i = self.member_dev[j]
-                    s = self.slice_set[i]
-                    if not test(d.base_inuse, i) and (s < 0 or d.set_free[s] == self.set_full[s]):
-                        d.island_free[k] += 1
-            return d
-        finally:
-            free(negative)
+        cdef int8_t* negative = self.negative  # scratch: the GIL is held throughout
+        memset(negative, 0, self.n_pools * sizeof(int8_t))
+        memcpy(d.counter_avail, self.declared, self.n_counters * sizeof(int64_t))
+        for held in (exclusive, shared):
+            for i in held:
+                if i < 0 or i >= self.n_held:
+                    raise IndexError(i)
+                for j in range(self.x_start[i], self.x_start[i + 1]):
+                    d.counter_avail[self.x_idx[j]] -= self.x_amt[j]
+        for i in exclusive:
+            if i < self.n_devices:
+                setbit(d.base_inuse, i)
+        for k in range(self.n_counters):
+            if not -limit < d.counter_avail[k] < limit:
+                return None
+            if d.counter_avail[k] < 0:
+                negative[self.counter_pool[k]] = 1
+        for i in range(self.n_devices):
+            d.blocked[i] = self.counted[i] and negative[self.dev_pool[i]]
+        for s in range(self.n_slice_sets):
+            bits = 0
+            for j in range(self.slot_start[s], self.slot_start[s + 1]):
+                if d.counter_avail[self.slot_k[j]] >= 1:
+                    bits |= (<uint32_t>1) << self.slot_bit[j]
+            d.set_free[s] = bits
+        for k in range(self.n_islands):
+            for j in range(self.member_start[k], self.member_start[k + 1]):
+                i = self.member_dev[j]
+                s = self.slice_set[i]
+                if not test(d.base_inuse, i) and (
+                        s < 0 or d.set_free[s] == self.set_full[s]):
+                    d.island_free[k] += 1
+        return d
 
 
 cdef class Prepared:
-    """A packed problem without the ledger's part, bound once: `run` searches it
+    """ClaimArrays bound to their node's DeviceArrays, once: `run` searches them
     against any `Dynamic` of the same node."""
 
     cdef State t
-    cdef list keep  # the arrays the pointers in t point into
+    cdef readonly DeviceArrays devices  # what the pointers in t point into
+    cdef readonly ClaimArrays claims
 
-    def __cinit__(self, dict a):
+    def __cinit__(self, DeviceArrays devices not None, ClaimArrays claims not None):
+        if claims.n_devices != devices.n_devices:
+            raise ValueError(f"claims packed for {claims.n_devices} devices, "
+                             f"the node has {devices.n_devices}")
         memset(&self.t, 0, sizeof(State))
-        self.keep = [a[k] for k in _I8 + _I32 + _I64 + _U32 + _U64]
+        self.devices, self.claims = devices, claims
         cdef State* s = &self.t
-        s.n = a["n"]
-        s.W = max(1, (s.n + 63) // 64)
-        s.E = a["E"]
-        s.K = a["K"]
-        s.C = len(a["c_gstart"]) - 1
-        s.G = len(a["g_estart"]) - 1
-        s.multi = _i8(a["multi"])
-        s.counted = _i8(a["counted"])
-        s.dc_start = _i32(a["dc_start"])
-        s.dc_idx = _i32(a["dc_idx"])
-        s.dc_amt = _i64(a["dc_amt"])
-        s.e_count = _i32(a["e_count"])
-        s.e_all = _i8(a["e_all"])
-        s.e_admin = _i8(a["e_admin"])
-        s.e_fa = _i8(a["e_fa"])
-        s.e_has_err = _i8(a["e_has_err"])
-        s.e_has_multi = _i8(a["e_has_multi"])
-        s.c_safe = _i8(a["c_safe"])
-        s.e_cand = _u64(a["e_cand"])
-        s.e_err = _u64(a["e_err"])
-        s.e_all_start = _i32(a["e_all_start"])
-        s.e_all_idx = _i32(a["e_all_idx"])
-        s.e_all_soft = _i8(a["e_all_soft"])
-        s.e_cmask = _u32(a["e_cmask"])
-        s.e_cons_start = _i32(a["e_cons_start"])
-        s.cons_dev = _i32(a["cons_dev"])
-        s.cons_dim = _i32(a["cons_dim"])
-        s.cons_amt = _i64(a["cons_amt"])
-        s.c_gstart = _i32(a["c_gstart"])
-        s.g_estart = _i32(a["g_estart"])
-        s.c_kstart = _i32(a["c_kstart"])
-        s.k_kind = _i8(a["k_kind"])
-        s.k_values = _i32(a["k_values"])
-        s.k_gstart = _i32(a["k_gstart"])
-        s.k_groups = _u64(a["k_groups"])
-        s.k_has = _u64(a["k_has"])
-        s.island = _i32(a["island"])
-        s.bandwidth = _i32(a["bandwidth"])
-        s.numa = _i32(a["numa"])
-        s.pcie = _i32(a["pcie"])
-        s.slice_set = _i32(a["slice_set"])
-        s.slice_mask = _u32(a["slice_mask"])
-        s.set_full = _u32(a["set_full"])
-        s.set_island = _i32(a["set_island"])
+        s.n_devices, s.words = devices.n_devices, devices.words
+        s.n_entries, s.n_claims = claims.n_entries, claims.n_claims
+        s.n_groups, s.n_constraints = claims.n_groups, claims.n_constraints
+        s.multi = &devices.multi[0]
+        s.counted = &devices.counted[0]
+        s.dc_start = &devices.dc_start[0]
+        s.dc_idx = &devices.dc_idx[0]
+        s.dc_amt = &devices.dc_amt[0]
+        s.island = &devices.island[0]
+        s.bandwidth = &devices.bandwidth[0]
+        s.numa = &devices.numa[0]
+        s.pcie = &devices.pcie[0]
+        s.slice_set = &devices.slice_set[0]
+        s.slice_mask = &devices.slice_mask[0]
+        s.set_full = &devices.set_full[0]
+        s.set_island = &devices.set_island[0]
+        s.e_count = &claims.e_count[0]
+        s.e_all = &claims.e_all[0]
+        s.e_admin = &claims.e_admin[0]
+        s.e_fa = &claims.e_fa[0]
+        s.e_has_err = &claims.e_has_err[0]
+        s.e_has_multi = &claims.e_has_multi[0]
+        s.c_safe = &claims.c_safe[0]
+        s.e_cand = &claims.e_cand[0]
+        s.e_err = &claims.e_err[0]
+        s.e_all_start = &claims.e_all_start[0]
+        s.e_all_idx = &claims.e_all_idx[0]
+        s.e_all_soft = &claims.e_all_soft[0]
+        s.e_cmask = &claims.e_cmask[0]
+        s.e_cons_start = &claims.e_cons_start[0]
+        s.cons_dev = &claims.cons_dev[0]
+        s.cons_dim = &claims.cons_dim[0]
+        s.cons_amt = &claims.cons_amt[0]
+        s.c_gstart = &claims.c_gstart[0]
+        s.g_estart = &claims.g_estart[0]
+        s.c_kstart = &claims.c_kstart[0]
+        s.k_kind = &claims.k_kind[0]
+        s.k_values = &claims.k_values[0]
+        s.k_gstart = &claims.k_gstart[0]
+        s.k_groups = &claims.k_groups[0]
+        s.k_has = &claims.k_has[0]
 
-    def run(self, Dynamic d, int optimize, long long budget, int prune=1):
+    def run(self, Dynamic d not None, int optimize, long long budget, int prune=1):
         """Returns (status, picks per claim as [(entry, device)], alternative per
         request, (error entry, error device, error kind), search steps, whether a
         best solution was kept)."""
         cdef State s = self.t
         cdef int status, c, i
-        if d.n != s.n:
-            raise ValueError(f"ledger state for {d.n} devices, problem of {s.n}")
+        cdef void* block
+        if d.n_devices != s.n_devices:
+            raise ValueError(f"ledger state for {d.n_devices} devices, "
+                             f"problem of {s.n_devices}")
         s.base_inuse = d.base_inuse
         s.base_shared = d.base_shared
         s.blocked = d.blocked
@@ -1067,89 +1116,49 @@ cdef class Prepared:
         s.dim_avail = d.dim_avail
         s.set_free = d.set_free
         s.island_free = d.island_free
-        s.NC = d.NC
-        s.ND = d.ND
-        s.NI = d.NI
-        s.NS = d.NS
+        s.n_counters = d.n_counters
+        s.n_dims = d.n_dims
+        s.n_islands = d.n_islands
+        s.n_slice_sets = d.n_slice_sets
         s.budget = budget
         s.optimize = optimize
         s.prune = prune
         s.err_e = -1
         s.err_d = -1
-
-        s.counter_used = <int64_t*>calloc(s.NC + 1, sizeof(int64_t))
-        s.dim_used = <int64_t*>calloc(s.ND + 1, sizeof(int64_t))
-        s.shares = <int32_t*>calloc(s.n + 1, sizeof(int32_t))
-        s.alloc_any_count = <int32_t*>calloc(s.n + 1, sizeof(int32_t))
-        s.alloc_any = <uint64_t*>calloc(s.W, sizeof(uint64_t))
-        s.alloc_claim = <uint64_t*>calloc(max(1, s.C) * s.W, sizeof(uint64_t))
-        s.k_count = <int32_t*>calloc(s.K + 1, sizeof(int32_t))
-        s.k_value = <int32_t*>calloc(s.K + 1, sizeof(int32_t))
-        s.k_seen = <int32_t*>calloc(max(1, s.K) * (s.n + 1), sizeof(int32_t))
-        s.pick_e = <int32_t*>calloc(max(1, s.C) * MAX_RESULTS, sizeof(int32_t))
-        s.pick_d = <int32_t*>calloc(max(1, s.C) * MAX_RESULTS, sizeof(int32_t))
-        s.npicks = <int32_t*>calloc(max(1, s.C), sizeof(int32_t))
-        s.alts = <int32_t*>calloc(max(1, s.G), sizeof(int32_t))
-        # Recursion depth: one level per slot, request and claim, plus subrequest loops.
-        cdef int depth_max = s.C * (MAX_RESULTS + 2) + 3 * s.G + 4
-        s.scratch = <uint64_t*>calloc(2 * (depth_max + 1) * s.W, sizeof(uint64_t))
-        s.best_pick_e = <int32_t*>calloc(max(1, s.C) * MAX_RESULTS, sizeof(int32_t))
-        s.best_pick_d = <int32_t*>calloc(max(1, s.C) * MAX_RESULTS, sizeof(int32_t))
-        s.best_npicks = <int32_t*>calloc(max(1, s.C), sizeof(int32_t))
-        s.best_alts = <int32_t*>calloc(max(1, s.G), sizeof(int32_t))
-        s.alone_fail = <int8_t*>calloc(max(1, s.C), sizeof(int8_t))
-        s.stop_claim = s.C
+        s.stop_claim = s.n_claims
+        block = one_block(search_layout(&s, NULL))
+        search_layout(&s, <char*>block)
         try:
-            if (not s.counter_used or not s.dim_used or not s.shares or not s.alloc_any_count
-                    or not s.alloc_any or not s.alloc_claim or not s.k_count or not s.k_value
-                    or not s.k_seen or not s.pick_e or not s.pick_d or not s.npicks or not s.alts
-                    or not s.scratch or not s.best_pick_e or not s.best_pick_d
-                    or not s.best_npicks or not s.best_alts or not s.alone_fail):
-                raise MemoryError()
             with nogil:
-                if prune and s.C > 1:
+                if prune and s.n_claims > 1:
                     claims_alone(&s)
                 status = one(&s, 0, 0, 0, 0, False, 0, 0)
             if optimize:
                 if s.has_best:
                     status = OK
-                    memcpy(s.npicks, s.best_npicks, s.C * sizeof(int32_t))
-                    memcpy(s.pick_e, s.best_pick_e, s.C * MAX_RESULTS * sizeof(int32_t))
-                    memcpy(s.pick_d, s.best_pick_d, s.C * MAX_RESULTS * sizeof(int32_t))
-                    memcpy(s.alts, s.best_alts, s.G * sizeof(int32_t))
+                    memcpy(s.npicks, s.best_npicks, s.n_claims * sizeof(int32_t))
+                    memcpy(s.pick_e, s.best_pick_e,
+                           s.n_claims * MAX_RESULTS * sizeof(int32_t))
+                    memcpy(s.pick_d, s.best_pick_d,
+                           s.n_claims * MAX_RESULTS * sizeof(int32_t))
+                    memcpy(s.alts, s.best_alts, s.n_groups * sizeof(int32_t))
                 elif status != GAVEUP:
                     status = FAIL
             picks = []
             alts = []
             if status == OK:
-                for c in range(s.C):
+                for c in range(s.n_claims):
                     picks.append([(s.pick_e[c * MAX_RESULTS + i], s.pick_d[c * MAX_RESULTS + i])
                                   for i in range(s.npicks[c])])
-                alts = [s.alts[i] for i in range(s.G)]
-            return status, picks, alts, (s.err_e, s.err_d, s.err_kind), s.nodes, bool(s.has_best)
+                alts = [s.alts[i] for i in range(s.n_groups)]
+            return (status, picks, alts, (s.err_e, s.err_d, s.err_kind), s.nodes,
+                    bool(s.has_best))
         finally:
-            free(s.counter_used)
-            free(s.dim_used)
-            free(s.shares)
-            free(s.alloc_any_count)
-            free(s.alloc_any)
-            free(s.alloc_claim)
-            free(s.k_count)
-            free(s.k_value)
-            free(s.k_seen)
-            free(s.pick_e)
-            free(s.pick_d)
-            free(s.npicks)
-            free(s.alts)
-            free(s.scratch)
-            free(s.best_pick_e)
-            free(s.best_pick_d)
-            free(s.best_npicks)
-            free(s.best_alts)
-            free(s.alone_fail)
+            free(block)
 
 
-def run(dict a, int optimize, long long budget, int prune=1):
-    """Search one packed problem (see driver/allocator/kernel.py for the layout):
-    `Prepared(a).run(dynamic(a), ...)`."""
-    return Prepared(a).run(dynamic(a), optimize, budget, prune)
+def run(DeviceArrays devices, ClaimArrays claims, Dynamic ledger, int optimize,
+        long long budget, int prune=1):
+    """Search one packed problem (see driver/allocator/kernel.py):
+    `Prepared(devices, claims).run(ledger, ...)`."""
+    return Prepared(devices, claims).run(ledger, optimize, budget, prune)

@@ -1,28 +1,18 @@
 # cython: language_level=3
-"""Native core of the driver: set search over 64-bit device bitsets.
+"""NVLink islands for driver/topology.py: a clique partition over 64-bit node bitsets.
 
-Kept free of Python objects inside the loops; Python ints cross the boundary
-only at entry and exit.
+Its one job; the allocation search is _alloc.pyx, and both take their bit helpers
+from _bitset.pxd. Kept free of Python objects inside the loops; Python ints cross
+the boundary only at entry and exit.
 """
 
 from libc.stdint cimport uint64_t
 
-
-cdef extern from *:
-    int __builtin_popcountll(unsigned long long) nogil
-    int __builtin_ctzll(unsigned long long) nogil
+from _bitset cimport lowest, popcount
 
 
 cdef enum:
     MAX_NODES = 64
-
-
-cdef inline int _popcount(uint64_t x) noexcept nogil:
-    return __builtin_popcountll(x)
-
-
-cdef inline int _lowest(uint64_t x) noexcept nogil:
-    return __builtin_ctzll(x)
 
 
 cdef void _max_clique(const uint64_t* adj, uint64_t chosen, uint64_t candidates,
@@ -33,16 +23,16 @@ cdef void _max_clique(const uint64_t* adj, uint64_t chosen, uint64_t candidates,
     so the answer is deterministic.
     """
     cdef int v
-    if _popcount(chosen) + _popcount(candidates) <= _popcount(best[0]):
+    if popcount(chosen) + popcount(candidates) <= popcount(best[0]):
         return
     if candidates == 0:
-        if _popcount(chosen) > _popcount(best[0]):
+        if popcount(chosen) > popcount(best[0]):
             best[0] = chosen
         return
     while candidates:
-        if _popcount(chosen) + _popcount(candidates) <= _popcount(best[0]):
+        if popcount(chosen) + popcount(candidates) <= popcount(best[0]):
             return
-        v = _lowest(candidates)
+        v = lowest(candidates)
         candidates &= candidates - 1
         _max_clique(adj, chosen | (<uint64_t>1 << v), candidates & adj[v], best)
 
@@ -66,7 +56,7 @@ def clique_partition(list adjacency):
         left |= <uint64_t>1 << i
     parts = []
     while left:
-        v = _lowest(left)
+        v = lowest(left)
         best = <uint64_t>1 << v
         with nogil:
             _max_clique(adj, <uint64_t>1 << v, adj[v] & left, &best)

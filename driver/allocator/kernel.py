@@ -1,5 +1,10 @@
 """A `Problem` packed into flat arrays for the native kernel (`driver._alloc`).
 
+The kernel takes typed objects with one named field per array (native/_alloc.pyx; the
+sizes are named in native/_alloc_types.pxd): `_alloc.DeviceArrays` (the node's
+devices, packed once per NodeModel, kept in a `NodeArrays`), `_alloc.ClaimArrays` (the
+claims) and `_alloc.Dynamic` (the ledger's part); `pack` makes all three (`Packed`).
+
 Same interface as `reference` (`solve`, `optimize` -> `Found`). Importing this
 module fails where the extension is not built; driver.allocator then uses the
 reference. Counters and capacities beyond what int64 holds with headroom go to the
@@ -24,13 +29,14 @@ from driver.allocator.model import AllocationError, ConstraintPlan, Entry, NodeM
 from driver.allocator.reference import Found
 from driver.allocator.reference import optimize as ref_optimize
 from driver.allocator.reference import solve as ref_solve
+from driver.errors import AllocatorError
 
 _MASK = (1 << 64) - 1
 _LIMIT = 1 << 62
 _STATUS = {1: "ok", 0: "fail", -2: "error", -3: "gave-up"}
 
 
-class KernelRange(ValueError):
+class KernelRange(AllocatorError, ValueError):
     """Amounts too large for the kernel's 64-bit arithmetic."""
 
 
@@ -39,7 +45,7 @@ def solve(p: Problem, budget: int) -> Found:
         packed = pack(p)
     except KernelRange:
         return ref_solve(p, budget)
-    return _found(_alloc.run(packed, 0, budget), p)
+    return _found(_alloc.run(packed.devices, packed.claims, packed.ledger, 0, budget), p)
 
 
 def optimize(p: Problem, budget: int) -> Found:
@@ -47,7 +53,7 @@ def optimize(p: Problem, budget: int) -> Found:
         packed = pack(p)
     except KernelRange:
         return ref_optimize(p, budget)
-    return _found(_alloc.run(packed, 1, budget), p)
+    return _found(_alloc.run(packed.devices, packed.claims, packed.ledger, 1, budget), p)
 
 
 def _found(raw: tuple[Any, ...], p: Problem) -> Found:
@@ -102,7 +108,31 @@ def _u64(values: list[int]) -> array:
     return array("Q", values or [0])
 
 
-def _static(p: Problem) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class NodeArrays:
+    """What only depends on the node's devices, packed once per NodeModel: the kernel's
+    `DeviceArrays`, and what packing the claims and the ledger's flags reads."""
+
+    devices: _alloc.DeviceArrays
+    multi_bits: int  # devices that allow multiple allocations, as a bitset
+    nothing: array  # n_devices zeros: the node model's all-false flags, packed
+
+    @property
+    def words(self) -> int:
+        """64-bit words of a device bitset."""
+        return self.devices.words
+
+
+@dataclass(frozen=True, slots=True)
+class Packed:
+    """A whole `Problem` as the kernel takes it (`_alloc.run`)."""
+
+    devices: _alloc.DeviceArrays
+    claims: _alloc.ClaimArrays
+    ledger: _alloc.Dynamic
+
+
+def _static(p: Problem) -> NodeArrays:
     """Arrays that only depend on the node's devices: built once per NodeModel."""
     cached = p.static.packed if p.static is not None else None
     if cached is not None:
@@ -117,16 +147,15 @@ def _static(p: Problem) -> dict[str, Any]:
     for k, amount in zip(dc_idx, dc_amt, strict=True):
         totals[k] += abs(amount)
     _check(totals)
-    packed = {
-        "n": p.n, "W": max(1, (p.n + 63) // 64),
-        "multi_bits": sum(1 << d for d in range(p.n) if p.multi[d]),
-        "multi": _i8(p.multi), "counted": _i8(p.counted),
-        "dc_start": _i32(dc_start), "dc_idx": _i32(dc_idx), "dc_amt": _i64(dc_amt),
-        "island": _i32(p.island), "bandwidth": _i32(p.bandwidth), "numa": _i32(p.numa),
-        "pcie": _i32(p.pcie), "slice_set": _i32(p.slice_set), "slice_mask": _u32(p.slice_mask),
-        "set_full": _u32(p.set_full), "set_island": _i32(p.set_island),
-        "nothing": _i8(p.static.no_blocks if p.static is not None else []),
-    }
+    packed = NodeArrays(
+        _alloc.DeviceArrays(
+            n_devices=p.n, multi=_i8(p.multi), counted=_i8(p.counted),
+            dc_start=_i32(dc_start), dc_idx=_i32(dc_idx), dc_amt=_i64(dc_amt),
+            island=_i32(p.island), bandwidth=_i32(p.bandwidth), numa=_i32(p.numa),
+            pcie=_i32(p.pcie), slice_set=_i32(p.slice_set), slice_mask=_u32(p.slice_mask),
+            set_full=_u32(p.set_full), set_island=_i32(p.set_island)),
+        multi_bits=sum(1 << d for d in range(p.n) if p.multi[d]),
+        nothing=_i8(p.static.no_blocks if p.static is not None else []))
     if p.static is not None:
         p.static.packed = packed
     return packed
@@ -144,31 +173,32 @@ def _constraint_words(plan: ConstraintPlan, w: int) -> tuple[list[int], list[int
     return plan.packed
 
 
-def _flags(p: Problem, flags: list[bool], static: dict[str, Any]) -> array:
+def _flags(p: Problem, flags: list[bool], static: NodeArrays) -> array:
     """The node model's all-false list is packed once."""
     if p.static is not None and flags is p.static.no_blocks:
-        return static["nothing"]
+        return static.nothing
     return _i8(flags)
 
 
-def pack(p: Problem) -> dict[str, Any]:
+def pack(p: Problem) -> Packed:
     static = _static(p)
     _check(p.counter_avail)
     _check(p.dim_avail)
-    return {**static, **_claim_arrays(p.entries, p.claims, p.constraints, static),
-            "base_inuse": _u64(_words(p.base_inuse, static["W"])),
-            "base_shared": _flags(p, p.base_shared, static),
-            "blocked": _flags(p, p.blocked, static),
-            "counter_avail": _i64(p.counter_avail), "dim_avail": _i64(p.dim_avail),
-            "set_free": _u32(p.set_free), "island_free": _i32(p.island_free)}
+    ledger = _alloc.dynamic(
+        n_devices=p.n, base_inuse=_u64(_words(p.base_inuse, static.words)),
+        base_shared=_flags(p, p.base_shared, static), blocked=_flags(p, p.blocked, static),
+        counter_avail=_i64(p.counter_avail), dim_avail=_i64(p.dim_avail),
+        set_free=_u32(p.set_free), island_free=_i32(p.island_free))
+    return Packed(static.devices, _claim_arrays(p.entries, p.claims, p.constraints, static),
+                  ledger)
 
 
 def _claim_arrays(entries: list[Entry], claims: list[list[list[int]]],
-                  constraints: list[list[ConstraintPlan]], static: dict[str, Any]
-                  ) -> dict[str, Any]:
+                  constraints: list[list[ConstraintPlan]], static: NodeArrays
+                  ) -> _alloc.ClaimArrays:
     """The arrays that depend on the claims (requests, candidates, constraints)."""
-    w = static["W"]
-    multi_bits = static["multi_bits"]
+    w = static.words
+    multi_bits = static.multi_bits
     e_cand, e_err, e_all_start, e_all_idx, e_all_soft = [], [], [0], [], []
     e_cons_start, cons_dev, cons_dim, cons_amt = [0], [], [], []
     for entry in entries:
@@ -199,27 +229,25 @@ def _claim_arrays(entries: list[Entry], claims: list[list[list[int]]],
             k_gstart.append(k_gstart[-1] + len(plan.groups))
             k_has += has_words
         c_kstart.append(len(k_kind))
-    return {
-        "E": len(entries), "K": len(k_kind),
-        "e_count": _i32([e.count for e in entries]),
-        "e_all": _i8([e.all_mode for e in entries]),
-        "e_admin": _i8([e.admin for e in entries]),
-        "e_fa": _i8([e.first_available for e in entries]),
-        "e_has_err": _i8([e.err for e in entries]),
-        "e_has_multi": _i8([e.cand & multi_bits for e in entries]),
-        "c_safe": _i8([sum(max(entries[i].count for i in ids) for ids in groups) <= MAX_RESULTS
-                       for groups in claims]),
-        "e_cand": _u64(e_cand), "e_err": _u64(e_err),
-        "e_all_start": _i32(e_all_start), "e_all_idx": _i32(e_all_idx),
-        "e_all_soft": _i8(e_all_soft),
-        "e_cmask": _u32([e.cmask for e in entries]),
-        "e_cons_start": _i32(e_cons_start), "cons_dev": _i32(cons_dev),
-        "cons_dim": _i32(cons_dim), "cons_amt": _i64(cons_amt),
-        "c_gstart": _i32(c_gstart), "g_estart": _i32(g_estart),
-        "c_kstart": _i32(c_kstart), "k_kind": _i8(k_kind),
-        "k_values": _i32(k_values), "k_gstart": _i32(k_gstart), "k_groups": _u64(k_groups),
-        "k_has": _u64(k_has),
-    }
+    return _alloc.ClaimArrays(
+        n_devices=static.devices.n_devices, n_entries=len(entries), n_claims=len(claims),
+        n_groups=len(g_estart) - 1, n_constraints=len(k_kind),
+        e_count=_i32([e.count for e in entries]),
+        e_all=_i8([e.all_mode for e in entries]),
+        e_admin=_i8([e.admin for e in entries]),
+        e_fa=_i8([e.first_available for e in entries]),
+        e_has_err=_i8([e.err for e in entries]),
+        e_has_multi=_i8([e.cand & multi_bits for e in entries]),
+        c_safe=_i8([sum(max(entries[i].count for i in ids) for ids in groups) <= MAX_RESULTS
+                    for groups in claims]),
+        e_cand=_u64(e_cand), e_err=_u64(e_err),
+        e_all_start=_i32(e_all_start), e_all_idx=_i32(e_all_idx), e_all_soft=_i8(e_all_soft),
+        e_cmask=_u32([e.cmask for e in entries]),
+        e_cons_start=_i32(e_cons_start), cons_dev=_i32(cons_dev), cons_dim=_i32(cons_dim),
+        cons_amt=_i64(cons_amt),
+        c_gstart=_i32(c_gstart), g_estart=_i32(g_estart), c_kstart=_i32(c_kstart),
+        k_kind=_i8(k_kind), k_values=_i32(k_values), k_gstart=_i32(k_gstart),
+        k_groups=_u64(k_groups), k_has=_u64(k_has))
 
 
 @dataclass
@@ -279,8 +307,8 @@ class NodeKernel:
             found.error = err
         else:
             found.problem = problem
-            found.prepared = _alloc.Prepared({**self.static, **_claim_arrays(
-                problem.entries, problem.claims, problem.constraints, self.static)})
+            found.prepared = _alloc.Prepared(self.static.devices, _claim_arrays(
+                problem.entries, problem.claims, problem.constraints, self.static))
         self._plans[key] = found
         return found
 

@@ -10,9 +10,11 @@ what it compiled across ledgers.
 from __future__ import annotations
 
 import random
+from array import array
 from dataclasses import asdict
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -150,6 +152,77 @@ def test_topology_search_matches_the_reference(p: Problem) -> None:
     if reference.status == "ok":
         assert allocator_ref.score(p, kernel.picks, kernel.alts) == \
                allocator_ref.score(p, reference.picks, reference.alts)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_pack_hands_the_kernel_typed_objects(p: Problem) -> None:
+    packed = allocator_kernel.pack(p)
+    devices, claims = packed.devices, packed.claims
+    assert isinstance(devices, driver._alloc.DeviceArrays)
+    assert isinstance(claims, driver._alloc.ClaimArrays)
+    assert isinstance(packed.ledger, driver._alloc.Dynamic)
+    assert (devices.n_devices, devices.words) == (p.n, 1)
+    assert (claims.n_devices, claims.n_entries, claims.n_claims, claims.n_groups,
+            claims.n_constraints) == (p.n, len(p.entries), len(p.claims),
+                                      sum(map(len, p.claims)), sum(map(len, p.constraints)))
+    assert packed.ledger.n_counters == max(1, len(p.counter_avail))
+    bound = driver._alloc.Prepared(devices, claims)
+    assert bound.devices is devices and bound.claims is claims
+    assert bound.run(packed.ledger, 1, BUDGET) == \
+        driver._alloc.run(devices, claims, packed.ledger, 1, BUDGET)
+
+
+def _device_arrays(**changed: Any) -> Any:
+    """Two devices without counters or topology, with `changed` fields."""
+    fields: dict[str, Any] = {
+        "n_devices": 2, "multi": array("b", [0, 0]), "counted": array("b", [0, 0]),
+        "dc_start": array("i", [0, 0, 0]), "dc_idx": array("i", [0]),
+        "dc_amt": array("q", [0]), "island": array("i", [-1, -1]),
+        "bandwidth": array("i", [0, 0]), "numa": array("i", [-1, -1]),
+        "pcie": array("i", [-1, -1]), "slice_set": array("i", [-1, -1]),
+        "slice_mask": array("I", [0, 0]), "set_full": array("I", [0]),
+        "set_island": array("i", [-1])}
+    return driver._alloc.DeviceArrays(**{**fields, **changed})
+
+
+def test_the_kernel_checks_each_arrays_type_and_length() -> None:
+    assert (_device_arrays().n_devices, _device_arrays().words) == (2, 1)
+    assert _device_arrays(n_devices=65, **{
+        name: array(code, [0] * 65) for name, code in (
+            ("multi", "b"), ("counted", "b"), ("island", "i"), ("bandwidth", "i"),
+            ("numa", "i"), ("pcie", "i"), ("slice_set", "i"), ("slice_mask", "I"))},
+        dc_start=array("i", [0] * 66)).words == 2
+    with pytest.raises(ValueError, match="dtype mismatch"):
+        _device_arrays(multi=array("i", [0, 0]))
+    with pytest.raises(ValueError, match="bandwidth: 1 elements, the kernel reads 2"):
+        _device_arrays(bandwidth=array("i", [0]))
+    with pytest.raises(ValueError, match="dc_amt: 1 elements, the kernel reads 3"):
+        _device_arrays(dc_start=array("i", [0, 1, 3]), dc_idx=array("i", [0, 0, 0]))
+    with pytest.raises(ValueError, match="multi: 0 elements"):
+        _device_arrays(multi=None)
+    with pytest.raises(TypeError):
+        driver._alloc.DeviceArrays(2)  # keyword arguments only
+    with pytest.raises(ValueError, match="base_inuse"):
+        driver._alloc.dynamic(
+            n_devices=2, base_inuse=array("Q"), base_shared=array("b", [0, 0]),
+            blocked=array("b", [0, 0]), counter_avail=array("q", [0]),
+            dim_avail=array("q", [0]), set_free=array("I", [0]), island_free=array("i", [0]))
+
+
+def test_claims_and_ledger_must_be_of_the_node() -> None:
+    p = Problem(
+        devices=[], base_inuse=0, multi=[], base_shared=[], counted=[], blocked=[],
+        dev_counters=[], counter_avail=[], counter_names=[], dim_avail=[], entries=[],
+        claims=[], constraints=[], island=[], bandwidth=[], numa=[], pcie=[], slice_set=[],
+        slice_mask=[], set_free=[], set_full=[], set_island=[], island_free=[])
+    packed = allocator_kernel.pack(p)
+    assert driver._alloc.run(packed.devices, packed.claims, packed.ledger, 0, BUDGET)[0] == 1
+    with pytest.raises(ValueError, match="claims packed for 0 devices, the node has 2"):
+        driver._alloc.Prepared(_device_arrays(), packed.claims)
+    bound = driver._alloc.Prepared(packed.devices, packed.claims)
+    with pytest.raises(ValueError, match="ledger state for 2 devices, problem of 0"):
+        bound.run(driver._alloc.Dynamic(2, 0, 0, 0, 0), 0, BUDGET)
 
 
 def _sequence_ledgers(allocator: Allocator, claims: list[Claim], start: Ledger, node: Node
