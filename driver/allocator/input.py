@@ -8,7 +8,6 @@ spec.devices.requests[0].exactly.count: must be at least 1`.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
@@ -16,6 +15,7 @@ from typing import Any
 
 from driver.allocator.cel import Selector, SelectorError, compile_selector
 from driver.errors import AllocatorError
+from driver.kube.names import is_c_identifier, is_label, is_subdomain
 from driver.kube.quantity import QuantityError, parse_quantity
 
 # resource.k8s.io/v1 limits.
@@ -27,9 +27,6 @@ MAX_CONFIGS = 32
 MAX_TOLERATIONS = 16
 MAX_RESULTS = 32  # AllocationResultsMaxSize
 
-_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class InputError(AllocatorError, ValueError):
@@ -119,7 +116,7 @@ def parse_classes(objects: list[Mapping[str, Any]]) -> dict[str, DeviceClass]:
     for obj in objects:
         name = (obj.get("metadata") or {}).get("name", "")
         where = f"DeviceClass {name or '<unnamed>'}"
-        if not isinstance(name, str) or not _SUBDOMAIN.match(name):
+        if not is_subdomain(name):
             raise InputError(f"{where}: metadata.name: must be a DNS subdomain")
         spec = obj.get("spec") or {}
         selectors = _selectors(spec.get("selectors") or [], f"{where}: spec.selectors")
@@ -268,7 +265,7 @@ def _constraints(raw: list[Any], groups: list[RequestGroup], where: str
         attribute = match if match is not None else distinct
         attr_field = f"{field}.{'matchAttribute' if match is not None else 'distinctAttribute'}"
         domain, sep, ident = str(attribute).partition("/")
-        if not sep or not _SUBDOMAIN.match(domain) or not _IDENT.match(ident):
+        if not sep or not is_subdomain(domain) or not is_c_identifier(ident):
             raise InputError(f"{where}: {attr_field}: {attribute!r} is not a fully qualified "
                              "attribute name (domain/name)")
         requests = item.get("requests") or []
@@ -281,6 +278,6 @@ def _constraints(raw: list[Any], groups: list[RequestGroup], where: str
 
 
 def _label(value: Any, where: str) -> str:
-    if not isinstance(value, str) or len(value) > 63 or not _LABEL.match(value):
+    if not is_label(value):
         raise InputError(f"{where}: {value!r} is not a DNS label")
-    return value
+    return str(value)

@@ -46,7 +46,7 @@ MEMORY_SLICES = 8
 # from NVML_GPU_INSTANCE_PROFILE_3_SLICE_GFX (0x11) on (real H200 discovery trace).
 GI_PROFILE_INDEXES = range(pynvml.NVML_GPU_INSTANCE_PROFILE_3_SLICE_GFX)
 
-_BUS_ID = re.compile(r"^([0-9a-f]{4}|[0-9a-f]{8}):([0-9a-f]{2}):([0-9a-f]{2})\.([0-7])$", re.I)
+_BUS_ID = re.compile(r"([0-9a-f]{4}|[0-9a-f]{8}):([0-9a-f]{2}):([0-9a-f]{2})\.([0-7])", re.I)
 _GPU_UUID = r"^GPU-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 _PCIE_ROOT = r"^pci[0-9a-f]{4}:[0-9a-f]{2}$"
 
@@ -72,7 +72,7 @@ class FieldError(NvmlLayerError, ValueError):
 
 def normalize_bus_id(bus_id: str) -> str:
     """A PCI address as NVML spells it (`00000000:18:00.0`), from either NVML's or sysfs' form."""
-    match = _BUS_ID.match(bus_id)
+    match = _BUS_ID.fullmatch(bus_id)
     if match is None:
         raise ValueError(f"{bus_id!r} is not a PCI address like 00000000:18:00.0")
     domain, bus, device, function = match.groups()

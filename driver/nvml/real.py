@@ -21,7 +21,7 @@ LIBRARY = "libnvidia-ml.so.1"
 LIBRARY_DIRS = ("usr/lib64", "usr/lib/x86_64-linux-gnu", "usr/lib/aarch64-linux-gnu",
                 "lib64", "usr/lib", "lib")
 
-_PCI_ROOT = re.compile(r"^pci[0-9a-f]{4}:[0-9a-f]{2}$")
+_PCI_ROOT = re.compile(r"pci[0-9a-f]{4}:[0-9a-f]{2}")
 
 
 class NvmlUnavailable(NvmlLayerError, RuntimeError):
@@ -42,7 +42,7 @@ class SysfsHost:
             target = os.readlink(self._pci_dir(bus_id))
         except OSError:
             return None
-        return next((part for part in Path(target).parts if _PCI_ROOT.match(part)), None)
+        return next((part for part in Path(target).parts if _PCI_ROOT.fullmatch(part)), None)
 
     def numa_node(self, bus_id: str) -> int | None:
         try:

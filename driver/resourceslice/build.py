@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from driver.inventory.model import Gpu, Inventory, MigDevice, MigProfile, Placement
 from driver.inventory.topology import nvlink_islands
+from driver.kube.names import is_label, is_subdomain
 from driver.kube.quantity import canonical
 from driver.nvml.real import sysfs_bus_id
 
@@ -332,7 +334,7 @@ def limit_violations(slices: list[dict[str, Any]]) -> list[str]:
         spec = s["spec"]
         devices = spec.get("devices", [])
         problems += _name_problems(f"{where}: metadata.name", s["metadata"]["name"], 253,
-                                   _SUBDOMAIN)
+                                   is_subdomain)
         if len(spec.get("sharedCounters", [])) > MAX_COUNTER_SETS_PER_SLICE:
             problems.append(f"{where}: spec.sharedCounters: more than "
                             f"{MAX_COUNTER_SETS_PER_SLICE} counter sets")
@@ -341,7 +343,7 @@ def limit_violations(slices: list[dict[str, Any]]) -> list[str]:
                             f"{_limit(devices)}")
         for i, device in enumerate(devices):
             field_ = f"{where}: spec.devices[{i}]"
-            problems += _name_problems(f"{field_}.name", device["name"], 63, _LABEL)
+            problems += _name_problems(f"{field_}.name", device["name"], 63, is_label)
             if device["name"] in device_names:
                 problems.append(f"{field_}.name: {device['name']} is not unique in the pool")
             device_names.add(device["name"])
@@ -364,11 +366,8 @@ def limit_violations(slices: list[dict[str, Any]]) -> list[str]:
     return problems
 
 
-_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-
-
-def _name_problems(field_: str, name: str, limit: int, pattern: re.Pattern[str]) -> list[str]:
-    if len(name) > limit or not pattern.match(name):
+def _name_problems(field_: str, name: str, limit: int,
+                   valid: Callable[[object, int], bool]) -> list[str]:
+    if not valid(name, limit):
         return [f"{field_}: {name!r} is not a valid DNS name of at most {limit} characters"]
     return []
