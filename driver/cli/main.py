@@ -91,7 +91,7 @@ def cmd_plugin(args: argparse.Namespace) -> int:
             cdi_hook=args.nvidia_cdi_hook, pod_uid=args.pod_uid)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    from driver.resourceslice.publish import PublishError
+    from driver.resourceslice.errors import PublishError
 
     try:
         return run(options, provider_from_args(args))

@@ -1,4 +1,6 @@
 """Inventory -> ResourceSlices: the pure build (`build`), the pure plan of the writes that
-make the published slices match (`plan`), and the publishers to a local directory or the
-API server (`publish`). Imports `driver.inventory` and `driver.kube`.
+make the published slices match and the publishers' other decisions (`plan`), the
+publishers to a local directory (`dirpublisher`) or the API server (`publish`, with the
+`Publisher` protocol both follow), and their errors (`errors`). Imports `driver.inventory`,
+`driver.nvml` and `driver.kube`.
 """

@@ -91,7 +91,8 @@ def semver(version: str) -> str:
     return ".".join(parts + ["0"] * (3 - len(parts)))
 
 
-def build_slices(inventory: Inventory, options: SliceOptions, generation: int) -> list[dict]:
+def build_slices(inventory: Inventory, options: SliceOptions, generation: int
+                 ) -> list[dict[str, Any]]:
     """All ResourceSlices of this node's pool, named and numbered."""
     groups = _groups(inventory, options)
     specs: list[dict[str, Any]] = []

@@ -26,7 +26,7 @@ from driver.inventory.discovery import discover
 from driver.inventory.model import Inventory
 from driver.nvml.mock import mock_provider
 from driver.resourceslice.build import SliceOptions, build_slices
-from driver.resourceslice.publish import ApiPublisher
+from driver.resourceslice.publish import ApiPublisher, SlicePool
 
 DRIVER = "gpu.dra.dev"
 NODE = "bench-node"
@@ -47,7 +47,7 @@ def publisher() -> Iterator[ApiPublisher]:
         api = cluster.api_client()
         with FakeNodeKeeper(api) as keeper:
             keeper.add(NODE)
-            yield ApiPublisher(api, DRIVER, NODE, "dynamic")
+            yield ApiPublisher(api, SlicePool(DRIVER, NODE, "dynamic"))
         api.close()
 
 

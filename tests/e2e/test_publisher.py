@@ -3,12 +3,9 @@ restores what others delete or edit, and rides out an API server outage."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,78 +17,19 @@ from driver.inventory.discovery import discover
 from driver.kube.api import api_request
 from driver.nvml import Provider
 from driver.nvml.mock import mock_provider
-from driver.resourceslice.build import MigMode, SliceOptions, build_slices
-from driver.resourceslice.publish import (
-    ApiPublisher,
-    Backoff,
-    PublishError,
-    PublishTimeout,
-    content,
-)
+from driver.resourceslice.build import SliceOptions, build_slices
+from driver.resourceslice.errors import PublishError, PublishTimeout
+from driver.resourceslice.plan import Backoff, content
+from driver.resourceslice.publish import PublishTiming
 from tests.e2e.helpers import SLICES, ControlPlane, unique, wait_for
-
-DRIVER = "gpu.dra.dev"
-WRITES = ("POST", "PUT", "PATCH", "DELETE")
-
-
-def counted(api: Any) -> list[tuple[str, str]]:
-    """Record every HTTP call ``api`` makes as (method, url): the publisher's own traffic."""
-    calls: list[tuple[str, str]] = []
-    real = api.call_api
-
-    def call_api(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
-        calls.append((method, url))
-        return real(method, url, *args, **kwargs)
-
-    api.call_api = call_api
-    return calls
-
-
-def writes(calls: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    return [c for c in calls if c[0] in WRITES]
-
-
-def pool(api: Any, node: str) -> list[dict[str, Any]]:
-    """This node's slices of our driver, as stored, by name."""
-    body = api_request(api, "GET", SLICES, query={
-        "fieldSelector": f"spec.nodeName={node},spec.driver={DRIVER}"}).expect(200)
-    return sorted(body["items"], key=lambda s: s["metadata"]["name"])
-
-
-def consistent(slices: list[dict[str, Any]]) -> bool:
-    """One generation, as many slices as each one says, no name twice."""
-    names = [s["metadata"]["name"] for s in slices]
-    return (len({s["spec"]["pool"]["generation"] for s in slices}) == 1
-            and {s["spec"]["pool"]["resourceSliceCount"] for s in slices} == {len(slices)}
-            and len(set(names)) == len(names))
-
-
-@contextlib.contextmanager
-def publisher_for(control_plane: ControlPlane, node: str, mig_mode: MigMode = "static",
-                  **kwargs: Any) -> Iterator[tuple[ApiPublisher, list[tuple[str, str]]]]:
-    """An ApiPublisher with its own API client (its calls counted); its pool is deleted
-    afterwards."""
-    api = control_plane.cluster.api_client()
-    calls = counted(api)
-    publisher = ApiPublisher(api, DRIVER, node, mig_mode, **kwargs)
-    try:
-        yield publisher, calls
-    finally:
-        publisher.cleanup()
-        api.close()
-
-
-@contextlib.contextmanager
-def resyncing(publisher: ApiPublisher) -> Iterator[threading.Thread]:
-    stop = threading.Event()
-    thread = threading.Thread(target=publisher.run_resync, args=(stop,), daemon=True)
-    thread.start()
-    try:
-        yield thread
-    finally:
-        stop.set()
-        thread.join(timeout=30)
-        assert not thread.is_alive(), "run_resync did not stop"
+from tests.support.publisher import (
+    DRIVER,
+    consistent,
+    pool,
+    publisher_for,
+    resyncing,
+    writes,
+)
 
 
 def mig(provider: Provider) -> Any:
@@ -209,7 +147,7 @@ def test_a_deleted_or_edited_slice_is_restored_by_the_watch(
     inventory = discover(mock_provider("dgx-h100"))
     # A resync period far beyond the test: only the watch can bring the slices back.
     reported: list[int] = []  # what the plugin's slice-writes metric is told
-    with publisher_for(control_plane, node, "dynamic", resync_period=600,
+    with publisher_for(control_plane, node, "dynamic", PublishTiming(resync_period=600),
                        on_writes=reported.append) as (publisher, calls):
         publisher.publish(inventory)
         original = pool(api, node)
@@ -271,8 +209,8 @@ def test_409_429_and_5xx_are_retried_until_the_pool_is_published(
         control_plane: ControlPlane, fake_node: Any, caplog: pytest.LogCaptureFixture) -> None:
     node = fake_node()
     inventory = discover(mock_provider("dgx-h100"))
-    backoff = Backoff(initial=0.05, cap=0.2)
-    with publisher_for(control_plane, node, "dynamic", backoff=backoff) as (publisher, _):
+    timing = PublishTiming(backoff=Backoff(initial=0.05, cap=0.2))
+    with publisher_for(control_plane, node, "dynamic", timing) as (publisher, _):
         injected = inject(publisher.api_client, {("GET", "resourceslices"): [503, 429],
                                            ("POST", "resourceslices"): [409, 500]})
         with caplog.at_level(logging.WARNING, logger="driver.resourceslice.publish"):
@@ -294,7 +232,8 @@ def test_what_retrying_cannot_fix_is_raised_and_the_loop_lives_on(
         control_plane: ControlPlane, fake_node: Any) -> None:
     node = fake_node()
     inventory = discover(mock_provider("l4-8x"))
-    with publisher_for(control_plane, node, resync_period=0.5) as (publisher, _):
+    with publisher_for(control_plane, node,
+                       timing=PublishTiming(resync_period=0.5)) as (publisher, _):
         inject(publisher.api_client, {("POST", "resourceslices"): [403, 403, 403]})
         with pytest.raises(PublishError, match="HTTP 403 injected 403"):
             publisher.publish(inventory)
@@ -308,7 +247,8 @@ def test_what_retrying_cannot_fix_is_raised_and_the_loop_lives_on(
 
 def test_a_missing_node_is_waited_for_not_fatal(control_plane: ControlPlane) -> None:
     node = unique("not-yet")
-    with publisher_for(control_plane, node, backoff=Backoff(initial=0.2, cap=0.5)) as (
+    with publisher_for(control_plane, node,
+                       timing=PublishTiming(backoff=Backoff(initial=0.2, cap=0.5))) as (
             publisher, calls):
         with pytest.raises(PublishTimeout, match=f"Node {node} to exist"):
             publisher.publish(discover(mock_provider("l4-8x")), timeout=2)
@@ -326,8 +266,8 @@ def test_the_driver_catches_up_after_a_30s_api_server_outage(
         own = ControlPlane(cluster=cluster, kubeconfig=cluster.kubeconfig, api=api)
         provider = mock_provider("a100-mig", tmp_path / "mig.json")
         remove_1g5gb_at_3(provider)
-        backoff = Backoff(initial=0.5, cap=4.0)
-        with publisher_for(own, "outage-node", backoff=backoff) as (publisher, _), \
+        timing = PublishTiming(backoff=Backoff(initial=0.5, cap=4.0))
+        with publisher_for(own, "outage-node", timing=timing) as (publisher, _), \
                 resyncing(publisher) as loop:
             publisher.publish(discover(provider))
             wait_for(lambda: publisher.syncs >= 2, "the resync loop to be watching")

@@ -20,7 +20,7 @@ import yaml
 from driver.inventory.discovery import discover
 from driver.kube.api import ApiResult, api_request
 from driver.nvml.mock import mock_provider
-from driver.resourceslice.publish import ApiPublisher
+from driver.resourceslice.publish import ApiPublisher, SlicePool
 from tests.e2e.chart import Helm, created, one
 from tests.e2e.helpers import SLICES, ControlPlane, create, delete, resource_slice, unique, wait_for
 
@@ -136,7 +136,7 @@ def test_driver_publishes_its_own_nodes_slices(
 ) -> None:
     api, node = driver_on_node
     selector = f"spec.nodeName={node},spec.driver={install.driver}"
-    publisher = ApiPublisher(api, install.driver, node, "dynamic")
+    publisher = ApiPublisher(api, SlicePool(install.driver, node, "dynamic"))
     first = publisher.publish(discover(mock_provider("a100-mig")), timeout=30)
     assert len(first.created) == 2
     # A machine with no MIG: one slice is updated, the other deleted.

@@ -23,10 +23,10 @@ from driver.inventory.discovery import discover
 from driver.inventory.model import Inventory
 from driver.nvml.mock import mock_provider
 from driver.plugin.sockets import other_plugin_alive, rolling_update_socket_name
-from driver.resourceslice.publish import ApiPublisher
+from driver.resourceslice.publish import ApiPublisher, PublishTiming
 from tests.e2e.helpers import ControlPlane, api_writes, wait_for
-from tests.e2e.test_publisher import DRIVER, consistent, pool, publisher_for, resyncing, writes
 from tests.support.plugin import new_uid, short_tmp
+from tests.support.publisher import DRIVER, consistent, pool, publisher_for, resyncing, writes
 
 OLD_DRIVER_VERSION = "535.129.3"  # dgx-h100's, as published
 NEW_DRIVER_VERSION = "580.95.5"  # 580.95.05 as a semantic version
@@ -127,7 +127,7 @@ def test_two_versions_side_by_side_write_a_bounded_number_of_times(
             alive = functools.partial(other_plugin_alive, registry, plugin_dir, DRIVER,
                                       (sock,))
             publisher, calls = stack.enter_context(publisher_for(
-                control_plane, node, resync_period=1, yield_poll=1,
+                control_plane, node, timing=PublishTiming(resync_period=1, yield_poll=1),
                 others_alive=alive if yields else None))
             made = Pod(publisher, calls, sock)
             stack.callback(made.stop)  # before publisher_for deletes the pool

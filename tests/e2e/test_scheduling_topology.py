@@ -19,7 +19,7 @@ from driver.inventory.model import Inventory
 from driver.kube.api import api_request
 from driver.nvml.mock import mock_provider
 from driver.resourceslice.build import MigMode, SliceOptions, build_slices
-from driver.resourceslice.publish import ApiPublisher
+from driver.resourceslice.publish import ApiPublisher, SlicePool
 from tests.e2e.helpers import (
     RESOURCE_V1,
     ControlPlane,
@@ -40,7 +40,7 @@ def published(control_plane: ControlPlane, node: str, inventory: Inventory,
               mig_mode: MigMode) -> Iterator[list[dict[str, Any]]]:
     """Publish ``inventory`` as ``node``'s pool; yields the slices; deletes them after."""
     api = control_plane.cluster.api_client()
-    publisher = ApiPublisher(api, DRIVER, node, mig_mode)
+    publisher = ApiPublisher(api, SlicePool(DRIVER, node, mig_mode))
     try:
         publisher.publish(inventory, timeout=60)
         yield build_slices(inventory, SliceOptions(DRIVER, node, mig_mode), 1)

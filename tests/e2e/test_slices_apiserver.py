@@ -11,7 +11,8 @@ from driver.inventory.discovery import discover
 from driver.kube.api import api_request
 from driver.nvml.mock import list_profiles, mock_provider
 from driver.resourceslice.build import MigMode, SliceOptions, build_slices, limit_violations
-from driver.resourceslice.publish import ApiPublisher, PublishError
+from driver.resourceslice.errors import PublishError
+from driver.resourceslice.publish import ApiPublisher, SlicePool
 from tests.e2e.helpers import SLICES, ControlPlane, submit_slice, unique
 
 DRIVER = "gpu.dra.dev"
@@ -30,7 +31,7 @@ def test_every_slice_is_created_and_stored_as_sent(
     node = fake_node(unique(f"{profile}-{mig_mode}"))
     inventory = discover(mock_provider(profile))
     api = control_plane.cluster.api_client()
-    publisher = ApiPublisher(api, DRIVER, node, mig_mode)  # counter layout: auto
+    publisher = ApiPublisher(api, SlicePool(DRIVER, node, mig_mode))  # counter layout: auto
     try:
         built = build_slices(inventory, SliceOptions(DRIVER, node, mig_mode, "split"), 1)
         assert limit_violations(built) == []
@@ -63,7 +64,7 @@ def test_the_137_server_refuses_the_combined_layout_auto_avoids(
 
     # Forced, the layout is used as is, and the server's refusal is an error, not a retry.
     api = control_plane.cluster.api_client()
-    forced = ApiPublisher(api, DRIVER, node, "dynamic", counter_layout="combined")
+    forced = ApiPublisher(api, SlicePool(DRIVER, node, "dynamic", counter_layout="combined"))
     try:
         with pytest.raises(PublishError, match="only one of `sharedCounters` or `devices`"):
             forced.publish(inventory, timeout=60)

@@ -13,7 +13,9 @@ from driver.inventory.discovery import discover
 from driver.inventory.model import Inventory
 from driver.nvml.mock import mock_provider
 from driver.resourceslice.build import MigMode, SliceOptions, build_slices
-from driver.resourceslice.publish import DirPublisher, PublishError, content
+from driver.resourceslice.dirpublisher import DirPublisher
+from driver.resourceslice.errors import PublishError
+from driver.resourceslice.plan import content
 
 DRIVER = "gpu.dra.dev"
 NODE = "node-a"

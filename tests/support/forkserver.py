@@ -21,6 +21,7 @@ from pathlib import Path
 def _serve() -> None:
     import driver.cli.main
     import driver.plugin.daemon
+    import driver.resourceslice.dirpublisher  # the local-directory publisher
     import driver.resourceslice.publish  # the ResourceSlice publisher, with the Kubernetes client
 
     for line in sys.stdin:

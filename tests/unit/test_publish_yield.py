@@ -7,8 +7,8 @@ import copy
 
 import pytest
 
-from driver.resourceslice.publish import Stance, overtaken, plan, stance
-from tests.unit.test_publish_plan import desired, stored
+from driver.resourceslice.plan import Stance, overtaken, plan, stance
+from tests.support.slices import desired, stored
 
 OURS = desired(200)  # two slices
 THEIRS = desired(200, numa_node=1)  # another version's content for the same devices
