@@ -11,8 +11,9 @@ arrows point down the data flow), and `tests/unit/test_layers.py` checks it.
 - `inventory`: what a node has: the device model, discovery through a provider, NVLink
   and PCIe topology (with the native clique partition), the table/JSON view. Imports `nvml`.
 - `resourceslice`: an inventory as ResourceSlices (`build`, pure), the writes that make the
-  published pool match (`plan`, pure), and the publishers to a directory or the API server.
-  Imports `inventory`, `nvml`, `kube`.
+  published pool match (`plan`, pure), and the publishers to a directory (`dirpublisher`)
+  or the API server (`publish`), with their errors (`errors`). Imports `inventory`, `nvml`,
+  `kube`.
 - `allocator`: the scheduler's allocation over slices, claims and classes: input checks,
   CEL selectors, pools, the ledger of what is taken, the problem model, the pure-Python
   reference and the Cython kernel (`driver._alloc`), the answer and its explanation.
@@ -35,9 +36,10 @@ The data flow from NVML to a CDI file: a provider answers `inventory.discovery`,
 builds an `Inventory`; `resourceslice.build` turns it into ResourceSlices that a publisher
 writes to the API server; the scheduler allocates a claim from them (as `allocator` does);
 the kubelet calls NodePrepareResources on `plugin.servers`; `plugin.state` reads the claim
-(`plugin.claims`), checks it against the ledger, records it in the checkpoint, acts on the
-devices (`plugin.mig`, `plugin.sharing`) and writes the claim's CDI spec (`plugin.cdi`),
-whose device ids go back to the kubelet for the container runtime.
+(`plugin.claims`), checks it against the ledger and records it in the checkpoint
+(`plugin.records`), then acts on the devices (`plugin.effects`, through `plugin.mig` and
+`plugin.sharing`) and writes the claim's CDI spec (`plugin.cdi`), whose device ids go back
+to the kubelet for the container runtime.
 """
 
 __version__ = "0.1.0"

@@ -42,6 +42,7 @@ from driver.plugin.devices import device_index
 from driver.plugin.driverfiles import driver_files, host_devices
 from driver.plugin.metrics import Metrics
 from driver.plugin.mig import MigManager
+from driver.plugin.node import DeviceTools, Identity, Paths, Published
 from driver.plugin.nodelock import LOCK_FILE
 from driver.plugin.servers import KUBELET_CALL_TIMEOUT, Servers
 from driver.plugin.sharing import timeslicer
@@ -139,7 +140,8 @@ class Plugin:
         o = self.options
         if self._publisher is not None and self._claims is not None:
             return self._publisher, self._claims
-        from driver.resourceslice.publish import ApiPublisher, DirPublisher
+        from driver.resourceslice.dirpublisher import DirPublisher
+        from driver.resourceslice.publish import ApiPublisher, SlicePool
 
         if o.local_dir is not None:
             layout: CounterLayout = "split" if o.counter_layout == "auto" else o.counter_layout
@@ -151,9 +153,9 @@ class Plugin:
             others_alive = functools.partial(
                 other_plugin_alive, o.registry_dir, o.plugin_dir, o.driver,
                 (o.registration_socket, o.dra_socket))
-            api_publisher = ApiPublisher(api, o.driver, o.node, o.mig_mode, o.counter_layout,
-                                         on_writes=self.metrics.slice_writes.inc,
-                                         others_alive=others_alive)
+            api_publisher = ApiPublisher(
+                api, SlicePool(o.driver, o.node, o.mig_mode, o.counter_layout),
+                on_writes=self.metrics.slice_writes.inc, others_alive=others_alive)
             threading.Thread(target=api_publisher.run_resync, args=(self._resync_stop,),
                              name="publish-resync", daemon=True).start()
             publisher, claims = api_publisher, ApiClaimSource(api)
@@ -174,21 +176,23 @@ class Plugin:
         for directory in (o.plugin_dir, o.cdi_root):
             directory.mkdir(parents=True, exist_ok=True)
         self.state = PluginState(
-            driver=o.driver, pool=o.node, inventory=inventory, index=index, claims=claims,
-            cdi_root=o.cdi_root, files=driver_files(o.driver_root, host_root, devices,
-                                                    o.cdi_hook),
-            devices=devices, host=self.provider.host, mig=MigManager(self.provider),
-            timeslicer=timeslicer(self.provider, o.driver_root),
-            checkpoint_path=o.checkpoint_path, boot_id=read_boot_id(o.boot_id_path),
-            metrics=self.metrics, dynamic_mig=o.mig_mode == "dynamic",
-            # the devices and counters published; the counter layout does not change them
-            slices=build_slices(inventory, SliceOptions(o.driver, o.node, o.mig_mode),
-                                generation=0),
-            lock_path=o.lock_path)
+            tools=DeviceTools(
+                files=driver_files(o.driver_root, host_root, devices, o.cdi_hook),
+                devices=devices, host=self.provider.host, mig=MigManager(self.provider),
+                timeslicer=timeslicer(self.provider, o.driver_root)),
+            identity=Identity(driver=o.driver, node=o.node,
+                              boot_id=read_boot_id(o.boot_id_path)),
+            published=Published(
+                inventory=inventory, index=index,
+                # the devices and counters published; the counter layout does not change them
+                slices=build_slices(inventory, SliceOptions(o.driver, o.node, o.mig_mode),
+                                    generation=0),
+                dynamic_mig=o.mig_mode == "dynamic"),
+            paths=Paths(checkpoint=o.checkpoint_path, cdi_root=o.cdi_root,
+                        node_lock=o.lock_path),
+            claim_source=claims, metrics=self.metrics)
         self.state.recover(lambda: remove_dead_sockets(o.registry_dir, o.plugin_dir, o.driver))
-        from driver.resourceslice.publish import (
-            PublishTimeout,  # the kubernetes client loads lazily
-        )
+        from driver.resourceslice.errors import PublishTimeout
 
         try:
             publisher.publish(inventory, timeout=START_PUBLISH_TIMEOUT)

@@ -15,7 +15,7 @@ the other process waits, this one lets no new call in, its calls in flight end, 
 other gets the lock however busy this one is (its own next calls wait for `.want` first,
 so the two alternate).
 
-Lock order, everywhere: claim locks, then this lock, then the state's ledger mutex.
+Lock order, everywhere: claim locks, then this lock, then the records' lock (`records`).
 """
 
 from __future__ import annotations

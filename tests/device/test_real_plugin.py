@@ -58,7 +58,7 @@ def plugin() -> Iterator[tuple[Node, Kubelet]]:
             [sys.executable, "-m", "driver.cli", "plugin", "--driver-root", "/",
              "--node-name", NODE, "--local-dir", str(node.local),
              "--kubelet-registry-dir", str(node.registry),
-             "--plugin-data-dir", str(node.plugin_dir), "--cdi-root", str(node.cdi),
+             "--plugin-data-dir", str(node.plugin_dir), "--cdi-root", str(node.cdi_root),
              "--mig-mode", "static", "--health-port", "0", "--metrics-port", "0"],
             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
         try:
@@ -92,7 +92,7 @@ def test_prepare_a_whole_gpu_writes_a_spec_of_real_files(plugin: tuple[Node, Kub
     assert [d["device"] for d in answer.devices] == [name]
     assert answer.devices[0]["cdiDeviceIDs"] == [f"k8s.gpu.dra.dev/claim={claim.uid}-{name}"]
 
-    spec = cdi_specs(node.cdi)[claim.uid]
+    spec = cdi_specs(node.cdi_root)[claim.uid]
     assert cdi_problems(spec) == []
     edits = [spec.get("containerEdits", {}), *(d["containerEdits"] for d in spec["devices"])]
     nodes = [n.get("hostPath", n["path"]) for e in edits for n in e.get("deviceNodes", [])]
@@ -105,6 +105,6 @@ def test_prepare_a_whole_gpu_writes_a_spec_of_real_files(plugin: tuple[Node, Kub
     assert [m for m in mounts if not Path(m).exists()] == []
 
     assert kubelet.unprepare([claim]) == {claim.uid: ""}
-    assert cdi_specs(node.cdi) == {}
+    assert cdi_specs(node.cdi_root) == {}
     assert json.loads(node.checkpoint.read_text()).get("claims", {}) == {}
     assert _gpu_settings() == before

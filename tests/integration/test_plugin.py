@@ -67,7 +67,7 @@ def test_prepare_writes_a_valid_spec_and_records_the_claim(node: Node, start: St
     assert [(d["device"], d["requestNames"], d["pool"]) for d in answer.devices] == \
         [("gpu-3", ["gpu"], NODE), ("gpu-5", ["extra"], NODE)]
     assert answer.devices[0]["cdiDeviceIDs"] == [f"k8s.{DRIVER}/claim={claim.uid}-gpu-3"]
-    spec = cdi_specs(node.cdi)[claim.uid]
+    spec = cdi_specs(node.cdi_root)[claim.uid]
     assert cdi_problems(spec) == []
     assert {d["name"]: d["containerEdits"]["deviceNodes"] for d in spec["devices"]} == {
         f"{claim.uid}-gpu-3": [{"path": "/dev/nvidia3"}],
@@ -79,7 +79,7 @@ def test_a_second_prepare_answers_the_same_and_changes_nothing(node: Node, start
     running = start()
     claim = make_claim(node.local, [result("gpu-0")])
     first = running.kubelet.prepare([claim])
-    files = [node.checkpoint, node.cdi / cdi.spec_file_name(DRIVER, claim.uid)]
+    files = [node.checkpoint, node.cdi_root / cdi.spec_file_name(DRIVER, claim.uid)]
     before = [(os.stat(f).st_ino, os.stat(f).st_mtime_ns) for f in files]
     assert running.kubelet.prepare([claim]) == first
     assert running.kubelet.prepare([claim], version="v1beta1") == first
@@ -92,7 +92,7 @@ def test_unprepare_removes_the_spec_and_the_record_and_may_repeat(node: Node,
     claim = make_claim(node.local, [result("gpu-1")])
     running.kubelet.prepare([claim], version="v1beta1")
     assert running.kubelet.unprepare([claim], version="v1beta1") == {claim.uid: ""}
-    assert cdi_specs(node.cdi) == {} and records(node) == {}
+    assert cdi_specs(node.cdi_root) == {} and records(node) == {}
     assert running.kubelet.unprepare([claim]) == {claim.uid: ""}
     # a claim the plugin never saw (deleted from the API server before a restart) too
     assert running.kubelet.unprepare([Claim("ns", "gone", new_uid())])
@@ -139,8 +139,8 @@ def test_each_bad_claim_fails_alone_and_leaves_nothing(node: Node, start: Start)
     assert answers[good.uid].error == "" and answers[good.uid].devices
     for uid, message in expected.items():
         assert message in answers[uid].error, (uid, answers[uid].error)
-    assert set(cdi_specs(node.cdi)) == {good.uid}
-    assert set(os.listdir(node.cdi)) == {cdi.spec_file_name(DRIVER, good.uid)}
+    assert set(cdi_specs(node.cdi_root)) == {good.uid}
+    assert set(os.listdir(node.cdi_root)) == {cdi.spec_file_name(DRIVER, good.uid)}
     assert set(records(node)) == {good.uid}
     assert running.kubelet.get_info().name == DRIVER  # and the plugin lives on
     assert running.kubelet.unprepare([not_uuid])[not_uuid.uid] == \
@@ -176,7 +176,7 @@ def test_a_share_id_does_not_get_past_a_device_held_whole(node: Node, start: Sta
     assert answers[alone.uid].error == (
         f"cannot prepare ResourceClaim ns/{alone.name}: device {DRIVER}/{NODE}/gpu-5 does not "
         "allow multiple allocations: shareID a2 cannot be prepared")
-    assert set(cdi_specs(node.cdi)) == {first.uid}
+    assert set(cdi_specs(node.cdi_root)) == {first.uid}
     assert set(running.plugin.state.records) == {first.uid}
 
 
@@ -185,9 +185,9 @@ def test_a_thousand_claims_in_one_call(node: Node, start: Start) -> None:
     claims = [make_claim(node.local, [result(f"gpu-{i % 8}", admin=True)]) for i in range(1000)]
     answers = running.kubelet.prepare(claims)
     assert len(answers) == 1000 and all(a.error == "" for a in answers.values())
-    assert len(cdi_specs(node.cdi)) == 1000
+    assert len(cdi_specs(node.cdi_root)) == 1000
     assert set(running.kubelet.unprepare(claims).values()) == {""}
-    assert cdi_specs(node.cdi) == {} and records(node) == {}
+    assert cdi_specs(node.cdi_root) == {} and records(node) == {}
 
 
 def test_time_slicing_is_set_and_reset(node: Node, start: Start) -> None:
@@ -197,7 +197,7 @@ def test_time_slicing_is_set_and_reset(node: Node, start: Start) -> None:
         opaque(gpu_config(strategy="TimeSlicing", timeSlicingConfig={"interval": "Long"}),
                requests=["gpu"])])
     running.kubelet.prepare([claim])
-    uuids = [running.plugin.state.index[f"gpu-{i}"].gpu.uuid for i in (2, 3)]
+    uuids = [running.plugin.state.published.index[f"gpu-{i}"].gpu.uuid for i in (2, 3)]
     assert [running.provider.nvml.timeslices[u] for u in uuids] == [3, 0]
     running.kubelet.unprepare([claim])
     assert [running.provider.nvml.timeslices[u] for u in uuids] == [0, 0]
@@ -223,7 +223,7 @@ def test_claims_prepare_in_parallel_and_one_claim_never_twice(node: Node,
     repeated = {str(a[claims[0].uid]) for a, c in zip(answers, calls, strict=True)
                 if c[0] == claims[0]}
     assert len(repeated) == 1
-    assert set(cdi_specs(node.cdi)) == {c.uid for c in claims}
+    assert set(cdi_specs(node.cdi_root)) == {c.uid for c in claims}
 
 
 @pytest.mark.parametrize(("stub", "pb"), [
@@ -322,7 +322,7 @@ def test_a_restart_keeps_prepared_claims(node: Node, start: Start) -> None:
     first.stop()
     second = start()
     held = f"ResourceClaim ns/{claim.name} ({claim.uid})"
-    assert second.plugin.state.ledger.exclusive == {DeviceRef(DRIVER, NODE, "gpu-7"): held}
+    assert second.plugin.state.records.ledger.exclusive == {DeviceRef(DRIVER, NODE, "gpu-7"): held}
     assert second.kubelet.prepare([claim]) == answer
     other = make_claim(node.local, [result("gpu-7")])
     assert f"gpu-7 is taken by {held}" in second.kubelet.prepare([other])[other.uid].error
@@ -331,11 +331,11 @@ def test_a_restart_keeps_prepared_claims(node: Node, start: Start) -> None:
 def test_start_rolls_back_half_done_work_and_removes_orphan_specs(node: Node,
                                                                   start: Start) -> None:
     half = Claim("ns", "half", new_uid())
-    spec_file = node.cdi / cdi.spec_file_name(DRIVER, half.uid)
-    orphan = node.cdi / cdi.spec_file_name(DRIVER, new_uid())
-    leftover = node.cdi / f".{cdi.spec_file_name(DRIVER, new_uid())}.x1y2.tmp"
-    other_vendor = node.cdi / "nvidia.com-gpu.yaml"
-    node.cdi.mkdir()
+    spec_file = node.cdi_root / cdi.spec_file_name(DRIVER, half.uid)
+    orphan = node.cdi_root / cdi.spec_file_name(DRIVER, new_uid())
+    leftover = node.cdi_root / f".{cdi.spec_file_name(DRIVER, new_uid())}.x1y2.tmp"
+    other_vendor = node.cdi_root / "nvidia.com-gpu.yaml"
+    node.cdi_root.mkdir()
     for path in (spec_file, orphan, leftover, other_vendor):
         path.write_text("{}")
     node.plugin_dir.mkdir()
@@ -348,7 +348,7 @@ def test_start_rolls_back_half_done_work_and_removes_orphan_specs(node: Node,
                                       (device,))}))
     running = start()
     assert records(node) == {}
-    assert sorted(os.listdir(node.cdi)) == ["nvidia.com-gpu.yaml"]
+    assert sorted(os.listdir(node.cdi_root)) == ["nvidia.com-gpu.yaml"]
     assert running.provider.nvml.timeslices == {gpu_2: 0}  # the half-done time slice undone
 
 
@@ -359,7 +359,7 @@ def test_after_a_reboot_every_preparation_is_void(node: Node, start: Start) -> N
     first.stop()
     node.boot_id.write_text(new_uid())
     second = start()
-    assert records(node) == {} and cdi_specs(node.cdi) == {}
+    assert records(node) == {} and cdi_specs(node.cdi_root) == {}
     assert second.kubelet.prepare([claim])[claim.uid].error == ""
 
 
@@ -367,11 +367,11 @@ def test_a_lost_spec_of_a_prepared_claim_is_written_again(node: Node, start: Sta
     claim = make_claim(node.local, [result("gpu-0")])
     first = start()
     first.kubelet.prepare([claim])
-    spec = cdi_specs(node.cdi)[claim.uid]
+    spec = cdi_specs(node.cdi_root)[claim.uid]
     first.stop()
-    (node.cdi / cdi.spec_file_name(DRIVER, claim.uid)).unlink()
+    (node.cdi_root / cdi.spec_file_name(DRIVER, claim.uid)).unlink()
     start()
-    assert cdi_specs(node.cdi)[claim.uid] == spec
+    assert cdi_specs(node.cdi_root)[claim.uid] == spec
 
 
 def test_a_damaged_checkpoint_stops_the_start_with_its_name(node: Node, start: Start) -> None:

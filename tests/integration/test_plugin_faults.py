@@ -45,7 +45,7 @@ GPU0 = "GPU-38ab404c-3055-5622-b266-e2d6fb39931a"
 
 def dynamic_daemon(node: Node, profile: Path, forks: ForkServer) -> Daemon:
     return Daemon(node, node.cli_args(str(profile), "--mig-mode", "dynamic",
-                                      "--mock-state", str(node.mock_state)), forks)
+                                      "--mock-state", str(node.mig_state)), forks)
 
 
 def converged(node: Node, claim: Claim, placement: tuple[int, int]) -> str:
@@ -53,16 +53,16 @@ def converged(node: Node, claim: Claim, placement: tuple[int, int]) -> str:
     loaded = checkpoint.load(node.checkpoint)  # readable, or this raises
     assert loaded is not None
     record = loaded.claims.get(claim.uid)
-    leftovers = [p for d in (node.cdi, node.plugin_dir) for p in d.iterdir()
+    leftovers = [p for d in (node.cdi_root, node.plugin_dir) for p in d.iterdir()
                  if p.name.endswith(".tmp")]
     assert leftovers == []
-    specs = cdi_specs(node.cdi)
+    specs = cdi_specs(node.cdi_root)
     if record is None:
-        assert live_mig(node.mock_state) == {}
+        assert live_mig(node.mig_state) == {}
         assert specs == {}
         return "rolled back"
     assert record.state == "PrepareCompleted"
-    assert live_mig(node.mock_state) == {GPU0: [(*placement, 1)]}
+    assert live_mig(node.mig_state) == {GPU0: [(*placement, 1)]}
     assert set(specs) == {claim.uid} and cdi_problems(specs[claim.uid]) == []
     return "prepared"
 
@@ -104,7 +104,7 @@ def test_sigkill_while_preparing_dynamic_mig_always_converges(node: Node,
         outcomes[outcome] += 1
         if outcome == "prepared":
             assert daemon.kubelet.unprepare([claim]) == {claim.uid: ""}
-        assert live_mig(node.mock_state) == {}, f"kill {i} (seed {seed})"
+        assert live_mig(node.mig_state) == {}, f"kill {i} (seed {seed})"
     assert daemon.stop() == 0
     print(f"seed {seed}, window {window * 1000:.1f} ms: {dict(outcomes)}")
 
@@ -135,7 +135,7 @@ def test_sigterm_removes_the_sockets_and_keeps_the_slices(node: Node) -> None:
     assert daemon.stop() == 0
     assert not node.registration_socket.exists() and not node.dra_socket.exists()
     assert node.slices()
-    assert set(cdi_specs(node.cdi)) == {claim.uid}  # prepared claims outlive the plugin
+    assert set(cdi_specs(node.cdi_root)) == {claim.uid}  # prepared claims outlive the plugin
     lines = [json.loads(line) for line in daemon.output().splitlines()]
     assert any(line.get("claim") == claim.uid and "prepared" in line["msg"] for line in lines)
 
@@ -169,4 +169,4 @@ def test_a_checkpoint_of_another_schema_version_is_read_and_kept(node: Node) -> 
     written = json.loads(node.checkpoint.read_text())
     assert written["futureSetting"] == {"x": 1}
     assert written["claims"][claim.uid]["futureField"] == [1, 2]
-    assert (node.cdi / cdi.spec_file_name(DRIVER, other.uid)).exists()
+    assert (node.cdi_root / cdi.spec_file_name(DRIVER, other.uid)).exists()

@@ -39,7 +39,7 @@ def records(node: Node) -> dict[str, ClaimRecord]:
 
 
 def dynamic(start: Start, node: Node, profile: Path | None = None) -> object:
-    return start(str(profile or mig_profile(node.root / "mig.yaml")), mock_state=node.mock_state,
+    return start(str(profile or mig_profile(node.root / "mig.yaml")), mock_state=node.mig_state,
                  mig_mode="dynamic")
 
 
@@ -49,8 +49,8 @@ def test_prepare_creates_the_device_at_its_placement_and_unprepare_destroys_it(
     claim = make_claim(node.local, [result("gpu-0-mig-3g40gb-4", request="mig")])
     answer = running.kubelet.prepare([claim])[claim.uid]
     assert answer.error == ""
-    assert live_mig(node.mock_state) == {GPU0: [(PROFILE_3G, 4, 1)]}
-    spec = cdi_specs(node.cdi)[claim.uid]
+    assert live_mig(node.mig_state) == {GPU0: [(PROFILE_3G, 4, 1)]}
+    spec = cdi_specs(node.cdi_root)[claim.uid]
     assert cdi_problems(spec) == []
     # GPU instance 2 (the 4-slice half at 4), compute instance 0: caps 3 + 9*2 and + 1
     assert spec["devices"][0]["containerEdits"]["deviceNodes"] == [
@@ -58,7 +58,7 @@ def test_prepare_creates_the_device_at_its_placement_and_unprepare_destroys_it(
         {"path": "/dev/nvidia-caps/nvidia-cap21", "type": "c", "major": 241, "minor": 21},
         {"path": "/dev/nvidia-caps/nvidia-cap22", "type": "c", "major": 241, "minor": 22}]
     assert running.kubelet.unprepare([claim]) == {claim.uid: ""}
-    assert live_mig(node.mock_state) == {} and cdi_specs(node.cdi) == {}
+    assert live_mig(node.mig_state) == {} and cdi_specs(node.cdi_root) == {}
 
 
 def test_several_mig_devices_of_one_claim_on_two_gpus(node: Node, start: Start) -> None:
@@ -66,11 +66,11 @@ def test_several_mig_devices_of_one_claim_on_two_gpus(node: Node, start: Start) 
     claim = make_claim(node.local, [result("gpu-0-mig-1g10gb-0"), result("gpu-0-mig-1g10gb-1"),
                                     result("gpu-1-mig-4g40gb-0", request="big")])
     assert running.kubelet.prepare([claim])[claim.uid].error == ""
-    assert live_mig(node.mock_state) == {GPU0: [(PROFILE_1G, 0, 1), (PROFILE_1G, 1, 1)],
+    assert live_mig(node.mig_state) == {GPU0: [(PROFILE_1G, 0, 1), (PROFILE_1G, 1, 1)],
                                          GPU1: [(PROFILE_4G, 0, 1)]}
-    assert len(cdi_specs(node.cdi)[claim.uid]["devices"]) == 3
+    assert len(cdi_specs(node.cdi_root)[claim.uid]["devices"]) == 3
     running.kubelet.unprepare([claim])
-    assert live_mig(node.mock_state) == {}
+    assert live_mig(node.mig_state) == {}
 
 
 def test_a_failed_compute_instance_rolls_back_its_gpu_instance(node: Node, start: Start) -> None:
@@ -80,8 +80,8 @@ def test_a_failed_compute_instance_rolls_back_its_gpu_instance(node: Node, start
     claim = make_claim(node.local, [result("gpu-0-mig-1g10gb-3")])
     error = running.kubelet.prepare([claim])[claim.uid].error
     assert "cannot create the compute instance of MIG 1g.10gb at 3:1" in error
-    assert live_mig(node.mock_state) == {}
-    assert cdi_specs(node.cdi) == {} and running.plugin.state.records == {}
+    assert live_mig(node.mig_state) == {}
+    assert cdi_specs(node.cdi_root) == {} and running.plugin.state.records == {}
 
 
 def test_a_claim_whose_later_device_fails_undoes_the_earlier_ones(node: Node,
@@ -93,8 +93,8 @@ def test_a_claim_whose_later_device_fails_undoes_the_earlier_ones(node: Node,
                                     result("gpu-1-mig-3g40gb-0", request="second")])
     error = running.kubelet.prepare([claim])[claim.uid].error
     assert f"cannot create MIG 3g.40gb at 0:4 on {GPU1}: " in error
-    assert live_mig(node.mock_state) == {}
-    assert cdi_specs(node.cdi) == {}
+    assert live_mig(node.mig_state) == {}
+    assert cdi_specs(node.cdi_root) == {}
     healthy = make_claim(node.local, [result("gpu-0-mig-3g40gb-0")])
     assert running.kubelet.prepare([healthy])[healthy.uid].error == ""  # nothing was left
 
@@ -117,7 +117,7 @@ def test_devices_sharing_hardware_with_a_prepared_claim_are_refused(node: Node,
         assert f" of {DRIVER}/{NODE}/gpu-0-counter-set is overdrawn by " in error
         assert holder in error
     assert answers[beside.uid].error == ""
-    assert live_mig(node.mock_state) == {GPU0: [(PROFILE_4G, 0, 1), (PROFILE_3G, 4, 1)]}
+    assert live_mig(node.mig_state) == {GPU0: [(PROFILE_4G, 0, 1), (PROFILE_3G, 4, 1)]}
     assert set(records(node)) == {half.uid, beside.uid}
 
 
@@ -133,8 +133,8 @@ def test_two_claims_asking_one_mig_placement_in_one_call_get_it_once(
     assert answers[refused[0]].error.endswith(
         f"device {DRIVER}/{NODE}/gpu-1-mig-2g20gb-2 is taken by ResourceClaim "
         f"ns/{winner.name} ({winner.uid})")
-    assert live_mig(node.mock_state) == {GPU1: [(PROFILE_2G, 2, 1)]}
-    assert set(records(node)) == {winner.uid} and set(cdi_specs(node.cdi)) == {winner.uid}
+    assert live_mig(node.mig_state) == {GPU1: [(PROFILE_2G, 2, 1)]}
+    assert set(records(node)) == {winner.uid} and set(cdi_specs(node.cdi_root)) == {winner.uid}
 
 
 def test_a_whole_gpu_then_its_partition_is_refused_and_nothing_is_made(
@@ -145,8 +145,8 @@ def test_a_whole_gpu_then_its_partition_is_refused_and_nothing_is_made(
     part = make_claim(node.local, [result("gpu-1-mig-1g10gb-0"), result("gpu-0-mig-1g10gb-6")])
     error = running.kubelet.prepare([part])[part.uid].error
     assert f"also held by gpu-0 (ResourceClaim ns/{whole.name} ({whole.uid}))" in error
-    assert live_mig(node.mock_state) == {}  # its free GPU-1 device was not made either
-    assert set(records(node)) == {whole.uid} and set(cdi_specs(node.cdi)) == {whole.uid}
+    assert live_mig(node.mig_state) == {}  # its free GPU-1 device was not made either
+    assert set(records(node)) == {whole.uid} and set(cdi_specs(node.cdi_root)) == {whole.uid}
 
 
 def test_the_ledger_is_rebuilt_from_the_checkpoint_at_start(node: Node, start: Start) -> None:
@@ -157,13 +157,13 @@ def test_the_ledger_is_rebuilt_from_the_checkpoint_at_start(node: Node, start: S
     first.stop()
     second = dynamic(start, node, profile)
     key = f"ResourceClaim ns/{claim.name} ({claim.uid})"
-    assert second.plugin.state.ledger.exclusive == {
+    assert second.plugin.state.records.ledger.exclusive == {
         DeviceRef(DRIVER, NODE, "gpu-0-mig-3g40gb-0"): key}
     overlapping = make_claim(node.local, [result("gpu-0-mig-1g10gb-3")])
     assert f"also held by gpu-0-mig-3g40gb-0 ({key})" in \
         second.kubelet.prepare([overlapping])[overlapping.uid].error
     assert second.kubelet.unprepare([claim]) == {claim.uid: ""}
-    assert second.plugin.state.ledger.claims() == []
+    assert second.plugin.state.records.ledger.claims() == []
     assert second.kubelet.prepare([overlapping])[overlapping.uid].error == ""
 
 
@@ -174,13 +174,13 @@ def test_stray_mig_devices_are_destroyed_at_start_and_claimed_ones_kept(
     claim = make_claim(node.local, [result("gpu-1-mig-1g10gb-6")])
     first.kubelet.prepare([claim])
     first.stop()
-    outside = mock_provider(str(profile), node.mock_state)  # e.g. an admin's nvidia-smi
+    outside = mock_provider(str(profile), node.mig_state)  # e.g. an admin's nvidia-smi
     outside.nvml.nvmlInit()
-    gpu0 = next(g for g in first.plugin.state.inventory.gpus if g.uuid == GPU0)
+    gpu0 = next(g for g in first.plugin.state.published.inventory.gpus if g.uuid == GPU0)
     MigManager(outside).create(gpu0, gpu0.mig_profiles[0], gpu0.mig_profiles[0].placements[2])
-    assert GPU0 in live_mig(node.mock_state)
+    assert GPU0 in live_mig(node.mig_state)
     dynamic(start, node, profile)
-    assert live_mig(node.mock_state) == {GPU1: [(PROFILE_1G, 6, 1)]}
+    assert live_mig(node.mig_state) == {GPU1: [(PROFILE_1G, 6, 1)]}
 
 
 def mig_mode(mock_state: Path) -> dict[str, bool]:
@@ -190,43 +190,43 @@ def mig_mode(mock_state: Path) -> dict[str, bool]:
 
 def test_mig_mode_follows_what_is_prepared_on_a_gpu_with_mig_off(node: Node,
                                                                  start: Start) -> None:
-    running = start("h100-80gb-hbm3", mock_state=node.mock_state, mig_mode="dynamic")
+    running = start("h100-80gb-hbm3", mock_state=node.mig_state, mig_mode="dynamic")
     part = make_claim(node.local, [result("gpu-0-mig-1g10gb-0")])
     assert running.kubelet.prepare([part])[part.uid].error == ""
-    assert mig_mode(node.mock_state) == {H100: True}
-    assert live_mig(node.mock_state) == {H100: [(PROFILE_1G, 0, 1)]}
+    assert mig_mode(node.mig_state) == {H100: True}
+    assert live_mig(node.mig_state) == {H100: [(PROFILE_1G, 0, 1)]}
     # GPU instance 7 (the 1-slice at 0), compute instance 0: caps 3 + 9*7 and + 1
-    assert [n["path"] for n in cdi_specs(node.cdi)[part.uid]["devices"][0]["containerEdits"][
+    assert [n["path"] for n in cdi_specs(node.cdi_root)[part.uid]["devices"][0]["containerEdits"][
         "deviceNodes"]] == ["/dev/nvidia0", "/dev/nvidia-caps/nvidia-cap66",
                             "/dev/nvidia-caps/nvidia-cap67"]
     assert running.kubelet.unprepare([part]) == {part.uid: ""}
-    assert live_mig(node.mock_state) == {} and mig_mode(node.mock_state) == {H100: True}
+    assert live_mig(node.mig_state) == {} and mig_mode(node.mig_state) == {H100: True}
     whole = make_claim(node.local, [result("gpu-0")])
     assert running.kubelet.prepare([whole])[whole.uid].error == ""
-    assert mig_mode(node.mock_state) == {H100: False}
-    assert [n["path"] for n in cdi_specs(node.cdi)[whole.uid]["devices"][0]["containerEdits"][
+    assert mig_mode(node.mig_state) == {H100: False}
+    assert [n["path"] for n in cdi_specs(node.cdi_root)[whole.uid]["devices"][0]["containerEdits"][
         "deviceNodes"]] == ["/dev/nvidia0"]
 
 
 def test_a_whole_gpu_is_refused_while_mig_devices_live_on_it(node: Node, start: Start) -> None:
-    running = start("h100-80gb-hbm3", mock_state=node.mock_state, mig_mode="dynamic")
+    running = start("h100-80gb-hbm3", mock_state=node.mig_state, mig_mode="dynamic")
     part = make_claim(node.local, [result("gpu-0-mig-1g10gb-0")])
     assert running.kubelet.prepare([part])[part.uid].error == ""
     whole = make_claim(node.local, [result("gpu-0")])  # allocated against the counters
     assert f"also held by gpu-0-mig-1g10gb-0 (ResourceClaim ns/{part.name} ({part.uid}))" in \
         running.kubelet.prepare([whole])[whole.uid].error
     running.kubelet.unprepare([part])
-    outside = mock_provider("h100-80gb-hbm3", node.mock_state)  # e.g. an admin's nvidia-smi
+    outside = mock_provider("h100-80gb-hbm3", node.mig_state)  # e.g. an admin's nvidia-smi
     outside.nvml.nvmlInit()
-    gpu = running.plugin.state.inventory.gpus[0]
+    gpu = running.plugin.state.published.inventory.gpus[0]
     profile = next(p for p in gpu.mig_profiles if p.id == PROFILE_1G)
     MigManager(outside).create(gpu, profile, profile.placements[3])
     error = running.kubelet.prepare([whole])[whole.uid].error
     assert error == (f"cannot use the whole GPU {H100}: MIG mode is on and MIG devices still "
                      "exist on it (1g.10gb at 3); unprepare the claims that hold them first")
-    assert mig_mode(node.mock_state) == {H100: True}
-    assert live_mig(node.mock_state) == {H100: [(PROFILE_1G, 3, 1)]}
-    assert cdi_specs(node.cdi) == {} and running.plugin.state.records == {}
+    assert mig_mode(node.mig_state) == {H100: True}
+    assert live_mig(node.mig_state) == {H100: [(PROFILE_1G, 3, 1)]}
+    assert cdi_specs(node.cdi_root) == {} and running.plugin.state.records == {}
 
 
 def test_a_gpu_that_cannot_enable_mig_fails_the_claim_cleanly(node: Node, start: Start) -> None:
@@ -237,8 +237,8 @@ def test_a_gpu_that_cannot_enable_mig_fails_the_claim_cleanly(node: Node, start:
     error = running.kubelet.prepare([claim])[claim.uid].error
     assert error.startswith(f"cannot enable MIG mode on {H100}: ")
     assert error.endswith("; a process is using the GPU")
-    assert mig_mode(node.mock_state) == {} and live_mig(node.mock_state) == {}
-    assert cdi_specs(node.cdi) == {} and running.plugin.state.records == {}
+    assert mig_mode(node.mig_state) == {} and live_mig(node.mig_state) == {}
+    assert cdi_specs(node.cdi_root) == {} and running.plugin.state.records == {}
 
 
 def test_a_failed_creation_turns_mig_mode_off_again(node: Node, start: Start) -> None:
@@ -247,16 +247,16 @@ def test_a_failed_creation_turns_mig_mode_off_again(node: Node, start: Start) ->
     running = dynamic(start, node, profile)
     claim = make_claim(node.local, [result("gpu-0-mig-1g10gb-0")])
     assert "cannot create MIG 1g.10gb at 0:1" in running.kubelet.prepare([claim])[claim.uid].error
-    assert mig_mode(node.mock_state) == {H100: False} and live_mig(node.mock_state) == {}
+    assert mig_mode(node.mig_state) == {H100: False} and live_mig(node.mig_state) == {}
 
 
 def test_static_mig_devices_are_injected_as_they_are(node: Node, start: Start) -> None:
-    running = start("a100-mig", mock_state=node.mock_state)
-    before = node.mock_state.exists()
+    running = start("a100-mig", mock_state=node.mig_state)
+    before = node.mig_state.exists()
     claim = make_claim(node.local, [result("gpu-0-mig-3g20gb-4")])
     assert running.kubelet.prepare([claim])[claim.uid].error == ""
-    nodes = cdi_specs(node.cdi)[claim.uid]["devices"][0]["containerEdits"]["deviceNodes"]
+    nodes = cdi_specs(node.cdi_root)[claim.uid]["devices"][0]["containerEdits"]["deviceNodes"]
     assert [n["path"] for n in nodes] == ["/dev/nvidia0", "/dev/nvidia-caps/nvidia-cap21",
                                           "/dev/nvidia-caps/nvidia-cap22"]
     running.kubelet.unprepare([claim])
-    assert node.mock_state.exists() == before  # no MIG change was made
+    assert node.mig_state.exists() == before  # no MIG change was made

@@ -88,7 +88,7 @@ def test_two_pods_serve_side_by_side_on_sockets_named_after_their_uids(
 
 def test_concurrent_prepares_through_both_pods_never_double_book(
         node: Node, forks: ForkServer) -> None:
-    args = ("--mig-mode", "dynamic", "--mock-state", str(node.mock_state))
+    args = ("--mig-mode", "dynamic", "--mock-state", str(node.mig_state))
     profile = str(mig_profile(node.root / "mig.yaml", base="h100-80gb-hbm3", gpus=(0,)))
     old = pod(node, forks, "old", *args, profile=profile)
     new = pod(node, forks, "new", *args, profile=profile)
@@ -106,18 +106,18 @@ def test_concurrent_prepares_through_both_pods_never_double_book(
                if answer.error == ""}
         for a, b in pairs:
             assert len(won & {a.uid, b.uid}) <= 1
-        assert prepared(node) == won and set(cdi_specs(node.cdi)) == won
+        assert prepared(node) == won and set(cdi_specs(node.cdi_root)) == won
         assert pairs[3][0].uid in won or pairs[3][1].uid in won  # nothing overlaps it
         placements = {"gpu-0-mig-1g10gb-0": (19, 0), "gpu-0-mig-1g10gb-3": (19, 3),
                       "gpu-0-mig-4g40gb-0": (5, 0), "gpu-0-mig-3g40gb-4": (9, 4)}
         winners = [devices[i] for i, (a, b) in enumerate(pairs) if {a.uid, b.uid} & won]
-        assert sorted(live_mig(node.mock_state)[GPU0]) == sorted(
+        assert sorted(live_mig(node.mig_state)[GPU0]) == sorted(
             (*placements[d], 1) for d in winners)
         for daemon, claim in calls:
             if claim.uid in won:  # unprepared through the other pod
                 other = new if daemon is old else old
                 assert other.kubelet.unprepare([claim]) == {claim.uid: ""}
-        assert prepared(node) == set() and live_mig(node.mock_state) == {}
+        assert prepared(node) == set() and live_mig(node.mig_state) == {}
     finally:
         old.stop()
         new.stop()
@@ -137,7 +137,7 @@ def test_a_claim_prepared_through_one_pod_is_seen_through_the_other(
             new.kubelet.prepare([rival])[rival.uid].error
         assert new.kubelet.unprepare([claim]) == {claim.uid: ""}
         assert old.kubelet.prepare([rival])[rival.uid].error == ""  # the old pod saw it go
-        assert prepared(node) == {rival.uid} and set(cdi_specs(node.cdi)) == {rival.uid}
+        assert prepared(node) == {rival.uid} and set(cdi_specs(node.cdi_root)) == {rival.uid}
     finally:
         old.stop()
         new.stop()
@@ -174,20 +174,20 @@ def test_a_call_waits_for_the_other_pod_and_answers_busy_at_its_deadline(
         outcome = running.plugin.state.prepare([_ref(claim)], time.monotonic() + 0.5)
     assert outcome[claim.uid].reason == "busy"
     assert str(lock) in (outcome[claim.uid].error or "")
-    assert cdi_specs(node.cdi) == {} and running.plugin.state.records == {}
+    assert cdi_specs(node.cdi_root) == {} and running.plugin.state.records == {}
     assert running.kubelet.prepare([claim])[claim.uid].error == ""  # once it is free
 
 
 def test_a_claim_the_other_pod_left_half_done_is_rolled_back_and_prepared(
         node: Node, start: Start) -> None:
     profile = str(mig_profile(node.root / "mig.yaml", base="h100-80gb-hbm3", gpus=(0,)))
-    running = start(profile, mock_state=node.mock_state, mig_mode="dynamic", pod_uid=new_uid())
+    running = start(profile, mock_state=node.mig_state, mig_mode="dynamic", pod_uid=new_uid())
     claim = make_claim(node.local, [result("gpu-0-mig-2g20gb-2")])
     # the other pod died in the middle of preparing it: its record and its MIG device stay
-    gpu = running.plugin.state.inventory.gpus[0]
+    gpu = running.plugin.state.published.inventory.gpus[0]
     two = next(p for p in gpu.mig_profiles if p.id == PROFILE_2G)
     placement = next(p for p in two.placements if p.start == 2)
-    outside = mock_provider(profile, node.mock_state)
+    outside = mock_provider(profile, node.mig_state)
     outside.nvml.nvmlInit()
     MigManager(outside).create(gpu, two, placement)
     device = PreparedDevice(("gpu",), NODE, "gpu-0-mig-2g20gb-2", (), GPU0,
@@ -199,9 +199,9 @@ def test_a_claim_the_other_pod_left_half_done_is_rolled_back_and_prepared(
                                    (device,))}))
     assert running.kubelet.prepare([claim])[claim.uid].error == ""
     assert prepared(node) == {claim.uid}
-    assert live_mig(node.mock_state) == {GPU0: [(PROFILE_2G, 2, 1)]}
+    assert live_mig(node.mig_state) == {GPU0: [(PROFILE_2G, 2, 1)]}
     assert running.kubelet.unprepare([claim]) == {claim.uid: ""}
-    assert live_mig(node.mock_state) == {} and cdi_specs(node.cdi) == {}
+    assert live_mig(node.mig_state) == {} and cdi_specs(node.cdi_root) == {}
 
 
 def _ref(claim: Claim) -> ClaimRef:
@@ -216,7 +216,7 @@ def test_a_checkpoint_the_other_pod_damaged_fails_the_call_not_the_plugin(
     error = running.kubelet.prepare([claim])[claim.uid].error
     assert error.startswith(f"checkpoint {node.checkpoint}: not JSON")
     assert running.kubelet.get_info().name == DRIVER
-    assert cdi_specs(node.cdi) == {}
+    assert cdi_specs(node.cdi_root) == {}
 
 
 OTHER_POD = """
@@ -360,7 +360,7 @@ def test_a_checkpoint_rewritten_to_the_same_size_and_time_is_read_again(
     x = make_claim(node.local, [result("gpu-1")])
     y = make_claim(node.local, [result("gpu-1")])
     assert running.kubelet.prepare([x])[x.uid].error == ""
-    (node.cdi / cdi.spec_file_name(DRIVER, x.uid)).unlink()
+    (node.cdi_root / cdi.spec_file_name(DRIVER, x.uid)).unlink()
     before = os.stat(node.checkpoint)
     text = node.checkpoint.read_text().replace(x.uid, y.uid).replace(x.name, y.name)
     with open(node.checkpoint, "r+") as out:
@@ -372,7 +372,7 @@ def test_a_checkpoint_rewritten_to_the_same_size_and_time_is_read_again(
         (before.st_ino, before.st_size, before.st_mtime_ns)
     assert running.kubelet.prepare([y])[y.uid].error == ""  # prepared, by the other pod
     assert set(running.plugin.state.records) == {y.uid}
-    assert set(cdi_specs(node.cdi)) == {y.uid}
+    assert set(cdi_specs(node.cdi_root)) == {y.uid}
 
 
 def test_a_start_removes_the_sockets_a_killed_pod_left(node: Node, forks: ForkServer

@@ -31,6 +31,7 @@ from driver._proto.dra_v1beta1 import api_pb2 as dra_v1beta1
 from driver._proto.dra_v1beta1 import api_pb2_grpc as dra_v1beta1_grpc
 from driver._proto.pluginregistration_v1 import api_pb2 as reg_v1
 from driver._proto.pluginregistration_v1 import api_pb2_grpc as reg_v1_grpc
+from driver.devcluster.node import PluginFolders
 from driver.nvml.profile import PROFILES_DIR
 from driver.plugin import cdi
 from driver.plugin.sockets import grpc_address
@@ -213,23 +214,15 @@ PROC_DEVICES = "Character devices:\n  1 mem\n195 nvidia-frontend\n238 nvidia-uvm
                "241 nvidia-caps\n\nBlock devices:\n  8 sd\n"
 
 
-@dataclass
-class Node:
-    """One node's directories, as `gpu-dra plugin` uses them, under a short temp root."""
-
-    root: Path
+@dataclass(frozen=True)
+class Node(PluginFolders):
+    """One node's directories under a short temp root: the plugin's (`PluginFolders`, as
+    the e2e tier and `demo --cluster` lay them out) and the in-process tests' own (the
+    local slice directory, the registry, the boot id)."""
 
     @property
     def local(self) -> Path:
         return self.root / "local"
-
-    @property
-    def cdi(self) -> Path:
-        return self.root / "cdi"
-
-    @property
-    def plugin_dir(self) -> Path:
-        return self.root / "plugin"
 
     @property
     def registry(self) -> Path:
@@ -238,14 +231,6 @@ class Node:
     @property
     def boot_id(self) -> Path:
         return self.root / "boot_id"
-
-    @property
-    def mock_state(self) -> Path:
-        return self.root / "mig-state.json"
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.plugin_dir / "checkpoint.json"
 
     @property
     def dra_socket(self) -> Path:
@@ -267,7 +252,7 @@ class Node:
         self.prepare_dirs()
         fields: dict[str, Any] = dict(
             driver=DRIVER, node=NODE, registry_dir=self.registry, plugin_dir=self.plugin_dir,
-            cdi_root=self.cdi, local_dir=self.local, boot_id_path=self.boot_id,
+            cdi_root=self.cdi_root, local_dir=self.local, boot_id_path=self.boot_id,
             proc_devices=self.root / "proc-devices")
         fields.update(overrides)
         return PluginOptions(**fields)
@@ -280,7 +265,7 @@ class Node:
             ["--kubeconfig", str(kubeconfig)]
         return ["plugin", "--mock", profile, "--node-name", node_name, *source,
                 "--kubelet-registry-dir", str(self.registry),
-                "--plugin-data-dir", str(self.plugin_dir), "--cdi-root", str(self.cdi),
+                "--plugin-data-dir", str(self.plugin_dir), "--cdi-root", str(self.cdi_root),
                 "--health-port", "0", "--metrics-port", "0", *extra]
 
     def slices(self) -> list[dict[str, Any]]:

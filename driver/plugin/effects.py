@@ -1,0 +1,173 @@
+"""What preparing a claim does to the node, and what undoes it: MIG devices created (and,
+in dynamic MIG mode, MIG mode turned off for a whole GPU), time slices set, the claim's
+CDI spec written with the device nodes the container runtime gives the container. A
+claim's effects are all or nothing: `apply` undoes what it did when a step fails, and
+`teardown` tries every undo step and reports each failure. At start, `sweep_mig` and
+`remove_specs_except` remove what no recorded claim explains.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from driver.errors import DriverError, PluginError
+from driver.plugin import cdi
+from driver.plugin.cdi import DeviceNode
+from driver.plugin.checkpoint import ClaimRecord, MigInstance, PreparedDevice
+from driver.plugin.claims import ClaimError, ClaimRef
+from driver.plugin.mig import MigFailure
+from driver.plugin.node import DeviceTools, Published
+from driver.plugin.sharing import SharingFailure
+
+log = logging.getLogger(__name__)
+
+
+class ApplyFailure(PluginError):
+    """A claim's devices could not be prepared (what was done is undone, or the message
+    says which undo steps failed too); `reason` as the step that failed gave it."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class Effects:
+    def __init__(self, driver: str, cdi_root: Path, published: Published,
+                 tools: DeviceTools) -> None:
+        self.driver = driver
+        self.cdi_root = cdi_root
+        self.published = published
+        self.tools = tools
+
+    # -- a claim -----------------------------------------------------------------------
+
+    def apply(self, ref: ClaimRef, devices: Sequence[PreparedDevice]
+              ) -> tuple[PreparedDevice, ...]:
+        """Act on the claim's devices and write its CDI spec; the devices as done (with
+        the ids of the MIG devices created). ApplyFailure if a step fails, after undoing
+        the steps before it."""
+        index, tools = self.published.index, self.tools
+        done: list[PreparedDevice] = []
+        try:
+            created: dict[str, MigInstance] = {}
+            for device in devices:
+                target = index[device.device]
+                if self.published.dynamic_mig and target.kind == "gpu" and \
+                        target.gpu.mig_profiles and not device.admin_access:
+                    tools.mig.disable(target.gpu)  # its partitions are free (counters)
+                if device.created_mig is not None and device.device not in created:
+                    assert target.dynamic_profile is not None and target.placement
+                    made = tools.mig.create(target.gpu, target.dynamic_profile,
+                                            target.placement)
+                    created[device.device] = replace(device.created_mig, gi_id=made.gi_id,
+                                                     ci_id=made.ci_id)
+                if device.created_mig is not None:
+                    device = replace(device, created_mig=created[device.device])
+                if device.timeslice is not None:
+                    tools.timeslicer.set(device.gpu_uuid, device.timeslice)
+                done.append(device)
+                if device.config is not None and device.config.get("sharing", {}).get(
+                        "strategy") == "MPS":
+                    log.warning("device %s: MPS settings are validated and recorded; this "
+                                "version does not start an MPS control daemon",
+                                device.device)
+            self.write_spec(ref.uid, done)
+        except Exception as err:  # expected: MigFailure, SharingFailure, OSError, ClaimError
+            log.error("preparing ResourceClaim %s failed: %s; rolling back", ref, err,
+                      exc_info=not isinstance(err, MigFailure | SharingFailure | OSError |
+                                              ClaimError))
+            problems = self.teardown(ref.uid, done)
+            message = str(err) if not problems else \
+                f"{err}; rollback also failed: {'; '.join(problems)}"
+            raise ApplyFailure(err.reason if isinstance(err, DriverError) else "device_error",
+                               message) from None
+        return tuple(done)
+
+    def teardown(self, uid: str, devices: Iterable[PreparedDevice]) -> list[str]:
+        """Undo a claim's devices (MIG devices it created, time slices it set) and remove its
+        spec; every step is tried, and each failure is returned."""
+        problems = []
+        for device in devices:
+            try:
+                if device.created_mig is not None:
+                    self.tools.mig.destroy(device.gpu_uuid, device.created_mig.profile_id,
+                                           device.created_mig.start)
+                if device.timeslice is not None:
+                    self.tools.timeslicer.set(device.gpu_uuid, "Default")
+            except (MigFailure, SharingFailure) as err:
+                problems.append(str(err))
+        try:
+            self.remove_spec(uid)
+        except OSError as err:
+            problems.append(f"cannot remove the CDI spec: {err}")
+        return problems
+
+    # -- CDI specs ---------------------------------------------------------------------
+
+    def has_spec(self, uid: str) -> bool:
+        return (self.cdi_root / cdi.spec_file_name(self.driver, uid)).exists()
+
+    def write_spec(self, uid: str, devices: Sequence[PreparedDevice]) -> None:
+        """The claim's CDI spec, one CDI device per device of the claim; ClaimError if a
+        device is no longer published or its MIG device nodes are unknown."""
+        specs: dict[str, cdi.CdiDevice] = {}
+        for device in devices:
+            if device.device not in specs:
+                specs[device.device] = cdi.CdiDevice(cdi.device_name(uid, device.device),
+                                                     self._nodes(device))
+        spec = cdi.build_spec(self.driver, list(specs.values()), self.tools.files)
+        cdi.write_spec(self.cdi_root, self.driver, uid, spec)
+
+    def remove_spec(self, uid: str) -> None:
+        cdi.remove_spec(self.cdi_root, self.driver, uid)
+
+    def remove_specs_except(self, uids: Collection[str]) -> None:
+        """Remove the CDI specs of this driver's claims other than `uids`."""
+        for uid, path in cdi.claim_specs(self.cdi_root, self.driver).items():
+            if uid not in uids:
+                log.info("removing the CDI spec of a claim that is not prepared: %s", path)
+                self.remove_spec(uid)
+
+    def _nodes(self, device: PreparedDevice) -> tuple[DeviceNode, ...]:
+        target = self.published.index.get(device.device)
+        if target is None:
+            raise ClaimError("unknown_device", f"device {device.device} is no longer "
+                                               "published by this node")
+        gpu = target.gpu
+        if target.placement is None:
+            return (self.tools.devices.gpu_node(gpu),)
+        if target.static_mig is not None:
+            mig = target.static_mig
+            minors = None if mig.gi_cap_minor is None or mig.ci_cap_minor is None else \
+                (mig.gi_cap_minor, mig.ci_cap_minor)
+        else:
+            made = device.created_mig
+            assert made is not None and made.gi_id is not None and made.ci_id is not None
+            minors = self.tools.host.mig_minors(gpu.minor, made.gi_id, made.ci_id)
+        if minors is None:
+            raise ClaimError("device_error", f"device {device.device}: the /dev/nvidia-caps "
+                                             "minors of its MIG instance are unknown "
+                                             "(/proc/driver/nvidia/capabilities)")
+        return self.tools.devices.mig_nodes(gpu, minors)
+
+    # -- MIG ---------------------------------------------------------------------------
+
+    def sweep_mig(self, records: Iterable[ClaimRecord]) -> None:
+        """Dynamic MIG owns the MIG devices: any the records do not explain is destroyed,
+        so the free placements are what the published slices promise."""
+        wanted = {(d.gpu_uuid, d.created_mig.profile_id, d.created_mig.start)
+                  for r in records for d in r.devices if d.created_mig is not None}
+        for gpu in self.published.inventory.gpus:
+            if not gpu.mig_profiles:  # MIG mode may have changed since discovery
+                continue
+            try:
+                for live in self.tools.mig.live(gpu):
+                    if (gpu.uuid, live.profile_id, live.start) not in wanted:
+                        log.warning("destroying MIG GPU instance %d on %s that no prepared "
+                                    "claim holds", live.gi_id, gpu.uuid)
+                        self.tools.mig.destroy(gpu.uuid, live.profile_id, live.start)
+            except MigFailure as err:  # e.g. in use: a claim that needs it fails cleanly
+                log.error("%s", err)
