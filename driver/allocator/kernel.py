@@ -20,7 +20,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from driver import _alloc
 from driver.allocator.input import MAX_RESULTS, Claim, DeviceClass
@@ -30,6 +30,9 @@ from driver.allocator.reference import Found
 from driver.allocator.reference import optimize as ref_optimize
 from driver.allocator.reference import solve as ref_solve
 from driver.errors import AllocatorError
+
+if TYPE_CHECKING:  # the search's answer, as native/_alloc.pyx builds it
+    from driver._alloc import _RunResult
 
 _MASK = (1 << 64) - 1
 _LIMIT = 1 << 62
@@ -56,7 +59,7 @@ def optimize(p: Problem, budget: int) -> Found:
     return _found(_alloc.run(packed.devices, packed.claims, packed.ledger, 1, budget), p)
 
 
-def _found(raw: tuple[Any, ...], p: Problem) -> Found:
+def _found(raw: _RunResult, p: Problem) -> Found:
     status, picks, alts, (err_e, err_d, err_kind), nodes, has_best = raw
     if status == -1:
         return Found("error", error_kind="max-size", nodes=nodes)
@@ -88,23 +91,23 @@ def _check(values: list[int]) -> list[int]:
     return values
 
 
-def _i8(values: list[Any]) -> array:
+def _i8(values: list[Any]) -> array[int]:
     return array("b", [1 if v else 0 for v in values] or [0])
 
 
-def _i32(values: list[int]) -> array:
+def _i32(values: list[int]) -> array[int]:
     return array("i", values or [0])
 
 
-def _i64(values: list[int]) -> array:
+def _i64(values: list[int]) -> array[int]:
     return array("q", values or [0])
 
 
-def _u32(values: list[int]) -> array:
+def _u32(values: list[int]) -> array[int]:
     return array("I", values or [0])
 
 
-def _u64(values: list[int]) -> array:
+def _u64(values: list[int]) -> array[int]:
     return array("Q", values or [0])
 
 
@@ -115,7 +118,7 @@ class NodeArrays:
 
     devices: _alloc.DeviceArrays
     multi_bits: int  # devices that allow multiple allocations, as a bitset
-    nothing: array  # n_devices zeros: the node model's all-false flags, packed
+    nothing: array[int]  # n_devices zeros: the node model's all-false flags, packed
 
     @property
     def words(self) -> int:
@@ -173,7 +176,7 @@ def _constraint_words(plan: ConstraintPlan, w: int) -> tuple[list[int], list[int
     return plan.packed
 
 
-def _flags(p: Problem, flags: list[bool], static: NodeArrays) -> array:
+def _flags(p: Problem, flags: list[bool], static: NodeArrays) -> array[int]:
     """The node model's all-false list is packed once."""
     if p.static is not None and flags is p.static.no_blocks:
         return static.nothing
@@ -258,7 +261,7 @@ class Plan:
 
     claims: tuple[Claim, ...]  # keeps the objects whose ids key the cache alive
     problem: Problem | None = None
-    prepared: Any = None
+    prepared: _alloc.Prepared | None = None
     error: AllocationError | None = None
 
 
@@ -312,7 +315,7 @@ class NodeKernel:
         self._plans[key] = found
         return found
 
-    def state(self, ledger: Ledger) -> Any:
+    def state(self, ledger: Ledger) -> _alloc.Dynamic | None:
         """The ledger's part for this node (`_alloc.Dynamic`); None where counters
         leave the kernel's range."""
         exclusive, shares, index = ledger.exclusive, ledger.shares, self.index
@@ -328,8 +331,8 @@ class NodeKernel:
                         shared.append(i)
         return self.tables.state(whole, shared)
 
-    def search(self, plan: Plan, state: Any, optimize: bool, budget: int) -> Found:
-        assert plan.problem is not None
+    def search(self, plan: Plan, state: _alloc.Dynamic, optimize: bool, budget: int) -> Found:
+        assert plan.problem is not None and plan.prepared is not None
         return _found(plan.prepared.run(state, 1 if optimize else 0, budget), plan.problem)
 
 

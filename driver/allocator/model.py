@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from math import lcm
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from driver.allocator.cel import SelectorError
 from driver.allocator.input import MAX_RESULTS, Claim, DeviceClass, Request
@@ -21,6 +21,9 @@ from driver.allocator.ledger import DeviceRef, Ledger
 from driver.allocator.pools import Device, Pool
 from driver.errors import AllocatorError
 from driver.kube.quantity import parse_quantity
+
+if TYPE_CHECKING:  # kernel imports this module, and needs the built extension
+    from driver.allocator.kernel import NodeArrays
 
 MATCH, DISTINCT = 0, 1
 
@@ -61,7 +64,8 @@ class ConstraintPlan:
     attribute: str
     values: list[int]  # value id per device; -1: the device lacks the attribute
     groups: list[int]  # value id -> bitset of devices with that value
-    packed: Any = None  # the kernel's words for the groups, made once
+    # the kernel's words for the groups and for "has the attribute", made once
+    packed: tuple[list[int], list[int]] | None = None
 
 
 @dataclass
@@ -91,7 +95,7 @@ class Problem:
     set_island: list[int]
     island_free: list[int]
     has_errors: bool = False
-    static: Any = None  # the NodeModel it came from (the kernel caches arrays on it)
+    static: NodeModel | None = None  # the model it came from (the kernel caches arrays on it)
 
     @property
     def n(self) -> int:
@@ -120,7 +124,7 @@ class NodeModel:
         self.multi_devices = [i for i, m in enumerate(self.multi) if m]
         self._requests: dict[tuple[Any, ...], _Classified] = {}
         self._constraints: dict[tuple[str, str], ConstraintPlan] = {}
-        self.packed: dict[str, Any] | None = None  # the kernel's arrays of the above
+        self.packed: NodeArrays | None = None  # the kernel's arrays of the above
 
     def problem(self, claims: Sequence[Claim], classes: Mapping[str, DeviceClass],
                 ledger: Ledger) -> Problem:

@@ -279,7 +279,8 @@ class KubeletStandin(ChildProcess):
 
     def pod(self, uid: str) -> dict[str, Any] | None:
         """The pod's latest status (namespace, name, uid, state, containers, claims)."""
-        return _read_json(self.status_dir / "pods" / f"{uid}.json")
+        status = _read_json(self.status_dir / "pods" / f"{uid}.json")
+        return status if isinstance(status, dict) else None
 
     def grpc_calls(self) -> list[tuple[str, str, int]]:
         """(full gRPC method, status code, count) of the DRA calls the kubelet code made,

@@ -105,7 +105,8 @@ class ApiClaimSource:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            response = self.api.read_namespaced_resource_claim(
+            # not preloaded: the raw urllib3 response, so the claim is read as sent
+            response: Any = self.api.read_namespaced_resource_claim(
                 ref.name, ref.namespace, _preload_content=False, _request_timeout=self.timeout)
         except ApiException as err:
             if err.status == 404:

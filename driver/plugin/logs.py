@@ -31,17 +31,21 @@ def claim_context(uid: str) -> Iterator[None]:
         _CLAIM.reset(token)
 
 
+def _claim_of(record: logging.LogRecord) -> str:
+    """The claim UID `_ClaimFilter` (or a caller's `extra`) put on the record."""
+    return str(record.__dict__.get("claim") or "")
+
+
 class _ClaimFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        if not hasattr(record, "claim"):
-            record.claim = _CLAIM.get()
+        record.__dict__.setdefault("claim", _CLAIM.get())
         return True
 
 
 class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        claim = f" claim={record.claim}" if getattr(record, "claim", "") else ""
+        claim = f" claim={uid}" if (uid := _claim_of(record)) else ""
         line = (f"{stamp}.{int(record.msecs):03d}Z {record.levelname[0]} "
                 f"{record.name}: {record.getMessage()}{claim}")
         if record.exc_info:
@@ -53,8 +57,8 @@ class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {"ts": round(record.created, 3), "level": record.levelname.lower(),
                  "logger": record.name, "msg": record.getMessage()}
-        if getattr(record, "claim", ""):
-            entry["claim"] = record.claim
+        if claim := _claim_of(record):
+            entry["claim"] = claim
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)
         return json.dumps(entry)

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -143,7 +143,7 @@ class HealthStreamServicer:
             self.stopping.wait(HEALTH_RESEND)
 
 
-class RegistrationServicer:
+class RegistrationServicer(reg_v1_grpc.RegistrationServicer):
     def __init__(self, driver: str, endpoint: Path) -> None:
         self.driver = driver
         self.endpoint = endpoint
@@ -213,16 +213,22 @@ class Servers:
         self.registration = RegistrationServicer(driver, dra_socket)
         self.probe = ProbeServicer(registration_socket, dra_socket)
         self._dra = grpc.server(ThreadPoolExecutor(DRA_WORKERS, thread_name_prefix="dra"))
-        dra_v1_grpc.add_DRAPluginServicer_to_server(
-            DraServicer(state, metrics, dra_v1, share_ids=True, stopping=self.stopping),
+        # One servicer class per service serves every version of it, given the version's
+        # messages (`pb`); the generated base classes differ only in those message types.
+        dra_v1_grpc.add_DRAPluginServicer_to_server(cast(
+            dra_v1_grpc.DRAPluginServicer,
+            DraServicer(state, metrics, dra_v1, share_ids=True, stopping=self.stopping)),
             self._dra)
-        dra_v1beta1_grpc.add_DRAPluginServicer_to_server(
-            DraServicer(state, metrics, dra_v1beta1, share_ids=False, stopping=self.stopping),
+        dra_v1beta1_grpc.add_DRAPluginServicer_to_server(cast(
+            dra_v1beta1_grpc.DRAPluginServicer,
+            DraServicer(state, metrics, dra_v1beta1, share_ids=False, stopping=self.stopping)),
             self._dra)
-        health_v1_grpc.add_DRAResourceHealthServicer_to_server(
-            HealthStreamServicer(pool, index, health_v1, self.stopping), self._dra)
-        health_v1alpha1_grpc.add_DRAResourceHealthServicer_to_server(
-            HealthStreamServicer(pool, index, health_v1alpha1, self.stopping), self._dra)
+        health_v1_grpc.add_DRAResourceHealthServicer_to_server(cast(
+            health_v1_grpc.DRAResourceHealthServicer,
+            HealthStreamServicer(pool, index, health_v1, self.stopping)), self._dra)
+        health_v1alpha1_grpc.add_DRAResourceHealthServicer_to_server(cast(
+            health_v1alpha1_grpc.DRAResourceHealthServicer,
+            HealthStreamServicer(pool, index, health_v1alpha1, self.stopping)), self._dra)
         self._registration = grpc.server(ThreadPoolExecutor(2, thread_name_prefix="reg"))
         reg_v1_grpc.add_RegistrationServicer_to_server(self.registration, self._registration)
         self._probe: grpc.Server | None = None
