@@ -44,7 +44,7 @@ def read_text(path: Path, limit: int = MAX_BYTES) -> str:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as err:
-        raise LoadError(str(path), err.strerror or str(err)) from None
+        raise LoadError(str(path), err.strerror or str(err)) from err  # the cause: its errno
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise LoadError(str(path), "not a regular file")

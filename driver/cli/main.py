@@ -96,7 +96,8 @@ def cmd_plugin(args: argparse.Namespace) -> int:
     try:
         return run(options, provider_from_args(args))
     except CheckpointError as err:
-        raise UsageError(f"{err}; move it away to start without it") from err
+        raise UsageError(f"{err}; not starting: it records the claims prepared on this "
+                         "node, so repair the field named or restore the file") from err
     except PublishError as err:
         raise UsageError(f"cannot publish ResourceSlices: {err}") from err
     except OSError as err:  # a port in use, a directory that cannot be created

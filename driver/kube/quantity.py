@@ -16,7 +16,7 @@ from math import ceil
 
 from driver.errors import KubeError
 
-_QUANTITY = re.compile(r"^([+-]?)(\d+\.?\d*|\.\d+)(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?\d+)?$")
+_QUANTITY = re.compile(r"([+-]?)(\d+\.?\d*|\.\d+)(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?\d+)?")
 _BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
 _DECIMAL = {"n": -9, "u": -6, "m": -3, "": 0, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
 _NANO = Fraction(1, 10**9)
@@ -28,7 +28,7 @@ class QuantityError(KubeError, ValueError):
 @lru_cache(maxsize=4096)
 def parse_quantity(text: str) -> Fraction:
     """`80Gi`, `1500m`, `1e3` -> the exact value; finer than 1n rounds up, like the API."""
-    match = _QUANTITY.match(text.strip()) if isinstance(text, str) else None
+    match = _QUANTITY.fullmatch(text) if isinstance(text, str) else None
     if not match:
         raise QuantityError(f"{text!r} is not a quantity (e.g. 40Gi, 1500m, 2)")
     sign, number, suffix = match.group(1), match.group(2), match.group(3) or ""

@@ -8,9 +8,9 @@ from functools import lru_cache
 from driver.errors import KubeError
 
 _SEMVER = re.compile(
-    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
     r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
-    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$")
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?")
 
 
 class SemverError(KubeError, ValueError):
@@ -20,7 +20,7 @@ class SemverError(KubeError, ValueError):
 @lru_cache(maxsize=4096)
 def parse_semver(text: str) -> tuple[int, int, int, tuple[tuple[int, int | str], ...]]:
     """A sortable key: (major, minor, patch, prerelease). Build metadata does not order."""
-    match = _SEMVER.match(text) if isinstance(text, str) else None
+    match = _SEMVER.fullmatch(text) if isinstance(text, str) else None
     if not match:
         raise SemverError(f"{text!r} is not a semantic version (e.g. 1.2.3)")
     pre = match.group(4)
@@ -34,7 +34,7 @@ def parse_semver(text: str) -> tuple[int, int, int, tuple[tuple[int, int | str],
 
 def normalize_semver(text: str) -> str:
     """`v1.2` -> `1.2.0`, as the K8s `semver(s, true)` function reads loose versions."""
-    match = re.match(r"^v?(\d+)(?:\.(\d+))?(?:\.(\d+))?(.*)$", text)
+    match = re.fullmatch(r"v?(\d+)(?:\.(\d+))?(?:\.(\d+))?(.*)", text)
     if not match:
         return text
     major, minor, patch, rest = match.groups()

@@ -19,15 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from driver.atomicfile import remove_leftovers, write_atomically
+from driver.kube.names import is_uuid
 
 CLASS = "claim"
 VERSIONS = ("0.3.0", "0.4.0", "0.5.0", "0.6.0", "0.7.0", "0.8.0", "1.0.0", "1.1.0")
 LIBRARY_MOUNT_OPTIONS = ("ro", "nosuid", "nodev", "rbind", "rprivate")
 
-_VENDOR = re.compile(r"^[A-Za-z]([A-Za-z0-9_.-]*[A-Za-z0-9])?$")
-_CLASS = re.compile(r"^[A-Za-z]([A-Za-z0-9_.-]*[A-Za-z0-9])?$")
-_DEVICE_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?$")
-_UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+# CDI's name rules (container-device-interface/pkg/parser), each matched against the whole
+# name: a pattern ending in `$` would also accept a trailing newline
+_VENDOR = re.compile(r"[A-Za-z]([A-Za-z0-9_.-]*[A-Za-z0-9])?")
+_CLASS = re.compile(r"[A-Za-z]([A-Za-z0-9_.-]*[A-Za-z0-9])?")
+_DEVICE_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?")
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,7 @@ def spec_problems(spec: dict[str, Any]) -> list[str]:
         problems.append(f"cdiVersion: {version} is lower than {minimum_version(spec)}, "
                         "which the fields used need")
     vendor_part, slash, class_part = str(spec.get("kind", "")).partition("/")
-    if not slash or not _VENDOR.match(vendor_part) or not _CLASS.match(class_part) or \
+    if not slash or not _VENDOR.fullmatch(vendor_part) or not _CLASS.fullmatch(class_part) or \
             "/" in class_part:
         problems.append(f"kind: {spec.get('kind')!r} is not <vendor>/<class>")
     elif len(class_part) > 63 or len(vendor_part) > 253:
@@ -167,7 +169,7 @@ def spec_problems(spec: dict[str, Any]) -> list[str]:
     if not names:
         problems.append("devices: a spec needs at least one device")
     for name in names:
-        if not _DEVICE_NAME.match(name):
+        if not _DEVICE_NAME.fullmatch(name):
             problems.append(f"devices: {name!r} is not a valid CDI device name")
     if len(set(names)) != len(names):
         problems.append("devices: names are not unique")
@@ -195,10 +197,9 @@ def claim_specs(cdi_root: Path, driver: str) -> dict[str, Path]:
     files of writes that were killed."""
     prefix = f"{vendor(driver)}-{CLASS}_"
     remove_leftovers(cdi_root, prefix)
-    pattern = re.compile(re.escape(prefix) + f"({_UUID})" + r"\.json$")
     found = {}
     for path in cdi_root.glob(f"{prefix}*.json"):
-        match = pattern.match(path.name)
-        if match:
-            found[match.group(1)] = path
+        uid = path.name.removeprefix(prefix).removesuffix(".json")
+        if is_uuid(uid):
+            found[uid] = path
     return found

@@ -21,8 +21,11 @@ from typing import Any, Literal
 
 from driver.atomicfile import write_atomically
 from driver.errors import PluginError
+from driver.kube.names import is_uuid
+from driver.safeload import LoadError, json_document, read_text
 
 SCHEMA_VERSION = 1
+MAX_BYTES = 256 << 20  # about 600,000 prepared claims; bounds what a start reads
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 
 State = Literal["PrepareStarted", "PrepareCompleted", "UnprepareStarted"]
@@ -188,6 +191,12 @@ class _Reader:
             config=self.take(obj, "config", dict, where, default=None),
             extra={k: v for k, v in obj.items() if k not in _DEVICE_KEYS})
 
+    def uid(self, key: str) -> str:
+        """A record's key: a claim UID, as it goes into CDI spec names and ids."""
+        if not is_uuid(key):
+            raise self.fail(f"claims.{key!r}", "the key is not a claim UID")
+        return key
+
     def claim(self, uid: str, value: Any, where: str) -> ClaimRecord:
         obj = self.obj(value, where)
         state = self.take(obj, "state", str, where)
@@ -205,7 +214,8 @@ class _Reader:
         claims = self.obj(top.get("claims", {}), "claims")
         return Checkpoint(
             boot_id=self.take(top, "nodeBootID", str, "(top)", default=""),
-            claims={uid: self.claim(uid, c, f"claims.{uid}") for uid, c in claims.items()},
+            claims={self.uid(uid): self.claim(uid, c, f"claims.{uid}")
+                    for uid, c in claims.items()},
             schema_version=self.take(top, "schemaVersion", int, "(top)", default=0),
             extra={k: v for k, v in top.items() if k not in _TOP_KEYS})
 
@@ -219,13 +229,15 @@ def from_json(data: Any, file: str = "checkpoint") -> Checkpoint:
 def load(path: Path) -> Checkpoint | None:
     """The checkpoint at `path`, None if there is none yet."""
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return None
+        text = read_text(path, MAX_BYTES)
+    except LoadError as err:
+        if isinstance(err.__cause__, FileNotFoundError):
+            return None
+        raise CheckpointError(f"checkpoint {path}: cannot read it: {err.problem}") from None
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"checkpoint {path}: not JSON: {err}") from None
+        data = json_document(text, f"checkpoint {path}")
+    except LoadError as err:
+        raise CheckpointError(str(err)) from None
     return from_json(data, str(path))
 
 

@@ -9,23 +9,17 @@ DNS labels and names DNS subdomains.
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import yaml
-
 from driver.errors import PluginError
+from driver.kube.names import is_label, is_subdomain, is_uuid
 from driver.plugin.config import ConfigError, OpaqueConfig, parse_allocation_configs
+from driver.safeload import LoadError, json_document, read_text, yaml_document
 
 MAX_CLAIM_FILE_BYTES = 3 * 1024 * 1024  # etcd's object limit is 1.5 MiB; leave room for YAML
-
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+API_VERSION = "resource.k8s.io/v1"  # what the plugin reads claims as (ResourceV1Api)
 
 
 class ClaimError(PluginError):
@@ -46,12 +40,12 @@ class ClaimRef:
 
     def check(self) -> None:
         """Refuse identifiers that are not what Kubernetes allows (and could be paths)."""
-        if not _UUID.match(self.uid):
+        if not is_uuid(self.uid):
             raise ClaimError("bad_request", f"claim uid {self.uid!r} is not a UUID")
-        if not _LABEL.match(self.namespace):
+        if not is_label(self.namespace):
             raise ClaimError("bad_request",
                              f"claim namespace {self.namespace!r} is not a DNS label")
-        if len(self.name) > 253 or not _SUBDOMAIN.match(self.name):
+        if not is_subdomain(self.name):
             raise ClaimError("bad_request", f"claim name {self.name!r} is not a DNS subdomain")
 
     def __str__(self) -> str:
@@ -73,22 +67,13 @@ class DirClaimSource:
     def get(self, ref: ClaimRef) -> dict[str, Any]:
         path = self.root / ref.namespace / f"{ref.name}.yaml"
         try:
-            with path.open("rb") as f:
-                data = f.read(MAX_CLAIM_FILE_BYTES + 1)
-        except FileNotFoundError:
-            raise ClaimError("not_found", f"ResourceClaim {ref} not found "
-                                          f"({path} does not exist)") from None
-        except OSError as err:
-            raise ClaimError("not_found", f"ResourceClaim {ref}: cannot read {path}: "
-                                          f"{err.strerror}") from None
-        if len(data) > MAX_CLAIM_FILE_BYTES:
-            raise ClaimError("bad_claim", f"ResourceClaim {ref}: {path} is larger than "
-                                          f"{MAX_CLAIM_FILE_BYTES} bytes")
-        try:
-            claim = yaml.load(data, Loader=_Loader)  # a safe loader (libyaml when built)
-        except yaml.YAMLError as err:
-            raise ClaimError("bad_claim", f"ResourceClaim {ref}: {path} is not YAML: "
-                                          f"{err}") from None
+            # a regular file only, read without blocking: a FIFO must not hang the call
+            claim = yaml_document(read_text(path, MAX_CLAIM_FILE_BYTES), str(path))
+        except LoadError as err:
+            if isinstance(err.__cause__, FileNotFoundError):
+                raise ClaimError("not_found", f"ResourceClaim {ref} not found "
+                                              f"({path} does not exist)") from None
+            raise ClaimError("bad_claim", f"ResourceClaim {ref}: {err}") from None
         return checked_claim(claim, ref)
 
 
@@ -116,13 +101,21 @@ class ApiClaimSource:
         except Exception as err:  # connection refused, timeout: the kubelet retries
             raise ClaimError("api_error",
                              f"ResourceClaim {ref}: cannot reach the API server: {err}") from None
-        return checked_claim(json.loads(response.data), ref)
+        try:
+            claim = json_document(response.data, f"ResourceClaim {ref} from the API server")
+        except LoadError as err:
+            raise ClaimError("bad_claim", str(err)) from None
+        return checked_claim(claim, ref)
 
 
 def checked_claim(claim: Any, ref: ClaimRef) -> dict[str, Any]:
     """The claim if it is the one the kubelet means and it is allocated."""
     if not isinstance(claim, dict) or not isinstance(claim.get("metadata"), dict):
         raise ClaimError("bad_claim", f"ResourceClaim {ref}: not a ResourceClaim object")
+    kind = (claim.get("apiVersion"), claim.get("kind"))
+    if kind != (API_VERSION, "ResourceClaim"):
+        raise ClaimError("bad_claim", f"ResourceClaim {ref}: apiVersion {kind[0]!r}, kind "
+                                      f"{kind[1]!r}: must be {API_VERSION} ResourceClaim")
     uid = claim["metadata"].get("uid")
     if uid != ref.uid:
         raise ClaimError("uid_mismatch", f"ResourceClaim {ref} has uid {uid}, not {ref.uid}: "
@@ -166,6 +159,7 @@ def claim_allocation(claim: dict[str, Any], driver: str, pool: str) -> ClaimAllo
     if not isinstance(results, list):
         raise ClaimError("bad_claim", f"{where}.results: must be a list")
     devices: list[AllocatedDevice] = []
+    seen: dict[tuple[str, str | None], int] = {}
     for i, result in enumerate(results):
         at = f"{where}.results[{i}]"
         if not isinstance(result, dict):
@@ -179,10 +173,17 @@ def claim_allocation(claim: dict[str, Any], driver: str, pool: str) -> ClaimAllo
             raise ClaimError("wrong_pool", f"{at}: device {result['device']} is in pool "
                                            f"{result['pool']}, not this node's pool {pool}")
         share_id = result.get("shareID")
+        share_id = share_id if isinstance(share_id, str) else None
+        # one device twice is a claim no scheduler makes, unless shared (distinct shareIDs)
+        first = seen.setdefault((result["device"], share_id), i)
+        if first != i:
+            raise ClaimError("bad_claim", f"{at}: device {result['device']} is also "
+                                          f"results[{first}]" + (f", shareID {share_id}"
+                                                                 if share_id else ""))
         devices.append(AllocatedDevice(
             request=result["request"], pool=result["pool"], device=result["device"],
             admin_access=result.get("adminAccess") is True,
-            share_id=share_id if isinstance(share_id, str) else None))
+            share_id=share_id))
     try:
         configs = parse_allocation_configs(devices_part.get("config"), driver)
     except ConfigError as err:

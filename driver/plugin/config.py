@@ -30,7 +30,7 @@ MAX_PARAMETERS_BYTES = 10 * 1024  # what the API server allows for opaque parame
 # nvidia-smi compute-policy --set-timeslice values.
 TIMESLICE_INTERVALS: dict[str, int] = {"Default": 0, "Short": 1, "Medium": 2, "Long": 3}
 
-_DEVICE_KEY = re.compile(r"^(gpu-[0-9]+|GPU-[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12})$")
+_DEVICE_KEY = re.compile(r"gpu-[0-9]+|GPU-[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}")
 
 
 class ConfigError(PluginError, ValueError):
@@ -67,7 +67,7 @@ class MpsConfig(_Strict):
             _check_quantity(self.defaultPinnedDeviceMemoryLimit, "defaultPinnedDeviceMemoryLimit")
         for key, value in (self.defaultPerDevicePinnedMemoryLimit or {}).items():
             where = f"defaultPerDevicePinnedMemoryLimit.{key}"
-            if not _DEVICE_KEY.match(key):
+            if not _DEVICE_KEY.fullmatch(key):
                 raise ValueError(f"{where}: the key must be a device name (gpu-0) or a GPU UUID")
             _check_quantity(value, where)
         return self

@@ -14,8 +14,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -140,14 +141,30 @@ def test_sigterm_removes_the_sockets_and_keeps_the_slices(node: Node) -> None:
     assert any(line.get("claim") == claim.uid and "prepared" in line["msg"] for line in lines)
 
 
-def test_a_damaged_checkpoint_is_reported_in_one_line(node: Node) -> None:
+def _fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+@pytest.mark.parametrize(("damage", "problem"), [
+    (lambda path: path.write_text("{not json"), "line 1: not JSON"),
+    (lambda path: path.write_text("[" * 5000 + "]" * 5000), "nested deeper than 100 levels"),
+    (lambda path: path.write_bytes(b'{"claims": {"\xff": 1}}'), "not UTF-8 text"),
+    (_fifo, "not a regular file"),
+    (lambda path: path.write_text(json.dumps({"claims": {f"{uuid.uuid4()}\n": {
+        "namespace": "default", "name": "c", "state": "PrepareCompleted"}}})),
+     "the key is not a claim UID"),
+], ids=["not-json", "deep", "binary", "fifo", "uid-with-newline"])
+def test_a_damaged_checkpoint_is_reported_in_one_line(node: Node, damage: Callable[[Path], None],
+                                                      problem: str) -> None:
     node.plugin_dir.mkdir(parents=True)
-    node.checkpoint.write_text("{not json")
+    damage(node.checkpoint)
     done = subprocess.run([sys.executable, "-m", "driver.cli", *node.cli_args("l4-8x")],
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"gpu-dra plugin: checkpoint {node.checkpoint}: not JSON")
+    assert last.startswith(f"gpu-dra plugin: checkpoint {node.checkpoint}:")
+    assert problem in last
+    assert "restore the file" in last and "move it away" not in last  # nothing destructive
     assert "Traceback" not in done.stderr
 
 

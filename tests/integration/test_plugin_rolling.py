@@ -214,7 +214,7 @@ def test_a_checkpoint_the_other_pod_damaged_fails_the_call_not_the_plugin(
     claim = make_claim(node.local, [result("gpu-4")])
     node.checkpoint.write_text("{not json")  # a new file: this pod must read it again
     error = running.kubelet.prepare([claim])[claim.uid].error
-    assert error.startswith(f"checkpoint {node.checkpoint}: not JSON")
+    assert error.startswith(f"checkpoint {node.checkpoint}: line 1: not JSON")
     assert running.kubelet.get_info().name == DRIVER
     assert cdi_specs(node.cdi_root) == {}
 
