@@ -37,7 +37,9 @@ class Ledger:
     Admin-access results take nothing, as in the scheduler. A result with a
     shareID is one share of a device that allows multiple allocations. Change it
     through `add` and `remove` only: they keep the per-pool index (`held_in`) that
-    the allocator reads in step.
+    the allocator reads in step. A device that several claims hold whole (inconsistent
+    input: a plugin's damaged checkpoint) stays taken until the last of them is removed;
+    `exclusive` names the last one added.
     """
 
     _results: dict[str, list[Mapping[str, Any]]] = field(default_factory=dict)
@@ -48,6 +50,9 @@ class Ledger:
     # reads one node's pools without scanning every claim of the cluster.
     _pools: dict[tuple[str, str], set[DeviceRef]] = field(default_factory=dict, repr=False,
                                                           compare=False)
+    # A device held whole by more than one claim: the others than `exclusive`'s, in order.
+    _displaced: dict[DeviceRef, list[str]] = field(default_factory=dict, repr=False,
+                                                   compare=False)
 
     @classmethod
     def of(cls, claims: Iterable[Mapping[str, Any]]) -> Ledger:
@@ -88,6 +93,9 @@ class Ledger:
                 held = pools[(driver, pool)] = set()
             held.add(ref)
             if result.get("shareID") is None:
+                owner = exclusive.get(ref)
+                if owner is not None and owner != key:
+                    self._displaced.setdefault(ref, []).append(owner)
                 exclusive[ref] = key
                 continue
             owners = self.shares.setdefault(ref, {})
@@ -102,8 +110,7 @@ class Ledger:
                 continue
             ref = DeviceRef(result["driver"], result["pool"], result["device"])
             if result.get("shareID") is None:
-                if self.exclusive.get(ref) == key:
-                    del self.exclusive[ref]
+                self._unbook(ref, key)
                 self._release(ref)
                 continue
             owners = self.shares.get(ref, {})
@@ -117,6 +124,19 @@ class Ledger:
                 self.shares.pop(ref, None)
                 self.capacity.pop(ref, None)
             self._release(ref)
+
+    def _unbook(self, ref: DeviceRef, key: str) -> None:
+        """`key` no longer holds `ref` whole; another claim that does takes it back."""
+        others = self._displaced.get(ref, [])
+        if self.exclusive.get(ref) == key:
+            if others:
+                self.exclusive[ref] = others.pop()
+            else:
+                del self.exclusive[ref]
+        elif key in others:
+            others.remove(key)
+        if not others:
+            self._displaced.pop(ref, None)
 
     def _release(self, ref: DeviceRef) -> None:
         if ref not in self.exclusive and ref not in self.shares:

@@ -2,7 +2,9 @@
 in dynamic MIG mode, MIG mode turned off for a whole GPU), time slices set, the claim's
 CDI spec written with the device nodes the container runtime gives the container. A
 claim's effects are all or nothing: `apply` undoes what it did when a step fails, and
-`teardown` tries every undo step and reports each failure. At start, `sweep_mig` and
+`teardown` tries every undo step and reports each failure. What an undo leaves (a MIG
+device NVML would not destroy) is named in `ApplyFailure.left`, so that the claim's record
+keeps it and a retry or the next start undoes it. At start, `sweep_mig` and
 `remove_specs_except` remove what no recorded claim explains.
 """
 
@@ -18,7 +20,7 @@ from driver.plugin import cdi
 from driver.plugin.cdi import DeviceNode
 from driver.plugin.checkpoint import ClaimRecord, MigInstance, PreparedDevice
 from driver.plugin.claims import ClaimError, ClaimRef
-from driver.plugin.mig import MigFailure
+from driver.plugin.mig import MigFailure, MigLeftover
 from driver.plugin.node import DeviceTools, Published
 from driver.plugin.sharing import SharingFailure
 
@@ -27,11 +29,14 @@ log = logging.getLogger(__name__)
 
 class ApplyFailure(PluginError):
     """A claim's devices could not be prepared (what was done is undone, or the message
-    says which undo steps failed too); `reason` as the step that failed gave it."""
+    says which undo steps failed too, and `left` holds the devices they left as they are
+    on the node); `reason` as the step that failed gave it."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str,
+                 left: tuple[PreparedDevice, ...] = ()) -> None:
         super().__init__(message)
         self.reason = reason
+        self.left = left
 
 
 class Effects:
@@ -60,8 +65,13 @@ class Effects:
                     tools.mig.disable(target.gpu)  # its partitions are free (counters)
                 if device.created_mig is not None and device.device not in created:
                     assert target.dynamic_profile is not None and target.placement
-                    made = tools.mig.create(target.gpu, target.dynamic_profile,
-                                            target.placement)
+                    try:
+                        made = tools.mig.create(target.gpu, target.dynamic_profile,
+                                                target.placement)
+                    except MigLeftover as err:  # ours to undo with the rest
+                        done.append(replace(device, created_mig=replace(
+                            device.created_mig, gi_id=err.gi_id)))
+                        raise
                     created[device.device] = replace(device.created_mig, gi_id=made.gi_id,
                                                      ci_id=made.ci_id)
                 if device.created_mig is not None:
@@ -79,17 +89,22 @@ class Effects:
             log.error("preparing ResourceClaim %s failed: %s; rolling back", ref, err,
                       exc_info=not isinstance(err, MigFailure | SharingFailure | OSError |
                                               ClaimError))
-            problems = self.teardown(ref.uid, done)
+            left, problems = self._undo(ref.uid, done)
             message = str(err) if not problems else \
                 f"{err}; rollback also failed: {'; '.join(problems)}"
             raise ApplyFailure(err.reason if isinstance(err, DriverError) else "device_error",
-                               message) from None
+                               message, left) from None
         return tuple(done)
 
     def teardown(self, uid: str, devices: Iterable[PreparedDevice]) -> list[str]:
         """Undo a claim's devices (MIG devices it created, time slices it set) and remove its
         spec; every step is tried, and each failure is returned."""
-        problems = []
+        return self._undo(uid, devices)[1]
+
+    def _undo(self, uid: str, devices: Iterable[PreparedDevice]
+              ) -> tuple[tuple[PreparedDevice, ...], list[str]]:
+        """`teardown`, and the devices whose undo failed."""
+        left, problems = [], []
         for device in devices:
             try:
                 if device.created_mig is not None:
@@ -98,12 +113,13 @@ class Effects:
                 if device.timeslice is not None:
                     self.tools.timeslicer.set(device.gpu_uuid, "Default")
             except (MigFailure, SharingFailure) as err:
+                left.append(device)
                 problems.append(str(err))
         try:
             self.remove_spec(uid)
         except OSError as err:
             problems.append(f"cannot remove the CDI spec: {err}")
-        return problems
+        return tuple(left), problems
 
     # -- CDI specs ---------------------------------------------------------------------
 

@@ -6,9 +6,11 @@ the published placement plus one compute instance spanning it. MIG mode follows 
 prepared, read live from NVML: the first MIG device turns it on, a whole-GPU prepare turns
 it off (Hopper and later switch without a reset when no process uses the GPU; a GPU that
 would need a reset is refused). A creation that fails half-way destroys what it made, and
-turns MIG mode off again if it turned it on, before raising. A device is found again by its
-placement, which identifies a GPU instance uniquely on its GPU, so destroying works from a
-plan recorded before creation as well as from a finished record.
+turns MIG mode off again if it turned it on, before raising; if that destroy fails too, it
+says which GPU instance is left (`MigLeftover`), for the caller to keep on record. A
+device is found again by its placement, which identifies a GPU instance uniquely on its
+GPU, so destroying works from a plan recorded before creation as well as from a finished
+record.
 """
 
 from __future__ import annotations
@@ -43,6 +45,16 @@ _GONE = (pynvml.NVML_ERROR_NOT_FOUND, pynvml.NVML_ERROR_INVALID_ARGUMENT)
 
 class MigFailure(PluginError):
     """NVML refused a MIG change; the message names the GPU, profile and placement."""
+
+
+class MigLeftover(MigFailure):
+    """A creation failed and so did destroying what it made: the GPU instance at the
+    placement is left on the GPU (`gi_id`, None if NVML never told its id). The caller
+    must keep it on record, or nothing ever destroys it and its placement stays taken."""
+
+    def __init__(self, message: str, gi_id: int | None) -> None:
+        super().__init__(message)
+        self.gi_id = gi_id
 
 
 @dataclass(frozen=True)
@@ -84,17 +96,21 @@ class MigManager:
             except pynvml.NVMLError as err:
                 self._restore_mode(device, gpu.uuid, enabled)
                 raise MigFailure(f"cannot create {what}: {err}") from None
-            ci = None
+            ci, gi_id = None, None
             try:
                 gi_id = nvml.nvmlGpuInstanceGetInfo(gi).id
                 ci = nvml.nvmlGpuInstanceCreateComputeInstance(
                     gi, self._full_ci_profile(gi, profile))
                 ci_id = nvml.nvmlComputeInstanceGetInfo(ci).id
             except pynvml.NVMLError as err:
-                if self._undo(gi, ci, what):
-                    self._restore_mode(device, gpu.uuid, enabled)
-                raise MigFailure(f"cannot create the compute instance of {what}: {err}") \
-                    from None
+                failure = f"cannot create the compute instance of {what}: {err}"
+                left = self._undo(gi, ci)
+                if left is not None:
+                    raise MigLeftover(f"{failure}; destroying its GPU instance "
+                                      f"{'(id unknown)' if gi_id is None else gi_id} failed "
+                                      f"too: {left}", gi_id) from None
+                self._restore_mode(device, gpu.uuid, enabled)
+                raise MigFailure(failure) from None
         log.info("created %s: GPU instance %d, compute instance %d", what, gi_id, ci_id)
         return CreatedMig(gi_id, ci_id)
 
@@ -158,20 +174,21 @@ class MigManager:
                 return int(info.id)
         raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
 
-    def _undo(self, gi: Any, ci: Any, what: str) -> bool:
+    def _undo(self, gi: Any, ci: Any) -> str | None:
+        """Destroy what a failed creation made; NVML's error if it cannot."""
         try:
             if ci is not None:
                 self.nvml.nvmlComputeInstanceDestroy(ci)
             self.nvml.nvmlGpuInstanceDestroy(gi)
-        except pynvml.NVMLError as err:  # the start-up sweep destroys it on the next start
-            log.error("cannot roll back the half-created %s: %s", what, err)
-            return False
-        return True
+        except pynvml.NVMLError as err:
+            return str(err)
+        return None
 
     def destroy(self, gpu_uuid: str, profile_id: int, start: int) -> bool:
         """Destroy the MIG device at this placement (its compute instances, then the GPU
         instance); False when there is none, which is success for a rollback."""
         nvml = self.nvml
+        what = f"the MIG device of profile {profile_id} at {start} on {gpu_uuid}"
         with self._lock(gpu_uuid):
             try:
                 device = nvml.nvmlDeviceGetHandleByUUID(gpu_uuid)
@@ -179,6 +196,7 @@ class MigManager:
                            if nvml.nvmlGpuInstanceGetInfo(gi).placement.start == start), None)
                 if gi is None:
                     return False
+                what += f" (GPU instance {nvml.nvmlGpuInstanceGetInfo(gi).id})"
                 for ci_id in range(_MAX_INSTANCES):
                     try:
                         ci = nvml.nvmlGpuInstanceGetComputeInstanceById(gi, ci_id)
@@ -189,10 +207,8 @@ class MigManager:
                     nvml.nvmlComputeInstanceDestroy(ci)
                 nvml.nvmlGpuInstanceDestroy(gi)
             except pynvml.NVMLError as err:
-                raise MigFailure(f"cannot destroy the MIG device of profile {profile_id} at "
-                                 f"{start} on {gpu_uuid}: {err}") from None
-        log.info("destroyed the MIG device of profile %d at %d on %s", profile_id, start,
-                 gpu_uuid)
+                raise MigFailure(f"cannot destroy {what}: {err}") from None
+        log.info("destroyed %s", what)
         return True
 
     def _gpu_instances(self, device: Any, profile_id: int) -> list[Any]:

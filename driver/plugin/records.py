@@ -6,6 +6,11 @@ what those claims hold, checked with `prepare_conflicts` against the pools this 
 publishes, so a claim is refused the devices and shared counters another claim holds.
 `Records` reads as the checkpoint's claims by UID; `lock` guards every change, and each
 save or reload brings the ledger in step with the claims it writes or reads.
+
+Every record holds its devices, whatever its state: one a failed rollback left (MIG
+devices created, so with their ids, in a PrepareStarted record) keeps its placement from
+other claims and is named in their refusal; two records a checkpoint gives one device
+(a bug, or a hand edit) are reported at start and both keep it.
 """
 
 from __future__ import annotations
@@ -36,7 +41,16 @@ def ledger_key(namespace: str, name: str, uid: str) -> str:
 
 
 def _record_key(record: ClaimRecord) -> str:
-    return ledger_key(record.namespace, record.name, record.uid)
+    """The claim's ledger key; for a record of what a failed rollback left, with the MIG
+    devices left named, so that a claim refused their placement learns what holds it."""
+    key = ledger_key(record.namespace, record.name, record.uid)
+    if record.state != "PrepareStarted":
+        return key
+    left = [f"{d.device} (GPU instance {d.created_mig.gi_id} of profile "
+            f"{d.created_mig.profile_id} at {d.created_mig.start} on {d.gpu_uuid})"
+            for d in record.devices
+            if d.created_mig is not None and d.created_mig.gi_id is not None]
+    return key if not left else f"{key}, whose failed rollback left {', '.join(left)}"
 
 
 class Records(Mapping[str, ClaimRecord]):
@@ -112,6 +126,7 @@ class Records(Mapping[str, ClaimRecord]):
                             self._boot_id, len(loaded.claims))
             else:
                 claims = dict(loaded.claims)
+                self._report_double_booking(claims.values())
             self._checkpoint = replace(loaded, boot_id=self._boot_id, claims={})
         self._ledger = Ledger()  # rebuilt by the next save, from the claims that stay
         return claims
@@ -122,6 +137,18 @@ class Records(Mapping[str, ClaimRecord]):
         updated = self._checkpoint.with_claims(claims)
         checkpoint.save(self.path, updated)
         self._adopt(updated)
+
+    def _report_double_booking(self, records: Iterable[ClaimRecord]) -> None:
+        """Log each record that holds what an earlier one does (they all stay, and the
+        ledger books the device for each, so no new claim gets it)."""
+        ledger = Ledger()
+        for record in records:
+            key, results = _record_key(record), self._results(record.devices)
+            for problem in prepare_conflicts(ledger, key, results, self._published_pools):
+                log.error("checkpoint %s: %s holds what another record holds: %s; both "
+                          "records are kept, and no other claim gets the device until they "
+                          "are unprepared", self.path, key, problem)
+            ledger.add(key, results)
 
     def reload(self) -> None:
         """Read the checkpoint again (run when this process takes the node lock: the other

@@ -12,7 +12,9 @@ per call however many claims it carries:
 3. act, in parallel: create MIG devices, set time slices, write the CDI spec; a claim that
    fails undoes what it did;
 4. finish, under the records' lock: PrepareCompleted for the claims that succeeded, others
-   removed.
+   removed, but for what their failed rollback left on the node (a MIG device NVML would
+   not destroy): that stays recorded, PrepareStarted, holding its devices, until the
+   claim's next prepare or the next start rolls it back.
 A kill at any point leaves PrepareStarted records, which the next start rolls back.
 Unprepare mirrors it: UnprepareStarted, tear down, remove. One claim is never worked on
 twice at once (a lock per claim UID); MIG changes lock their GPU. Across processes (the
@@ -35,7 +37,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from driver.plugin import cdi
@@ -65,11 +67,13 @@ START_LOCK_TIMEOUT = 120.0  # a start waits this long for the other pod's calls 
 
 @dataclass(frozen=True)
 class Outcome:
-    """One claim's answer: its devices, or an error (and a short reason for metrics)."""
+    """One claim's answer: its devices, or an error (and a short reason for metrics, and
+    what a failed rollback left on the node, to keep on record)."""
 
     devices: tuple[PreparedDevice, ...] = ()
     error: str | None = None
     reason: str | None = None
+    left: tuple[PreparedDevice, ...] = ()
 
 
 def _failed(reason: str, message: str) -> Outcome:
@@ -300,10 +304,11 @@ class PluginState:
             return _Plan(ref, devices)
 
     def _roll_back_stale(self, record: ClaimRecord) -> list[str]:
-        """Undo a record a dead process left half-done (this call holds the claim's lock
-        and the node lock, so nobody else is working on it) and forget it."""
-        log.warning("ResourceClaim %s/%s was left %s by a plugin process that stopped; "
-                    "rolling it back", record.namespace, record.name, record.state)
+        """Undo a record a dead process or a failed rollback left half-done (this call holds
+        the claim's lock and the node lock, so nobody else is working on it) and forget it."""
+        log.warning("ResourceClaim %s/%s was left %s by a plugin process that stopped or a "
+                    "rollback that failed; rolling it back", record.namespace, record.name,
+                    record.state)
         problems = self.effects.teardown(record.uid, record.devices)
         if problems:
             return problems
@@ -394,7 +399,7 @@ class PluginState:
             try:
                 done = self.effects.apply(plan.ref, plan.devices)
             except ApplyFailure as err:
-                return _failed(err.reason, str(err))
+                return Outcome(error=str(err), reason=err.reason, left=err.left)
             self.metrics.claim_latency.labels("prepare").observe(time.monotonic() - started)
             log.info("prepared ResourceClaim %s: %s", plan.ref,
                      ", ".join(d.device for d in done) or "no devices of this driver")
@@ -413,6 +418,15 @@ class PluginState:
                 if outcome.error is None:
                     claims[plan.ref.uid] = claims[plan.ref.uid].with_state("PrepareCompleted",
                                                                            outcome.devices)
+                elif outcome.left:
+                    claims[plan.ref.uid] = claims[plan.ref.uid].with_state("PrepareStarted",
+                                                                           outcome.left)
+                    outcomes[plan.ref.uid] = replace(outcome, error=(
+                        f"{outcome.error}; kept on record, rolled back when the claim is "
+                        "prepared again or the plugin restarts"))
+                    with claim_context(plan.ref.uid):
+                        log.error("ResourceClaim %s: %s", plan.ref,
+                                  outcomes[plan.ref.uid].error)
                 else:
                     del claims[plan.ref.uid]
             try:

@@ -328,6 +328,36 @@ def test_a_restart_keeps_prepared_claims(node: Node, start: Start) -> None:
     assert f"gpu-7 is taken by {held}" in second.kubelet.prepare([other])[other.uid].error
 
 
+@pytest.mark.parametrize("unprepared_first", [0, 1], ids=["first-recorded", "last-recorded"])
+def test_two_records_holding_one_gpu_are_reported_kept_and_keep_it_held(
+        node: Node, start: Start, caplog: pytest.LogCaptureFixture,
+        unprepared_first: int) -> None:
+    holders = sorted((Claim("ns", f"holder-{i}", new_uid()) for i in range(2)),
+                     key=lambda c: c.uid)  # the order the checkpoint lists them in
+    gpu_3 = "GPU-68a37c14-cba3-5893-8527-70e1ada18b19"  # dgx-h100's gpu-3
+    device = PreparedDevice(("gpu",), NODE, "gpu-3", (), gpu_3)
+    node.plugin_dir.mkdir()
+    node.prepare_dirs()
+    checkpoint.save(node.checkpoint, checkpoint.Checkpoint(
+        boot_id=node.boot_id.read_text().strip(),
+        claims={c.uid: ClaimRecord(c.uid, c.namespace, c.name, "PrepareCompleted", (device,))
+                for c in holders}))
+    running = start()
+    keys = [f"ResourceClaim ns/{c.name} ({c.uid})" for c in holders]
+    reported = [r.message for r in caplog.records if r.levelname == "ERROR" and
+                f"{DRIVER}/{NODE}/gpu-3" in r.message]
+    assert len(reported) == 1 and all(key in reported[0] for key in keys)
+    assert set(records(node)) == {c.uid for c in holders}  # neither is dropped
+    newcomer = make_claim(node.local, [result("gpu-3")])
+    assert "gpu-3 is taken by" in running.kubelet.prepare([newcomer])[newcomer.uid].error
+    first, last = holders[unprepared_first], holders[1 - unprepared_first]
+    assert running.kubelet.unprepare([first]) == {first.uid: ""}
+    error = running.kubelet.prepare([newcomer])[newcomer.uid].error
+    assert error.endswith(f"gpu-3 is taken by {keys[1 - unprepared_first]}")  # still held
+    assert running.kubelet.unprepare([last]) == {last.uid: ""}
+    assert running.kubelet.prepare([newcomer])[newcomer.uid].error == ""
+
+
 def test_start_rolls_back_half_done_work_and_removes_orphan_specs(node: Node,
                                                                   start: Start) -> None:
     half = Claim("ns", "half", new_uid())

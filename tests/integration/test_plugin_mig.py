@@ -84,6 +84,59 @@ def test_a_failed_compute_instance_rolls_back_its_gpu_instance(node: Node, start
     assert cdi_specs(node.cdi_root) == {} and running.plugin.state.records == {}
 
 
+LEFT_BEHIND = {0: {"nvmlGpuInstanceCreateComputeInstance": "UNKNOWN",
+                   "nvmlGpuInstanceDestroy": "IN_USE"}}  # and the rollback cannot destroy it
+
+
+def test_a_gpu_instance_a_failed_rollback_leaves_is_kept_on_record_named_and_retried(
+        node: Node, start: Start) -> None:
+    running = dynamic(start, node, mig_profile(node.root / "faulty.yaml", faults=LEFT_BEHIND))
+    claim = make_claim(node.local, [result("gpu-0-mig-1g10gb-3")])
+    error = running.kubelet.prepare([claim])[claim.uid].error
+    assert f"cannot create the compute instance of MIG 1g.10gb at 3:1 on {GPU0}" in error
+    assert "kept on record, rolled back when the claim is prepared again" in error
+    assert live_mig(node.mig_state) == {GPU0: [(PROFILE_1G, 3, 0)]}
+    (left,) = records(node)[claim.uid].devices
+    assert records(node)[claim.uid].state == "PrepareStarted" and left.created_mig is not None
+    gi_id = left.created_mig.gi_id
+    assert gi_id is not None and f"destroying its GPU instance {gi_id} failed too" in error
+    # claims that need its placement are refused by name, not by NVML's error code
+    leftover = (f"ResourceClaim ns/{claim.name} ({claim.uid}), whose failed rollback left "
+                f"gpu-0-mig-1g10gb-3 (GPU instance {gi_id} of profile {PROFILE_1G} at 3 on "
+                f"{GPU0})")
+    same, whole = (make_claim(node.local, [result(d)]) for d in ("gpu-0-mig-1g10gb-3", "gpu-0"))
+    answers = running.kubelet.prepare([same, whole])
+    assert answers[same.uid].error.endswith(f"gpu-0-mig-1g10gb-3 is taken by {leftover}")
+    assert f"also held by gpu-0-mig-1g10gb-3 ({leftover})" in answers[whole.uid].error
+    # its retry rolls it back first: refused while NVML still refuses, then prepared
+    assert (f"rolling it back failed: cannot destroy the MIG device of profile {PROFILE_1G} "
+            f"at 3 on {GPU0} (GPU instance {gi_id})") in \
+        running.kubelet.prepare([claim])[claim.uid].error
+    assert claim.uid in records(node)
+    running.provider.nvml.profile.gpus[0].faults.clear()
+    assert running.kubelet.prepare([claim])[claim.uid].error == ""
+    assert live_mig(node.mig_state) == {GPU0: [(PROFILE_1G, 3, 1)]}
+    assert records(node)[claim.uid].state == "PrepareCompleted"
+
+
+def test_a_gpu_instance_a_failed_rollback_leaves_stays_held_across_restarts_until_destroyed(
+        node: Node, start: Start) -> None:
+    faulty = mig_profile(node.root / "faulty.yaml", faults=LEFT_BEHIND)
+    running = dynamic(start, node, faulty)
+    claim = make_claim(node.local, [result("gpu-0-mig-2g20gb-2")])
+    assert running.kubelet.prepare([claim])[claim.uid].error
+    running.stop()
+    running = dynamic(start, node, faulty)  # the start's rollback fails too: still held
+    assert live_mig(node.mig_state) == {GPU0: [(PROFILE_2G, 2, 0)]}
+    other = make_claim(node.local, [result("gpu-0-mig-2g20gb-2")])
+    assert f"taken by ResourceClaim ns/{claim.name} ({claim.uid}), whose failed rollback " \
+           f"left gpu-0-mig-2g20gb-2" in running.kubelet.prepare([other])[other.uid].error
+    running.stop()
+    running = dynamic(start, node)
+    assert live_mig(node.mig_state) == {} and records(node) == {}
+    assert running.kubelet.prepare([other])[other.uid].error == ""
+
+
 def test_a_claim_whose_later_device_fails_undoes_the_earlier_ones(node: Node,
                                                                   start: Start) -> None:
     profile = mig_profile(node.root / "faulty.yaml", faults={

@@ -285,17 +285,24 @@ def test_a_warm_allocator_answers_as_the_reference_under_every_ledger() -> None:
                           st.lists(st.tuples(st.sampled_from(["p1", "p2"]), st.integers(0, 3),
                                              st.booleans()), max_size=3)), max_size=12))
 def test_the_ledger_indexes_held_devices_by_pool(ops: list[Any]) -> None:
+    """Also: a device stays held while any claim holds it, even one that two claims hold
+    whole (inconsistent input, as a damaged checkpoint gives)."""
     ledger = Ledger()
+    holding: dict[int, set[tuple[str, str]]] = {}
     for op, owner, picks in ops:
         if op == "remove":
             ledger.remove(f"ns/c{owner}")
+            holding.pop(owner, None)
             continue
         ledger.add(f"ns/c{owner}", [{"driver": "d", "pool": pool, "device": f"x{d}",
                                      **({"shareID": "s"} if shared else {})}
                                     for pool, d, shared in picks])
+        holding[owner] = {(pool, f"x{d}") for pool, d, _ in picks}
     for pool in ("p1", "p2"):
         held = {ref for ref in [*ledger.exclusive, *ledger.shares] if ref.pool == pool}
         assert ledger.held_in("d", pool) == held
+        assert {ref.device for ref in held} == {
+            device for devices in holding.values() for p, device in devices if p == pool}
 
 
 def test_claims_with_a_uid_and_resource_version_are_parsed_once() -> None:
