@@ -121,9 +121,9 @@ def test_an_unreachable_api_server_fails_the_claim_not_the_call() -> None:
 
 
 @pytest.mark.parametrize(("content", "reason", "message"), [
-    (b"{not: [valid", "bad_claim", "is not YAML"),
+    (b"{not: [valid", "bad_claim", ": not YAML: "),
     (b"- just\n- a list\n", "bad_claim", "not a ResourceClaim object"),
-    (b"x" * (3 * 1024 * 1024 + 1), "bad_claim", "is larger than 3145728 bytes"),
+    (b"x" * (3 * 1024 * 1024 + 1), "bad_claim", ": larger than 3145728 bytes"),
 ])
 def test_unusable_claim_files_are_refused(tmp_path: Path, content: bytes, reason: str,
                                           message: str) -> None:
