@@ -20,8 +20,9 @@ arrows point down the data flow), and `tests/unit/test_layers.py` checks it.
   Imports `kube`.
 - `plugin`: the kubelet plugin on a GPU node: the daemon and its gRPC servers and sockets,
   claims and their opaque configs, the prepare/unprepare state machine (records: the
-  checkpoint and the ledger; effects: MIG, time slicing, CDI specs), the node lock, logs,
-  metrics. Imports `inventory`, `resourceslice`, `allocator`, `nvml`, `kube`.
+  checkpoint and the ledger, rebuilt from the node's CDI specs when the checkpoint is lost
+  (evidence); effects: MIG, time slicing, CDI specs), the node lock, logs, metrics.
+  Imports `inventory`, `resourceslice`, `allocator`, `nvml`, `kube`.
 - `devcluster`: a local control plane and fake GPU nodes with the kubelet stand-in, for
   `demo --cluster` and the tests; never imported by `plugin` (its `cryptography` is the
   `devcluster` extra). Imports `kube`.

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from driver.inventory.model import Gpu, Inventory, MigDevice, MigProfile, Placement
+from driver.plugin.checkpoint import MigInstance
 from driver.resourceslice.build import MigMode, gpu_device_name, mig_device_name
 
 
@@ -27,6 +28,14 @@ class Target:
     @property
     def kind(self) -> str:
         return "gpu" if self.placement is None else "mig"
+
+    @property
+    def mig_to_create(self) -> MigInstance | None:
+        """The MIG device preparing a dynamic MIG target creates, as recorded before its
+        ids are known (destroying it needs only its profile and placement)."""
+        if self.dynamic_profile is None or self.placement is None:
+            return None
+        return MigInstance(self.dynamic_profile.id, self.placement.start, self.placement.size)
 
 
 def device_index(inventory: Inventory, mig_mode: MigMode) -> dict[str, Target]:

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from driver.errors import DriverError, PluginError
 from driver.plugin import cdi
@@ -23,6 +24,7 @@ from driver.plugin.claims import ClaimError, ClaimRef
 from driver.plugin.mig import MigFailure, MigLeftover
 from driver.plugin.node import DeviceTools, Published
 from driver.plugin.sharing import SharingFailure
+from driver.safeload import LoadError, json_document, read_text
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +141,18 @@ class Effects:
 
     def remove_spec(self, uid: str) -> None:
         cdi.remove_spec(self.cdi_root, self.driver, uid)
+
+    def claim_specs(self) -> dict[str, Any]:
+        """This driver's claim specs on the node, by claim UID, as read (None: unreadable,
+        which is logged)."""
+        specs: dict[str, Any] = {}
+        for uid, path in cdi.claim_specs(self.cdi_root, self.driver).items():
+            try:
+                specs[uid] = json_document(read_text(path), str(path))
+            except LoadError as err:
+                log.error("cannot read the CDI spec of claim %s: %s", uid, err)
+                specs[uid] = None
+        return specs
 
     def remove_specs_except(self, uids: Collection[str]) -> None:
         """Remove the CDI specs of this driver's claims other than `uids`."""

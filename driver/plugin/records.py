@@ -113,22 +113,24 @@ class Records(Mapping[str, ClaimRecord]):
 
     # -- the checkpoint ----------------------------------------------------------------
 
-    def load(self) -> dict[str, ClaimRecord]:
+    def load(self) -> dict[str, ClaimRecord] | None:
         """At start: the claims the checkpoint on disk holds (none if the node rebooted
-        since it was written); the records hold none until the next `save`."""
+        since it was written), None if there is no checkpoint; the records hold none until
+        the next `save`."""
         remove_leftovers(self.path.parent, self.path.name)
         loaded = checkpoint.load(self.path)
-        claims: dict[str, ClaimRecord] = {}
-        if loaded is not None:
-            if loaded.boot_id and loaded.boot_id != self._boot_id:
-                log.warning("the node rebooted since the checkpoint was written (boot id %s, "
-                            "now %s): %d preparations are void", loaded.boot_id,
-                            self._boot_id, len(loaded.claims))
-            else:
-                claims = dict(loaded.claims)
-                self._report_double_booking(claims.values())
-            self._checkpoint = replace(loaded, boot_id=self._boot_id, claims={})
         self._ledger = Ledger()  # rebuilt by the next save, from the claims that stay
+        if loaded is None:
+            return None
+        claims: dict[str, ClaimRecord] = {}
+        if loaded.boot_id and loaded.boot_id != self._boot_id:
+            log.warning("the node rebooted since the checkpoint was written (boot id %s, "
+                        "now %s): %d preparations are void", loaded.boot_id,
+                        self._boot_id, len(loaded.claims))
+        else:
+            claims = dict(loaded.claims)
+            self._report_double_booking(claims.values())
+        self._checkpoint = replace(loaded, boot_id=self._boot_id, claims={})
         return claims
 
     def save(self, claims: dict[str, ClaimRecord]) -> None:

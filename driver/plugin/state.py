@@ -41,7 +41,7 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from driver.plugin import cdi
-from driver.plugin.checkpoint import CheckpointError, ClaimRecord, MigInstance, PreparedDevice
+from driver.plugin.checkpoint import CheckpointError, ClaimRecord, PreparedDevice
 from driver.plugin.claims import (
     AllocatedDevice,
     ClaimError,
@@ -51,6 +51,7 @@ from driver.plugin.claims import (
 )
 from driver.plugin.config import GpuConfig, MigDeviceConfig, OpaqueConfig, config_for
 from driver.plugin.effects import ApplyFailure, Effects
+from driver.plugin.evidence import rebuilt_records
 from driver.plugin.logs import claim_context
 from driver.plugin.metrics import Metrics
 from driver.plugin.node import DeviceTools, Identity, Paths, Published
@@ -165,6 +166,8 @@ class PluginState:
 
     def _recover(self) -> None:
         claims = self.records.load()
+        if claims is None:  # a first start, or the checkpoint was lost: ask the node
+            claims = self._rebuild_records()
         for uid, record in list(claims.items()):
             if record.state == "PrepareCompleted":
                 continue
@@ -190,6 +193,21 @@ class PluginState:
         if self.published.dynamic_mig:
             self.effects.sweep_mig(claims.values())
         self.effects.remove_specs_except(claims)
+
+    def _rebuild_records(self) -> dict[str, ClaimRecord]:
+        """Records for the claims whose CDI specs are on the node (see `evidence`): their
+        devices stay held and nothing of theirs is swept."""
+        specs = self.effects.claim_specs()
+        claims, problems = rebuilt_records(specs, self.identity.driver, self.identity.node,
+                                           self.published.index)
+        for problem in problems:
+            log.warning("rebuilding the records: %s", problem)
+        for uid, record in claims.items():
+            with claim_context(uid):
+                log.warning("no checkpoint, but a CDI spec of ResourceClaim %s: kept as "
+                            "prepared, holding %s, until the kubelet unprepares it", uid,
+                            ", ".join(d.device for d in record.devices) or "no known device")
+        return claims
 
     # -- prepare -----------------------------------------------------------------------
 
@@ -341,9 +359,7 @@ class PluginState:
             if result.admin_access:
                 raise ClaimError("bad_request", f"device {result.device}: adminAccess to a "
                                                 "dynamic MIG device is not supported")
-            assert target.placement is not None
-            created = MigInstance(target.dynamic_profile.id, target.placement.start,
-                                  target.placement.size)
+            created = target.mig_to_create
         config = chosen.config if chosen is not None else None
         timeslice = None  # an adminAccess user does not own the GPU's settings
         if isinstance(config, GpuConfig) and config.sharing is not None and \
