@@ -18,7 +18,8 @@ arrows point down the data flow), and `tests/unit/test_layers.py` checks it.
   CEL selectors, pools, the ledger of what is taken, the problem model, the pure-Python
   reference and the Cython kernel (`driver._alloc`), the answer and its explanation.
   Imports `kube`.
-- `plugin`: the kubelet plugin on a GPU node: the daemon and its gRPC servers and sockets,
+- `plugin`: the kubelet plugin on a GPU node: the daemon and its gRPC servers and sockets
+  (their directories' and files' modes explicit, whatever the umask: `modes`),
   claims and their opaque configs, the prepare/unprepare state machine (records: the
   checkpoint and the ledger, rebuilt from the node's CDI specs when the checkpoint is lost
   (evidence); effects: MIG, time slicing, CDI specs), the node lock, logs, metrics.

@@ -91,6 +91,7 @@ def cmd_plugin(args: argparse.Namespace) -> int:
             cdi_hook=args.nvidia_cdi_hook, pod_uid=args.pod_uid)
     except ValueError as err:
         raise UsageError(str(err)) from None
+    from driver.plugin.sockets import SocketInUse
     from driver.resourceslice.errors import PublishError
 
     try:
@@ -98,6 +99,8 @@ def cmd_plugin(args: argparse.Namespace) -> int:
     except CheckpointError as err:
         raise UsageError(f"{err}; not starting: it records the claims prepared on this "
                          "node, so repair the field named or restore the file") from err
+    except SocketInUse as err:
+        raise UsageError(f"cannot start: {err}") from err
     except PublishError as err:
         raise UsageError(f"cannot publish ResourceSlices: {err}") from err
     except OSError as err:  # a port in use, a directory that cannot be created

@@ -7,6 +7,9 @@ plugin that is not ready. SIGTERM or SIGINT: remove the registration socket, ref
 calls, finish those in flight, remove the DRA socket; the slices stay (the kubelet wipes
 them if the plugin stays away) unless `cleanup` is set.
 
+A socket that answers belongs to a live plugin: a start that finds one at its own paths
+fails (SocketInUse) before it acts on anything; a stop removes only the sockets it bound.
+
 Rolling updates (`pod_uid`, kubelet 1.33+): the old and the new pod of a DaemonSet with
 maxSurge run side by side on the same directories, so each names its sockets after its pod
 UID as the upstream kubeletplugin helper does (`RollingUpdate(uid)`): the registration
@@ -42,12 +45,14 @@ from driver.plugin.devices import device_index
 from driver.plugin.driverfiles import driver_files, host_devices
 from driver.plugin.metrics import Metrics
 from driver.plugin.mig import MigManager
+from driver.plugin.modes import PRIVATE_DIR, SHARED_DIR, make_dir
 from driver.plugin.node import DeviceTools, Identity, Paths, Published
 from driver.plugin.nodelock import LOCK_FILE
 from driver.plugin.servers import KUBELET_CALL_TIMEOUT, Servers
 from driver.plugin.sharing import timeslicer
 from driver.plugin.sockets import (
     POD_UID,
+    free_for_bind,
     other_plugin_alive,
     remove_dead_sockets,
     rolling_update_socket_name,
@@ -162,7 +167,11 @@ class Plugin:
         return self._publisher or publisher, self._claims or claims
 
     def start(self) -> None:
+        """SocketInUse, before anything is touched, when another plugin serves on this
+        one's sockets (they are checked again when bound)."""
         o = self.options
+        for socket_path in (o.dra_socket, o.registration_socket):
+            free_for_bind(socket_path)
         if o.metrics_port is not None:
             self.metrics.serve(o.metrics_port)
         inventory = discover(self.provider)
@@ -173,8 +182,8 @@ class Plugin:
         devices = host_devices(o.driver_root, host_root, o.proc_devices)
         publisher, claims = self._sources()
         self._publisher = publisher
-        for directory in (o.plugin_dir, o.cdi_root):
-            directory.mkdir(parents=True, exist_ok=True)
+        make_dir(o.plugin_dir, PRIVATE_DIR)  # the checkpoint, the lock, the DRA socket
+        make_dir(o.cdi_root, SHARED_DIR)  # read by the container runtime
         self.state = PluginState(
             tools=DeviceTools(
                 files=driver_files(o.driver_root, host_root, devices, o.cdi_hook),

@@ -1,7 +1,10 @@
 """The plugin's gRPC servers: the DRA socket, the registration socket, and the TCP probe.
 
 The DRA socket serves DRAPlugin v1 and v1beta1 (one implementation; v1beta1 only lacks
-share_id) and the resource-health stream in v1 and v1alpha1. The registration socket
+share_id) and the resource-health stream in v1 and v1alpha1. The kubelet dials one socket
+for both, so they share one server and its threads; a stream holds its thread while open, so
+streams are capped (HEALTH_STREAMS, the next refused with RESOURCE_EXHAUSTED) and the
+threads for prepare and unprepare (PREPARE_WORKERS) are never theirs. The registration socket
 answers the kubelet's plugin watcher. The TCP health service answers probes by calling
 the plugin's own sockets, so a deleted or wedged socket fails the probe and the pod is
 restarted, instead of a kubelet silently losing the plugin.
@@ -9,7 +12,6 @@ restarted, instead of a kubelet silently losing the plugin.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -36,7 +38,8 @@ from driver._proto.pluginregistration_v1 import api_pb2_grpc as reg_v1_grpc
 from driver.plugin.claims import ClaimRef
 from driver.plugin.devices import Target
 from driver.plugin.metrics import Metrics
-from driver.plugin.sockets import grpc_address
+from driver.plugin.modes import PRIVATE_DIR, SOCKET, make_dir
+from driver.plugin.sockets import SocketFile, free_for_bind, grpc_address
 from driver.plugin.state import Outcome, PluginState
 
 log = logging.getLogger(__name__)
@@ -48,7 +51,8 @@ KUBELET_CALL_TIMEOUT = 45.0  # the kubelet's per-call deadline
 ANSWER_MARGIN = 3.0  # answer this long before the caller's deadline
 HEALTH_RESEND = 10.0  # the kubelet marks a device Unknown after 30 s without a report
 PROBE_TIMEOUT = 1.0
-DRA_WORKERS = 16  # prepare/unprepare calls and the (long-lived) health streams
+PREPARE_WORKERS = 16  # prepare/unprepare calls (and the probe's), never taken by a stream
+HEALTH_STREAMS = 8  # the kubelet keeps one per plugin socket; a reconnect may overlap
 
 
 class DraServicer:
@@ -115,16 +119,55 @@ class DraServicer:
         return response
 
 
+class StreamSlots:
+    """The health streams open at once, at most `limit` (each holds a server thread while
+    open); `close` ends them all, at once, when the plugin stops."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._open: set[threading.Event] = set()
+        self._closed = False
+
+    def take(self, context: grpc.ServicerContext) -> threading.Event:
+        """A slot for this stream: an event set when the caller goes away (cancel, deadline,
+        a closed connection) or the plugin stops; aborts when none is left."""
+        ended = threading.Event()
+        with self._lock:
+            closed, full = self._closed, len(self._open) >= self._limit
+            if not (closed or full):
+                self._open.add(ended)
+        if closed:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the plugin is shutting down")
+        if full:
+            log.warning("refused a health stream: %d are open already", self._limit)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{self._limit} health streams are open already")
+        if not context.add_callback(ended.set):
+            ended.set()  # the call ended already
+        return ended
+
+    def give_back(self, ended: threading.Event) -> None:
+        with self._lock:
+            self._open.discard(ended)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for ended in self._open:
+                ended.set()
+
+
 class HealthStreamServicer:
     """NodeWatchResources: the complete device list with its health, re-sent until the
-    stream or the plugin ends."""
+    stream or the plugin ends; its thread is free the moment either does."""
 
     def __init__(self, pool: str, index: dict[str, Target], pb: ModuleType,
-                 stopping: threading.Event) -> None:
+                 slots: StreamSlots) -> None:
         self.pool = pool
         self.index = index
         self.pb = pb
-        self.stopping = stopping
+        self.slots = slots
 
     def _report(self) -> Any:
         now = int(time.time())
@@ -138,9 +181,13 @@ class HealthStreamServicer:
         return response
 
     def NodeWatchResources(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        while context.is_active() and not self.stopping.is_set():
-            yield self._report()
-            self.stopping.wait(HEALTH_RESEND)
+        ended = self.slots.take(context)
+        try:
+            while not ended.is_set():
+                yield self._report()
+                ended.wait(HEALTH_RESEND)
+        finally:
+            self.slots.give_back(ended)
 
 
 class RegistrationServicer(reg_v1_grpc.RegistrationServicer):
@@ -188,17 +235,27 @@ class ProbeServicer(health_pb2_grpc.HealthServicer):
         return status(status=status.SERVING)
 
 
-def _bind_unix(server: grpc.Server, path: Path) -> None:
-    """Replace a stale socket left by a killed plugin, then listen."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    server.add_insecure_port(grpc_address(path))
+_BINDING = threading.Lock()  # one private socket name per process at a time
 
 
-def _remove(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+def _bind_unix(server: grpc.Server, path: Path) -> SocketFile:
+    """Listen on `path` unless another plugin does (a killed plugin's socket is replaced);
+    the socket file as bound, so that stopping removes only that one.
+
+    grpc unlinks whatever socket is at the path it binds, when it binds and again when it
+    stops, so it binds a private name in the same directory (dot-named: the kubelet's plugin
+    watcher ignores it; never longer than a socket name of ours) that is then linked to
+    `path` and unlinked: grpc's unlinks never reach `path`."""
+    make_dir(path.parent, PRIVATE_DIR)
+    free_for_bind(path)
+    private = path.parent / f".{os.getpid():x}"
+    with _BINDING:
+        server.add_insecure_port(grpc_address(private))
+        try:
+            os.chmod(private, SOCKET)
+            return SocketFile.link(private, path)
+        finally:
+            private.unlink(missing_ok=True)
 
 
 class Servers:
@@ -212,7 +269,12 @@ class Servers:
         self.stopping = threading.Event()
         self.registration = RegistrationServicer(driver, dra_socket)
         self.probe = ProbeServicer(registration_socket, dra_socket)
-        self._dra = grpc.server(ThreadPoolExecutor(DRA_WORKERS, thread_name_prefix="dra"))
+        self._bound: dict[Path, SocketFile] = {}
+        self._streams = StreamSlots(HEALTH_STREAMS)
+        # a refused stream takes a thread too, for an instant: the capped streams and the
+        # refusals can never take all of PREPARE_WORKERS
+        self._dra = grpc.server(ThreadPoolExecutor(PREPARE_WORKERS + HEALTH_STREAMS,
+                                                   thread_name_prefix="dra"))
         # One servicer class per service serves every version of it, given the version's
         # messages (`pb`); the generated base classes differ only in those message types.
         dra_v1_grpc.add_DRAPluginServicer_to_server(cast(
@@ -225,10 +287,10 @@ class Servers:
             self._dra)
         health_v1_grpc.add_DRAResourceHealthServicer_to_server(cast(
             health_v1_grpc.DRAResourceHealthServicer,
-            HealthStreamServicer(pool, index, health_v1, self.stopping)), self._dra)
+            HealthStreamServicer(pool, index, health_v1, self._streams)), self._dra)
         health_v1alpha1_grpc.add_DRAResourceHealthServicer_to_server(cast(
             health_v1alpha1_grpc.DRAResourceHealthServicer,
-            HealthStreamServicer(pool, index, health_v1alpha1, self.stopping)), self._dra)
+            HealthStreamServicer(pool, index, health_v1alpha1, self._streams)), self._dra)
         self._registration = grpc.server(ThreadPoolExecutor(2, thread_name_prefix="reg"))
         reg_v1_grpc.add_RegistrationServicer_to_server(self.registration, self._registration)
         self._probe: grpc.Server | None = None
@@ -242,21 +304,30 @@ class Servers:
         return bound
 
     def start(self) -> None:
-        _bind_unix(self._dra, self.dra_socket)
+        self._bound[self.dra_socket] = _bind_unix(self._dra, self.dra_socket)
         self._dra.start()
-        _bind_unix(self._registration, self.registration_socket)
+        self._bound[self.registration_socket] = _bind_unix(self._registration,
+                                                           self.registration_socket)
         self._registration.start()
         self.probe.ready.set()
         log.info("serving %s on %s; registration socket %s", ", ".join(SERVICES),
                  self.dra_socket, self.registration_socket)
 
+    def _remove(self, path: Path) -> None:
+        """Remove the socket at `path` if this process bound it (it may have failed to
+        start before binding it, or another plugin may have bound it since)."""
+        bound = self._bound.pop(path, None)
+        if bound is not None:
+            bound.remove()
+
     def stop(self, grace: float) -> None:
         """Deregister first, then refuse new calls and let those in flight finish."""
         self.probe.ready.clear()
-        self.stopping.set()  # refuses new DRA calls, ends the health streams
-        _remove(self.registration_socket)
+        self.stopping.set()  # refuses new DRA calls
+        self._streams.close()
+        self._remove(self.registration_socket)
         self._registration.stop(0)
         self._dra.stop(grace).wait()
-        _remove(self.dra_socket)
+        self._remove(self.dra_socket)
         if self._probe is not None:
             self._probe.stop(0)

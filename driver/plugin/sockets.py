@@ -1,5 +1,6 @@
 """The plugin's unix sockets: their names (per pod in a rolling update), the path length the
-kernel and the kubelet accept, and the removal of sockets that dead pods left behind.
+kernel and the kubelet accept, the removal of sockets that dead pods left behind, and the
+refusal to replace or remove a socket that another plugin serves on.
 
 Limits: `sockaddr_un.sun_path` holds 108 bytes with the closing NUL, so a path may have 107;
 Go's dialer (the kubelet) accepts 107; grpcio accepts 107 in the `unix:` form but only 105
@@ -18,7 +19,10 @@ import re
 import socket
 import stat
 from collections.abc import Collection, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
+from driver.errors import PluginError
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +87,73 @@ def _connect_error(path: Path) -> OSError | None:
         return None
 
 
+class SocketInUse(PluginError):
+    """A socket at a path this plugin would bind answers: another plugin serves there."""
+
+    reason = "socket_in_use"
+
+
+def free_for_bind(path: Path) -> None:
+    """Remove a dead socket at `path` (a killed plugin's) so that it can be bound; raise
+    SocketInUse when one answers, or when that cannot be told: replacing a live plugin's
+    socket makes the kubelet lose that plugin."""
+    err = _connect_error(path)
+    if _remove_dead(path, err) or (err is not None and err.errno == errno.ENOENT):
+        return
+    why = "another process accepts connections on it" if err is None else \
+        f"cannot tell whether a process serves on it ({err})"
+    raise SocketInUse(f"the socket {path} is in use: {why}; stop that plugin or give this "
+                      "one other paths")
+
+
+def _remove_dead(path: Path, err: OSError | None) -> bool:
+    """Remove the file at `path` if connecting to it was refused (`err`): no process listens
+    there, a pod was killed. Whether it was removed."""
+    if err is None or err.errno != errno.ECONNREFUSED:
+        return False
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    log.info("removed %s: no plugin listens on it (a pod that was killed)", path)
+    return True
+
+
+@dataclass(frozen=True)
+class SocketFile:
+    """A socket file this process bound, told apart by device and inode from one that
+    another process bound at the same path since."""
+
+    path: Path
+    device: int
+    inode: int
+
+    @classmethod
+    def link(cls, bound: Path, path: Path) -> SocketFile:
+        """Give the socket bound at `bound` the name `path` too, unless that name is taken:
+        a link, unlike a bind, never replaces what is there, so of two plugins that race
+        for a path one fails."""
+        try:
+            os.link(bound, path)
+        except FileExistsError:
+            raise SocketInUse(f"the socket {path} is in use: another plugin bound it just "
+                              "now; stop that plugin or give this one other paths") from None
+        found = path.lstat()
+        return cls(path, found.st_dev, found.st_ino)
+
+    def remove(self) -> None:
+        """Unlink the file if it is still this one; another plugin's is left alone."""
+        try:
+            found = self.path.lstat()
+        except FileNotFoundError:
+            return
+        if (found.st_dev, found.st_ino) != (self.device, self.inode):
+            log.warning("left %s alone: another process bound it after this one", self.path)
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
 def _sockets(registry_dir: Path, plugin_dir: Path, driver: str) -> Iterator[Path]:
     """This driver's socket files in the registry dir and its plugin data dir."""
     for directory, pattern in zip((registry_dir, plugin_dir), _ours(driver), strict=True):
@@ -101,16 +172,8 @@ def remove_dead_sockets(registry_dir: Path, plugin_dir: Path, driver: str) -> li
     """Remove this driver's sockets that no process listens on (a pod killed without its
     stop leaves them, and the kubelet's plugin watcher keeps trying them); a socket that
     accepts a connection, or any other file, is never touched. Returns those removed."""
-    removed = []
-    for path in _sockets(registry_dir, plugin_dir, driver):
-        err = _connect_error(path)
-        if err is None or err.errno != errno.ECONNREFUSED:
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-            log.info("removed %s: no plugin listens on it (a pod that was killed)", path)
-            removed.append(path)
-    return removed
+    return [path for path in _sockets(registry_dir, plugin_dir, driver)
+            if _remove_dead(path, _connect_error(path))]
 
 
 def other_plugin_alive(registry_dir: Path, plugin_dir: Path, driver: str,

@@ -2,7 +2,8 @@
 (`RollingUpdate(uid)`): per pod UID, the registration socket shortened by hashing where its
 path would not fit a socket address (107 bytes); without a UID, the usual names. A path of
 107 bytes really binds and answers; a longer one is refused up front, naming the flag; dead
-pods' sockets are removed, live ones never."""
+pods' sockets are removed, live ones never: binding replaces a dead socket and refuses a live
+one."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from driver.plugin.daemon import PluginOptions
 from driver.plugin.servers import RegistrationServicer, _bind_unix
 from driver.plugin.sockets import (
     SOCKET_PATH_MAX,
+    SocketFile,
+    SocketInUse,
     grpc_address,
     remove_dead_sockets,
     rolling_update_socket_name,
@@ -176,3 +179,36 @@ def test_dead_pods_sockets_are_removed_and_live_ones_kept(tmp: Path) -> None:
          *(p.name for p in others[:2])])
     assert sorted(p.name for p in plugin_dir.iterdir()) == ["dra-live.sock", "mps.sock"]
     assert remove_dead_sockets(tmp / "none", tmp / "none", "gpu.dra.dev") == []
+
+
+def test_binding_replaces_a_dead_socket_and_refuses_a_live_one(tmp: Path) -> None:
+    """The start-up check can be outrun: another plugin may bind between it and the bind."""
+    dead, live = abandoned(tmp / "dead.sock"), tmp / "live.sock"
+    server = grpc.server(ThreadPoolExecutor(1))
+    try:
+        assert _bind_unix(server, dead).inode == os.lstat(dead).st_ino
+        with socket.socket(socket.AF_UNIX) as dial:
+            dial.connect(str(dead))  # the dead socket was replaced by a listening one
+        with socket.socket(socket.AF_UNIX) as other:
+            other.bind(str(live))
+            other.listen()
+            before = os.lstat(live).st_ino
+            with pytest.raises(SocketInUse, match=f"^the socket {live} is in use"):
+                _bind_unix(server, live)
+            assert os.lstat(live).st_ino == before
+    finally:
+        server.stop(0)
+    assert sorted(os.listdir(tmp)) == ["dead.sock", "live.sock"]  # no private names left
+
+
+def test_a_socket_file_is_removed_only_while_it_is_the_one_bound(tmp: Path) -> None:
+    first = abandoned(tmp / "first.sock")
+    mine = SocketFile.link(first, tmp / "dra.sock")
+    with pytest.raises(SocketInUse, match="another plugin bound it just now"):
+        SocketFile.link(first, mine.path)
+    mine.path.unlink()
+    theirs = abandoned(mine.path)
+    mine.remove()
+    assert theirs.exists()
+    SocketFile.link(first, theirs.with_name("x.sock")).remove()
+    assert not (tmp / "x.sock").exists()
