@@ -21,8 +21,9 @@ arrows point down the data flow), and `tests/unit/test_layers.py` checks it.
 - `plugin`: the kubelet plugin on a GPU node: the daemon and its gRPC servers and sockets
   (their directories' and files' modes explicit, whatever the umask: `modes`),
   claims and their opaque configs, the prepare/unprepare state machine (records: the
-  checkpoint and the ledger, rebuilt from the node's CDI specs when the checkpoint is lost
-  (evidence); effects: MIG, time slicing, CDI specs), the node lock, logs, metrics.
+  checkpoint, a snapshot and the journal of the saves since, and the ledger, rebuilt from
+  the node's CDI specs when the checkpoint is lost (evidence); effects: MIG, time slicing,
+  CDI specs), the node lock, logs, metrics.
   Imports `inventory`, `resourceslice`, `allocator`, `nvml`, `kube`.
 - `devcluster`: a local control plane and fake GPU nodes with the kubelet stand-in, for
   `demo --cluster` and the tests; never imported by `plugin` (its `cryptography` is the

@@ -1,11 +1,15 @@
-"""The plugin's record of what it prepared: one JSON file, written atomically.
+"""The plugin's record of what it prepared: a JSON snapshot, written atomically, and the
+journal of the saves since (`journal`), read together.
 
 Kubelet asks to unprepare claims that may be gone from the API server, and after a crash
 the plugin must know what it half-did, so every claim's state is written down before and
 after its side effects. Rules that keep upgrades and downgrades working (NVIDIA's driver
 crash-looped on checkpoint changes):
-- no checksum over re-marshalled data; the write is atomic (temp file, fsync, rename,
-  fsync of the directory), so a torn file cannot happen;
+- no checksum over re-marshalled data (the journal names its snapshot by the hash of the
+  bytes as written); the snapshot's write is atomic (temp file, fsync, rename, fsync of
+  the directory), so a torn snapshot cannot happen; its format is the same as before the
+  journal, and a release that knows no journal reads it alone (`records` says when it
+  holds every claim);
 - fields this version does not know are kept, at every level, and written back;
 - fields are only ever added, with a meaning that does not change, and a reader defaults
   a field that is missing; `schemaVersion` says which version wrote the file last;
@@ -15,6 +19,7 @@ crash-looped on checkpoint changes):
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +27,7 @@ from typing import Any, Literal
 from driver.atomicfile import write_atomically
 from driver.errors import PluginError
 from driver.kube.names import is_uuid
+from driver.plugin import journal
 from driver.safeload import LoadError, json_document, read_text
 
 SCHEMA_VERSION = 1
@@ -121,12 +127,15 @@ def _device_to_json(device: PreparedDevice) -> dict[str, Any]:
     return out
 
 
+def claim_to_json(record: ClaimRecord) -> dict[str, Any]:
+    return {**record.extra, "namespace": record.namespace, "name": record.name,
+            "state": record.state, "devices": [_device_to_json(d) for d in record.devices]}
+
+
 def to_json(checkpoint: Checkpoint) -> dict[str, Any]:
     return {**checkpoint.extra, "schemaVersion": SCHEMA_VERSION,
             "nodeBootID": checkpoint.boot_id,
-            "claims": {uid: {**r.extra, "namespace": r.namespace, "name": r.name,
-                             "state": r.state, "devices": [_device_to_json(d) for d in r.devices]}
-                       for uid, r in sorted(checkpoint.claims.items())}}
+            "claims": {uid: claim_to_json(r) for uid, r in sorted(checkpoint.claims.items())}}
 
 
 # -- decoding --------------------------------------------------------------------------
@@ -224,23 +233,79 @@ def from_json(data: Any, file: str = "checkpoint") -> Checkpoint:
     return _Reader(file).checkpoint(data)
 
 
-# -- the file --------------------------------------------------------------------------
+# -- the files -------------------------------------------------------------------------
 
-def load(path: Path) -> Checkpoint | None:
-    """The checkpoint at `path`, None if there is none yet."""
+FileId = tuple[int, int, int, int]
+
+
+def file_id(path: Path) -> FileId | None:
+    """What every write of the file changes (a rename makes another inode, an append another
+    size, an edit in place another ctime), None if there is none."""
     try:
-        text = read_text(path, MAX_BYTES)
+        return stat_id(os.stat(path))
+    except FileNotFoundError:
+        return None
+
+
+def stat_id(stat: os.stat_result) -> FileId:
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+
+
+@dataclass(frozen=True)
+class Read:
+    """The checkpoint on disk: the snapshot with its journal's saves applied, the snapshot's
+    size, and the journal as `journal.replay` found it."""
+
+    checkpoint: Checkpoint
+    snapshot_size: int
+    replay: journal.Replay
+
+
+def _read(path: Path, what: str) -> bytes | None:
+    try:
+        return read_text(path, MAX_BYTES).encode()
     except LoadError as err:
         if isinstance(err.__cause__, FileNotFoundError):
             return None
-        raise CheckpointError(f"checkpoint {path}: cannot read it: {err.problem}") from None
+        raise CheckpointError(f"{what} {path}: cannot read it: {err.problem}") from None
+
+
+def read(path: Path) -> Read | None:
+    """The checkpoint at `path` and its journal, None if there is none yet."""
+    snapshot = _read(path, "checkpoint")
+    if snapshot is None:
+        return None
+    journal_path = journal.path_for(path)
     try:
-        data = json_document(text, f"checkpoint {path}")
+        data = json_document(snapshot, f"checkpoint {path}")
+        replay = journal.replay(_read(journal_path, "checkpoint journal") or b"", snapshot,
+                                f"checkpoint journal {journal_path}")
     except LoadError as err:
         raise CheckpointError(str(err)) from None
-    return from_json(data, str(path))
+    if replay.saves:
+        _apply(data, replay.saves)
+    return Read(from_json(data, str(path)), len(snapshot), replay)
 
 
-def save(path: Path, checkpoint: Checkpoint) -> None:
-    """Replace the file atomically and durably."""
-    write_atomically(path, json.dumps(to_json(checkpoint), indent=1).encode(), durable=True)
+def _apply(data: Any, saves: list[journal.Save]) -> None:
+    """The journal's saves over the snapshot's claims, still JSON (a snapshot that is not a
+    checkpoint is left for `from_json` to name)."""
+    claims = data.setdefault("claims", {}) if isinstance(data, dict) else None
+    if isinstance(claims, dict):
+        for save in saves:
+            claims.update(save.changed)
+            for uid in save.deleted:
+                claims.pop(uid, None)
+
+
+def load(path: Path) -> Checkpoint | None:
+    """The checkpoint at `path` (its journal applied), None if there is none yet."""
+    found = read(path)
+    return None if found is None else found.checkpoint
+
+
+def save(path: Path, checkpoint: Checkpoint) -> bytes:
+    """Replace the snapshot atomically and durably; the bytes written."""
+    data = json.dumps(to_json(checkpoint), indent=1).encode()
+    write_atomically(path, data, durable=True)
+    return data

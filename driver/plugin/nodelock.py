@@ -7,7 +7,11 @@ file the upstream kubeletplugin helper locks for the same purpose). The calls of
 process share a single hold, so calls inside a pod still run concurrently (the per-claim
 and per-GPU locks order them), and the other process waits until none is in flight. The
 process that takes the lock first runs `on_acquire` (the plugin re-reads the checkpoint
-there: the other process may have changed it).
+there: the other process may have changed it), and runs `on_release` before it lets the
+lock go (the plugin writes its checkpoint's snapshot whole there). While `linger` says so
+(the snapshot lags the journal), the lock is kept with no call in flight until another
+process waits for it (checked every `_IDLE_POLL`) or `close`: so the lock is free only
+while the snapshot holds every claim, unless this process was killed.
 
 Fairness: a process waiting for the lock holds `serialize.lock.want` exclusively while it
 waits, and a new call joins its process's hold only while nobody holds that file; so once
@@ -16,6 +20,8 @@ other gets the lock however busy this one is (its own next calls wait for `.want
 so the two alternate).
 
 Lock order, everywhere: claim locks, then this lock, then the records' lock (`records`).
+The files are opened read-only (flock needs no more), so a held lock does not keep the
+data dir's file system from being remounted read-only.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from driver.errors import PluginError
 LOCK_FILE = "serialize.lock"
 WANT_SUFFIX = ".want"  # held by a process while it waits for LOCK_FILE
 _POLL = 0.01  # flock cannot time out: poll a non-blocking try until the deadline
+_IDLE_POLL = 0.05  # how often a kept lock looks for another process waiting for it
 
 
 class LockTimeout(PluginError):
@@ -44,14 +51,20 @@ class LockFailure(PluginError):
 
 
 class NodeLock:
-    def __init__(self, path: Path, on_acquire: Callable[[], None]) -> None:
+    def __init__(self, path: Path, on_acquire: Callable[[], None],
+                 on_release: Callable[[], None] = lambda: None,
+                 linger: Callable[[], bool] = lambda: False) -> None:
         self.path = path
         self.want_path = path.with_name(path.name + WANT_SUFFIX)
         self._on_acquire = on_acquire
+        self._on_release = on_release
+        self._linger = linger
         self._cond = threading.Condition()
         self._users = 0
         self._taking = False
+        self._closed = False
         self._fd: int | None = None
+        self._watcher: threading.Thread | None = None
 
     @contextlib.contextmanager
     def hold(self, deadline: float) -> Iterator[None]:
@@ -67,10 +80,14 @@ class NodeLock:
     def _enter(self, deadline: float) -> None:
         with self._cond:
             while True:
-                if self._fd is not None and not self._other_waits():
-                    self._users += 1
-                    return
-                if self._fd is None and not self._taking:
+                if self._fd is not None:
+                    if not self._other_waits():
+                        self._users += 1
+                        return
+                    if self._users == 0:  # kept, and another process waits: its turn
+                        self._release()
+                        continue
+                elif not self._taking:
                     self._taking = True
                     break
                 remaining = deadline - time.monotonic()
@@ -136,7 +153,7 @@ class NodeLock:
     @staticmethod
     def _open(path: Path) -> int:
         try:
-            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            return os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as err:
             raise LockFailure(f"cannot open {path}: {err}") from None
 
@@ -144,9 +161,57 @@ class NodeLock:
         with self._cond:
             self._users -= 1
             if self._users == 0 and self._fd is not None:
-                os.close(self._fd)  # closing the only descriptor releases the flock
-                self._fd = None
-                self._cond.notify_all()
+                if self._closed or not self._linger() or self._may_wait():
+                    self._release()
+                elif self._watcher is None:
+                    self._watcher = threading.Thread(target=self._watch, daemon=True,
+                                                     name="node-lock-watch")
+                    self._watcher.start()
+                else:
+                    self._cond.notify_all()  # the watcher: the lock is kept now
+
+    def _release(self) -> None:
+        """Under `_cond`, no call in flight: `on_release`, then the flock goes."""
+        assert self._fd is not None
+        try:
+            self._on_release()
+        finally:
+            os.close(self._fd)  # closing the only descriptor releases the flock
+            self._fd = None
+            self._cond.notify_all()
+
+    def _kept(self) -> bool:
+        return self._fd is not None and self._users == 0 and not self._taking
+
+    def _may_wait(self) -> bool:
+        """`_other_waits`, and True when it cannot tell: then the lock goes."""
+        try:
+            return self._other_waits()
+        except LockFailure:
+            return True
+
+    def _watch(self) -> None:
+        """While the lock is kept with no call in flight, hand it over once another process
+        waits for it; ends at `close`."""
+        while True:
+            with self._cond:
+                while not self._closed and not self._kept():
+                    self._cond.wait()
+                if self._closed:
+                    return
+            time.sleep(_IDLE_POLL)
+            with self._cond:
+                if self._kept() and self._may_wait():
+                    self._release()
+
+    def close(self) -> None:
+        """Keep the lock no longer: let it go now if no call is in flight, else when the
+        last one ends."""
+        with self._cond:
+            self._closed = True
+            if self._kept():
+                self._release()
+            self._cond.notify_all()
 
     def _timeout(self) -> LockTimeout:
         return LockTimeout(f"another plugin process on this node holds {self.path} (a rolling "

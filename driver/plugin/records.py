@@ -11,6 +11,21 @@ Every record holds its devices, whatever its state: one a failed rollback left (
 devices created, so with their ids, in a PrepareStarted record) keeps its placement from
 other claims and is named in their refusal; two records a checkpoint gives one device
 (a bug, or a hand edit) are reported at start and both keep it.
+
+A save costs what it changes, not what is held: it appends the changed records to the
+checkpoint's journal (`journal`), and the ledger, the gauge of prepared claims and the
+records change for those records only. The snapshot is written whole (a compaction) at
+start, when the journal outgrows it (so a save's share of it stays constant), and
+whenever this process lets the node lock go (`compact`, the lock's on_release): another
+process waits for it, or this one stops. The lock is kept with no call in flight while
+the journal holds saves the snapshot lacks (`lagging`), so whoever takes it next finds
+every claim in the snapshot, a release that reads no journal too (a rolling update
+either way, or a graceful downgrade). The one case this cannot cover: this process
+killed (SIGKILL, OOM, a node crash) with saves in the journal only, then a release that
+reads no journal started before this release starts again: that release misses the
+claims of those saves, and removes their CDI specs and, in dynamic MIG mode, their MIG
+devices. When the node lock is taken, the checkpoint is read again only if a file
+changed since this process last wrote or read it (`checkpoint.file_id`).
 """
 
 from __future__ import annotations
@@ -25,13 +40,27 @@ from typing import Any
 from driver.allocator import Ledger, Node, prepare_conflicts
 from driver.allocator.pools import gather_pools
 from driver.atomicfile import remove_leftovers
-from driver.plugin import checkpoint
-from driver.plugin.checkpoint import Checkpoint, CheckpointError, ClaimRecord, PreparedDevice
+from driver.plugin import checkpoint, journal
+from driver.plugin.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    ClaimRecord,
+    FileId,
+    PreparedDevice,
+    claim_to_json,
+    file_id,
+    stat_id,
+)
 from driver.plugin.claims import ClaimRef
+from driver.plugin.journal import Journal, Replay
 from driver.plugin.metrics import Metrics
 from driver.plugin.node import Identity
 
 log = logging.getLogger(__name__)
+
+COMPACT_AT = 64 << 10  # a journal compacts past this size, or past the snapshot's if larger
+Changes = Mapping[str, ClaimRecord | None]
+"""Records to save, by claim UID; None removes the claim's record."""
 
 
 def ledger_key(namespace: str, name: str, uid: str) -> str:
@@ -61,31 +90,36 @@ class Records(Mapping[str, ClaimRecord]):
                  metrics: Metrics) -> None:
         self.lock = threading.Lock()
         self.path = path
+        self._journal = Journal(journal.path_for(path))
         self._driver = identity.driver
         self._boot_id = identity.boot_id
         self._metrics = metrics
         # What this plugin publishes: its devices and the counters they consume.
         self._published_pools = gather_pools(slices, Node(identity.node))
-        self._checkpoint = Checkpoint(boot_id=identity.boot_id)
+        # The checkpoint's top level (boot id, fields of other versions); its claims are
+        # `_claims`, changed in place.
+        self._top = Checkpoint(boot_id=identity.boot_id)
+        self._claims: dict[str, ClaimRecord] = {}
+        self._completed = 0  # how many records are PrepareCompleted
         self._ledger = Ledger()  # the allocation results of every claim in the checkpoint
+        self._snapshot_size = 0
+        self._lagging = False  # the journal holds saves the snapshot lacks
+        # The snapshot and the journal as this process last wrote or read them.
+        self._seen: tuple[FileId | None, FileId | None] = (None, None)
 
     # -- reading -----------------------------------------------------------------------
 
     def __getitem__(self, uid: str) -> ClaimRecord:
-        return self._checkpoint.claims[uid]
+        return self._claims[uid]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._checkpoint.claims)
+        return iter(list(self._claims))  # a copy: saves change the dict in place
 
     def __len__(self) -> int:
-        return len(self._checkpoint.claims)
-
-    def copy(self) -> dict[str, ClaimRecord]:
-        """The claims as one consistent dict, to change and `save`."""
-        return dict(self._checkpoint.claims)
+        return len(self._claims)
 
     def prepared(self, uid: str) -> bool:
-        record = self._checkpoint.claims.get(uid)
+        record = self._claims.get(uid)
         return record is not None and record.state == "PrepareCompleted"
 
     @property
@@ -93,6 +127,11 @@ class Records(Mapping[str, ClaimRecord]):
         """A copy of what the prepared claims hold, as the allocator books it."""
         with self.lock:
             return self._ledger.copy()
+
+    @property
+    def lagging(self) -> bool:
+        """The snapshot lacks saves the journal holds (a reader of it alone misses them)."""
+        return self._lagging
 
     # -- the ledger (under `lock`) ------------------------------------------------------
 
@@ -106,22 +145,25 @@ class Records(Mapping[str, ClaimRecord]):
             self._ledger.add(key, results)
         return problems
 
-    def forget_unsaved(self, claims: Mapping[str, ClaimRecord]) -> None:
-        """After `claims` could not be saved: the ledger, booked for them, back to what
-        the checkpoint holds."""
-        self._sync_ledger(claims, self._checkpoint.claims)
+    def forget_unsaved(self, changes: Changes) -> None:
+        """After `changes` could not be saved: the ledger, booked for them, back to what
+        the records hold."""
+        for uid, record in changes.items():
+            self._book(record, self._claims.get(uid))
 
     # -- the checkpoint ----------------------------------------------------------------
 
     def load(self) -> dict[str, ClaimRecord] | None:
         """At start: the claims the checkpoint on disk holds (none if the node rebooted
         since it was written), None if there is no checkpoint; the records hold none until
-        the next `save`."""
+        `save_all`."""
         remove_leftovers(self.path.parent, self.path.name)
-        loaded = checkpoint.load(self.path)
-        self._ledger = Ledger()  # rebuilt by the next save, from the claims that stay
-        if loaded is None:
+        found = checkpoint.read(self.path)
+        self._claims, self._ledger = {}, Ledger()  # `save_all` books the claims that stay
+        if found is None:
             return None
+        self._report_ignored(found.replay)
+        loaded = found.checkpoint
         claims: dict[str, ClaimRecord] = {}
         if loaded.boot_id and loaded.boot_id != self._boot_id:
             log.warning("the node rebooted since the checkpoint was written (boot id %s, "
@@ -130,15 +172,72 @@ class Records(Mapping[str, ClaimRecord]):
         else:
             claims = dict(loaded.claims)
             self._report_double_booking(claims.values())
-        self._checkpoint = replace(loaded, boot_id=self._boot_id, claims={})
+        self._top = replace(loaded, boot_id=self._boot_id, claims={})
         return claims
 
-    def save(self, claims: dict[str, ClaimRecord]) -> None:
-        """Write the checkpoint with `claims`, then hold them; OSError if it cannot be
-        written (the records stay as they were)."""
-        updated = self._checkpoint.with_claims(claims)
-        checkpoint.save(self.path, updated)
-        self._adopt(updated)
+    def save_all(self, claims: dict[str, ClaimRecord]) -> None:
+        """Write the checkpoint with exactly `claims` (a compaction), then hold them; OSError
+        if it cannot be written (the records stay as they were)."""
+        self._compact(claims)
+        self._adopt(claims)
+
+    def save(self, changes: Changes) -> None:
+        """Write the changed records (None: removed), then hold them; OSError if they cannot
+        be written (the records stay as they were)."""
+        if not changes:
+            return
+        changed = {uid: r for uid, r in changes.items() if r is not None}
+        line = journal.entry({uid: claim_to_json(r) for uid, r in changed.items()},
+                             [uid for uid, r in changes.items() if r is None])
+        end = self._journal.end
+        if end is not None and end + len(line) <= max(COMPACT_AT, self._snapshot_size) and \
+                (file_id(self.path), file_id(self._journal.path)) == self._seen:
+            self._seen = (self._seen[0], stat_id(self._journal.append(line)))
+            self._lagging = True
+        else:  # due, or a file changed under the lock (removed with the data dir?)
+            claims = {**self._claims, **changed}
+            for uid in changes.keys() - changed.keys():
+                claims.pop(uid, None)
+            self._compact(claims)
+        for uid, record in changes.items():
+            self._change(uid, record)
+        self._metrics.prepared.set(self._completed)
+
+    def compact(self) -> None:
+        """Write every claim into the snapshot if the journal holds saves it lacks: run
+        before the node lock goes to another process, which may read the snapshot alone."""
+        with self.lock:
+            if not self._lagging:
+                return
+            try:
+                self._compact(self._claims)
+            except OSError as err:
+                log.error("checkpoint %s: cannot write every claim into it (%s); until it "
+                          "can, a plugin release that reads no journal misses the latest "
+                          "changes", self.path, err)
+
+    def _compact(self, claims: dict[str, ClaimRecord]) -> None:
+        """The snapshot with `claims`, then a fresh journal. Once the snapshot is written the
+        old journal is stale (it names the old snapshot's bytes), so a failure after that
+        only makes the next save compact again."""
+        data = checkpoint.save(self.path, self._top.with_claims(claims))
+        self._snapshot_size, self._lagging = len(data), False
+        try:
+            self._seen = (file_id(self.path), stat_id(self._journal.reset(data)))
+        except OSError as err:
+            self._seen = (None, None)
+            log.warning("checkpoint %s: wrote it, but not a fresh journal (%s); the next "
+                        "save writes the checkpoint whole again", self.path, err)
+
+    def _report_ignored(self, replay: Replay) -> None:
+        if replay.ignored:
+            what = "a last line cut off by a kill (its save never completed)" \
+                if replay.end is not None else "it extends other checkpoint bytes: the " \
+                "checkpoint was written since (by a compaction cut off before it replaced " \
+                "the journal, by a release that reads no journal, or by hand) and holds " \
+                "what those knew"
+            log.warning("checkpoint %s: ignoring %d line(s) of its journal: %s", self.path,
+                        replay.ignored, what)
 
     def _report_double_booking(self, records: Iterable[ClaimRecord]) -> None:
         """Log each record that holds what an earlier one does (they all stay, and the
@@ -153,35 +252,55 @@ class Records(Mapping[str, ClaimRecord]):
             ledger.add(key, results)
 
     def reload(self) -> None:
-        """Read the checkpoint again (run when this process takes the node lock: the other
-        process may have written it since); a few KB, so always."""
+        """Read the checkpoint again if a file changed since this process last wrote or
+        read it (run when this process takes the node lock: the other process may have
+        written it since)."""
+        seen = (file_id(self.path), file_id(self._journal.path))
+        if seen == self._seen:
+            return
         try:
-            loaded = checkpoint.load(self.path)
+            found = checkpoint.read(self.path)
         except (OSError, ValueError) as err:  # ValueError: UnicodeDecodeError too
             raise CheckpointError(f"checkpoint {self.path}: cannot read it: {err}") from None
-        if loaded is None:
+        if found is None:
             return
+        self._report_ignored(found.replay)
         with self.lock:
-            self._adopt(replace(loaded, boot_id=self._boot_id))
-        log.debug("read the checkpoint again: %d claims", len(loaded.claims))
+            self._top = replace(found.checkpoint, boot_id=self._boot_id, claims={})
+            self._adopt(dict(found.checkpoint.claims))
+            self._journal.end = found.replay.end
+            self._snapshot_size = found.snapshot_size
+            self._lagging = bool(found.replay.saves)
+            self._seen = seen
+        log.debug("read the checkpoint again: %d claims", len(self._claims))
 
-    def _adopt(self, updated: Checkpoint) -> None:
-        self._sync_ledger(self._checkpoint.claims, updated.claims)
-        self._checkpoint = updated
-        self._metrics.prepared.set(sum(r.state == "PrepareCompleted"
-                                       for r in updated.claims.values()))
+    def _adopt(self, claims: dict[str, ClaimRecord]) -> None:
+        """Hold `claims` instead of the records held (all of them: at start and after
+        another process wrote the checkpoint)."""
+        for uid in self._claims.keys() | claims.keys():
+            self._book(self._claims.get(uid), claims.get(uid))
+        self._claims = claims
+        self._completed = sum(r.state == "PrepareCompleted" for r in claims.values())
+        self._metrics.prepared.set(self._completed)
 
-    def _sync_ledger(self, old: Mapping[str, ClaimRecord], new: Mapping[str, ClaimRecord]
-                     ) -> None:
-        """Make the ledger hold `new`'s claims where it held `old`'s."""
-        for uid, record in old.items():
-            if uid not in new or _record_key(new[uid]) != _record_key(record):
-                self._ledger.remove(_record_key(record))
-        for uid, record in new.items():
-            before = old.get(uid)
-            if before is None or before.devices != record.devices or \
-                    _record_key(before) != _record_key(record):
-                self._ledger.add(_record_key(record), self._results(record.devices))
+    def _change(self, uid: str, record: ClaimRecord | None) -> None:
+        """Hold `record` (None: no record) for the claim, in the ledger and the count too."""
+        before = self._claims.get(uid)
+        self._book(before, record)
+        self._completed += (record is not None and record.state == "PrepareCompleted") - \
+            (before is not None and before.state == "PrepareCompleted")
+        if record is None:
+            self._claims.pop(uid, None)
+        else:
+            self._claims[uid] = record
+
+    def _book(self, old: ClaimRecord | None, new: ClaimRecord | None) -> None:
+        """Make the ledger hold one claim's `new` record where it held `old`."""
+        if old is not None and (new is None or _record_key(new) != _record_key(old)):
+            self._ledger.remove(_record_key(old))
+        if new is not None and (old is None or old.devices != new.devices or
+                                _record_key(old) != _record_key(new)):
+            self._ledger.add(_record_key(new), self._results(new.devices))
 
     def _results(self, devices: Iterable[PreparedDevice]) -> list[dict[str, Any]]:
         """Prepared devices as the allocation results they came from."""

@@ -1,7 +1,8 @@
 """Prepare and unprepare: the plugin's state machine over claims, devices and the checkpoint.
 
-A batch (one kubelet call) goes through four phases, so the checkpoint is written twice
-per call however many claims it carries:
+A batch (one kubelet call) goes through four phases, so the checkpoint is saved twice per
+call however many claims it carries (each save writes the records it changes, whatever
+else is held: `records`):
 1. plan, in parallel: read each claim, pick this driver's results in this pool, resolve
    devices and opaque configs; no side effects, so a bad claim costs nothing;
 2. start, under the records' lock: refuse a claim whose devices or shared counters another
@@ -19,10 +20,13 @@ A kill at any point leaves PrepareStarted records, which the next start rolls ba
 Unprepare mirrors it: UnprepareStarted, tear down, remove. One claim is never worked on
 twice at once (a lock per claim UID); MIG changes lock their GPU. Across processes (the
 old and the new pod of a rolling update) every call with work to do holds the node lock
-(`nodelock`), and the checkpoint is read again each time this process takes it; the
-claims are fetched before, so a slow API server does not hold the other pod out. A record
-still half-done when this process holds both the node lock and the claim's lock was left
-by a process that died, and is rolled back before the claim is prepared again.
+(`nodelock`), and the checkpoint is read again, if it changed, each time this process
+takes it; the claims are fetched before, so a slow API server does not hold the other pod
+out. The lock is kept between calls while the checkpoint's snapshot lags its journal, and
+handed over (the snapshot written whole first) when another process asks for it or at
+`close`. A record still half-done when this process holds both the node lock and the
+claim's lock was left by a process that died, and is rolled back before the claim is
+prepared again.
 
 The protocol is here; what it keeps is in `records` (the checkpoint and the ledger, kept
 in step), what it does to the node is in `effects` (MIG, time slicing, CDI specs).
@@ -143,12 +147,17 @@ class PluginState:
         self.metrics = metrics
         self.records = Records(identity, paths.checkpoint, published.slices, metrics)
         self.effects = Effects(identity.driver, paths.cdi_root, published, tools)
-        self._node_lock = NodeLock(paths.node_lock, self.records.reload)
+        self._node_lock = NodeLock(paths.node_lock, self.records.reload,
+                                   on_release=self.records.compact,
+                                   linger=lambda: self.records.lagging)
         self._claim_locks = _KeyedLocks()
         self._workers = ThreadPoolExecutor(WORKERS, thread_name_prefix="claim")
 
     def close(self) -> None:
+        """At a graceful stop: the node lock let go, every claim written into the
+        snapshot first (a release that reads no journal may start next)."""
         self._workers.shutdown(wait=True)
+        self._node_lock.close()
 
     # -- start -------------------------------------------------------------------------
 
@@ -180,7 +189,7 @@ class PluginState:
                           "start", record.namespace, record.name, uid, "; ".join(problems))
             else:
                 del claims[uid]
-        self.records.save(claims)
+        self.records.save_all(claims)
         for uid, record in claims.items():
             if record.state == "PrepareCompleted" and not self.effects.has_spec(uid):
                 with claim_context(uid):
@@ -331,10 +340,8 @@ class PluginState:
         if problems:
             return problems
         with self.records.lock:
-            claims = self.records.copy()
-            claims.pop(record.uid, None)
             try:
-                self.records.save(claims)
+                self.records.save({record.uid: None})
             except OSError as err:
                 return [f"cannot write the checkpoint: {err}"]
         return []
@@ -378,7 +385,7 @@ class PluginState:
         """Refuse plans whose devices or counters other claims hold; record the rest as
         started (each accepted plan holds its devices for the ones after it)."""
         with self.records.lock:
-            claims = self.records.copy()
+            started: dict[str, ClaimRecord | None] = {}
             accepted = []
             for plan in plans:
                 problems = self.records.take(plan.ref, plan.devices)
@@ -390,14 +397,14 @@ class PluginState:
                     outcomes[plan.ref.uid] = _failed("in_use", message)
                     continue
                 accepted.append(plan)
-                claims[plan.ref.uid] = ClaimRecord(plan.ref.uid, plan.ref.namespace,
-                                                   plan.ref.name, "PrepareStarted", plan.devices)
+                started[plan.ref.uid] = ClaimRecord(plan.ref.uid, plan.ref.namespace,
+                                                    plan.ref.name, "PrepareStarted", plan.devices)
             if not accepted:
                 return []
             try:
-                self.records.save(claims)
+                self.records.save(started)
             except OSError as err:
-                self.records.forget_unsaved(claims)
+                self.records.forget_unsaved(started)
                 for plan in accepted:
                     outcomes[plan.ref.uid] = _failed("internal", f"cannot write the checkpoint:"
                                                                  f" {err}")
@@ -428,15 +435,15 @@ class PluginState:
         if not plans:
             return
         with self.records.lock:
-            claims = self.records.copy()
+            finished: dict[str, ClaimRecord | None] = {}
             for plan, outcome in zip(plans, acted, strict=True):
                 outcomes[plan.ref.uid] = outcome
+                started = self.records[plan.ref.uid]
                 if outcome.error is None:
-                    claims[plan.ref.uid] = claims[plan.ref.uid].with_state("PrepareCompleted",
-                                                                           outcome.devices)
+                    finished[plan.ref.uid] = started.with_state("PrepareCompleted",
+                                                                outcome.devices)
                 elif outcome.left:
-                    claims[plan.ref.uid] = claims[plan.ref.uid].with_state("PrepareStarted",
-                                                                           outcome.left)
+                    finished[plan.ref.uid] = started.with_state("PrepareStarted", outcome.left)
                     outcomes[plan.ref.uid] = replace(outcome, error=(
                         f"{outcome.error}; kept on record, rolled back when the claim is "
                         "prepared again or the plugin restarts"))
@@ -444,9 +451,9 @@ class PluginState:
                         log.error("ResourceClaim %s: %s", plan.ref,
                                   outcomes[plan.ref.uid].error)
                 else:
-                    del claims[plan.ref.uid]
+                    finished[plan.ref.uid] = None
             try:
-                self.records.save(claims)
+                self.records.save(finished)
             except OSError as err:
                 self._abandon(plans, acted, outcomes, err)
 
@@ -492,14 +499,12 @@ class PluginState:
     def _begin_unprepare(self, uids: set[str], outcomes: dict[str, Outcome]
                          ) -> dict[str, ClaimRecord]:
         with self.records.lock:
-            claims = self.records.copy()
-            records = {uid: claims[uid].with_state("UnprepareStarted")
-                       for uid in uids if uid in claims}
+            records = {uid: self.records[uid].with_state("UnprepareStarted")
+                       for uid in uids if uid in self.records}
             if not records:
                 return {}
-            claims.update(records)
             try:
-                self.records.save(claims)
+                self.records.save(records)
             except OSError as err:
                 for uid in records:
                     outcomes[uid] = _failed("internal", f"cannot write the checkpoint: {err}")
@@ -523,15 +528,15 @@ class PluginState:
         if not records:
             return
         with self.records.lock:
-            claims = self.records.copy()
+            removed: dict[str, ClaimRecord | None] = {}
             for uid, problems in zip(records, results, strict=True):
                 if problems:
                     outcomes[uid] = _failed("device_error", "; ".join(problems))
                 else:
-                    del claims[uid]
+                    removed[uid] = None
                     outcomes[uid] = Outcome()
             try:
-                self.records.save(claims)
+                self.records.save(removed)
             except OSError as err:  # the records stay UnprepareStarted on disk: redone at start
                 for uid in records:
                     outcomes[uid] = _failed("internal", f"cannot write the checkpoint: {err}")

@@ -354,22 +354,23 @@ def test_a_checkpoint_that_is_not_text_fails_each_claim_as_internal(
 
 def test_a_checkpoint_rewritten_to_the_same_size_and_time_is_read_again(
         node: Node, start: Start) -> None:
-    """The other pod replaced claim X by claim Y on gpu-1; the file keeps its inode, size
-    and mtime (an A/B/A the file's identity cannot tell)."""
+    """The other pod, holding the node lock, replaced claim X by claim Y on gpu-1; the file
+    keeps its inode, size and mtime (an A/B/A those cannot tell)."""
     running = start(pod_uid=new_uid())
     x = make_claim(node.local, [result("gpu-1")])
     y = make_claim(node.local, [result("gpu-1")])
     assert running.kubelet.prepare([x])[x.uid].error == ""
     (node.cdi_root / cdi.spec_file_name(DRIVER, x.uid)).unlink()
-    before = os.stat(node.checkpoint)
-    text = node.checkpoint.read_text().replace(x.uid, y.uid).replace(x.name, y.name)
-    with open(node.checkpoint, "r+") as out:
-        out.write(text)
-        out.truncate()
-    os.utime(node.checkpoint, ns=(before.st_atime_ns, before.st_mtime_ns))
-    after = os.stat(node.checkpoint)
-    assert (after.st_ino, after.st_size, after.st_mtime_ns) == \
-        (before.st_ino, before.st_size, before.st_mtime_ns)
+    with NodeLock(node.plugin_dir / LOCK_FILE, lambda: None).hold(time.monotonic() + 30):
+        before = os.stat(node.checkpoint)  # written whole by the pod as it let the lock go
+        text = node.checkpoint.read_text().replace(x.uid, y.uid).replace(x.name, y.name)
+        with open(node.checkpoint, "r+") as out:
+            out.write(text)
+            out.truncate()
+        os.utime(node.checkpoint, ns=(before.st_atime_ns, before.st_mtime_ns))
+        after = os.stat(node.checkpoint)
+        assert (after.st_ino, after.st_size, after.st_mtime_ns) == \
+            (before.st_ino, before.st_size, before.st_mtime_ns)
     assert running.kubelet.prepare([y])[y.uid].error == ""  # prepared, by the other pod
     assert set(running.plugin.state.records) == {y.uid}
     assert set(cdi_specs(node.cdi_root)) == {y.uid}
