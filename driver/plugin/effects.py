@@ -105,7 +105,13 @@ class Effects:
 
     def _undo(self, uid: str, devices: Iterable[PreparedDevice]
               ) -> tuple[tuple[PreparedDevice, ...], list[str]]:
-        """`teardown`, and the devices whose undo failed."""
+        """`teardown`, and the devices whose undo failed. The spec goes first, and while it
+        cannot be removed the devices stay: a spec on the node must mean its devices exist
+        (a start without a checkpoint trusts it)."""
+        try:
+            self.remove_spec(uid)
+        except OSError as err:
+            return tuple(devices), [f"cannot remove the CDI spec: {err}"]
         left, problems = [], []
         for device in devices:
             try:
@@ -117,10 +123,6 @@ class Effects:
             except (MigFailure, SharingFailure) as err:
                 left.append(device)
                 problems.append(str(err))
-        try:
-            self.remove_spec(uid)
-        except OSError as err:
-            problems.append(f"cannot remove the CDI spec: {err}")
         return tuple(left), problems
 
     # -- CDI specs ---------------------------------------------------------------------

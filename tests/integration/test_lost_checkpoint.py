@@ -117,3 +117,24 @@ def test_without_a_checkpoint_only_what_no_spec_claims_is_swept(
     assert live_mig(node.mig_state) == {GPU0: [(PROFILE_1G, 0, 1)]}
     assert any("destroying MIG GPU instance" in r.getMessage() and "no prepared claim holds"
                in r.getMessage() for r in caplog.records)
+
+
+def test_a_spec_is_removed_before_its_devices_and_they_stay_while_it_cannot_be(
+        node: Node, start: Start) -> None:
+    """So that a spec on the node always means its devices exist: an unprepare that cannot
+    remove the spec keeps the MIG device, and a later one undoes both."""
+    running = start(str(mig_profile(node.root / "mig.yaml")), mock_state=node.mig_state,
+                    mig_mode="dynamic")
+    claim = make_claim(node.local, [result("gpu-0-mig-1g10gb-0", request="mig")])
+    assert running.kubelet.prepare([claim])[claim.uid].error == ""
+    spec = next(p for p in node.cdi_root.iterdir() if claim.uid in p.name)
+    content = spec.read_bytes()
+    spec.unlink()
+    spec.mkdir()  # unlink() of it fails (EISDIR) as on a read-only CDI dir
+    error = running.kubelet.unprepare([claim])[claim.uid]
+    assert "cannot remove the CDI spec" in error
+    assert live(node) == {GPU0: [(PROFILE_1G, 0, 1)]}
+    spec.rmdir()
+    spec.write_bytes(content)
+    assert running.kubelet.unprepare([claim]) == {claim.uid: ""}
+    assert live(node) == {} and cdi_specs(node.cdi_root) == {}
