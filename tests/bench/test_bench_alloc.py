@@ -206,7 +206,7 @@ def test_side_by_side(tmp_path: Path) -> None:
     report = os.environ.get("GPU_DRA_ALLOC_REPORT")
     if not report:
         pytest.skip("set GPU_DRA_ALLOC_REPORT=<file> to run the side-by-side benchmark")
-    from tests.oracle.client import Oracle, oracle_binary
+    from tests.support.oracle import Oracle, oracle_binary
 
     binary = oracle_binary()
     if binary is None:

@@ -31,9 +31,9 @@ from driver.devcluster.controlplane import (
 )
 from driver.devcluster.node import NODE_TOOLS_BUILD
 from driver.kube.api import api_request
-from tests.e2e.chart import HELM_BUILD, Helm
-from tests.e2e.helpers import DEVICE_CLASSES, ControlPlane, make_namespace, unique
-from tests.e2e.standin import (
+from tests.support.apiserver import DEVICE_CLASSES, ControlPlane, make_namespace, unique
+from tests.support.chart import HELM_BUILD, Helm
+from tests.support.standin import (
     E2eTools,
     KubeletStandin,
     ToolsUnavailable,

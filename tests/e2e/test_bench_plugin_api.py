@@ -19,7 +19,7 @@ from pytest_benchmark.fixture import BenchmarkFixture
 
 from driver.devcluster.controlplane import FakeNodeKeeper
 from driver.kube.api import api_request
-from tests.e2e.helpers import RESOURCE_V1, SLICES, ControlPlane, create, unique, wait_for
+from tests.support.apiserver import RESOURCE_V1, SLICES, ControlPlane, create, unique, wait_for
 from tests.support.plugin import DRIVER, Claim, Node, short_tmp
 from tests.support.plugin_bench import Daemon, bench_prepare, bench_unprepare, daemon_process
 from tests.support.plugin_bench import shapes as shapes_in

@@ -16,8 +16,8 @@ import kubernetes_validate
 import pytest
 
 from driver.cli.main import build_parser
-from tests.e2e.chart import CHART, Helm, HelmFailed, created, one, only
-from tests.e2e.helpers import ControlPlane, unique
+from tests.support.apiserver import ControlPlane, unique
+from tests.support.chart import CHART, Helm, HelmFailed, created, one, only
 
 SCHEMA_VERSIONS = ("1.34.0", "1.35.0", "1.36.0", "1.37.0")
 NOT_BUILT_IN = {"ServiceMonitor"}

@@ -20,7 +20,7 @@ from driver.devcluster.controlplane import (
     api_request,
     pinned_versions,
 )
-from tests.e2e.helpers import (
+from tests.support.apiserver import (
     DEVICE_CLASSES,
     SLICES,
     ControlPlane,

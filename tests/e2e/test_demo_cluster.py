@@ -25,8 +25,8 @@ from kubernetes import config as kube_config
 from driver.devcluster.controlplane import ALL_BINARIES, AssetsUnavailable, die_with_parent
 from driver.devcluster.node import STANDIN_ENV, find_standin
 from driver.plugin import cdi
-from tests.e2e.helpers import RESOURCE_V1, create, get, wait_for
-from tests.e2e.standin import E2eTools
+from tests.support.apiserver import RESOURCE_V1, create, get, wait_for
+from tests.support.standin import E2eTools
 
 DRIVER = "gpu.dra.dev"
 READY_TIMEOUT = 180.0  # a cold start of the control plane on 2 busy cores

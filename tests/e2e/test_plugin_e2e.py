@@ -28,7 +28,7 @@ from driver.kube.api import api_request
 from driver.nvml.mock import mock_provider
 from driver.plugin import cdi, checkpoint
 from driver.plugin.devices import Target, device_index
-from tests.e2e.helpers import (
+from tests.support.apiserver import (
     RESOURCE_V1,
     SLICES,
     ControlPlane,
@@ -39,8 +39,8 @@ from tests.e2e.helpers import (
     pod_with_claim,
     wait_for,
 )
-from tests.e2e.standin import CdiResolveError, E2eTools, KubeletStandin, cdi_resolve
 from tests.support.plugin import live_mig, mig_profile, short_tmp
+from tests.support.standin import CdiResolveError, E2eTools, KubeletStandin, cdi_resolve
 
 DRIVER = "gpu.dra.dev"
 VENDOR_KIND = cdi.kind(DRIVER)

@@ -21,7 +21,7 @@ from driver.resourceslice.build import SliceOptions, build_slices
 from driver.resourceslice.errors import PublishError, PublishTimeout
 from driver.resourceslice.plan import Backoff, content
 from driver.resourceslice.publish import PublishTiming
-from tests.e2e.helpers import SLICES, ControlPlane, unique, wait_for
+from tests.support.apiserver import SLICES, ControlPlane, unique, wait_for
 from tests.support.publisher import (
     DRIVER,
     consistent,

@@ -21,8 +21,16 @@ from driver.inventory.discovery import discover
 from driver.kube.api import ApiResult, api_request
 from driver.nvml.mock import mock_provider
 from driver.resourceslice.publish import ApiPublisher, SlicePool
-from tests.e2e.chart import Helm, created, one
-from tests.e2e.helpers import SLICES, ControlPlane, create, delete, resource_slice, unique, wait_for
+from tests.support.apiserver import (
+    SLICES,
+    ControlPlane,
+    create,
+    delete,
+    resource_slice,
+    unique,
+    wait_for,
+)
+from tests.support.chart import Helm, created, one
 
 NODE_CLAIM = "authentication.kubernetes.io/node-name"
 CLAIMS = "/apis/resource.k8s.io/v1/namespaces/{ns}/resourceclaims"

@@ -24,7 +24,7 @@ from driver.inventory.model import Inventory
 from driver.nvml.mock import mock_provider
 from driver.plugin.sockets import other_plugin_alive, rolling_update_socket_name
 from driver.resourceslice.publish import ApiPublisher, PublishTiming
-from tests.e2e.helpers import ControlPlane, api_writes, wait_for
+from tests.support.apiserver import ControlPlane, api_writes, wait_for
 from tests.support.plugin import new_uid, short_tmp
 from tests.support.publisher import DRIVER, consistent, pool, publisher_for, resyncing, writes
 

@@ -20,7 +20,7 @@ from driver.kube.api import api_request
 from driver.nvml.mock import mock_provider
 from driver.resourceslice.build import MigMode, SliceOptions, build_slices
 from driver.resourceslice.publish import ApiPublisher, SlicePool
-from tests.e2e.helpers import (
+from tests.support.apiserver import (
     RESOURCE_V1,
     ControlPlane,
     create,

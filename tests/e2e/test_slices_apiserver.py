@@ -13,7 +13,7 @@ from driver.nvml.mock import list_profiles, mock_provider
 from driver.resourceslice.build import MigMode, SliceOptions, build_slices, limit_violations
 from driver.resourceslice.errors import PublishError
 from driver.resourceslice.publish import ApiPublisher, SlicePool
-from tests.e2e.helpers import SLICES, ControlPlane, submit_slice, unique
+from tests.support.apiserver import SLICES, ControlPlane, submit_slice, unique
 
 DRIVER = "gpu.dra.dev"
 CASES = [(p, m) for p in list_profiles() for m in ("static", "dynamic")]

@@ -45,7 +45,7 @@ from driver.nvml.mock import mock_provider
 from driver.plugin import checkpoint
 from driver.plugin.checkpoint import ClaimRecord
 from driver.plugin.devices import Target, device_index
-from tests.e2e.helpers import (
+from tests.support.apiserver import (
     RESOURCE_V1,
     SLICES,
     ControlPlane,
@@ -55,8 +55,8 @@ from tests.e2e.helpers import (
     pod_with_claim,
     wait_for,
 )
-from tests.e2e.standin import KubeletStandin
 from tests.support.plugin import live_mig, short_tmp
+from tests.support.standin import KubeletStandin
 
 DRIVER = "gpu.dra.dev"
 MACHINE = "dgx-h100"

@@ -3,7 +3,7 @@
 The oracle (tests/oracle/main.go) is built with Go on first use and cached outside
 the clone. The full run is one command (docs/benchmarks.md records its result):
 
-    .venv/bin/python -m tests.oracle.differential --count 10000 --seed 1
+    .venv/bin/python -m tests.support.differential --count 10000 --seed 1
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.oracle.client import Oracle, normalized, oracle_binary
-from tests.oracle.differential import run
+from tests.support.differential import run
+from tests.support.oracle import Oracle, normalized, oracle_binary
 
 SAMPLE = 400
 SEED = 20260

@@ -24,7 +24,7 @@ from driver.devcluster.controlplane import (
     stop_signals_held,
 )
 from driver.devcluster.node import ChildProcess, poll
-from tests.e2e.standin import KubeletStandin
+from tests.support.standin import KubeletStandin
 
 ROOT = Path(__file__).resolve().parents[2]
 

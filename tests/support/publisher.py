@@ -12,7 +12,7 @@ from typing import Any
 from driver.kube.api import api_request
 from driver.resourceslice.build import MigMode
 from driver.resourceslice.publish import ApiPublisher, PublishTiming, SlicePool
-from tests.e2e.helpers import SLICES, ControlPlane
+from tests.support.apiserver import SLICES, ControlPlane
 
 DRIVER = "gpu.dra.dev"
 WRITES = ("POST", "PUT", "PATCH", "DELETE")

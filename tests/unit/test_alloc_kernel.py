@@ -26,8 +26,8 @@ from driver.allocator.input import Claim, Request
 from driver.allocator.ledger import DeviceRef
 from driver.allocator.model import DISTINCT, MATCH, ConstraintPlan, Entry, Problem
 from driver.allocator.pools import Device, Node
-from tests.oracle.client import normalized
-from tests.oracle.generate import instance
+from tests.support.oracle import normalized
+from tests.support.problems import instance
 
 BUDGET = 200_000
 

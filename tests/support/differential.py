@@ -1,6 +1,6 @@
 """Differential run: our allocator against the upstream oracle on generated problems.
 
-    .venv/bin/python -m tests.oracle.differential --count 10000 --seed 1
+    .venv/bin/python -m tests.support.differential --count 10000 --seed 1
 
 Parity mode must agree with the oracle device for device (status, every result,
 configs, node selector); topology mode must agree on feasibility. Instances where
@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.oracle.client import Oracle, normalized, oracle_binary, ours
-from tests.oracle.generate import instance
+from tests.support.oracle import Oracle, normalized, oracle_binary, ours
+from tests.support.problems import instance
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any
 from driver.devcluster.controlplane import AssetsUnavailable, ComponentError
 from driver.devcluster.node import KubeletStandin as _KubeletStandin
 from driver.devcluster.node import build_node_tools, node_tools_folder
-from tests.e2e.helpers import wait_for
+from tests.support.apiserver import wait_for
 
 
 class ToolsUnavailable(RuntimeError):

@@ -18,7 +18,7 @@ from typing import Any
 from driver.allocator import Allocator, InputError, Ledger, Node
 from driver.kube.quantity import parse_quantity
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).parents[1] / "oracle"  # the Go oracle: build.sh, main.go
 NO_GO = 3  # build.sh: not cached and Go is not on PATH
 
 
