@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.forkserver import ForkServer
 from tests.support.plugin import Node, Start, plugins, short_tmp
 
 
@@ -21,3 +22,11 @@ def node() -> Iterator[Node]:
 def start(node: Node) -> Iterator[Start]:
     with plugins(node) as start_:
         yield start_
+
+
+@pytest.fixture(scope="module")
+def forks() -> Iterator[ForkServer]:
+    """Fast `gpu-dra` processes: the driver imported once per test module."""
+    server = ForkServer()
+    yield server
+    server.close()

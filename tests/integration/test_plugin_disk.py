@@ -4,55 +4,18 @@ the claims prepared before are untouched, and calls succeed again once there is 
 
 from __future__ import annotations
 
-import contextlib
-import os
-import subprocess
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
 from driver.plugin import checkpoint
+from tests.support.disks import can_mount, fill, leftovers, remount, tmpfs
 from tests.support.plugin import Node, Start, cdi_specs, make_claim, result
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs: needs root")
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str = "256k") -> Iterator[Path]:
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
-                    str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
-
-
-def fill(directory: Path) -> Path:
-    """Take every free byte of the file system under `directory`."""
-    filler = directory / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        with contextlib.suppress(OSError):  # ENOSPC: full
-            while True:
-                os.write(fd, b"\0" * 4096)
-    finally:
-        os.close(fd)
-    return filler
-
-
-def remount(path: Path, mode: str) -> None:
-    subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], check=True)
+pytestmark = pytest.mark.skipif(can_mount() is not None, reason=str(can_mount()))
 
 
 def held(node: Node) -> set[str]:
     loaded = checkpoint.load(node.checkpoint)
     return set() if loaded is None else set(loaded.claims)
-
-
-def leftovers(*directories: Path) -> list[str]:
-    return [p.name for d in directories for p in d.iterdir() if p.name.endswith(".tmp")]
 
 
 @pytest.mark.parametrize("where", ["plugin", "cdi"])

@@ -16,12 +16,13 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from driver.plugin import cdi, checkpoint
+from tests.support.disks import leftovers
 from tests.support.forkserver import ForkServer
 from tests.support.plugin import (
     DRIVER,
@@ -54,9 +55,7 @@ def converged(node: Node, claim: Claim, placement: tuple[int, int]) -> str:
     loaded = checkpoint.load(node.checkpoint)  # readable, or this raises
     assert loaded is not None
     record = loaded.claims.get(claim.uid)
-    leftovers = [p for d in (node.cdi_root, node.plugin_dir) for p in d.iterdir()
-                 if p.name.endswith(".tmp")]
-    assert leftovers == []
+    assert leftovers(node.cdi_root, node.plugin_dir) == []
     specs = cdi_specs(node.cdi_root)
     if record is None:
         assert live_mig(node.mig_state) == {}
@@ -66,13 +65,6 @@ def converged(node: Node, claim: Claim, placement: tuple[int, int]) -> str:
     assert live_mig(node.mig_state) == {GPU0: [(*placement, 1)]}
     assert set(specs) == {claim.uid} and cdi_problems(specs[claim.uid]) == []
     return "prepared"
-
-
-@pytest.fixture(scope="module")
-def forks() -> Iterator[ForkServer]:
-    server = ForkServer()
-    yield server
-    server.close()
 
 
 def test_sigkill_while_preparing_dynamic_mig_always_converges(node: Node,
@@ -93,7 +85,7 @@ def test_sigkill_while_preparing_dynamic_mig_always_converges(node: Node,
         device = names[i % len(names)]
         claim = make_claim(node.local, [result(device, request="mig")])
         # the kubelet's call, sent without waiting for the answer
-        pending = daemon.kubelet.v1.NodePrepareResources.future(_request(claim), timeout=45)
+        pending = daemon.kubelet.send("NodePrepareResources", [claim])
         time.sleep(rng.uniform(0, window))
         assert daemon.send(signal.SIGKILL) == -signal.SIGKILL
         failure = pending.exception(timeout=10)  # answered before the kill, or cut off
@@ -108,13 +100,6 @@ def test_sigkill_while_preparing_dynamic_mig_always_converges(node: Node,
         assert live_mig(node.mig_state) == {}, f"kill {i} (seed {seed})"
     assert daemon.stop() == 0
     print(f"seed {seed}, window {window * 1000:.1f} ms: {dict(outcomes)}")
-
-
-def _request(claim: Claim) -> object:
-    from driver._proto.dra_v1 import api_pb2
-
-    return api_pb2.NodePrepareResourcesRequest(claims=[api_pb2.Claim(
-        namespace=claim.namespace, name=claim.name, uid=claim.uid)])
 
 
 def free_port() -> int:

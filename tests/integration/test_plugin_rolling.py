@@ -14,12 +14,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from driver.nvml.mock import mock_provider
 from driver.plugin import cdi, checkpoint
@@ -45,13 +42,6 @@ from tests.support.plugin import (
 
 GPU0 = "GPU-38ab404c-3055-5622-b266-e2d6fb39931a"  # h100-80gb-hbm3 GPU 0
 PROFILE_2G = 14  # H100 GPU-instance profile id of 2g.20gb
-
-
-@pytest.fixture(scope="module")
-def forks() -> Iterator[ForkServer]:
-    server = ForkServer()
-    yield server
-    server.close()
 
 
 def pod(node: Node, forks: ForkServer, name: str, *extra: str, profile: str = "l4-8x"

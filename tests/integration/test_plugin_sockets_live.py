@@ -14,12 +14,7 @@ from pathlib import Path
 import pytest
 
 from driver.plugin.sockets import SocketInUse
-from tests.support.plugin import Node, Start, make_claim, result
-
-
-def inode(path: Path) -> tuple[int, int]:
-    found = path.lstat()
-    return found.st_dev, found.st_ino
+from tests.support.plugin import Node, Start, inode, make_claim, result
 
 
 def test_a_second_plugin_on_live_sockets_is_refused_and_touches_nothing(

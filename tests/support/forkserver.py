@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -64,8 +66,26 @@ class ForkServer:
         """Start `gpu-dra <argv>` with stdout and stderr appended to `log`; its pid."""
         return self._ask(f"run {json.dumps({'log': str(log), 'argv': argv})}", "pid")
 
-    def wait(self, pid: int) -> int:
-        """Its exit code once it has ended (negative: the signal that killed it)."""
+    @staticmethod
+    def running(pid: int) -> bool:
+        """Whether the child has not ended (an ended one stays a zombie until `wait`)."""
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
+            return False
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+    def wait(self, pid: int, timeout: float | None = None) -> int:
+        """Its exit code once it has ended (negative: the signal that killed it);
+        TimeoutError if it still runs `timeout` seconds on (then it is killed)."""
+        if timeout is not None:
+            deadline = time.monotonic() + timeout
+            while self.running(pid):
+                if time.monotonic() > deadline:
+                    os.kill(pid, signal.SIGKILL)
+                    self._ask(f"wait {pid}", "exit")
+                    raise TimeoutError(f"process {pid} still ran {timeout:g} s on")
+                time.sleep(0.01)
         return self._ask(f"wait {pid}", "exit")
 
     def close(self) -> None:

@@ -156,13 +156,22 @@ class Kubelet:
         return reg_v1_grpc.RegistrationStub(self.reg_channel).GetInfo(
             reg_v1.InfoRequest(), timeout=timeout, wait_for_ready=wait_for_ready)
 
-    def _call(self, method: str, claims: Sequence[Claim], version: str) -> Any:
+    def _method(self, method: str, claims: Sequence[Claim], version: str) -> tuple[Any, Any]:
         pb = dra_v1 if version == "v1" else dra_v1beta1
         stub = self.v1 if version == "v1" else self.v1beta1
         request_type = getattr(pb, f"{method}Request")
         request = request_type(claims=[pb.Claim(namespace=c.namespace, name=c.name, uid=c.uid)
                                        for c in claims])
-        return getattr(stub, method)(request, timeout=45)
+        return getattr(stub, method), request
+
+    def _call(self, method: str, claims: Sequence[Claim], version: str) -> Any:
+        call, request = self._method(method, claims, version)
+        return call(request, timeout=45)
+
+    def send(self, method: str, claims: Sequence[Claim], version: str = "v1") -> Any:
+        """Start the call without waiting: a future of its response (or its RpcError)."""
+        call, request = self._method(method, claims, version)
+        return call.future(request, timeout=45)
 
     def prepare(self, claims: Sequence[Claim], version: str = "v1") -> dict[str, Answer]:
         response = self._call("NodePrepareResources", claims, version)
@@ -187,6 +196,15 @@ def wait_for_socket(path: Path, timeout: float = 60.0,
         if time.monotonic() > deadline:
             raise AssertionError(f"{path} did not appear within {timeout:g}s")
         time.sleep(0.02)
+
+
+def inode(path: Path) -> tuple[int, int] | None:
+    """Which file is at `path` (a socket bound again is another), None if none is."""
+    try:
+        found = path.lstat()
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 def _registry() -> Registry:
@@ -336,8 +354,8 @@ class Daemon:
         log = self.log
         if forks is not None:
             self.pid = forks.run(args, log)
-            self._wait: Callable[[], int] = lambda: forks.wait(self.pid)
-            self._alive: Callable[[], bool] = lambda: True  # the fork server reaps it
+            self._wait: Callable[[], int] = lambda: forks.wait(self.pid, 30)
+            self._alive: Callable[[], bool] = lambda: forks.running(self.pid)
         else:
             with open(log, "ab") as out:
                 proc = subprocess.Popen([sys.executable, "-m", "driver.cli", *args],
@@ -357,15 +375,17 @@ class Daemon:
         return self.log.read_text(errors="replace")[-4000:]
 
     def send(self, sig: int) -> int:
-        """Send `sig`; the exit code once the process has ended."""
+        """Send `sig`; the exit code once the process has ended (a timeout error if it
+        still runs 30 s on)."""
         os.kill(self.pid, sig)
         return self._wait()
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
-        code = self.send(sig)
-        if hasattr(self, "kubelet"):
-            self.kubelet.close()
-        return code
+        try:
+            return self.send(sig)
+        finally:
+            if hasattr(self, "kubelet"):
+                self.kubelet.close()
 
 
 def live_mig(mock_state: Path) -> dict[str, list[tuple[int, int, int]]]:
