@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 
 # How long start-up waits for the API server before serving without published slices.
 START_PUBLISH_TIMEOUT = 20.0
+SIGNAL_POLL = 0.2  # seconds: how late a SIGTERM taken by another thread may be handled
 
 
 @dataclass(frozen=True)
@@ -243,7 +244,9 @@ def run(options: PluginOptions, provider: Provider) -> int:
     try:
         plugin.start()
         log.info("plugin %s ready on node %s", options.driver, options.node)
-        while not stop.wait(3600):
+        # Short waits: Python runs a signal's handler in the main thread, and a signal that
+        # the kernel hands to another thread (gRPC's) does not interrupt a long wait there.
+        while not stop.wait(SIGNAL_POLL):
             pass
     finally:
         plugin.stop()

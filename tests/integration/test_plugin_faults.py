@@ -5,6 +5,7 @@ another schema version is read and its unknown fields kept."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import random
@@ -106,6 +107,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_a_sigterm_the_kernel_hands_to_another_thread_still_stops_the_plugin(
+        node: Node) -> None:
+    """A process-directed signal may go to any thread; Python handles it in the main one."""
+    daemon = Daemon(node, node.cli_args("l4-8x"))
+    others = [int(t) for t in os.listdir(f"/proc/{daemon.pid}/task") if int(t) != daemon.pid]
+    assert others, "the plugin runs gRPC threads"
+    assert ctypes.CDLL(None, use_errno=True).tgkill(daemon.pid, others[0],
+                                                    signal.SIGTERM) == 0
+    began = time.monotonic()
+    assert daemon.wait() == 0 and time.monotonic() - began < 10
+    assert not node.registration_socket.exists() and not node.dra_socket.exists()
 
 
 def test_sigterm_removes_the_sockets_and_keeps_the_slices(node: Node) -> None:

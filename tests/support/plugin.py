@@ -375,9 +375,13 @@ class Daemon:
         return self.log.read_text(errors="replace")[-4000:]
 
     def send(self, sig: int) -> int:
-        """Send `sig`; the exit code once the process has ended (a timeout error if it
-        still runs 30 s on)."""
+        """Send `sig`; the exit code once the process has ended (see `wait`)."""
         os.kill(self.pid, sig)
+        return self.wait()
+
+    def wait(self) -> int:
+        """The exit code once the process has ended; a timeout error if it still runs 30 s
+        on."""
         return self._wait()
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
