@@ -6,8 +6,10 @@ survives in the CDI directory and names the claim's UID and its devices (`<uid>-
 a preparation writes its spec last, so a spec means the claim was prepared completely. The
 records rebuilt from the specs hold the claims' devices again (the ledger refuses them to
 other claims, the MIG sweep keeps their MIG devices) until the kubelet unprepares them.
-What a spec does not say is lost: the claim's namespace and name (recorded as `UNKNOWN`),
-its requests, its time slice and its opaque config (a time slice is left as it is).
+What a spec does not say (the claim's namespace and name, recorded as `UNKNOWN`, its
+requests, adminAccess, time slice and opaque config) comes back when the kubelet prepares
+the claim again: its allocation fills the record in (`PluginState._adopt`). Until then a
+device two specs name is held for both (one of them may have had adminAccess).
 """
 
 from __future__ import annotations
@@ -52,3 +54,7 @@ def _device_names(spec: Any) -> list[str]:
         return []
     return [d["name"] for d in devices if isinstance(d, dict) and isinstance(d.get("name"), str)]
 
+
+def is_rebuilt(record: ClaimRecord) -> bool:
+    """A record rebuilt from a CDI spec and not yet filled in from its claim."""
+    return record.namespace == UNKNOWN

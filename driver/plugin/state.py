@@ -55,7 +55,7 @@ from driver.plugin.claims import (
 )
 from driver.plugin.config import GpuConfig, MigDeviceConfig, OpaqueConfig, config_for
 from driver.plugin.effects import ApplyFailure, Effects
-from driver.plugin.evidence import rebuilt_records
+from driver.plugin.evidence import is_rebuilt, rebuilt_records
 from driver.plugin.logs import claim_context
 from driver.plugin.metrics import Metrics
 from driver.plugin.node import DeviceTools, Identity, Paths, Published
@@ -310,7 +310,7 @@ class PluginState:
                                         f"rolling it back failed: {'; '.join(problems)}"))
                 record = None
             try:
-                if record is not None:
+                if record is not None and not is_rebuilt(record):
                     if not self.effects.has_spec(ref.uid):
                         self.effects.write_spec(ref.uid, record.devices)
                     log.debug("ResourceClaim %s is already prepared", ref)
@@ -322,6 +322,8 @@ class PluginState:
                 allocation = claim_allocation(claim, self.identity.driver, self.identity.node)
                 devices = tuple(self._planned(ref, result, allocation.configs)
                                 for result in allocation.devices)
+                if record is not None:
+                    return _Plan(ref, answer=self._adopt(ref, record, devices))
             except ClaimError as err:
                 log.info("cannot prepare ResourceClaim %s: %s", ref, err)
                 return _Plan(ref, answer=_failed(err.reason, str(err)))
@@ -329,6 +331,28 @@ class PluginState:
                 log.exception("preparing ResourceClaim %s failed", ref)
                 return _Plan(ref, answer=_failed("internal", f"internal error: {err!r}"))
             return _Plan(ref, devices)
+
+    def _adopt(self, ref: ClaimRef, record: ClaimRecord,
+               planned: tuple[PreparedDevice, ...]) -> Outcome:
+        """A claim prepared again whose record was rebuilt from its CDI spec (`evidence`):
+        its allocation gives back what the spec could not say (its name, requests,
+        adminAccess, config), and the record takes it, devices unchanged; an allocation
+        of other devices is refused."""
+        if sorted(d.device for d in planned) != sorted(d.device for d in record.devices):
+            return _failed("in_use", f"ResourceClaim {ref} is allocated "
+                                     f"{', '.join(d.device for d in planned) or 'no device'}"
+                                     f", but this node holds "
+                                     f"{', '.join(d.device for d in record.devices) or 'none'}"
+                                     " for it (its record was rebuilt from its CDI spec): "
+                                     "unprepare it first")
+        adopted = ClaimRecord(ref.uid, ref.namespace, ref.name, "PrepareCompleted", planned)
+        with self.records.lock:
+            try:
+                self.records.save({ref.uid: adopted})
+            except OSError as err:
+                return _failed("internal", f"cannot write the checkpoint: {err}")
+        log.info("ResourceClaim %s, kept from its CDI spec, has its record again", ref)
+        return Outcome(devices=planned)
 
     def _roll_back_stale(self, record: ClaimRecord) -> list[str]:
         """Undo a record a dead process or a failed rollback left half-done (this call holds

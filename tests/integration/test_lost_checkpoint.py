@@ -24,6 +24,7 @@ from tests.support.plugin import (
     make_claim,
     mig_profile,
     result,
+    write_claim,
 )
 
 GPU0 = "GPU-6493d427-501d-5931-bd3f-97d1981f0fc8"  # dgx-h100 GPU 0
@@ -138,3 +139,44 @@ def test_a_spec_is_removed_before_its_devices_and_they_stay_while_it_cannot_be(
     spec.write_bytes(content)
     assert running.kubelet.unprepare([claim]) == {claim.uid: ""}
     assert live(node) == {} and cdi_specs(node.cdi_root) == {}
+
+
+def test_a_claim_prepared_again_fills_in_its_rebuilt_record(node: Node, start: Start) -> None:
+    """What a spec cannot say (the claim's name, requests, adminAccess) comes back from the
+    allocation when the kubelet prepares the claim again, e.g. after its own restart."""
+    first = start("l4-8x")
+    admin = make_claim(node.local, [result("gpu-1", request="debug", admin=True)])
+    owner = make_claim(node.local, [result("gpu-1", request="train")])
+    answers = first.kubelet.prepare([admin, owner])
+    assert all(a.error == "" for a in answers.values())
+    first.stop()
+    move_away(node)
+    second = start("l4-8x")
+    again = second.kubelet.prepare([admin, owner])
+    assert {uid: a.devices for uid, a in again.items()} == \
+        {uid: a.devices for uid, a in answers.items()}  # request names included
+    loaded = checkpoint.load(node.checkpoint)
+    assert loaded is not None
+    assert {uid: (r.namespace, r.name, [d.admin_access for d in r.devices])
+            for uid, r in loaded.claims.items()} == {
+        admin.uid: (admin.namespace, admin.name, [True]),
+        owner.uid: (owner.namespace, owner.name, [False])}
+    # gpu-1 is held by its owner alone again: unprepared, it is free for a new claim
+    assert second.kubelet.unprepare([owner]) == {owner.uid: ""}
+    newcomer = make_claim(node.local, [result("gpu-1")])
+    assert second.kubelet.prepare([newcomer])[newcomer.uid].error == ""
+
+
+def test_a_rebuilt_claim_allocated_other_devices_is_refused(node: Node, start: Start) -> None:
+    first = start("l4-8x")
+    claim = make_claim(node.local, [result("gpu-2")])
+    assert first.kubelet.prepare([claim])[claim.uid].error == ""
+    first.stop()
+    lose_data_dir(node)
+    second = start("l4-8x")
+    write_claim(node.local, claim, [result("gpu-3")])  # not what the node holds for it
+    error = second.kubelet.prepare([claim])[claim.uid].error
+    assert error == (f"ResourceClaim {claim.namespace}/{claim.name} is allocated gpu-3, but "
+                     "this node holds gpu-2 for it (its record was rebuilt from its CDI "
+                     "spec): unprepare it first")
+    assert set(cdi_specs(node.cdi_root)) == {claim.uid}
