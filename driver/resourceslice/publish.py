@@ -10,6 +10,7 @@ on (the other plugin pod of a rolling update) is left to it while that pod lives
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -461,7 +462,9 @@ class ApiPublisher:
         with self._watch_lock:
             resp, self._watch_resp = self._watch_resp, None
         if resp is not None:
-            resp.shutdown()
+            # ValueError: the watch ended on its own meanwhile (urllib3 let go of the socket)
+            with contextlib.suppress(ValueError):
+                resp.shutdown()
 
     def _set_waiting(self, what: str | None) -> None:
         if what != self._waiting_for:
