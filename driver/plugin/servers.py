@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -248,7 +249,8 @@ def _bind_unix(server: grpc.Server, path: Path) -> SocketFile:
     `path` and unlinked: grpc's unlinks never reach `path`."""
     make_dir(path.parent, PRIVATE_DIR)
     free_for_bind(path)
-    private = path.parent / f".{os.getpid():x}"
+    # random, not the pid: two plugin pods in a rolling update are both pid 1
+    private = path.parent / f".{secrets.token_hex(3)}"  # 7 bytes: shorter than dra.sock
     with _BINDING:
         server.add_insecure_port(grpc_address(private))
         try:
