@@ -43,11 +43,6 @@ from tests.support.plugin import (
 )
 
 
-def records(node: Node) -> dict[str, ClaimRecord]:
-    loaded = checkpoint.load(node.checkpoint)
-    return {} if loaded is None else loaded.claims
-
-
 def test_registration_answers_what_the_kubelet_needs(node: Node, start: Start) -> None:
     running = start()
     info = running.kubelet.get_info()
@@ -71,7 +66,7 @@ def test_prepare_writes_a_valid_spec_and_records_the_claim(node: Node, start: St
     assert {d["name"]: d["containerEdits"]["deviceNodes"] for d in spec["devices"]} == {
         f"{claim.uid}-gpu-3": [{"path": "/dev/nvidia3"}],
         f"{claim.uid}-gpu-5": [{"path": "/dev/nvidia5"}]}
-    assert records(node)[claim.uid].state == "PrepareCompleted"
+    assert node.records()[claim.uid].state == "PrepareCompleted"
 
 
 def test_a_second_prepare_answers_the_same_and_changes_nothing(node: Node, start: Start) -> None:
@@ -91,7 +86,7 @@ def test_unprepare_removes_the_spec_and_the_record_and_may_repeat(node: Node,
     claim = make_claim(node.local, [result("gpu-1")])
     running.kubelet.prepare([claim], version="v1beta1")
     assert running.kubelet.unprepare([claim], version="v1beta1") == {claim.uid: ""}
-    assert cdi_specs(node.cdi_root) == {} and records(node) == {}
+    assert cdi_specs(node.cdi_root) == {} and node.records() == {}
     assert running.kubelet.unprepare([claim]) == {claim.uid: ""}
     # a claim the plugin never saw (deleted from the API server before a restart) too
     assert running.kubelet.unprepare([Claim("ns", "gone", new_uid())])
@@ -140,7 +135,7 @@ def test_each_bad_claim_fails_alone_and_leaves_nothing(node: Node, start: Start)
         assert message in answers[uid].error, (uid, answers[uid].error)
     assert set(cdi_specs(node.cdi_root)) == {good.uid}
     assert set(os.listdir(node.cdi_root)) == {cdi.spec_file_name(DRIVER, good.uid)}
-    assert set(records(node)) == {good.uid}
+    assert set(node.records()) == {good.uid}
     assert running.kubelet.get_info().name == DRIVER  # and the plugin lives on
     assert running.kubelet.unprepare([not_uuid])[not_uuid.uid] == \
         "claim uid '../../../etc/passwd' is not a UUID"
@@ -186,7 +181,7 @@ def test_a_thousand_claims_in_one_call(node: Node, start: Start) -> None:
     assert len(answers) == 1000 and all(a.error == "" for a in answers.values())
     assert len(cdi_specs(node.cdi_root)) == 1000
     assert set(running.kubelet.unprepare(claims).values()) == {""}
-    assert cdi_specs(node.cdi_root) == {} and records(node) == {}
+    assert cdi_specs(node.cdi_root) == {} and node.records() == {}
 
 
 def test_time_slicing_is_set_and_reset(node: Node, start: Start) -> None:
@@ -208,7 +203,7 @@ def test_mps_settings_are_accepted_and_recorded(node: Node, start: Start) -> Non
                                                 "defaultPinnedDeviceMemoryLimit": "8Gi"})
     claim = make_claim(node.local, [result("gpu-6")], [opaque(mps)])
     assert running.kubelet.prepare([claim])[claim.uid].error == ""
-    assert records(node)[claim.uid].devices[0].config == mps
+    assert node.records()[claim.uid].devices[0].config == mps
 
 
 def test_claims_prepare_in_parallel_and_one_claim_never_twice(node: Node,
@@ -340,7 +335,7 @@ def test_two_records_holding_one_gpu_are_reported_kept_and_keep_it_held(
     reported = [r.message for r in caplog.records if r.levelname == "ERROR" and
                 f"{DRIVER}/{NODE}/gpu-3" in r.message]
     assert len(reported) == 1 and all(key in reported[0] for key in keys)
-    assert set(records(node)) == {c.uid for c in holders}  # neither is dropped
+    assert set(node.records()) == {c.uid for c in holders}  # neither is dropped
     newcomer = make_claim(node.local, [result("gpu-3")])
     assert "gpu-3 is taken by" in running.kubelet.prepare([newcomer])[newcomer.uid].error
     first, last = holders[unprepared_first], holders[1 - unprepared_first]
@@ -370,7 +365,7 @@ def test_start_rolls_back_half_done_work_and_removes_orphan_specs(node: Node,
         claims={half.uid: ClaimRecord(half.uid, half.namespace, half.name, "PrepareStarted",
                                       (device,))}))
     running = start()
-    assert records(node) == {}
+    assert node.records() == {}
     assert sorted(os.listdir(node.cdi_root)) == ["nvidia.com-gpu.yaml"]
     assert running.provider.nvml.timeslices == {gpu_2: 0}  # the half-done time slice undone
 
@@ -382,7 +377,7 @@ def test_after_a_reboot_every_preparation_is_void(node: Node, start: Start) -> N
     first.stop()
     node.boot_id.write_text(new_uid())
     second = start()
-    assert records(node) == {} and cdi_specs(node.cdi_root) == {}
+    assert node.records() == {} and cdi_specs(node.cdi_root) == {}
     assert second.kubelet.prepare([claim])[claim.uid].error == ""
 
 

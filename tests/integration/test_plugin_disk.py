@@ -6,16 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from driver.plugin import checkpoint
 from tests.support.disks import can_mount, fill, leftovers, remount, tmpfs
 from tests.support.plugin import Node, Start, cdi_specs, make_claim, result
 
 pytestmark = pytest.mark.skipif(can_mount() is not None, reason=str(can_mount()))
-
-
-def held(node: Node) -> set[str]:
-    loaded = checkpoint.load(node.checkpoint)
-    return set() if loaded is None else set(loaded.claims)
 
 
 @pytest.mark.parametrize("where", ["plugin", "cdi"])
@@ -39,12 +33,12 @@ def test_a_full_disk_fails_the_call_and_undoes_it(node: Node, start: Start, wher
         assert set(cdi_specs(node.cdi_root)) == prepared
         # the failed claim's record, if its first save was written, stays PrepareStarted
         # until the claim is prepared again
-        assert held(node) - {claim.uid} == prepared
+        assert set(node.records()) - {claim.uid} == prepared
         assert not running.plugin.state.records.prepared(claim.uid)
         assert leftovers(node.plugin_dir, node.cdi_root) == []
         filler.unlink()
         assert running.kubelet.prepare([claim])[claim.uid].error == ""
-        assert held(node) == {*prepared, claim.uid}
+        assert set(node.records()) == {*prepared, claim.uid}
         running.stop()
 
 
@@ -62,7 +56,7 @@ def test_a_read_only_data_dir_fails_calls_and_changes_nothing(node: Node,
             assert set(cdi_specs(node.cdi_root)) == {prepared.uid}  # still prepared
         finally:
             remount(node.plugin_dir, "rw")
-        assert held(node) == {prepared.uid}
+        assert set(node.records()) == {prepared.uid}
         assert running.kubelet.unprepare([prepared]) == {prepared.uid: ""}
-        assert cdi_specs(node.cdi_root) == {} and held(node) == set()
+        assert cdi_specs(node.cdi_root) == {} and set(node.records()) == set()
         running.stop()

@@ -11,7 +11,6 @@ import time
 import pytest
 import yaml
 
-from driver.plugin.checkpoint import ClaimRecord, load
 from tests.support.plugin import (
     Claim,
     Daemon,
@@ -25,11 +24,6 @@ from tests.support.plugin import (
     opaque,
     result,
 )
-
-
-def records(node: Node) -> dict[str, ClaimRecord]:
-    loaded = load(node.checkpoint)
-    return {} if loaded is None else loaded.claims
 
 
 def claim_file(node: Node, claim: Claim) -> str:
@@ -71,7 +65,7 @@ def test_a_claim_file_the_plugin_cannot_read_safely_is_refused_at_once(
     assert time.monotonic() - began < 5  # a bomb is refused before anything expands it
     assert error.startswith(f"ResourceClaim ns/{claim.name}: {claim_file(node, claim)}: ")
     assert problem in error and "\n" not in error
-    assert cdi_specs(node.cdi_root) == {} and records(node) == {}
+    assert cdi_specs(node.cdi_root) == {} and node.records() == {}
     good = make_claim(node.local, [result("gpu-0")])
     assert running.kubelet.prepare([good])[good.uid].error == ""
 
@@ -138,7 +132,7 @@ def test_inconsistent_claims_are_refused(node: Node, start: Start) -> None:
     assert f"ResourceClaim ns/{beta.name}: apiVersion 'resource.k8s.io/v1beta1', kind " \
            "'ResourceClaim': must be resource.k8s.io/v1 ResourceClaim" == answers[beta.uid].error
     assert set(cdi_specs(node.cdi_root)) <= {shared.uid}
-    assert twice.uid not in records(node) and beta.uid not in records(node)
+    assert twice.uid not in node.records() and beta.uid not in node.records()
 
 
 @pytest.mark.parametrize("field", ["uid", "namespace", "name"])
@@ -150,7 +144,7 @@ def test_an_identifier_with_a_trailing_newline_never_reaches_a_file(
     error = running.kubelet.prepare([evil])[evil.uid].error
     assert error.startswith(f"claim {field} ")
     assert "is not a" in error
-    assert cdi_specs(node.cdi_root) == {} and records(node) == {}
+    assert cdi_specs(node.cdi_root) == {} and node.records() == {}
     if field == "uid":  # the only identifier an unprepare turns into a file name
         assert running.kubelet.unprepare([evil])[evil.uid].startswith("claim uid ")
     assert running.kubelet.prepare([claim])[claim.uid].error == ""

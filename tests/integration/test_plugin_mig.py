@@ -11,8 +11,6 @@ from pathlib import Path
 
 from driver.allocator import DeviceRef
 from driver.nvml.mock import mock_provider
-from driver.plugin import checkpoint
-from driver.plugin.checkpoint import ClaimRecord
 from driver.plugin.mig import MigManager
 from tests.support.plugin import (
     DRIVER,
@@ -31,11 +29,6 @@ GPU0 = "GPU-6493d427-501d-5931-bd3f-97d1981f0fc8"  # dgx-h100 GPU 0 (minor 0)
 GPU1 = "GPU-df0fc3e6-d2c7-5d85-984d-a4c26364deeb"  # GPU 1 (minor 1)
 H100 = "GPU-38ab404c-3055-5622-b266-e2d6fb39931a"  # h100-80gb-hbm3 GPU 0: MIG mode off
 PROFILE_3G, PROFILE_1G, PROFILE_4G, PROFILE_2G = 9, 19, 5, 14  # H100 GPU-instance profiles
-
-
-def records(node: Node) -> dict[str, ClaimRecord]:
-    loaded = checkpoint.load(node.checkpoint)
-    return loaded.claims if loaded is not None else {}
 
 
 def dynamic(start: Start, node: Node, profile: Path | None = None) -> object:
@@ -96,8 +89,8 @@ def test_a_gpu_instance_a_failed_rollback_leaves_is_kept_on_record_named_and_ret
     assert f"cannot create the compute instance of MIG 1g.10gb at 3:1 on {GPU0}" in error
     assert "kept on record, rolled back when the claim is prepared again" in error
     assert live_mig(node.mig_state) == {GPU0: [(PROFILE_1G, 3, 0)]}
-    (left,) = records(node)[claim.uid].devices
-    assert records(node)[claim.uid].state == "PrepareStarted" and left.created_mig is not None
+    (left,) = node.records()[claim.uid].devices
+    assert node.records()[claim.uid].state == "PrepareStarted" and left.created_mig is not None
     gi_id = left.created_mig.gi_id
     assert gi_id is not None and f"destroying its GPU instance {gi_id} failed too" in error
     # claims that need its placement are refused by name, not by NVML's error code
@@ -112,11 +105,11 @@ def test_a_gpu_instance_a_failed_rollback_leaves_is_kept_on_record_named_and_ret
     assert (f"rolling it back failed: cannot destroy the MIG device of profile {PROFILE_1G} "
             f"at 3 on {GPU0} (GPU instance {gi_id})") in \
         running.kubelet.prepare([claim])[claim.uid].error
-    assert claim.uid in records(node)
+    assert claim.uid in node.records()
     running.provider.nvml.profile.gpus[0].faults.clear()
     assert running.kubelet.prepare([claim])[claim.uid].error == ""
     assert live_mig(node.mig_state) == {GPU0: [(PROFILE_1G, 3, 1)]}
-    assert records(node)[claim.uid].state == "PrepareCompleted"
+    assert node.records()[claim.uid].state == "PrepareCompleted"
 
 
 def test_a_gpu_instance_a_failed_rollback_leaves_stays_held_across_restarts_until_destroyed(
@@ -133,7 +126,7 @@ def test_a_gpu_instance_a_failed_rollback_leaves_stays_held_across_restarts_unti
            f"left gpu-0-mig-2g20gb-2" in running.kubelet.prepare([other])[other.uid].error
     running.stop()
     running = dynamic(start, node)
-    assert live_mig(node.mig_state) == {} and records(node) == {}
+    assert live_mig(node.mig_state) == {} and node.records() == {}
     assert running.kubelet.prepare([other])[other.uid].error == ""
 
 
@@ -171,7 +164,7 @@ def test_devices_sharing_hardware_with_a_prepared_claim_are_refused(node: Node,
         assert holder in error
     assert answers[beside.uid].error == ""
     assert live_mig(node.mig_state) == {GPU0: [(PROFILE_4G, 0, 1), (PROFILE_3G, 4, 1)]}
-    assert set(records(node)) == {half.uid, beside.uid}
+    assert set(node.records()) == {half.uid, beside.uid}
 
 
 def test_two_claims_asking_one_mig_placement_in_one_call_get_it_once(
@@ -187,7 +180,7 @@ def test_two_claims_asking_one_mig_placement_in_one_call_get_it_once(
         f"device {DRIVER}/{NODE}/gpu-1-mig-2g20gb-2 is taken by ResourceClaim "
         f"ns/{winner.name} ({winner.uid})")
     assert live_mig(node.mig_state) == {GPU1: [(PROFILE_2G, 2, 1)]}
-    assert set(records(node)) == {winner.uid} and set(cdi_specs(node.cdi_root)) == {winner.uid}
+    assert set(node.records()) == {winner.uid} and set(cdi_specs(node.cdi_root)) == {winner.uid}
 
 
 def test_a_whole_gpu_then_its_partition_is_refused_and_nothing_is_made(
@@ -199,7 +192,7 @@ def test_a_whole_gpu_then_its_partition_is_refused_and_nothing_is_made(
     error = running.kubelet.prepare([part])[part.uid].error
     assert f"also held by gpu-0 (ResourceClaim ns/{whole.name} ({whole.uid}))" in error
     assert live_mig(node.mig_state) == {}  # its free GPU-1 device was not made either
-    assert set(records(node)) == {whole.uid} and set(cdi_specs(node.cdi_root)) == {whole.uid}
+    assert set(node.records()) == {whole.uid} and set(cdi_specs(node.cdi_root)) == {whole.uid}
 
 
 def test_the_ledger_is_rebuilt_from_the_checkpoint_at_start(node: Node, start: Start) -> None:

@@ -33,7 +33,8 @@ from driver._proto.pluginregistration_v1 import api_pb2 as reg_v1
 from driver._proto.pluginregistration_v1 import api_pb2_grpc as reg_v1_grpc
 from driver.devcluster.node import PluginFolders
 from driver.nvml.profile import PROFILES_DIR
-from driver.plugin import cdi
+from driver.plugin import cdi, checkpoint
+from driver.plugin.checkpoint import ClaimRecord
 from driver.plugin.sockets import grpc_address
 from tests.support.forkserver import ForkServer
 
@@ -289,6 +290,11 @@ class Node(PluginFolders):
     def slices(self) -> list[dict[str, Any]]:
         return [yaml.safe_load(p.read_text())
                 for p in sorted((self.local / "resourceslices").glob("*.yaml"))]
+
+    def records(self) -> dict[str, ClaimRecord]:
+        """The checkpoint's records (its journal applied), by claim UID; none without one."""
+        loaded = checkpoint.load(self.checkpoint)
+        return {} if loaded is None else loaded.claims
 
 
 @dataclass
