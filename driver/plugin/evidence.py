@@ -8,7 +8,7 @@ records rebuilt from the specs hold the claims' devices again (the ledger refuse
 other claims, the MIG sweep keeps their MIG devices) until the kubelet unprepares them.
 What a spec does not say (the claim's namespace and name, recorded as `UNKNOWN`, its
 requests, adminAccess, time slice and opaque config) comes back when the kubelet prepares
-the claim again: its allocation fills the record in (`PluginState._adopt`). Until then a
+the claim again: its allocation fills the record in (`PluginState._fill_in`). Until then a
 device two specs name is held for both (one of them may have had adminAccess).
 """
 

@@ -226,7 +226,10 @@ class PluginState:
             for uid in unique.keys() - held:
                 outcomes[uid] = _failed("busy", "another call is working on this claim")
             mine = [unique[uid] for uid in sorted(held)]
-            to_fetch = [ref for ref in mine if not self.records.prepared(ref.uid)]
+            # what `_plan` reads, fetched before the node lock: every claim but those
+            # prepared (a record rebuilt from its spec is filled in from its claim)
+            to_fetch = [ref for ref in mine if not self.records.prepared(ref.uid)
+                        or is_rebuilt(self.records[ref.uid])]
             fetched = dict(zip((ref.uid for ref in to_fetch),
                                self._parallel(self._fetch, to_fetch), strict=True))
             self._serialized(held, outcomes, deadline, lambda: self._prepare_held(
@@ -323,7 +326,7 @@ class PluginState:
                 devices = tuple(self._planned(ref, result, allocation.configs)
                                 for result in allocation.devices)
                 if record is not None:
-                    return _Plan(ref, answer=self._adopt(ref, record, devices))
+                    return _Plan(ref, answer=self._fill_in(ref, record, devices))
             except ClaimError as err:
                 log.info("cannot prepare ResourceClaim %s: %s", ref, err)
                 return _Plan(ref, answer=_failed(err.reason, str(err)))
@@ -332,8 +335,8 @@ class PluginState:
                 return _Plan(ref, answer=_failed("internal", f"internal error: {err!r}"))
             return _Plan(ref, devices)
 
-    def _adopt(self, ref: ClaimRef, record: ClaimRecord,
-               planned: tuple[PreparedDevice, ...]) -> Outcome:
+    def _fill_in(self, ref: ClaimRef, record: ClaimRecord,
+                 planned: tuple[PreparedDevice, ...]) -> Outcome:
         """A claim prepared again whose record was rebuilt from its CDI spec (`evidence`):
         its allocation gives back what the spec could not say (its name, requests,
         adminAccess, config), and the record takes it, devices unchanged; an allocation
