@@ -11,9 +11,8 @@ import yaml
 
 from driver.atomicfile import remove_leftovers, write_atomically
 from driver.inventory.model import Inventory
-from driver.resourceslice.build import SliceOptions, build_slices, limit_violations, slice_name
-from driver.resourceslice.errors import PublishError
-from driver.resourceslice.plan import PublishResult, plan, result_of
+from driver.resourceslice.build import SliceOptions, slice_name
+from driver.resourceslice.plan import PublishResult, desired, plan, result_of
 
 # The publishers' logger from before they had modules of their own: log lines name it.
 log = logging.getLogger("driver.resourceslice.publish")
@@ -47,13 +46,11 @@ class DirPublisher:
 
     def publish(self, inventory: Inventory, timeout: float | None = None) -> PublishResult:
         """Local files never make us wait: ``timeout`` is accepted for the protocol only."""
-        desired = build_slices(inventory, self.options, generation=0)
-        if problems := limit_violations(desired):
-            raise PublishError("; ".join(problems))
+        slices = desired(inventory, self.options)
         self.directory.mkdir(parents=True, exist_ok=True)
         # Temp files a writer killed mid-write left; our slice names share this prefix.
         remove_leftovers(self.directory, slice_name(self.options, 0)[:-1])
-        todo = plan(self._existing(), desired)
+        todo = plan(self._existing(), slices)
         for obj in todo.delete:
             (self.directory / f"{obj['metadata']['name']}.yaml").unlink(missing_ok=True)
         for obj in (*todo.update, *todo.create):

@@ -26,7 +26,7 @@ from kubernetes.watch.watch import iter_resp_lines
 
 from driver.inventory.model import Inventory
 from driver.kube.api import ApiResult, api_request
-from driver.resourceslice.build import MigMode, SliceOptions, build_slices, limit_violations
+from driver.resourceslice.build import MigMode, SliceOptions
 from driver.resourceslice.errors import PublishError, PublishTimeout
 from driver.resourceslice.plan import (
     Backoff,
@@ -34,6 +34,7 @@ from driver.resourceslice.plan import (
     PublishResult,
     Stance,
     counter_layout_for,
+    desired,
     dropped_fields,
     foreign_change,
     generation_of,
@@ -297,14 +298,12 @@ class ApiPublisher:
         layout = (counter_layout_for(self._server_version())
                   if self.pool.counter_layout == "auto" else self.pool.counter_layout)
         options = SliceOptions(self.pool.driver, self.pool.node, self.pool.mig_mode, layout)
-        desired = build_slices(inventory, options, generation=0)
-        if problems := limit_violations(desired):
-            raise PublishError("; ".join(problems))
+        wanted = desired(inventory, options)
         owner = self._owner()
-        for obj in desired:
+        for obj in wanted:
             obj["metadata"]["ownerReferences"] = [owner]
         existing, resource_version = self._list()
-        todo = plan(existing, desired)
+        todo = plan(existing, wanted)
         taken = self._stance(existing, todo) if restore else "write"
         if taken != "write":
             self.syncs += 1
@@ -320,7 +319,7 @@ class ApiPublisher:
         for obj in todo.create:
             self._write("POST", SLICES_PATH, obj, 201)
         self._published = _Published(
-            {o["metadata"]["name"]: stamped(o, todo.generation) for o in desired},
+            {o["metadata"]["name"]: stamped(o, todo.generation) for o in wanted},
             todo.generation)
         self.syncs += 1
         if todo.writes:
