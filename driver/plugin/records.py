@@ -43,7 +43,6 @@ from driver.atomicfile import remove_leftovers
 from driver.plugin import checkpoint, journal
 from driver.plugin.checkpoint import (
     Checkpoint,
-    CheckpointError,
     ClaimRecord,
     FileId,
     PreparedDevice,
@@ -258,10 +257,7 @@ class Records(Mapping[str, ClaimRecord]):
         seen = (file_id(self.path), file_id(self._journal.path))
         if seen == self._seen:
             return
-        try:
-            found = checkpoint.read(self.path)
-        except (OSError, ValueError) as err:  # ValueError: UnicodeDecodeError too
-            raise CheckpointError(f"checkpoint {self.path}: cannot read it: {err}") from None
+        found = checkpoint.read(self.path)  # CheckpointError names the file and the problem
         if found is None:
             return
         self._report_ignored(found.replay)
