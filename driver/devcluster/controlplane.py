@@ -249,6 +249,7 @@ def ensure_assets(
 @dataclass(frozen=True)
 class _Pki:
     ca_cert: Path
+    ca_key: Path
     serving_cert: Path
     serving_key: Path
     client_cert: Path
@@ -257,46 +258,77 @@ class _Pki:
     sa_pub: Path
 
 
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _save_key(k: ec.EllipticCurvePrivateKey, path: Path) -> Path:
+    path.write_bytes(k.private_bytes(serialization.Encoding.PEM,
+                                     serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption()))
+    path.chmod(0o600)
+    return path
+
+
+def _save_cert(cert: x509.Certificate, path: Path) -> Path:
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def _name(cn: str, org: str | None = None) -> x509.Name:
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+    if org:
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
+    return x509.Name(attrs)
+
+
+def _validity(builder: x509.CertificateBuilder) -> x509.CertificateBuilder:
+    now = dt.datetime.now(dt.UTC)
+    return (builder.serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=7)))
+
+
+def _leaf(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey,
+          k: ec.EllipticCurvePrivateKey, subject: x509.Name, usage: x509.ObjectIdentifier,
+          sans: list[x509.GeneralName] | None = None) -> x509.Certificate:
+    builder = (
+        _validity(x509.CertificateBuilder())
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(k.public_key())
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return builder.sign(ca_key, hashes.SHA256())
+
+
+def _client_certificate(ca_cert: Path, ca_key: Path, folder: Path, cn: str,
+                       org: str | None = None) -> tuple[Path, Path]:
+    """A client certificate of the cluster CA for user ``cn`` in group ``org`` (a kubelet's
+    is ``system:node:<name>`` in ``system:nodes``): its certificate and key files."""
+    ca = x509.load_pem_x509_certificate(ca_cert.read_bytes())
+    signer = serialization.load_pem_private_key(ca_key.read_bytes(), password=None)
+    assert isinstance(signer, ec.EllipticCurvePrivateKey)
+    k = _new_key()
+    cert = _leaf(ca, signer, k, _name(cn, org), ExtendedKeyUsageOID.CLIENT_AUTH)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = cn.replace(":", "-")
+    return _save_cert(cert, folder / f"{stem}.crt"), _save_key(k, folder / f"{stem}.key")
+
+
 def _write_pki(folder: Path) -> _Pki:
     """A fresh CA, a loopback serving cert, an admin client cert and a SA signing key."""
     folder.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.UTC)
-
-    def key() -> ec.EllipticCurvePrivateKey:
-        return ec.generate_private_key(ec.SECP256R1())
-
-    def save_key(k: ec.EllipticCurvePrivateKey, name: str) -> Path:
-        path = folder / name
-        pem = k.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        path.write_bytes(pem)
-        path.chmod(0o600)
-        return path
-
-    def save_cert(cert: x509.Certificate, name: str) -> Path:
-        path = folder / name
-        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        return path
-
-    def name(cn: str, org: str | None = None) -> x509.Name:
-        attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
-        if org:
-            attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
-        return x509.Name(attrs)
-
-    ca_key = key()
-    ca_name = name("gpu-dra-local-ca")
+    ca_key = _new_key()
+    ca_name = _name("gpu-dra-local-ca")
     ca = (
-        x509.CertificateBuilder()
+        _validity(x509.CertificateBuilder())
         .subject_name(ca_name)
         .issuer_name(ca_name)
         .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=7))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -308,27 +340,7 @@ def _write_pki(folder: Path) -> _Pki:
         )
         .sign(ca_key, hashes.SHA256())
     )
-
-    def leaf(
-        k: ec.EllipticCurvePrivateKey, subject: x509.Name, usage: x509.ObjectIdentifier,
-        sans: list[x509.GeneralName] | None = None,
-    ) -> x509.Certificate:
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(ca_name)
-            .public_key(k.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=7))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        )
-        if sans:
-            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        return builder.sign(ca_key, hashes.SHA256())
-
-    serving_key = key()
+    serving_key = _new_key()
     sans: list[x509.GeneralName] = [
         x509.DNSName(n)
         for n in ("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc")
@@ -337,13 +349,13 @@ def _write_pki(folder: Path) -> _Pki:
         x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
         x509.IPAddress(ipaddress.ip_address(str(next(ipaddress.ip_network(_SERVICE_CIDR).hosts())))),
     ]
-    serving = leaf(serving_key, name("kube-apiserver"), ExtendedKeyUsageOID.SERVER_AUTH, sans)
-    client_key = key()
+    serving = _leaf(ca, ca_key, serving_key, _name("kube-apiserver"),
+                    ExtendedKeyUsageOID.SERVER_AUTH, sans)
+    client_key = _new_key()
     # system:masters: the admin identity every component and test uses.
-    client = leaf(
-        client_key, name("gpu-dra-admin", "system:masters"), ExtendedKeyUsageOID.CLIENT_AUTH
-    )
-    sa_key = key()
+    client = _leaf(ca, ca_key, client_key, _name("gpu-dra-admin", "system:masters"),
+                   ExtendedKeyUsageOID.CLIENT_AUTH)
+    sa_key = _new_key()
     sa_pub = folder / "sa.pub"
     sa_pub.write_bytes(
         sa_key.public_key().public_bytes(
@@ -351,12 +363,13 @@ def _write_pki(folder: Path) -> _Pki:
         )
     )
     return _Pki(
-        ca_cert=save_cert(ca, "ca.crt"),
-        serving_cert=save_cert(serving, "serving.crt"),
-        serving_key=save_key(serving_key, "serving.key"),
-        client_cert=save_cert(client, "admin.crt"),
-        client_key=save_key(client_key, "admin.key"),
-        sa_key=save_key(sa_key, "sa.key"),
+        ca_cert=_save_cert(ca, folder / "ca.crt"),
+        ca_key=_save_key(ca_key, folder / "ca.key"),
+        serving_cert=_save_cert(serving, folder / "serving.crt"),
+        serving_key=_save_key(serving_key, folder / "serving.key"),
+        client_cert=_save_cert(client, folder / "admin.crt"),
+        client_key=_save_key(client_key, folder / "admin.key"),
+        sa_key=_save_key(sa_key, folder / "sa.key"),
         sa_pub=sa_pub,
     )
 
@@ -474,6 +487,10 @@ class ClusterConfig:
     die_with_parent: bool = True
     """Children get SIGKILL when the spawning thread dies, so a killed test run leaks none."""
     extra_apiserver_args: tuple[str, ...] = ()
+    bind_address: str = "127.0.0.1"
+    """Where kube-apiserver listens; a real node's pods reach it through the Service IP."""
+    authorization_modes: tuple[str, ...] = ("RBAC",)
+    """("Node", "RBAC") where a real kubelet joins with its own certificate."""
 
 
 _LIVE: set[LocalCluster] = set()
@@ -582,7 +599,7 @@ class LocalCluster:
         self.server = f"https://127.0.0.1:{api_port}"
         gates = ",".join(f"{k}={str(v).lower()}" for k, v in cfg.feature_gates.items())
         args = [
-            "--bind-address=127.0.0.1",
+            f"--bind-address={cfg.bind_address}",
             "--advertise-address=127.0.0.1",
             f"--secure-port={api_port}",
             f"--etcd-servers={etcd_url}",
@@ -593,7 +610,7 @@ class LocalCluster:
             f"--service-account-signing-key-file={pki.sa_key}",
             "--service-account-issuer=https://kubernetes.default.svc",
             f"--service-cluster-ip-range={_SERVICE_CIDR}",
-            "--authorization-mode=RBAC",
+            f"--authorization-mode={','.join(cfg.authorization_modes)}",
             "--allow-privileged=true",
             # Loopback may not be an Endpoints address; nothing in-cluster needs it.
             "--endpoint-reconciler-type=none",
@@ -710,6 +727,12 @@ class LocalCluster:
 
     def _write_kubeconfig(self) -> None:
         assert self._pki is not None
+        self.write_kubeconfig(self.kubeconfig, "gpu-dra-admin", self._pki.client_cert,
+                              self._pki.client_key)
+
+    def write_kubeconfig(self, path: Path, user: str, cert: Path, key: Path) -> Path:
+        """A kubeconfig for this cluster that authenticates with a client certificate."""
+        assert self._pki is not None, "start() the cluster first"
 
         def b64(p: Path) -> str:
             return base64.b64encode(p.read_bytes()).decode()
@@ -721,17 +744,35 @@ class LocalCluster:
                 "server": self.server,
                 "certificate-authority-data": b64(self._pki.ca_cert),
             }}],
-            "users": [{"name": "gpu-dra-admin", "user": {
-                "client-certificate-data": b64(self._pki.client_cert),
-                "client-key-data": b64(self._pki.client_key),
+            "users": [{"name": user, "user": {
+                "client-certificate-data": b64(cert),
+                "client-key-data": b64(key),
             }}],
             "contexts": [{"name": "gpu-dra-local", "context": {
-                "cluster": "gpu-dra-local", "user": "gpu-dra-admin",
+                "cluster": "gpu-dra-local", "user": user,
             }}],
             "current-context": "gpu-dra-local",
         }
-        self.kubeconfig.write_text(yaml.safe_dump(config, sort_keys=False))
-        self.kubeconfig.chmod(0o600)
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        path.chmod(0o600)
+        return path
+
+    @property
+    def ca_certificate(self) -> Path:
+        assert self._pki is not None, "start() the cluster first"
+        return self._pki.ca_cert
+
+    @property
+    def admin_certificate(self) -> tuple[Path, Path]:
+        """The admin (system:masters) client certificate and key."""
+        assert self._pki is not None, "start() the cluster first"
+        return self._pki.client_cert, self._pki.client_key
+
+    def issue_client_certificate(self, cn: str, org: str | None = None) -> tuple[Path, Path]:
+        """A client certificate of this cluster's CA for user ``cn`` in group ``org``."""
+        assert self._pki is not None, "start() the cluster first"
+        return _client_certificate(self._pki.ca_cert, self._pki.ca_key,
+                                  self.workdir / "pki", cn, org)
 
     def api_client(self) -> Any:
         """A new ``kubernetes.client.ApiClient`` for the admin user (one per thread)."""
