@@ -1,11 +1,14 @@
 """CDI specs: one per prepared claim, telling the container runtime what to inject.
 
 `build_spec` is a pure function of the prepared devices and the driver files found on the
-host; the rest writes and removes spec files. Conventions (spec-digest.md section 5):
-kind `k8s.<driver>/claim`, device names `<claimUID>-<device>` so a name is never reused
-(runtimes cache specs), one transient spec file `k8s.<driver>-claim_<claimUID>.json` per
-claim, and the lowest cdiVersion that covers the fields used, because a runtime with an
-older CDI library rejects versions it does not know.
+host; the rest writes and removes spec files. A spec carries what NVIDIA's container
+toolkit (nvcdi) generates for the same devices: device nodes, the driver's files as
+read-only mounts, and nvidia-cdi-hook's createContainer hooks where the host has the hook.
+Conventions (spec-digest.md section 5): kind `k8s.<driver>/claim`, device names
+`<claimUID>-<device>` so a name is never reused (runtimes cache specs), one transient spec
+file `k8s.<driver>-claim_<claimUID>.json` per claim, and the lowest cdiVersion that covers
+the fields used, because a runtime with an older CDI library rejects versions it does not
+know.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from driver.atomicfile import remove_leftovers, write_atomically
@@ -24,6 +27,12 @@ from driver.kube.names import is_uuid
 CLASS = "claim"
 VERSIONS = ("0.3.0", "0.4.0", "0.5.0", "0.6.0", "0.7.0", "0.8.0", "1.0.0", "1.1.0")
 LIBRARY_MOUNT_OPTIONS = ("ro", "nosuid", "nodev", "rbind", "rprivate")
+# Sockets and the MPS pipe folder are written to, so not read-only; nothing there runs.
+IPC_MOUNT_OPTIONS = ("nosuid", "nodev", "rbind", "rprivate", "noexec")
+# nvidia-cdi-hook's commands in the order the toolkit runs them: the links first, the CUDA
+# compat folder before ldconfig reads the folders, device node protection last.
+HOOK_COMMANDS = ("create-symlinks", "enable-cuda-compat", "update-ldcache",
+                 "disable-device-node-modification")
 
 # CDI's name rules (container-device-interface/pkg/parser), each matched against the whole
 # name: a pattern ending in `$` would also accept a trailing newline
@@ -33,15 +42,29 @@ _DEVICE_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?")
 
 
 @dataclass(frozen=True)
+class Symlink:
+    """A link nvidia-cdi-hook's create-symlinks makes in the container: `link` (a container
+    path) holding `target` as written (often relative, as the host's own link)."""
+
+    target: str
+    link: str
+
+    def arg(self) -> str:
+        return f"{self.target}::{self.link}"
+
+
+@dataclass(frozen=True)
 class DeviceNode:
     """A character device to create in the container. `host_path` where it differs from
     `path`; major/minor where the host file may not exist yet (MIG capability nodes, which
-    the driver creates on first use) so the runtime can create the node itself."""
+    the driver creates on first use) so the runtime can create the node itself; `links` to
+    it that programs look for (a DRM node's /dev/dri/by-path names)."""
 
     path: str
     host_path: str | None = None
     major: int | None = None
     minor: int | None = None
+    links: tuple[Symlink, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         node: dict[str, Any] = {"path": self.path}
@@ -56,17 +79,25 @@ class DeviceNode:
 class Mount:
     host_path: str
     container_path: str
+    options: tuple[str, ...] = LIBRARY_MOUNT_OPTIONS
 
 
 @dataclass(frozen=True)
 class DriverFiles:
-    """What every container of a claim gets: control device nodes, the driver's user-space
-    libraries and tools, and the ldcache hook where the toolkit's hook binary exists."""
+    """What every container of a claim gets: control device nodes, the driver's files
+    (libraries, firmware, tools, graphics configs, IPC sockets) and, where the host has
+    nvidia-cdi-hook, its hooks: `links` to create, `ldcache_folders` to give ldconfig, CUDA
+    forward compatibility for `driver_version`, device nodes kept from NVML's hands.
+    `hook_commands`: the commands that hook binary knows (older ones lack the newer two)."""
 
     device_nodes: tuple[DeviceNode, ...]
     mounts: tuple[Mount, ...] = ()
     ldcache_folders: tuple[str, ...] = ()
     hook: str | None = None  # host path of nvidia-cdi-hook
+    links: tuple[Symlink, ...] = ()
+    driver_version: str | None = None
+    env: tuple[str, ...] = ()
+    hook_commands: frozenset[str] = frozenset(HOOK_COMMANDS)
 
 
 @dataclass(frozen=True)
@@ -99,27 +130,63 @@ def spec_file_name(driver: str, claim_uid: str) -> str:
 
 
 def build_spec(driver: str, devices: Sequence[CdiDevice], files: DriverFiles) -> dict[str, Any]:
-    """The spec of one claim: common edits once, each device's nodes under its own name."""
+    """The spec of one claim: common edits once, each device's nodes (and the links to
+    them) under its own name."""
     edits: dict[str, Any] = {
-        "env": ["NVIDIA_VISIBLE_DEVICES=void"],  # keep a legacy NVIDIA hook from adding GPUs
+        # keep a legacy NVIDIA hook from adding GPUs
+        "env": ["NVIDIA_VISIBLE_DEVICES=void", *files.env],
         "deviceNodes": [node.to_json() for node in files.device_nodes],
     }
     if files.mounts:
         edits["mounts"] = [{"hostPath": m.host_path, "containerPath": m.container_path,
-                            "options": list(LIBRARY_MOUNT_OPTIONS)} for m in files.mounts]
-    if files.hook is not None and files.ldcache_folders:
-        args = ["nvidia-cdi-hook", "update-ldcache"]
-        for folder in files.ldcache_folders:
-            args += ["--folder", folder]
-        edits["hooks"] = [{"hookName": "createContainer", "path": files.hook, "args": args}]
+                            "options": list(m.options)} for m in files.mounts]
+    hooks = _common_hooks(files)
+    if hooks:
+        edits["hooks"] = hooks
     spec: dict[str, Any] = {
         "kind": kind(driver),
-        "devices": [{"name": d.name,
-                     "containerEdits": {"deviceNodes": [n.to_json() for n in d.device_nodes]}}
+        "devices": [{"name": d.name, "containerEdits": _device_edits(d, files)}
                     for d in devices],
         "containerEdits": edits,
     }
     return {"cdiVersion": minimum_version(spec), **spec}
+
+
+def _common_hooks(files: DriverFiles) -> list[dict[str, Any]]:
+    """nvidia-cdi-hook's commands with their arguments, in HOOK_COMMANDS order; none
+    without the hook, a command left out when it has nothing to do or the hook lacks it."""
+    if files.hook is None:
+        return []
+    args: dict[str, list[str]] = {
+        "create-symlinks": _link_args(files.links),
+        "enable-cuda-compat": [f"--host-driver-version={files.driver_version}"]
+        if files.driver_version else [],
+        "update-ldcache": [a for folder in files.ldcache_folders for a in ("--folder", folder)],
+        "disable-device-node-modification": [],
+    }
+    idle = {"create-symlinks": not files.links, "update-ldcache": not files.ldcache_folders}
+    return [_hook(files.hook, command, args[command]) for command in HOOK_COMMANDS
+            if command in files.hook_commands and not idle.get(command, False)]
+
+
+def _device_edits(device: CdiDevice, files: DriverFiles) -> dict[str, Any]:
+    edits: dict[str, Any] = {"deviceNodes": [n.to_json() for n in device.device_nodes]}
+    links = tuple(link for node in device.device_nodes for link in node.links)
+    if files.hook is not None and links and "create-symlinks" in files.hook_commands:
+        edits["hooks"] = [_hook(files.hook, "create-symlinks", _link_args(links))]
+    return edits
+
+
+def _link_args(links: Sequence[Symlink]) -> list[str]:
+    return [arg for link in links for arg in ("--link", link.arg())]
+
+
+def _hook(path: str, command: str, args: list[str]) -> dict[str, Any]:
+    """One createContainer hook; nvidia-ctk (the toolkit's CLI) has the same commands under
+    `hook`."""
+    program = PurePosixPath(path).name
+    argv = [program, "hook"] if program == "nvidia-ctk" else [program]
+    return {"hookName": "createContainer", "path": path, "args": [*argv, command, *args]}
 
 
 def minimum_version(spec: dict[str, Any]) -> str:

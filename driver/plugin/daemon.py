@@ -180,15 +180,17 @@ class Plugin:
         self.provider.nvml.nvmlInit()  # one NVML session for MIG changes, until stop
         index = device_index(inventory, o.mig_mode)
         host_root = o.host_driver_root or o.driver_root
-        devices = host_devices(o.driver_root, host_root, o.proc_devices)
+        devices = host_devices(o.driver_root, host_root, o.proc_devices, inventory.gpus)
+        files = driver_files(o.driver_root, host_root, devices,
+                             version=inventory.driver_version, hook=o.cdi_hook)
         publisher, claims = self._sources()
         self._publisher = publisher
         make_dir(o.plugin_dir, PRIVATE_DIR)  # the checkpoint, the lock, the DRA socket
         make_dir(o.cdi_root, SHARED_DIR)  # read by the container runtime
         self.state = PluginState(
             tools=DeviceTools(
-                files=driver_files(o.driver_root, host_root, devices, o.cdi_hook),
-                devices=devices, host=self.provider.host, mig=MigManager(self.provider),
+                files=files, devices=devices, host=self.provider.host,
+                mig=MigManager(self.provider),
                 timeslicer=timeslicer(self.provider, o.driver_root)),
             identity=Identity(driver=o.driver, node=o.node,
                               boot_id=read_boot_id(o.boot_id_path)),

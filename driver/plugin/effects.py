@@ -170,7 +170,7 @@ class Effects:
                                                "published by this node")
         gpu = target.gpu
         if target.placement is None:
-            return (self.tools.devices.gpu_node(gpu),)
+            return self.tools.devices.gpu_nodes(gpu)
         if target.static_mig is not None:
             mig = target.static_mig
             minors = None if mig.gi_cap_minor is None or mig.ci_cap_minor is None else \

@@ -47,8 +47,7 @@ VENDOR_KIND = cdi.kind(DRIVER)
 NVIDIA_MAJOR = 195  # /dev/nvidia<minor> and /dev/nvidiactl (255), fixed by the driver
 UVM_MAJOR, CAPS_MAJOR = 510, 511  # dynamic on a real host; any free number will do here
 DRIVER_VERSION = "550.163.01"
-LIBRARIES = ("libnvidia-ml.so.1", f"libnvidia-ml.so.{DRIVER_VERSION}",
-             f"libcuda.so.{DRIVER_VERSION}")
+LIBRARIES = (f"libnvidia-ml.so.{DRIVER_VERSION}", f"libcuda.so.{DRIVER_VERSION}")
 LIB_DIR = "usr/lib/x86_64-linux-gnu"
 MAX_GPUS = 8
 CAP_MINORS_PER_GPU = 135  # the nvidia-caps minors of one GPU: 3 + 135*gpu + ...
@@ -81,6 +80,8 @@ def driver_root() -> Iterator[Path]:
             ["usr/bin/nvidia-smi", "usr/bin/nvidia-cdi-hook"]:
         (root / relative).parent.mkdir(parents=True, exist_ok=True)
         (root / relative).write_bytes(b"")
+    (root / "usr/bin/nvidia-cdi-hook").chmod(0o755)
+    (root / LIB_DIR / "libnvidia-ml.so.1").symlink_to(f"libnvidia-ml.so.{DRIVER_VERSION}")
     yield root
     shutil.rmtree(root)
 
@@ -255,7 +256,7 @@ def assert_mig_nodes(oci: dict[str, Any], gpu: Gpu, mig: MigDevice) -> None:
 
 
 def assert_driver_files(oci: dict[str, Any], driver_root: Path) -> None:
-    """The control nodes, libraries, tools, ldcache hook and environment every GPU
+    """The control nodes, libraries, tools, nvidia-cdi-hook's hooks and environment every GPU
     container needs, pointing into the driver root."""
     nodes = device_nodes(oci)
     assert nodes["/dev/nvidiactl"] == (NVIDIA_MAJOR, 255)
@@ -270,10 +271,11 @@ def assert_driver_files(oci: dict[str, Any], driver_root: Path) -> None:
         assert mount["source"] == str(driver_root / LIB_DIR / lib)
         assert "ro" in mount["options"]
     assert mounts["/usr/bin/nvidia-smi"]["source"] == str(driver_root / "usr/bin/nvidia-smi")
-    [hook] = oci["hooks"]["createContainer"]
-    assert hook["path"] == str(driver_root / "usr/bin/nvidia-cdi-hook")
-    assert hook["args"][:2] == ["nvidia-cdi-hook", "update-ldcache"]
-    assert f"/{LIB_DIR}" in hook["args"]
+    hooks = {h["args"][1]: h for h in oci["hooks"]["createContainer"]}
+    assert {h["path"] for h in hooks.values()} == {str(driver_root / "usr/bin/nvidia-cdi-hook")}
+    assert f"/{LIB_DIR}" in hooks["update-ldcache"]["args"]
+    assert f"libnvidia-ml.so.{DRIVER_VERSION}::/{LIB_DIR}/libnvidia-ml.so.1" in \
+        hooks["create-symlinks"]["args"]
     assert "NVIDIA_VISIBLE_DEVICES=void" in oci["process"]["env"]
 
 

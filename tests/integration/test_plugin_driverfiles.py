@@ -1,7 +1,7 @@
 """The driver files a claim's containers get, found in a driver root laid out like the real
 H200 machine's (shared/fixtures/nvml/h200-141gb-single/extra.txt: libraries in
 /usr/local/nvidia/lib64 with their SONAME links, tools in /usr/local/nvidia/bin, device
-nodes with nvidia-caps at major 241)."""
+nodes with nvidia-caps at major 241), and the hooks a plugin on it gives containers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,15 @@ from pathlib import Path
 from driver.inventory.model import Gpu
 from driver.plugin import cdi
 from driver.plugin.driverfiles import driver_files, host_devices
-from tests.support.plugin import PROC_DEVICES, cdi_problems
+from tests.support.plugin import (
+    PROC_DEVICES,
+    Node,
+    Start,
+    cdi_problems,
+    cdi_specs,
+    make_claim,
+    result,
+)
 
 VERSION = "580.159.04"
 LIBS = "usr/local/nvidia/lib64"
@@ -37,21 +45,27 @@ def driver_root(root: Path, with_dev: bool = True, with_hook: bool = False) -> P
     if with_hook:
         (root / "usr/bin").mkdir(parents=True)
         (root / "usr/bin/nvidia-cdi-hook").write_text("elf")
+        (root / "usr/bin/nvidia-cdi-hook").chmod(0o755)
     (root / "proc-devices").write_text(PROC_DEVICES)
     return root
 
 
-def test_compute_libraries_and_tools_are_mounted_from_the_host_path(tmp_path: Path) -> None:
+def test_libraries_and_tools_are_mounted_from_the_host_path(tmp_path: Path) -> None:
     root = driver_root(tmp_path)
     devices = host_devices(root, Path("/run/nvidia/driver"), root / "proc-devices")
-    files = driver_files(root, Path("/run/nvidia/driver"), devices)
+    files = driver_files(root, Path("/run/nvidia/driver"), devices, version=VERSION)
     mounts = {m.container_path: m.host_path for m in files.mounts}
     assert mounts == {
+        # every library of the driver's version, and without the hook (none under this
+        # root) the host's links to them as the files they lead to
         **{f"/{LIBS}/{n}": f"/run/nvidia/driver/{LIBS}/{n}" for n in (
-            f"libcuda.so.{VERSION}", "libcuda.so.1", f"libnvidia-ml.so.{VERSION}",
-            "libnvidia-ml.so.1", f"libnvidia-ptxjitcompiler.so.{VERSION}",
-            "libnvidia-ptxjitcompiler.so.1", "libnvidia-nvvm.so.4",
-            f"libnvidia-nvvm.so.{VERSION}")},
+            f"libcuda.so.{VERSION}", "libcuda.so.1", "libcuda.so",
+            f"libnvidia-ml.so.{VERSION}", "libnvidia-ml.so.1", "libnvidia-ml.so",
+            f"libnvidia-ptxjitcompiler.so.{VERSION}", "libnvidia-ptxjitcompiler.so.1",
+            "libnvidia-ptxjitcompiler.so", f"libnvidia-nvvm.so.{VERSION}",
+            "libnvidia-nvvm.so.4", "libnvidia-nvvm.so", f"libnvidia-glcore.so.{VERSION}",
+            "libnvidia-glcore.so", f"libEGL_nvidia.so.{VERSION}", "libEGL_nvidia.so.0",
+            "libEGL_nvidia.so")},
         "/usr/bin/nvidia-smi": "/run/nvidia/driver/usr/local/nvidia/bin/nvidia-smi",
         "/usr/bin/nvidia-persistenced":
             "/run/nvidia/driver/usr/local/nvidia/bin/nvidia-persistenced"}
@@ -62,7 +76,7 @@ def test_compute_libraries_and_tools_are_mounted_from_the_host_path(tmp_path: Pa
 def test_device_nodes_come_from_a_driver_container_when_it_has_them(tmp_path: Path) -> None:
     root = driver_root(tmp_path)
     devices = host_devices(root, Path("/run/nvidia/driver"), root / "proc-devices")
-    files = driver_files(root, Path("/run/nvidia/driver"), devices)
+    files = driver_files(root, Path("/run/nvidia/driver"), devices, version=VERSION)
     assert [(n.path, n.host_path) for n in files.device_nodes] == [
         (f"/dev/{n}", f"/run/nvidia/driver/dev/{n}")
         for n in ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools")]  # no modeset on this machine
@@ -108,3 +122,20 @@ def test_libraries_are_taken_from_where_the_linkers_links_lead(tmp_path: Path) -
     files = driver_files(root, root, host_devices(root, root))
     assert files.ldcache_folders == (f"/{LIBS}",)
     assert f"/{LIBS}/libcuda.so.{VERSION}" in {m.container_path for m in files.mounts}
+
+
+def test_a_plugin_with_the_hook_gives_every_container_its_hooks(
+        tmp_path: Path, node: Node, start: Start) -> None:
+    root = driver_root(tmp_path, with_hook=True)
+    running = start("h200-141gb", driver_root=root)
+    claim = make_claim(node.local, [result("gpu-0")])
+    assert running.kubelet.prepare([claim])[claim.uid].error == ""
+    spec = cdi_specs(node.cdi_root)[claim.uid]
+    assert cdi_problems(spec) == []
+    hooks = spec["containerEdits"]["hooks"]
+    assert {h["path"] for h in hooks} == {f"{root}/usr/bin/nvidia-cdi-hook"}
+    assert [h["args"][1] for h in hooks] == [
+        "create-symlinks", "enable-cuda-compat", "update-ldcache",
+        "disable-device-node-modification"]
+    assert f"libcuda.so.1::/{LIBS}/libcuda.so" in hooks[0]["args"]
+    assert hooks[1]["args"][2] == f"--host-driver-version={VERSION}"  # NVML's

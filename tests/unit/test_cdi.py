@@ -4,25 +4,39 @@ the names and the lowest version the CDI rules ask for."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import pytest
 
 from driver.plugin import cdi
-from driver.plugin.cdi import CdiDevice, DeviceNode, DriverFiles, Mount
+from driver.plugin.cdi import (
+    IPC_MOUNT_OPTIONS,
+    CdiDevice,
+    DeviceNode,
+    DriverFiles,
+    Mount,
+    Symlink,
+)
 from tests.support.plugin import cdi_problems
 
 UID = "4f6a0f57-3c1e-4f1b-9d2a-0c5b8e7f6a11"  # starts with a digit
 UID_LETTER = "af6a0f57-3c1e-4f1b-9d2a-0c5b8e7f6a11"
 
+LIB64 = "/usr/local/nvidia/lib64"
 FILES = DriverFiles(
     device_nodes=(DeviceNode("/dev/nvidiactl"), DeviceNode("/dev/nvidia-uvm"),
                   DeviceNode("/dev/nvidia-uvm-tools"), DeviceNode("/dev/nvidia-modeset")),
-    mounts=(Mount("/usr/local/nvidia/lib64/libcuda.so.580.159.04",
-                  "/usr/local/nvidia/lib64/libcuda.so.580.159.04"),
-            Mount("/usr/local/nvidia/bin/nvidia-smi", "/usr/bin/nvidia-smi")),
-    ldcache_folders=("/usr/local/nvidia/lib64",),
-    hook="/usr/bin/nvidia-cdi-hook")
+    mounts=(Mount(f"{LIB64}/libcuda.so.580.159.04", f"{LIB64}/libcuda.so.580.159.04"),
+            Mount("/usr/local/nvidia/bin/nvidia-smi", "/usr/bin/nvidia-smi"),
+            Mount("/run/nvidia-persistenced/socket", "/run/nvidia-persistenced/socket",
+                  IPC_MOUNT_OPTIONS)),
+    ldcache_folders=(LIB64,),
+    hook="/usr/bin/nvidia-cdi-hook",
+    links=(Symlink("libcuda.so.580.159.04", f"{LIB64}/libcuda.so.1"),
+           Symlink("libcuda.so.1", f"{LIB64}/libcuda.so")),
+    driver_version="580.159.04",
+    env=(f"NVIDIA_CTK_LIBCUDA_DIR={LIB64}",))
 
 
 def whole_gpu(uid: str = UID) -> CdiDevice:
@@ -46,20 +60,71 @@ def test_a_claim_spec_with_gpu_and_mig_devices_is_valid() -> None:
                        "minor": 219}
 
 
-def test_common_edits_hold_control_nodes_libraries_and_the_ldcache_hook() -> None:
+def test_common_edits_hold_control_nodes_files_and_the_toolkits_hooks_in_its_order() -> None:
     edits = cdi.build_spec("gpu.dra.dev", [whole_gpu()], FILES)["containerEdits"]
     assert [n["path"] for n in edits["deviceNodes"]] == [
         "/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia-modeset"]
-    assert edits["mounts"][0]["options"] == ["ro", "nosuid", "nodev", "rbind", "rprivate"]
-    assert edits["hooks"] == [{"hookName": "createContainer", "path": "/usr/bin/nvidia-cdi-hook",
-                               "args": ["nvidia-cdi-hook", "update-ldcache", "--folder",
-                                        "/usr/local/nvidia/lib64"]}]
-    assert "NVIDIA_VISIBLE_DEVICES=void" in edits["env"]
+    assert [m["options"] for m in edits["mounts"]] == [
+        ["ro", "nosuid", "nodev", "rbind", "rprivate"]] * 2 + [
+        ["nosuid", "nodev", "rbind", "rprivate", "noexec"]]  # a socket: written to, never run
+    assert {h["hookName"] for h in edits["hooks"]} == {"createContainer"}
+    assert {h["path"] for h in edits["hooks"]} == {"/usr/bin/nvidia-cdi-hook"}
+    assert [h["args"] for h in edits["hooks"]] == [
+        ["nvidia-cdi-hook", "create-symlinks",
+         "--link", f"libcuda.so.580.159.04::{LIB64}/libcuda.so.1",
+         "--link", f"libcuda.so.1::{LIB64}/libcuda.so"],
+        ["nvidia-cdi-hook", "enable-cuda-compat", "--host-driver-version=580.159.04"],
+        ["nvidia-cdi-hook", "update-ldcache", "--folder", LIB64],
+        ["nvidia-cdi-hook", "disable-device-node-modification"]]
+    assert edits["env"] == ["NVIDIA_VISIBLE_DEVICES=void", f"NVIDIA_CTK_LIBCUDA_DIR={LIB64}"]
 
 
 def test_no_hook_without_the_hook_binary() -> None:
-    files = DriverFiles(FILES.device_nodes, FILES.mounts, FILES.ldcache_folders, hook=None)
+    files = dataclasses.replace(FILES, hook=None)
     assert "hooks" not in cdi.build_spec("gpu.dra.dev", [whole_gpu()], files)["containerEdits"]
+
+
+def test_a_hook_older_than_a_command_is_not_asked_to_run_it() -> None:
+    """nvidia-cdi-hook before toolkit 1.17.5 fails a container given enable-cuda-compat."""
+    files = dataclasses.replace(FILES, hook_commands=frozenset({"create-symlinks",
+                                                                "update-ldcache"}))
+    hooks = cdi.build_spec("gpu.dra.dev", [whole_gpu()], files)["containerEdits"]["hooks"]
+    assert [h["args"][1] for h in hooks] == ["create-symlinks", "update-ldcache"]
+
+
+def test_hooks_with_nothing_to_do_are_left_out() -> None:
+    files = dataclasses.replace(FILES, links=(), ldcache_folders=(), driver_version=None)
+    hooks = cdi.build_spec("gpu.dra.dev", [whole_gpu()], files)["containerEdits"]["hooks"]
+    assert [h["args"] for h in hooks] == [["nvidia-cdi-hook", "enable-cuda-compat"],
+                                          ["nvidia-cdi-hook", "disable-device-node-modification"]]
+
+
+def test_nvidia_ctk_runs_the_same_hooks_under_its_hook_command() -> None:
+    files = dataclasses.replace(FILES, hook="/usr/bin/nvidia-ctk")
+    hooks = cdi.build_spec("gpu.dra.dev", [whole_gpu()], files)["containerEdits"]["hooks"]
+    assert hooks[2]["args"] == ["nvidia-ctk", "hook", "update-ldcache", "--folder", LIB64]
+
+
+def test_a_gpus_drm_nodes_and_their_by_path_links_are_that_devices_own() -> None:
+    card = DeviceNode("/dev/dri/card1", links=(
+        Symlink("../card1", "/dev/dri/by-path/pci-0000:06:00.0-card"),))
+    render = DeviceNode("/dev/dri/renderD128", links=(
+        Symlink("../renderD128", "/dev/dri/by-path/pci-0000:06:00.0-render"),))
+    gpu = CdiDevice(cdi.device_name(UID_LETTER, "gpu-0"),
+                    (DeviceNode("/dev/nvidia0"), card, render))
+    spec = cdi.build_spec("gpu.dra.dev", [gpu, mig_device(UID_LETTER)], FILES)
+    assert cdi_problems(spec) == []
+    whole, mig = (d["containerEdits"] for d in spec["devices"])
+    assert whole == {
+        "deviceNodes": [{"path": "/dev/nvidia0"}, {"path": "/dev/dri/card1"},
+                        {"path": "/dev/dri/renderD128"}],
+        "hooks": [{"hookName": "createContainer", "path": "/usr/bin/nvidia-cdi-hook", "args": [
+            "nvidia-cdi-hook", "create-symlinks",
+            "--link", "../card1::/dev/dri/by-path/pci-0000:06:00.0-card",
+            "--link", "../renderD128::/dev/dri/by-path/pci-0000:06:00.0-render"]}]}
+    assert "hooks" not in mig
+    without_hook = cdi.build_spec("gpu.dra.dev", [gpu], dataclasses.replace(FILES, hook=None))
+    assert "hooks" not in without_hook["devices"][0]["containerEdits"]
 
 
 @pytest.mark.parametrize(("uid", "files", "version"), [
