@@ -31,6 +31,7 @@ import functools
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -38,11 +39,13 @@ from typing import TYPE_CHECKING
 
 from driver.inventory.discovery import discover
 from driver.kube.api import api_client
+from driver.kube.events import post_node_event
 from driver.nvml import Provider
+from driver.plugin.cdi import DriverFiles
 from driver.plugin.checkpoint import BOOT_ID_PATH, read_boot_id
 from driver.plugin.claims import ApiClaimSource, ClaimSource, DirClaimSource
 from driver.plugin.devices import device_index
-from driver.plugin.driverfiles import driver_files, host_devices
+from driver.plugin.driverfiles import driver_files, hook_missing, host_devices
 from driver.plugin.metrics import Metrics
 from driver.plugin.mig import MigManager
 from driver.plugin.modes import PRIVATE_DIR, SHARED_DIR, make_dir
@@ -69,6 +72,8 @@ log = logging.getLogger(__name__)
 # How long start-up waits for the API server before serving without published slices.
 START_PUBLISH_TIMEOUT = 20.0
 SIGNAL_POLL = 0.2  # seconds: how late a SIGTERM taken by another thread may be handled
+HOOK_MISSING = "NvidiaCDIHookMissing"  # the Node event's reason
+NodeEvents = Callable[[str, str], None]  # a Warning event on this node: reason, message
 
 
 @dataclass(frozen=True)
@@ -130,13 +135,15 @@ class Plugin:
     """The running plugin; `start` and `stop` are separate so tests can drive it in-process."""
 
     def __init__(self, options: PluginOptions, provider: Provider,
-                 publisher: Publisher | None = None, claims: ClaimSource | None = None) -> None:
+                 publisher: Publisher | None = None, claims: ClaimSource | None = None,
+                 node_events: NodeEvents | None = None) -> None:
         self.options = options
         self.provider = provider
         self.metrics = Metrics()
         self._publisher = publisher
         self._claims = claims
         self._resync_stop = threading.Event()
+        self._node_events = node_events  # default: posted to the API server, if any
         self.state: PluginState | None = None
         self.servers: Servers | None = None
         self.probe_port: int | None = None
@@ -156,6 +163,8 @@ class Plugin:
             claims: ClaimSource = DirClaimSource(o.local_dir)
         else:
             api = api_client(o.kubeconfig)
+            self._node_events = self._node_events or functools.partial(
+                post_node_event, api, o.node, o.driver)
             others_alive = functools.partial(
                 other_plugin_alive, o.registry_dir, o.plugin_dir, o.driver,
                 (o.registration_socket, o.dra_socket))
@@ -185,6 +194,7 @@ class Plugin:
                              version=inventory.driver_version, hook=o.cdi_hook)
         publisher, claims = self._sources()
         self._publisher = publisher
+        self._report_hook(files)
         make_dir(o.plugin_dir, PRIVATE_DIR)  # the checkpoint, the lock, the DRA socket
         make_dir(o.cdi_root, SHARED_DIR)  # read by the container runtime
         self.state = PluginState(
@@ -219,6 +229,18 @@ class Plugin:
         if o.health_port is not None:
             self.probe_port = self.servers.start_probe(o.health_port)
         self.servers.start()
+
+    def _report_hook(self, files: DriverFiles) -> None:
+        """Containers still start without nvidia-cdi-hook, but may not find the driver's
+        libraries: said in the log, the metric and a Node event, which never delays start."""
+        self.metrics.cdi_hook.set(files.hook is not None)
+        if files.hook is not None:
+            return
+        message = hook_missing(files)
+        log.warning("%s", message)
+        if self._node_events is not None:
+            threading.Thread(target=self._node_events, args=(HOOK_MISSING, message),
+                             name="node-event", daemon=True).start()
 
     def stop(self, grace: float = KUBELET_CALL_TIMEOUT) -> None:
         if self.servers is not None:

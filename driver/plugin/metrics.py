@@ -34,6 +34,10 @@ class Metrics:
         self.slice_writes = Counter(f"{PREFIX}_resourceslice_writes_total", "ResourceSlices "
                                     "created, updated or deleted by the publish at start.",
                                     registry=r)
+        self.cdi_hook = Gauge(f"{PREFIX}_cdi_hook_available", "1 when nvidia-cdi-hook was "
+                              "found and CDI specs carry its hooks (links such as libcuda.so, "
+                              "ldcache update, CUDA compat); 0 when containers get the "
+                              "driver's files without them.", registry=r)
 
     def claim_done(self, operation: str, error_reason: str | None) -> None:
         self.claims.labels(operation, "error" if error_reason else "success").inc()

@@ -19,6 +19,7 @@ import yaml
 
 from driver.inventory.discovery import discover
 from driver.kube.api import ApiResult, api_request
+from driver.kube.events import post_node_event
 from driver.nvml.mock import mock_provider
 from driver.resourceslice.publish import ApiPublisher, SlicePool
 from tests.support.apiserver import (
@@ -176,6 +177,18 @@ def test_driver_reads_claims(control_plane: ControlPlane, driver_on_node: tuple[
     refused(api_request(api, "PUT", f"{claims}/gpu/status", read))
     refused(api_request(api, "DELETE", f"{claims}/gpu"))
     refused(api_request(api, "POST", claims, {**claim, "metadata": {"name": "mine"}}))
+
+
+def test_driver_posts_events_on_its_node(control_plane: ControlPlane,
+                                        driver_on_node: tuple[Any, str]) -> None:
+    """What `kubectl describe node` shows when the plugin finds no nvidia-cdi-hook."""
+    api, node = driver_on_node
+    post_node_event(api, node, "NvidiaCDIHookMissing", "no nvidia-cdi-hook", "gpu.dra.dev")
+    selector = f"involvedObject.kind=Node,involvedObject.name={node},reason=NvidiaCDIHookMissing"
+    events = api_request(control_plane.api, "GET", "/api/v1/events",
+                         query={"fieldSelector": selector}).expect(200)["items"]
+    assert [(e["type"], e["message"], e["involvedObject"]["uid"]) for e in events] == \
+        [("Warning", "no nvidia-cdi-hook", node)]
 
 
 def test_driver_is_refused_other_nodes_slices(

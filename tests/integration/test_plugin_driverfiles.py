@@ -1,15 +1,22 @@
 """The driver files a claim's containers get, found in a driver root laid out like the real
 H200 machine's (shared/fixtures/nvml/h200-141gb-single/extra.txt: libraries in
 /usr/local/nvidia/lib64 with their SONAME links, tools in /usr/local/nvidia/bin, device
-nodes with nvidia-caps at major 241), and the hooks a plugin on it gives containers."""
+nodes with nvidia-caps at major 241), the hooks a plugin on it gives containers, and what
+it says when nvidia-cdi-hook is missing."""
 
 from __future__ import annotations
 
+import logging
 import os
+import queue
 from pathlib import Path
 
+import pytest
+
 from driver.inventory.model import Gpu
+from driver.nvml.mock import mock_provider
 from driver.plugin import cdi
+from driver.plugin.daemon import Plugin
 from driver.plugin.driverfiles import driver_files, host_devices
 from tests.support.plugin import (
     PROC_DEVICES,
@@ -124,10 +131,30 @@ def test_libraries_are_taken_from_where_the_linkers_links_lead(tmp_path: Path) -
     assert f"/{LIBS}/libcuda.so.{VERSION}" in {m.container_path for m in files.mounts}
 
 
+def test_a_plugin_without_the_hook_says_so_in_its_log_its_metrics_and_a_node_event(
+        tmp_path: Path, node: Node, caplog: pytest.LogCaptureFixture) -> None:
+    root = driver_root(tmp_path)
+    events: queue.Queue[tuple[str, str]] = queue.Queue()
+    plugin = Plugin(node.options(driver_root=root), mock_provider("h200-141gb"),
+                    node_events=lambda reason, message: events.put((reason, message)))
+    with caplog.at_level(logging.WARNING, logger="driver.plugin"):
+        plugin.start()
+    try:
+        assert plugin.metrics.registry.get_sample_value("gpu_dra_cdi_hook_available") == 0
+        reason, message = events.get(timeout=10)
+        assert reason == "NvidiaCDIHookMissing"
+        assert "no nvidia-cdi-hook under the driver root" in message
+        assert f"the libraries in /{LIBS} load only where" in message
+        assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [message]
+    finally:
+        plugin.stop()
+
+
 def test_a_plugin_with_the_hook_gives_every_container_its_hooks(
         tmp_path: Path, node: Node, start: Start) -> None:
     root = driver_root(tmp_path, with_hook=True)
     running = start("h200-141gb", driver_root=root)
+    assert running.plugin.metrics.registry.get_sample_value("gpu_dra_cdi_hook_available") == 1
     claim = make_claim(node.local, [result("gpu-0")])
     assert running.kubelet.prepare([claim])[claim.uid].error == ""
     spec = cdi_specs(node.cdi_root)[claim.uid]
