@@ -23,7 +23,8 @@ arrows point down the data flow), and `tests/unit/test_layers.py` checks it.
   claims and their opaque configs, the prepare/unprepare state machine (records: the
   checkpoint, a snapshot and the journal of the saves since, and the ledger, rebuilt from
   the node's CDI specs when the checkpoint is lost (evidence); effects: MIG, time slicing,
-  CDI specs), the node lock, logs, metrics.
+  CDI specs), the node lock, logs, metrics, and the mock driver root of `--mock`
+  (`mockroot`).
   Imports `inventory`, `resourceslice`, `allocator`, `nvml`, `kube`.
 - `devcluster`: a local control plane and fake GPU nodes with the kubelet stand-in, for
   `demo --cluster` and the tests; never imported by `plugin` (its `cryptography` is the

@@ -125,7 +125,12 @@ def default_value(action: argparse.Action, default: Any) -> Any:
 def add_provider_args(parser: EnvParser) -> None:
     env_flag(parser, "--mock", env="MOCK_PROFILE", metavar="NAME|PATH",
              help="use a mock NVML machine profile (a shipped name or a YAML file) instead "
-                  "of the real GPUs (env MOCK_PROFILE)")
+                  "of the real GPUs; the plugin, without --driver-root, lays out a mock "
+                  "driver root in <plugin-data-dir>/mock-driver-root for its CDI specs: "
+                  "placeholder libraries and tools, a stand-in nvidia-cdi-hook that logs "
+                  "its calls, and device nodes made with mknod where allowed (root), else "
+                  "given by type, major and minor in the specs, so a container runtime "
+                  "injects the mock GPUs (env MOCK_PROFILE)")
     env_flag(parser, "--driver-root", env="DRIVER_ROOT", type=Path, metavar="DIR",
              help="root of the NVIDIA driver install holding libnvidia-ml.so.1 (e.g. "
                   "/driver-root); default: the dynamic linker's path (env DRIVER_ROOT)")

@@ -77,13 +77,14 @@ def cmd_plugin(args: argparse.Namespace) -> int:
     setup_logging(args.log_format, args.verbosity)
     if args.mock_state is not None and not args.mock:
         raise UsageError("--mock-state needs --mock")
+    plugin_dir = args.plugin_data_dir or Path("/var/lib/kubelet/plugins") / args.driver_name
     try:
         options = PluginOptions(
             driver=args.driver_name, node=args.node_name,
-            registry_dir=args.kubelet_registry_dir,
-            plugin_dir=args.plugin_data_dir or Path("/var/lib/kubelet/plugins") /
-            args.driver_name,
+            registry_dir=args.kubelet_registry_dir, plugin_dir=plugin_dir,
             cdi_root=args.cdi_root, driver_root=args.driver_root or Path("/"),
+            mock_driver_root=plugin_dir / "mock-driver-root"
+            if args.mock and args.driver_root is None else None,
             host_driver_root=args.host_driver_root, mig_mode=args.mig_mode,
             counter_layout=args.counter_layout, local_dir=args.local_dir,
             kubeconfig=args.kubeconfig, health_port=args.health_port or None,

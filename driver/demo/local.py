@@ -214,7 +214,8 @@ def run_demo(options: DemoOptions, out: Print = print) -> int:
         plugin_options = PluginOptions(
             driver=options.driver, node=options.node, registry_dir=root / "registry",
             plugin_dir=root / "plugin", cdi_root=root / "cdi", mig_mode="dynamic",
-            counter_layout="split", local_dir=root / "local")
+            counter_layout="split", local_dir=root / "local",
+            mock_driver_root=root / "plugin" / "mock-driver-root")
         (root / "local").mkdir()
         out(f"gpu-dra demo: profile {options.profile}, claims {options.claims}, "
             f"folder {root}")

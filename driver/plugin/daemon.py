@@ -41,6 +41,7 @@ from driver.inventory.discovery import discover
 from driver.kube.api import api_client
 from driver.kube.events import post_node_event
 from driver.nvml import Provider
+from driver.plugin import mockroot
 from driver.plugin.cdi import DriverFiles
 from driver.plugin.checkpoint import BOOT_ID_PATH, read_boot_id
 from driver.plugin.claims import ApiClaimSource, ClaimSource, DirClaimSource
@@ -93,6 +94,8 @@ class PluginOptions:
     metrics_port: int | None = None
     cleanup: bool = False
     cdi_hook: Path | None = None
+    # --mock without --driver-root: the driver root is a mock one laid out here at start
+    mock_driver_root: Path | None = None
     boot_id_path: Path = BOOT_ID_PATH
     proc_devices: Path = Path("/proc/devices")
     pod_uid: str | None = None  # set: a rolling update may run two pods; sockets per pod
@@ -188,20 +191,24 @@ class Plugin:
         log.info("discovered %d GPUs (driver %s)", len(inventory.gpus), inventory.driver_version)
         self.provider.nvml.nvmlInit()  # one NVML session for MIG changes, until stop
         index = device_index(inventory, o.mig_mode)
-        host_root = o.host_driver_root or o.driver_root
-        devices = host_devices(o.driver_root, host_root, o.proc_devices, inventory.gpus)
-        files = driver_files(o.driver_root, host_root, devices,
-                             version=inventory.driver_version, hook=o.cdi_hook)
         publisher, claims = self._sources()
         self._publisher = publisher
-        self._report_hook(files)
         make_dir(o.plugin_dir, PRIVATE_DIR)  # the checkpoint, the lock, the DRA socket
         make_dir(o.cdi_root, SHARED_DIR)  # read by the container runtime
+        driver_root = o.mock_driver_root or o.driver_root
+        host_root = o.host_driver_root or driver_root
+        devices = host_devices(driver_root, host_root, o.proc_devices, inventory.gpus) \
+            if o.mock_driver_root is None else mockroot.set_up(
+                driver_root, host_root, [g.minor for g in inventory.gpus],
+                inventory.driver_version)
+        files = driver_files(driver_root, host_root, devices,
+                             version=inventory.driver_version, hook=o.cdi_hook)
+        self._report_hook(files)
         self.state = PluginState(
             tools=DeviceTools(
                 files=files, devices=devices, host=self.provider.host,
                 mig=MigManager(self.provider),
-                timeslicer=timeslicer(self.provider, o.driver_root)),
+                timeslicer=timeslicer(self.provider, driver_root)),
             identity=Identity(driver=o.driver, node=o.node,
                               boot_id=read_boot_id(o.boot_id_path)),
             published=Published(

@@ -87,6 +87,21 @@ def test_plugin_reads_pod_uid_for_rolling_updates(
     assert build_parser().parse_args(["plugin"]).pod_uid == env["POD_UID"]
 
 
+def test_mock_profile_lets_the_plugin_lay_out_a_mock_driver_root(
+        helm: Helm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No driver root: the plugin lays out its mock one in the data dir, a hostPath at the
+    same path, so the runtime finds what the CDI specs name."""
+    container = plugin_container(helm.template("gpu", "gpu-dra", {
+        "kubeletPlugin": {"mockProfile": "dgx-h100"}}))
+    env = env_of(container)
+    assert env["MOCK_PROFILE"] == "dgx-h100"
+    assert "DRIVER_ROOT" not in env and "HOST_DRIVER_ROOT" not in env
+    for name in ("MOCK_PROFILE", "PLUGIN_DATA_DIR"):
+        monkeypatch.setenv(name, env[name])
+    args = build_parser().parse_args(["plugin"])
+    assert (args.mock, args.driver_root) == ("dgx-h100", None)
+
+
 def test_lints_strict(helm: Helm) -> None:
     helm.run("lint", "--strict", str(CHART))
     helm.run("lint", "--strict", str(CHART), "--set", "migMode=dynamic",

@@ -402,7 +402,10 @@ class Campaign:
                 shutil.move(self.node.checkpoint, self.node.root / f"lost-{self.round}.json")
         else:
             for path in self.node.plugin_dir.iterdir():
-                path.unlink()
+                if path.is_dir():  # the mock driver root
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
         self.start()
 
     def damaged_checkpoint(self, op: str, claims: list[Claim]) -> None:
