@@ -3,6 +3,13 @@
 # machine's python3, run the read-only device tests, and capture real discovery
 # (output and NVML call trace) for the mock's fidelity tests. Never changes any
 # GPU setting.
+#
+# Carry (the `device` tool's carry): build/device-wheels (scripts/device-wheels.sh: the
+# Python dependencies, the machine has no package index) and build/device-tools.tar.gz
+# (scripts/device-tools.sh: static runc, cdi-resolve and busybox; the machine has no Go
+# and maybe no runc), unpacked here into build/device-tools, where
+# tests/device/test_container_gpu.py finds them. The container test runs as root and
+# builds its CUDA probe with the machine's cc (the one that builds the native module).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1  # no `set -e` here: stop rather than run elsewhere
 OUT=${OUT:-/tmp/device-out}
@@ -18,6 +25,10 @@ if [ -d build/device-wheels ]; then  # scripts/device-wheels.sh: the plugin's de
     fi
     python3 -m pip install -q --no-index --find-links build/device-wheels "${target[@]}" \
         build/device-wheels/*.whl >>"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+fi
+if [ -f build/device-tools.tar.gz ]; then
+    tar -xzf build/device-tools.tar.gz -C build || exit 1
+    build/device-tools/runc --version | head -1
 fi
 python3 setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1 || { cat "$OUT/build.log"; exit 1; }
 nvidia-smi -q -x >"$OUT/smi.xml"

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Download, here, the pinned runtime dependencies as CPython 3.12 manylinux wheels into
 # build/device-wheels, for a GPU machine that has no package index (the `device` tool:
-# carry build/device-wheels). scripts/device-check.sh installs them there.
+# carry build/device-wheels). scripts/device-check.sh installs them there. cryptography:
+# tests/support/plugin.py imports driver.devcluster (the devcluster extra).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 deps=$("$PY" - <<'PY'
 import tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-wanted = ("pytest", "jsonschema", "referencing", "setuptools", "Cython")
+wanted = ("pytest", "jsonschema", "referencing", "setuptools", "Cython", "cryptography")
 print(" ".join(project["dependencies"] + [d for d in project["optional-dependencies"]["test"]
                                          if d.split("==")[0] in wanted]))
 PY

@@ -15,9 +15,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import pynvml
 import pytest
 
+from tests.device.gpus import gpu_settings
 from tests.support.plugin import (
     NODE,
     Kubelet,
@@ -29,24 +29,6 @@ from tests.support.plugin import (
     short_tmp,
     wait_for_socket,
 )
-
-
-def _gpu_settings() -> list[tuple[str, int, int]]:
-    """(UUID, current MIG mode, compute mode) of every GPU."""
-    pynvml.nvmlInit()
-    try:
-        found = []
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            try:
-                mig = pynvml.nvmlDeviceGetMigMode(handle)[0]
-            except pynvml.NVMLError:
-                mig = -1
-            found.append((pynvml.nvmlDeviceGetUUID(handle), mig,
-                          pynvml.nvmlDeviceGetComputeMode(handle)))
-        return found
-    finally:
-        pynvml.nvmlShutdown()
 
 
 @pytest.fixture
@@ -74,7 +56,7 @@ def plugin() -> Iterator[tuple[Node, Kubelet]]:
 
 def test_prepare_a_whole_gpu_writes_a_spec_of_real_files(plugin: tuple[Node, Kubelet]) -> None:
     node, kubelet = plugin
-    before = _gpu_settings()
+    before = gpu_settings()
     devices = {d["name"]: d for s in node.slices() for d in s["spec"].get("devices", [])}
     uuids = {d["attributes"]["uuid"]["string"]: name
              for name, d in devices.items() if d["attributes"]["type"]["string"] == "gpu"}
@@ -107,4 +89,4 @@ def test_prepare_a_whole_gpu_writes_a_spec_of_real_files(plugin: tuple[Node, Kub
     assert kubelet.unprepare([claim]) == {claim.uid: ""}
     assert cdi_specs(node.cdi_root) == {}
     assert json.loads(node.checkpoint.read_text()).get("claims", {}) == {}
-    assert _gpu_settings() == before
+    assert gpu_settings() == before
