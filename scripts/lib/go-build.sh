@@ -3,6 +3,7 @@
 # The shared prelude of the repository's Go build scripts. Sourced, never run, by
 #   tests/e2e/control-plane/build.sh    kube-apiserver, kube-scheduler, ..., etcd
 #   tests/e2e/kubelet-standin/build.sh  kubelet-standin, cdi-resolve
+#   tests/node/tools/build.sh           kubelet, containerd, runc, CNI plugins, images
 #   tests/oracle/build.sh               the upstream allocator oracle
 #   deploy/helm/build-helm.sh           the helm CLI
 # Each builds pinned Go sources into a folder of one cache outside the clone and prints
@@ -28,10 +29,13 @@
 #                                 flock is missing
 #       go_build_stage NAME       STAGE=a new CACHE_ROOT/.stage-NAME.XXXXXX, removed on exit
 #                                 (sets the EXIT trap)
+#       go_build_kube_ldflags V   prints the -ldflags of a k8s.io/kubernetes V binary: the
+#                                 version stamp of the release build (hack/lib/version.sh),
+#                                 so `--version` and /version report V
 #
-# kubelet-standin/build.sh hashes this file into its cache key: a change here builds its
-# tools anew. The lock and cache names are part of every script's interface; existing
-# caches are found by them.
+# kubelet-standin/build.sh and tests/node/tools/build.sh hash this file into their cache
+# keys: a change here builds their tools anew. The lock and cache names are part of every
+# script's interface; existing caches are found by them.
 
 : "${GO_BUILD_LOG_PREFIX:?set GO_BUILD_LOG_PREFIX before sourcing go-build.sh}"
 GO_BUILD_PRELUDE="${BASH_SOURCE[0]}"
@@ -58,4 +62,16 @@ go_build_lock() {
 go_build_stage() {
   STAGE="$(mktemp -d "${CACHE_ROOT}/.stage-$1.XXXXXX")"
   trap 'rm -rf "${STAGE}"' EXIT
+}
+
+go_build_kube_ldflags() {
+  local version="$1" ver major rest minor pkg flags="-s -w"
+  ver="${version#v}"; major="${ver%%.*}"; rest="${ver#*.}"; minor="${rest%%.*}"
+  for pkg in k8s.io/client-go/pkg/version k8s.io/component-base/version; do
+    flags+=" -X ${pkg}.gitVersion=${version} -X ${pkg}.gitMajor=${major}"
+    flags+=" -X ${pkg}.gitMinor=${minor} -X ${pkg}.gitTreeState=clean"
+    flags+=" -X ${pkg}.gitCommit=module-proxy-${version}"
+    flags+=" -X ${pkg}.buildDate=1970-01-01T00:00:00Z"
+  done
+  printf '%s\n' "${flags}"
 }

@@ -85,7 +85,8 @@ pin_kube() {
     # Every staging module k8s.io/kubernetes requires at v0.0.0 -> its published tag.
     awk '$1 ~ /^k8s\.io\// && $2 == "v0.0.0" {print $1}' "${gomod}" | sort -u \
       | while read -r m; do go mod edit -replace="${m}=${m}@${staging}"; done
-    for t in kube-apiserver kube-scheduler kube-controller-manager kubectl; do
+    # kubelet: built from this module too, by tests/node/tools/build.sh.
+    for t in kube-apiserver kube-scheduler kube-controller-manager kubectl kubelet; do
       go mod edit -tool="k8s.io/kubernetes/cmd/${t}"
     done
     go mod tidy
@@ -118,16 +119,9 @@ progress() {
 
 go_build_stage "k8s-${K8S_VERSION}"
 
-# Same version stamp the Kubernetes release build sets (hack/lib/version.sh), so the
-# apiserver reports K8S_VERSION from /version.
-ver="${K8S_VERSION#v}"; major="${ver%%.*}"; rest="${ver#*.}"; minor="${rest%%.*}"
-kube_ldflags="-s -w"
-for pkg in k8s.io/client-go/pkg/version k8s.io/component-base/version; do
-  kube_ldflags+=" -X ${pkg}.gitVersion=${K8S_VERSION} -X ${pkg}.gitMajor=${major}"
-  kube_ldflags+=" -X ${pkg}.gitMinor=${minor} -X ${pkg}.gitTreeState=clean"
-  kube_ldflags+=" -X ${pkg}.gitCommit=module-proxy-${K8S_VERSION}"
-  kube_ldflags+=" -X ${pkg}.buildDate=1970-01-01T00:00:00Z"
-done
+# Same version stamp the Kubernetes release build sets, so the apiserver reports
+# K8S_VERSION from /version.
+kube_ldflags="$(go_build_kube_ldflags "${K8S_VERSION}")"
 
 log "building Kubernetes ${K8S_VERSION} (kube-apiserver, kube-scheduler, kube-controller-manager, kubectl)"
 log "cold: about 8 minutes on 2 cores (module downloads included); with Go's build cache warm: seconds"
