@@ -33,6 +33,7 @@ from driver.devcluster.node import NODE_TOOLS_BUILD
 from driver.kube.api import api_request
 from tests.support.apiserver import DEVICE_CLASSES, ControlPlane, make_namespace, unique
 from tests.support.chart import HELM_BUILD, Helm
+from tests.support.progress import sayer
 from tests.support.standin import (
     E2eTools,
     KubeletStandin,
@@ -67,21 +68,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
-def _say(config: pytest.Config) -> Callable[[str], None]:
-    """Print past pytest's capture: a build that takes minutes must show it is alive."""
-    capman = config.pluginmanager.getplugin("capturemanager")
-    reporter = config.pluginmanager.getplugin("terminalreporter")
-
-    def say(line: str) -> None:
-        if capman is None or reporter is None:
-            print(line, flush=True)
-            return
-        with capman.global_and_fixture_disabled():
-            reporter.write_line(line)
-
-    return say
-
-
 @pytest.fixture(scope="session")
 def assets(pytestconfig: pytest.Config) -> Path:
     """The folder with the control-plane binaries (envtest layout)."""
@@ -94,7 +80,7 @@ def assets(pytestconfig: pytest.Config) -> Path:
         and os.environ.get("GPU_DRA_NO_BUILD") != "1"
     )
     if can_build:
-        say = _say(pytestconfig)
+        say = sayer(pytestconfig)
         say("e2e: control-plane binaries not found; building them with Go "
             "(about 8 minutes cold on 2 cores, cached afterwards)")
         try:
@@ -194,7 +180,7 @@ def e2e_tools(pytestconfig: pytest.Config) -> E2eTools:
     if shutil.which("go") is None or os.environ.get("GPU_DRA_NO_BUILD") == "1":
         pytest.skip(f"e2e skipped: kubelet-standin and cdi-resolve are not built; run "
                     f"{NODE_TOOLS_BUILD} (needs Go >= 1.26)")
-    say = _say(pytestconfig)
+    say = sayer(pytestconfig)
     say("e2e: building kubelet-standin and cdi-resolve with Go (about 5 minutes cold on "
         "2 cores, cached afterwards)")
     try:
@@ -257,7 +243,7 @@ def helm(pytestconfig: pytest.Config) -> Helm:
         return Helm(Path(found.stdout.split()[-1]))
     if shutil.which("go") is None or os.environ.get("GPU_DRA_NO_BUILD") == "1":
         pytest.skip(f"helm is not built; run {HELM_BUILD} (needs Go >= 1.26)")
-    _say(pytestconfig)("e2e: building the pinned helm with Go (cached afterwards)")
+    sayer(pytestconfig)("e2e: building the pinned helm with Go (cached afterwards)")
     built = subprocess.run(["bash", str(HELM_BUILD)], capture_output=True, text=True,
                            check=False)
     if built.returncode != 0 or not built.stdout.split():
