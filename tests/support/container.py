@@ -4,7 +4,8 @@ which are added to the config `runc spec` makes, and runc runs it in a minimal r
 system made here: busybox as the shell, the programs a test brings, and the host's loader
 and C libraries those and the spec's nvidia-smi need (none of NVIDIA's: the spec mounts
 those). runc, cdi-resolve and busybox come from build/device-tools (scripts/device-tools.sh
-puts them there for a GPU machine, which has no Go and maybe no runc), else from PATH.
+puts them there for a GPU machine, which has no Go and maybe no runc), else from the node
+tier's build (tests/node/tools/build.sh), else from PATH.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+from tests.support.realnode import find_assets as find_node_assets
 
 ROOT = Path(__file__).resolve().parents[2]
 DEVICE_TOOLS = ROOT / "build/device-tools"
@@ -37,11 +40,14 @@ class Tools:
 
 
 def tool(name: str) -> Path | None:
-    """build/device-tools/<name>, else <name> on PATH; cdi-resolve also from the e2e tools'
-    cached build."""
+    """build/device-tools/<name>, else the node tier's tools (runc, busybox), else <name> on
+    PATH; cdi-resolve also from the e2e tools' cached build."""
     carried = DEVICE_TOOLS / name
     if carried.is_file() and os.access(carried, os.X_OK):
         return carried
+    node = find_node_assets()
+    if node is not None and (node.folder / "bin" / name).is_file():
+        return node.folder / "bin" / name
     found = shutil.which(name)
     if found is not None:
         return Path(found)

@@ -10,6 +10,8 @@
 #   bin/runc                      Debian's runc (links libseccomp.so.2: Debian's apt depends
 #                                 on libseccomp2, so every Debian machine has it)
 #   bin/pause                     gcc -static of build/pause/linux/pause.c of k8s.io/kubernetes
+#   bin/busybox                   Debian's busybox-static (also the shell of the runc tests'
+#                                 root file systems, tests/support/container.py)
 #   cni/bin/                      Debian's containernetworking-plugins (bridge, host-local,
 #                                 loopback, portmap, ...)
 #   images/pause.tar              registry.k8s.io/pause:PAUSE_VERSION (bin/pause as /pause)
@@ -70,7 +72,7 @@ key() {
 }
 
 DEST="${CACHE_ROOT}/node-$(key)"
-FILES=(bin/kubelet bin/containerd bin/ctr bin/containerd-shim-runc-v2 bin/runc bin/pause
+FILES=(bin/kubelet bin/containerd bin/ctr bin/containerd-shim-runc-v2 bin/runc bin/pause bin/busybox
        cni/bin/bridge cni/bin/host-local cni/bin/loopback images/pause.tar
        images/busybox.tar node.env)
 complete() {
@@ -199,6 +201,7 @@ mkdir -p "${STAGE}/rootfs-busybox/bin" "${STAGE}/rootfs-busybox/etc" \
   "${STAGE}/rootfs-busybox/root" "${STAGE}/rootfs-busybox/tmp"
 chmod 1777 "${STAGE}/rootfs-busybox/tmp"
 cp "${STAGE}/debs/root/bin/busybox" "${STAGE}/rootfs-busybox/bin/busybox"
+cp "${STAGE}/debs/root/bin/busybox" "${STAGE}/bin/busybox"  # the runc tests' root file systems
 while IFS= read -r applet; do
   [[ "${applet}" == busybox ]] || ln -s busybox "${STAGE}/rootfs-busybox/bin/${applet}"
 done < <("${STAGE}/rootfs-busybox/bin/busybox" --list)
