@@ -166,8 +166,12 @@ def add_plugin_args(parser: EnvParser) -> None:
              help="the driver root as the container runtime on the host sees it, for paths "
                   "in CDI specs; default: --driver-root (env HOST_DRIVER_ROOT)")
     env_flag(parser, "--nvidia-cdi-hook", env="NVIDIA_CDI_HOOK", type=Path, metavar="PATH",
-             help="host path of nvidia-cdi-hook for the ldcache hook; default: found under "
-                  "the driver root (env NVIDIA_CDI_HOOK)")
+             help="host path of nvidia-cdi-hook, which the CDI specs' hooks run "
+                  "(create-symlinks, enable-cuda-compat, update-ldcache, "
+                  "disable-device-node-modification); default: the first found under the "
+                  "driver root in its bin folders or the GPU operator's "
+                  "usr/local/nvidia/toolkit; none found: specs without hooks, a warning, "
+                  "a Node event and gpu_dra_cdi_hook_available 0 (env NVIDIA_CDI_HOOK)")
     env_flag(parser, "--mock-state", env="MOCK_STATE", type=Path, metavar="FILE",
              help="with --mock: keep the mock GPUs' MIG devices in this file, as real GPUs "
                   "keep them across plugin restarts (env MOCK_STATE)")
