@@ -10,6 +10,9 @@ arrows point down the data flow), and `tests/unit/test_layers.py` checks it.
   semantic versions. Imports only `errors`.
 - `inventory`: what a node has: the device model, discovery through a provider, NVLink
   and PCIe topology (with the native clique partition), the table/JSON view. Imports `nvml`.
+- `health`: GPU health, pure: observations (XIDs, ECC errors, liveness checks, the
+  admin's overrides) folded into each GPU's conditions by the recovery rules, XIDs
+  classified, conditions as device taints, and when to write them. Imports `inventory`.
 - `resourceslice`: an inventory as ResourceSlices (`build`, pure), the writes that make the
   published pool match (`plan`, pure), and the publishers to a directory (`dirpublisher`)
   or the API server (`publish`), with their errors (`errors`). Imports `inventory`, `nvml`,

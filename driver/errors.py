@@ -55,3 +55,9 @@ class DevClusterError(DriverError):
     """`driver.devcluster` and `driver.demo`: the local control plane, nodes and demo."""
 
     reason = "devcluster"
+
+
+class HealthError(DriverError):
+    """`driver.health`: GPU health rules and their settings."""
+
+    reason = "health"

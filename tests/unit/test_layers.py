@@ -14,6 +14,7 @@ ALLOWED: dict[str, set[str]] = {
     "nvml": BASE,
     "kube": BASE,
     "inventory": BASE | {"nvml", "_native"},
+    "health": BASE | {"inventory"},
     "resourceslice": BASE | {"inventory", "nvml", "kube"},
     "allocator": BASE | {"kube", "_alloc"},
     "plugin": BASE | {"inventory", "resourceslice", "allocator", "nvml", "kube", "_proto"},
