@@ -5,7 +5,9 @@ arrows point down the data flow), and `tests/unit/test_layers.py` checks it.
 
 - `nvml`: the NVML providers: the real library (`real`, nvidia-ml-py) or a mock machine
   (`mock`) from a profile (`profile`: schema and loading) that obeys NVML's MIG rules
-  (`miglayout`). Imports nothing of the driver but `errors` and `atomicfile`.
+  (`miglayout`) and fails on demand (`faults`: what `gpu-dra mock inject` records); GPU
+  health as either reports it (`events`: event sets, liveness, the recovery action).
+  Imports nothing of the driver but `errors`, `atomicfile` and `safeload`.
 - `kube`: Kubernetes helpers with no driver knowledge: the API client, quantities,
   semantic versions. Imports only `errors`.
 - `inventory`: what a node has: the device model, discovery through a provider, NVLink

@@ -174,7 +174,8 @@ def add_plugin_args(parser: EnvParser) -> None:
                   "a Node event and gpu_dra_cdi_hook_available 0 (env NVIDIA_CDI_HOOK)")
     env_flag(parser, "--mock-state", env="MOCK_STATE", type=Path, metavar="FILE",
              help="with --mock: keep the mock GPUs' MIG devices in this file, as real GPUs "
-                  "keep them across plugin restarts (env MOCK_STATE)")
+                  "keep them across plugin restarts, and read the faults `gpu-dra mock "
+                  "inject` records there (env MOCK_STATE)")
     env_flag(parser, "--kubeconfig", env="KUBECONFIG", type=Path, metavar="FILE",
              help="kubeconfig of the API server; default: in-cluster (env KUBECONFIG)")
     env_flag(parser, "--local-dir", env="LOCAL_DIR", type=Path, metavar="DIR",

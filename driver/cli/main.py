@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     plugin_cmd.set_defaults(run=cmd_plugin)
 
     add_allocation_commands(commands, add_provider_args, add_slice_args, node_slices)
+    add_mock_commands(commands)
 
     demo_cmd = commands.add_parser(
         "demo", help="the driver end to end on a mock machine: no cluster, no GPU")
@@ -198,6 +199,85 @@ def _cluster_demo(args: argparse.Namespace) -> int:
             keep=args.keep), out=lambda line: print(line, flush=True))
     except MissingBinaries as err:
         raise UsageError(str(err)) from err
+
+
+def add_mock_commands(commands: Any) -> None:
+    """`gpu-dra mock inject`: its command line is a contract (checks outside the project
+    use it), so its flags and exit codes only grow."""
+    mock_cmd = commands.add_parser(
+        "mock", help="act on the mock GPUs of a running `gpu-dra plugin --mock ... "
+                     "--mock-state FILE`")
+    actions = mock_cmd.add_subparsers(dest="mock_command", required=True, metavar="ACTION",
+                                      parser_class=OneLineParser)
+    inject = actions.add_parser(
+        "inject", help="inject a fault into one mock GPU: an event for the event sets "
+                       "registered now, or a lasting condition until --recover / --add",
+        prog="gpu-dra mock inject")
+    inject.add_argument("--mock-state", type=Path, metavar="FILE", required=True,
+                        help="the plugin's --mock-state file")
+    inject.add_argument("--gpu", type=minor_number, metavar="MINOR", required=True,
+                        help="the GPU's minor number (gpu-MINOR)")
+    fault = inject.add_mutually_exclusive_group(required=True)
+    fault.add_argument("--xid", type=positive_int, metavar="N", action=OnlyOnce,
+                       help="an XID event (XidCriticalError with N as its data)")
+    fault.add_argument("--ecc-dbe", action="store_true",
+                       help="a double-bit ECC error event (a row remap pending a reset)")
+    fault.add_argument("--lost", action="store_true",
+                       help="the GPU fell off the bus: it answers GPU_IS_LOST")
+    fault.add_argument("--recover", action="store_true",
+                       help="the GPU was reset and answers again: its faults are cleared")
+    fault.add_argument("--remove", action="store_true",
+                       help="the GPU is gone: no longer counted or found")
+    fault.add_argument("--add", action="store_true", help="a removed GPU is back")
+    inject.set_defaults(run=cmd_mock_inject)
+
+
+class OneLineParser(EnvParser):
+    """A parser whose usage errors are one line on stderr (scripts read it), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
+class OnlyOnce(argparse.Action):
+    """A flag given twice is two faults: refused, as two different fault flags are."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        if getattr(namespace, self.dest) is not None:
+            raise argparse.ArgumentError(self, "give one fault only")
+        setattr(namespace, self.dest, values)
+
+
+def minor_number(text: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected a GPU minor number, got {text!r}")
+    return int(text)
+
+
+def positive_int(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def cmd_mock_inject(args: argparse.Namespace) -> int:
+    from driver.nvml.faults import FAULT_KINDS, Fault
+    from driver.nvml.mock import inject
+    from driver.nvml.profile import ProfileError
+
+    kind = next(k for k in FAULT_KINDS if getattr(args, k.replace("-", "_")) not in
+                (None, False))
+    try:
+        uuid = inject(args.mock_state, args.gpu, Fault(kind, args.xid))
+    except (ProfileError, OSError) as err:  # OSError: no lock file in a read-only folder
+        problem = err if isinstance(err, ProfileError) else \
+            f"{args.mock_state}: {err.strerror or err}"
+        print(f"gpu-dra mock inject: {problem}", file=sys.stderr)
+        return 2
+    what = f"XID {args.xid}" if kind == "xid" else kind
+    print(f"gpu-{args.gpu} ({uuid}): {what} recorded")
+    return 0
 
 
 def node_slices(args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -10,6 +10,13 @@ and compute instances are created and destroyed by NVML's rules (profile.MigLayo
 state path, the modes and instances are "the hardware": kept in a JSON file shared by
 processes, so a driver killed with SIGKILL finds on restart what it made.
 
+GPUs fail on demand (`inject`, `gpu-dra mock inject`; what each fault means is in
+`faults`): events reach the event sets (nvmlEventSetCreate, nvmlDeviceRegisterEvents,
+nvmlEventSetWait_v2, GPU-level: no GI/CI ids) that were registered when they came, a
+waiting set polling the state file; a lost GPU answers GPU_IS_LOST, one needing a reset
+RESET_REQUIRED, a removed one is not enumerated and its old handles are INVALID_ARGUMENT;
+remapped rows and the recovery-action field follow the faults.
+
 Answers beyond the capture were read on a real H200 (driver 580, MIG off): a GPU-instance
 lookup or MIG device index that finds nothing is NOT_FOUND, listing GPU instances with MIG
 off succeeds with none, an unknown profile id is INVALID_ARGUMENT, a GPU paired with itself
@@ -34,7 +41,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
@@ -42,12 +49,16 @@ import pynvml
 
 from driver.atomicfile import write_atomically
 from driver.nvml import Provider
+from driver.nvml.events import NO_INSTANCE
+from driver.nvml.faults import Fault, apply_fault
 from driver.nvml.miglayout import ComputeInstance, GpuInstance, MigError, MigLayout
 from driver.nvml.profile import (
     GI_PROFILE_INDEXES,
     PROFILES_DIR,
     FieldError,
+    GpuCondition,
     GpuInstanceSpec,
+    HealthState,
     MigState,
     Profile,
     ProfileError,
@@ -55,7 +66,7 @@ from driver.nvml.profile import (
     parse_profile,
     validate,
 )
-from driver.safeload import LoadError, json_document
+from driver.safeload import LoadError, json_document, read_text
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -67,6 +78,10 @@ _POINTER_TYPES = {_DEVICE: pynvml.c_nvmlDevice_t, _MIG: pynvml.c_nvmlDevice_t,
 _MIB = 1 << 20
 _MIG_UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "gpu.dra.dev/mock-nvml/mig")
 _CALL: ContextVar[str] = ContextVar("mock_nvml_call", default="")
+_HEALTHY = GpuCondition()
+# What a real H200 (driver 580) answers nvmlDeviceGetSupportedEventTypes; every mock GPU does.
+SUPPORTED_EVENTS = 0xFF9F
+EVENT_POLL_S = 0.02  # how often a waiting event set looks at the state file
 
 
 def list_profiles() -> list[str]:
@@ -186,18 +201,70 @@ class _Ref:
         return cls(address >> 32, address >> 16 & 0xFFFF, address >> 8 & 0xFF, address & 0xFF)
 
 
-class _MigStore:
-    """The MIG mode and live MIG instances of every GPU: in memory, or in a JSON file shared
-    by processes.
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """The state file's writer lock (an flock on `<state>.lock`), across processes."""
+    with open(f"{path}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _parse_state(text: str | bytes, file: str) -> MigState:
+    try:
+        data = json_document(text, file)
+    except LoadError as err:
+        raise ProfileError(file, [(err.at, err.problem)]) from None
+    return validate(MigState, data, file)
+
+
+def _write_state(path: Path, state: MigState) -> None:
+    data = state.model_copy(update={"version": 2}).model_dump(exclude_none=True)
+    write_atomically(path, json.dumps(data, indent=1).encode(), durable=True)
+
+
+def inject(state_path: Path, minor: int, fault: Fault) -> str:
+    """Record `fault` on the GPU with `minor` in a mock state file, under its writer lock, for
+    every process whose mock uses the file; returns the GPU's UUID. A missing or bad file,
+    or a minor its machine lacks, is a ProfileError naming the file and the problem."""
+    file = str(state_path)
+    if not state_path.is_file():  # checked first: the lock file would appear beside it
+        raise ProfileError(file, [("", "no such mock state file; it is made by "
+                                       "`gpu-dra plugin --mock PROFILE --mock-state FILE`")])
+    with _locked(state_path):
+        try:
+            text = read_text(state_path)
+        except LoadError as err:
+            raise ProfileError(file, [(err.at, err.problem)]) from None
+        state = _parse_state(text, file)
+        if not state.machine:
+            raise ProfileError(file, [("machine", "not recorded (a file of an older driver): "
+                                                  "start the plugin with it once")])
+        uuid_ = next((u for u, m in state.machine.items() if m == minor), None)
+        if uuid_ is None:
+            minors = ", ".join(str(m) for m in sorted(state.machine.values()))
+            raise ProfileError(file, [("machine", f"no GPU with minor {minor} (minors: "
+                                                  f"{minors})")])
+        _write_state(state_path, state.model_copy(
+            update={"health": apply_fault(state.health, uuid_, fault)}))
+    return uuid_
+
+
+class _StateStore:
+    """The MIG mode, live MIG instances and injected faults of every GPU: in memory, or in a
+    JSON file shared by processes.
 
     Writers hold an flock on `<state>.lock`, reload, change, and replace the file
-    atomically (temp file, fsync, rename); readers reload only when the file changed.
+    atomically (temp file, fsync, rename); readers reload only when the file changed. A
+    file is made at start when there is none, so that `gpu-dra mock inject` finds the
+    machine's GPUs in it.
     """
 
     def __init__(self, profile: Profile, path: Path | None) -> None:
         self._profile = profile
         self._path = path
         self._stamp: tuple[int, int, int] | None = None
+        self._machine = {gpu.uuid: gpu.minor for gpu in profile.gpus}
+        self._health = HealthState()
         # Reentrant: a reader inside a change (the caller's own NVML calls) must not
         # deadlock, and no reader may rebuild the layouts under a change in flight
         # (its objects, and so the GI/CI handles given out, would be replaced).
@@ -206,6 +273,11 @@ class _MigStore:
                                      if gpu.mig is not None}, {})
         if path is not None:
             self._reload()  # a bad state file fails here, not in the middle of discovery
+            if self._stamp is None:
+                with self._mutex, _locked(path):
+                    self._reload()
+                    if self._stamp is None:
+                        self._save(profile_modes=True)
 
     def _build(self, specs: dict[int, list[GpuInstanceSpec]],
                modes: dict[int, bool]) -> list[MigLayout | None]:
@@ -235,7 +307,15 @@ class _MigStore:
                 self._reload()
             return self._layouts
 
+    def health(self) -> HealthState:
+        with self._mutex:
+            if self._path is not None:
+                self._reload()
+            return self._health
+
     def _reload(self) -> None:
+        """Read the file if it changed; a file without a `machine` (version 1) counts as
+        unsaved, so the next writer records it."""
         assert self._path is not None
         try:
             with self._path.open("rb") as f:
@@ -247,22 +327,25 @@ class _MigStore:
         except FileNotFoundError:
             return  # nothing saved yet: the profile's instances stand
         file = str(self._path)
-        try:
-            data = json_document(text, file)
-        except LoadError as err:
-            raise ProfileError(file, [(err.at, err.problem)]) from None
-        state = validate(MigState, data, file)
+        state = _parse_state(text, file)
         index = {gpu.uuid: i for i, gpu in enumerate(self._profile.gpus)}
         try:
-            for section, uuids in (("gpus", state.gpus), ("migEnabled", state.migEnabled)):
+            for section, uuids in (("gpus", state.gpus), ("migEnabled", state.migEnabled),
+                                   ("machine", state.machine),
+                                   ("health.gpus", state.health.gpus)):
                 unknown = sorted(set(uuids) - set(index))
                 if unknown:
                     raise FieldError(f"{section}.{unknown[0]}", "no such GPU in the profile")
+            for uuid_, minor in state.machine.items():
+                if minor != self._machine[uuid_]:
+                    raise FieldError(f"machine.{uuid_}", f"minor {minor}, but the profile's "
+                                     f"GPU has minor {self._machine[uuid_]}")
             self._layouts = self._build({index[u]: specs for u, specs in state.gpus.items()},
                                         {index[u]: on for u, on in state.migEnabled.items()})
         except FieldError as err:
             raise ProfileError(file, [(err.path, err.message)]) from None
-        self._stamp = stamp
+        self._health = state.health
+        self._stamp = stamp if state.machine else None
 
     @contextlib.contextmanager
     def change(self, gpu: int) -> Iterator[MigLayout]:
@@ -272,10 +355,21 @@ class _MigStore:
             if self._path is None:
                 yield self._mig(gpu)
                 return
-            with open(f"{self._path}.lock", "a") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
+            with _locked(self._path):
                 self._reload()
                 yield self._mig(gpu)
+                self._save()
+
+    def change_health(self, gpu: int, fault: Fault) -> None:
+        """Apply `fault` to one GPU, serialized like `change`."""
+        uuid_ = self._profile.gpus[gpu].uuid
+        with self._mutex:
+            if self._path is None:
+                self._health = apply_fault(self._health, uuid_, fault)
+                return
+            with _locked(self._path):
+                self._reload()
+                self._health = apply_fault(self._health, uuid_, fault)
                 self._save()
 
     def _mig(self, gpu: int) -> MigLayout:
@@ -283,17 +377,26 @@ class _MigStore:
         assert layout is not None
         return layout
 
-    def _save(self) -> None:
+    def _save(self, profile_modes: bool = False) -> None:
+        """Write the state; `profile_modes`: leave the MIG modes to the profile (a new file)."""
         assert self._path is not None
         live = [(gpu.uuid, layout) for gpu, layout in zip(self._profile.gpus, self._layouts,
                                                           strict=True) if layout is not None]
-        state = {"version": 1,
-                 "gpus": {uuid_: [s.model_dump(exclude_none=True) for s in layout.specs()]
-                          for uuid_, layout in live},
-                 "migEnabled": {uuid_: layout.enabled for uuid_, layout in live}}
-        write_atomically(self._path, json.dumps(state, indent=1).encode(), durable=True)
+        _write_state(self._path, MigState(
+            version=2, gpus={uuid_: layout.specs() for uuid_, layout in live},
+            migEnabled={} if profile_modes else {u: layout.enabled for u, layout in live},
+            machine=self._machine, health=self._health))
         st = os.stat(self._path)
         self._stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+@dataclass
+class _EventSet:
+    """An event set: the last event it looked at, and per GPU index the event types
+    registered and the event number at registration (older events are not for it)."""
+
+    cursor: int
+    registered: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 class MockNvml:
@@ -301,10 +404,13 @@ class MockNvml:
 
     def __init__(self, profile: Profile, state_path: Path | None = None) -> None:
         self.profile = profile
-        self._store = _MigStore(profile, state_path)
+        self._store = _StateStore(profile, state_path)
         self._inits = 0
         self._by_bus = {gpu.busId: i for i, gpu in enumerate(profile.gpus)}
         self.timeslices: dict[str, int] = {}  # GPU UUID -> compute time slice, as last set
+        self._sets: dict[int, _EventSet] = {}
+        self._last_set = 0
+        self._sets_lock = threading.Lock()
 
     # -- handles -------------------------------------------------------------------------
 
@@ -320,9 +426,32 @@ class MockNvml:
         return ref
 
     def _fault(self, gpu: int) -> None:
+        """Raise what the GPU answers now: its injected condition, then the profile's fault."""
+        condition = self._condition(gpu)
+        if condition.removed:
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)  # a handle to no device
+        if condition.lost:
+            raise _error(pynvml.NVML_ERROR_GPU_IS_LOST)
+        if condition.resetRequired:
+            raise _error(pynvml.NVML_ERROR_RESET_REQUIRED)
         code = self.profile.gpus[gpu].fault(_CALL.get())
         if code is not None:
             raise _error(code)
+
+    def _condition(self, gpu: int) -> GpuCondition:
+        return self._store.health().gpus.get(self.profile.gpus[gpu].uuid, _HEALTHY)
+
+    def _present(self) -> list[int]:
+        """The GPUs NVML enumerates, by index in the profile: all but the removed ones."""
+        gone = {u for u, c in self._store.health().gpus.items() if c.removed}
+        return [i for i, gpu in enumerate(self.profile.gpus) if gpu.uuid not in gone]
+
+    def inject(self, minor: int, fault: Fault) -> None:
+        """`gpu-dra mock inject` on this mock (into its state file if it has one)."""
+        gpu = next((i for i, g in enumerate(self.profile.gpus) if g.minor == minor), None)
+        if gpu is None:
+            raise _error(pynvml.NVML_ERROR_NOT_FOUND)
+        self._store.change_health(gpu, fault)
 
     def _layout(self, gpu: int) -> MigLayout:
         layout = self._store.layouts()[gpu]
@@ -376,19 +505,21 @@ class MockNvml:
 
     @_api
     def nvmlDeviceGetCount(self) -> int:
-        return len(self.profile.gpus)
+        return len(self._present())
 
     @_api
     def nvmlDeviceGetHandleByIndex(self, index: int) -> Any:
-        if not (isinstance(index, int) and 0 <= index < len(self.profile.gpus)):
+        present = self._present()
+        if not (isinstance(index, int) and 0 <= index < len(present)):
             raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
-        self._fault(index)
-        return _Ref(_DEVICE, index).handle()
+        self._fault(present[index])
+        return _Ref(_DEVICE, present[index]).handle()
 
     @_api
     def nvmlDeviceGetHandleByUUID(self, uuid_: str) -> Any:
         """A GPU by its GPU- UUID or a MIG device by its MIG- UUID."""
-        for i, gpu in enumerate(self.profile.gpus):
+        for i in self._present():
+            gpu = self.profile.gpus[i]
             if gpu.uuid == uuid_:
                 self._fault(i)
                 return _Ref(_DEVICE, i).handle()
@@ -411,7 +542,7 @@ class MockNvml:
 
     @_api
     def nvmlDeviceGetIndex(self, handle: Any) -> int:
-        return self._ref(handle, _DEVICE).gpu
+        return self._present().index(self._ref(handle, _DEVICE).gpu)
 
     @_api
     def nvmlDeviceGetMinorNumber(self, handle: Any) -> int:
@@ -769,7 +900,99 @@ class MockNvml:
                 if spec is not None and self.profile.gpus[gpu].nvlinks:
                     value.value.uiVal = spec.links
                     value.nvmlReturn = pynvml.NVML_SUCCESS
+            elif value.fieldId == pynvml.NVML_FI_DEV_GET_GPU_RECOVERY_ACTION:
+                value.valueType = pynvml.NVML_VALUE_TYPE_UNSIGNED_INT
+                value.value.uiVal = self._condition(gpu).recoveryAction
+                value.nvmlReturn = pynvml.NVML_SUCCESS
         return values
+
+    # -- health: events and remapped rows --------------------------------------------------
+
+    @_api
+    def nvmlDeviceGetSupportedEventTypes(self, handle: Any) -> int:
+        self._ref(handle, _DEVICE)
+        return SUPPORTED_EVENTS
+
+    @_api
+    def nvmlDeviceGetRemappedRows(self, handle: Any) -> tuple[int, int, int, int]:
+        """(correctable, uncorrectable, isPending, failureOccurred) rows; the uncorrectable
+        count is 1 while a remap is pending or failed (the mock keeps no history)."""
+        condition = self._condition(self._ref(handle, _DEVICE).gpu)
+        pending, failure = int(condition.rowRemapPending), int(condition.rowRemapFailure)
+        return 0, pending | failure, pending, failure
+
+    @_api
+    def nvmlEventSetCreate(self) -> Any:
+        with self._sets_lock:
+            self._last_set += 1
+            self._sets[self._last_set] = _EventSet(self._store.health().seq)
+            return ctypes.cast(ctypes.c_void_p(self._last_set), pynvml.c_nvmlEventSet_t)
+
+    def _set(self, event_set: Any) -> _EventSet:
+        if not isinstance(event_set, pynvml.c_nvmlEventSet_t):
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        found = self._sets.get(ctypes.cast(event_set, ctypes.c_void_p).value or 0)
+        if found is None:
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return found
+
+    @_api
+    def nvmlDeviceRegisterEvents(self, handle: Any, eventTypes: int, eventSet: Any) -> None:
+        """Events of the parent GPU only (a MIG handle is NOT_SUPPORTED, as in NVML); a type
+        the GPU does not support is NOT_SUPPORTED."""
+        gpu = self._ref(handle, _DEVICE).gpu
+        if eventTypes & ~SUPPORTED_EVENTS:
+            raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        seq = self._store.health().seq
+        with self._sets_lock:
+            event_set = self._set(eventSet)
+            mask, _ = event_set.registered.get(gpu, (0, seq))
+            event_set.registered[gpu] = (mask | eventTypes, seq)
+
+    @_api
+    def nvmlEventSetWait_v2(self, eventSet: Any, timeoutms: int) -> Any:
+        """The next event for this set, polling the state file every `EVENT_POLL_S`; TIMEOUT
+        when none comes in `timeoutms`; GPU_IS_LOST once for a registered GPU that was lost."""
+        deadline = time.monotonic() + timeoutms / 1000
+        while True:
+            event = self._next_event(eventSet)
+            if event is not None:
+                return event
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _error(pynvml.NVML_ERROR_TIMEOUT)
+            time.sleep(min(EVENT_POLL_S, left))
+
+    nvmlEventSetWait = nvmlEventSetWait_v2
+
+    def _next_event(self, eventSet: Any) -> Any:
+        health = self._store.health()
+        index = {gpu.uuid: i for i, gpu in enumerate(self.profile.gpus)}
+        with self._sets_lock:
+            event_set = self._set(eventSet)
+            for event in health.events:
+                if event.seq <= event_set.cursor:
+                    continue
+                event_set.cursor = event.seq
+                mask, since = event_set.registered.get(index[event.gpu], (0, event.seq))
+                if event.seq <= since:
+                    continue  # registered after it came
+                if event.kind == "lost":
+                    raise _error(pynvml.NVML_ERROR_GPU_IS_LOST)
+                kind = pynvml.nvmlEventTypeXidCriticalError if event.kind == "xid" else \
+                    pynvml.nvmlEventTypeDoubleBitEccError
+                if mask & kind:
+                    return pynvml.c_nvmlEventData_t(
+                        device=_Ref(_DEVICE, index[event.gpu]).handle(), eventType=kind,
+                        eventData=event.xid or 0, gpuInstanceId=NO_INSTANCE,
+                        computeInstanceId=NO_INSTANCE)
+        return None
+
+    @_api
+    def nvmlEventSetFree(self, eventSet: Any) -> None:
+        with self._sets_lock:
+            self._set(eventSet)
+            del self._sets[ctypes.cast(eventSet, ctypes.c_void_p).value or 0]
 
     # -- pairs ---------------------------------------------------------------------------
 
@@ -809,7 +1032,7 @@ class MockNvml:
                   pynvml.NVML_TOPOLOGY_NODE, pynvml.NVML_TOPOLOGY_SYSTEM}
         if len(self.profile.gpus) < 2 or level not in levels:
             raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
-        return [_Ref(_DEVICE, j).handle() for j in range(len(self.profile.gpus))
+        return [_Ref(_DEVICE, j).handle() for j in self._present()
                 if j != gpu and self._level(gpu, j) == level]
 
     @_api

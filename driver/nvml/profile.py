@@ -425,13 +425,55 @@ class ModelLibrary(_Strict):
     models: dict[str, GpuModel]
 
 
-class MigState(_Strict):
-    """The mock's persisted MIG instances and MIG modes, by GPU UUID (what a real GPU keeps
-    across restarts); a GPU missing from `migEnabled` has its profile's mode."""
+class GpuCondition(_Strict):
+    """The lasting faults of one mock GPU, as `gpu-dra mock inject` left them.
 
-    version: Literal[1]
+    `recoveryAction` is the nvmlDeviceGpuRecoveryAction_t value NVML reports in the field
+    NVML_FI_DEV_GET_GPU_RECOVERY_ACTION; the row-remap flags are what
+    nvmlDeviceGetRemappedRows answers as isPending and failureOccurred.
+    """
+
+    lost: bool = False
+    removed: bool = False
+    resetRequired: bool = False
+    recoveryAction: int = Field(default=0, ge=0)
+    rowRemapPending: bool = False
+    rowRemapFailure: bool = False
+
+
+class FaultEvent(_Strict):
+    """One injected NVML event, delivered once to each event set registered when it came.
+
+    `lost` is not an NVML event type: an event set wait answers it as GPU_IS_LOST.
+    """
+
+    seq: int = Field(ge=1)
+    gpu: str
+    kind: Literal["xid", "ecc-dbe", "lost"]
+    xid: int | None = Field(default=None, ge=1)
+
+
+class HealthState(_Strict):
+    """The mock GPUs' injected faults: the recent events (numbered by `seq`, the last one
+    given) and the lasting conditions, by GPU UUID."""
+
+    seq: int = Field(default=0, ge=0)
+    events: list[FaultEvent] = []
+    gpus: dict[str, GpuCondition] = {}
+
+
+class MigState(_Strict):
+    """The mock's persisted state, by GPU UUID: MIG instances and MIG modes (what a real GPU
+    keeps across restarts; a GPU missing from `migEnabled` has its profile's mode), the
+    machine's GPUs with their minor numbers (so `gpu-dra mock inject` can address them
+    without the profile) and the injected faults. Version 1 files (MIG only) are read as
+    they are; every write is version 2."""
+
+    version: Literal[1, 2]
     gpus: dict[str, list[GpuInstanceSpec]]
     migEnabled: dict[str, bool] = {}
+    machine: dict[str, int] = {}
+    health: HealthState = HealthState()
 
 
 def read_yaml(path: Path, file: str) -> Any:

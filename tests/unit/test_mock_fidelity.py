@@ -21,11 +21,12 @@ from driver.nvml.mock import MockNvml, load_profile
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures/nvml/h200-141gb-single"
 
-# The per-device queries of discovery (driver/inventory/discovery.py) that the capture recorded.
+# The per-device queries of discovery (driver/inventory/discovery.py) and of the health checks
+# (driver/nvml/events.py) that the capture recorded.
 DEVICE_QUERIES = ["Name", "UUID", "MinorNumber", "Index", "Brand", "Architecture",
                   "CudaComputeCapability", "MemoryInfo", "PciInfo", "PciInfo_v3", "MigMode",
                   "MaxMigDeviceCount", "NumaNodeId", "IsMigDeviceHandle",
-                  "DeviceHandleFromMigDeviceHandle"]
+                  "DeviceHandleFromMigDeviceHandle", "SupportedEventTypes", "RemappedRows"]
 SYSTEM_QUERIES = {"device_count": "nvmlDeviceGetCount",
                   "system.driver_version": "nvmlSystemGetDriverVersion",
                   "system.cuda_driver_version": "nvmlSystemGetCudaDriverVersion",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -686,7 +687,12 @@ def test_a_state_path_without_a_file_starts_from_the_profile(tmp_path: Path) -> 
     state = tmp_path / "mig.json"
     nvml = started("a100-mig", state)
     assert len(live_gis(nvml, nvml.nvmlDeviceGetHandleByIndex(0))) == 4
-    assert not state.exists(), "nothing changed, nothing written"
+    saved = json.loads(state.read_text())  # the machine, for `gpu-dra mock inject`
+    profile = load_profile("a100-mig")
+    assert saved["machine"] == {gpu.uuid: gpu.minor for gpu in profile.gpus}
+    assert saved["migEnabled"] == {}, "the modes stay the profile's"
+    assert len(live_gis(started("a100-mig", state),
+                        nvml.nvmlDeviceGetHandleByIndex(0))) == 4, "the same instances"
 
 
 def run(*code: str, args: tuple[str, ...] = ()) -> subprocess.Popen[str]:
@@ -729,7 +735,13 @@ def test_concurrent_processes_lose_no_instance(lab: Path, tmp_path: Path) -> Non
 
 @pytest.mark.parametrize(("content", "where"), [
     ("{not json", "line 1"),
-    ('{"version": 2, "gpus": {}}', "version"),
+    ('{"version": 3, "gpus": {}}', "version"),
+    ('{"version": 2, "gpus": {}, "machine": {"GPU-0d3bc11a-100e-5b77-adb5-2fbf5587b271": 5}}',
+     "machine.GPU-0d3bc11a-100e-5b77-adb5-2fbf5587b271"),
+    ('{"version": 2, "gpus": {}, "health": {"gpus": {"GPU-00000000-0000-0000-0000-000000000000":'
+     ' {"lost": true}}}}', "health.gpus.GPU-00000000-0000-0000-0000-000000000000"),
+    ('{"version": 2, "gpus": {}, "health": {"events": [{"seq": 1, "gpu": "x", "kind": "fire"}]}}',
+     "health.events[0].kind"),
     ('{"version": 1, "gpus": {"GPU-00000000-0000-0000-0000-000000000000": []}}',
      "gpus.GPU-00000000-0000-0000-0000-000000000000"),
     ('{"version": 1, "gpus": {"GPU-0d3bc11a-100e-5b77-adb5-2fbf5587b271": ['
