@@ -13,8 +13,9 @@ folders in the tier's scratch folder: the chart runs with its default paths, and
 mount the node makes (overlays, shm, pod volumes, the kubelet's root) lives in that
 namespace and goes with it. The host keeps only what the kubelet makes in the cgroup
 hierarchies (removed at stop) and the empty mount points it needed (made only where
-missing, removed at stop). One node at a time: a lock file in the cache; a run killed
-before its stop is cleaned up by the next start, from the state file it left.
+missing, removed at stop). One node at a time on the host, whatever cache a run uses: a
+lock in /var/tmp/gpu-dra-node-tier; a run killed before its stop is cleaned up by the next
+start, from the state file it left there.
 """
 
 from __future__ import annotations
@@ -51,9 +52,10 @@ from tests.support.apiserver import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 NODE_BUILD = REPO / "tests" / "node" / "tools" / "build.sh"
-CACHE_ROOT = Path(os.environ.get("GPU_DRA_CACHE") or Path.home() / ".cache" / "gpu-dra")
-LOCK_FILE = CACHE_ROOT / ".node-tier.lock"
-STATE_FILE = CACHE_ROOT / "node-tier.state.json"
+# Host-wide, whatever cache a run uses: the node's paths and cgroups are the host's.
+TIER_DIR = Path("/var/tmp/gpu-dra-node-tier")
+LOCK_FILE = TIER_DIR / "lock"
+STATE_FILE = TIER_DIR / "state.json"
 
 NODE_NAME = "gpu-dra-node"
 NODE_LABELS = {"nvidia.com/gpu.present": "true"}
@@ -253,12 +255,29 @@ def remove_mount_points(made: Sequence[str]) -> None:
 
 # --- cgroups ----------------------------------------------------------------------------------
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
+CGROUPS = Path("/sys/fs/cgroup")
+CGROUP_ROOT = "gpu-dra-node"
+"""The kubelet's --cgroup-root: its pods' cgroups live under a name of the tier's own in
+every hierarchy, never in a `kubepods` a kubelet of the host may have."""
 
 
 def kubelet_cgroups() -> list[Path]:
-    """The kubelet's cgroup trees (cgroupfs driver: `kubepods` under every hierarchy)."""
-    return sorted(CGROUP_ROOT.glob("*/kubepods")) + sorted(CGROUP_ROOT.glob("kubepods"))
+    """The node's cgroup trees, one per hierarchy."""
+    return sorted(CGROUPS.glob(f"*/{CGROUP_ROOT}")) + sorted(CGROUPS.glob(CGROUP_ROOT))
+
+
+def make_cgroups() -> None:
+    """The cgroup root in every hierarchy (the kubelet wants it to exist); a v1 cpuset
+    starts with no CPUs or memory nodes, so it takes its parent's."""
+    for hierarchy in [*sorted(p for p in CGROUPS.iterdir() if p.is_dir()
+                              and (p / "cgroup.procs").exists()), CGROUPS]:
+        if not (hierarchy / "cgroup.procs").exists():
+            continue
+        folder = hierarchy / CGROUP_ROOT
+        folder.mkdir(exist_ok=True)
+        for name in ("cpuset.cpus", "cpuset.mems"):
+            if (hierarchy / name).exists():
+                (folder / name).write_text((hierarchy / name).read_text())
 
 
 def pids_in_cgroups(roots: Sequence[Path]) -> list[int]:
@@ -355,6 +374,7 @@ def kubelet_config(ca: Path, gates: Mapping[str, bool]) -> dict[str, Any]:
         "apiVersion": "kubelet.config.k8s.io/v1beta1",
         "kind": "KubeletConfiguration",
         "cgroupDriver": "cgroupfs",
+        "cgroupRoot": f"/{CGROUP_ROOT}",
         "failCgroupV1": False,  # 1.35+ refuses cgroup v1 unless told
         "failSwapOn": False,
         "containerRuntimeEndpoint": "unix:///run/containerd/containerd.sock",
@@ -429,12 +449,13 @@ class RealNode:
 
     # --- start / stop -------------------------------------------------------------------
     def start(self) -> RealNode:
-        CACHE_ROOT.mkdir(parents=True, exist_ok=True)
+        TIER_DIR.mkdir(parents=True, exist_ok=True)
         self._lock = LOCK_FILE.open("w")
         fcntl.flock(self._lock, fcntl.LOCK_EX)
         clean_leftovers()
         self.ns.start()
         self._save_state()
+        make_cgroups()
         self.ns.enter_network()
         t0 = time.monotonic()
         self.cluster = LocalCluster(ClusterConfig(
@@ -588,6 +609,7 @@ class RealNode:
         if left := pids_in_cgroups(kubelet_cgroups()):
             problems.append(f"processes left in the kubelet's cgroups: {left}")
         problems += [f"cgroup left: {c}" for c in remove_cgroups(kubelet_cgroups())]
+        problems += [f"mount left on the host: {m}" for m in host_mounts(self.scratch)]
         shutil.rmtree(self.scratch, ignore_errors=True)
         if self.scratch.exists():
             problems.append(f"scratch folder left: {self.scratch}")
@@ -612,6 +634,13 @@ def _delete_all_pods(api: Any) -> None:
                             {"gracePeriodSeconds": 5})
         wait_for(lambda: not api_request(api, "GET", "/api/v1/pods").expect(200)["items"],
                  "all pods gone", timeout=60)
+
+
+def host_mounts(scratch: Path) -> list[str]:
+    """Mounts of this process's namespace that come from the node: none may be left."""
+    points = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    return [m for m in points if m.startswith(str(scratch)) or m in BINDS
+            or m.startswith(("/var/lib/kubelet/", "/run/containerd/"))]
 
 
 def clean_leftovers() -> None:
