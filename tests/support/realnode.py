@@ -449,9 +449,7 @@ class RealNode:
 
     # --- start / stop -------------------------------------------------------------------
     def start(self) -> RealNode:
-        TIER_DIR.mkdir(parents=True, exist_ok=True)
-        self._lock = LOCK_FILE.open("w")
-        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        self._lock = take_tier_lock()
         clean_leftovers()
         self.ns.start()
         self._save_state()
@@ -643,11 +641,20 @@ def host_mounts(scratch: Path) -> list[str]:
             or m.startswith(("/var/lib/kubelet/", "/run/containerd/"))]
 
 
-def clean_leftovers() -> None:
-    """What a run killed before its stop left: its processes, cgroups, scratch folder,
-    mount points."""
+def take_tier_lock() -> IO[str]:
+    """The host-wide node tier lock, held until the returned file is closed."""
+    TIER_DIR.mkdir(parents=True, exist_ok=True)
+    lock = LOCK_FILE.open("w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return lock
+
+
+def clean_leftovers(state_file: Path = STATE_FILE) -> None:
+    """What a run killed before its stop left (its holder died with it; shims, containers
+    and the mount namespace they keep alive did not): their processes, the cgroups, the
+    scratch folder, the mount points. Call it holding the tier lock."""
     try:
-        state = json.loads(STATE_FILE.read_text())
+        state = json.loads(state_file.read_text())
     except (OSError, ValueError):
         return
     kill_all(pids_in_mount_ns(int(state["mount_ns"])))
@@ -655,4 +662,4 @@ def clean_leftovers() -> None:
     remove_cgroups(kubelet_cgroups())
     shutil.rmtree(state["scratch"], ignore_errors=True)
     remove_mount_points(state["made_dirs"])
-    STATE_FILE.unlink()
+    state_file.unlink()
