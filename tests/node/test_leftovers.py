@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 
 from tests.support.realnode import (
-    CGROUP_ROOT,
     CGROUPS,
     clean_leftovers,
     kubelet_cgroups,
     make_cgroups,
     pids_in_mount_ns,
-    take_tier_lock,
+    remove_cgroups,
 )
 
 
@@ -29,7 +28,7 @@ def _alive(proc: subprocess.Popen[bytes]) -> bool:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount namespaces, cgroups)")
 def test_a_killed_run_is_cleaned_up_by_the_next_start(tmp_path: Path) -> None:
-    lock = take_tier_lock()  # no node tier may run meanwhile: the cgroups are host-wide
+    root = "gpu-dra-node-killed"  # not the running tier's (CGROUP_ROOT): no collision
     try:
         # What the killed run left: a shim (in the node's mount namespace), a container
         # (its own mount namespace, in the node's cgroups), the scratch folder and an empty
@@ -41,8 +40,8 @@ def test_a_killed_run_is_cleaned_up_by_the_next_start(tmp_path: Path) -> None:
             assert time.monotonic() < wait, "unshare did not enter a mount namespace"
             time.sleep(0.01)
         mount_ns = os.stat(f"/proc/{shim.pid}/ns/mnt").st_ino
-        make_cgroups()
-        pod = CGROUPS / "pids" / CGROUP_ROOT / "pod-left"
+        make_cgroups(root)
+        pod = CGROUPS / "pids" / root / "pod-left"
         pod.mkdir()
         container = subprocess.Popen(["sleep", "600"])
         (pod / "cgroup.procs").write_text(str(container.pid))
@@ -51,7 +50,8 @@ def test_a_killed_run_is_cleaned_up_by_the_next_start(tmp_path: Path) -> None:
         made = tmp_path / "made" / "mount-point"
         made.mkdir(parents=True)
         state = tmp_path / "state.json"
-        state.write_text(json.dumps({"holder": 0, "mount_ns": mount_ns, "scratch": str(scratch),
+        state.write_text(json.dumps({"holder": 0, "mount_ns": mount_ns, "cgroup_root": root,
+                                     "scratch": str(scratch),
                                      "made_dirs": [str(made.parent), str(made)]}))
 
         clean_leftovers(state)
@@ -59,7 +59,7 @@ def test_a_killed_run_is_cleaned_up_by_the_next_start(tmp_path: Path) -> None:
         for proc in (shim, container):
             proc.wait(timeout=5)  # killed: wait() reaps it
         assert not pids_in_mount_ns(mount_ns)
-        assert not kubelet_cgroups(), f"cgroups left: {kubelet_cgroups()}"
+        assert not kubelet_cgroups(root), f"cgroups left: {kubelet_cgroups(root)}"
         assert not scratch.exists() and not made.parent.exists()
         assert not state.exists()
     finally:
@@ -67,4 +67,4 @@ def test_a_killed_run_is_cleaned_up_by_the_next_start(tmp_path: Path) -> None:
             if isinstance(proc, subprocess.Popen) and _alive(proc):
                 proc.kill()
                 proc.wait()
-        lock.close()
+        remove_cgroups(kubelet_cgroups(root))

@@ -261,19 +261,19 @@ CGROUP_ROOT = "gpu-dra-node"
 every hierarchy, never in a `kubepods` a kubelet of the host may have."""
 
 
-def kubelet_cgroups() -> list[Path]:
+def kubelet_cgroups(root: str = CGROUP_ROOT) -> list[Path]:
     """The node's cgroup trees, one per hierarchy."""
-    return sorted(CGROUPS.glob(f"*/{CGROUP_ROOT}")) + sorted(CGROUPS.glob(CGROUP_ROOT))
+    return sorted(CGROUPS.glob(f"*/{root}")) + sorted(CGROUPS.glob(root))
 
 
-def make_cgroups() -> None:
+def make_cgroups(root: str = CGROUP_ROOT) -> None:
     """The cgroup root in every hierarchy (the kubelet wants it to exist); a v1 cpuset
     starts with no CPUs or memory nodes, so it takes its parent's."""
     for hierarchy in [*sorted(p for p in CGROUPS.iterdir() if p.is_dir()
                               and (p / "cgroup.procs").exists()), CGROUPS]:
         if not (hierarchy / "cgroup.procs").exists():
             continue
-        folder = hierarchy / CGROUP_ROOT
+        folder = hierarchy / root
         folder.mkdir(exist_ok=True)
         for name in ("cpuset.cpus", "cpuset.mems"):
             if (hierarchy / name).exists():
@@ -490,7 +490,7 @@ class RealNode:
 
     def _save_state(self) -> None:
         STATE_FILE.write_text(json.dumps({
-            "holder": self.ns.pid, "mount_ns": self.ns.mount_ns,
+            "holder": self.ns.pid, "mount_ns": self.ns.mount_ns, "cgroup_root": CGROUP_ROOT,
             "scratch": str(self.scratch), "made_dirs": self.ns.made_dirs}))
 
     def _spawn(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None
@@ -657,9 +657,10 @@ def clean_leftovers(state_file: Path = STATE_FILE) -> None:
         state = json.loads(state_file.read_text())
     except (OSError, ValueError):
         return
+    cgroups = kubelet_cgroups(state.get("cgroup_root", CGROUP_ROOT))
     kill_all(pids_in_mount_ns(int(state["mount_ns"])))
-    kill_all(pids_in_cgroups(kubelet_cgroups()))
-    remove_cgroups(kubelet_cgroups())
+    kill_all(pids_in_cgroups(cgroups))
+    remove_cgroups(cgroups)
     shutil.rmtree(state["scratch"], ignore_errors=True)
     remove_mount_points(state["made_dirs"])
     state_file.unlink()
