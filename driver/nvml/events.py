@@ -36,13 +36,13 @@ class EventKind(enum.StrEnum):
 
 
 class Liveness(enum.StrEnum):
-    """Whether a GPU still answers NVML."""
+    """Whether a GPU still answers NVML (the values are driver.health's words)."""
 
-    OK = "ok"
+    OK = "answers"
     LOST = "lost"  # NVML_ERROR_GPU_IS_LOST: fallen off the bus
-    RESET_REQUIRED = "reset-required"  # NVML_ERROR_RESET_REQUIRED
+    RESET_REQUIRED = "requires-reset"  # NVML_ERROR_RESET_REQUIRED
     GONE = "gone"  # not enumerated any more (removed, unbound)
-    ROW_REMAP_FAILED = "row-remap-failed"  # no spare rows left for an uncorrectable error
+    ROW_REMAP_FAILED = "remap-failure"  # no spare rows left for an uncorrectable error
 
 
 class RecoveryAction(enum.IntEnum):
@@ -56,6 +56,18 @@ class RecoveryAction(enum.IntEnum):
     RECOVER_IMEX_DOMAIN = pynvml.NVML_GPU_RECOVERY_ACTION_RECOVER_IMEX_DOMAIN
     BUS_RESET = pynvml.NVML_GPU_RECOVERY_ACTION_BUS_RESET
     SYSTEM_REBOOT = pynvml.NVML_GPU_RECOVERY_ACTION_SYSTEM_REBOOT
+
+    @property
+    def need(self) -> str:
+        """What it asks of the node: none, reset, reboot or drain (an IMEX domain's
+        recovery leaves the GPU usable, as NVIDIA's driver treats it)."""
+        return _NEEDS[self]
+
+
+_NEEDS = {RecoveryAction.NONE: "none", RecoveryAction.RECOVER_IMEX_DOMAIN: "none",
+          RecoveryAction.GPU_RESET: "reset", RecoveryAction.BUS_RESET: "reset",
+          RecoveryAction.NODE_REBOOT: "reboot", RecoveryAction.SYSTEM_REBOOT: "reboot",
+          RecoveryAction.DRAIN_P2P: "drain", RecoveryAction.DRAIN_AND_RESET: "drain"}
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ def test_a_waiting_process_gets_the_injected_xid(tmp_path: Path) -> None:
                            "--recover").returncode == 0
             waiter.stdin.write("\n")
             waiter.stdin.flush()
-            assert waiter.stdout.readline() == "ok\n"
+            assert waiter.stdout.readline() == "answers\n"
             assert waiter.wait(timeout=30) == 0
         finally:
             waiter.kill()

@@ -60,6 +60,12 @@ def test_an_xid_sets_the_recovery_action_of_nvidias_catalog(number: int,
     assert xid_recovery_action(number) == action
 
 
+def test_every_recovery_action_says_what_it_needs() -> None:
+    assert {action.need for action in RecoveryAction} == {"none", "reset", "reboot", "drain"}
+    assert (RecoveryAction.NODE_REBOOT.need, RecoveryAction.DRAIN_AND_RESET.need,
+            RecoveryAction.RECOVER_IMEX_DOMAIN.need) == ("reboot", "drain", "none")
+
+
 def test_the_most_severe_action_stays_until_a_reset() -> None:
     health = HealthState()
     for fault in (xid(79), xid(13), Fault("ecc-dbe")):
