@@ -10,7 +10,7 @@ import re
 import threading
 from pathlib import Path
 
-from driver.kube.api import api_request
+from driver.kube.api import api_client, api_request
 from driver.plugin import checkpoint
 from tests.support.apiserver import unique, wait_for
 from tests.support.chart import CHART
@@ -84,6 +84,22 @@ def test_chart_pod_registers_with_the_kubelet_and_publishes_the_node(driver: Dri
     policies = api_request(driver.node.api, "GET", "/apis/admissionregistration.k8s.io/v1/"
                            "validatingadmissionpolicybindings").expect(200)["items"]
     assert any(p["metadata"]["name"].startswith(RELEASE) for p in policies)
+
+
+def test_the_kubelet_is_a_node_not_an_admin(real_node: RealNode) -> None:
+    """It joined with its own certificate: the Node authorizer and NodeRestriction hold it
+    to its own Node and the pods bound to it."""
+    kubelet = api_client(real_node.scratch / "kubelet-config" / "kubeconfig")
+    try:
+        assert api_request(kubelet, "GET", f"/api/v1/nodes/{NODE_NAME}").status == 200
+        assert api_request(kubelet, "GET", "/api/v1/namespaces/kube-system/secrets"
+                           ).status == 403
+        own = {"metadata": {"labels": {"node-restriction.kubernetes.io/pool": "gpu"}}}
+        result = api_request(kubelet, "PATCH", f"/api/v1/nodes/{NODE_NAME}", own,
+                             content_type="application/strategic-merge-patch+json")
+        assert result.status == 403, "NodeRestriction let the kubelet set a restricted label"
+    finally:
+        kubelet.close()
 
 
 # --- containers with GPUs ----------------------------------------------------------------------
