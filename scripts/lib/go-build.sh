@@ -29,6 +29,10 @@
 #                                 flock is missing
 #       go_build_stage NAME       STAGE=a new CACHE_ROOT/.stage-NAME.XXXXXX, removed on exit
 #                                 (sets the EXIT trap)
+#       go_build_cached OUT ARG   the scripts' command line, with a `complete` function of
+#                                 the caller: ARG --print prints OUT and exits 0 if complete,
+#                                 else 1; no ARG prints OUT and exits 0 when complete
+#                                 (cached), else returns to build; anything else exits 2
 #       go_build_kube_ldflags V   prints the -ldflags of a k8s.io/kubernetes V binary: the
 #                                 version stamp of the release build (hack/lib/version.sh),
 #                                 so `--version` and /version report V
@@ -74,4 +78,17 @@ go_build_kube_ldflags() {
     flags+=" -X ${pkg}.buildDate=1970-01-01T00:00:00Z"
   done
   printf '%s\n' "${flags}"
+}
+
+go_build_cached() {
+  case "${2:-}" in
+    --print) echo "$1"; if complete; then exit 0; else exit 1; fi ;;
+    "") ;;
+    *) echo "usage: $0 [--print]" >&2; exit 2 ;;
+  esac
+  if complete; then
+    log "cached: $1"
+    echo "$1"
+    exit 0
+  fi
 }

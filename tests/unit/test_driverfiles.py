@@ -14,23 +14,14 @@ from pathlib import Path
 from driver.inventory.model import Gpu
 from driver.plugin import cdi
 from driver.plugin.driverfiles import HostDevices, driver_files, hook_missing, host_devices
+from driver.plugin.mockroot import LIBRARIES
 from tests.support.plugin import PROC_DEVICES, cdi_problems
 
 V = "580.159.04"
 LIB64 = "usr/local/nvidia/lib64"
-# The capture's libraries (lib64 listing and ldconfig) and their SONAME suffix; None: only
-# the development link, which points at the versioned file.
-H200_LIBRARIES: tuple[tuple[str, str | None], ...] = (
-    ("libcuda", "1"), ("libcudadebugger", "1"), ("libEGL_nvidia", "0"),
-    ("libGLESv1_CM_nvidia", "1"), ("libGLESv2_nvidia", "2"), ("libGLX_nvidia", "0"),
-    ("libnvcuvid", "1"), ("libnvidia-allocator", "1"), ("libnvidia-cfg", "1"),
-    ("libnvidia-eglcore", None), ("libnvidia-encode", "1"), ("libnvidia-fbc", "1"),
-    ("libnvidia-glcore", None), ("libnvidia-glsi", None), ("libnvidia-glvkspirv", None),
-    ("libnvidia-gpucomp", None), ("libnvidia-ml", "1"), ("libnvidia-nvvm", "4"),
-    ("libnvidia-opencl", "1"), ("libnvidia-opticalflow", "1"),
-    ("libnvidia-pkcs11-openssl3", None), ("libnvidia-ptxjitcompiler", "1"),
-    ("libnvidia-rtcore", None), ("libnvidia-tls", None), ("libnvoptix", "1"),
-    ("libvdpau_nvidia", "1"))
+# The capture's libraries and their SONAME suffix (the mock root's table, which
+# tests/unit/test_mockroot.py checks against the capture).
+H200_LIBRARIES = LIBRARIES
 NOT_IN_LIB = ("libnvcuvid", "libnvoptix")  # ldconfig finds these in lib64 only
 ALL_HOOKS = b"\x7fELF create-symlinks enable-cuda-compat update-ldcache " \
             b"disable-device-node-modification"

@@ -80,17 +80,7 @@ complete() {
   for f in "${FILES[@]}"; do [[ -s "${DEST}/${f}" ]] || return 1; done
 }
 
-case "${1:-}" in
-  --print) echo "${DEST}"; if complete; then exit 0; else exit 1; fi ;;
-  "") ;;
-  *) echo "usage: $0 [--print]" >&2; exit 2 ;;
-esac
-
-if complete; then
-  log "cached: ${DEST}"
-  echo "${DEST}"
-  exit 0
-fi
+go_build_cached "${DEST}" "$@"
 
 go_build_lock node
 if [[ "${GO_BUILD_LOCKED}" == 1 ]] && complete; then

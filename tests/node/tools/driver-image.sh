@@ -57,17 +57,7 @@ ARCHIVE="${DEST}/image.tar"
 TAG="${REPOSITORY}:${KEY}"
 complete() { [[ -s "${ARCHIVE}" && -s "${DEST}/image.env" ]]; }
 
-case "${1:-}" in
-  --print) echo "${ARCHIVE}"; if complete; then exit 0; else exit 1; fi ;;
-  "") ;;
-  *) echo "usage: $0 [--print]" >&2; exit 2 ;;
-esac
-
-if complete; then
-  log "cached: ${ARCHIVE} (${TAG})"
-  echo "${ARCHIVE}"
-  exit 0
-fi
+go_build_cached "${ARCHIVE}" "$@"
 
 for tool in buildah mmdebstrap; do
   command -v "${tool}" >/dev/null || {
