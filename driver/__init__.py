@@ -15,10 +15,10 @@ arrows point down the data flow), and `tests/unit/test_layers.py` checks it.
 - `health`: GPU health, pure: observations (XIDs, ECC errors, liveness checks, the
   admin's overrides) folded into each GPU's conditions by the recovery rules, XIDs
   classified, conditions as device taints, and when to write them. Imports `inventory`.
-- `resourceslice`: an inventory as ResourceSlices (`build`, pure), the writes that make the
-  published pool match (`plan`, pure), and the publishers to a directory (`dirpublisher`)
-  or the API server (`publish`), with their errors (`errors`). Imports `inventory`, `nvml`,
-  `kube`.
+- `resourceslice`: an inventory, with its GPUs' health as taints, as ResourceSlices
+  (`build`, pure), the writes that make the published pool match (`plan`, pure), and the
+  publishers to a directory (`dirpublisher`) or the API server (`publish`), with their
+  errors (`errors`). Imports `inventory`, `health`, `nvml`, `kube`.
 - `allocator`: the scheduler's allocation over slices, claims and classes: input checks,
   CEL selectors, pools, the ledger of what is taken, the problem model, the pure-Python
   reference and the Cython kernel (`driver._alloc`), the answer and its explanation.
@@ -28,9 +28,10 @@ arrows point down the data flow), and `tests/unit/test_layers.py` checks it.
   claims and their opaque configs, the prepare/unprepare state machine (records: the
   checkpoint, a snapshot and the journal of the saves since, and the ledger, rebuilt from
   the node's CDI specs when the checkpoint is lost (evidence); effects: MIG, time slicing,
-  CDI specs), the node lock, logs, metrics, and the mock driver root of `--mock`
-  (`mockroot`).
-  Imports `inventory`, `resourceslice`, `allocator`, `nvml`, `kube`.
+  CDI specs), the node lock, logs, metrics, the health monitor (`monitor`: NVML events
+  and checks folded by `health`, its changes published at most once a second and pushed
+  to the health streams), and the mock driver root of `--mock` (`mockroot`).
+  Imports `inventory`, `health`, `resourceslice`, `allocator`, `nvml`, `kube`.
 - `devcluster`: a local control plane and fake GPU nodes with the kubelet stand-in, for
   `demo --cluster` and the tests; never imported by `plugin` (its `cryptography` is the
   `devcluster` extra). Imports `kube`.

@@ -10,6 +10,7 @@ blank). Switches accept true/false, 1/0, yes/no.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from driver.errors import CliError
+from driver.health.classify import HealthSettings, HealthSettingsError
 
 DEFAULT_DRIVER = "gpu.dra.dev"
 TRUE = ("1", "true", "yes")
@@ -103,7 +105,9 @@ def env_value(action: argparse.Action, variable: str, raw: str) -> Any:
     convert = action.type if callable(action.type) else str
     try:
         value = convert(raw)
-    except (ValueError, TypeError, argparse.ArgumentTypeError):
+    except argparse.ArgumentTypeError as err:  # the type says what it accepts
+        raise EnvError(variable, raw, str(err)) from None
+    except (ValueError, TypeError):
         kind = getattr(convert, "__name__", "value")
         raise EnvError(variable, raw, f"expected {'an integer' if convert is int else kind}"
                        ) from None
@@ -117,6 +121,29 @@ def default_value(action: argparse.Action, default: Any) -> Any:
     if isinstance(default, str) and callable(action.type):
         return action.type(default)
     return default
+
+
+def seconds(raw: str) -> float:
+    """A number of seconds above 0 (a flag's type)."""
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {raw!r}")
+    return value
+
+
+def xids(raw: str) -> frozenset[int]:
+    """A comma-separated list of XIDs (a flag's type), checked as HealthSettings checks
+    them."""
+    try:
+        found = frozenset(int(part) for part in raw.split(",") if part.strip())
+        HealthSettings(ignored_xids=found)
+    except (ValueError, HealthSettingsError) as err:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated XIDs such as 13,43 ({err})") from None
+    return found
 
 
 # --- the groups ------------------------------------------------------------------------------
@@ -197,6 +224,22 @@ def add_plugin_args(parser: EnvParser) -> None:
                   "<driver>-<uid>-reg.sock and dra-<uid>.sock so the old and the new pod of "
                   "a rolling update (kubelet 1.33+) serve side by side; unset: "
                   "<driver>-reg.sock and dra.sock (env POD_UID)")
+    env_flag(parser, "--health-check-interval", env="HEALTH_CHECK_INTERVAL", type=seconds,
+             metavar="SECONDS", default="5",
+             help="how often every GPU is checked: it still answers, and the recovery "
+                  "action the driver reports (env HEALTH_CHECK_INTERVAL)")
+    env_flag(parser, "--health-ignored-xids", env="HEALTH_IGNORED_XIDS", type=xids,
+             metavar="XID,...", default="",
+             help="XIDs that never take a GPU out of service, whatever the XID table or the "
+                  "driver says: informational taints (env HEALTH_IGNORED_XIDS)")
+    env_flag(parser, "--health-evict", env="HEALTH_EVICT", action="store_true",
+             default=False,
+             help="fatal GPU conditions taint NoExecute instead of NoSchedule: running pods "
+                  "on the GPU are evicted (env HEALTH_EVICT=true)")
+    env_flag(parser, "--health-quiet-window", env="HEALTH_QUIET_WINDOW", type=seconds,
+             metavar="SECONDS", default="300",
+             help="an informational XID's taint goes after this long without that XID again "
+                  "(env HEALTH_QUIET_WINDOW)")
     env_flag(parser, "--cleanup", env="CLEANUP_ON_EXIT", action="store_true", default=False,
              help="on exit, delete this node's ResourceSlices (uninstall); refused with "
                   "--pod-uid (env CLEANUP_ON_EXIT=true)")

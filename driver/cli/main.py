@@ -20,6 +20,7 @@ import yaml
 from driver.cli.allocation import add_allocation_commands
 from driver.cli.flags import EnvParser, add_plugin_args, add_provider_args, add_slice_args
 from driver.errors import CliError
+from driver.health.classify import HealthSettings
 from driver.inventory.discovery import discover
 from driver.inventory.view import inventory_table, inventory_to_dict
 from driver.nvml import Provider
@@ -89,7 +90,11 @@ def cmd_plugin(args: argparse.Namespace) -> int:
             counter_layout=args.counter_layout, local_dir=args.local_dir,
             kubeconfig=args.kubeconfig, health_port=args.health_port or None,
             metrics_port=args.metrics_port or None, cleanup=args.cleanup,
-            cdi_hook=args.nvidia_cdi_hook, pod_uid=args.pod_uid)
+            cdi_hook=args.nvidia_cdi_hook, pod_uid=args.pod_uid,
+            health=HealthSettings(ignored_xids=args.health_ignored_xids,
+                                  evict=args.health_evict,
+                                  quiet_window_s=args.health_quiet_window),
+            health_check_interval=args.health_check_interval)
     except ValueError as err:
         raise UsageError(str(err)) from None
     from driver.plugin.sockets import SocketInUse

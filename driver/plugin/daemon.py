@@ -2,8 +2,10 @@
 
 Start: discovery; recovery from the checkpoint (void after a reboot, roll back half-done
 work, destroy stray dynamic MIG devices, remove orphan CDI specs); publish the slices;
-serve the DRA socket; then create the registration socket, so the kubelet never calls a
-plugin that is not ready. SIGTERM or SIGINT: remove the registration socket, refuse new
+start the health monitor (`monitor`), whose changes re-publish the slices with their
+taints (at most once a second) and go to every open health stream at once; serve the DRA
+socket; then create the registration socket, so the kubelet never calls a plugin that is
+not ready. SIGTERM or SIGINT: remove the registration socket, refuse new
 calls, finish those in flight, remove the DRA socket; the slices stay (the kubelet wipes
 them if the plugin stays away) unless `cleanup` is set.
 
@@ -31,16 +33,20 @@ import functools
 import logging
 import signal
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from driver.health.classify import HealthSettings
+from driver.health.model import GpuHealth
 from driver.inventory.discovery import discover
+from driver.inventory.model import Inventory
 from driver.kube.api import api_client
 from driver.kube.events import post_node_event
 from driver.nvml import Provider
+from driver.nvml.events import HealthWatch
 from driver.plugin import mockroot
 from driver.plugin.cdi import DriverFiles
 from driver.plugin.checkpoint import BOOT_ID_PATH, read_boot_id
@@ -50,9 +56,10 @@ from driver.plugin.driverfiles import driver_files, hook_missing, host_devices
 from driver.plugin.metrics import Metrics
 from driver.plugin.mig import MigManager
 from driver.plugin.modes import PRIVATE_DIR, SHARED_DIR, make_dir
+from driver.plugin.monitor import HealthMonitor, HealthView, Republisher
 from driver.plugin.node import DeviceTools, Identity, Paths, Published
 from driver.plugin.nodelock import LOCK_FILE
-from driver.plugin.servers import KUBELET_CALL_TIMEOUT, Servers
+from driver.plugin.servers import KUBELET_CALL_TIMEOUT, HealthBoard, Servers
 from driver.plugin.sharing import timeslicer
 from driver.plugin.sockets import (
     POD_UID,
@@ -72,6 +79,8 @@ log = logging.getLogger(__name__)
 
 # How long start-up waits for the API server before serving without published slices.
 START_PUBLISH_TIMEOUT = 20.0
+# How long one health re-publish retries the API server before the republisher backs off.
+HEALTH_PUBLISH_TIMEOUT = 10.0
 SIGNAL_POLL = 0.2  # seconds: how late a SIGTERM taken by another thread may be handled
 HOOK_MISSING = "NvidiaCDIHookMissing"  # the Node event's reason
 NodeEvents = Callable[[str, str], None]  # a Warning event on this node: reason, message
@@ -99,6 +108,8 @@ class PluginOptions:
     boot_id_path: Path = BOOT_ID_PATH
     proc_devices: Path = Path("/proc/devices")
     pod_uid: str | None = None  # set: a rolling update may run two pods; sockets per pod
+    health: HealthSettings = field(default_factory=HealthSettings)
+    health_check_interval: float = 5.0  # seconds between liveness checks of every GPU
 
     def __post_init__(self) -> None:
         if self.pod_uid is not None and not POD_UID.fullmatch(self.pod_uid):
@@ -150,6 +161,8 @@ class Plugin:
         self.state: PluginState | None = None
         self.servers: Servers | None = None
         self.probe_port: int | None = None
+        self.monitor: HealthMonitor | None = None
+        self._republisher: Republisher | None = None
 
     def _sources(self) -> tuple[Publisher, ClaimSource]:
         """Local directory or API server, unless the caller gave its own."""
@@ -223,8 +236,11 @@ class Plugin:
         self.state.recover(lambda: remove_dead_sockets(o.registry_dir, o.plugin_dir, o.driver))
         from driver.resourceslice.errors import PublishTimeout
 
+        board = HealthBoard()
+        self.monitor = self._health_monitor(inventory, publisher, board)
         try:
-            publisher.publish(inventory, timeout=START_PUBLISH_TIMEOUT)
+            publisher.publish(inventory, timeout=START_PUBLISH_TIMEOUT,
+                              health=self.monitor.view.gpus)
         except PublishTimeout as err:
             # Serving matters more: the kubelet may need to unprepare what we prepared
             # before. The resync loop publishes as soon as the API server answers.
@@ -232,10 +248,32 @@ class Plugin:
         self.metrics.published.set(len(index))
         self.servers = Servers(
             state=self.state, metrics=self.metrics, driver=o.driver, pool=o.node, index=index,
-            dra_socket=o.dra_socket, registration_socket=o.registration_socket)
+            dra_socket=o.dra_socket, registration_socket=o.registration_socket, board=board)
         if o.health_port is not None:
             self.probe_port = self.servers.start_probe(o.health_port)
+        if self._republisher is not None:
+            self._republisher.start()
+        self.monitor.start()
         self.servers.start()
+
+    def _health_monitor(self, inventory: Inventory, publisher: Publisher,
+                        board: HealthBoard) -> HealthMonitor:
+        """The monitor of the GPUs discovery could read; each change goes to the health
+        streams at once and to the slices through the coalescing republisher."""
+        o = self.options
+
+        def publish(health: Mapping[int, GpuHealth]) -> None:
+            publisher.publish(inventory, timeout=HEALTH_PUBLISH_TIMEOUT, health=health)
+
+        republisher = self._republisher = Republisher(publish)
+
+        def on_change(view: HealthView) -> None:
+            board.update(view)
+            republisher.changed(view.gpus)
+
+        watched = {g.minor: g.uuid for g in inventory.gpus if g.minor >= 0 and g.healthy}
+        return HealthMonitor(lambda: HealthWatch(self.provider.nvml), watched, o.health,
+                             self.metrics, on_change, o.health_check_interval)
 
     def _report_hook(self, files: DriverFiles) -> None:
         """Containers still start without nvidia-cdi-hook, but may not find the driver's
@@ -252,6 +290,10 @@ class Plugin:
     def stop(self, grace: float = KUBELET_CALL_TIMEOUT) -> None:
         if self.servers is not None:
             self.servers.stop(grace)
+        if self.monitor is not None:
+            self.monitor.stop()
+        if self._republisher is not None:
+            self._republisher.stop()
         self._resync_stop.set()
         if self.options.cleanup and self._publisher is not None:
             removed = self._publisher.cleanup()

@@ -32,12 +32,22 @@ class Metrics:
         self.published = Gauge(f"{PREFIX}_published_devices", "Devices in the ResourceSlices "
                                "this node publishes.", registry=r)
         self.slice_writes = Counter(f"{PREFIX}_resourceslice_writes_total", "ResourceSlices "
-                                    "created, updated or deleted by the publish at start.",
+                                    "created, updated or deleted: at start and when GPU "
+                                    "health changes.",
                                     registry=r)
         self.cdi_hook = Gauge(f"{PREFIX}_cdi_hook_available", "1 when nvidia-cdi-hook was "
                               "found and CDI specs carry its hooks (links such as libcuda.so, "
                               "ldcache update, CUDA compat); 0 when containers get the "
                               "driver's files without them.", registry=r)
+        self.gpu_health = Gauge(f"{PREFIX}_gpu_health", "1 while a watched GPU is healthy, "
+                                "0 while it is unhealthy or not monitored.", ["gpu", "uuid"],
+                                registry=r)
+        self.xid_events = Counter(f"{PREFIX}_xid_events", "XID events NVML reported, by GPU "
+                                  "minor and XID.", ["gpu", "xid"], registry=r)
+        self.health_transitions = Counter(f"{PREFIX}_health_transitions", "GPU health "
+                                          "conditions set or cleared, by GPU minor, kind "
+                                          "(xid, gpu-lost, ...) and change (set|cleared).",
+                                          ["gpu", "kind", "change"], registry=r)
 
     def claim_done(self, operation: str, error_reason: str | None) -> None:
         self.claims.labels(operation, "error" if error_reason else "success").inc()

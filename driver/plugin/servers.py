@@ -1,7 +1,9 @@
 """The plugin's gRPC servers: the DRA socket, the registration socket, and the TCP probe.
 
 The DRA socket serves DRAPlugin v1 and v1beta1 (one implementation; v1beta1 only lacks
-share_id) and the resource-health stream in v1 and v1alpha1. The kubelet dials one socket
+share_id) and the resource-health stream in v1 and v1alpha1, which reports each device's
+health as the health monitor has it (its GPU's), re-sent every HEALTH_RESEND seconds and
+pushed to every open stream the moment it changes. The kubelet dials one socket
 for both, so they share one server and its threads; a stream holds its thread while open, so
 streams are capped (HEALTH_STREAMS, the next refused with RESOURCE_EXHAUSTED) and the
 threads for prepare and unprepare (PREPARE_WORKERS) are never theirs. The registration socket
@@ -36,10 +38,12 @@ from driver._proto.drahealth_v1alpha1 import api_pb2 as health_v1alpha1
 from driver._proto.drahealth_v1alpha1 import api_pb2_grpc as health_v1alpha1_grpc
 from driver._proto.pluginregistration_v1 import api_pb2 as reg_v1
 from driver._proto.pluginregistration_v1 import api_pb2_grpc as reg_v1_grpc
+from driver.health.model import GpuHealth
 from driver.plugin.claims import ClaimRef
 from driver.plugin.devices import Target
 from driver.plugin.metrics import Metrics
 from driver.plugin.modes import PRIVATE_DIR, SOCKET, make_dir
+from driver.plugin.monitor import HealthView
 from driver.plugin.sockets import SocketFile, free_for_bind, grpc_address
 from driver.plugin.state import Outcome, PluginState
 
@@ -51,6 +55,7 @@ SERVICES = ("v1.DRAPlugin", "v1beta1.DRAPlugin", "v1.DRAResourceHealth",
 KUBELET_CALL_TIMEOUT = 45.0  # the kubelet's per-call deadline
 ANSWER_MARGIN = 3.0  # answer this long before the caller's deadline
 HEALTH_RESEND = 10.0  # the kubelet marks a device Unknown after 30 s without a report
+HEALTH_CHECK_TIMEOUT = 30  # told to the kubelet: three resends missed make a device Unknown
 PROBE_TIMEOUT = 1.0
 PREPARE_WORKERS = 16  # prepare/unprepare calls (and the probe's), never taken by a stream
 HEALTH_STREAMS = 8  # the kubelet keeps one per plugin socket; a reconnect may overlap
@@ -127,67 +132,121 @@ class StreamSlots:
     def __init__(self, limit: int) -> None:
         self._limit = limit
         self._lock = threading.Lock()
-        self._open: set[threading.Event] = set()
+        self._open: dict[threading.Event, threading.Event] = {}  # ended -> its wake
         self._closed = False
 
-    def take(self, context: grpc.ServicerContext) -> threading.Event:
+    def take(self, context: grpc.ServicerContext, wake: threading.Event) -> threading.Event:
         """A slot for this stream: an event set when the caller goes away (cancel, deadline,
-        a closed connection) or the plugin stops; aborts when none is left."""
+        a closed connection) or the plugin stops, which sets `wake` too; aborts when none
+        is left."""
         ended = threading.Event()
         with self._lock:
             closed, full = self._closed, len(self._open) >= self._limit
             if not (closed or full):
-                self._open.add(ended)
+                self._open[ended] = wake
         if closed:
             context.abort(grpc.StatusCode.UNAVAILABLE, "the plugin is shutting down")
         if full:
             log.warning("refused a health stream: %d are open already", self._limit)
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"{self._limit} health streams are open already")
-        if not context.add_callback(ended.set):
-            ended.set()  # the call ended already
+        def end() -> None:
+            ended.set()
+            wake.set()
+
+        if not context.add_callback(end):
+            end()  # the call ended already
         return ended
 
     def give_back(self, ended: threading.Event) -> None:
         with self._lock:
-            self._open.discard(ended)
+            self._open.pop(ended, None)
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            for ended in self._open:
+            for ended, wake in self._open.items():
                 ended.set()
+                wake.set()
+
+
+class HealthBoard:
+    """The GPUs' health as the monitor last reported it, and the streams to wake when it
+    changes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._view = HealthView({}, {})
+        self._listeners: set[threading.Event] = set()
+
+    @property
+    def view(self) -> HealthView:
+        return self._view
+
+    def update(self, view: HealthView) -> None:
+        with self._lock:
+            self._view = view
+            listeners = list(self._listeners)
+        for wake in listeners:
+            wake.set()
+
+    def listen(self, wake: threading.Event) -> None:
+        with self._lock:
+            self._listeners.add(wake)
+
+    def forget(self, wake: threading.Event) -> None:
+        with self._lock:
+            self._listeners.discard(wake)
 
 
 class HealthStreamServicer:
-    """NodeWatchResources: the complete device list with its health, re-sent until the
-    stream or the plugin ends; its thread is free the moment either does."""
+    """NodeWatchResources: the complete device list with its health, sent when it changes
+    and re-sent every HEALTH_RESEND seconds until the stream or the plugin ends; its thread
+    is free the moment either does."""
 
     def __init__(self, pool: str, index: dict[str, Target], pb: ModuleType,
-                 slots: StreamSlots) -> None:
+                 slots: StreamSlots, board: HealthBoard) -> None:
         self.pool = pool
         self.index = index
         self.pb = pb
         self.slots = slots
+        self.board = board
 
-    def _report(self) -> Any:
+    def _report(self, view: HealthView) -> Any:
         now = int(time.time())
         response = self.pb.NodeWatchResourcesResponse()
         for name, target in sorted(self.index.items()):
-            health = self.pb.HEALTHY if target.gpu.healthy else self.pb.UNHEALTHY
+            health, message = self._health(target, view)
             response.devices.add(device=self.pb.DeviceIdentifier(pool_name=self.pool,
                                                                  device_name=name),
                                  health=health, last_updated_time=now,
-                                 message=(target.gpu.health_error or "")[:1024])
+                                 health_check_timeout_seconds=HEALTH_CHECK_TIMEOUT,
+                                 message=message[:1024])
         return response
 
+    def _health(self, target: Target, view: HealthView) -> tuple[Any, str]:
+        """The monitor's verdict on the device's GPU where it watches it, else discovery's."""
+        gpu: GpuHealth | None = view.gpus.get(target.gpu.minor)
+        if gpu is None:
+            return (self.pb.HEALTHY if target.gpu.healthy else self.pb.UNHEALTHY,
+                    target.gpu.health_error or "")
+        status = {"healthy": self.pb.HEALTHY, "unhealthy": self.pb.UNHEALTHY,
+                  "unknown": self.pb.UNKNOWN}[gpu.status]
+        return status, view.causes.get(target.gpu.minor, "")
+
     def NodeWatchResources(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        ended = self.slots.take(context)
+        wake = threading.Event()
+        ended = self.slots.take(context, wake)
+        self.board.listen(wake)
         try:
-            while not ended.is_set():
-                yield self._report()
-                ended.wait(HEALTH_RESEND)
+            while True:
+                wake.clear()  # before reading the board: a change after it wakes us
+                if ended.is_set():
+                    break
+                yield self._report(self.board.view)
+                wake.wait(HEALTH_RESEND)
         finally:
+            self.board.forget(wake)
             self.slots.give_back(ended)
 
 
@@ -265,7 +324,8 @@ class Servers:
     endpoint as soon as it registers). Stop order: the other way round."""
 
     def __init__(self, *, state: PluginState, metrics: Metrics, driver: str, pool: str,
-                 index: dict[str, Target], dra_socket: Path, registration_socket: Path) -> None:
+                 index: dict[str, Target], dra_socket: Path, registration_socket: Path,
+                 board: HealthBoard | None = None) -> None:
         self.dra_socket = dra_socket
         self.registration_socket = registration_socket
         self.stopping = threading.Event()
@@ -273,6 +333,7 @@ class Servers:
         self.probe = ProbeServicer(registration_socket, dra_socket)
         self._bound: dict[Path, SocketFile] = {}
         self._streams = StreamSlots(HEALTH_STREAMS)
+        self.board = board or HealthBoard()
         # a refused stream takes a thread too, for an instant: the capped streams and the
         # refusals can never take all of PREPARE_WORKERS
         self._dra = grpc.server(ThreadPoolExecutor(PREPARE_WORKERS + HEALTH_STREAMS,
@@ -289,10 +350,11 @@ class Servers:
             self._dra)
         health_v1_grpc.add_DRAResourceHealthServicer_to_server(cast(
             health_v1_grpc.DRAResourceHealthServicer,
-            HealthStreamServicer(pool, index, health_v1, self._streams)), self._dra)
+            HealthStreamServicer(pool, index, health_v1, self._streams, self.board)), self._dra)
         health_v1alpha1_grpc.add_DRAResourceHealthServicer_to_server(cast(
             health_v1alpha1_grpc.DRAResourceHealthServicer,
-            HealthStreamServicer(pool, index, health_v1alpha1, self._streams)), self._dra)
+            HealthStreamServicer(pool, index, health_v1alpha1, self._streams, self.board)),
+            self._dra)
         self._registration = grpc.server(ThreadPoolExecutor(2, thread_name_prefix="reg"))
         reg_v1_grpc.add_RegistrationServicer_to_server(self.registration, self._registration)
         self._probe: grpc.Server | None = None

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from driver.health.model import GpuHealth
+from driver.health.taints import gpu_taints
 from driver.inventory.model import Gpu, Inventory, MigDevice, MigProfile, Placement
 from driver.inventory.topology import nvlink_islands
 from driver.kube.names import is_label, is_subdomain
@@ -59,6 +61,12 @@ class SliceOptions:
     # combined: each slice carries its own counter sets (1.34).
     counter_layout: CounterLayout = "split"
 
+    @property
+    def effect_none(self) -> bool:
+        """Whether the API server takes taints with effect None: 1.35+, the servers that
+        take the split layout (1.34 refuses both)."""
+        return self.counter_layout == "split"
+
 
 @dataclass
 class _Group:
@@ -91,10 +99,11 @@ def semver(version: str) -> str:
     return ".".join(parts + ["0"] * (3 - len(parts)))
 
 
-def build_slices(inventory: Inventory, options: SliceOptions, generation: int
-                 ) -> list[dict[str, Any]]:
-    """All ResourceSlices of this node's pool, named and numbered."""
-    groups = _groups(inventory, options)
+def build_slices(inventory: Inventory, options: SliceOptions, generation: int,
+                 health: Mapping[int, GpuHealth] | None = None) -> list[dict[str, Any]]:
+    """All ResourceSlices of this node's pool, named and numbered; `health` (by GPU
+    minor) is what the plugin's health monitor knows of the GPUs it watches."""
+    groups = _groups(inventory, options, health or {})
     specs: list[dict[str, Any]] = []
     if options.counter_layout == "split":
         sets = [g.counter_set for g in groups if g.counter_set]
@@ -159,7 +168,8 @@ def _limit(devices: list[dict[str, Any]]) -> int:
     return MAX_DEVICES
 
 
-def _groups(inventory: Inventory, options: SliceOptions) -> list[_Group]:
+def _groups(inventory: Inventory, options: SliceOptions, health: Mapping[int, GpuHealth]
+            ) -> list[_Group]:
     islands = {index: (number, len(members))
                for number, members in enumerate(
                    island for island in nvlink_islands(inventory) if len(island) > 1)
@@ -169,7 +179,7 @@ def _groups(inventory: Inventory, options: SliceOptions) -> list[_Group]:
         if gpu.minor < 0:
             continue  # NVML could not even name it; nothing can be allocated
         identity = _identity(inventory, gpu, options)
-        taints = _taints(gpu, options)
+        taints = _taints(gpu, options, health.get(gpu.minor))
         if options.mig_mode == "dynamic" and gpu.mig_profiles:
             groups.append(_partitionable(gpu, identity, islands.get(gpu.index), taints))
         elif gpu.mig_enabled:
@@ -292,9 +302,14 @@ def _consumption(gpu: Gpu, counters: dict[str, int]) -> dict[str, Any]:
             "counters": {k: {"value": canonical(v)} for k, v in counters.items()}}
 
 
-def _taints(gpu: Gpu, options: SliceOptions) -> list[dict[str, Any]]:
+def _taints(gpu: Gpu, options: SliceOptions, health: GpuHealth | None
+            ) -> list[dict[str, Any]]:
     """An unhealthy GPU stays visible, tainted, so `kubectl get resourceslices` shows why
-    claims avoid it; the scheduler does not allocate it."""
+    claims avoid it; the scheduler does not allocate it. The monitor's conditions where it
+    watches the GPU; else discovery's verdict (a GPU it could not read is not watched)."""
+    if health is not None:
+        return [t.to_api() for t in gpu_taints(health, options.driver,
+                                               effect_none=options.effect_none)]
     if gpu.healthy:
         return []
     return [{"key": f"{options.driver}/unhealthy", "effect": "NoSchedule"}]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from driver.atomicfile import remove_leftovers, write_atomically
+from driver.health.model import GpuHealth
 from driver.inventory.model import Inventory
 from driver.resourceslice.build import SliceOptions, slice_name
 from driver.resourceslice.plan import PublishResult, desired, plan, result_of
@@ -44,9 +45,10 @@ class DirPublisher:
                 found.append(obj)
         return found
 
-    def publish(self, inventory: Inventory, timeout: float | None = None) -> PublishResult:
+    def publish(self, inventory: Inventory, timeout: float | None = None,
+                health: Mapping[int, GpuHealth] | None = None) -> PublishResult:
         """Local files never make us wait: ``timeout`` is accepted for the protocol only."""
-        slices = desired(inventory, self.options)
+        slices = desired(inventory, self.options, health)
         self.directory.mkdir(parents=True, exist_ok=True)
         # Temp files a writer killed mid-write left; our slice names share this prefix.
         remove_leftovers(self.directory, slice_name(self.options, 0)[:-1])
@@ -56,7 +58,9 @@ class DirPublisher:
         for obj in (*todo.update, *todo.create):
             obj["metadata"].pop("resourceVersion", None)
             write_atomically(self.directory / f"{obj['metadata']['name']}.yaml",
-                             yaml.safe_dump(obj, sort_keys=False).encode(), durable=True)
+                             # the C dumper: the same text, five times faster
+                             yaml.dump(obj, Dumper=yaml.CSafeDumper, sort_keys=False).encode(),
+                             durable=True)
         if todo.writes and self.on_writes is not None:
             self.on_writes(todo.writes)
         return result_of(todo)

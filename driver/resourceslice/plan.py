@@ -23,15 +23,17 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from driver.health.model import GpuHealth
 from driver.inventory.model import Inventory
 from driver.resourceslice.build import CounterLayout, SliceOptions, build_slices, limit_violations
 from driver.resourceslice.errors import PublishError
 
 
-def desired(inventory: Inventory, options: SliceOptions) -> list[dict[str, Any]]:
-    """The pool a publisher makes of `inventory`; PublishError if it breaks the API's
-    limits (no write could succeed, so none is tried)."""
-    slices = build_slices(inventory, options, generation=0)
+def desired(inventory: Inventory, options: SliceOptions,
+            health: Mapping[int, GpuHealth] | None = None) -> list[dict[str, Any]]:
+    """The pool a publisher makes of `inventory` and the GPUs' `health`; PublishError if
+    it breaks the API's limits (no write could succeed, so none is tried)."""
+    slices = build_slices(inventory, options, generation=0, health=health)
     if problems := limit_violations(slices):
         raise PublishError("; ".join(problems))
     return slices

@@ -24,6 +24,7 @@ import urllib3
 from kubernetes.client import ApiException, ResourceV1Api
 from kubernetes.watch.watch import iter_resp_lines
 
+from driver.health.model import GpuHealth
 from driver.inventory.model import Inventory
 from driver.kube.api import ApiResult, api_request
 from driver.resourceslice.build import MigMode, SliceOptions
@@ -57,7 +58,8 @@ T = TypeVar("T")
 class Publisher(Protocol):
     """Keeps this node's pool equal to what the builder makes of an inventory."""
 
-    def publish(self, inventory: Inventory, timeout: float | None = None) -> PublishResult: ...
+    def publish(self, inventory: Inventory, timeout: float | None = None,
+                health: Mapping[int, GpuHealth] | None = None) -> PublishResult: ...
 
     def cleanup(self) -> int: ...
 
@@ -170,6 +172,7 @@ class ApiPublisher:
         self._selector = pool.field_selector
         self._lock = threading.Lock()  # one sync at a time: publish() and the loop
         self._inventory: Inventory | None = None
+        self._health: Mapping[int, GpuHealth] = {}  # the GPUs' taints come from it
         self._published = _Published()
         self._wake = threading.Event()  # an inventory arrived, or the loop must stop
         self._watch_lock = threading.Lock()
@@ -199,8 +202,10 @@ class ApiPublisher:
 
     # -- public API ----------------------------------------------------------------------
 
-    def publish(self, inventory: Inventory, timeout: float | None = None) -> PublishResult:
-        """Make the pool match ``inventory``; the result is what this call wrote.
+    def publish(self, inventory: Inventory, timeout: float | None = None,
+                health: Mapping[int, GpuHealth] | None = None) -> PublishResult:
+        """Make the pool match ``inventory`` and the GPUs' ``health``; the result is what
+        this call wrote.
 
         Transient failures (unreachable, 409, 429, 5xx) are retried with backoff for up
         to ``timeout`` seconds (None: until done), then :class:`PublishTimeout`; the
@@ -214,6 +219,7 @@ class ApiPublisher:
                 with self._lock:
                     if pending is not None:  # a newer publish() may follow ours
                         self._inventory, pending = pending, None
+                        self._health = dict(health or {})
                     result, _, _ = self._sync(restore=False)
             except PublishError as err:
                 self._set_waiting(f"a fix: {err}")
@@ -298,7 +304,7 @@ class ApiPublisher:
         layout = (counter_layout_for(self._server_version())
                   if self.pool.counter_layout == "auto" else self.pool.counter_layout)
         options = SliceOptions(self.pool.driver, self.pool.node, self.pool.mig_mode, layout)
-        wanted = desired(inventory, options)
+        wanted = desired(inventory, options, self._health)
         owner = self._owner()
         for obj in wanted:
             obj["metadata"]["ownerReferences"] = [owner]

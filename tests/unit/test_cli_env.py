@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from driver.cli.flags import EnvParser
+from driver.cli.flags import EnvParser, seconds, xids
 from driver.cli.main import build_parser
 
 
@@ -35,6 +35,8 @@ def bad_value(action: argparse.Action) -> str | None:
         return "Bogus"
     if action.type is int:
         return "eight"
+    if action.type in (seconds, xids):
+        return "-1"
     return None
 
 
@@ -44,6 +46,10 @@ def accepted(action: argparse.Action) -> list[str]:
         return ["true", "false"]
     if action.choices is not None:
         return [str(c) for c in action.choices]
+    if action.type is seconds:
+        return ["seconds above 0"]
+    if action.type is xids:
+        return ["comma-separated XIDs"]
     return ["integer"]
 
 
@@ -86,6 +92,10 @@ def test_a_good_value_sets_the_flag_and_the_flag_wins(
         value, expected, flag = choices[-1], choices[-1], choices[0]
     elif action.type is int:
         value, expected, flag = "7", 7, "9"
+    elif action.type is seconds:
+        value, expected, flag = "2.5", 2.5, "9.0"
+    elif action.type is xids:
+        value, expected, flag = "13, 43", frozenset({13, 43}), "79"
     else:
         value, flag = "/from/env", "/from/flag"
         expected = Path(value) if action.type is Path else value
@@ -94,7 +104,7 @@ def test_a_good_value_sets_the_flag_and_the_flag_wins(
     if flag is not None:
         got = getattr(build_parser().parse_args([command, action.option_strings[-1], flag]),
                       action.dest)
-        assert str(got) == flag
+        assert got == xids(flag) if action.type is xids else str(got) == flag
 
 
 @pytest.mark.parametrize("command", ["plugin", "slices"])

@@ -15,14 +15,15 @@ ALLOWED: dict[str, set[str]] = {
     "kube": BASE,
     "inventory": BASE | {"nvml", "_native"},
     "health": BASE | {"inventory"},
-    "resourceslice": BASE | {"inventory", "nvml", "kube"},
+    "resourceslice": BASE | {"inventory", "health", "nvml", "kube"},
     "allocator": BASE | {"kube", "_alloc"},
-    "plugin": BASE | {"inventory", "resourceslice", "allocator", "nvml", "kube", "_proto"},
+    "plugin": BASE | {"inventory", "health", "resourceslice", "allocator", "nvml", "kube",
+                      "_proto"},
     "devcluster": BASE | {"kube"},
     "demo": BASE | {"nvml", "kube", "inventory", "resourceslice", "allocator", "plugin",
                     "devcluster", "_proto"},
-    "cli": BASE | {"nvml", "kube", "inventory", "resourceslice", "allocator", "plugin",
-                   "devcluster", "demo"},
+    "cli": BASE | {"nvml", "kube", "inventory", "health", "resourceslice", "allocator",
+                   "plugin", "devcluster", "demo"},
 }
 
 
