@@ -24,15 +24,11 @@ from driver.devcluster.controlplane import ComponentError, LocalCluster
 from driver.devcluster.node import PluginDaemon, PluginFolders
 from driver.kube.api import api_request
 from tests.support.apiserver import (
-    RESOURCE_V1,
     SLICES,
     ControlPlane,
-    create,
-    events_for,
-    get,
-    pod_with_claim,
     wait_for,
 )
+from tests.support.claims import Claims
 from tests.support.plugin import short_tmp
 
 REPO = Path(__file__).resolve().parents[2]
@@ -113,50 +109,6 @@ def health_node(control_plane: ControlPlane, fake_node: Any) -> Iterator[HealthN
             print(f"--- gpu-dra plugin on {node.name} (exit {code}) ---\n{node.plugin.tail()}")
             api_request(control_plane.api, "DELETE", SLICES, query={
                 "fieldSelector": f"spec.nodeName={node.name}"}).expect(200, 404)
-
-
-class Claims:
-    """One-GPU ResourceClaims in a namespace, each with a pod pinned to the node, so the
-    scheduler allocates them there."""
-
-    def __init__(self, api: Any, namespace: str, node: str) -> None:
-        self.api, self.namespace, self.node = api, namespace, node
-        self.claims = f"{RESOURCE_V1}/namespaces/{namespace}/resourceclaims"
-        self.pods = f"/api/v1/namespaces/{namespace}/pods"
-
-    def request(self, name: str) -> None:
-        exactly = {"deviceClassName": DRIVER, "count": 1}
-        create(self.api, self.claims, {
-            "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
-            "metadata": {"name": name},
-            "spec": {"devices": {"requests": [{"name": "gpu", "exactly": exactly}]}}})
-        pod = pod_with_claim(name, {"resourceClaimName": name})
-        pod["spec"]["nodeSelector"] = {"kubernetes.io/hostname": self.node}
-        create(self.api, self.pods, pod)
-
-    def allocated(self, name: str) -> list[str] | None:
-        allocation = (get(self.api, f"{self.claims}/{name}") or {}).get(
-            "status", {}).get("allocation")
-        if not allocation:
-            return None
-        results = allocation["devices"]["results"]
-        assert {(r["driver"], r["pool"]) for r in results} == {(DRIVER, self.node)}
-        return [r["device"] for r in results]
-
-    def wait_allocated(self, name: str, timeout: float = 60.0) -> list[str]:
-        return wait_for(lambda: self.allocated(name), f"the scheduler to allocate {name}",
-                        timeout=timeout)
-
-    def wait_unschedulable(self, name: str) -> str:
-        """The scheduler's message once it says it cannot allocate ``name``'s claim."""
-        def message() -> str | None:
-            return next((e["message"] for e in events_for(self.api, self.namespace, name)
-                         if e.get("reason") == "FailedScheduling"
-                         and "cannot allocate all claims" in e.get("message", "")), None)
-
-        said = wait_for(message, f"the scheduler to find no device for {name}")
-        assert self.allocated(name) is None
-        return said
 
 
 def test_xid_79_taints_gpu_3_in_the_api_server_the_scheduler_avoids_it_until_recovered(

@@ -6,7 +6,6 @@ a user checks a GPU pod."""
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +14,10 @@ from typing import Any
 from driver.kube.api import api_request
 from tests.support.apiserver import RESOURCE_V1, SLICES, create, events_for, get, wait_for
 from tests.support.chart import Helm
+from tests.support.claims import resource_claim
+from tests.support.plugin import DRIVER
 from tests.support.realnode import NODE_NAME, RealNode
 
-DRIVER = "gpu.dra.dev"
 RELEASE, CHART_NAMESPACE = "gpu-dra-driver", "gpu-dra"
 BUSYBOX = "gpu-dra.local/busybox:1.35.0"
 # What each container prints before it sleeps: one section per heading.
@@ -77,18 +77,8 @@ class Workloads:
     def claim(self, name: str, device_class: str = DRIVER, count: int = 1,
               cel: str | None = None, match_attribute: str | None = None,
               config: Mapping[str, Any] | None = None) -> str:
-        exactly: dict[str, Any] = {"deviceClassName": device_class, "count": count}
-        if cel:
-            exactly["selectors"] = [{"cel": {"expression": cel}}]
-        devices: dict[str, Any] = {"requests": [{"name": "gpu", "exactly": exactly}]}
-        if match_attribute:
-            devices["constraints"] = [{"requests": ["gpu"], "matchAttribute": match_attribute}]
-        if config is not None:
-            devices["config"] = [{"requests": ["gpu"],
-                                  "opaque": {"driver": DRIVER, "parameters": dict(config)}}]
-        create(self.api, self.claims, {"apiVersion": "resource.k8s.io/v1",
-                                       "kind": "ResourceClaim", "metadata": {"name": name},
-                                       "spec": {"devices": devices}})
+        create(self.api, self.claims,
+               resource_claim(name, device_class, count, cel, match_attribute, config))
         return name
 
     def pod(self, name: str, claims: Sequence[str] = (),
@@ -133,9 +123,11 @@ class Workloads:
 
     def view(self, pod: str, container: str = "main") -> ContainerView:
         """The container's report, once it printed all of it."""
-        return wait_for(lambda: "== end" in self.log(pod, container)
-                        and parse_report(self.log(pod, container)),
-                        f"{pod}/{container}'s report", timeout=30)
+        def report() -> ContainerView | None:
+            log = self.log(pod, container)
+            return parse_report(log) if "== end" in log else None
+
+        return wait_for(report, f"{pod}/{container}'s report", timeout=30)
 
     def delete_pod(self, name: str, wait: bool = True) -> None:
         api_request(self.api, "DELETE", f"{self.pods}/{name}").expect(200, 202, 404)
@@ -158,14 +150,6 @@ class Workloads:
     def wait_event(self, name: str, reason: str, timeout: float = 60) -> dict[str, Any]:
         return wait_for(lambda: next((e for e in self.events(name) if e.get("reason") == reason),
                                      None), f"a {reason} event for {name}", timeout=timeout)
-
-
-def seconds_to_running(workloads: Workloads, name: str) -> float:
-    """From the pod's creation to all its containers running, as the kubelet reports it
-    (status timestamps have one-second resolution; this measures on the client's clock)."""
-    t0 = time.monotonic()
-    workloads.wait_running(name)
-    return time.monotonic() - t0
 
 
 def kubelet_dra_metrics(text: str, driver: str) -> dict[str, tuple[float, float]]:
