@@ -39,15 +39,14 @@ class Tools:
     cc: Path  # builds the CUDA probe against this machine's C library
 
 
-def tool(name: str) -> Path | None:
-    """build/device-tools/<name>, else the node tier's tools (runc, busybox), else <name> on
-    PATH; cdi-resolve also from the e2e tools' cached build."""
+def tool(name: str, node_bin: Path | None) -> Path | None:
+    """build/device-tools/<name>, else the node tier's tools in ``node_bin`` (runc,
+    busybox), else <name> on PATH; cdi-resolve also from the e2e tools' cached build."""
     carried = DEVICE_TOOLS / name
     if carried.is_file() and os.access(carried, os.X_OK):
         return carried
-    node = find_node_assets()
-    if node is not None and (node.folder / "bin" / name).is_file():
-        return node.folder / "bin" / name
+    if node_bin is not None and (node_bin / name).is_file():
+        return node_bin / name
     found = shutil.which(name)
     if found is not None:
         return Path(found)
@@ -64,7 +63,9 @@ def container_tools() -> Tools | str:
     """What running a container takes, or why it cannot run here."""
     if os.geteuid() != 0:
         return "runc runs containers as root here"
-    found = {name: tool(name) for name in ("runc", "cdi-resolve", "busybox", "cc")}
+    node = find_node_assets()  # one look at the node tier's build for all four
+    node_bin = None if node is None else node.folder / "bin"
+    found = {name: tool(name, node_bin) for name in ("runc", "cdi-resolve", "busybox", "cc")}
     missing = [name for name, path in found.items() if path is None]
     if missing:
         return (f"{', '.join(missing)} not found in {DEVICE_TOOLS} or on PATH (run "
