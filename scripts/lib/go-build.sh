@@ -29,6 +29,8 @@
 #                                 flock is missing
 #       go_build_stage NAME       STAGE=a new CACHE_ROOT/.stage-NAME.XXXXXX, removed on exit
 #                                 (sets the EXIT trap)
+#       go_build_publish DEST GLOB  the whole STAGE becomes DEST (renamed: it appears whole),
+#                                 and the other CACHE_ROOT/GLOB folders, older builds, go
 #       go_build_cached OUT ARG   the scripts' command line, with a `complete` function of
 #                                 the caller: ARG --print prints OUT and exits 0 if complete,
 #                                 else 1; no ARG prints OUT and exits 0 when complete
@@ -91,4 +93,11 @@ go_build_cached() {
     echo "$1"
     exit 0
   fi
+}
+
+go_build_publish() {
+  chmod 755 "${STAGE}"
+  rm -rf "$1"
+  mv "${STAGE}" "$1"
+  find "${CACHE_ROOT}" -maxdepth 1 -name "$2" ! -path "$1" -exec rm -rf {} +
 }

@@ -207,10 +207,7 @@ CNI_PLUGINS_DEB_VERSION=${CNI_PLUGINS_DEB_VERSION}
 PAUSE_IMAGE=${PAUSE_IMAGE}
 BUSYBOX_IMAGE=${BUSYBOX_IMAGE}
 EOF
-chmod 755 "${STAGE}"
-rm -rf "${DEST}"
-mv "${STAGE}" "${DEST}"
 # Builds of other pins or script versions: Go's build cache rebuilds them fast if needed.
-find "${CACHE_ROOT}" -maxdepth 1 -name 'node-*' ! -path "${DEST}" -exec rm -rf {} +
+go_build_publish "${DEST}" 'node-*'
 log "done in $((SECONDS - START))s: ${DEST}"
 echo "${DEST}"

@@ -93,10 +93,7 @@ IMAGE=${TAG}
 IMAGE_REPOSITORY=${REPOSITORY}
 IMAGE_TAG=${KEY}
 EOF
-chmod 755 "${STAGE}"
-rm -rf "${DEST}"
-mv "${STAGE}" "${DEST}"
 # Images of other source states: a rebuild makes them again.
-find "${CACHE_ROOT}" -maxdepth 1 -name 'driver-image-*' ! -path "${DEST}" -exec rm -rf {} +
+go_build_publish "${DEST}" 'driver-image-*'
 log "done in $((SECONDS - START))s: ${ARCHIVE} (${TAG})"
 echo "${ARCHIVE}"
