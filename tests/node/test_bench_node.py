@@ -53,6 +53,7 @@ def test_pod_start_with_and_without_a_claim(benchmark: BenchmarkFixture, workloa
         "kubelet_to_ready_s": real_node.timings.kubelet_to_ready,
         "control_plane_s": real_node.timings.control_plane,
         "containerd_s": real_node.timings.containerd,
+        "images_imported_s": real_node.timings.images,
         "kubelet_dra_metrics": {k: {"count": c, "sum_s": s} for k, (c, s) in metrics.items()},
     }
     benchmark.extra_info.update(stats)

@@ -31,7 +31,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -269,9 +269,8 @@ def kubelet_cgroups(root: str = CGROUP_ROOT) -> list[Path]:
 def make_cgroups(root: str = CGROUP_ROOT) -> None:
     """The cgroup root in every hierarchy (the kubelet wants it to exist); a v1 cpuset
     starts with no CPUs or memory nodes, so it takes its parent's."""
-    for hierarchy in [*sorted(p for p in CGROUPS.iterdir() if p.is_dir()
-                              and (p / "cgroup.procs").exists()), CGROUPS]:
-        if not (hierarchy / "cgroup.procs").exists():
+    for hierarchy in [CGROUPS, *sorted(CGROUPS.iterdir())]:
+        if not (hierarchy / "cgroup.procs").exists():  # not a hierarchy (v1: a tmpfs)
             continue
         folder = hierarchy / root
         folder.mkdir(exist_ok=True)
@@ -406,7 +405,6 @@ class Timings:
     containerd: float = 0.0
     images: float = 0.0
     kubelet_to_ready: float = 0.0
-    kubelet_restarts: list[float] = field(default_factory=list)
 
 
 class RealNode:
@@ -564,10 +562,8 @@ class RealNode:
             self._kubelet = None
 
     def restart_kubelet(self) -> None:
-        t0 = time.monotonic()
         self.stop_kubelet()
         self.start_kubelet()
-        self.timings.kubelet_restarts.append(time.monotonic() - t0)
 
     def node_ready(self) -> bool:
         result = api_request(self.api, "GET", f"/api/v1/nodes/{NODE_NAME}")
