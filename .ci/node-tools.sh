@@ -2,11 +2,12 @@
 # Install what the node tier's builds need (Debian packages, only those missing), then
 # build (or reuse from the cache) the node tools (tests/node/tools/build.sh: kubelet,
 # containerd, runc, CNI plugins, the pause and busybox images) and the driver's image
-# (tests/node/tools/driver-image.sh), and print them as export lines:
+# (tests/node/tools/driver-image.sh), and print the export line the tests read:
 #
 #   export GPU_DRA_NODE_ASSETS=<the node tools folder>
-#   export GPU_DRA_DRIVER_IMAGE=<the driver image's OCI archive>
-#   export GPU_DRA_DRIVER_IMAGE_REF=localhost/gpu-dra-driver:<tag>
+#
+# (the tests find the image with driver-image.sh --print, which checks it is the working
+# tree's)
 #
 #   node_env="$(.ci/node-tools.sh)" && eval "${node_env}"   # (not eval "$(...)": that
 #                                                           # would hide a failure)
@@ -36,5 +37,3 @@ image="$(nice -n 5 bash "${repo}/tests/node/tools/driver-image.sh" | tail -n 1)"
 ref="$(sed -n 's/^IMAGE=//p' "$(dirname "${image}")/image.env")"
 echo "node tools: ${assets}; driver image: ${image} (${ref})" >&2
 printf 'export GPU_DRA_NODE_ASSETS=%q\n' "${assets}"
-printf 'export GPU_DRA_DRIVER_IMAGE=%q\n' "${image}"
-printf 'export GPU_DRA_DRIVER_IMAGE_REF=%q\n' "${ref}"
