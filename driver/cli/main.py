@@ -19,6 +19,7 @@ import yaml
 
 from driver.cli.allocation import add_allocation_commands
 from driver.cli.flags import EnvParser, add_plugin_args, add_provider_args, add_slice_args
+from driver.cli.health import add_health_commands
 from driver.errors import CliError
 from driver.health.classify import HealthSettings
 from driver.inventory.discovery import discover
@@ -142,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_allocation_commands(commands, add_provider_args, add_slice_args, node_slices)
     add_mock_commands(commands)
+    add_health_commands(commands)
 
     demo_cmd = commands.add_parser(
         "demo", help="the driver end to end on a mock machine: no cluster, no GPU")

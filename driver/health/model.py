@@ -74,11 +74,12 @@ class Unmonitored:
 
 @dataclass(frozen=True)
 class Manual:
-    """An admin's request: keep the GPU out of service, or clear everything on it."""
+    """An admin's request: keep the GPU out of service, return it to service (that
+    condition alone goes), or clear everything on it."""
 
     gpu: int
     at: datetime
-    action: Literal["out-of-service", "clear"]
+    action: Literal["out-of-service", "return", "clear"]
     reason: str = ""
 
 

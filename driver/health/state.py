@@ -14,8 +14,9 @@ events (unmonitored) and from the admin (out of service). They go away by these 
 - quiet window: informational XIDs (those NVML reports as recovered: the driver asks for
   no recovery, or the table says the GPU is fine) go after `quiet_window_s` seconds
   without that XID again.
-- the admin wins: out of service stays until a manual clear, and a manual clear
-  removes every condition but `unmonitored` (a fact about NVML, not a fault).
+- the admin wins: out of service stays until the admin returns the GPU (which removes
+  that condition alone) or clears it: a manual clear removes every condition but
+  `unmonitored` (a fact about NVML, not a fault).
 """
 
 from __future__ import annotations
@@ -147,6 +148,9 @@ def _manual(conditions: dict[_Key, Condition], request: Manual, settings: Health
     cause = f"manual {request.action}" + (f": {request.reason}" if request.reason else "")
     if request.action == "clear":
         return {k: c for k, c in conditions.items() if c.kind == "unmonitored"}, cause, False
+    if request.action == "return":
+        return {k: c for k, c in conditions.items() if c.kind != "out-of-service"}, cause, \
+            recovery_seen
     return (_set(conditions, "out-of-service", settings.fatal_effect, request.at,
                  label_value(request.reason), replace_on_value=True), cause, recovery_seen)
 

@@ -189,6 +189,15 @@ def test_a_manual_clear_removes_every_automatic_condition_but_unmonitored() -> N
     assert cleared[-1].after == "unknown"
 
 
+def test_a_return_to_service_keeps_what_the_monitor_found() -> None:
+    health, transitions = run(XidEvent(3, 79, t(0)), Manual(3, t(1), "out-of-service", "RMA"),
+                              Manual(3, t(2), "return"))
+    assert kinds(health) == {"xid-79": "NoSchedule"}
+    assert [(x.kind, x.change) for x in transitions[-1:]] == [("out-of-service", "cleared")]
+    health, _ = run(Manual(3, t(0), "out-of-service"), Manual(3, t(1), "return"))
+    assert health.status == "healthy"
+
+
 def test_a_fatal_event_after_a_manual_clear_is_a_new_failure() -> None:
     health, _ = run(XidEvent(3, 79, t(0)), Manual(3, t(1), "clear"), XidEvent(3, 79, t(2)))
     assert health.status == "unhealthy"
@@ -214,7 +223,7 @@ observations = st.lists(st.one_of(
               recovery=st.sampled_from([None, "none", "reset", "drain"])),
     st.builds(Unmonitored, gpu=st.just(3), at=st.just(START), supported=st.booleans()),
     st.builds(Manual, gpu=st.just(3), at=st.just(START),
-              action=st.sampled_from(["out-of-service", "clear"])),
+              action=st.sampled_from(["out-of-service", "return", "clear"])),
 ), max_size=20)
 
 
