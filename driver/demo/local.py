@@ -12,6 +12,7 @@ it would on a real node.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -33,17 +34,24 @@ from driver.allocator.documents import load_documents
 from driver.allocator.explain import explain_all
 from driver.allocator.input import InputError
 from driver.errors import DevClusterError
+from driver.health.classify import meaning
 from driver.inventory.discovery import discover
 from driver.inventory.model import Inventory
 from driver.inventory.view import inventory_table
 from driver.nvml import Provider
+from driver.nvml.faults import Fault
+from driver.nvml.mock import inject
 from driver.nvml.profile import PROFILES_DIR
-from driver.plugin import cdi
+from driver.plugin import cdi, monitor
 from driver.plugin.daemon import Plugin, PluginOptions
 from driver.plugin.sockets import grpc_address
 
 EXAMPLE_CLAIMS = Path(__file__).with_name("claims")
 KUBELET_TIMEOUT = 45.0  # the kubelet's deadline for DRA calls
+# Liveness checks of every GPU (5 s by default): a reset GPU is given back within one.
+HEALTH_CHECK_INTERVAL = 0.5
+HEALTH_BOUND_S = 10.0  # how long the slices may take to follow a fault
+DEMO_XID = 79
 Print = Callable[[str], None]
 
 
@@ -96,12 +104,12 @@ def read_claims(path: Path) -> list[dict[str, Any]]:
 
 
 def allocate(slices: list[dict[str, Any]], raw_claims: list[dict[str, Any]], driver: str,
-             node: str) -> list[Placed]:
-    """Each claim in order as the scheduler would (parity), seeing the ones before it; the
-    ones that do not fit carry `explain`'s answer."""
+             node: str, held: Sequence[Placed] = ()) -> list[Placed]:
+    """Each claim in order as the scheduler would (parity), seeing `held` and the ones
+    before it; the ones that do not fit carry `explain`'s answer."""
     allocator = Allocator(slices, driver_classes(driver))
     claims = allocator.parse(raw_claims)
-    ledger = Ledger.of([])
+    ledger = Ledger.of([{**c.obj, "status": {"allocation": c.allocation}} for c in held])
     placed = []
     for claim, _, outcome in allocate_in_order(allocator, claims, ledger, [node]):
         if outcome.status == "error":
@@ -124,6 +132,12 @@ def allocate(slices: list[dict[str, Any]], raw_claims: list[dict[str, Any]], dri
                                                 for c in why.nearest)])
         placed.append(Placed(namespace, name, uid, obj, None, reason))
     return placed
+
+
+def read_slices(local_dir: Path) -> list[dict[str, Any]]:
+    """The plugin's slices as its local mode wrote them (each file is replaced atomically)."""
+    return [yaml.load(p.read_text(), Loader=yaml.CSafeLoader)
+            for p in sorted((local_dir / "resourceslices").glob("*.yaml"))]
 
 
 def write_allocated(local_dir: Path, claim: Placed) -> None:
@@ -205,7 +219,8 @@ def run_demo(options: DemoOptions, out: Print = print) -> int:
     started = time.monotonic()
     plugin: Plugin | None = None
     kubelet: Kubelet | None = None
-    steps = Steps(9, out)
+    steps = Steps(12, out)
+    monitor_log = MonitorLog()
     try:
         try:
             provider = mock_provider(str(source), root / "mig-state.json")
@@ -215,7 +230,8 @@ def run_demo(options: DemoOptions, out: Print = print) -> int:
             driver=options.driver, node=options.node, registry_dir=root / "registry",
             plugin_dir=root / "plugin", cdi_root=root / "cdi", mig_mode="dynamic",
             counter_layout="split", local_dir=root / "local",
-            mock_driver_root=root / "plugin" / "mock-driver-root")
+            mock_driver_root=root / "plugin" / "mock-driver-root",
+            health_check_interval=HEALTH_CHECK_INTERVAL)
         (root / "local").mkdir()
         out(f"gpu-dra demo: profile {options.profile}, claims {options.claims}, "
             f"folder {root}")
@@ -224,8 +240,7 @@ def run_demo(options: DemoOptions, out: Print = print) -> int:
         steps.run("start plugin", lambda: _start(started_plugin, plugin_options))
         kubelet = client = Kubelet(plugin_options)
         steps.run("register", lambda: _register(client))
-        slices = [yaml.safe_load(p.read_text())
-                  for p in sorted((root / "local" / "resourceslices").glob("*.yaml"))]
+        slices = read_slices(root / "local")
         steps.run("publish", lambda: (slice_summary(slices),
                                       [f"{root / 'local' / 'resourceslices'}"]))
         placed: list[Placed] = []
@@ -234,6 +249,11 @@ def run_demo(options: DemoOptions, out: Print = print) -> int:
         allocated = [c for c in placed if c.allocation is not None]
         steps.run("prepare", lambda: _prepare(client, allocated))
         steps.run("cdi spec", lambda: _cdi_spec(plugin_options, allocated))
+        story = GpuFailure(root / "mig-state.json", root / "local", options, allocated,
+                           monitor_log)
+        steps.run("gpu fails", story.fail)
+        steps.run("steer", story.steer)
+        steps.run("gpu recovers", story.recover)
         steps.run("unprepare", lambda: _unprepare(client, allocated, plugin_options))
         client.close()
         kubelet = None
@@ -244,6 +264,7 @@ def run_demo(options: DemoOptions, out: Print = print) -> int:
             kubelet.close()
         if plugin is not None:
             plugin.stop(grace=1.0)
+        monitor_log.close()
         if not options.keep:
             shutil.rmtree(root, ignore_errors=True)
     out(f"done in {time.monotonic() - started:.2f}s")
@@ -332,3 +353,128 @@ def _stop(plugin: Plugin, root: Path, keep: bool) -> tuple[str, list[str]]:
         return f"plugin stopped; folder kept: {root}", []
     shutil.rmtree(root)
     return "plugin stopped, sockets and folder removed", []
+
+
+class MonitorLog(logging.Handler):
+    """The health monitor's log lines (each transition, with the XID and its meaning), kept
+    for the steps to show instead of going to stderr, from creation until `close`."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self._logger = logging.getLogger(monitor.__name__)
+        self._level = self._logger.level
+        self._lines: list[str] = []
+        self._logger.setLevel(logging.INFO)
+        self._logger.addHandler(self)
+
+    def close(self) -> None:
+        self._logger.removeHandler(self)
+        self._logger.setLevel(self._level)
+        super().close()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._lines.append(record.getMessage())
+
+    def take(self) -> list[str]:
+        """The lines logged since the last call, each marked as the plugin's."""
+        lines, self._lines = self._lines, []
+        return [f"plugin log: {line}" for line in lines]
+
+
+def taint_text(taint: dict[str, Any]) -> str:
+    return f"{taint['key']}={taint.get('value', '')}:{taint['effect']} since {taint['timeAdded']}"
+
+
+class GpuFailure:
+    """A GPU fails while the claims run, and comes back: XID 79 on the GPU a new whole-GPU
+    claim would get, recorded in the mock's state file as `gpu-dra mock inject` records it;
+    the plugin's health monitor taints it in the slices, the scheduler (the kernel) steers
+    the claim around it, and after `--recover` (the GPU was reset) the taint goes."""
+
+    def __init__(self, state: Path, local_dir: Path, demo: DemoOptions,
+                 held: Sequence[Placed], log: MonitorLog) -> None:
+        self.state, self.local_dir, self.demo, self.held = state, local_dir, demo, held
+        self.log = log
+        self.claim = {"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+                      "metadata": {"name": "after-xid", "namespace": "demo"},
+                      "spec": {"devices": {"requests": [
+                          {"name": "gpu", "exactly": {"deviceClassName": demo.driver}}]}}}
+        self.gpu = 0
+        self.uuid = ""
+
+    def _place(self, raw: dict[str, Any]) -> tuple[Placed, list[dict[str, Any]]]:
+        slices = read_slices(self.local_dir)
+        (placed,) = allocate(slices, [raw], self.demo.driver, self.demo.node, self.held)
+        return placed, slices
+
+    def _line(self, placed: Placed) -> str:
+        if placed.allocation is None:
+            return f"{placed.namespace}/{placed.name}: does not fit"
+        devices = ", ".join(r["device"] for r in placed.allocation["devices"]["results"])
+        return f"{placed.namespace}/{placed.name}: {devices}"
+
+    def _taints(self, slices: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+        """Taints by device name, of the GPU and its MIG devices."""
+        name = f"gpu-{self.gpu}"
+        return {d["name"]: d["taints"] for s in slices for d in s["spec"].get("devices") or []
+                if d.get("taints") and (d["name"] == name or d["name"].startswith(name + "-"))}
+
+    def _wait(self, tainted: bool) -> tuple[float, dict[str, list[dict[str, Any]]]]:
+        """Seconds until the slice files show the GPU tainted (or not), and its taints."""
+        started = time.monotonic()
+        while True:
+            taints = self._taints(read_slices(self.local_dir))
+            if bool(taints) == tainted:
+                return time.monotonic() - started, taints
+            if time.monotonic() - started > HEALTH_BOUND_S:
+                raise StepFailed(f"gpu-{self.gpu}: the slices still show it "
+                                 f"{'healthy' if tainted else 'tainted'} after "
+                                 f"{HEALTH_BOUND_S:g}s")
+            time.sleep(0.02)
+
+    def _inject(self, *fault: str) -> str:
+        return (f"as `gpu-dra mock inject --mock-state {self.state} --gpu {self.gpu} "
+                f"{' '.join(fault)}` does")
+
+    def fail(self) -> tuple[str, list[str]]:
+        before, _ = self._place(self.claim)
+        if before.allocation is not None:  # else every GPU is taken: the first one fails
+            self.gpu = int(before.allocation["devices"]["results"][0]["device"].split("-")[1])
+        self.uuid = inject(self.state, self.gpu, Fault("xid", DEMO_XID))
+        took, taints = self._wait(tainted=True)
+        name = f"gpu-{self.gpu}"
+        migs = len(taints) - (name in taints)
+        return (f"XID {DEMO_XID} ({meaning(DEMO_XID)}) on {name}, tainted in the slices in "
+                f"{took:.2f}s",
+                [f"before the XID: {self._line(before)}",
+                 f"XID {DEMO_XID} recorded in the mock's state file, "
+                 + self._inject("--xid", str(DEMO_XID)), *self.log.take(),
+                 *(f"{name}: {taint_text(t)}" for t in taints.get(name, [])),
+                 *([f"and its {migs} MIG placements"] if migs else [])])
+
+    def steer(self) -> tuple[str, list[str]]:
+        placed, _ = self._place(self.claim)
+        pinned = json.loads(json.dumps(self.claim))
+        pinned["metadata"]["name"] = f"gpu-{self.gpu}-only"
+        pinned["spec"]["devices"]["requests"][0]["exactly"]["selectors"] = [{"cel": {
+            "expression": f'device.attributes["{self.demo.driver}"].uuid == "{self.uuid}"'}}]
+        only, _ = self._place(pinned)
+        details = [self._line(placed)]
+        if only.allocation is None:
+            details += [f"{only.namespace}/{only.name} (a claim for {self.uuid}): does not "
+                        "fit; explain:", *(f"  {line}" for line in only.reason.splitlines())]
+        on_sick = placed.allocation is not None and any(
+            r["device"] == f"gpu-{self.gpu}" for r in placed.allocation["devices"]["results"])
+        if on_sick or only.allocation is not None:
+            raise StepFailed(f"gpu-{self.gpu} is tainted but was allocated")
+        return f"a new claim avoids the tainted gpu-{self.gpu}", details
+
+    def recover(self) -> tuple[str, list[str]]:
+        inject(self.state, self.gpu, Fault("recover"))
+        took, _ = self._wait(tainted=False)
+        placed, _ = self._place(self.claim)
+        return (f"gpu-{self.gpu} reset: taints gone from the slices in {took:.2f}s",
+                ["the GPU answers again, " + self._inject("--recover"), *self.log.take(),
+                 f"liveness checked every {HEALTH_CHECK_INTERVAL:g}s here "
+                 "(--health-check-interval, 5s by default)",
+                 f"allocatable again: {self._line(placed)}"])

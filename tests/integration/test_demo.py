@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 STEPS = ("discover", "start plugin", "register", "publish", "allocate", "prepare",
-         "cdi spec", "unprepare", "stop")
+         "cdi spec", "gpu fails", "steer", "gpu recovers", "unprepare", "stop")
 CDI_ID = re.compile(r"k8s\.gpu\.dra\.dev/claim=[0-9a-f-]{36}-gpu-\d+")
 
 
@@ -36,6 +36,13 @@ def step_lines(out: str) -> dict[str, str]:
                                  re.MULTILINE)}
 
 
+def details(out: str, step: str) -> str:
+    """The lines a step printed: its line and the details up to the next step."""
+    match = re.search(rf"^\[\d+/\d+\] {step}  .*?(?=^\[|^done in)", out, re.MULTILINE | re.DOTALL)
+    assert match, step
+    return match.group(0)
+
+
 def test_the_demo_runs_every_step_and_leaves_nothing() -> None:
     code, out, err, folder = demo()
     assert code == 0, err
@@ -50,6 +57,27 @@ def test_the_demo_runs_every_step_and_leaves_nothing() -> None:
     assert re.search(r"k8s\.gpu\.dra\.dev/claim=\S+-mig-1g10gb-\d", out)
     assert '"cdiVersion"' in out
     assert folder.name.startswith("gpu-dra-demo-") and not folder.exists()
+
+
+def test_a_gpu_fails_a_claim_is_steered_around_it_and_the_gpu_comes_back() -> None:
+    code, out, err, _ = demo()
+    assert code == 0, err
+    failed = details(out, "gpu fails")
+    # the GPU a new whole-GPU claim would get: the first one the example claims leave
+    assert "XID 79 (GPU has fallen off the bus) on gpu-5" in failed
+    assert "before the XID: demo/after-xid: gpu-5" in failed
+    assert re.search(r"^      gpu-5: gpu\.dra\.dev/xid=79:NoSchedule since \d{4}-\d\d-\d\dT",
+                     failed, re.MULTILINE)
+    assert "and its 25 MIG placements" in failed
+    assert "plugin log: GPU 5 (GPU-" in failed and "xid set (XID 79" in failed
+    steered = details(out, "steer")
+    assert re.search(r"^      demo/after-xid: gpu-(?!5$)\d$", steered, re.MULTILINE)
+    assert "demo/gpu-5-only" in steered and "does not fit" in steered
+    assert "xid=79:NoSchedule" in steered  # explain names the taint
+    back = details(out, "gpu recovers")
+    assert "gpu-5 reset: taints gone from the slices" in back
+    assert "allocatable again: demo/after-xid: gpu-5\n" in back
+    assert err == ""  # the monitor's log lines are in the steps, not on stderr
 
 
 def test_keep_leaves_the_folder_to_inspect(tmp_path: Path) -> None:
@@ -102,7 +130,7 @@ def test_a_claim_the_plugin_refuses_fails_the_prepare_step(tmp_path: Path) -> No
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(claim("typo", 1, bad)))
     code, out, err, folder = demo("--claims", str(tmp_path / "bad.yaml"))
     assert code == 1
-    assert "[6/9] prepare  FAILED  team-a/typo:" in out
+    assert "[6/12] prepare  FAILED  team-a/typo:" in out
     assert "step prepare failed" in err and "strategy" in err
     assert not folder.exists()
 
