@@ -288,6 +288,13 @@ class KubeletStandin(ChildProcess):
         calls = _read_json(self.status_dir / "grpc-calls.json") or []
         return sorted((c["method"], c["code"], c["count"]) for c in calls)
 
+    def device_health(self, driver: str) -> dict[tuple[str, str], dict[str, Any]]:
+        """``driver``'s devices by (pool, device) as the kubelet's health cache has them
+        now: ``health`` (Healthy, Unhealthy, Unknown), ``message``, ``timeoutSeconds``."""
+        view = _read_json(self.status_dir / "health.json") or {}
+        return {(d["pool"], d["device"]): d for d in view.get("devices", [])
+                if d["driver"] == driver}
+
     def pods(self) -> list[dict[str, Any]]:
         """Each pod's latest status (namespace, name, uid, state, containers, claims)."""
         found = []

@@ -6,30 +6,44 @@ kube-scheduler then gives whole-GPU claims every other GPU and leaves one more c
 unschedulable; `--recover` removes the taints (default settings) and that claim gets
 gpu-3.
 
-The inject-to-taint and recover-to-untaint times on the API server are printed (run with
-``-s`` to see them); only generous bounds are asserted."""
+With the kubelet stand-in (the kubelet's own DRA code) serving the node: under
+`--health-evict` the taint is NoExecute, the real kube-controller-manager's
+device-taint-eviction controller evicts the pod holding gpu-3, the kubelet unprepares its
+claim (no CDI spec, nothing checkpointed) and, after `--recover`, a new pod gets gpu-3
+again; and the kubelet's health cache, fed by the plugin's NodeWatchResources stream,
+reads gpu-3 and its MIG devices Unhealthy with the XID in the message, then Healthy.
+
+The inject-to-taint, inject-to-eviction, inject-to-Unhealthy and recover-to-untaint times
+are printed (run with ``-s`` to see them); only generous bounds are asserted."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from driver.devcluster.controlplane import ComponentError, LocalCluster
-from driver.devcluster.node import PluginDaemon, PluginFolders
+from driver.devcluster.node import ChildProcess, PluginDaemon, PluginFolders
 from driver.kube.api import api_request
+from driver.plugin import cdi, checkpoint
 from tests.support.apiserver import (
+    RESOURCE_V1,
     SLICES,
     ControlPlane,
+    create,
+    events_for,
+    get,
+    pod_with_claim,
     wait_for,
 )
-from tests.support.claims import Claims
+from tests.support.claims import Claims, resource_claim
 from tests.support.plugin import short_tmp
+from tests.support.standin import KubeletStandin
 
 REPO = Path(__file__).resolve().parents[2]
 DRIVER = "gpu.dra.dev"
@@ -38,23 +52,27 @@ SICK = 3
 XID_79 = {"key": f"{DRIVER}/xid", "value": "79", "effect": "NoSchedule"}
 TAINT_BOUND_S = 10.0  # the target is 1 s; generous for a loaded machine
 UNTAINT_BOUND_S = 15.0  # 10 s with the default 5 s check interval, plus the write
+EVICT_BOUND_S = 30.0  # the taint, the controller-manager's informers, the kubelet's unprepare
 POLL = 0.02
 
 
 class HealthNode:
     """A fake Node and `gpu-dra plugin --mock dgx-h100 --mig-mode dynamic --mock-state F`
-    publishing its slices to the API server (no kubelet: nothing is prepared here)."""
+    publishing its slices to the API server; registered with the kubelet stand-in's
+    ``registry`` when given (pods are prepared then), else with no kubelet."""
 
-    def __init__(self, control_plane: ControlPlane, name: str, root: Path) -> None:
+    def __init__(self, control_plane: ControlPlane, name: str, root: Path,
+                 registry: Path | None = None, *extra: str) -> None:
         self.api, self.name = control_plane.api, name
-        folders = PluginFolders(root)
+        self.folders = folders = PluginFolders(root)
         self.state = folders.mig_state
-        registry = root / "registry"
-        registry.mkdir()
-        self.plugin = PluginDaemon(folders.plugin_args(
+        if registry is None:
+            registry = root / "registry"
+            registry.mkdir()
+        self.plugin = PluginDaemon([*folders.plugin_args(
             node=name, driver=DRIVER, kubeconfig=control_plane.kubeconfig,
             registry_dir=registry, mock=MACHINE, mig_mode="dynamic", mock_state=self.state),
-            folders.plugin_log)
+            *extra], folders.plugin_log)
 
     def inject(self, *fault: str) -> None:
         """`gpu-dra mock inject --gpu 3 <fault>`, as an admin or a check would run it."""
@@ -95,20 +113,52 @@ class HealthNode:
         return time.monotonic() - begin
 
 
+def _published(node: HealthNode) -> None:
+    wait_for(node.devices, f"{node.name}'s ResourceSlices", fatal=(ComponentError,))
+
+
+def _stop(node: HealthNode, api: Any, *more: ChildProcess) -> None:
+    """Stop the plugin (and ``more``), print their log tails (shown when the test fails)
+    and delete the node's slices."""
+    code = node.plugin.stop()
+    print(f"--- gpu-dra plugin on {node.name} (exit {code}) ---\n{node.plugin.tail()}")
+    for child in more:
+        child.stop()
+        print(f"--- {child.name} ---\n{child.tail()}")
+    api_request(api, "DELETE", SLICES, query={
+        "fieldSelector": f"spec.nodeName={node.name}"}).expect(200, 404)
+
+
 @pytest.fixture
 def health_node(control_plane: ControlPlane, fake_node: Any) -> Iterator[HealthNode]:
-    """The node with its slices published; at the end the plugin is stopped, its log tail
-    printed (shown when the test fails) and the node's slices deleted."""
+    """The node with its slices published; stopped and cleaned up by :func:`_stop`."""
     with short_tmp() as root:
         node = HealthNode(control_plane, fake_node(), root)
         try:
-            wait_for(node.devices, f"{node.name}'s ResourceSlices", fatal=(ComponentError,))
+            _published(node)
             yield node
         finally:
-            code = node.plugin.stop()
-            print(f"--- gpu-dra plugin on {node.name} (exit {code}) ---\n{node.plugin.tail()}")
-            api_request(control_plane.api, "DELETE", SLICES, query={
-                "fieldSelector": f"spec.nodeName={node.name}"}).expect(200, 404)
+            _stop(node, control_plane.api)
+
+
+@pytest.fixture
+def served_node(request: pytest.FixtureRequest, control_plane: ControlPlane,
+                fake_node: Any, kubelet_standin: Callable[..., KubeletStandin]
+                ) -> Iterator[tuple[HealthNode, KubeletStandin]]:
+    """The node with the kubelet stand-in (the kubelet's own plugin manager and DRA
+    manager), so pods bound to it are prepared; the plugin gets the extra flags in
+    ``request.param``, registers and publishes."""
+    with short_tmp() as root:
+        name = fake_node()
+        standin = kubelet_standin(name, root, "v1", DRIVER)
+        node = HealthNode(control_plane, name, root, standin.registry_dir,
+                          *getattr(request, "param", ()))
+        try:
+            standin.wait_registered(DRIVER)
+            _published(node)
+            yield node, standin
+        finally:
+            _stop(node, control_plane.api, standin)
 
 
 def test_xid_79_taints_gpu_3_in_the_api_server_the_scheduler_avoids_it_until_recovered(
@@ -153,3 +203,101 @@ def test_xid_79_taints_gpu_3_in_the_api_server_the_scheduler_avoids_it_until_rec
     print(f"inject --recover to untainted in the API server: {untaint_s:.2f}s "
           f"(the inject command itself {recorded:.2f}s)")
     assert claims.wait_allocated("waits") == [f"gpu-{SICK}"]
+
+
+def held_pod(api: Any, namespace: str, node: str, name: str, uuid: str) -> dict[str, Any]:
+    """A pod on ``node`` whose claim, from a template, asks for the GPU ``uuid``; it
+    terminates gracefully (30 s, as pods do by default), so its deletion waits for the
+    kubelet."""
+    create(api, f"{RESOURCE_V1}/namespaces/{namespace}/resourceclaimtemplates", {
+        "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaimTemplate",
+        "metadata": {"name": name},
+        "spec": {"spec": resource_claim(
+            name, cel=f'device.attributes["{DRIVER}"].uuid == "{uuid}"')["spec"]}})
+    pod = pod_with_claim(name, {"resourceClaimTemplateName": name})
+    pod["spec"]["nodeSelector"] = {"kubernetes.io/hostname": node}
+    pod["spec"]["terminationGracePeriodSeconds"] = 30
+    return create(api, f"/api/v1/namespaces/{namespace}/pods", pod)
+
+
+def prepared_devices(standin: KubeletStandin, uid: str) -> tuple[dict[str, Any], list[str]]:
+    """The pod's one claim as the stand-in prepared it, and the devices it got."""
+    [claim] = standin.wait_pod(uid, "prepared")["claims"]
+    return claim, [d["device"] for d in claim["drivers"][DRIVER]]
+
+
+@pytest.mark.parametrize("served_node", [("--health-evict",)], indirect=True)
+def test_with_health_evict_xid_79_evicts_the_pod_on_gpu_3_and_its_claim_is_unprepared(
+        control_plane: ControlPlane, scheduler: LocalCluster,
+        controller_manager: LocalCluster, device_classes: None, namespace: str,
+        served_node: tuple[HealthNode, KubeletStandin]) -> None:
+    node, standin = served_node
+    api, sick = control_plane.api, f"gpu-{SICK}"
+    uuid = (node.devices() or {})[sick]["attributes"]["uuid"]["string"]
+    pod = held_pod(api, namespace, node.name, "held", uuid)
+    claim, devices = prepared_devices(standin, pod["metadata"]["uid"])
+    assert devices == [sick]
+    spec = node.folders.cdi_root / cdi.spec_file_name(DRIVER, claim["uid"])
+    saved = checkpoint.load(node.folders.checkpoint)
+    assert spec.is_file() and saved is not None and claim["uid"] in saved.claims
+
+    begin = time.monotonic()
+    node.inject("--xid", "79")
+    node.timed(lambda: {**XID_79, "effect": "NoExecute"} in (node.taints() or {}).get(sick, []),
+               "gpu-3's NoExecute taint in the API server", TAINT_BOUND_S)
+    pod_path = f"/api/v1/namespaces/{namespace}/pods/held"
+    node.timed(lambda: get(api, pod_path) is None, "the pod on gpu-3 to be evicted and removed",
+               EVICT_BOUND_S)
+    evicted_s = time.monotonic() - begin
+    reasons = wait_for(lambda: {e.get("reason") for e in events_for(api, namespace, "held")}
+                       & {"DeviceTaintManagerEviction"}, "the controller-manager's eviction event")
+    assert reasons == {"DeviceTaintManagerEviction"}
+    standin.wait_pod(pod["metadata"]["uid"], "unprepared")
+    saved = checkpoint.load(node.folders.checkpoint)
+    assert not spec.exists() and saved is not None and saved.claims == {}
+    claims = Claims(api, namespace, node.name)
+    wait_for(lambda: claims.allocated(claim["name"]) is None
+             and get(api, f"{claims.claims}/{claim['name']}") is None,
+             "the evicted pod's claim to be deleted")
+    print(f"\ninject --xid 79 (NoExecute) to the pod evicted, unprepared and removed: "
+          f"{evicted_s:.2f}s")
+
+    node.inject("--recover")
+    node.timed(lambda: node.taints() == {}, "gpu-3's taints to leave the API server",
+               UNTAINT_BOUND_S)
+    again = held_pod(api, namespace, node.name, "again", uuid)
+    assert prepared_devices(standin, again["metadata"]["uid"])[1] == [sick]
+
+
+def test_the_kubelets_health_cache_shows_gpu_3_unhealthy_with_the_xid_then_healthy(
+        control_plane: ControlPlane, served_node: tuple[HealthNode, KubeletStandin]) -> None:
+    node, standin = served_node
+    devices = set(node.devices() or {})
+    sick = {name for name in devices if name == f"gpu-{SICK}" or
+            name.startswith(f"gpu-{SICK}-mig-")}
+
+    def health() -> dict[str, tuple[str, str]]:
+        return {device: (d["health"], d.get("message", ""))
+                for (pool, device), d in standin.device_health(DRIVER).items()
+                if pool == node.name}
+
+    def unhealthy() -> set[str]:
+        return {name for name, (said, _) in health().items() if said != "Healthy"}
+
+    wait_for(lambda: set(health()) == devices and not unhealthy(),
+             "the stand-in to hear every device healthy")
+    begin = time.monotonic()
+    node.inject("--xid", "79")
+    node.timed(lambda: unhealthy() == sick, "gpu-3 and its MIG devices to be Unhealthy in the "
+               "kubelet's health cache", TAINT_BOUND_S)
+    unhealthy_s = time.monotonic() - begin
+    seen = health()
+    assert {seen[name][0] for name in sick} == {"Unhealthy"}
+    assert all("79" in seen[name][1] and "fallen off the bus" in seen[name][1]
+               for name in sick), seen
+    print(f"\ninject --xid 79 to Unhealthy in the kubelet's health cache: {unhealthy_s:.2f}s")
+
+    node.inject("--recover")
+    node.timed(lambda: not unhealthy(), "gpu-3 to be Healthy again in the kubelet's cache",
+               UNTAINT_BOUND_S)
+    assert set(health()) == devices

@@ -31,13 +31,14 @@ type registrationHandler struct {
 	driver     string
 	registered chan struct{}
 	once       sync.Once
+	health     *healthCache
 }
 
 var _ cache.PluginHandler = &registrationHandler{}
 
-func newRegistrationHandler(kubelet cache.PluginHandler, known []string, status *statusDir, driver string) *registrationHandler {
+func newRegistrationHandler(kubelet cache.PluginHandler, known []string, status *statusDir, driver string, health *healthCache) *registrationHandler {
 	h := &registrationHandler{kubelet: kubelet, known: known, status: status, driver: driver,
-		registered: make(chan struct{})}
+		registered: make(chan struct{}), health: health}
 	if driver == "" {
 		close(h.registered)
 	}
@@ -70,6 +71,9 @@ func (h *registrationHandler) RegisterPlugin(ctx context.Context, name, endpoint
 	offered := h.offered(versions)
 	err := h.kubelet.RegisterPlugin(ctx, name, endpoint, offered, timeout)
 	h.record("register", name, endpoint, versions, offered, err)
+	if err == nil {
+		h.health.watch(name, endpoint, offered)
+	}
 	if err == nil && name == h.driver {
 		h.once.Do(func() { close(h.registered) })
 	}
@@ -78,6 +82,7 @@ func (h *registrationHandler) RegisterPlugin(ctx context.Context, name, endpoint
 
 func (h *registrationHandler) DeRegisterPlugin(ctx context.Context, name, endpoint string) {
 	h.kubelet.DeRegisterPlugin(ctx, name, endpoint)
+	h.health.unwatch(endpoint)
 	h.record("deregister", name, endpoint, nil, nil, nil)
 }
 

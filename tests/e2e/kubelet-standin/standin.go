@@ -74,7 +74,7 @@ func (s *standin) run(ctx context.Context) error {
 		return fmt.Errorf("start DRA manager: %w", err)
 	}
 	handler := newRegistrationHandler(s.draManager.GetWatcherHandler(), knownServices[s.opts.draAPI],
-		s.status, s.opts.driverName)
+		s.status, s.opts.driverName, newHealthCache(ctx, s.status))
 	plugins := pluginmanager.NewPluginManager(s.opts.registryDir, s.recorder)
 	plugins.AddHandler(registerapi.DRAPlugin, handler)
 	go plugins.Run(ctx, sourcesReady, ctx.Done())

@@ -21,6 +21,7 @@ import (
 //	registrations.json    every validate/register/deregister of a plugin, in order
 //	pods/<pod UID>.json   the latest DRA state of each pod with claims
 //	grpc-calls.json       the DRA gRPC calls made, from the kubelet's own metrics
+//	health.json           each device's health from the drivers' health streams (health.go)
 
 type standinInfo struct {
 	PID         int    `json:"pid"`
