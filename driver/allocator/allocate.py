@@ -26,7 +26,14 @@ from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 from driver.allocator import reference
-from driver.allocator.input import Claim, DeviceClass, InputError, parse_claim, parse_classes
+from driver.allocator.input import (
+    Claim,
+    DeviceClass,
+    InputError,
+    parse_claim,
+    parse_classes,
+    parse_taint_rules,
+)
 from driver.allocator.ledger import DeviceRef, Ledger
 from driver.allocator.model import AllocationError, NodeModel, Problem
 from driver.allocator.pools import Device, Node, Pool, check_slices, gather_pools
@@ -76,7 +83,8 @@ def driver_classes(driver: str) -> list[dict[str, Any]]:
 
 
 class Allocator:
-    """The slices and classes of one cluster snapshot; allocate against it many times.
+    """The slices, classes and DeviceTaintRules of one cluster snapshot; allocate against
+    it many times.
 
     Per node, pools and the CEL result of every (selector, device) pair are kept,
     so each expression is evaluated once per device for the snapshot's lifetime. Not
@@ -84,10 +92,12 @@ class Allocator:
     """
 
     def __init__(self, slices: Sequence[Mapping[str, Any]],
-                 classes: Sequence[Mapping[str, Any]]) -> None:
+                 classes: Sequence[Mapping[str, Any]],
+                 taint_rules: Sequence[Mapping[str, Any]] = ()) -> None:
         check_slices(slices)
         self.slices = list(slices)
         self.classes: dict[str, DeviceClass] = parse_classes(list(classes))
+        self.taint_rules = parse_taint_rules(taint_rules)
         self._models: dict[Node, NodeModel] = {}
         self._parsed: dict[tuple[str, str], Claim] = {}
         self._sites: dict[str | Node, _Site] = {}
@@ -100,7 +110,8 @@ class Allocator:
         """The node's pools and everything known about them before any claim."""
         found = self._models.get(node)
         if found is None:
-            found = self._models[node] = NodeModel(gather_pools(self.slices, node))
+            found = self._models[node] = NodeModel(gather_pools(self.slices, node,
+                                                                   self.taint_rules))
         return found
 
     def pools(self, node: Node) -> list[Pool]:

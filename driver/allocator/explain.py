@@ -3,7 +3,11 @@
     4 devices match class gpu.dra.dev; 2 are allocated (gpu-0 to default/train-a, ...)
     matchAttribute gpu.dra.dev/nvlinkIsland leaves at most 2 in one value (0: 2, 1: 1);
     value 0 has 2 allocated to default/train-a
+    gpu-3: tainted gpu.dra.dev/xid=79:NoSchedule since 2026-12-07T01:02:03Z
     nearest change: count 2 instead of 4
+
+A device that a taint keeps from a request is named with the taint, when it was added
+and, for one a DeviceTaintRule put there, the rule's name.
 
 Each reason is counted over the same per-device facts the allocator uses; each
 suggested change is checked by running the allocator on the changed claim.
@@ -18,8 +22,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from driver.allocator.allocate import Allocator, Mode
-from driver.allocator.input import Claim, InputError, Request, parse_claim
-from driver.allocator.ledger import Ledger
+from driver.allocator.input import Claim, InputError, Request, Taint, parse_claim
+from driver.allocator.ledger import DeviceRef, Ledger
 from driver.allocator.model import AllocationError, consumed_capacity, selectable
 from driver.allocator.pools import Device, Node
 
@@ -63,11 +67,15 @@ def _reasons(allocator: Allocator, claim: Claim, ledger: Ledger, node: Node) -> 
     except AllocationError as err:
         return [*reasons, str(err)]
     free_of: dict[str, list[Device]] = {}
+    named: set[DeviceRef] = set()  # tainted devices already named for an earlier request
     for group in claim.requests:
         for request in group.alternatives:
-            free, line = _request_line(allocator, claim, request, devices, ledger, problem)
+            free, line, tainted = _request_line(allocator, claim, request, devices, ledger,
+                                                problem)
             free_of[request.name] = free
             reasons.append(line)
+            reasons += _taint_lines([d for d in tainted if d.ref not in named], request)
+            named.update(d.ref for d in tainted)
     for constraint in claim.constraints:
         # Across the requests it covers (firstAvailable: each one's first alternative).
         covered = [g.alternatives[0] for g in claim.requests
@@ -82,7 +90,9 @@ def _reasons(allocator: Allocator, claim: Claim, ledger: Ledger, node: Node) -> 
 
 
 def _request_line(allocator: Allocator, claim: Claim, request: Request, devices: list[Device],
-                  ledger: Ledger, problem: Any) -> tuple[list[Device], str]:
+                  ledger: Ledger, problem: Any) -> tuple[list[Device], str, list[Device]]:
+    """The request's devices counted down to the free ones; returns those, the line,
+    and the devices its tolerations do not cover a taint of."""
     device_class = allocator.classes[request.class_name]
     in_class = [d for d in devices
                 if selectable(claim.key, device_class, _bare(request), d) is True]
@@ -94,11 +104,9 @@ def _request_line(allocator: Allocator, claim: Claim, request: Request, devices:
     fitting = [d for d in selected if isinstance(consumed_capacity(claim.key, request, d), dict)]
     if len(fitting) < len(selected):
         parts.append(f"{len(selected) - len(fitting)} lack the requested capacity")
-    tainted = [d for d in fitting if d.untolerated_taint(request.tolerations)]
+    tainted = [d for d in fitting if d.untolerated(request.tolerations)]
     if tainted:
-        taint = tainted[0].untolerated_taint(request.tolerations) or {}
-        parts.append(f"{len(tainted)} tainted ({taint.get('key')}={taint.get('value', '')}:"
-                     f"{taint.get('effect')}, not tolerated)")
+        parts.append(f"{len(tainted)} tainted (not tolerated)")
     usable = [d for d in fitting if d not in tainted]
     taken = [d for d in usable if d.ref in ledger.exclusive and not request.admin_access]
     if taken:
@@ -114,7 +122,23 @@ def _request_line(allocator: Allocator, claim: Claim, request: Request, devices:
     free = [d for d in usable if d not in taken and d not in short]
     want = "all of them" if request.all_devices else str(request.count)
     parts.append(f"{len(free)} free for {want}")
-    return free, "; ".join(parts)
+    return free, "; ".join(parts), tainted
+
+
+def _taint_lines(tainted: list[Device], request: Request) -> list[str]:
+    """`gpu-3: tainted <taint> since <time> (DeviceTaintRule <name>)`, the first few."""
+    lines = [f"{d.ref.device}: tainted "
+             + ", ".join(_taint_text(t) for t in d.untolerated(request.tolerations))
+             for d in tainted[:MAX_LISTED]]
+    if len(tainted) > MAX_LISTED:
+        lines.append(f"and {len(tainted) - MAX_LISTED} more tainted devices")
+    return lines
+
+
+def _taint_text(taint: Taint) -> str:
+    since = f" since {taint.time_added}" if taint.time_added else ""
+    rule = f" (DeviceTaintRule {taint.rule})" if taint.rule else ""
+    return f"{taint}{since}{rule}"
 
 
 def _bare(request: Request) -> Request:

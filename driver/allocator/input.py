@@ -1,4 +1,5 @@
-"""ResourceClaims and DeviceClasses (resource.k8s.io/v1 dicts) -> checked, typed values.
+"""ResourceClaims, DeviceClasses and DeviceTaintRules (resource.k8s.io/v1 dicts) -> checked,
+typed values.
 
 Every rule the API server would enforce on create and every problem the scheduler
 would report as an error is found here, before anything is allocated, with a
@@ -8,7 +9,7 @@ spec.devices.requests[0].exactly.count: must be at least 1`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -27,10 +28,55 @@ MAX_CONFIGS = 32
 MAX_TOLERATIONS = 16
 MAX_RESULTS = 32  # AllocationResultsMaxSize
 
+# The effects that keep a claim that does not tolerate them off a device. None and any
+# effect this version does not know are informational: the API tells consumers to treat
+# unknown effects like None.
+BLOCKING_EFFECTS = ("NoSchedule", "NoExecute")
 
 
 class InputError(AllocatorError, ValueError):
     """Bad input: the message names the object and the field."""
+
+
+@dataclass(frozen=True)
+class Taint:
+    """A device taint as the allocator weighs it: the slice's own, or one a DeviceTaintRule
+    adds (`rule` names it, so `explain` can say where a taint came from)."""
+
+    key: str
+    value: str
+    effect: str
+    time_added: str = ""  # RFC 3339, as the API server stamps it; "" when not set
+    rule: str = ""
+
+    @classmethod
+    def of(cls, raw: Mapping[str, Any], rule: str = "") -> Taint:
+        return cls(str(raw.get("key") or ""), str(raw.get("value") or ""),
+                   str(raw.get("effect") or ""), str(raw.get("timeAdded") or ""), rule)
+
+    @property
+    def blocks(self) -> bool:
+        return self.effect in BLOCKING_EFFECTS
+
+    def __str__(self) -> str:
+        """kubectl's form: key=value:effect, or key:effect without a value."""
+        return f"{self.key}{'=' + self.value if self.value else ''}:{self.effect}"
+
+
+@dataclass(frozen=True)
+class TaintRule:
+    """A DeviceTaintRule: its taint goes on every device its selector's set fields match
+    (driver, pool, device name), as if the driver had published it in the slice."""
+
+    name: str
+    driver: str | None
+    pool: str | None
+    device: str | None
+    taint: Taint
+
+    def applies(self, driver: str, pool: str, device: str) -> bool:
+        return all(want is None or want == have for want, have in (
+            (self.driver, driver), (self.pool, pool), (self.device, device)))
 
 
 @dataclass(frozen=True)
@@ -40,15 +86,15 @@ class Toleration:
     value: str
     effect: str  # "" = all effects
 
-    def tolerates(self, taint: Mapping[str, Any]) -> bool:
+    def tolerates(self, taint: Taint) -> bool:
         """resourceclaim.ToleratesTaint: effect, then key, then operator."""
-        if self.effect and self.effect != taint.get("effect"):
+        if self.effect and self.effect != taint.effect:
             return False
-        if self.key and self.key != taint.get("key"):
+        if self.key and self.key != taint.key:
             return False
         if self.operator == "Exists":
             return True
-        return bool(self.value == taint.get("value", ""))
+        return self.value == taint.value
 
 
 @dataclass(frozen=True)
@@ -111,13 +157,19 @@ def claim_key(claim: Mapping[str, Any]) -> str:
     return f"{meta.get('namespace', 'default')}/{meta.get('name', '<unnamed>')}"
 
 
+def _named(obj: Mapping[str, Any], kind: str) -> tuple[str, str]:
+    """A cluster-scoped object's name, and how messages name the object."""
+    name = (obj.get("metadata") or {}).get("name", "")
+    where = f"{kind} {name or '<unnamed>'}"
+    if not is_subdomain(name):
+        raise InputError(f"{where}: metadata.name: must be a DNS subdomain")
+    return str(name), where
+
+
 def parse_classes(objects: list[Mapping[str, Any]]) -> dict[str, DeviceClass]:
     classes: dict[str, DeviceClass] = {}
     for obj in objects:
-        name = (obj.get("metadata") or {}).get("name", "")
-        where = f"DeviceClass {name or '<unnamed>'}"
-        if not is_subdomain(name):
-            raise InputError(f"{where}: metadata.name: must be a DNS subdomain")
+        name, where = _named(obj, "DeviceClass")
         spec = obj.get("spec") or {}
         selectors = _selectors(spec.get("selectors") or [], f"{where}: spec.selectors")
         configs = tuple(spec.get("config") or ())
@@ -125,6 +177,46 @@ def parse_classes(objects: list[Mapping[str, Any]]) -> dict[str, DeviceClass]:
             raise InputError(f"{where}: spec.config: at most {MAX_CONFIGS} entries")
         classes[name] = DeviceClass(name, selectors, configs)
     return classes
+
+
+def parse_taint_rules(objects: Sequence[Mapping[str, Any]]) -> tuple[TaintRule, ...]:
+    """DeviceTaintRules (v1, v1beta2 or v1alpha3: one shape), by name.
+
+    A rule without `spec.deviceSelector` matches no device and is left out; an empty
+    selector matches every device. The selector fields deviceClassName and selectors
+    were removed in 1.35: the API server drops them, which would widen the rule to
+    every device of its driver and pool, so a rule naming them is refused here.
+    """
+    rules: dict[str, TaintRule] = {}
+    for obj in objects:
+        name, where = _named(obj, "DeviceTaintRule")
+        if name in rules:
+            raise InputError(f"{where}: metadata.name: listed twice")
+        spec = obj.get("spec")
+        if not isinstance(spec, Mapping):
+            raise InputError(f"{where}: spec: required")
+        taint = spec.get("taint")
+        if not isinstance(taint, Mapping) or not taint.get("key"):
+            raise InputError(f"{where}: spec.taint.key: required")
+        if not taint.get("effect"):
+            raise InputError(f"{where}: spec.taint.effect: required (None, NoSchedule or "
+                             "NoExecute)")
+        selector = spec.get("deviceSelector")
+        if selector is None:
+            continue
+        if not isinstance(selector, Mapping):
+            raise InputError(f"{where}: spec.deviceSelector: must be a mapping")
+        for gone in ("deviceClassName", "selectors"):
+            if gone in selector:
+                raise InputError(f"{where}: spec.deviceSelector.{gone}: removed in "
+                                 "Kubernetes 1.35; select by driver, pool and device")
+        fields = {key: selector.get(key) for key in ("driver", "pool", "device")}
+        for key, value in fields.items():
+            if value is not None and not isinstance(value, str):
+                raise InputError(f"{where}: spec.deviceSelector.{key}: must be a string")
+        rules[name] = TaintRule(name, fields["driver"], fields["pool"], fields["device"],
+                                Taint.of(taint, rule=name))
+    return tuple(rules[name] for name in sorted(rules))
 
 
 def parse_claim(obj: Mapping[str, Any], classes: Mapping[str, DeviceClass]) -> Claim:

@@ -281,7 +281,7 @@ def _classify(request: Request, device_class: DeviceClass, devices: list[Device]
         if not fits and (request.all_devices or not device.multi):
             continue
         consumed_by[i] = consumed
-        tainted = device.untolerated_taint(request.tolerations) is not None
+        tainted = bool(device.untolerated(request.tolerations))
         if request.all_devices:
             all_list.append(i)
             all_soft.append(tainted)

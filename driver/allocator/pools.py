@@ -6,6 +6,8 @@ or counter-set names or a reference to an unknown counter make it invalid. Pools
 ordered by (driver, pool) with pools holding devices with binding conditions last,
 slices by name, devices in slice order. A slice that carries shared counters holds
 only counters: devices in it are not allocatable (the 1.35+ API forbids both).
+A device's taints are its slice's, then those of the DeviceTaintRules that match it,
+as the scheduler's ResourceSlice tracker patches them in.
 """
 
 from __future__ import annotations
@@ -17,11 +19,9 @@ from functools import cached_property
 from typing import Any
 
 from driver.allocator.cel import DeviceInput, device_input
-from driver.allocator.input import InputError
+from driver.allocator.input import InputError, Taint, TaintRule, Toleration
 from driver.allocator.ledger import DeviceRef
 from driver.kube.quantity import QuantityError, parse_quantity
-
-NO_SCHEDULE_EFFECTS = ("NoSchedule", "NoExecute")
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class Device:
     counted: bool
     multi: bool
     node_ok: bool
+    taints: tuple[Taint, ...] = ()
     _cel: DeviceInput | None = None
     memo: dict[str, bool | str] = field(default_factory=dict)  # expression -> result/error
 
@@ -67,13 +68,10 @@ class Device:
             return attributes.get(ident)
         return None
 
-    def untolerated_taint(self, tolerations: Sequence[Any]) -> Mapping[str, Any] | None:
-        taints: Sequence[Mapping[str, Any]] = self.raw.get("taints") or ()
-        for taint in taints:
-            if taint.get("effect") in NO_SCHEDULE_EFFECTS and not any(
-                    t.tolerates(taint) for t in tolerations):
-                return taint
-        return None
+    def untolerated(self, tolerations: Sequence[Toleration]) -> list[Taint]:
+        """The taints that keep a request with these tolerations off the device."""
+        return [taint for taint in self.taints
+                if taint.blocks and not any(t.tolerates(taint) for t in tolerations)]
 
 
 @dataclass
@@ -185,8 +183,10 @@ def _requirement(value: str | None, requirement: Mapping[str, Any]) -> bool:
     return False
 
 
-def gather_pools(slices: Sequence[Mapping[str, Any]], node: Node) -> list[Pool]:
-    """The pools `node` can allocate from, in the order the search visits them."""
+def gather_pools(slices: Sequence[Mapping[str, Any]], node: Node,
+                 rules: Sequence[TaintRule] = ()) -> list[Pool]:
+    """The pools `node` can allocate from, in the order the search visits them, their
+    devices tainted by `rules` too."""
     for_node = [s for s in slices if s["spec"].get("nodeName") == node.name]
     for_node += [s for s in slices if not s["spec"].get("nodeName")]
     grouped: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
@@ -224,7 +224,7 @@ def gather_pools(slices: Sequence[Mapping[str, Any]], node: Node) -> list[Pool]:
             if len(everything) != first["resourceSliceCount"]:
                 plain.append(Pool(driver, name, incomplete=True))
                 continue
-        pool = _build_pool(driver, name, pool_slices, everything or [], node)
+        pool = _build_pool(driver, name, pool_slices, everything or [], node, rules)
         has_binding = any(d.raw.get("bindingConditions") is not None for d in pool.devices)
         (binding if has_binding else plain).append(pool)
     plain.sort(key=lambda p: (p.driver, p.name))
@@ -233,7 +233,8 @@ def gather_pools(slices: Sequence[Mapping[str, Any]], node: Node) -> list[Pool]:
 
 
 def _build_pool(driver: str, name: str, pool_slices: list[Mapping[str, Any]],
-                everything: list[Mapping[str, Any]], node: Node) -> Pool:
+                everything: list[Mapping[str, Any]], node: Node,
+                rules: Sequence[TaintRule]) -> Pool:
     pool = Pool(driver, name)
     ordered = sorted(pool_slices, key=lambda s: s["metadata"]["name"])
     taken = {s["metadata"]["name"] for s in ordered}
@@ -268,15 +269,15 @@ def _build_pool(driver: str, name: str, pool_slices: list[Mapping[str, Any]],
                         pool.invalid = f"counter {counter} not found in counter set " \
                                        f"{use['counterSet']}"
                         return pool
-    pool.devices = [_device(driver, name, s, raw, node)
+    pool.devices = [_device(driver, name, s, raw, node, rules)
                     for s in device_slices for raw in s["spec"].get("devices") or []]
-    pool.elsewhere = [_device(driver, name, s, raw, node)
+    pool.elsewhere = [_device(driver, name, s, raw, node, rules)
                       for s in other_device_slices for raw in s["spec"].get("devices") or []]
     return pool
 
 
 def _device(driver: str, pool: str, s: Mapping[str, Any], raw: Mapping[str, Any],
-            node: Node) -> Device:
+            node: Node, rules: Sequence[TaintRule]) -> Device:
     consumes = tuple(
         (use["counterSet"], counter, parse_quantity(str(value["value"])))
         for use in raw.get("consumesCounters") or []
@@ -287,6 +288,8 @@ def _device(driver: str, pool: str, s: Mapping[str, Any], raw: Mapping[str, Any]
                                raw.get("nodeSelector"))
     capacity = {key: parse_quantity(str(value["value"]))
                 for key, value in (raw.get("capacity") or {}).items()}
+    taints = (*(Taint.of(t) for t in raw.get("taints") or ()),
+              *(r.taint for r in rules if r.applies(driver, pool, raw["name"])))
     return Device(DeviceRef(driver, pool, raw["name"]), raw, s, capacity, consumes,
                   bool(raw.get("consumesCounters")), bool(raw.get("allowMultipleAllocations")),
-                  node_ok)
+                  node_ok, taints)

@@ -1,10 +1,13 @@
 """`gpu-dra allocate` and `gpu-dra explain`: the allocator from the command line.
 
     gpu-dra allocate (--slices DIR | --mock PROFILE [--mig-mode static|dynamic])
-        --claims PATH [--classes PATH] [--allocated PATH] [--mode parity|topology]
-        [--node NAME] [--output yaml|json|table]
+        --claims PATH [--classes PATH] [--allocated PATH] [--taint-rules PATH]
+        [--mode parity|topology] [--node NAME] [--output yaml|json|table]
+    gpu-dra allocate --kubeconfig FILE --claim NAMESPACE/NAME [...]
 
-PATH is a YAML file (one or more documents) or a directory of them. Claims are
+PATH is a YAML file (one or more documents) or a directory of them. DeviceTaintRules
+among the --slices documents or in --taint-rules (with --kubeconfig: the cluster's)
+taint the devices they select, as the scheduler applies them. Claims are
 allocated in order, each seeing the ones before, each on the first node (by name)
 where it fits. Exit code 0 when all fit, 1 when some do not (printed without
 allocation, the reason in the annotation `gpu.dra.dev/allocation-failure`), 2 for bad
@@ -30,6 +33,8 @@ from driver.kube.api import ApiError, api_client, api_request
 
 FAILURE_ANNOTATION = "gpu.dra.dev/allocation-failure"
 RESOURCE = "/apis/resource.k8s.io/v1"
+TAINT_RULE = "DeviceTaintRule"
+TAINT_RULE_VERSIONS = ("v1", "v1beta2")
 
 SlicesFromProvider = Callable[[argparse.Namespace], list[dict[str, Any]]]
 
@@ -51,8 +56,9 @@ def add_allocation_commands(commands: Any, add_provider_args: Callable[..., None
         cmd.add_argument("--claims", type=Path, metavar="PATH",
                          help="ResourceClaims: a YAML file or a directory of them")
         cmd.add_argument("--kubeconfig", type=Path, metavar="FILE",
-                         help="read the ResourceSlices, DeviceClasses and allocated claims "
-                              "from this cluster (instead of --slices, --classes, --allocated)")
+                         help="read the ResourceSlices, DeviceClasses, DeviceTaintRules and "
+                              "allocated claims from this cluster (instead of --slices, "
+                              "--classes, --allocated, --taint-rules)")
         cmd.add_argument("--claim", action="append", default=[], metavar="NAMESPACE/NAME",
                          help="with --kubeconfig: a ResourceClaim of the cluster (repeat for "
                               "more), instead of --claims")
@@ -61,6 +67,9 @@ def add_allocation_commands(commands: Any, add_provider_args: Callable[..., None
                               "GPUs, mig.<driver> for MIG devices)")
         cmd.add_argument("--allocated", type=Path, metavar="PATH",
                          help="ResourceClaims already allocated (with status.allocation)")
+        cmd.add_argument("--taint-rules", type=Path, metavar="PATH",
+                         help="DeviceTaintRules whose taints the devices they select carry "
+                              "(those among the --slices documents count too)")
         cmd.add_argument("--mode", choices=["parity", "topology"], default="parity",
                          help="parity: what kube-scheduler v1.37 picks; topology: the best "
                               "NVLink/NUMA/PCIe set and MIG placement")
@@ -83,10 +92,10 @@ def _guarded(args: argparse.Namespace, run: Callable[..., int],
 def _setup(args: argparse.Namespace, node_slices: SlicesFromProvider
            ) -> tuple[Allocator, list[Any], Ledger, list[str]]:
     if args.kubeconfig is not None:
-        slices, classes, raw_claims, allocated = _from_cluster(args)
+        slices, classes, raw_claims, allocated, rules = _from_cluster(args)
     else:
-        slices, classes, raw_claims, allocated = _from_files(args, node_slices)
-    allocator = Allocator(slices, classes)
+        slices, classes, raw_claims, allocated, rules = _from_files(args, node_slices)
+    allocator = Allocator(slices, classes, rules)
     claims = allocator.parse(raw_claims)
     seen: set[str] = set()
     for claim in claims:
@@ -116,26 +125,37 @@ def _from_files(args: argparse.Namespace, node_slices: SlicesFromProvider
                          "which claims?")
     if args.slices is not None and args.mock:
         raise InputError("--slices and --mock: give one of them")
+    rules: list[dict[str, Any]] = []
     if args.slices is not None:
-        slices = [d for d in load_documents(args.slices) if d.get("kind") == "ResourceSlice"]
+        documents = load_documents(args.slices)
+        slices = [d for d in documents if d.get("kind") == "ResourceSlice"]
         if not slices:
             raise InputError(f"{args.slices}: no ResourceSlice documents")
+        rules = [d for d in documents if d.get("kind") == TAINT_RULE]
     else:
         slices = node_slices(args)
+    if args.taint_rules is not None and args.taint_rules != args.slices:
+        given = [d for d in load_documents(args.taint_rules) if d.get("kind") == TAINT_RULE]
+        if not given:
+            raise InputError(f"{args.taint_rules}: no {TAINT_RULE} documents")
+        rules += given
     classes = ([d for d in load_documents(args.classes) if d.get("kind") == "DeviceClass"]
                if args.classes else driver_classes(args.driver_name))
     raw_claims = [d for d in load_documents(args.claims)
                   if d.get("kind", "ResourceClaim") == "ResourceClaim"]
     if not raw_claims:
         raise InputError(f"{args.claims}: no ResourceClaim documents")
-    return slices, classes, raw_claims, load_documents(args.allocated) if args.allocated else []
+    allocated = load_documents(args.allocated) if args.allocated else []
+    return slices, classes, raw_claims, allocated, rules
 
 
 def _from_cluster(args: argparse.Namespace) -> tuple[list[dict[str, Any]], ...]:
-    """What the scheduler sees: every slice, class and claim of the cluster."""
+    """What the scheduler sees: every slice, class, claim and DeviceTaintRule of the
+    cluster."""
     given = [flag for flag, value in (("--slices", args.slices), ("--mock", args.mock),
                                       ("--classes", args.classes),
-                                      ("--allocated", args.allocated)) if value]
+                                      ("--allocated", args.allocated),
+                                      ("--taint-rules", args.taint_rules)) if value]
     if given:
         raise InputError(f"--kubeconfig reads them from the cluster: drop {', '.join(given)}")
     wanted = [_namespaced(name) for name in args.claim]
@@ -152,6 +172,7 @@ def _from_cluster(args: argparse.Namespace) -> tuple[list[dict[str, Any]], ...]:
             slices = _list(api, f"{RESOURCE}/resourceslices")
             classes = _list(api, f"{RESOURCE}/deviceclasses")
             claims = _list(api, f"{RESOURCE}/resourceclaims")
+            rules = _taint_rules(api)
         finally:
             api.close()
     except (ApiError, ConfigException, HTTPError) as err:
@@ -160,7 +181,20 @@ def _from_cluster(args: argparse.Namespace) -> tuple[list[dict[str, Any]], ...]:
     missing = [f"{ns}/{name}" for ns, name in wanted if f"{ns}/{name}" not in by_key]
     if missing:
         raise InputError(f"--claim {missing[0]}: no such ResourceClaim in the cluster")
-    return slices, classes, [by_key[f"{ns}/{name}"] for ns, name in wanted], claims
+    return slices, classes, [by_key[f"{ns}/{name}"] for ns, name in wanted], claims, rules
+
+
+def _taint_rules(api: Any) -> list[dict[str, Any]]:
+    """The cluster's DeviceTaintRules from the newest version it serves (v1 since 1.37,
+    v1beta2 on 1.36); none where it serves neither (the feature is off, and the
+    scheduler applies none either)."""
+    for version in TAINT_RULE_VERSIONS:
+        try:
+            return _list(api, f"/apis/resource.k8s.io/{version}/devicetaintrules")
+        except ApiError as err:
+            if err.result.status != 404:
+                raise
+    return []
 
 
 def _namespaced(name: str) -> tuple[str, str]:
