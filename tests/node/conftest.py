@@ -125,12 +125,14 @@ def helm() -> Helm:
 @pytest.fixture(scope="package")
 def driver(real_node: RealNode, helm: Helm,
            node_parts: tuple[NodeAssets, Path, DriverImage]) -> Iterator[Driver]:
-    """helm install of the chart: mock dgx-h100, dynamic MIG, the image imported into the
+    """helm install of the chart: mock dgx-h100 with its state in the plugin data dir (so
+    `gpu-dra mock inject` on the node reaches it), dynamic MIG, the image imported into the
     node's containerd; waits for the plugin pod to be Ready and the slices published."""
     image = node_parts[2]
     real_node.import_image(image.archive)
     values = ["--set", f"image.repository={image.repository}", "--set", f"image.tag={image.tag}",
               "--set", "image.pullPolicy=Never", "--set", "kubeletPlugin.mockProfile=dgx-h100",
+              "--set", "kubeletPlugin.mockState=mock-state.json",
               "--set", "migMode=dynamic"]
     d = Driver(real_node, helm, image, values)
     helm.run("install", RELEASE, str(CHART), "--create-namespace", *d.helm_args())
