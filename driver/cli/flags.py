@@ -123,14 +123,29 @@ def default_value(action: argparse.Action, default: Any) -> Any:
     return default
 
 
-def seconds(raw: str) -> float:
-    """A number of seconds above 0 (a flag's type)."""
+def _number(raw: str) -> float:
+    """A finite number, or NaN (which no bound accepts)."""
     try:
         value = float(raw)
     except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value <= 0:
+        return math.nan
+    return value if math.isfinite(value) else math.nan
+
+
+def seconds(raw: str) -> float:
+    """A number of seconds above 0 (a flag's type)."""
+    value = _number(raw)
+    if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {raw!r}")
+    return value
+
+
+def seconds_or_off(raw: str) -> float:
+    """A number of seconds, 0 or more (a flag's type; 0 turns what it times off)."""
+    value = _number(raw)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, 0 or more, got "
+                                         f"{raw!r}")
     return value
 
 
@@ -240,6 +255,11 @@ def add_plugin_args(parser: EnvParser) -> None:
              metavar="SECONDS", default="300",
              help="an informational XID's taint goes after this long without that XID again "
                   "(env HEALTH_QUIET_WINDOW)")
+    env_flag(parser, "--rediscover-interval", env="REDISCOVER_INTERVAL", type=seconds_or_off,
+             metavar="SECONDS", default="60",
+             help="how often the GPUs are discovered again (a GPU gone or back, MIG changes, "
+                  "a driver upgrade), as SIGHUP does at once; 0: only on SIGHUP "
+                  "(env REDISCOVER_INTERVAL)")
     env_flag(parser, "--cleanup", env="CLEANUP_ON_EXIT", action="store_true", default=False,
              help="on exit, delete this node's ResourceSlices (uninstall); refused with "
                   "--pod-uid (env CLEANUP_ON_EXIT=true)")

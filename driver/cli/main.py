@@ -95,7 +95,8 @@ def cmd_plugin(args: argparse.Namespace) -> int:
             health=HealthSettings(ignored_xids=args.health_ignored_xids,
                                   evict=args.health_evict,
                                   quiet_window_s=args.health_quiet_window),
-            health_check_interval=args.health_check_interval)
+            health_check_interval=args.health_check_interval,
+            rediscover_interval=args.rediscover_interval)
     except ValueError as err:
         raise UsageError(str(err)) from None
     from driver.plugin.sockets import SocketInUse

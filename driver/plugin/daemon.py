@@ -5,7 +5,8 @@ work, destroy stray dynamic MIG devices, remove orphan CDI specs); publish the s
 start the health monitor (`monitor`), whose changes re-publish the slices with their
 taints (at most once a second) and go to every open health stream at once; serve the DRA
 socket; then create the registration socket, so the kubelet never calls a plugin that is
-not ready. SIGTERM or SIGINT: remove the registration socket, refuse new
+not ready; then re-discover every `rediscover_interval` seconds and on SIGHUP
+(`rediscover`). SIGTERM or SIGINT: remove the registration socket, refuse new
 calls, finish those in flight, remove the DRA socket; the slices stay (the kubelet wipes
 them if the plugin stays away) unless `cleanup` is set.
 
@@ -34,10 +35,12 @@ import logging
 import signal
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
+
+import pynvml
 
 from driver.health.classify import HealthSettings
 from driver.health.model import GpuHealth
@@ -51,14 +54,15 @@ from driver.plugin import mockroot
 from driver.plugin.cdi import DriverFiles
 from driver.plugin.checkpoint import BOOT_ID_PATH, read_boot_id
 from driver.plugin.claims import ApiClaimSource, ClaimSource, DirClaimSource
-from driver.plugin.devices import device_index
-from driver.plugin.driverfiles import driver_files, hook_missing, host_devices
+from driver.plugin.devices import Target, device_index
+from driver.plugin.driverfiles import HostDevices, driver_files, hook_missing, host_devices
 from driver.plugin.metrics import Metrics
 from driver.plugin.mig import MigManager
 from driver.plugin.modes import PRIVATE_DIR, SHARED_DIR, make_dir
 from driver.plugin.monitor import HealthMonitor, HealthView, Republisher
 from driver.plugin.node import DeviceTools, Identity, Paths, Published
 from driver.plugin.nodelock import LOCK_FILE
+from driver.plugin.rediscover import Rediscoverer, changes, keep_unreadable
 from driver.plugin.servers import KUBELET_CALL_TIMEOUT, HealthBoard, Servers
 from driver.plugin.sharing import timeslicer
 from driver.plugin.sockets import (
@@ -110,6 +114,7 @@ class PluginOptions:
     pod_uid: str | None = None  # set: a rolling update may run two pods; sockets per pod
     health: HealthSettings = field(default_factory=HealthSettings)
     health_check_interval: float = 5.0  # seconds between liveness checks of every GPU
+    rediscover_interval: float = 60.0  # seconds between re-discoveries; 0: on SIGHUP only
 
     def __post_init__(self) -> None:
         if self.pod_uid is not None and not POD_UID.fullmatch(self.pod_uid):
@@ -163,6 +168,7 @@ class Plugin:
         self.probe_port: int | None = None
         self.monitor: HealthMonitor | None = None
         self._republisher: Republisher | None = None
+        self.rediscoverer: Rediscoverer | None = None
 
     def _sources(self) -> tuple[Publisher, ClaimSource]:
         """Local directory or API server, unless the caller gave its own."""
@@ -208,28 +214,16 @@ class Plugin:
         self._publisher = publisher
         make_dir(o.plugin_dir, PRIVATE_DIR)  # the checkpoint, the lock, the DRA socket
         make_dir(o.cdi_root, SHARED_DIR)  # read by the container runtime
-        driver_root = o.mock_driver_root or o.driver_root
-        host_root = o.host_driver_root or driver_root
-        devices = host_devices(driver_root, host_root, o.proc_devices, inventory.gpus) \
-            if o.mock_driver_root is None else mockroot.set_up(
-                driver_root, host_root, [g.minor for g in inventory.gpus],
-                inventory.driver_version)
-        files = driver_files(driver_root, host_root, devices,
-                             version=inventory.driver_version, hook=o.cdi_hook)
+        devices, files = self._host_files(inventory)
         self._report_hook(files)
         self.state = PluginState(
             tools=DeviceTools(
                 files=files, devices=devices, host=self.provider.host,
                 mig=MigManager(self.provider),
-                timeslicer=timeslicer(self.provider, driver_root)),
+                timeslicer=timeslicer(self.provider, o.mock_driver_root or o.driver_root)),
             identity=Identity(driver=o.driver, node=o.node,
                               boot_id=read_boot_id(o.boot_id_path)),
-            published=Published(
-                inventory=inventory, index=index,
-                # the devices and counters published; the counter layout does not change them
-                slices=build_slices(inventory, SliceOptions(o.driver, o.node, o.mig_mode),
-                                    generation=0),
-                dynamic_mig=o.mig_mode == "dynamic"),
+            published=self._published(inventory, index),
             paths=Paths(checkpoint=o.checkpoint_path, cdi_root=o.cdi_root,
                         node_lock=o.lock_path),
             claim_source=claims, metrics=self.metrics)
@@ -237,7 +231,7 @@ class Plugin:
         from driver.resourceslice.errors import PublishTimeout
 
         board = HealthBoard()
-        self.monitor = self._health_monitor(inventory, publisher, board)
+        self.monitor = self._health_monitor(self.state, publisher, board)
         try:
             publisher.publish(inventory, timeout=START_PUBLISH_TIMEOUT,
                               health=self.monitor.view.gpus)
@@ -247,7 +241,7 @@ class Plugin:
             log.warning("serving before the ResourceSlices are published: %s", err)
         self.metrics.published.set(len(index))
         self.servers = Servers(
-            state=self.state, metrics=self.metrics, driver=o.driver, pool=o.node, index=index,
+            state=self.state, metrics=self.metrics, driver=o.driver, pool=o.node,
             dra_socket=o.dra_socket, registration_socket=o.registration_socket, board=board)
         if o.health_port is not None:
             self.probe_port = self.servers.start_probe(o.health_port)
@@ -255,15 +249,73 @@ class Plugin:
             self._republisher.start()
         self.monitor.start()
         self.servers.start()
+        self.rediscoverer = Rediscoverer(self.rediscover, o.rediscover_interval)
+        self.rediscoverer.start()
 
-    def _health_monitor(self, inventory: Inventory, publisher: Publisher,
+    def _host_files(self, inventory: Inventory) -> tuple[HostDevices, DriverFiles]:
+        """The device nodes of the inventory's GPUs and the driver's files of its version,
+        as CDI specs give them (a mock driver root is laid out, or repaired, for them)."""
+        o = self.options
+        driver_root = o.mock_driver_root or o.driver_root
+        host_root = o.host_driver_root or driver_root
+        devices = host_devices(driver_root, host_root, o.proc_devices, inventory.gpus) \
+            if o.mock_driver_root is None else mockroot.set_up(
+                driver_root, host_root, [g.minor for g in inventory.gpus],
+                inventory.driver_version)
+        return devices, driver_files(driver_root, host_root, devices,
+                                     version=inventory.driver_version, hook=o.cdi_hook)
+
+    def _published(self, inventory: Inventory, index: dict[str, Target]) -> Published:
+        o = self.options
+        return Published(
+            inventory=inventory, index=index,
+            # the devices and counters published; the counter layout does not change them
+            slices=build_slices(inventory, SliceOptions(o.driver, o.node, o.mig_mode),
+                                generation=0),
+            dynamic_mig=o.mig_mode == "dynamic")
+
+    def rediscover(self) -> list[str]:
+        """One re-discovery pass; what changed, in words. A change is logged, what is
+        published swapped (`PluginState.publish`), the monitor's GPUs replaced, and the
+        slices written with the latest health; nothing changed, nothing is written; an NVML
+        failure is logged and leaves everything as it was."""
+        assert self.state is not None and self.monitor is not None \
+            and self._republisher is not None and self.servers is not None
+        published = self.state.published
+        try:
+            inventory = keep_unreadable(published.inventory, discover(self.provider))
+        except pynvml.NVMLError as err:
+            self.metrics.rediscoveries.labels("failed").inc()
+            log.warning("re-discovery failed; still publishing what was found before: %s", err)
+            return []
+        found = changes(published.inventory, inventory, published.dynamic_mig)
+        if not found:
+            self.metrics.rediscoveries.labels("unchanged").inc()
+            log.debug("re-discovery: nothing changed")
+            return []
+        index = device_index(inventory, self.options.mig_mode)
+        devices, files = self._host_files(inventory)
+        self.state.publish(self._published(inventory, index),
+                           replace(self.state.effects.tools, devices=devices, files=files))
+        self.monitor.watch(_watched(inventory))
+        self.metrics.published.set(len(index))
+        self.metrics.rediscoveries.labels("changed").inc()
+        log.info("re-discovery: %s; %d devices published", "; ".join(found), len(index))
+        view = self.monitor.view
+        self.servers.board.update(view)
+        self._republisher.changed(view.gpus)
+        return found
+
+    def _health_monitor(self, state: PluginState, publisher: Publisher,
                         board: HealthBoard) -> HealthMonitor:
         """The monitor of the GPUs discovery could read; each change goes to the health
-        streams at once and to the slices through the coalescing republisher."""
+        streams at once and to the slices through the coalescing republisher (with the
+        inventory published then: a re-discovery publishes through it too)."""
         o = self.options
 
         def publish(health: Mapping[int, GpuHealth]) -> None:
-            publisher.publish(inventory, timeout=HEALTH_PUBLISH_TIMEOUT, health=health)
+            publisher.publish(state.published.inventory, timeout=HEALTH_PUBLISH_TIMEOUT,
+                              health=health)
 
         republisher = self._republisher = Republisher(publish)
 
@@ -271,9 +323,9 @@ class Plugin:
             board.update(view)
             republisher.changed(view.gpus)
 
-        watched = {g.minor: g.uuid for g in inventory.gpus if g.minor >= 0 and g.healthy}
-        return HealthMonitor(lambda: HealthWatch(self.provider.nvml), watched, o.health,
-                             self.metrics, on_change, o.health_check_interval)
+        return HealthMonitor(lambda: HealthWatch(self.provider.nvml),
+                             _watched(state.published.inventory), o.health, self.metrics,
+                             on_change, o.health_check_interval)
 
     def _report_hook(self, files: DriverFiles) -> None:
         """Containers still start without nvidia-cdi-hook, but may not find the driver's
@@ -288,6 +340,8 @@ class Plugin:
                              name="node-event", daemon=True).start()
 
     def stop(self, grace: float = KUBELET_CALL_TIMEOUT) -> None:
+        if self.rediscoverer is not None:
+            self.rediscoverer.stop()
         if self.servers is not None:
             self.servers.stop(grace)
         if self.monitor is not None:
@@ -303,9 +357,15 @@ class Plugin:
             self.provider.nvml.nvmlShutdown()
 
 
+def _watched(inventory: Inventory) -> dict[int, str]:
+    """The GPUs the health monitor watches: those discovery could read, minor -> UUID."""
+    return {g.minor: g.uuid for g in inventory.gpus if g.minor >= 0 and g.healthy}
+
+
 def run(options: PluginOptions, provider: Provider) -> int:
-    """Run until SIGTERM or SIGINT; the exit code."""
+    """Run until SIGTERM or SIGINT, re-discovering on SIGHUP; the exit code."""
     stop = threading.Event()
+    hangup = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("received %s: shutting down", signal.Signals(signum).name)
@@ -313,6 +373,7 @@ def run(options: PluginOptions, provider: Provider) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, lambda signum, frame: hangup.set())
     plugin = Plugin(options, provider)
     try:
         plugin.start()
@@ -320,7 +381,10 @@ def run(options: PluginOptions, provider: Provider) -> int:
         # Short waits: Python runs a signal's handler in the main thread, and a signal that
         # the kernel hands to another thread (gRPC's) does not interrupt a long wait there.
         while not stop.wait(SIGNAL_POLL):
-            pass
+            if hangup.is_set() and plugin.rediscoverer is not None:
+                hangup.clear()
+                log.info("received SIGHUP: discovering the GPUs again")
+                plugin.rediscoverer.trigger()
     finally:
         plugin.stop()
     return 0

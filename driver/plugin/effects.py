@@ -113,7 +113,12 @@ class Effects:
         except OSError as err:
             return tuple(devices), [f"cannot remove the CDI spec: {err}"]
         left, problems = [], []
+        present = {gpu.uuid for gpu in self.published.inventory.gpus}
         for device in devices:
+            if device.gpu_uuid not in present:  # its MIG device and time slice went with it
+                log.info("device %s: its GPU %s is gone; nothing on it to undo",
+                         device.device, device.gpu_uuid)
+                continue
             try:
                 if device.created_mig is not None:
                     self.tools.mig.destroy(device.gpu_uuid, device.created_mig.profile_id,

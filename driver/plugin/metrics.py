@@ -48,6 +48,10 @@ class Metrics:
                                           "conditions set or cleared, by GPU minor, kind "
                                           "(xid, gpu-lost, ...) and change (set|cleared).",
                                           ["gpu", "kind", "change"], registry=r)
+        self.rediscoveries = Counter(f"{PREFIX}_rediscoveries", "Re-discovery passes, by "
+                                     "result: changed (the slices follow), unchanged "
+                                     "(nothing written), failed (NVML; nothing changed).",
+                                     ["result"], registry=r)
 
     def claim_done(self, operation: str, error_reason: str | None) -> None:
         self.claims.labels(operation, "error" if error_reason else "success").inc()

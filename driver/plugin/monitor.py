@@ -6,7 +6,8 @@ One daemon thread: it waits for events with a short timeout (so it stops within 
 second), checks every GPU's liveness and recovery action every `check_interval` seconds
 and at once when NVML says a GPU was lost. An NVML error ends that watch, is logged, and
 a new watch starts after a backoff: the monitor never takes the plugin down. GPUs
-discovery could not read are not watched (discovery's verdict stands for them).
+discovery could not read are not watched (discovery's verdict stands for them). After a
+re-discovery, `watch` replaces the GPUs watched, and a new watch registers them.
 """
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ class HealthMonitor:
         self._interval = check_interval
         self._health = {minor: GpuHealth(minor) for minor in self._gpus}
         self._causes: dict[int, str] = {}
+        self._lock = threading.Lock()  # the GPUs and their health: `watch` changes them
+        self._rewatch = threading.Event()  # the GPUs changed: register them in a new watch
         self._stop = threading.Event()
         self._delays: Iterator[float] | None = None
         self._thread = threading.Thread(target=self._run, name="health-monitor", daemon=True)
@@ -132,7 +135,25 @@ class HealthMonitor:
 
     @property
     def view(self) -> HealthView:
-        return HealthView(dict(self._health), dict(self._causes))
+        with self._lock:
+            return HealthView(dict(self._health), dict(self._causes))
+
+    def watch(self, gpus: Mapping[int, str]) -> None:
+        """Watch these GPUs (minor -> UUID) from now on, as a re-discovery found them: a
+        GPU that is new, back or replaced starts healthy, one no longer there is forgotten
+        (its slices are gone); a new NVML watch registers them."""
+        with self._lock:
+            for minor, uuid in self._gpus.items():
+                if gpus.get(minor) != uuid:
+                    del self._health[minor]
+                    self._causes.pop(minor, None)
+                    self._metrics.gpu_health.remove(str(minor), uuid)
+            for minor, uuid in gpus.items():
+                if self._gpus.get(minor) != uuid:
+                    self._health[minor] = GpuHealth(minor)
+                    self._metrics.gpu_health.labels(str(minor), uuid).set(1)
+            self._gpus = dict(gpus)
+        self._rewatch.set()
 
     def start(self) -> None:
         self._thread.start()
@@ -144,6 +165,7 @@ class HealthMonitor:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            self._rewatch.clear()  # before reading the GPUs: a change after it rewatches
             try:
                 with self._open_watch() as watch:
                     self._watch(watch)
@@ -156,7 +178,7 @@ class HealthMonitor:
     def _watch(self, watch: Watch) -> None:
         """Register every GPU, check them, then events and checks until stopped."""
         now = datetime.now(UTC)
-        for minor, uuid in self._gpus.items():
+        for minor, uuid in self._watched().items():
             registration = watch.register(uuid)
             if not registration.monitored:
                 log.warning("GPU %d (%s): events not watched: %s", minor, uuid,
@@ -165,7 +187,7 @@ class HealthMonitor:
         self._check(watch)
         self._delays = None  # this watch works: a later failure backs off from the start
         next_check = time.monotonic() + self._interval
-        while not self._stop.is_set():
+        while not (self._stop.is_set() or self._rewatch.is_set()):
             try:
                 events = watch.wait(min(WAIT_S, max(0.0, next_check - time.monotonic())))
             except EventsLost as err:
@@ -187,26 +209,31 @@ class HealthMonitor:
         at = datetime.now(UTC)
         self.apply([Check(minor, at, LIVENESS[watch.liveness(uuid).state],
                           need(watch.recovery_action(uuid)))
-                    for minor, uuid in self._gpus.items()])
+                    for minor, uuid in self._watched().items()])
+
+    def _watched(self) -> dict[int, str]:
+        with self._lock:
+            return dict(self._gpus)
 
     def apply(self, found: list[Observation]) -> None:
         """Fold observations of watched GPUs; log, count and report the transitions."""
         changed: list[Transition] = []
-        for observation in found:
-            minor = observation.gpu
-            if minor not in self._health:
-                continue
-            self._health[minor], transitions = observe(self._health[minor], observation,
-                                                       self._settings)
-            for t in transitions:
-                uuid = self._gpus[minor]
-                (log.warning if t.change == "set" and t.after != "healthy" else log.info)(
-                    "%s", describe(t, uuid))
-                self._metrics.health_transitions.labels(str(minor), t.kind, t.change).inc()
-                self._metrics.gpu_health.labels(str(minor), uuid).set(
-                    int(self._health[minor].status == "healthy"))
-                self._causes[minor] = t.cause
-            changed += transitions
+        with self._lock:
+            for observation in found:
+                minor = observation.gpu
+                if minor not in self._health:
+                    continue
+                self._health[minor], transitions = observe(self._health[minor], observation,
+                                                           self._settings)
+                for t in transitions:
+                    uuid = self._gpus[minor]
+                    (log.warning if t.change == "set" and t.after != "healthy" else log.info)(
+                        "%s", describe(t, uuid))
+                    self._metrics.health_transitions.labels(str(minor), t.kind, t.change).inc()
+                    self._metrics.gpu_health.labels(str(minor), uuid).set(
+                        int(self._health[minor].status == "healthy"))
+                    self._causes[minor] = t.cause
+                changed += transitions
         if changed:
             self._on_change(self.view)
 

@@ -93,8 +93,9 @@ class Records(Mapping[str, ClaimRecord]):
         self._driver = identity.driver
         self._boot_id = identity.boot_id
         self._metrics = metrics
+        self._node = Node(identity.node)
         # What this plugin publishes: its devices and the counters they consume.
-        self._published_pools = gather_pools(slices, Node(identity.node))
+        self._published_pools = gather_pools(slices, self._node)
         # The checkpoint's top level (boot id, fields of other versions); its claims are
         # `_claims`, changed in place.
         self._top = Checkpoint(boot_id=identity.boot_id)
@@ -133,6 +134,10 @@ class Records(Mapping[str, ClaimRecord]):
         return self._lagging
 
     # -- the ledger (under `lock`) ------------------------------------------------------
+
+    def publish(self, slices: Sequence[Mapping[str, Any]]) -> None:
+        """Check conflicts against these slices from now on (a re-discovery changed them)."""
+        self._published_pools = gather_pools(slices, self._node)
 
     def take(self, ref: ClaimRef, devices: Iterable[PreparedDevice]) -> list[str]:
         """Book the devices for the claim unless other claims hold them or their counters

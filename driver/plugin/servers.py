@@ -19,7 +19,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
@@ -204,10 +204,10 @@ class HealthStreamServicer:
     and re-sent every HEALTH_RESEND seconds until the stream or the plugin ends; its thread
     is free the moment either does."""
 
-    def __init__(self, pool: str, index: dict[str, Target], pb: ModuleType,
-                 slots: StreamSlots, board: HealthBoard) -> None:
+    def __init__(self, pool: str, devices: Callable[[], Mapping[str, Target]],
+                 pb: ModuleType, slots: StreamSlots, board: HealthBoard) -> None:
         self.pool = pool
-        self.index = index
+        self.devices = devices  # those published now: a re-discovery changes them
         self.pb = pb
         self.slots = slots
         self.board = board
@@ -215,7 +215,7 @@ class HealthStreamServicer:
     def _report(self, view: HealthView) -> Any:
         now = int(time.time())
         response = self.pb.NodeWatchResourcesResponse()
-        for name, target in sorted(self.index.items()):
+        for name, target in sorted(self.devices().items()):
             health, message = self._health(target, view)
             response.devices.add(device=self.pb.DeviceIdentifier(pool_name=self.pool,
                                                                  device_name=name),
@@ -324,7 +324,7 @@ class Servers:
     endpoint as soon as it registers). Stop order: the other way round."""
 
     def __init__(self, *, state: PluginState, metrics: Metrics, driver: str, pool: str,
-                 index: dict[str, Target], dra_socket: Path, registration_socket: Path,
+                 dra_socket: Path, registration_socket: Path,
                  board: HealthBoard | None = None) -> None:
         self.dra_socket = dra_socket
         self.registration_socket = registration_socket
@@ -334,6 +334,9 @@ class Servers:
         self._bound: dict[Path, SocketFile] = {}
         self._streams = StreamSlots(HEALTH_STREAMS)
         self.board = board or HealthBoard()
+
+        def devices() -> Mapping[str, Target]:
+            return state.published.index
         # a refused stream takes a thread too, for an instant: the capped streams and the
         # refusals can never take all of PREPARE_WORKERS
         self._dra = grpc.server(ThreadPoolExecutor(PREPARE_WORKERS + HEALTH_STREAMS,
@@ -350,10 +353,10 @@ class Servers:
             self._dra)
         health_v1_grpc.add_DRAResourceHealthServicer_to_server(cast(
             health_v1_grpc.DRAResourceHealthServicer,
-            HealthStreamServicer(pool, index, health_v1, self._streams, self.board)), self._dra)
+            HealthStreamServicer(pool, devices, health_v1, self._streams, self.board)), self._dra)
         health_v1alpha1_grpc.add_DRAResourceHealthServicer_to_server(cast(
             health_v1alpha1_grpc.DRAResourceHealthServicer,
-            HealthStreamServicer(pool, index, health_v1alpha1, self._streams, self.board)),
+            HealthStreamServicer(pool, devices, health_v1alpha1, self._streams, self.board)),
             self._dra)
         self._registration = grpc.server(ThreadPoolExecutor(2, thread_name_prefix="reg"))
         reg_v1_grpc.add_RegistrationServicer_to_server(self.registration, self._registration)

@@ -28,6 +28,9 @@ handed over (the snapshot written whole first) when another process asks for it 
 claim's lock was left by a process that died, and is rolled back before the claim is
 prepared again.
 
+A re-discovery swaps what is published (`publish`) between calls, never under one: it
+waits for the calls in flight and holds new ones back meanwhile.
+
 The protocol is here; what it keeps is in `records` (the checkpoint and the ledger, kept
 in step), what it does to the node is in `effects` (MIG, time slicing, CDI specs).
 """
@@ -136,6 +139,42 @@ class _KeyedLocks:
         return len(self._locks)
 
 
+class _Gate:
+    """Calls run side by side; a change of what is published (re-discovery) waits for those
+    in flight and holds new ones back until it is done, so a call sees one `Published`
+    from plan to finish."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._calls = 0
+        self._changing = False
+
+    @contextlib.contextmanager
+    def call(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._changing)
+            self._calls += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._calls -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def change(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._changing)
+            self._changing = True
+            self._cond.wait_for(lambda: self._calls == 0)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._changing = False
+                self._cond.notify_all()
+
+
 class PluginState:
     """Prepare and unprepare over this node's records and effects; see the module."""
 
@@ -151,6 +190,7 @@ class PluginState:
                                    on_release=self.records.compact,
                                    linger=lambda: self.records.lagging)
         self._claim_locks = _KeyedLocks()
+        self._gate = _Gate()
         self._workers = ThreadPoolExecutor(WORKERS, thread_name_prefix="claim")
 
     def close(self) -> None:
@@ -158,6 +198,17 @@ class PluginState:
         snapshot first (a release that reads no journal may start next)."""
         self._workers.shutdown(wait=True)
         self._node_lock.close()
+
+    def publish(self, published: Published, tools: DeviceTools) -> None:
+        """Serve what a re-discovery found (and the device nodes and driver files that go
+        with it) from now on, once the calls in flight are done. A claim on a device no
+        longer published keeps its record and can be unprepared: teardown reads only the
+        record."""
+        with self._gate.change():
+            with self.records.lock:
+                self.records.publish(published.slices)
+            self.published = self.effects.published = published
+            self.effects.tools = tools
 
     # -- start -------------------------------------------------------------------------
 
@@ -246,7 +297,7 @@ class PluginState:
         if not uids:
             return
         try:
-            with self._node_lock.hold(deadline):
+            with self._node_lock.hold(deadline), self._gate.call():
                 work()
         except LockTimeout as err:
             for uid in uids:

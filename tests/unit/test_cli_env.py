@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from driver.cli.flags import EnvParser, seconds, xids
+from driver.cli.flags import EnvParser, seconds, seconds_or_off, xids
 from driver.cli.main import build_parser
 
 
@@ -35,7 +35,7 @@ def bad_value(action: argparse.Action) -> str | None:
         return "Bogus"
     if action.type is int:
         return "eight"
-    if action.type in (seconds, xids):
+    if action.type in (seconds, seconds_or_off, xids):
         return "-1"
     return None
 
@@ -48,6 +48,8 @@ def accepted(action: argparse.Action) -> list[str]:
         return [str(c) for c in action.choices]
     if action.type is seconds:
         return ["seconds above 0"]
+    if action.type is seconds_or_off:
+        return ["seconds, 0 or more"]
     if action.type is xids:
         return ["comma-separated XIDs"]
     return ["integer"]
@@ -92,7 +94,7 @@ def test_a_good_value_sets_the_flag_and_the_flag_wins(
         value, expected, flag = choices[-1], choices[-1], choices[0]
     elif action.type is int:
         value, expected, flag = "7", 7, "9"
-    elif action.type is seconds:
+    elif action.type in (seconds, seconds_or_off):
         value, expected, flag = "2.5", 2.5, "9.0"
     elif action.type is xids:
         value, expected, flag = "13, 43", frozenset({13, 43}), "79"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from driver.cli.flags import seconds, xids
+from driver.cli.flags import seconds, seconds_or_off, xids
 from driver.cli.main import build_parser
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -52,7 +52,7 @@ def test_the_environment_variable_sets_the_flag(flags: list[str], env: str,
     elif action.choices:
         value = next(c for c in action.choices if c != action.default)
         expected = value
-    elif action.type in (int, seconds) or action.dest == "verbosity":
+    elif action.type in (int, seconds, seconds_or_off) or action.dest == "verbosity":
         value, expected = "3", 3
     elif action.type is xids:
         value, expected = "3", frozenset({3})
