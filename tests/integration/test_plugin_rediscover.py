@@ -11,10 +11,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pynvml
 import pytest
@@ -152,6 +154,38 @@ def test_a_claim_prepared_on_a_gpu_that_vanished_is_still_unprepared(
         assert node.records() == {} and cdi_specs(node.cdi_root) == {}
         late = make_claim(node.local, [result("gpu-3")])
         assert "not published" in daemon.kubelet.prepare([late])[late.uid].error
+
+
+def test_a_prepare_in_flight_finishes_on_what_was_published_before_the_swap(
+        node: Node, start: Start) -> None:
+    """A pass that found GPU 3 gone waits for the prepare of a claim on gpu-3 that is in
+    flight (it sees one index from plan to finish), then swaps; the claim unprepares."""
+    running = start(rediscover_interval=0)
+    plugin, state = running.plugin, running.plugin.state
+    acting, release = threading.Event(), threading.Event()
+    apply = state.effects.apply
+
+    def slow_apply(*args: Any) -> Any:
+        acting.set()
+        release.wait(BOUND_S)
+        return apply(*args)
+
+    state.effects.apply = slow_apply
+    claim = make_claim(node.local, [result("gpu-3")])
+    call = running.kubelet.send("NodePrepareResources", [claim])
+    assert acting.wait(BOUND_S)
+    running.provider.nvml.inject(3, Fault("remove"))
+    swap = threading.Thread(target=plugin.rediscover)
+    swap.start()
+    swap.join(QUIET_S)
+    assert swap.is_alive() and "gpu-3" in state.published.index  # waits for the call
+
+    release.set()
+    assert call.result().claims[claim.uid].error == ""
+    swap.join(BOUND_S)
+    assert not swap.is_alive() and "gpu-3" not in state.published.index
+    assert running.kubelet.unprepare([claim]) == {claim.uid: ""}
+    assert node.records() == {}
 
 
 def test_an_admins_static_mig_change_reaches_the_slices(node: Node, start: Start,
