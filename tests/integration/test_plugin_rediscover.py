@@ -21,6 +21,8 @@ from typing import Any
 import pynvml
 import pytest
 
+from driver._proto.drahealth_v1 import api_pb2 as health_v1
+from driver._proto.drahealth_v1 import api_pb2_grpc as health_v1_grpc
 from driver.nvml.faults import Fault
 from driver.nvml.mock import inject as record
 from driver.plugin.mig import MigManager
@@ -31,6 +33,7 @@ from tests.support.plugin import Daemon, Node, Start, cdi_specs, make_claim, res
 REPO = Path(__file__).resolve().parents[2]
 BOUND_S = 10.0  # generous for a loaded machine: a pass every 0.2 s, a write within 1 s
 QUIET_S = 1.5  # longer than a periodic pass and the write after it would take
+PUSH_BOUND_S = 3.0  # a change pushed to a health stream; the periodic re-send is 10 s apart
 
 
 def inject(state: Path, *fault: str) -> None:
@@ -156,10 +159,16 @@ def test_a_claim_prepared_on_a_gpu_that_vanished_is_still_unprepared(
         assert "not published" in daemon.kubelet.prepare([late])[late.uid].error
 
 
+def streamed(response: Any) -> set[str]:
+    """The device names of one NodeWatchResources report."""
+    return {d.device.device_name for d in response.devices}
+
+
 def test_a_prepare_in_flight_finishes_on_what_was_published_before_the_swap(
         node: Node, start: Start) -> None:
     """A pass that found GPU 3 gone waits for the prepare of a claim on gpu-3 that is in
-    flight (it sees one index from plan to finish), then swaps; the claim unprepares."""
+    flight (it sees one index from plan to finish), then swaps; the health stream drops
+    gpu-3 at once; the claim unprepares."""
     running = start(rediscover_interval=0)
     plugin, state = running.plugin, running.plugin.state
     acting, release = threading.Event(), threading.Event()
@@ -174,6 +183,9 @@ def test_a_prepare_in_flight_finishes_on_what_was_published_before_the_swap(
     claim = make_claim(node.local, [result("gpu-3")])
     call = running.kubelet.send("NodePrepareResources", [claim])
     assert acting.wait(BOUND_S)
+    stream = health_v1_grpc.DRAResourceHealthStub(running.kubelet.dra_channel) \
+        .NodeWatchResources(health_v1.NodeWatchResourcesRequest(), timeout=60)
+    assert "gpu-3" in streamed(next(stream))
     running.provider.nvml.inject(3, Fault("remove"))
     swap = threading.Thread(target=plugin.rediscover)
     swap.start()
@@ -184,6 +196,11 @@ def test_a_prepare_in_flight_finishes_on_what_was_published_before_the_swap(
     assert call.result().claims[claim.uid].error == ""
     swap.join(BOUND_S)
     assert not swap.is_alive() and "gpu-3" not in state.published.index
+    swapped = time.monotonic()
+    while "gpu-3" in streamed(next(stream)):  # reports sent before the swap
+        pass
+    assert time.monotonic() - swapped < PUSH_BOUND_S  # pushed, not the periodic re-send
+    stream.cancel()
     assert running.kubelet.unprepare([claim]) == {claim.uid: ""}
     assert node.records() == {}
 
