@@ -92,20 +92,30 @@ def changes(old: Inventory, new: Inventory, dynamic_mig: bool = False) -> list[s
 
 
 def keep_unreadable(old: Inventory, new: Inventory) -> Inventory:
-    """`new`, where a GPU published before is enumerated but unreadable now (lost, needing
-    a reset: NVML answers its index with an error) kept as it was: such a GPU is not gone,
-    the health monitor taints it and gives it back when it answers again. Matched by NVML
+    """`new`, where a GPU that was readable (and so watched by the health monitor) and is
+    enumerated but unreadable now (lost, needing a reset: NVML answers its queries with an
+    error) is kept as it was: such a GPU is not gone, the monitor taints it and gives it
+    back when it answers again. Matched by minor where NVML still gives it, else by NVML
     index, which only a GPU leaving the enumeration shifts; a GPU that left it is gone."""
-    present = {gpu.minor for gpu in new.gpus if gpu.minor >= 0}
-    before = {gpu.index: gpu for gpu in old.gpus if gpu.minor >= 0}
-    kept = {gpu.index: before[gpu.index] for gpu in new.gpus
-            if gpu.minor < 0 and gpu.index in before and before[gpu.index].minor not in present}
+    readable = [gpu for gpu in old.gpus if gpu.healthy and gpu.minor >= 0]
+    by_minor = {gpu.minor: gpu for gpu in readable}
+    by_index = {gpu.index: gpu for gpu in readable}
+    present = {gpu.minor for gpu in new.gpus if gpu.healthy and gpu.minor >= 0}
+    kept: dict[int, Gpu] = {}  # by NVML index now
+    for gpu in new.gpus:
+        was = None if gpu.healthy else \
+            by_minor.get(gpu.minor) if gpu.minor >= 0 else by_index.get(gpu.index)
+        if was is not None and was.minor not in present:
+            kept[gpu.index] = replace(was, index=gpu.index)
     if not kept:
         return new
+    # the kept GPUs' links, where both ends are still at their NVML index of before
+    gpus = tuple(kept.get(gpu.index, gpu) for gpu in new.gpus)
+    was_at = {gpu.index: gpu.minor for gpu in old.gpus}
+    same = {gpu.index for gpu in gpus if gpu.minor >= 0 and was_at.get(gpu.index) == gpu.minor}
     links = {**new.links, **{pair: label for pair, label in old.links.items()
-                             if kept.keys() & set(pair)}}
-    return replace(new, gpus=tuple(kept.get(gpu.index, gpu) for gpu in new.gpus),
-                   links=links)
+                             if kept.keys() & set(pair) and set(pair) <= same}}
+    return replace(new, gpus=gpus, links=links)
 
 
 class Rediscoverer:

@@ -93,6 +93,8 @@ def test_a_lost_gpu_is_kept_a_removed_one_is_not(dgx: Inventory) -> None:
         pair: label for pair, label in dgx.links.items() if 3 not in pair})
     kept = keep_unreadable(dgx, lost)
     assert kept == dgx and changes(dgx, kept) == []
+    failing = with_gpu(dgx, 3, uuid="", health_error="nvmlDeviceGetUUID: GPU is lost")
+    assert keep_unreadable(dgx, failing) == dgx  # its minor still answered
     assert keep_unreadable(dgx, without(dgx, 3)) == without(dgx, 3)
 
 
