@@ -5,6 +5,7 @@
 // Input on stdin: one JSON object per line,
 //
 //	{"node": {"name": "n1", "labels": {}}, "classes": [...], "slices": [...],
+//	 "taintRules": [...DeviceTaintRules...],
 //	 "allocated": [...ResourceClaims with status.allocation...], "claims": [...],
 //	 "benchIterations": 0}
 //
@@ -15,7 +16,9 @@
 //	 "nanosMedian": <with benchIterations > 0: median ns of NewAllocator+Allocate>}
 //
 // The feature set is the scheduler's default in v1.37 (see features below), which
-// selects the "incubating" allocator.
+// selects the "incubating" allocator. DeviceTaintRules reach the allocator as the
+// scheduler's ResourceSlice tracker (on by default: DRADeviceTaintRules is GA in
+// v1.37) patches them into the slices.
 package main
 
 import (
@@ -32,8 +35,13 @@ import (
 	resourceapi "k8s.io/api/resource/v1"
 	"k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/util/sets"
+	"k8s.io/apimachinery/pkg/util/wait"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes/fake"
 	"k8s.io/dynamic-resource-allocation/cel"
+	"k8s.io/dynamic-resource-allocation/resourceslice/tracker"
 	"k8s.io/dynamic-resource-allocation/structured"
 	"k8s.io/utils/ptr"
 )
@@ -57,12 +65,13 @@ type input struct {
 	} `json:"node"`
 	// Nodes, when set, replaces Node: Allocate runs for each in turn (one allocator,
 	// as in one scheduling cycle's Filter calls) and the first allocation is returned.
-	Nodes           []string                     `json:"nodes"`
-	Classes         []*resourceapi.DeviceClass   `json:"classes"`
-	Slices          []*resourceapi.ResourceSlice `json:"slices"`
-	Allocated       []*resourceapi.ResourceClaim `json:"allocated"`
-	Claims          []*resourceapi.ResourceClaim `json:"claims"`
-	BenchIterations int                          `json:"benchIterations"`
+	Nodes           []string                       `json:"nodes"`
+	Classes         []*resourceapi.DeviceClass     `json:"classes"`
+	Slices          []*resourceapi.ResourceSlice   `json:"slices"`
+	TaintRules      []*resourceapi.DeviceTaintRule `json:"taintRules"`
+	Allocated       []*resourceapi.ResourceClaim   `json:"allocated"`
+	Claims          []*resourceapi.ResourceClaim   `json:"claims"`
+	BenchIterations int                            `json:"benchIterations"`
 	// TimeoutSeconds bounds one Allocate call, like the scheduler's filter timeout
 	// (default 10 s); 0 means that default.
 	TimeoutSeconds float64 `json:"timeoutSeconds"`
@@ -218,9 +227,13 @@ func main() {
 			} else {
 				setDefaults(in.Claims)
 				setDefaults(in.Allocated)
-				out, _ = run(ctx, &in, cache)
-				if in.BenchIterations > 0 {
-					out.NanosMedian = bench(ctx, &in, cache)
+				if perr := patchSlices(ctx, &in); perr != nil {
+					out = output{Status: "bad-input", Error: perr.Error()}
+				} else {
+					out, _ = run(ctx, &in, cache)
+					if in.BenchIterations > 0 {
+						out.NanosMedian = bench(ctx, &in, cache)
+					}
 				}
 			}
 			if eerr := encoder.Encode(out); eerr != nil {
@@ -233,6 +246,53 @@ func main() {
 			return
 		}
 	}
+}
+
+// patchSlices replaces the input's slices with what the scheduler's ResourceSlice
+// tracker makes of them and the DeviceTaintRules, served from a fake clientset, sorted
+// by name as the input's own order does not matter to the allocator.
+func patchSlices(ctx context.Context, in *input) error {
+	if len(in.TaintRules) == 0 {
+		return nil
+	}
+	var objects []runtime.Object
+	for _, slice := range in.Slices {
+		objects = append(objects, slice)
+	}
+	for _, rule := range in.TaintRules {
+		objects = append(objects, rule)
+	}
+	client := fake.NewClientset(objects...)
+	factory := informers.NewSharedInformerFactory(client, 0)
+	ctx, cancel := context.WithCancel(ctx)
+	defer factory.Shutdown() // after cancel: it waits for the informers to stop
+	defer cancel()
+	slices, err := tracker.StartTracker(ctx, tracker.Options{
+		EnableDeviceTaintRules: true,
+		SliceInformer:          factory.Resource().V1().ResourceSlices(),
+		TaintInformer:          factory.Resource().V1().DeviceTaintRules(),
+	})
+	if err != nil {
+		return err
+	}
+	defer slices.Stop()
+	factory.Start(ctx.Done())
+	factory.WaitForCacheSync(ctx.Done())
+	err = wait.PollUntilContextTimeout(ctx, time.Millisecond, 10*time.Second, true,
+		func(context.Context) (bool, error) { return slices.HasSynced(), nil })
+	if err != nil {
+		return fmt.Errorf("ResourceSlice tracker not synced: %w", err)
+	}
+	patched, err := slices.ListPatchedResourceSlices()
+	if err != nil {
+		return err
+	}
+	if len(patched) != len(in.Slices) {
+		return fmt.Errorf("ResourceSlice tracker: %d slices, %d given", len(patched), len(in.Slices))
+	}
+	sort.Slice(patched, func(a, b int) bool { return patched[a].Name < patched[b].Name })
+	in.Slices = patched
+	return nil
 }
 
 // bench times NewAllocator + Allocate, what the scheduler does per pod and node,

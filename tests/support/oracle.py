@@ -64,7 +64,8 @@ def ours(instance: Mapping[str, Any], mode: str = "parity", backend: str = "nati
          ) -> dict[str, Any]:
     """Our answer in the oracle's output shape."""
     try:
-        allocator = Allocator(instance["slices"], instance["classes"])
+        allocator = Allocator(instance["slices"], instance["classes"],
+                              instance.get("taintRules") or ())
         claims = allocator.parse(instance["claims"])
     except InputError as err:
         return {"status": "error", "error": str(err)}

@@ -10,7 +10,9 @@ Two kinds of node, drawn at random:
 Then 1-3 claims (counts, All, firstAvailable, selectors from a list that includes
 runtime errors, matchAttribute/distinctAttribute, adminAccess, tolerations,
 capacity requests) and claims already allocated (some consistent, some
-over-committing counters, some shared).
+over-committing counters, some shared). Last (so the rest of an instance does not
+depend on it), sometimes DeviceTaintRules selecting one device, a pool, a driver,
+every device or (without a selector) none.
 """
 
 from __future__ import annotations
@@ -93,7 +95,26 @@ def instance(rng: random.Random) -> dict[str, Any]:
     claims = [_claim(rng, f"claim-{i}", classes, selectors, match, distinct, devices)
               for i in range(rng.choice((1, 1, 1, 2, 2, 3)))]
     return {"node": {"name": NODE, "labels": {"zone": rng.choice(("a", "b"))}},
-            "classes": classes, "slices": slices, "allocated": allocated, "claims": claims}
+            "classes": classes, "slices": slices, "allocated": allocated, "claims": claims,
+            "taintRules": _taint_rules(rng, devices) if rng.random() < 0.25 else []}
+
+
+def _taint_rules(rng: random.Random, devices: list[tuple[dict[str, Any], dict[str, Any]]]
+                 ) -> list[dict[str, Any]]:
+    rules = []
+    for i in range(rng.choice((1, 1, 2))):
+        s, device = rng.choice(devices)
+        spec = s["spec"]
+        selector = rng.choice((
+            {"driver": spec["driver"], "pool": spec["pool"]["name"], "device": device["name"]},
+            {"device": device["name"]}, {"pool": spec["pool"]["name"]},
+            {"driver": spec["driver"]}, {}, None))
+        taint = {"key": rng.choice(TAINT_KEYS), "value": rng.choice(("", "x")),
+                 "effect": rng.choice(("NoSchedule", "NoExecute", "None"))}
+        rules.append({"metadata": {"name": f"rule-{i}"},
+                      "spec": {"taint": taint,
+                               **({"deviceSelector": selector} if selector is not None else {})}})
+    return rules
 
 
 def _mock_node(rng: random.Random) -> tuple[Any, ...]:

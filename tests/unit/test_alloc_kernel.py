@@ -254,7 +254,8 @@ def test_a_warm_allocator_answers_as_the_reference_under_every_ledger() -> None:
     for i in range(150):
         problem = instance(random.Random(f"warm-{i}"))
         try:
-            allocator = Allocator(problem["slices"], problem["classes"])
+            allocator = Allocator(problem["slices"], problem["classes"],
+                                  problem["taintRules"])
             claims = allocator.parse(problem["claims"])
         except InputError:
             continue
