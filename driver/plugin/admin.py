@@ -24,14 +24,16 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from driver.atomicfile import write_atomically
 from driver.health.model import GpuHealth, Manual, Observation
+from driver.health.state import label_value
 from driver.health.taints import rfc3339
+from driver.plugin.monitor import HealthView
 
 log = logging.getLogger(__name__)
 
@@ -132,52 +134,47 @@ def record(plugin_dir: Path, action: Action, gpu: str, reason: str = "",
     return requests
 
 
-@dataclass(frozen=True)
-class Applied:
-    """What the plugin has applied, by GPU UUID: out-of-service reasons, latest clears."""
-
-    out_of_service: Mapping[str, str] = field(default_factory=dict)
-    clears: Mapping[str, datetime] = field(default_factory=dict)
-
-
-def observations(requests: Requests, gpus: Mapping[int, str], applied: Applied,
-                 started: datetime, at: datetime) -> tuple[list[Observation], Applied]:
-    """The manual observations that bring the watched GPUs (minor -> UUID) to what the
-    admin asked, and what is applied after them."""
+def observations(requests: Requests, health: Mapping[int, GpuHealth],
+                 gpus: Mapping[int, str], cleared: Mapping[str, datetime],
+                 started: datetime, at: datetime
+                 ) -> tuple[list[Observation], dict[str, datetime]]:
+    """The manual observations that bring the watched GPUs (minor -> UUID, their health
+    now) to what the admin asked, and the latest clear applied by GPU UUID after them.
+    Out-of-service is compared with the GPU's health, so a GPU whose health starts over
+    (it came back after a re-discovery) is kept out again; each clear is applied once."""
     found: list[Observation] = []
-    oos = dict(applied.out_of_service)
-    clears = dict(applied.clears)
+    cleared = dict(cleared)
     for minor, uuid in sorted(gpus.items()):
         times = [t for t in (requests.clears.get(uuid), requests.clears.get(str(minor)))
                  if t is not None]
         clear = max(times, default=None)
-        if clear is not None and clear > max(started, clears.get(uuid, started)):
+        conditions = health[minor].conditions if minor in health else ()
+        if clear is not None and clear > max(started, cleared.get(uuid, started)):
             found.append(Manual(minor, at, "clear"))
-            clears[uuid] = clear
-            oos.pop(uuid, None)  # cleared too: kept out only if the file still says so
+            cleared[uuid] = clear
+            conditions = ()
+        out = next((c for c in conditions if c.kind == "out-of-service"), None)
         wanted = requests.out_of_service.get(uuid) or requests.out_of_service.get(str(minor))
-        if wanted is None and uuid in oos:
+        if wanted is None and out is not None:
             found.append(Manual(minor, at, "return"))
-            del oos[uuid]
-        elif wanted is not None and oos.get(uuid) != wanted.reason:
+        elif wanted is not None and (out is None or out.value != label_value(wanted.reason)):
             found.append(Manual(minor, at, "out-of-service", wanted.reason))
-            oos[uuid] = wanted.reason
-    return found, Applied(oos, clears)
+    return found, cleared
 
 
 class AdminWatch:
-    """Applies the admin file's requests to the watched GPUs (`gpus()`, which may change
-    with re-discovery) through `apply`, in a thread of its own."""
+    """Applies the admin file's requests to the watched GPUs through `apply`, in a thread
+    of its own; `view()` gives their health now (the GPUs may change with re-discovery)."""
 
-    def __init__(self, plugin_dir: Path, gpus: Callable[[], Mapping[int, str]],
+    def __init__(self, plugin_dir: Path, view: Callable[[], HealthView],
                  apply: Callable[[list[Observation]], None],
                  interval: float = CHECK_INTERVAL) -> None:
         self._path = plugin_dir / ADMIN_FILE
-        self._gpus = gpus
+        self._view = view
         self._apply = apply
         self._interval = interval
         self._started = datetime.now(UTC)
-        self._applied = Applied()
+        self._cleared: dict[str, datetime] = {}
         self._seen: tuple[object, ...] | None = None
         self._requests = Requests()
         self._stop = threading.Event()
@@ -200,8 +197,8 @@ class AdminWatch:
                 log.exception("applying %s failed", self._path)
 
     def check(self) -> None:
-        """Read the file if it changed, and apply what differs from what is applied."""
-        gpus = dict(self._gpus())
+        """Read the file if it changed; apply what differs from the GPUs' health."""
+        view = self._view()
         try:
             st = os.stat(self._path)
             identity: tuple[object, ...] = (st.st_ino, st.st_mtime_ns, st.st_size)
@@ -214,30 +211,26 @@ class AdminWatch:
             except (AdminError, OSError) as err:
                 log.error("GPU health admin requests not applied: %s", err)
                 return
-            unknown = [g for g in (*self._requests.out_of_service, *self._requests.clears)
-                       if g not in gpus.values() and g not in map(str, gpus)]
+            known = {*view.uuids.values(), *map(str, view.uuids)}
+            unknown = {g for g in (*self._requests.out_of_service, *self._requests.clears)
+                       if g not in known}
             if unknown:
                 log.warning("%s names GPUs this node does not watch: %s", self._path,
-                            ", ".join(sorted(set(unknown))))
-        found, self._applied = observations(self._requests, gpus, self._applied,
-                                            self._started, datetime.now(UTC))
-        # a GPU no longer watched (gone after a re-discovery) starts over if it returns
-        self._applied = replace(self._applied, out_of_service={
-            u: r for u, r in self._applied.out_of_service.items() if u in gpus.values()})
+                            ", ".join(sorted(unknown)))
+        found, self._cleared = observations(self._requests, view.gpus, view.uuids,
+                                            self._cleared, self._started, datetime.now(UTC))
         if found:
             self._apply(found)
 
 
-def status_doc(health: Mapping[int, GpuHealth], gpus: Mapping[int, str],
-               causes: Mapping[int, str], at: datetime) -> dict[str, Any]:
+def status_doc(view: HealthView, at: datetime) -> dict[str, Any]:
     """The published health as `health.json` holds it."""
     return {"updated": rfc3339(at), "gpus": [
-        {"gpu": minor, "uuid": uuid, "status": health[minor].status if minor in health
-         else "unknown", "cause": causes.get(minor, ""),
+        {"gpu": minor, "uuid": uuid, "status": view.gpus[minor].status,
+         "cause": view.causes.get(minor, ""),
          "conditions": [{"kind": c.kind, "effect": c.effect, "value": c.value,
-                         "since": rfc3339(c.since)}
-                        for c in (health[minor].conditions if minor in health else ())]}
-        for minor, uuid in sorted(gpus.items())]}
+                         "since": rfc3339(c.since)} for c in view.gpus[minor].conditions]}
+        for minor, uuid in sorted(view.uuids.items()) if minor in view.gpus]}
 
 
 def write_status(plugin_dir: Path, doc: Mapping[str, Any]) -> None:

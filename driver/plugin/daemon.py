@@ -3,9 +3,10 @@
 Start: discovery; recovery from the checkpoint (void after a reboot, roll back half-done
 work, destroy stray dynamic MIG devices, remove orphan CDI specs); publish the slices;
 start the health monitor (`monitor`), whose changes re-publish the slices with their
-taints (at most once a second) and go to every open health stream at once; serve the DRA
-socket; then create the registration socket, so the kubelet never calls a plugin that is
-not ready; then re-discover every `rediscover_interval` seconds and on SIGHUP
+taints (at most once a second), go to every open health stream at once and to
+`health.json`, with the admin's requests (`admin`) applied before the first publish;
+serve the DRA socket; then create the registration socket, so the kubelet never calls a
+plugin that is not ready; then re-discover every `rediscover_interval` seconds and on SIGHUP
 (`rediscover`). SIGTERM or SIGINT: remove the registration socket, refuse new
 calls, finish those in flight, remove the DRA socket; the slices stay (the kubelet wipes
 them if the plugin stays away) unless `cleanup` is set.
@@ -36,6 +37,7 @@ import signal
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -51,6 +53,7 @@ from driver.kube.events import post_node_event
 from driver.nvml import Provider
 from driver.nvml.events import HealthWatch
 from driver.plugin import mockroot
+from driver.plugin.admin import STATUS_FILE, AdminWatch, status_doc, write_status
 from driver.plugin.cdi import DriverFiles
 from driver.plugin.checkpoint import BOOT_ID_PATH, read_boot_id
 from driver.plugin.claims import ApiClaimSource, ClaimSource, DirClaimSource
@@ -167,6 +170,8 @@ class Plugin:
         self.servers: Servers | None = None
         self.probe_port: int | None = None
         self.monitor: HealthMonitor | None = None
+        self.admin: AdminWatch | None = None
+        self._board: HealthBoard | None = None
         self._republisher: Republisher | None = None
         self.rediscoverer: Rediscoverer | None = None
 
@@ -230,11 +235,15 @@ class Plugin:
         self.state.recover(lambda: remove_dead_sockets(o.registry_dir, o.plugin_dir, o.driver))
         from driver.resourceslice.errors import PublishTimeout
 
-        board = HealthBoard()
-        self.monitor = self._health_monitor(self.state, publisher, board)
+        self._board = HealthBoard()
+        monitor = self.monitor = self._health_monitor(self.state, publisher)
+        # the admin's requests first: a GPU kept out is never published untainted
+        self.admin = AdminWatch(o.plugin_dir, lambda: monitor.view, monitor.apply)
+        self.admin.check()
+        self._write_status(monitor.view)
         try:
             publisher.publish(inventory, timeout=START_PUBLISH_TIMEOUT,
-                              health=self.monitor.view.gpus)
+                              health=monitor.view.gpus)
         except PublishTimeout as err:
             # Serving matters more: the kubelet may need to unprepare what we prepared
             # before. The resync loop publishes as soon as the API server answers.
@@ -242,12 +251,14 @@ class Plugin:
         self.metrics.published.set(len(index))
         self.servers = Servers(
             state=self.state, metrics=self.metrics, driver=o.driver, pool=o.node,
-            dra_socket=o.dra_socket, registration_socket=o.registration_socket, board=board)
+            dra_socket=o.dra_socket, registration_socket=o.registration_socket,
+            board=self._board)
         if o.health_port is not None:
             self.probe_port = self.servers.start_probe(o.health_port)
         if self._republisher is not None:
             self._republisher.start()
-        self.monitor.start()
+        monitor.start()
+        self.admin.start()
         self.servers.start()
         self.rediscoverer = Rediscoverer(self.rediscover, o.rediscover_interval)
         self.rediscoverer.start()
@@ -301,31 +312,37 @@ class Plugin:
         self.metrics.published.set(len(index))
         self.metrics.rediscoveries.labels("changed").inc()
         log.info("re-discovery: %s; %d devices published", "; ".join(found), len(index))
-        view = self.monitor.view
-        self.servers.board.update(view)
-        self._republisher.changed(view.gpus)
+        self._health_changed(self.monitor.view)
         return found
 
-    def _health_monitor(self, state: PluginState, publisher: Publisher,
-                        board: HealthBoard) -> HealthMonitor:
-        """The monitor of the GPUs discovery could read; each change goes to the health
-        streams at once and to the slices through the coalescing republisher (with the
-        inventory published then: a re-discovery publishes through it too)."""
+    def _health_monitor(self, state: PluginState, publisher: Publisher) -> HealthMonitor:
+        """The monitor of the GPUs discovery could read; each change goes to
+        `_health_changed` (with the inventory published then: a re-discovery publishes
+        through it too)."""
         o = self.options
 
         def publish(health: Mapping[int, GpuHealth]) -> None:
             publisher.publish(state.published.inventory, timeout=HEALTH_PUBLISH_TIMEOUT,
                               health=health)
 
-        republisher = self._republisher = Republisher(publish)
-
-        def on_change(view: HealthView) -> None:
-            board.update(view)
-            republisher.changed(view.gpus)
-
+        self._republisher = Republisher(publish)
         return HealthMonitor(lambda: HealthWatch(self.provider.nvml),
                              _watched(state.published.inventory), o.health, self.metrics,
-                             on_change, o.health_check_interval)
+                             self._health_changed, o.health_check_interval)
+
+    def _health_changed(self, view: HealthView) -> None:
+        """A new health, or new GPUs: to every open health stream at once, to the slices
+        through the coalescing republisher, and to `health.json` for `gpu-dra health`."""
+        assert self._board is not None and self._republisher is not None
+        self._board.update(view)
+        self._republisher.changed(view.gpus)
+        self._write_status(view)
+
+    def _write_status(self, view: HealthView) -> None:
+        try:
+            write_status(self.options.plugin_dir, status_doc(view, datetime.now(UTC)))
+        except OSError as err:  # only `gpu-dra health status` misses it
+            log.warning("cannot write %s: %s", STATUS_FILE, err)
 
     def _report_hook(self, files: DriverFiles) -> None:
         """Containers still start without nvidia-cdi-hook, but may not find the driver's
@@ -340,6 +357,8 @@ class Plugin:
                              name="node-event", daemon=True).start()
 
     def stop(self, grace: float = KUBELET_CALL_TIMEOUT) -> None:
+        if self.admin is not None:
+            self.admin.stop()
         if self.rediscoverer is not None:
             self.rediscoverer.stop()
         if self.servers is not None:

@@ -68,10 +68,12 @@ class Watch(Protocol):
 
 @dataclass(frozen=True)
 class HealthView:
-    """The watched GPUs' health by minor, and the cause of each one's latest transition."""
+    """The watched GPUs' health by minor, the cause of each one's latest transition, and
+    their UUIDs."""
 
     gpus: Mapping[int, GpuHealth]
     causes: Mapping[int, str]
+    uuids: Mapping[int, str]
 
 
 OnChange = Callable[[HealthView], None]
@@ -127,6 +129,9 @@ class HealthMonitor:
         self._causes: dict[int, str] = {}
         self._lock = threading.Lock()  # the GPUs and their health: `watch` changes them
         self._rewatch = threading.Event()  # the GPUs changed: register them in a new watch
+        # one report at a time: two appliers (events, the admin) never hand on_change
+        # their views in the wrong order
+        self._reporting = threading.Lock()
         self._stop = threading.Event()
         self._delays: Iterator[float] | None = None
         self._thread = threading.Thread(target=self._run, name="health-monitor", daemon=True)
@@ -136,7 +141,7 @@ class HealthMonitor:
     @property
     def view(self) -> HealthView:
         with self._lock:
-            return HealthView(dict(self._health), dict(self._causes))
+            return HealthView(dict(self._health), dict(self._causes), dict(self._gpus))
 
     def watch(self, gpus: Mapping[int, str]) -> None:
         """Watch these GPUs (minor -> UUID) from now on, as a re-discovery found them: a
@@ -178,7 +183,7 @@ class HealthMonitor:
     def _watch(self, watch: Watch) -> None:
         """Register every GPU, check them, then events and checks until stopped."""
         now = datetime.now(UTC)
-        for minor, uuid in self._watched().items():
+        for minor, uuid in self.watched().items():
             registration = watch.register(uuid)
             if not registration.monitored:
                 log.warning("GPU %d (%s): events not watched: %s", minor, uuid,
@@ -209,9 +214,10 @@ class HealthMonitor:
         at = datetime.now(UTC)
         self.apply([Check(minor, at, LIVENESS[watch.liveness(uuid).state],
                           need(watch.recovery_action(uuid)))
-                    for minor, uuid in self._watched().items()])
+                    for minor, uuid in self.watched().items()])
 
-    def _watched(self) -> dict[int, str]:
+    def watched(self) -> dict[int, str]:
+        """The GPUs watched now, minor -> UUID."""
         with self._lock:
             return dict(self._gpus)
 
@@ -235,7 +241,8 @@ class HealthMonitor:
                     self._causes[minor] = t.cause
                 changed += transitions
         if changed:
-            self._on_change(self.view)
+            with self._reporting:
+                self._on_change(self.view)
 
 
 class Republisher:

@@ -176,7 +176,7 @@ class HealthBoard:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._view = HealthView({}, {})
+        self._view = HealthView({}, {}, {})
         self._listeners: set[threading.Event] = set()
 
     @property

@@ -20,8 +20,8 @@ ALLOWED: dict[str, set[str]] = {
     "plugin": BASE | {"inventory", "health", "resourceslice", "allocator", "nvml", "kube",
                       "_proto"},
     "devcluster": BASE | {"kube"},
-    "demo": BASE | {"nvml", "kube", "inventory", "resourceslice", "allocator", "plugin",
-                    "devcluster", "_proto"},
+    "demo": BASE | {"nvml", "kube", "inventory", "health", "resourceslice", "allocator",
+                    "plugin", "devcluster", "_proto"},
     "cli": BASE | {"nvml", "kube", "inventory", "health", "resourceslice", "allocator",
                    "plugin", "devcluster", "demo"},
 }
