@@ -16,6 +16,7 @@ import logging
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 LayoutChoice = Literal["auto", "split", "combined"]
 
 SLICES_PATH = "/apis/resource.k8s.io/v1/resourceslices"
+OWN_WRITES_KEPT = 64  # a dozen syncs of a large pool: older events are long delivered
 
 T = TypeVar("T")
 
@@ -174,6 +176,8 @@ class ApiPublisher:
         self._inventory: Inventory | None = None
         self._health: Mapping[int, GpuHealth] = {}  # the GPUs' taints come from it
         self._published = _Published()
+        # resourceVersions of our latest writes: the watch's events of them are ours
+        self._written: deque[str] = deque(maxlen=OWN_WRITES_KEPT)
         self._wake = threading.Event()  # an inventory arrived, or the loop must stop
         self._watch_lock = threading.Lock()
         self._watch_resp: Any = None
@@ -413,6 +417,7 @@ class ApiPublisher:
         if result.status != ok:
             raise PublishError(f"{method} ResourceSlice {name}: HTTP {result.status} "
                                f"{_message(result)}")
+        self._written.append(result.body["metadata"]["resourceVersion"])
         if lost := dropped_fields(obj["spec"], result.body.get("spec", {}), "spec"):
             raise PublishError(
                 f"the API server dropped fields of ResourceSlice {name}: "
@@ -448,8 +453,7 @@ class ApiPublisher:
                 if not line:
                     continue
                 event = json.loads(line)
-                if why := foreign_change(event, self._published.slices,
-                                         self._published.generation):
+                if why := self._foreign(event):
                     log.info("%s: resyncing", why)
                     return
         except (urllib3.exceptions.HTTPError, OSError, ValueError) as err:  # ValueError: bad JSON
@@ -461,6 +465,18 @@ class ApiPublisher:
                 self._watch_resp = None
             resp.close()
             resp.release_conn()
+
+    def _foreign(self, event: Mapping[str, Any]) -> str | None:
+        """`foreign_change`, unless the event is of a write of ours: a sync's events can
+        arrive before it records what it published, or after a newer sync, so the event's
+        resourceVersion is looked up among our writes once a sync in flight is done."""
+        if foreign_change(event, self._published.slices, self._published.generation) is None:
+            return None
+        with self._lock:
+            version = (event.get("object") or {}).get("metadata", {}).get("resourceVersion")
+            if event.get("type") in ("ADDED", "MODIFIED") and version in self._written:
+                return None
+            return foreign_change(event, self._published.slices, self._published.generation)
 
     def _interrupt_watch(self) -> None:
         """Unblock a watch in another thread; its loop then resyncs or stops."""

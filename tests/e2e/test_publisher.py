@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,9 @@ import pynvml
 import pytest
 
 from driver.devcluster.controlplane import ClusterConfig, FakeNodeKeeper, LocalCluster
+from driver.health.classify import HealthSettings
+from driver.health.model import GpuHealth, XidEvent
+from driver.health.state import observe
 from driver.inventory.discovery import discover
 from driver.kube.api import api_request
 from driver.nvml import Provider
@@ -307,3 +311,23 @@ def test_cleanup_deletes_only_this_nodes_pool(
             assert pool(api, mine) == []
             assert len(pool(api, other)) == 5
             assert publisher.cleanup() == 0
+
+
+def test_its_own_writes_seen_by_the_watch_start_no_resync(
+        control_plane: ControlPlane, fake_node: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A health change rewrites slices while the watch runs: the watch sees those writes
+    before the publish has recorded them, and must not take them for someone else's."""
+    node = fake_node()
+    inventory = discover(mock_provider("dgx-h100"))
+    sick, _ = observe(GpuHealth(3), XidEvent(3, 79, datetime.now(UTC)), HealthSettings())
+    with publisher_for(control_plane, node, "dynamic", PublishTiming(resync_period=600)) \
+            as (publisher, _):
+        publisher.publish(inventory)
+        with resyncing(publisher), caplog.at_level(logging.INFO,
+                                                   logger="driver.resourceslice.publish"):
+            wait_for(lambda: publisher.syncs >= 2, "the resync loop to be watching")
+            for health in (sick, GpuHealth(3)) * 3:
+                assert publisher.publish(inventory, health={3: health}).writes > 0
+            time.sleep(1.0)  # the watch's last events
+        assert [r.getMessage() for r in caplog.records if "resyncing" in r.getMessage()] == []
+        assert consistent(pool(control_plane.api, node))
