@@ -225,7 +225,8 @@ class Plugin:
             tools=DeviceTools(
                 files=files, devices=devices, host=self.provider.host,
                 mig=MigManager(self.provider),
-                timeslicer=timeslicer(self.provider, o.mock_driver_root or o.driver_root)),
+                timeslicer=timeslicer(self.provider, o.mock_driver_root or o.driver_root,
+                                      mock_root=o.mock_driver_root is not None)),
             identity=Identity(driver=o.driver, node=o.node,
                               boot_id=read_boot_id(o.boot_id_path)),
             published=self._published(inventory, index),

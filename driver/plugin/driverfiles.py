@@ -274,6 +274,18 @@ def hook_missing(files: DriverFiles) -> str:
             "and nothing keeps NVML from creating device nodes in them")
 
 
+def nvml_library(driver_root: Path) -> Path | None:
+    """The driver's NVML library as this process sees it (links followed inside the root),
+    from the first of the driver's library folders that holds it; None if none does. The
+    tools the plugin runs from the root load it (`sharing`): the image has none."""
+    root = Root(driver_root, driver_root)
+    for folder in _library_folders(root):
+        real = root.real(f"{folder}/{LIBRARY}")
+        if real is not None and root.is_file(real):
+            return driver_root / real
+    return None
+
+
 def _library_folders(root: Root) -> list[str]:
     """The real folders of LIBRARY_SEARCH and those its anchor links lead to."""
     found = [root.real(folder) for folder in LIBRARY_SEARCH]

@@ -6,12 +6,20 @@ claim's effects are all or nothing: `apply` undoes what it did when a step fails
 device NVML would not destroy) is named in `ApplyFailure.left`, so that the claim's record
 keeps it and a retry or the next start undoes it. At start, `sweep_mig` and
 `remove_specs_except` remove what no recorded claim explains.
+
+A GPU's time slice is shared by the claims that set it (`records.timeslice_conflicts`
+refuses another interval): an undo puts it back to Default only when no other claim holds
+it. Setting it and deciding to put it back happen under the GPU's lock, and a claim is
+recorded before it sets it, so an undo never puts back what a claim prepared alongside
+has just set.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterable, Sequence
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,6 +35,10 @@ from driver.plugin.sharing import SharingFailure
 from driver.safeload import LoadError, json_document, read_text
 
 log = logging.getLogger(__name__)
+
+Holders = Callable[[str, str], Mapping[str, str]]
+"""(GPU UUID, the claim being undone) -> the time slices other claims hold on the GPU,
+interval by claim (`Records.timeslices_held`); read when an undo may put the GPU's back."""
 
 
 class ApplyFailure(PluginError):
@@ -48,14 +60,22 @@ class Effects:
         self.cdi_root = cdi_root
         self.published = published
         self.tools = tools
+        self._mutex = threading.Lock()
+        self._gpu_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+
+    def _gpu_lock(self, gpu_uuid: str) -> threading.Lock:
+        """The lock of a GPU's time slice (GPUs are few: the table only grows with them)."""
+        with self._mutex:
+            return self._gpu_locks[gpu_uuid]
 
     # -- a claim -----------------------------------------------------------------------
 
-    def apply(self, ref: ClaimRef, devices: Sequence[PreparedDevice]
+    def apply(self, ref: ClaimRef, devices: Sequence[PreparedDevice], held: Holders
               ) -> tuple[PreparedDevice, ...]:
         """Act on the claim's devices and write its CDI spec; the devices as done (with
         the ids of the MIG devices created). ApplyFailure if a step fails, after undoing
-        the steps before it."""
+        the steps before it (a time slice put back only where `held` says no other claim
+        holds it)."""
         index, tools = self.published.index, self.tools
         done: list[PreparedDevice] = []
         try:
@@ -79,31 +99,29 @@ class Effects:
                 if device.created_mig is not None:
                     device = replace(device, created_mig=created[device.device])
                 if device.timeslice is not None:
-                    tools.timeslicer.set(device.gpu_uuid, device.timeslice)
+                    with self._gpu_lock(device.gpu_uuid):
+                        tools.timeslicer.set(device.gpu_uuid, device.timeslice)
                 done.append(device)
-                if device.config is not None and device.config.get("sharing", {}).get(
-                        "strategy") == "MPS":
-                    log.warning("device %s: MPS settings are validated and recorded; this "
-                                "version does not start an MPS control daemon",
-                                device.device)
             self.write_spec(ref.uid, done)
         except Exception as err:  # expected: MigFailure, SharingFailure, OSError, ClaimError
             log.error("preparing ResourceClaim %s failed: %s; rolling back", ref, err,
                       exc_info=not isinstance(err, MigFailure | SharingFailure | OSError |
                                               ClaimError))
-            left, problems = self._undo(ref.uid, done)
+            left, problems = self._undo(ref.uid, done, held)
             message = str(err) if not problems else \
                 f"{err}; rollback also failed: {'; '.join(problems)}"
             raise ApplyFailure(err.reason if isinstance(err, DriverError) else "device_error",
                                message, left) from None
         return tuple(done)
 
-    def teardown(self, uid: str, devices: Iterable[PreparedDevice]) -> list[str]:
-        """Undo a claim's devices (MIG devices it created, time slices it set) and remove its
-        spec; every step is tried, and each failure is returned."""
-        return self._undo(uid, devices)[1]
+    def teardown(self, uid: str, devices: Iterable[PreparedDevice], held: Holders
+                 ) -> list[str]:
+        """Undo a claim's devices (MIG devices it created, time slices it set that `held`
+        says no other claim holds) and remove its spec; every step is tried, and each
+        failure is returned."""
+        return self._undo(uid, devices, held)[1]
 
-    def _undo(self, uid: str, devices: Iterable[PreparedDevice]
+    def _undo(self, uid: str, devices: Iterable[PreparedDevice], held: Holders
               ) -> tuple[tuple[PreparedDevice, ...], list[str]]:
         """`teardown`, and the devices whose undo failed. The spec goes first, and while it
         cannot be removed the devices stay: a spec on the node must mean its devices exist
@@ -124,11 +142,20 @@ class Effects:
                     self.tools.mig.destroy(device.gpu_uuid, device.created_mig.profile_id,
                                            device.created_mig.start)
                 if device.timeslice is not None:
-                    self.tools.timeslicer.set(device.gpu_uuid, "Default")
+                    self._put_back_timeslice(uid, device, held)
             except (MigFailure, SharingFailure) as err:
                 left.append(device)
                 problems.append(str(err))
         return tuple(left), problems
+
+    def _put_back_timeslice(self, uid: str, device: PreparedDevice, held: Holders) -> None:
+        with self._gpu_lock(device.gpu_uuid):
+            others = held(device.gpu_uuid, uid)
+            if others:
+                log.info("device %s: time slice %s of GPU %s kept for %s", device.device,
+                         device.timeslice, device.gpu_uuid, ", ".join(sorted(others)))
+                return
+            self.tools.timeslicer.set(device.gpu_uuid, "Default")
 
     # -- CDI specs ---------------------------------------------------------------------
 

@@ -7,6 +7,11 @@ publishes, so a claim is refused the devices and shared counters another claim h
 `Records` reads as the checkpoint's claims by UID; `lock` guards every change, and each
 save or reload brings the ledger in step with the claims it writes or reads.
 
+A record also holds the time slices its devices set (each device's GPU and interval, in
+the checkpoint already): a claim asking for another interval on such a GPU is refused
+(`timeslice_conflicts`), and an undo leaves the time slice while another claim holds it
+(`timeslices_held`), across restarts as the records are.
+
 Every record holds its devices, whatever its state: one a failed rollback left (MIG
 devices created, so with their ids, in a PrepareStarted record) keeps its placement from
 other claims and is named in their refusal; two records a checkpoint gives one device
@@ -81,6 +86,47 @@ def _record_key(record: ClaimRecord) -> str:
     return key if not left else f"{key}, whose failed rollback left {', '.join(left)}"
 
 
+def timeslices_held(records: Iterable[ClaimRecord], gpu_uuid: str, besides: str
+                    ) -> dict[str, str]:
+    """The time slices claims other than `besides` hold on the GPU: interval by the claim's
+    ledger key. A record being unprepared holds none: its undo puts the GPU's back unless
+    another claim holds it, so two claims unprepared together both put it back."""
+    held = {}
+    for record in records:
+        if record.uid == besides or record.state == "UnprepareStarted":
+            continue
+        for device in record.devices:
+            if device.gpu_uuid == gpu_uuid and device.timeslice is not None:
+                held[_record_key(record)] = device.timeslice
+    return held
+
+
+def timeslice_conflicts(ref: ClaimRef, devices: Sequence[PreparedDevice],
+                        records: Iterable[ClaimRecord]) -> list[str]:
+    """A GPU has one time slice: a claim that asks for an interval other than the one a
+    claim holding the GPU set (or than another of its own devices on that GPU asks for) is
+    refused, as a device another claim holds is; asking for the same interval shares it."""
+    wanted: dict[str, PreparedDevice] = {}
+    problems = []
+    for device in devices:
+        if device.timeslice is None:
+            continue
+        first = wanted.setdefault(device.gpu_uuid, device)
+        if first.timeslice != device.timeslice:
+            problems.append(f"devices {first.device} and {device.device} ask for time slices "
+                            f"{first.timeslice} and {device.timeslice} of one GPU "
+                            f"{device.gpu_uuid}, which has one time slice")
+    records = list(records) if wanted else []
+    for gpu_uuid, device in wanted.items():
+        for key, interval in timeslices_held(records, gpu_uuid, ref.uid).items():
+            if interval != device.timeslice:
+                problems.append(f"device {device.device} asks for time slice "
+                                f"{device.timeslice}, but its GPU {gpu_uuid} has time slice "
+                                f"{interval} for {key}: a GPU has one time slice, kept until "
+                                "the last claim that set it is unprepared")
+    return problems
+
+
 class Records(Mapping[str, ClaimRecord]):
     """The checkpoint's claims by UID, as this process last wrote or read them, and the
     ledger of what they hold. Change them only under `lock`."""
@@ -133,18 +179,26 @@ class Records(Mapping[str, ClaimRecord]):
         """The snapshot lacks saves the journal holds (a reader of it alone misses them)."""
         return self._lagging
 
+    def timeslices_held(self, gpu_uuid: str, besides: str) -> dict[str, str]:
+        """`timeslices_held` over the records now (safe without `lock`: a copy is read)."""
+        return timeslices_held(list(self._claims.values()), gpu_uuid, besides)
+
     # -- the ledger (under `lock`) ------------------------------------------------------
 
     def publish(self, slices: Sequence[Mapping[str, Any]]) -> None:
         """Check conflicts against these slices from now on (a re-discovery changed them)."""
         self._published_pools = gather_pools(slices, self._node)
 
-    def take(self, ref: ClaimRef, devices: Iterable[PreparedDevice]) -> list[str]:
+    def take(self, ref: ClaimRef, devices: Sequence[PreparedDevice],
+             pending: Iterable[ClaimRecord] = ()) -> list[str]:
         """Book the devices for the claim unless other claims hold them or their counters
-        (adminAccess is exempt); the conflicts, and nothing booked, if they do."""
+        (adminAccess is exempt), or their GPUs' time slices are set to other intervals by
+        the records or the `pending` ones (taken, not saved yet); the conflicts, and
+        nothing booked, if so."""
         key = ledger_key(ref.namespace, ref.name, ref.uid)
         results = self._results(devices)
-        problems = prepare_conflicts(self._ledger, key, results, self._published_pools)
+        problems = prepare_conflicts(self._ledger, key, results, self._published_pools) or \
+            timeslice_conflicts(ref, devices, [*self._claims.values(), *pending])
         if not problems:
             self._ledger.add(key, results)
         return problems

@@ -4,11 +4,14 @@ A batch (one kubelet call) goes through four phases, so the checkpoint is saved 
 call however many claims it carries (each save writes the records it changes, whatever
 else is held: `records`):
 1. plan, in parallel: read each claim, pick this driver's results in this pool, resolve
-   devices and opaque configs; no side effects, so a bad claim costs nothing;
+   devices and opaque configs (refusing a sharing strategy this version does not apply:
+   MPS); no side effects, so a bad claim costs nothing;
 2. start, under the records' lock: refuse a claim whose devices or shared counters another
    claim holds, by the allocator's own bookkeeping (the ledger, `prepare_conflicts`) over
    the slices this plugin publishes: a whole GPU and its MIG devices, or overlapping MIG
-   placements, draw on one counter set; adminAccess is exempt. Then record every
+   placements, draw on one counter set; adminAccess is exempt. A claim that asks for
+   another time slice than a claim holding the GPU set is refused too (a GPU has one:
+   `records.timeslice_conflicts`). Then record every
    accepted claim as PrepareStarted, with the MIG devices it is about to create;
 3. act, in parallel: create MIG devices, set time slices, write the CDI spec; a claim that
    fails undoes what it did;
@@ -63,7 +66,7 @@ from driver.plugin.logs import claim_context
 from driver.plugin.metrics import Metrics
 from driver.plugin.node import DeviceTools, Identity, Paths, Published
 from driver.plugin.nodelock import LockFailure, LockTimeout, NodeLock
-from driver.plugin.records import Records
+from driver.plugin.records import Records, timeslices_held
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -228,13 +231,17 @@ class PluginState:
         claims = self.records.load()
         if claims is None:  # a first start, or the checkpoint was lost: ask the node
             claims = self._rebuild_records()
+
+        def held(gpu_uuid: str, besides: str) -> dict[str, str]:  # the records held yet
+            return timeslices_held(claims.values(), gpu_uuid, besides)
+
         for uid, record in list(claims.items()):
             if record.state == "PrepareCompleted":
                 continue
             with claim_context(uid):
                 log.info("rolling back %s of ResourceClaim %s/%s", record.state,
                          record.namespace, record.name)
-                problems = self.effects.teardown(uid, record.devices)
+                problems = self.effects.teardown(uid, record.devices, held)
             if problems:
                 log.error("cannot roll back ResourceClaim %s/%s (%s): %s; kept for the next "
                           "start", record.namespace, record.name, uid, "; ".join(problems))
@@ -414,7 +421,8 @@ class PluginState:
         log.warning("ResourceClaim %s/%s was left %s by a plugin process that stopped or a "
                     "rollback that failed; rolling it back", record.namespace, record.name,
                     record.state)
-        problems = self.effects.teardown(record.uid, record.devices)
+        problems = self.effects.teardown(record.uid, record.devices,
+                                         self.records.timeslices_held)
         if problems:
             return problems
         with self.records.lock:
@@ -446,6 +454,14 @@ class PluginState:
                                                 "dynamic MIG device is not supported")
             created = target.mig_to_create
         config = chosen.config if chosen is not None else None
+        if config is not None and config.sharing is not None and \
+                config.sharing.strategy == "MPS":
+            assert chosen is not None
+            raise ClaimError("unsupported", f"ResourceClaim {ref}: device {result.device} "
+                                            f"(request {result.request}): sharing strategy "
+                                            "MPS is not supported by this version yet (no MPS "
+                                            "control daemon, no limits); status.allocation."
+                                            f"devices.config[{chosen.index}] asks for it")
         timeslice = None  # an adminAccess user does not own the GPU's settings
         if isinstance(config, GpuConfig) and config.sharing is not None and \
                 not result.admin_access:
@@ -466,7 +482,8 @@ class PluginState:
             started: dict[str, ClaimRecord | None] = {}
             accepted = []
             for plan in plans:
-                problems = self.records.take(plan.ref, plan.devices)
+                problems = self.records.take(plan.ref, plan.devices,
+                                             [r for r in started.values() if r is not None])
                 if problems:
                     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
                     message = f"cannot prepare ResourceClaim {plan.ref}: {problems[0]}{more}"
@@ -498,7 +515,8 @@ class PluginState:
                 return _failed("timeout", "the kubelet's deadline passed before this claim's "
                                           "turn; it will retry")
             try:
-                done = self.effects.apply(plan.ref, plan.devices)
+                done = self.effects.apply(plan.ref, plan.devices,
+                                          self.records.timeslices_held)
             except ApplyFailure as err:
                 return Outcome(error=str(err), reason=err.reason, left=err.left)
             self.metrics.claim_latency.labels("prepare").observe(time.monotonic() - started)
@@ -542,7 +560,8 @@ class PluginState:
         for plan, outcome in zip(plans, acted, strict=True):
             if outcome.error is None:
                 with claim_context(plan.ref.uid):
-                    self.effects.teardown(plan.ref.uid, outcome.devices)
+                    self.effects.teardown(plan.ref.uid, outcome.devices,
+                                          self.records.timeslices_held)
             outcomes[plan.ref.uid] = _failed("internal", f"cannot write the checkpoint: {err}")
 
     # -- unprepare ---------------------------------------------------------------------
@@ -592,7 +611,8 @@ class PluginState:
     def _unprepare_one(self, record: ClaimRecord) -> list[str]:
         started = time.monotonic()
         with claim_context(record.uid):
-            problems = self.effects.teardown(record.uid, record.devices)
+            problems = self.effects.teardown(record.uid, record.devices,
+                                             self.records.timeslices_held)
             if problems:
                 log.error("unpreparing ResourceClaim %s/%s failed: %s", record.namespace,
                           record.name, "; ".join(problems))

@@ -197,15 +197,6 @@ def test_time_slicing_is_set_and_reset(node: Node, start: Start) -> None:
     assert [running.provider.nvml.timeslices[u] for u in uuids] == [0, 0]
 
 
-def test_mps_settings_are_accepted_and_recorded(node: Node, start: Start) -> None:
-    running = start()
-    mps = gpu_config(strategy="MPS", mpsConfig={"defaultActiveThreadPercentage": 30,
-                                                "defaultPinnedDeviceMemoryLimit": "8Gi"})
-    claim = make_claim(node.local, [result("gpu-6")], [opaque(mps)])
-    assert running.kubelet.prepare([claim])[claim.uid].error == ""
-    assert node.records()[claim.uid].devices[0].config == mps
-
-
 def test_claims_prepare_in_parallel_and_one_claim_never_twice(node: Node,
                                                               start: Start) -> None:
     running = start()
