@@ -22,6 +22,7 @@ from tests.support import smi_standin
 from tests.support.plugin import (
     NODE,
     Claim,
+    Daemon,
     Node,
     Start,
     cdi_specs,
@@ -115,6 +116,20 @@ def test_time_slicing_runs_the_driver_roots_nvidia_smi_with_its_nvml(
     assert running.kubelet.unprepare([claim]) == {claim.uid: ""}
     assert smi_standin.calls(root)[1:] == [["compute-policy", "-i", GPU2, "--set-timeslice",
                                             "0"]]
+
+
+def test_a_plugin_process_with_a_driver_root_runs_its_nvidia_smi(node: Node,
+                                                                 root: Path) -> None:
+    """`gpu-dra plugin --mock ... --driver-root DIR`: the mock GPUs, the root's tools."""
+    daemon = Daemon(node, node.cli_args("dgx-h100", "--driver-root", str(root)))
+    try:
+        claim = make_claim(node.local, [result("gpu-2")], [opaque(sliced("Short"))])
+        assert daemon.kubelet.prepare([claim])[claim.uid].error == ""
+        assert daemon.kubelet.unprepare([claim]) == {claim.uid: ""}
+    finally:
+        assert daemon.stop() == 0
+    assert [c[-1] for c in smi_standin.calls(root)] == ["1", "0"]
+    assert "GPU_DRA_TEST_SECRET" not in smi_standin.environment(root)
 
 
 def test_without_nvidia_smi_under_the_root_a_time_sliced_claim_fails_cleanly(
