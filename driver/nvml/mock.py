@@ -13,9 +13,10 @@ processes, so a driver killed with SIGKILL finds on restart what it made.
 GPUs fail on demand (`inject`, `gpu-dra mock inject`; what each fault means is in
 `faults`): events reach the event sets (nvmlEventSetCreate, nvmlDeviceRegisterEvents,
 nvmlEventSetWait_v2, GPU-level: no GI/CI ids) that were registered when they came, a
-waiting set polling the state file; a lost GPU answers GPU_IS_LOST, one needing a reset
-RESET_REQUIRED, a removed one is not enumerated and its old handles are INVALID_ARGUMENT;
-remapped rows and the recovery-action field follow the faults.
+waiting set woken by a change of the state file (inotify) or of the in-memory state; a
+lost GPU answers GPU_IS_LOST, one needing a reset RESET_REQUIRED, a removed one is not
+enumerated and its old handles are INVALID_ARGUMENT; remapped rows and the
+recovery-action field follow the faults.
 
 Answers beyond the capture were read on a real H200 (driver 580, MIG off): a GPU-instance
 lookup or MIG device index that finds nothing is NOT_FOUND, listing GPU instances with MIG
@@ -36,6 +37,7 @@ import fcntl
 import functools
 import json
 import os
+import select
 import threading
 import time
 import uuid
@@ -81,7 +83,8 @@ _CALL: ContextVar[str] = ContextVar("mock_nvml_call", default="")
 _HEALTHY = GpuCondition()
 # What a real H200 (driver 580) answers nvmlDeviceGetSupportedEventTypes; every mock GPU does.
 SUPPORTED_EVENTS = 0xFF9F
-EVENT_POLL_S = 0.02  # how often a waiting event set looks at the state file
+EVENT_POLL_S = 0.02  # how often a waiting event set looks at the state file without inotify
+_IN_CLOSE_WRITE, _IN_MOVED_TO = 0x8, 0x80  # inotify: a file written and closed, renamed in
 
 
 def list_profiles() -> list[str]:
@@ -249,6 +252,33 @@ def inject(state_path: Path, minor: int, fault: Fault) -> str:
     return uuid_
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library where it has inotify (Linux); None elsewhere."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.inotify_init1  # noqa: B018 (AttributeError where there is none)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def _inotify(folder: Path) -> int | None:
+    """An inotify instance watching `folder` for files written or renamed into it (the
+    state file is replaced by a rename); None where there is none (not Linux, or the
+    user's instances are used up)."""
+    libc = _libc()
+    if libc is None:
+        return None
+    fd = int(libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
+    if fd < 0:
+        return None
+    if libc.inotify_add_watch(fd, os.fsencode(folder), _IN_CLOSE_WRITE | _IN_MOVED_TO) < 0:
+        os.close(fd)
+        return None
+    return fd
+
+
 class _StateStore:
     """The MIG mode, live MIG instances and injected faults of every GPU: in memory, or in a
     JSON file shared by processes.
@@ -265,6 +295,8 @@ class _StateStore:
         self._stamp: tuple[int, int, int] | None = None
         self._machine = {gpu.uuid: gpu.minor for gpu in profile.gpus}
         self._health = HealthState()
+        self._changed = threading.Condition()  # without a file: notified by change_health
+        self._generation = 0
         # Reentrant: a reader inside a change (the caller's own NVML calls) must not
         # deadlock, and no reader may rebuild the layouts under a change in flight
         # (its objects, and so the GI/CI handles given out, would be replaced).
@@ -318,6 +350,9 @@ class _StateStore:
         unsaved, so the next writer records it."""
         assert self._path is not None
         try:
+            st = os.stat(self._path)  # unchanged, as nearly always: one syscall
+            if (st.st_ino, st.st_mtime_ns, st.st_size) == self._stamp:
+                return
             with self._path.open("rb") as f:
                 st = os.fstat(f.fileno())
                 stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
@@ -366,11 +401,29 @@ class _StateStore:
         with self._mutex:
             if self._path is None:
                 self._health = apply_fault(self._health, uuid_, fault)
+                with self._changed:
+                    self._generation += 1
+                    self._changed.notify_all()
                 return
             with _locked(self._path):
                 self._reload()
                 self._health = apply_fault(self._health, uuid_, fault)
                 self._save()
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
+
+    def generation(self) -> int:
+        """How many in-memory health changes there were (without a file)."""
+        with self._changed:
+            return self._generation
+
+    def wait_changed(self, seen: int, timeout: float) -> int:
+        """Wait up to `timeout` for an in-memory health change after `seen`; the count now."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._generation != seen, timeout)
+            return self._generation
 
     def _mig(self, gpu: int) -> MigLayout:
         layout = self._layouts[gpu]
@@ -390,13 +443,44 @@ class _StateStore:
         self._stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
+class _Changes:
+    """Waits for the mock's state to change, so an idle waiting event set costs nothing
+    (polling the file 50 times a second cost an idle plugin most of 1% of a core): an
+    inotify watch of the state file's folder, a condition the in-memory state notifies, or,
+    without inotify, a sleep of `EVENT_POLL_S`. One per event set, made before its first
+    look and kept until the set is freed (closing an inotify instance takes the kernel
+    10-30 ms: never once per wait). A wait may return early (another file of the folder,
+    a change before the last look): callers look again. One waiter per set at a time, as
+    the monitor waits (a second one may sleep through a change until its timeout)."""
+
+    def __init__(self, store: _StateStore) -> None:
+        self._store = store
+        self._seen = store.generation()
+        self._fd = _inotify(store.path.parent) if store.path is not None else None
+
+    def wait(self, timeout: float) -> None:
+        if self._store.path is None:
+            self._seen = self._store.wait_changed(self._seen, timeout)
+        elif self._fd is None:
+            time.sleep(min(EVENT_POLL_S, timeout))
+        elif select.select([self._fd], [], [], timeout)[0]:
+            os.read(self._fd, 65536)  # the events themselves do not matter
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 @dataclass
 class _EventSet:
-    """An event set: the last event it looked at, and per GPU index the event types
-    registered and the event number at registration (older events are not for it)."""
+    """An event set: the last event it looked at, per GPU index the event types registered
+    and the event number at registration (older events are not for it), and its watch of
+    the state once it has waited."""
 
     cursor: int
     registered: dict[int, tuple[int, int]] = field(default_factory=dict)
+    changes: _Changes | None = None
 
 
 class MockNvml:
@@ -951,25 +1035,35 @@ class MockNvml:
 
     @_api
     def nvmlEventSetWait_v2(self, eventSet: Any, timeoutms: int) -> Any:
-        """The next event for this set, polling the state file every `EVENT_POLL_S`; TIMEOUT
+        """The next event for this set, looking again whenever the state changes; TIMEOUT
         when none comes in `timeoutms`; GPU_IS_LOST once for a registered GPU that was lost."""
         deadline = time.monotonic() + timeoutms / 1000
+        changes = self._changes(eventSet) if timeoutms > 0 else None
         while True:
             event = self._next_event(eventSet)
             if event is not None:
                 return event
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 or changes is None:
                 raise _error(pynvml.NVML_ERROR_TIMEOUT)
-            time.sleep(min(EVENT_POLL_S, left))
+            changes.wait(left)
 
     nvmlEventSetWait = nvmlEventSetWait_v2
 
-    def _next_event(self, eventSet: Any) -> Any:
-        health = self._store.health()
-        index = {gpu.uuid: i for i, gpu in enumerate(self.profile.gpus)}
+    def _changes(self, eventSet: Any) -> _Changes:
         with self._sets_lock:
             event_set = self._set(eventSet)
+            if event_set.changes is None:
+                event_set.changes = _Changes(self._store)
+            return event_set.changes
+
+    def _next_event(self, eventSet: Any) -> Any:
+        health = self._store.health()
+        with self._sets_lock:
+            event_set = self._set(eventSet)
+            if health.seq <= event_set.cursor:
+                return None  # nothing new: the common case of a waiting set
+            index = {gpu.uuid: i for i, gpu in enumerate(self.profile.gpus)}
             for event in health.events:
                 if event.seq <= event_set.cursor:
                     continue
@@ -991,8 +1085,10 @@ class MockNvml:
     @_api
     def nvmlEventSetFree(self, eventSet: Any) -> None:
         with self._sets_lock:
-            self._set(eventSet)
+            changes = self._set(eventSet).changes
             del self._sets[ctypes.cast(eventSet, ctypes.c_void_p).value or 0]
+        if changes is not None:
+            changes.close()
 
     # -- pairs ---------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 GPU3 = "GPU-68a37c14-cba3-5893-8527-70e1ada18b19"  # dgx-h100, minor 3
-ARRIVAL_BOUND_S = 5.0  # generous: the mock polls the file every 20 ms
+ARRIVAL_BOUND_S = 5.0  # generous: the mock watches the file (inotify)
 
 WAITER = """
 import json, sys, time
