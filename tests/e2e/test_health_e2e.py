@@ -18,17 +18,14 @@ are printed (run with ``-s`` to see them); only generous bounds are asserted."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from driver.devcluster.controlplane import ComponentError, LocalCluster
-from driver.devcluster.node import ChildProcess, PluginDaemon, PluginFolders
+from driver.devcluster.node import ChildProcess
 from driver.kube.api import api_request
 from driver.plugin import cdi, checkpoint
 from tests.support.apiserver import (
@@ -42,75 +39,14 @@ from tests.support.apiserver import (
     wait_for,
 )
 from tests.support.claims import Claims, resource_claim
+from tests.support.health import DRIVER, SICK, HealthNode
 from tests.support.plugin import short_tmp
 from tests.support.standin import KubeletStandin
 
-REPO = Path(__file__).resolve().parents[2]
-DRIVER = "gpu.dra.dev"
-MACHINE = "dgx-h100"  # 8 H100s, minors 0-7
-SICK = 3
 XID_79 = {"key": f"{DRIVER}/xid", "value": "79", "effect": "NoSchedule"}
 TAINT_BOUND_S = 10.0  # the target is 1 s; generous for a loaded machine
 UNTAINT_BOUND_S = 15.0  # 10 s with the default 5 s check interval, plus the write
 EVICT_BOUND_S = 30.0  # the taint, the controller-manager's informers, the kubelet's unprepare
-POLL = 0.02
-
-
-class HealthNode:
-    """A fake Node and `gpu-dra plugin --mock dgx-h100 --mig-mode dynamic --mock-state F`
-    publishing its slices to the API server; registered with the kubelet stand-in's
-    ``registry`` when given (pods are prepared then), else with no kubelet."""
-
-    def __init__(self, control_plane: ControlPlane, name: str, root: Path,
-                 registry: Path | None = None, *extra: str) -> None:
-        self.api, self.name = control_plane.api, name
-        self.folders = folders = PluginFolders(root)
-        self.state = folders.mig_state
-        if registry is None:
-            registry = root / "registry"
-            registry.mkdir()
-        self.plugin = PluginDaemon([*folders.plugin_args(
-            node=name, driver=DRIVER, kubeconfig=control_plane.kubeconfig,
-            registry_dir=registry, mock=MACHINE, mig_mode="dynamic", mock_state=self.state),
-            *extra], folders.plugin_log)
-
-    def inject(self, *fault: str) -> None:
-        """`gpu-dra mock inject --gpu 3 <fault>`, as an admin or a check would run it."""
-        done = subprocess.run([sys.executable, "-m", "driver.cli", "mock", "inject",
-                               "--mock-state", str(self.state), "--gpu", str(SICK), *fault],
-                              capture_output=True, text=True, cwd=REPO, timeout=60,
-                              check=False)
-        assert (done.returncode, done.stderr) == (0, ""), done.stderr
-
-    def devices(self) -> dict[str, dict[str, Any]] | None:
-        """The node's published devices by name, as the API server has them, when its pool
-        is complete (all its slices, of one generation, as the scheduler takes it); None
-        while it is not. ComponentError at once if the plugin exited."""
-        self.plugin.check_alive()
-        items = api_request(self.api, "GET", SLICES, query={
-            "fieldSelector": f"spec.nodeName={self.name},spec.driver={DRIVER}"}
-        ).expect(200)["items"]
-        pools = {(s["spec"]["pool"]["generation"], s["spec"]["pool"]["resourceSliceCount"])
-                 for s in items}
-        if len(pools) != 1 or next(iter(pools))[1] != len(items):
-            return None
-        return {d["name"]: d for s in items for d in s["spec"].get("devices", [])}
-
-    def taints(self) -> dict[str, list[dict[str, str]]] | None:
-        """Each tainted device's taints (key, value, effect); None while the pool is not
-        complete (a write in progress)."""
-        devices = self.devices()
-        if devices is None:
-            return None
-        return {name: [{k: t.get(k, "") for k in ("key", "value", "effect")}
-                       for t in d["taints"]]
-                for name, d in devices.items() if d.get("taints")}
-
-    def timed(self, ok: Any, what: str, bound: float) -> float:
-        """Seconds until ``ok()`` held (polled every 20 ms), failing after ``bound``."""
-        begin = time.monotonic()
-        wait_for(ok, what, timeout=bound, interval=POLL, fatal=(ComponentError,))
-        return time.monotonic() - begin
 
 
 def _published(node: HealthNode) -> None:

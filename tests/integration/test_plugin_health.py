@@ -6,24 +6,21 @@ settings; an informational XID (13) gives no NoSchedule taint."""
 
 from __future__ import annotations
 
-import queue
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from driver._proto.drahealth_v1 import api_pb2 as health_v1
-from driver._proto.drahealth_v1 import api_pb2_grpc as health_v1_grpc
 from driver.nvml.faults import Fault
 from driver.nvml.mock import inject as record
 from tests.support.forkserver import ForkServer
+from tests.support.health import Stream, first_tainted, wait_until, written_taints
 from tests.support.plugin import Daemon, Node
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,58 +38,7 @@ def inject(state: Path, *fault: str) -> None:
 
 def gpu3_taints(node: Node) -> dict[str, list[dict[str, Any]]]:
     """Taints by device name, of gpu-3 and its MIG devices, as the slice files say."""
-    return written_taints(node)[0]
-
-
-def written_taints(node: Node) -> tuple[dict[str, list[dict[str, Any]]], float]:
-    """`gpu3_taints`, and when the newest file that has any of them was written (0: none)."""
-    found, written = {}, 0.0
-    for path in sorted((node.local / "resourceslices").glob("*.yaml")):
-        try:
-            mtime = path.stat().st_mtime
-            obj = yaml.load(path.read_text(), Loader=yaml.CSafeLoader)
-        except (OSError, yaml.YAMLError):
-            continue  # replaced while read: the next poll reads it
-        for device in (obj or {}).get("spec", {}).get("devices", []):
-            if device.get("taints") and (device["name"] == "gpu-3"
-                                         or device["name"].startswith("gpu-3-mig-")):
-                found[device["name"]] = device["taints"]
-                written = max(written, mtime)
-    return found, written
-
-
-def wait_until(ok: Callable[[], bool], bound: float, step: float = 0.01) -> float:
-    """Seconds until `ok()` held; fails after `bound`."""
-    begin = time.monotonic()
-    while not ok():
-        assert time.monotonic() - begin < bound, f"not within {bound}s"
-        time.sleep(step)
-    return time.monotonic() - begin
-
-
-class Stream:
-    """One v1 NodeWatchResources stream; the reports for gpu-3 in a queue."""
-
-    def __init__(self, daemon: Daemon) -> None:
-        stub = health_v1_grpc.DRAResourceHealthStub(daemon.kubelet.dra_channel)
-        self.call = stub.NodeWatchResources(health_v1.NodeWatchResourcesRequest(), timeout=120)
-        self.reports: queue.Queue[Any] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        try:
-            for response in self.call:
-                self.reports.put(next(d for d in response.devices
-                                      if d.device.device_name == "gpu-3"))
-        except Exception:  # cancelled at the end
-            pass
-
-    def wait_for(self, health: int, bound: float) -> Any:
-        deadline = time.monotonic() + bound
-        while True:
-            report = self.reports.get(timeout=max(0.01, deadline - time.monotonic()))
-            if report.health == health:
-                return report
+    return written_taints(node.local)[0]
 
 
 @pytest.fixture
@@ -116,7 +62,7 @@ def test_xid_79_taints_gpu_3_and_its_mig_devices_and_recover_gives_it_back(
         node: Node, plugin: Callable[..., tuple[Daemon, Path]]) -> None:
     daemon, state = plugin()
     stream = Stream(daemon)
-    assert stream.wait_for(health_v1.HEALTHY, 10).message == ""
+    assert stream.wait_for(health_v1.HEALTHY, 10)[1].message == ""
     assert gpu3_taints(node) == {}
 
     inject(state, "--xid", "79")
@@ -126,7 +72,7 @@ def test_xid_79_taints_gpu_3_and_its_mig_devices_and_recover_gives_it_back(
     for device_taints in taints.values():
         assert {"key": f"{DRIVER}/xid", "value": "79", "effect": "NoSchedule"} in [
             {k: t[k] for k in ("key", "value", "effect")} for t in device_taints]
-    report = stream.wait_for(health_v1.UNHEALTHY, TAINT_BOUND_S)
+    _, report = stream.wait_for(health_v1.UNHEALTHY, TAINT_BOUND_S)
     assert "XID 79" in report.message and report.health_check_timeout_seconds > 0
 
     inject(state, "--recover")
@@ -151,15 +97,7 @@ def test_event_to_slice_latency(node: Node, plugin: Callable[..., tuple[Daemon, 
         time.sleep(1.1)
         record(state, 3, Fault("xid", 79))
         recorded = state.stat().st_mtime
-        written = 0.0
-
-        def tainted() -> bool:
-            nonlocal written
-            _, written = written_taints(node)
-            return written > 0
-
-        wait_until(tainted, TAINT_BOUND_S)
-        latencies.append(written - recorded)
+        latencies.append(first_tainted(node.local, bound=TAINT_BOUND_S) - recorded)
         record(state, 3, Fault("recover"))
         wait_until(lambda: gpu3_taints(node) == {}, RECOVER_BOUND_S)
     latencies.sort()
