@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from driver.health.classify import meaning
 from driver.health.model import SEVERITY, Condition, Effect, GpuHealth, Kind
 
 # resource.k8s.io/v1 allows 16 taints per device since Kubernetes 1.35 and 4 in 1.34;
@@ -76,3 +77,14 @@ def rfc3339(at: datetime) -> str:
     if at.tzinfo is None:
         raise ValueError(f"{at}: a time without a timezone")
     return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def conditions_text(health: GpuHealth) -> str:
+    """Every condition of the GPU in words, the most severe first, for the health
+    stream's message: the XID is named even when a later check set another condition."""
+    ordered = sorted(health.conditions, key=lambda c: (-SEVERITY[c.effect], RANK.index(c.kind),
+                                                       c.since))
+    return "; ".join(
+        f"{c.kind}{'=' + c.value if c.value else ''}"
+        f"{f' ({meaning(c.xid)})' if c.xid is not None else ''}:{c.effect} since "
+        f"{rfc3339(c.since)}" for c in ordered)

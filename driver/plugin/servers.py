@@ -39,6 +39,7 @@ from driver._proto.drahealth_v1alpha1 import api_pb2_grpc as health_v1alpha1_grp
 from driver._proto.pluginregistration_v1 import api_pb2 as reg_v1
 from driver._proto.pluginregistration_v1 import api_pb2_grpc as reg_v1_grpc
 from driver.health.model import GpuHealth
+from driver.health.taints import conditions_text
 from driver.plugin.claims import ClaimRef
 from driver.plugin.devices import Target
 from driver.plugin.metrics import Metrics
@@ -225,14 +226,19 @@ class HealthStreamServicer:
         return response
 
     def _health(self, target: Target, view: HealthView) -> tuple[Any, str]:
-        """The monitor's verdict on the device's GPU where it watches it, else discovery's."""
+        """The monitor's verdict on the device's GPU where it watches it, else discovery's;
+        the message names every condition, then the latest transition's cause."""
         gpu: GpuHealth | None = view.gpus.get(target.gpu.minor)
         if gpu is None:
             return (self.pb.HEALTHY if target.gpu.healthy else self.pb.UNHEALTHY,
                     target.gpu.health_error or "")
         status = {"healthy": self.pb.HEALTHY, "unhealthy": self.pb.UNHEALTHY,
                   "unknown": self.pb.UNKNOWN}[gpu.status]
-        return status, view.causes.get(target.gpu.minor, "")
+        latest = view.causes.get(target.gpu.minor, "")
+        if not gpu.conditions:  # why it is healthy again, if it was not
+            return status, latest
+        return status, f"{conditions_text(gpu)} (latest: {latest})" if latest else \
+            conditions_text(gpu)
 
     def NodeWatchResources(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         wake = threading.Event()

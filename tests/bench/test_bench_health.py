@@ -67,7 +67,7 @@ def measure_events(benchmark: BenchmarkFixture, daemon: Daemon, state: Path) -> 
     stream.wait_for(health_v1.HEALTHY, BOUND_S)
     to_slice: list[float] = []
     to_stream: list[float] = []
-    named: list[bool] = []  # the first UNHEALTHY report says XID 79 (else a check's cause)
+    named: list[bool] = []  # the first UNHEALTHY report names XID 79
 
     def run() -> None:
         for _ in range(cycles):
@@ -77,7 +77,7 @@ def measure_events(benchmark: BenchmarkFixture, daemon: Daemon, state: Path) -> 
             to_slice.append(first_tainted(daemon.node.local) - recorded)
             arrived, report = stream.wait_for(health_v1.UNHEALTHY, BOUND_S)
             to_stream.append(arrived - recorded)
-            named.append("XID 79" in report.message)
+            named.append("xid=79 (GPU has fallen off the bus)" in report.message)
             inject(state, 3, Fault("recover"))
             wait_until(lambda: written_taints(daemon.node.local)[1] == 0, BOUND_S)
             stream.wait_for(health_v1.HEALTHY, BOUND_S)

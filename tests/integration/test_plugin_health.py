@@ -6,7 +6,6 @@ settings; an informational XID (13) gives no NoSchedule taint."""
 
 from __future__ import annotations
 
-import statistics
 import subprocess
 import sys
 import time
@@ -17,10 +16,8 @@ from typing import Any
 import pytest
 
 from driver._proto.drahealth_v1 import api_pb2 as health_v1
-from driver.nvml.faults import Fault
-from driver.nvml.mock import inject as record
 from tests.support.forkserver import ForkServer
-from tests.support.health import Stream, first_tainted, wait_until, written_taints
+from tests.support.health import Stream, wait_until, written_taints
 from tests.support.plugin import Daemon, Node
 
 REPO = Path(__file__).resolve().parents[2]
@@ -73,7 +70,8 @@ def test_xid_79_taints_gpu_3_and_its_mig_devices_and_recover_gives_it_back(
         assert {"key": f"{DRIVER}/xid", "value": "79", "effect": "NoSchedule"} in [
             {k: t[k] for k in ("key", "value", "effect")} for t in device_taints]
     _, report = stream.wait_for(health_v1.UNHEALTHY, TAINT_BOUND_S)
-    assert "XID 79" in report.message and report.health_check_timeout_seconds > 0
+    assert "xid=79 (GPU has fallen off the bus):NoSchedule since" in report.message
+    assert report.health_check_timeout_seconds > 0
 
     inject(state, "--recover")
     wait_until(lambda: gpu3_taints(node) == {}, RECOVER_BOUND_S)
@@ -84,25 +82,3 @@ def test_xid_79_taints_gpu_3_and_its_mig_devices_and_recover_gives_it_back(
     assert all(t["effect"] == "None" for ts in gpu3_taints(node).values() for t in ts)
     assert "GPU 3 (GPU-68a37c14-cba3-5893-8527-70e1ada18b19): xid set (XID 79: GPU has " \
         "fallen off the bus)" in daemon.log.read_text()
-
-
-def test_event_to_slice_latency(node: Node, plugin: Callable[..., tuple[Daemon, Path]]
-                                ) -> None:
-    """Recorded, not asserted beyond a generous bound: the fault recorded to the slice file
-    written, over repeated XID 79 / recover cycles (after a quiet second each, so no write
-    waits for the coalescing interval); recorded in this process, as the CLI records it."""
-    _, state = plugin("--health-check-interval", "0.2")
-    latencies = []
-    for _ in range(10):
-        time.sleep(1.1)
-        record(state, 3, Fault("xid", 79))
-        recorded = state.stat().st_mtime
-        latencies.append(first_tainted(node.local, bound=TAINT_BOUND_S) - recorded)
-        record(state, 3, Fault("recover"))
-        wait_until(lambda: gpu3_taints(node) == {}, RECOVER_BOUND_S)
-    latencies.sort()
-    p50 = statistics.median(latencies)
-    p99 = latencies[-1]  # of 10: the worst
-    print(f"XID recorded -> slice file written: p50 {p50 * 1000:.0f} ms, "
-          f"p99 (max of {len(latencies)}) {p99 * 1000:.0f} ms")
-    assert p99 < TAINT_BOUND_S

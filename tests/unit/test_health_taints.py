@@ -21,7 +21,7 @@ from driver.health.model import (
     XidEvent,
 )
 from driver.health.state import fold
-from driver.health.taints import MAX_TAINTS, gpu_taints, rfc3339
+from driver.health.taints import MAX_TAINTS, conditions_text, gpu_taints, rfc3339
 
 DRIVER = "gpu.dra.dev"
 START = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
@@ -149,3 +149,14 @@ def test_every_taint_is_valid_for_the_api(observations: list[Observation], evict
         assert is_label_value(taint.get("value", "")), taint
         assert taint["effect"] in ("None", "NoSchedule", "NoExecute")
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", taint["timeAdded"])
+
+
+def test_the_stream_message_names_every_condition_most_severe_first() -> None:
+    health, _ = fold(GpuHealth(3), [
+        Unmonitored(3, START), XidEvent(3, 79, START + timedelta(seconds=1)),
+        Check(3, START + timedelta(seconds=2), "answers", "reboot")], HealthSettings())
+    assert conditions_text(health) == (
+        "xid=79 (GPU has fallen off the bus):NoSchedule since 2026-12-01T12:00:01Z; "
+        "recovery=reboot:NoSchedule since 2026-12-01T12:00:02Z; "
+        "unmonitored:None since 2026-12-01T12:00:00Z")
+    assert conditions_text(GpuHealth(3)) == ""
