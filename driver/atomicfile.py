@@ -1,11 +1,13 @@
 """Replacing a file so that a reader, or a process killed at any instant, sees the old or the
-new content and never a mix."""
+new content and never a mix; and a folder's lock, for those who set up what it holds."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -40,3 +42,15 @@ def remove_leftovers(directory: Path, prefix: str) -> list[Path]:
             path.unlink()
             removed.append(path)
     return removed
+
+
+@contextlib.contextmanager
+def folder_locked(folder: Path) -> Iterator[None]:
+    """An exclusive flock on the folder itself, so those who set it up (processes that
+    share it) take turns, with no lock file to leave behind."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

@@ -8,9 +8,11 @@ shaped like the H200 capture's (tests/fixtures/nvml/h200-141gb-single/extra.txt)
 libraries in usr/local/nvidia/lib64 as small placeholder files named with the profile's
 driver version and their SONAME link chains, usr/local/nvidia/lib -> lib64, links in lib/
 as the capture's ldconfig lists them, nvidia-smi and nvidia-persistenced in
-usr/local/nvidia/bin, GSP firmware, proc/devices with the capture's majors, and a stand-in
-nvidia-cdi-hook where the GPU operator installs the real one. Driver-file discovery then
-takes the same paths on it as on a real node.
+usr/local/nvidia/bin (placeholders that fail), nvidia-cuda-mps-control and
+nvidia-cuda-mps-server there as working stand-ins (`driver.nvml.mpsstandin`, run by the
+interpreter that laid the root out), GSP firmware, proc/devices with the capture's
+majors, and a stand-in nvidia-cdi-hook where the GPU operator installs the real one.
+Driver-file discovery then takes the same paths on it as on a real node.
 
 Device nodes (dev/): made with mknod where the process may (root or CAP_MKNOD: the chart's
 privileged pod, CI), numbered as in the capture, so the spec carries hostPaths the runtime
@@ -27,17 +29,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import logging
 import os
+import shlex
 import shutil
 import stat
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from driver.atomicfile import write_atomically
+from driver.atomicfile import folder_locked, write_atomically
+from driver.nvml import mpsstandin
 from driver.plugin.cdi import DeviceNode
 from driver.plugin.driverfiles import HostDevices, host_devices
 from driver.plugin.modes import SHARED_DIR, make_dir
@@ -65,6 +69,8 @@ LIBRARIES: tuple[tuple[str, str | None], ...] = (
     ("libvdpau_nvidia", "1"))
 NOT_IN_LIB = ("libnvcuvid", "libnvoptix")  # the capture's ldconfig finds these in lib64 only
 BINARIES = ("nvidia-smi", "nvidia-persistenced")
+MPS_BINARIES = {"nvidia-cuda-mps-control": "control", "nvidia-cuda-mps-server": "server"}
+BIN = "usr/local/nvidia/bin"
 FIRMWARE = ("gsp_ga10x.bin", "gsp_tu10x.bin")
 
 HOOK_SCRIPT = """#!/bin/sh
@@ -118,9 +124,10 @@ Entry = Dir | File | Link | CharDevice
 Mknod = Callable[[str, int, int], None]
 
 
-def mock_tree(gpu_minors: Sequence[int], driver_version: str) -> tuple[Entry, ...]:
+def mock_tree(gpu_minors: Sequence[int], driver_version: str, python: str = sys.executable
+              ) -> tuple[Entry, ...]:
     """The mock driver root of a machine with these GPU minors and driver version, each
-    directory before what it holds."""
+    directory before what it holds; `python` runs the MPS stand-ins."""
     v = driver_version
     libs: list[Entry] = []
     links_in_lib: list[Entry] = []
@@ -138,8 +145,9 @@ def mock_tree(gpu_minors: Sequence[int], driver_version: str) -> tuple[Entry, ..
         Dir("usr"), Dir("usr/local"), Dir("usr/local/nvidia"), Dir(LIB64), *libs,
         Link("usr/local/nvidia/lib", "lib64"),
         File("usr/local/nvidia/version", v.encode()),
-        Dir("usr/local/nvidia/bin"),
-        *(File(f"usr/local/nvidia/bin/{b}", _tool_script(b, v), 0o755) for b in BINARIES),
+        Dir(BIN), *(File(f"{BIN}/{b}", _tool_script(b, v), 0o755) for b in BINARIES),
+        *(File(f"{BIN}/{b}", _mps_script(b, role, python), 0o755)
+          for b, role in MPS_BINARIES.items()),
         Dir("usr/local/nvidia/toolkit"), File(HOOK, HOOK_SCRIPT.encode(), 0o755),
         Dir("lib"), *links_in_lib, Dir("lib/firmware"), Dir("lib/firmware/nvidia"),
         Dir(f"lib/firmware/nvidia/{v}"),
@@ -164,6 +172,12 @@ def _placeholder(what: str) -> bytes:
 def _tool_script(name: str, version: str) -> bytes:
     return (f"#!/bin/sh\necho '{name}: a placeholder of the gpu-dra mock driver root (driver "
             f"{version}): no GPU here' >&2\nexit 1\n").encode()
+
+
+def _mps_script(name: str, role: str, python: str) -> bytes:
+    return (f"#!/bin/sh\n# {name} stand-in of the gpu-dra mock driver root: see "
+            f"{mpsstandin.__name__}\nexec {shlex.quote(python)} -m {mpsstandin.__name__} "
+            f"{role} \"$@\"\n").encode()
 
 
 def _proc_devices() -> bytes:
@@ -209,7 +223,7 @@ def lay_out(root: Path, tree: Sequence[Entry], mknod: Mknod | None = None) -> bo
     if all(_matches(root, e) for e in tree):
         return True  # a restart: nothing to write, even on a read-only data dir
     make_dir(root, SHARED_DIR)
-    with _locked(root):
+    with folder_locked(root):
         nodes = True
         for entry in tree:
             if isinstance(entry, CharDevice) and not nodes:
@@ -218,16 +232,6 @@ def lay_out(root: Path, tree: Sequence[Entry], mknod: Mknod | None = None) -> bo
                 nodes = _make(root, entry, mknod or os.mknod) and nodes
         _prune(root, tree)
     return nodes
-
-
-@contextlib.contextmanager
-def _locked(root: Path) -> Iterator[None]:
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _matches(root: Path, entry: Entry) -> bool:
