@@ -18,6 +18,11 @@ lost GPU answers GPU_IS_LOST, one needing a reset RESET_REQUIRED, a removed one 
 enumerated and its old handles are INVALID_ARGUMENT; remapped rows and the
 recovery-action field follow the faults.
 
+Compute modes (nvmlDeviceGet/SetComputeMode) are kept with the MIG state (`compute_mode`
+reads one from a state file without NVML, for tests): DEFAULT until set, as the capture's
+GPU; EXCLUSIVE_THREAD, removed from NVML, and unknown modes are INVALID_ARGUMENT; a MIG
+device handle is NOT_SUPPORTED, like the mock's other GPU-only calls.
+
 Answers beyond the capture were read on a real H200 (driver 580, MIG off): a GPU-instance
 lookup or MIG device index that finds nothing is NOT_FOUND, listing GPU instances with MIG
 off succeeds with none, an unknown profile id is INVALID_ARGUMENT, a GPU paired with itself
@@ -45,7 +50,7 @@ from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar, cast
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast, get_args
 
 import pynvml
 
@@ -57,6 +62,7 @@ from driver.nvml.miglayout import ComputeInstance, GpuInstance, MigError, MigLay
 from driver.nvml.profile import (
     GI_PROFILE_INDEXES,
     PROFILES_DIR,
+    ComputeMode,
     FieldError,
     GpuCondition,
     GpuInstanceSpec,
@@ -84,6 +90,7 @@ _HEALTHY = GpuCondition()
 # What a real H200 (driver 580) answers nvmlDeviceGetSupportedEventTypes; every mock GPU does.
 SUPPORTED_EVENTS = 0xFF9F
 EVENT_POLL_S = 0.02  # how often a waiting event set looks at the state file without inotify
+COMPUTE_MODES: tuple[ComputeMode, ...] = get_args(ComputeMode)
 _IN_CLOSE_WRITE, _IN_MOVED_TO = 0x8, 0x80  # inotify: a file written and closed, renamed in
 
 
@@ -222,7 +229,20 @@ def _parse_state(text: str | bytes, file: str) -> MigState:
 
 def _write_state(path: Path, state: MigState) -> None:
     data = state.model_copy(update={"version": 2}).model_dump(exclude_none=True)
+    if not data["computeMode"]:
+        del data["computeMode"]  # a file older drivers (strict about fields) still read
     write_atomically(path, json.dumps(data, indent=1).encode(), durable=True)
+
+
+def compute_mode(state_path: Path, uuid_: str) -> int:
+    """The compute mode of the GPU `uuid_` as a mock state file records it (what a claim
+    left it in), read without NVML; a ProfileError for a missing or bad file."""
+    try:
+        text = read_text(state_path)
+    except LoadError as err:
+        raise ProfileError(str(state_path), [(err.at, err.problem)]) from None
+    return _parse_state(text, str(state_path)).computeMode.get(
+        uuid_, pynvml.NVML_COMPUTEMODE_DEFAULT)
 
 
 def inject(state_path: Path, minor: int, fault: Fault) -> str:
@@ -295,6 +315,7 @@ class _StateStore:
         self._stamp: tuple[int, int, int] | None = None
         self._machine = {gpu.uuid: gpu.minor for gpu in profile.gpus}
         self._health = HealthState()
+        self._compute: dict[str, ComputeMode] = {}
         self._changed = threading.Condition()  # without a file: notified by change_health
         self._generation = 0
         # Reentrant: a reader inside a change (the caller's own NVML calls) must not
@@ -335,15 +356,23 @@ class _StateStore:
 
     def layouts(self) -> list[MigLayout | None]:
         with self._mutex:
-            if self._path is not None:
-                self._reload()
+            self._refresh()
             return self._layouts
 
     def health(self) -> HealthState:
         with self._mutex:
-            if self._path is not None:
-                self._reload()
+            self._refresh()
             return self._health
+
+    def compute_modes(self) -> dict[str, ComputeMode]:
+        """The compute modes set, by GPU UUID (DEFAULT for a GPU missing)."""
+        with self._mutex:
+            self._refresh()
+            return self._compute
+
+    def _refresh(self) -> None:
+        if self._path is not None:
+            self._reload()
 
     def _reload(self) -> None:
         """Read the file if it changed; a file without a `machine` (version 1) counts as
@@ -367,7 +396,8 @@ class _StateStore:
         try:
             for section, uuids in (("gpus", state.gpus), ("migEnabled", state.migEnabled),
                                    ("machine", state.machine),
-                                   ("health.gpus", state.health.gpus)):
+                                   ("health.gpus", state.health.gpus),
+                                   ("computeMode", state.computeMode)):
                 unknown = sorted(set(uuids) - set(index))
                 if unknown:
                     raise FieldError(f"{section}.{unknown[0]}", "no such GPU in the profile")
@@ -380,6 +410,7 @@ class _StateStore:
         except FieldError as err:
             raise ProfileError(file, [(err.path, err.message)]) from None
         self._health = state.health
+        self._compute = dict(state.computeMode)
         self._stamp = stamp if state.machine else None
 
     @contextlib.contextmanager
@@ -398,16 +429,34 @@ class _StateStore:
     def change_health(self, gpu: int, fault: Fault) -> None:
         """Apply `fault` to one GPU, serialized like `change`."""
         uuid_ = self._profile.gpus[gpu].uuid
+
+        def apply() -> None:
+            self._health = apply_fault(self._health, uuid_, fault)
+        self._update(apply)
+
+    def set_compute_mode(self, gpu: int, mode: ComputeMode) -> None:
+        """Set one GPU's compute mode, serialized like `change`."""
+        uuid_ = self._profile.gpus[gpu].uuid
+
+        def apply() -> None:
+            self._compute = {u: m for u, m in self._compute.items() if u != uuid_}
+            if mode != pynvml.NVML_COMPUTEMODE_DEFAULT:
+                self._compute[uuid_] = mode
+        self._update(apply)
+
+    def _update(self, apply: Callable[[], None]) -> None:
+        """Apply a change to the latest state and save it (with a file) or notify the
+        in-memory waiters (without)."""
         with self._mutex:
             if self._path is None:
-                self._health = apply_fault(self._health, uuid_, fault)
+                apply()
                 with self._changed:
                     self._generation += 1
                     self._changed.notify_all()
                 return
             with _locked(self._path):
                 self._reload()
-                self._health = apply_fault(self._health, uuid_, fault)
+                apply()
                 self._save()
 
     @property
@@ -438,7 +487,8 @@ class _StateStore:
         _write_state(self._path, MigState(
             version=2, gpus={uuid_: layout.specs() for uuid_, layout in live},
             migEnabled={} if profile_modes else {u: layout.enabled for u, layout in live},
-            machine=self._machine, health=self._health))
+            machine=self._machine, health=self._health,
+            computeMode=self._compute))
         st = os.stat(self._path)
         self._stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
 
@@ -682,6 +732,18 @@ class MockNvml:
     def nvmlDeviceGetNumaNodeId(self, handle: Any) -> int:
         self._ref(handle, _DEVICE)
         raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+
+    @_api
+    def nvmlDeviceGetComputeMode(self, handle: Any) -> int:
+        uuid_ = self.profile.gpus[self._ref(handle, _DEVICE).gpu].uuid
+        return self._store.compute_modes().get(uuid_, pynvml.NVML_COMPUTEMODE_DEFAULT)
+
+    @_api
+    def nvmlDeviceSetComputeMode(self, handle: Any, mode: int) -> None:
+        gpu = self._ref(handle, _DEVICE).gpu
+        if mode not in COMPUTE_MODES:
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        self._store.set_compute_mode(gpu, mode)
 
     # -- MIG: the GPU side -----------------------------------------------------------------
 

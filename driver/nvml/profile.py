@@ -462,18 +462,25 @@ class HealthState(_Strict):
     gpus: dict[str, GpuCondition] = {}
 
 
+ComputeMode = Literal[0, 2, 3]  # the NVML compute modes that may be set (not 1: removed)
+
+
 class MigState(_Strict):
     """The mock's persisted state, by GPU UUID: MIG instances and MIG modes (what a real GPU
     keeps across restarts; a GPU missing from `migEnabled` has its profile's mode), the
     machine's GPUs with their minor numbers (so `gpu-dra mock inject` can address them
-    without the profile) and the injected faults. Version 1 files (MIG only) are read as
-    they are; every write is version 2."""
+    without the profile), the injected faults, and the compute modes set (NVML's
+    values: 0 DEFAULT, 2 PROHIBITED, 3 EXCLUSIVE_PROCESS; a GPU missing has DEFAULT, as the
+    H200 capture's; kept, as a real GPU keeps it until a reboot or reset, and left out of
+    the file while none is set, so older drivers still read it). Version 1 files (MIG
+    only) are read as they are; every write is version 2."""
 
     version: Literal[1, 2]
     gpus: dict[str, list[GpuInstanceSpec]]
     migEnabled: dict[str, bool] = {}
     machine: dict[str, int] = {}
     health: HealthState = HealthState()
+    computeMode: dict[str, ComputeMode] = {}
 
 
 def read_yaml(path: Path, file: str) -> Any:
