@@ -102,10 +102,13 @@ class DriverFiles:
 
 @dataclass(frozen=True)
 class CdiDevice:
-    """One device of the spec: its name within the spec and the nodes it adds."""
+    """One device of the spec: its name within the spec and the nodes it adds (and, for a
+    device served by the claim's MPS daemon, the mounts and env that join it)."""
 
     name: str
     device_nodes: tuple[DeviceNode, ...]
+    mounts: tuple[Mount, ...] = ()
+    env: tuple[str, ...] = ()
 
 
 def vendor(driver: str) -> str:
@@ -138,8 +141,7 @@ def build_spec(driver: str, devices: Sequence[CdiDevice], files: DriverFiles) ->
         "deviceNodes": [node.to_json() for node in files.device_nodes],
     }
     if files.mounts:
-        edits["mounts"] = [{"hostPath": m.host_path, "containerPath": m.container_path,
-                            "options": list(m.options)} for m in files.mounts]
+        edits["mounts"] = [_mount(m) for m in files.mounts]
     hooks = _common_hooks(files)
     if hooks:
         edits["hooks"] = hooks
@@ -174,7 +176,16 @@ def _device_edits(device: CdiDevice, files: DriverFiles) -> dict[str, Any]:
     links = tuple(link for node in device.device_nodes for link in node.links)
     if files.hook is not None and links and "create-symlinks" in files.hook_commands:
         edits["hooks"] = [_hook(files.hook, "create-symlinks", _link_args(links))]
+    if device.env:
+        edits["env"] = list(device.env)
+    if device.mounts:
+        edits["mounts"] = [_mount(m) for m in device.mounts]
     return edits
+
+
+def _mount(mount: Mount) -> dict[str, Any]:
+    return {"hostPath": mount.host_path, "containerPath": mount.container_path,
+            "options": list(mount.options)}
 
 
 def _link_args(links: Sequence[Symlink]) -> list[str]:

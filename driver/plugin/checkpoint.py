@@ -68,6 +68,8 @@ class PreparedDevice:
     created_mig: MigInstance | None = None
     timeslice: str | None = None  # the interval set on the GPU, reset at unprepare
     config: dict[str, Any] | None = None  # the opaque config applied, as decoded
+    # the directory of the claim's MPS daemon (`mps`), which serves this device
+    mps: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
@@ -124,6 +126,8 @@ def _device_to_json(device: PreparedDevice) -> dict[str, Any]:
         out["timeslice"] = device.timeslice
     if device.config is not None:
         out["config"] = device.config
+    if device.mps is not None:
+        out["mpsDirectory"] = device.mps
     return out
 
 
@@ -142,7 +146,7 @@ def to_json(checkpoint: Checkpoint) -> dict[str, Any]:
 
 _MIG_KEYS = {"profileId", "start", "size", "gpuInstanceId", "computeInstanceId"}
 _DEVICE_KEYS = {"requestNames", "pool", "device", "cdiDeviceIDs", "gpuUUID", "adminAccess",
-                "shareID", "createdMig", "timeslice", "config"}
+                "shareID", "createdMig", "timeslice", "config", "mpsDirectory"}
 _CLAIM_KEYS = {"namespace", "name", "state", "devices"}
 _TOP_KEYS = {"schemaVersion", "nodeBootID", "claims"}
 
@@ -198,6 +202,7 @@ class _Reader:
             created_mig=None if mig is None else self.mig(mig, f"{where}.createdMig"),
             timeslice=self.take(obj, "timeslice", str, where, default=None),
             config=self.take(obj, "config", dict, where, default=None),
+            mps=self.take(obj, "mpsDirectory", str, where, default=None),
             extra={k: v for k, v in obj.items() if k not in _DEVICE_KEYS})
 
     def uid(self, key: str) -> str:

@@ -52,7 +52,7 @@ from driver.kube.api import api_client
 from driver.kube.events import post_node_event
 from driver.nvml import Provider
 from driver.nvml.events import HealthWatch
-from driver.plugin import mockroot
+from driver.plugin import mockroot, mps
 from driver.plugin.admin import STATUS_FILE, AdminWatch, status_doc, write_status
 from driver.plugin.cdi import DriverFiles
 from driver.plugin.checkpoint import BOOT_ID_PATH, read_boot_id
@@ -226,7 +226,11 @@ class Plugin:
                 files=files, devices=devices, host=self.provider.host,
                 mig=MigManager(self.provider),
                 timeslicer=timeslicer(self.provider, o.mock_driver_root or o.driver_root,
-                                      mock_root=o.mock_driver_root is not None)),
+                                      mock_root=o.mock_driver_root is not None),
+                mps=mps.daemons(o.plugin_dir / "mps", self.provider,
+                                o.mock_driver_root or o.driver_root,
+                                mock_root=o.mock_driver_root is not None,
+                                local=o.local_dir is not None)),
             identity=Identity(driver=o.driver, node=o.node,
                               boot_id=read_boot_id(o.boot_id_path)),
             published=self._published(inventory, index),
@@ -234,6 +238,8 @@ class Plugin:
                         node_lock=o.lock_path),
             claim_source=claims, metrics=self.metrics)
         self.state.recover(lambda: remove_dead_sockets(o.registry_dir, o.plugin_dir, o.driver))
+        threading.Thread(target=self.state.watch_mps, args=(self._resync_stop,),
+                         name="mps-watch", daemon=True).start()
         from driver.resourceslice.errors import PublishTimeout
 
         self._board = HealthBoard()

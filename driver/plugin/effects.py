@@ -29,7 +29,9 @@ from driver.plugin import cdi
 from driver.plugin.cdi import DeviceNode
 from driver.plugin.checkpoint import ClaimRecord, MigInstance, PreparedDevice
 from driver.plugin.claims import ClaimError, ClaimRef
+from driver.plugin.config import MpsConfig
 from driver.plugin.mig import MigFailure, MigLeftover
+from driver.plugin.mps import CONTAINER_PIPE, CONTAINER_SHM, Limits, MpsDevice, MpsFailure, limits
 from driver.plugin.node import DeviceTools, Published
 from driver.plugin.sharing import SharingFailure
 from driver.safeload import LoadError, json_document, read_text
@@ -51,6 +53,12 @@ class ApplyFailure(PluginError):
         super().__init__(message)
         self.reason = reason
         self.left = left
+
+
+def _mps_config(device: PreparedDevice) -> MpsConfig:
+    """The mpsConfig a device was prepared with (its recorded config; none: no limits)."""
+    sharing = (device.config or {}).get("sharing") or {}
+    return MpsConfig.model_validate(sharing.get("mpsConfig") or {})
 
 
 class Effects:
@@ -102,11 +110,15 @@ class Effects:
                     with self._gpu_lock(device.gpu_uuid):
                         tools.timeslicer.set(device.gpu_uuid, device.timeslice)
                 done.append(device)
+            mps = self.mps_setup(done)
+            if mps is not None:
+                tools.mps.start(ref.uid, *mps)
             self.write_spec(ref.uid, done)
-        except Exception as err:  # expected: MigFailure, SharingFailure, OSError, ClaimError
+        except Exception as err:  # expected: MigFailure, SharingFailure, MpsFailure, OSError,
+            # ClaimError
             log.error("preparing ResourceClaim %s failed: %s; rolling back", ref, err,
-                      exc_info=not isinstance(err, MigFailure | SharingFailure | OSError |
-                                              ClaimError))
+                      exc_info=not isinstance(err, MigFailure | SharingFailure | MpsFailure |
+                                              OSError | ClaimError))
             left, problems = self._undo(ref.uid, done, held)
             message = str(err) if not problems else \
                 f"{err}; rollback also failed: {'; '.join(problems)}"
@@ -131,6 +143,10 @@ class Effects:
         except OSError as err:
             return tuple(devices), [f"cannot remove the CDI spec: {err}"]
         left, problems = [], []
+        devices = tuple(devices)
+        if any(d.mps is not None for d in devices):  # before the GPUs' other settings
+            problems = self.tools.mps.stop(uid)
+            left = [d for d in devices if problems and d.mps is not None]
         present = {gpu.uuid for gpu in self.published.inventory.gpus}
         for device in devices:
             if device.gpu_uuid not in present:  # its MIG device and time slice went with it
@@ -144,7 +160,8 @@ class Effects:
                 if device.timeslice is not None:
                     self._put_back_timeslice(uid, device, held)
             except (MigFailure, SharingFailure) as err:
-                left.append(device)
+                if device not in left:
+                    left.append(device)
                 problems.append(str(err))
         return tuple(left), problems
 
@@ -157,6 +174,38 @@ class Effects:
                 return
             self.tools.timeslicer.set(device.gpu_uuid, "Default")
 
+    # -- MPS ---------------------------------------------------------------------------
+
+    def mps_setup(self, devices: Sequence[PreparedDevice]
+                  ) -> tuple[tuple[MpsDevice, ...], Limits] | None:
+        """The claim's MPS daemon: its devices, in CUDA_VISIBLE_DEVICES order, and its
+        limits; None if no device of the claim asks for MPS. ClaimError (bad_config) if
+        its MPS devices ask for different limits (a claim has one daemon) or a limit
+        cannot be applied."""
+        served = [d for d in devices if d.mps is not None]
+        if not served:
+            return None
+        configs = {repr(_mps_config(d)) for d in served}
+        if len(configs) > 1:
+            raise ClaimError("bad_config", "a claim has one MPS daemon: its devices "
+                                           f"{', '.join(d.device for d in served)} must "
+                                           "have one mpsConfig")
+        mps_devices = []
+        for device in dict((d.device, d) for d in served).values():
+            target = self.published.index.get(device.device)
+            if target is None:
+                raise ClaimError("unknown_device", f"device {device.device} is no longer "
+                                                   "published by this node")
+            cuda = target.static_mig.uuid if target.static_mig is not None else \
+                target.gpu.uuid
+            mps_devices.append(MpsDevice(device.device, cuda, target.gpu.uuid,
+                                         target.placement is None))
+        try:
+            return tuple(mps_devices), limits(_mps_config(served[0]), mps_devices,
+                                              "sharing.mpsConfig")
+        except ValueError as err:
+            raise ClaimError("bad_config", str(err)) from None
+
     # -- CDI specs ---------------------------------------------------------------------
 
     def has_spec(self, uid: str) -> bool:
@@ -166,12 +215,28 @@ class Effects:
         """The claim's CDI spec, one CDI device per device of the claim; ClaimError if a
         device is no longer published or its MIG device nodes are unknown."""
         specs: dict[str, cdi.CdiDevice] = {}
+        files = self.tools.files
         for device in devices:
             if device.device not in specs:
                 specs[device.device] = cdi.CdiDevice(cdi.device_name(uid, device.device),
-                                                     self._nodes(device))
-        spec = cdi.build_spec(self.driver, list(specs.values()), self.tools.files)
+                                                     self._nodes(device), *self._mps_edits(
+                                                         uid, device))
+        if any(d.mps is not None for d in devices):  # the claim's daemon, not the host's
+            files = replace(files, mounts=tuple(m for m in files.mounts
+                                                if m.container_path != CONTAINER_PIPE))
+        spec = cdi.build_spec(self.driver, list(specs.values()), files)
         cdi.write_spec(self.cdi_root, self.driver, uid, spec)
+
+    def _mps_edits(self, uid: str, device: PreparedDevice
+                   ) -> tuple[tuple[cdi.Mount, ...], tuple[str, ...]]:
+        """An MPS device's container joins the claim's daemon: its pipe directory where
+        MPS clients look, named in their environment too, and the /dev/shm they share."""
+        if device.mps is None:
+            return (), ()
+        daemons = self.tools.mps
+        return ((cdi.Mount(str(daemons.pipe(uid)), CONTAINER_PIPE, cdi.IPC_MOUNT_OPTIONS),
+                 cdi.Mount(str(daemons.shm(uid)), CONTAINER_SHM, cdi.IPC_MOUNT_OPTIONS)),
+                (f"CUDA_MPS_PIPE_DIRECTORY={CONTAINER_PIPE}",))
 
     def remove_spec(self, uid: str) -> None:
         cdi.remove_spec(self.cdi_root, self.driver, uid)

@@ -52,6 +52,13 @@ class Metrics:
                                      "result: changed (the slices follow), unchanged "
                                      "(nothing written), failed (NVML; nothing changed).",
                                      ["result"], registry=r)
+        self.mps_daemons = Gauge(f"{PREFIX}_mps_daemons", "MPS control daemons of prepared "
+                                 "claims, by state at the last check: running, failed "
+                                 "(found dead and could not be started again).", ["state"],
+                                 registry=r)
+        self.mps_restarts = Counter(f"{PREFIX}_mps_daemon_restarts_total", "MPS control "
+                                    "daemons found dead and started again with their "
+                                    "claim's limits.", registry=r)
 
     def claim_done(self, operation: str, error_reason: str | None) -> None:
         self.claims.labels(operation, "error" if error_reason else "success").inc()

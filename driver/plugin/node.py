@@ -15,6 +15,7 @@ from driver.plugin.cdi import DriverFiles
 from driver.plugin.devices import Target
 from driver.plugin.driverfiles import HostDevices
 from driver.plugin.mig import MigManager
+from driver.plugin.mps import MpsDaemons
 from driver.plugin.sharing import Timeslicer
 
 
@@ -58,3 +59,4 @@ class DeviceTools:
     host: HostView  # the MIG capability minors
     mig: MigManager  # creates and destroys MIG devices
     timeslicer: Timeslicer  # sets a GPU's time slice
+    mps: MpsDaemons  # the claims' MPS daemons

@@ -64,6 +64,7 @@ from driver.plugin.effects import ApplyFailure, Effects
 from driver.plugin.evidence import is_rebuilt, rebuilt_records
 from driver.plugin.logs import claim_context
 from driver.plugin.metrics import Metrics
+from driver.plugin.mps import MpsFailure
 from driver.plugin.node import DeviceTools, Identity, Paths, Published
 from driver.plugin.nodelock import LockFailure, LockTimeout, NodeLock
 from driver.plugin.records import Records, timeslices_held
@@ -73,6 +74,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 WORKERS = 8
+MPS_CHECK_INTERVAL = 2.0  # seconds between checks of the claims' MPS daemons
 START_LOCK_TIMEOUT = 120.0  # a start waits this long for the other pod's calls in flight
 
 
@@ -276,6 +278,54 @@ class PluginState:
                             ", ".join(d.device for d in record.devices) or "no known device")
         return claims
 
+    # -- MPS daemons -------------------------------------------------------------------
+
+    def watch_mps(self, stop: threading.Event) -> None:
+        """`check_mps` at once (a start adopts the daemons running), then every
+        MPS_CHECK_INTERVAL seconds until `stop`."""
+        pids: dict[str, int] = {}
+        while True:
+            self.check_mps(pids)
+            if stop.wait(MPS_CHECK_INTERVAL):
+                return
+
+    def check_mps(self, pids: dict[str, int]) -> None:
+        """Each prepared MPS claim's daemon: one running is kept (`pids`: as last seen,
+        logged when it changes: adopted, started again), one that died is reported (log,
+        metric) and started again with the claim's limits. A claim being worked on is
+        left to that call."""
+        with self.records.lock:
+            uids = [uid for uid in self.records
+                    if self.records[uid].state == "PrepareCompleted"
+                    and any(d.mps is not None for d in self.records[uid].devices)]
+        counts = {"running": 0, "failed": 0}
+        for uid in uids:
+            with self._claim_locks.hold([uid], time.monotonic()) as held, \
+                    claim_context(uid):
+                record = self.records.get(uid)
+                if not held or record is None or record.state != "PrepareCompleted":
+                    continue
+                try:
+                    pid, restarted = self.effects.tools.mps.ensure(uid)
+                except MpsFailure as err:
+                    log.error("MPS daemon of ResourceClaim %s/%s is not running: %s",
+                              record.namespace, record.name, err)
+                    counts["failed"] += 1
+                    continue
+                counts["running"] += 1
+                if restarted:
+                    self.metrics.mps_restarts.inc()
+                    log.error("MPS daemon of ResourceClaim %s/%s had died; started again "
+                              "with its limits as %d", record.namespace, record.name, pid)
+                elif pids.get(uid) != pid:
+                    log.info("MPS daemon %d of ResourceClaim %s/%s is running", pid,
+                             record.namespace, record.name)
+                pids[uid] = pid
+        for gone in pids.keys() - set(uids):
+            del pids[gone]
+        for state, count in counts.items():
+            self.metrics.mps_daemons.labels(state).set(count)
+
     # -- prepare -----------------------------------------------------------------------
 
     def prepare(self, refs: Sequence[ClaimRef], deadline: float) -> dict[str, Outcome]:
@@ -383,6 +433,7 @@ class PluginState:
                 allocation = claim_allocation(claim, self.identity.driver, self.identity.node)
                 devices = tuple(self._planned(ref, result, allocation.configs)
                                 for result in allocation.devices)
+                self.effects.mps_setup(devices)  # its limits are refused before any effect
                 if record is not None:
                     return _Plan(ref, answer=self._fill_in(ref, record, devices))
             except ClaimError as err:
@@ -454,14 +505,11 @@ class PluginState:
                                                 "dynamic MIG device is not supported")
             created = target.mig_to_create
         config = chosen.config if chosen is not None else None
+        mps = None
         if config is not None and config.sharing is not None and \
                 config.sharing.strategy == "MPS":
             assert chosen is not None
-            raise ClaimError("unsupported", f"ResourceClaim {ref}: device {result.device} "
-                                            f"(request {result.request}): sharing strategy "
-                                            "MPS is not supported by this version yet (no MPS "
-                                            "control daemon, no limits); status.allocation."
-                                            f"devices.config[{chosen.index}] asks for it")
+            mps = self._mps_directory(ref, result, chosen.index, created is not None)
         timeslice = None  # an adminAccess user does not own the GPU's settings
         if isinstance(config, GpuConfig) and config.sharing is not None and \
                 not result.admin_access:
@@ -471,7 +519,25 @@ class PluginState:
             cdi_device_ids=(cdi.qualified_name(driver, cdi.device_name(ref.uid, result.device)),),
             gpu_uuid=target.gpu.uuid, admin_access=result.admin_access,
             share_id=result.share_id, created_mig=created, timeslice=timeslice,
-            config=config.model_dump(exclude_none=True) if config is not None else None)
+            config=config.model_dump(exclude_none=True) if config is not None else None,
+            mps=mps)
+
+    def _mps_directory(self, ref: ClaimRef, result: AllocatedDevice, config: int,
+                       dynamic_mig: bool) -> str:
+        """The directory of the claim's MPS daemon, for a device whose config asks for MPS;
+        ClaimError where this node or this device cannot have it."""
+        why = self.effects.tools.mps.unsupported
+        if result.admin_access:
+            why = "an adminAccess user does not own the GPU's settings"
+        elif dynamic_mig:
+            why = ("not on a MIG device created on demand (dynamic MIG), as in NVIDIA's "
+                   "driver")
+        if why is not None:
+            raise ClaimError("unsupported", f"ResourceClaim {ref}: device {result.device} "
+                                            f"(request {result.request}): sharing strategy "
+                                            f"MPS (status.allocation.devices.config[{config}]) "
+                                            f"is refused: {why}")
+        return str(self.effects.tools.mps.directory(ref.uid))
 
     # 2. start
 

@@ -1,5 +1,6 @@
-"""Sharing settings as a claim's containers get them: a setting this version does not apply
-(MPS) is refused per claim and leaves nothing behind; time slicing runs the driver root's
+"""Sharing settings as a claim's containers get them: MPS where this node cannot run the
+claim's daemon (a mock NVML with the host's driver root; dynamic MIG) is refused per claim
+and leaves nothing behind (MPS itself: test_plugin_mps.py); time slicing runs the driver root's
 nvidia-smi as in the pod (a stand-in that only starts where its environment leads the
 loader to the root's libnvidia-ml.so.1, tests/support/smi_standin.py), puts Default back
 when the last claim holding the GPU's time slice is unprepared, and refuses a claim
@@ -66,9 +67,10 @@ def test_an_mps_claim_is_refused_and_leaves_nothing(node: Node, start: Start) ->
     fine = make_claim(node.local, [result("gpu-3")], [opaque(sliced("Short"))])
     answers = running.kubelet.prepare([mps, fine])
     assert answers[mps.uid].error == (
-        f"ResourceClaim ns/{mps.name}: device gpu-6 (request shared): sharing strategy MPS is "
-        "not supported by this version yet (no MPS control daemon, no limits); "
-        "status.allocation.devices.config[1] asks for it")
+        f"ResourceClaim ns/{mps.name}: device gpu-6 (request shared): sharing strategy MPS "
+        "(status.allocation.devices.config[1]) is refused: MPS with a mock NVML needs a "
+        "driver root of stand-in tools (--driver-root, or none for the mock's): the host's "
+        "nvidia-cuda-mps-control serves real GPUs")
     assert answers[fine.uid].error == ""
     assert set(cdi_specs(node.cdi_root)) == set(node.records()) == {fine.uid}
     gpu_1 = running.plugin.state.published.index["gpu-1"].gpu.uuid
@@ -85,8 +87,9 @@ def test_an_mps_mig_claim_creates_no_mig_device(node: Node, start: Start) -> Non
         {"apiVersion": "gpu.dra.dev/v1alpha1", "kind": "MigDeviceConfig",
          "sharing": {"strategy": "MPS"}})])
     error = running.kubelet.prepare([claim])[claim.uid].error
-    assert "device gpu-0-mig-3g40gb-4 (request mig): sharing strategy MPS is not supported" \
-        in error
+    assert error.endswith("device gpu-0-mig-3g40gb-4 (request mig): sharing strategy MPS "
+                          "(status.allocation.devices.config[0]) is refused: not on a MIG "
+                          "device created on demand (dynamic MIG), as in NVIDIA's driver")
     assert live_mig(node.mig_state) == {} and cdi_specs(node.cdi_root) == {}
     assert node.records() == {}
 

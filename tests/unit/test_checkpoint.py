@@ -32,6 +32,7 @@ RECORD = ClaimRecord(
         PreparedDevice(request_names=("mig",), pool="node-a", device="gpu-1-mig-1g10gb-3",
                        cdi_device_ids=(f"k8s.gpu.dra.dev/claim={UID}-gpu-1-mig-1g10gb-3",),
                        gpu_uuid="GPU-2", admin_access=False, share_id="s-1",
+                       mps=f"/var/lib/kubelet/plugins/gpu.dra.dev/mps/{UID}",
                        created_mig=MigInstance(profile_id=19, start=3, size=1, gi_id=10,
                                                ci_id=0)),
     ))

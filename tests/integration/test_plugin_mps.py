@@ -1,0 +1,214 @@
+"""MPS per claim in local mode, against the mock driver root's stand-in daemon
+(`driver.nvml.mpsstandin`): a claim gets a daemon of its own that was told its limits,
+its containers join it (the CDI spec's mount and env), its GPUs are in EXCLUSIVE_PROCESS
+mode while it is prepared; the daemon survives a plugin killed with SIGKILL and is adopted
+by the next start, a daemon that dies is started again and reported, and unprepare leaves
+no process, directory or compute mode behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pynvml
+import pytest
+
+from driver.nvml.mock import compute_mode
+from driver.nvml.mpsstandin import PID_FILE
+from driver.plugin.mps import CONTAINER_PIPE
+from tests.support.plugin import (
+    Daemon,
+    Node,
+    Start,
+    cdi_specs,
+    gpu_config,
+    make_claim,
+    opaque,
+    result,
+)
+
+MPS = gpu_config(strategy="MPS", mpsConfig={
+    "defaultActiveThreadPercentage": 30, "defaultPinnedDeviceMemoryLimit": "8Gi",
+    "defaultPerDevicePinnedMemoryLimit": {"gpu-6": "512Mi"}})
+ONE_GPU = gpu_config(strategy="MPS", mpsConfig={"defaultActiveThreadPercentage": 30,
+                                               "defaultPinnedDeviceMemoryLimit": "8Gi"})
+EXCLUSIVE, DEFAULT = pynvml.NVML_COMPUTEMODE_EXCLUSIVE_PROCESS, pynvml.NVML_COMPUTEMODE_DEFAULT
+
+
+@pytest.fixture(autouse=True)
+def no_daemon_left(node: Node) -> Iterator[None]:
+    """A test that fails leaves no stand-in daemon running."""
+    yield
+    for pid_file in (node.plugin_dir / "mps").glob(f"*/pipe/{PID_FILE}"):
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def mock_root(node: Node) -> Path:
+    return node.plugin_dir / "mock-driver-root"
+
+
+def control(node: Node, uid: str, command: str) -> str:
+    """Ask the claim's daemon, as an admin would, through the stand-in client."""
+    binary = mock_root(node) / "usr/local/nvidia/bin/nvidia-cuda-mps-control"
+    done = subprocess.run([str(binary)], input=command + "\n", capture_output=True, text=True,
+                          env={"PATH": os.environ["PATH"], "CUDA_MPS_PIPE_DIRECTORY":
+                               str(node.plugin_dir / "mps" / uid / "pipe")},
+                          timeout=30, check=True)
+    return done.stdout.strip()
+
+
+def daemon_pid(node: Node, uid: str) -> int:
+    return int((node.plugin_dir / "mps" / uid / "pipe" / PID_FILE).read_text())
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def compute_modes(nvml: Any, *uuids: str) -> list[int]:
+    return [nvml.nvmlDeviceGetComputeMode(nvml.nvmlDeviceGetHandleByUUID(u)) for u in uuids]
+
+
+def test_an_mps_claim_gets_a_daemon_with_its_limits_and_unprepare_leaves_nothing(
+        node: Node, start: Start) -> None:
+    running = start(mock_driver_root=mock_root(node))
+    index = running.plugin.state.published.index
+    gpu_1, gpu_6 = index["gpu-1"].gpu.uuid, index["gpu-6"].gpu.uuid
+    claim = make_claim(node.local, [result("gpu-1"), result("gpu-6"), result("gpu-3", "solo")],
+                       [opaque(MPS, requests=["gpu"])])
+    assert running.kubelet.prepare([claim])[claim.uid].error == ""
+    pid = daemon_pid(node, claim.uid)
+    assert alive(pid) and os.getsid(pid) not in (os.getsid(0), os.getpid())
+    shm = node.plugin_dir / "mps" / claim.uid / "shm"
+    (shm / "probe").write_text("the claim's")  # the daemon's /dev/shm is the claim's own
+    assert (Path(f"/proc/{pid}/root/dev/shm/probe")).read_text() == "the claim's"
+    assert not Path("/dev/shm/probe").exists()
+    assert control(node, claim.uid, "get_default_active_thread_percentage") == "30.0"
+    assert control(node, claim.uid, "get_default_device_pinned_mem_limit 0") == "8G"
+    assert control(node, claim.uid, "get_default_device_pinned_mem_limit 1") == "512M"
+    assert compute_modes(running.provider.nvml, gpu_1, gpu_6) == [EXCLUSIVE, EXCLUSIVE]
+    gpu_3 = index["gpu-3"].gpu.uuid
+    assert compute_modes(running.provider.nvml, gpu_3) == [DEFAULT]  # not an MPS device
+
+    spec = cdi_specs(node.cdi_root)[claim.uid]
+    edits = {d["name"].removeprefix(f"{claim.uid}-"): d["containerEdits"]
+             for d in spec["devices"]}
+    pipe = str(node.plugin_dir / "mps" / claim.uid / "pipe")
+    for name in ("gpu-1", "gpu-6"):
+        assert edits[name]["env"] == [f"CUDA_MPS_PIPE_DIRECTORY={CONTAINER_PIPE}"]
+        assert [(m["hostPath"], m["containerPath"]) for m in edits[name]["mounts"]] == \
+            [(pipe, CONTAINER_PIPE), (str(shm), "/dev/shm")]
+    assert "env" not in edits["gpu-3"] and "mounts" not in edits["gpu-3"]
+    record = node.records()[claim.uid]
+    assert {d.device: d.mps for d in record.devices} == {
+        "gpu-1": str(node.plugin_dir / "mps" / claim.uid),
+        "gpu-6": str(node.plugin_dir / "mps" / claim.uid), "gpu-3": None}
+
+    assert running.kubelet.unprepare([claim]) == {claim.uid: ""}
+    assert not alive(pid)
+    assert not (node.plugin_dir / "mps" / claim.uid).exists()
+    assert compute_modes(running.provider.nvml, gpu_1, gpu_6) == [DEFAULT, DEFAULT]
+    assert cdi_specs(node.cdi_root) == {} and node.records() == {}
+
+
+def test_a_daemon_that_dies_is_reported_and_started_again_with_its_limits(
+        node: Node, start: Start) -> None:
+    running = start(mock_driver_root=mock_root(node))
+    claim = make_claim(node.local, [result("gpu-2")], [opaque(ONE_GPU)])
+    assert running.kubelet.prepare([claim])[claim.uid].error == ""
+    first = daemon_pid(node, claim.uid)
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    restarts = running.plugin.metrics.registry.get_sample_value
+    while restarts("gpu_dra_mps_daemon_restarts_total") != 1:
+        assert time.monotonic() < deadline, "the daemon was not started again"
+        time.sleep(0.1)
+    again = daemon_pid(node, claim.uid)
+    assert again != first and alive(again)
+    assert control(node, claim.uid, "get_default_active_thread_percentage") == "30.0"
+    assert control(node, claim.uid, "get_default_device_pinned_mem_limit 0") == "8G"
+    assert restarts("gpu_dra_mps_daemons", {"state": "running"}) == 1
+    assert running.kubelet.unprepare([claim]) == {claim.uid: ""}
+    assert not alive(again) and not (node.plugin_dir / "mps" / claim.uid).exists()
+
+
+def test_unprepare_of_a_claim_whose_daemon_is_gone_succeeds(node: Node, start: Start) -> None:
+    running = start(mock_driver_root=mock_root(node))
+    gpu_2 = running.plugin.state.published.index["gpu-2"].gpu.uuid
+    claim = make_claim(node.local, [result("gpu-2")], [opaque(ONE_GPU)])
+    assert running.kubelet.prepare([claim])[claim.uid].error == ""
+    os.kill(daemon_pid(node, claim.uid), signal.SIGKILL)
+    assert running.kubelet.unprepare([claim]) == {claim.uid: ""}
+    assert not (node.plugin_dir / "mps").exists() or \
+        list((node.plugin_dir / "mps").iterdir()) == []
+    assert compute_modes(running.provider.nvml, gpu_2) == [DEFAULT]
+
+
+def test_a_daemon_that_does_not_start_fails_the_claim_and_undoes_everything(
+        node: Node, start: Start) -> None:
+    running = start(mock_driver_root=mock_root(node))
+    gpu_2 = running.plugin.state.published.index["gpu-2"].gpu.uuid
+    (mock_root(node) / "usr/local/nvidia/bin/nvidia-cuda-mps-control").unlink()
+    claim = make_claim(node.local, [result("gpu-2")], [opaque(ONE_GPU)])
+    error = running.kubelet.prepare([claim])[claim.uid].error
+    assert error == (f"MPS of claim {claim.uid}: nvidia-cuda-mps-control -d exited 1: "
+                     "FileNotFoundError: [Errno 2] No such file or directory")
+    assert compute_modes(running.provider.nvml, gpu_2) == [DEFAULT]
+    assert list((node.plugin_dir / "mps").iterdir()) == []
+    assert cdi_specs(node.cdi_root) == {} and node.records() == {}
+
+
+def test_mps_with_admin_access_or_another_mps_config_is_refused_before_any_effect(
+        node: Node, start: Start) -> None:
+    running = start(mock_driver_root=mock_root(node))
+    admin = make_claim(node.local, [result("gpu-2", admin=True)], [opaque(ONE_GPU)])
+    other = gpu_config(strategy="MPS", mpsConfig={"defaultActiveThreadPercentage": 50})
+    two = make_claim(node.local, [result("gpu-4"), result("gpu-5", "b")],
+                     [opaque(ONE_GPU, requests=["gpu"]), opaque(other, requests=["b"])])
+    answers = running.kubelet.prepare([admin, two])
+    assert answers[admin.uid].error == (
+        f"ResourceClaim ns/{admin.name}: device gpu-2 (request gpu): sharing strategy MPS "
+        "(status.allocation.devices.config[0]) is refused: an adminAccess user does not own "
+        "the GPU's settings")
+    assert answers[two.uid].error == ("a claim has one MPS daemon: its devices gpu-4, gpu-5 "
+                                      "must have one mpsConfig")
+    assert cdi_specs(node.cdi_root) == {} and node.records() == {}
+    assert not (node.plugin_dir / "mps").exists()
+
+
+def test_a_killed_plugin_leaves_the_daemon_running_and_the_next_start_adopts_it(
+        node: Node) -> None:
+    args = node.cli_args("dgx-h100", "--mock-state", str(node.mig_state))
+    plugin = Daemon(node, args)
+    claim = make_claim(node.local, [result("gpu-2")], [opaque(ONE_GPU)])
+    try:
+        assert plugin.kubelet.prepare([claim])[claim.uid].error == ""
+    finally:
+        plugin.stop(signal.SIGKILL)
+    pid = daemon_pid(node, claim.uid)
+    assert alive(pid)
+    gpu_2 = "GPU-6a97cacc-c0f8-54b8-97b2-00b046941b54"  # dgx-h100's
+    assert compute_mode(node.mig_state, gpu_2) == EXCLUSIVE
+    plugin = Daemon(node, args, log_name="plugin-2.log")
+    try:
+        deadline = time.monotonic() + 30
+        while f"MPS daemon {pid} of ResourceClaim ns/{claim.name} is running" \
+                not in plugin.output():
+            assert time.monotonic() < deadline, plugin.output()
+            time.sleep(0.1)
+        assert daemon_pid(node, claim.uid) == pid and "had died" not in plugin.output()
+        assert plugin.kubelet.unprepare([claim]) == {claim.uid: ""}
+    finally:
+        assert plugin.stop() == 0
+    assert not alive(pid) and not (node.plugin_dir / "mps" / claim.uid).exists()
+    assert compute_mode(node.mig_state, gpu_2) == DEFAULT
