@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from driver.errors import DriverError, PluginError
+from driver.kube.names import is_uuid
 from driver.plugin import cdi
 from driver.plugin.cdi import DeviceNode
 from driver.plugin.checkpoint import ClaimRecord, MigInstance, PreparedDevice
@@ -144,9 +145,10 @@ class Effects:
             return tuple(devices), [f"cannot remove the CDI spec: {err}"]
         left, problems = [], []
         devices = tuple(devices)
-        if any(d.mps is not None for d in devices):  # before the GPUs' other settings
-            problems = self.tools.mps.stop(uid)
-            left = [d for d in devices if problems and d.mps is not None]
+        # before the GPUs' other settings; by its directory, which a record rebuilt from
+        # the claim's CDI spec does not name
+        problems = self.tools.mps.stop(uid)
+        left = list(devices) if problems else []
         present = {gpu.uuid for gpu in self.published.inventory.gpus}
         for device in devices:
             if device.gpu_uuid not in present:  # its MIG device and time slice went with it
@@ -205,6 +207,17 @@ class Effects:
                                               "sharing.mpsConfig")
         except ValueError as err:
             raise ClaimError("bad_config", str(err)) from None
+
+    def sweep_mps(self, uids: Collection[str]) -> None:
+        """Stop the MPS daemons no prepared claim explains (a directory of a claim whose
+        record is gone), as `remove_specs_except` does for specs."""
+        root = self.tools.mps.root
+        for directory in sorted(root.iterdir()) if root.is_dir() else []:
+            if directory.name not in uids and is_uuid(directory.name):
+                log.warning("stopping the MPS daemon of a claim that is not prepared: %s",
+                            directory)
+                for problem in self.tools.mps.stop(directory.name):
+                    log.error("%s", problem)
 
     # -- CDI specs ---------------------------------------------------------------------
 

@@ -281,8 +281,8 @@ class MpsDaemons:
         return problems
 
     def ask(self, uid: str, command: str) -> str:
-        """One command through the control client; its answer. MpsFailure if the client
-        fails or times out."""
+        """Commands (one a line) through the control client; its answers. MpsFailure if
+        the client fails (a command refused) or times out."""
         self._check_tools()
         assert self.control is not None
         try:
@@ -340,8 +340,8 @@ class MpsDaemons:
             if time.monotonic() > deadline:
                 raise MpsFailure(f"{CONTROL} -d did not answer within {START_TIMEOUT:g} s")
             time.sleep(0.02)
-        for command in claim.limits.commands():
-            self.ask(uid, command)
+        if claim.limits.commands():  # one client for all: each costs a process start
+            self.ask(uid, "\n".join(claim.limits.commands()))
         log.info("MPS daemon %d of claim %s serves %s (%s)", pid, uid,
                  ",".join(d.cuda_uuid for d in claim.devices),
                  "; ".join(claim.limits.commands()) or "no limits")

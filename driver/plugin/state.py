@@ -262,6 +262,7 @@ class PluginState:
         if self.published.dynamic_mig:
             self.effects.sweep_mig(claims.values())
         self.effects.remove_specs_except(claims)
+        self.effects.sweep_mps(claims)
 
     def _rebuild_records(self) -> dict[str, ClaimRecord]:
         """Records for the claims whose CDI specs are on the node (see `evidence`): their

@@ -2,8 +2,8 @@
 (`driver.nvml.mpsstandin`): a claim gets a daemon of its own that was told its limits,
 its containers join it (the CDI spec's mount and env), its GPUs are in EXCLUSIVE_PROCESS
 mode while it is prepared; the daemon survives a plugin killed with SIGKILL and is adopted
-by the next start, a daemon that dies is started again and reported, and unprepare leaves
-no process, directory or compute mode behind."""
+by the next start (which stops one no record explains), a daemon that dies is started
+again and reported, and unprepare leaves no process, directory or compute mode behind."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import pytest
 
 from driver.nvml.mock import compute_mode
 from driver.nvml.mpsstandin import PID_FILE
+from driver.plugin import checkpoint
 from driver.plugin.mps import CONTAINER_PIPE
 from tests.support.plugin import (
     Daemon,
@@ -211,4 +212,19 @@ def test_a_killed_plugin_leaves_the_daemon_running_and_the_next_start_adopts_it(
     finally:
         assert plugin.stop() == 0
     assert not alive(pid) and not (node.plugin_dir / "mps" / claim.uid).exists()
+    assert compute_mode(node.mig_state, gpu_2) == DEFAULT
+
+
+def test_a_start_stops_a_daemon_no_record_explains(node: Node, start: Start) -> None:
+    first = start(mock_driver_root=mock_root(node), mock_state=node.mig_state)
+    gpu_2 = first.plugin.state.published.index["gpu-2"].gpu.uuid
+    claim = make_claim(node.local, [result("gpu-2")], [opaque(ONE_GPU)])
+    assert first.kubelet.prepare([claim])[claim.uid].error == ""
+    pid = daemon_pid(node, claim.uid)
+    first.stop()
+    assert alive(pid) and compute_mode(node.mig_state, gpu_2) == EXCLUSIVE
+    checkpoint.save(node.checkpoint, checkpoint.Checkpoint(
+        boot_id=node.boot_id.read_text().strip()))  # its record lost
+    start(mock_driver_root=mock_root(node), mock_state=node.mig_state)
+    assert not alive(pid) and list((node.plugin_dir / "mps").iterdir()) == []
     assert compute_mode(node.mig_state, gpu_2) == DEFAULT
