@@ -22,6 +22,7 @@ import pytest
 from driver.nvml.mock import compute_mode
 from driver.nvml.mpsstandin import PID_FILE
 from driver.plugin import checkpoint
+from driver.plugin.driverfiles import nvml_library
 from driver.plugin.mps import CONTAINER_PIPE
 from tests.support.plugin import (
     Daemon,
@@ -80,8 +81,14 @@ def compute_modes(nvml: Any, *uuids: str) -> list[int]:
     return [nvml.nvmlDeviceGetComputeMode(nvml.nvmlDeviceGetHandleByUUID(u)) for u in uuids]
 
 
+def environment(pid: int) -> dict[str, str]:
+    entries = Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
+    return dict(e.split("=", 1) for e in entries if e)
+
+
 def test_an_mps_claim_gets_a_daemon_with_its_limits_and_unprepare_leaves_nothing(
-        node: Node, start: Start) -> None:
+        node: Node, start: Start, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPU_DRA_TEST_SECRET", "plugin-only")
     running = start(mock_driver_root=mock_root(node))
     index = running.plugin.state.published.index
     gpu_1, gpu_6 = index["gpu-1"].gpu.uuid, index["gpu-6"].gpu.uuid
@@ -90,6 +97,12 @@ def test_an_mps_claim_gets_a_daemon_with_its_limits_and_unprepare_leaves_nothing
     assert running.kubelet.prepare([claim])[claim.uid].error == ""
     pid = daemon_pid(node, claim.uid)
     assert alive(pid) and os.getsid(pid) not in (os.getsid(0), os.getpid())
+    env = environment(pid)
+    assert env["CUDA_VISIBLE_DEVICES"] == f"{gpu_1},{gpu_6}"
+    assert env["CUDA_MPS_PIPE_DIRECTORY"] == str(node.plugin_dir / "mps" / claim.uid / "pipe")
+    assert env["CUDA_MPS_LOG_DIRECTORY"] == str(node.plugin_dir / "mps" / claim.uid / "log")
+    library = nvml_library(mock_root(node))
+    assert env["LD_PRELOAD"] == str(library) and "GPU_DRA_TEST_SECRET" not in env
     shm = node.plugin_dir / "mps" / claim.uid / "shm"
     (shm / "probe").write_text("the claim's")  # the daemon's /dev/shm is the claim's own
     assert (Path(f"/proc/{pid}/root/dev/shm/probe")).read_text() == "the claim's"
@@ -228,3 +241,24 @@ def test_a_start_stops_a_daemon_no_record_explains(node: Node, start: Start) -> 
     start(mock_driver_root=mock_root(node), mock_state=node.mig_state)
     assert not alive(pid) and list((node.plugin_dir / "mps").iterdir()) == []
     assert compute_mode(node.mig_state, gpu_2) == DEFAULT
+
+
+def test_a_mig_device_joins_by_its_own_uuid_and_its_gpu_keeps_its_compute_mode(
+        node: Node, start: Start) -> None:
+    running = start("a100-mig", mock_state=node.mig_state, mock_driver_root=mock_root(node))
+    target = running.plugin.state.published.index["gpu-0-mig-3g20gb-4"]
+    assert target.static_mig is not None
+    config = {"apiVersion": "gpu.dra.dev/v1alpha1", "kind": "MigDeviceConfig",
+              "sharing": {"strategy": "MPS", "mpsConfig": {
+                  "defaultActiveThreadPercentage": 50,
+                  "defaultPerDevicePinnedMemoryLimit": {target.gpu.uuid: "4Gi"}}}}
+    claim = make_claim(node.local, [result("gpu-0-mig-3g20gb-4", request="mig")],
+                       [opaque(config)])
+    assert running.kubelet.prepare([claim])[claim.uid].error == ""
+    pid = daemon_pid(node, claim.uid)
+    assert environment(pid)["CUDA_VISIBLE_DEVICES"] == target.static_mig.uuid
+    assert control(node, claim.uid, "get_default_active_thread_percentage") == "50.0"
+    assert control(node, claim.uid, "get_default_device_pinned_mem_limit 0") == "4G"
+    assert compute_mode(node.mig_state, target.gpu.uuid) == DEFAULT
+    assert running.kubelet.unprepare([claim]) == {claim.uid: ""}
+    assert not alive(pid) and list((node.plugin_dir / "mps").iterdir()) == []
