@@ -62,6 +62,7 @@ CONTROL = "nvidia-cuda-mps-control"
 PID_FILE = f"{CONTROL}.pid"  # written by the daemon in its pipe directory
 CONTAINER_PIPE = "/tmp/nvidia-mps"  # where MPS clients look by default
 CONTAINER_SHM = "/dev/shm"
+SHM_MODE = 0o1777  # as /dev/shm: every user of the claim's containers shares it
 CLAIM_FILE = "claim.json"
 START_TIMEOUT = 10.0  # NVIDIA's driver waits up to about 15 s for its daemon's pod
 CLIENT_TIMEOUT = 5.0
@@ -198,8 +199,9 @@ class MpsDaemons:
         try:
             self._check_tools()
             make_dir(self.root, PRIVATE_DIR)
-            for sub in ("pipe", "shm", "log"):
+            for sub in ("pipe", "log"):
                 make_dir(self.directory(uid) / sub, SHARED_DIR)
+            make_dir(self.shm(uid), SHM_MODE)
             modes = {d.gpu_uuid: self._compute_mode(d.gpu_uuid)
                      for d in devices if d.whole_gpu}
             claim = ClaimMps(tuple(devices), limits, modes)

@@ -104,6 +104,7 @@ def test_an_mps_claim_gets_a_daemon_with_its_limits_and_unprepare_leaves_nothing
     library = nvml_library(mock_root(node))
     assert env["LD_PRELOAD"] == str(library) and "GPU_DRA_TEST_SECRET" not in env
     shm = node.plugin_dir / "mps" / claim.uid / "shm"
+    assert shm.stat().st_mode & 0o7777 == 0o1777  # as /dev/shm, for any user
     (shm / "probe").write_text("the claim's")  # the daemon's /dev/shm is the claim's own
     assert (Path(f"/proc/{pid}/root/dev/shm/probe")).read_text() == "the claim's"
     assert not Path("/dev/shm/probe").exists()
