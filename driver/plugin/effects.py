@@ -1,11 +1,12 @@
 """What preparing a claim does to the node, and what undoes it: MIG devices created (and,
 in dynamic MIG mode, MIG mode turned off for a whole GPU), time slices set, the claim's
-CDI spec written with the device nodes the container runtime gives the container. A
+MPS daemon started (`mps`), the claim's CDI spec written with the device nodes (and MPS
+mounts) the container runtime gives the container. A
 claim's effects are all or nothing: `apply` undoes what it did when a step fails, and
 `teardown` tries every undo step and reports each failure. What an undo leaves (a MIG
 device NVML would not destroy) is named in `ApplyFailure.left`, so that the claim's record
-keeps it and a retry or the next start undoes it. At start, `sweep_mig` and
-`remove_specs_except` remove what no recorded claim explains.
+keeps it and a retry or the next start undoes it. At start, `sweep_mig`,
+`remove_specs_except` and `sweep_mps` remove what no recorded claim explains.
 
 A GPU's time slice is shared by the claims that set it (`records.timeslice_conflicts`
 refuses another interval): an undo puts it back to Default only when no other claim holds

@@ -4,8 +4,8 @@ A batch (one kubelet call) goes through four phases, so the checkpoint is saved 
 call however many claims it carries (each save writes the records it changes, whatever
 else is held: `records`):
 1. plan, in parallel: read each claim, pick this driver's results in this pool, resolve
-   devices and opaque configs (refusing a sharing strategy this version does not apply:
-   MPS); no side effects, so a bad claim costs nothing;
+   devices and opaque configs (refusing MPS where this node cannot run the claim's daemon,
+   and MPS limits that cannot be applied); no side effects, so a bad claim costs nothing;
 2. start, under the records' lock: refuse a claim whose devices or shared counters another
    claim holds, by the allocator's own bookkeeping (the ledger, `prepare_conflicts`) over
    the slices this plugin publishes: a whole GPU and its MIG devices, or overlapping MIG
@@ -13,8 +13,8 @@ else is held: `records`):
    another time slice than a claim holding the GPU set is refused too (a GPU has one:
    `records.timeslice_conflicts`). Then record every
    accepted claim as PrepareStarted, with the MIG devices it is about to create;
-3. act, in parallel: create MIG devices, set time slices, write the CDI spec; a claim that
-   fails undoes what it did;
+3. act, in parallel: create MIG devices, set time slices, start the claim's MPS daemon,
+   write the CDI spec; a claim that fails undoes what it did;
 4. finish, under the records' lock: PrepareCompleted for the claims that succeeded, others
    removed, but for what their failed rollback left on the node (a MIG device NVML would
    not destroy): that stays recorded, PrepareStarted, holding its devices, until the
@@ -30,6 +30,9 @@ handed over (the snapshot written whole first) when another process asks for it 
 `close`. A record still half-done when this process holds both the node lock and the
 claim's lock was left by a process that died, and is rolled back before the claim is
 prepared again.
+
+The claims' MPS daemons run on their own (`mps`); `watch_mps` adopts them at start and
+starts again, with their limits, those that die.
 
 A re-discovery swaps what is published (`publish`) between calls, never under one: it
 waits for the calls in flight and holds new ones back meanwhile.
