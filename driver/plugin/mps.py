@@ -216,11 +216,12 @@ class MpsDaemons:
             raise MpsFailure(f"MPS of claim {uid}: {err}{more}") from None
 
     def ensure(self, uid: str) -> tuple[int, bool]:
-        """The claim's daemon pid, started again with its limits if it is not running;
-        and whether it was. MpsFailure if it cannot be."""
-        pid = self.running(uid)
-        if pid is not None:
+        """The claim's daemon pid, started again with its limits if it is not running
+        (one alive that does not answer is killed first); and whether it was. MpsFailure
+        if it cannot be, with no daemon left running that was not told its limits."""
+        if (pid := self.running(uid)) is not None:
             return pid, False
+        self._kill_daemon(uid)
         try:
             claim = ClaimMps.from_json(json_document(
                 read_text(self.directory(uid) / CLAIM_FILE), CLAIM_FILE))
@@ -228,8 +229,9 @@ class MpsDaemons:
             for gpu_uuid in claim.compute_modes:  # a GPU reset puts the default back
                 self._set_compute_mode(gpu_uuid, EXCLUSIVE_PROCESS)
             return self._run(uid, claim), True
-        except (LoadError, KeyError, TypeError, ValueError, OSError,
+        except (MpsFailure, LoadError, KeyError, TypeError, ValueError, OSError,
                 pynvml.NVMLError) as err:
+            self._kill_daemon(uid)
             raise MpsFailure(f"MPS of claim {uid}: cannot start its daemon again: "
                              f"{err}") from None
 
@@ -244,6 +246,14 @@ class MpsDaemons:
         except MpsFailure:
             return None
         return pid
+
+    def _kill_daemon(self, uid: str) -> None:
+        pid, pipe = self._pid(uid), self.pipe(uid)
+        if pid is not None and _alive(pid, pipe):
+            log.warning("killing MPS daemon %d of claim %s: it does not answer, or was not "
+                        "told its limits", pid, uid)
+            _kill(pid)
+            _wait_gone(pid, pipe, QUIT_TIMEOUT)
 
     def stop(self, uid: str) -> list[str]:
         """Stop the claim's daemon (`quit`, killed if it does not exit in time), put back

@@ -2,8 +2,8 @@
 (`driver.nvml.mpsstandin`): a claim gets a daemon of its own that was told its limits,
 its containers join it (the CDI spec's mount and env), its GPUs are in EXCLUSIVE_PROCESS
 mode while it is prepared; the daemon survives a plugin killed with SIGKILL and is adopted
-by the next start (which stops one no record explains), a daemon that dies is started
-again and reported, and unprepare leaves no process, directory or compute mode behind."""
+by the next start (which stops one no record explains), a daemon that dies or hangs is
+started again and reported, and unprepare leaves no process, directory or compute mode behind."""
 
 from __future__ import annotations
 
@@ -155,6 +155,22 @@ def test_a_daemon_that_dies_is_reported_and_started_again_with_its_limits(
     assert restarts("gpu_dra_mps_daemons", {"state": "running"}) == 1
     assert running.kubelet.unprepare([claim]) == {claim.uid: ""}
     assert not alive(again) and not (node.plugin_dir / "mps" / claim.uid).exists()
+
+
+def test_a_daemon_that_hangs_is_killed_and_started_again(node: Node, start: Start) -> None:
+    running = start(mock_driver_root=mock_root(node))
+    claim = make_claim(node.local, [result("gpu-2")], [opaque(ONE_GPU)])
+    assert running.kubelet.prepare([claim])[claim.uid].error == ""
+    hung = daemon_pid(node, claim.uid)
+    os.kill(hung, signal.SIGSTOP)  # alive, but its socket answers nothing
+    deadline = time.monotonic() + 60
+    restarts = running.plugin.metrics.registry.get_sample_value
+    while restarts("gpu_dra_mps_daemon_restarts_total") != 1:
+        assert time.monotonic() < deadline, "the daemon was not started again"
+        time.sleep(0.1)
+    assert not alive(hung) and alive(daemon_pid(node, claim.uid))
+    assert control(node, claim.uid, "get_default_active_thread_percentage") == "30.0"
+    assert running.kubelet.unprepare([claim]) == {claim.uid: ""}
 
 
 def test_unprepare_of_a_claim_whose_daemon_is_gone_succeeds(node: Node, start: Start) -> None:
