@@ -192,6 +192,13 @@ def add_slice_args(parser: EnvParser) -> None:
              choices=["split", "combined"],
              help="where shared counters go: split, in their own slices (Kubernetes 1.35+), "
                   "or combined with the devices (1.34) (env COUNTER_LAYOUT)")
+    env_flag(parser, "--gpu-sharing", env="GPU_SHARING", default="exclusive",
+             choices=["exclusive", "consumable"],
+             help="exclusive: a GPU goes to one claim; consumable: whole GPUs (not in MIG "
+                  "mode) are published with allowMultipleAllocations and consumable memory "
+                  "and compute capacities, so the scheduler packs several claims onto one "
+                  "GPU by what they ask, and the plugin gives each its own MPS daemon with "
+                  "those limits (local mode only in this version) (env GPU_SHARING)")
 
 
 def add_plugin_args(parser: EnvParser) -> None:

@@ -61,9 +61,7 @@ def cmd_discover(args: argparse.Namespace) -> int:
 
 
 def cmd_slices(args: argparse.Namespace) -> int:
-    options = SliceOptions(driver=args.driver_name, node=args.node_name,
-                           mig_mode=args.mig_mode, counter_layout=args.counter_layout)
-    slices = build_slices(discover(provider_from_args(args)), options, generation=1)
+    slices = node_slices(args)
     if args.output == "json":
         print(json.dumps(slices, indent=2))
     else:
@@ -88,7 +86,8 @@ def cmd_plugin(args: argparse.Namespace) -> int:
             mock_driver_root=plugin_dir / "mock-driver-root"
             if args.mock and args.driver_root is None else None,
             host_driver_root=args.host_driver_root, mig_mode=args.mig_mode,
-            counter_layout=args.counter_layout, local_dir=args.local_dir,
+            counter_layout=args.counter_layout, gpu_sharing=args.gpu_sharing,
+            local_dir=args.local_dir,
             kubeconfig=args.kubeconfig, health_port=args.health_port or None,
             metrics_port=args.metrics_port or None, cleanup=args.cleanup,
             cdi_hook=args.nvidia_cdi_hook, pod_uid=args.pod_uid,
@@ -290,8 +289,12 @@ def cmd_mock_inject(args: argparse.Namespace) -> int:
 
 def node_slices(args: argparse.Namespace) -> list[dict[str, Any]]:
     """This node's ResourceSlices, as `gpu-dra slices` prints them."""
-    options = SliceOptions(driver=args.driver_name, node=args.node_name,
-                           mig_mode=args.mig_mode, counter_layout=args.counter_layout)
+    try:
+        options = SliceOptions(driver=args.driver_name, node=args.node_name,
+                               mig_mode=args.mig_mode, counter_layout=args.counter_layout,
+                               gpu_sharing=args.gpu_sharing)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     return build_slices(discover(provider_from_args(args)), options, generation=1)
 
 

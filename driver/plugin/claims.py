@@ -9,7 +9,8 @@ DNS labels and names DNS subdomains.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -135,6 +136,8 @@ class AllocatedDevice:
     device: str
     admin_access: bool
     share_id: str | None
+    # consumedCapacity: what a share of a device with allowMultipleAllocations takes
+    consumed: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def base_request(self) -> str:
@@ -180,10 +183,15 @@ def claim_allocation(claim: dict[str, Any], driver: str, pool: str) -> ClaimAllo
             raise ClaimError("bad_claim", f"{at}: device {result['device']} is also "
                                           f"results[{first}]" + (f", shareID {share_id}"
                                                                  if share_id else ""))
+        consumed = result.get("consumedCapacity") or {}
+        if not isinstance(consumed, dict) or not all(
+                isinstance(v, str) for v in consumed.values()):
+            raise ClaimError("bad_claim", f"{at}.consumedCapacity: must map capacity names "
+                                          "to quantities")
         devices.append(AllocatedDevice(
             request=result["request"], pool=result["pool"], device=result["device"],
             admin_access=result.get("adminAccess") is True,
-            share_id=share_id))
+            share_id=share_id, consumed=consumed))
     try:
         configs = parse_allocation_configs(devices_part.get("config"), driver)
     except ConfigError as err:

@@ -77,7 +77,13 @@ from driver.plugin.sockets import (
     too_long,
 )
 from driver.plugin.state import PluginState
-from driver.resourceslice.build import CounterLayout, MigMode, SliceOptions, build_slices
+from driver.resourceslice.build import (
+    CounterLayout,
+    GpuSharing,
+    MigMode,
+    SliceOptions,
+    build_slices,
+)
 
 if TYPE_CHECKING:
     from driver.resourceslice.publish import LayoutChoice, Publisher
@@ -104,6 +110,7 @@ class PluginOptions:
     host_driver_root: Path | None = None  # default: driver_root
     mig_mode: MigMode = "static"
     counter_layout: LayoutChoice = "auto"  # auto: by the API server's version; local: split
+    gpu_sharing: GpuSharing = "exclusive"
     local_dir: Path | None = None
     kubeconfig: Path | None = None
     health_port: int | None = None
@@ -120,6 +127,12 @@ class PluginOptions:
     rediscover_interval: float = 60.0  # seconds between re-discoveries; 0: on SIGHUP only
 
     def __post_init__(self) -> None:
+        self.slice_options()  # ValueError for settings the slices cannot combine
+        if self.gpu_sharing == "consumable" and self.local_dir is None:
+            # publishing capacity the plugin cannot enforce would be a silent lie
+            raise ValueError("--gpu-sharing consumable (env GPU_SHARING) needs --local-dir: "
+                             "each shared claim's limits are enforced by an MPS daemon, and "
+                             "MPS runs in local mode only in this version")
         if self.pod_uid is not None and not POD_UID.fullmatch(self.pod_uid):
             raise ValueError(f"--pod-uid (env POD_UID): {self.pod_uid!r} is not a pod UID "
                              "(letters, digits, '-', '_', '.'; it names the sockets)")
@@ -132,6 +145,10 @@ class PluginOptions:
                         too_long("--plugin-data-dir", "PLUGIN_DATA_DIR", self.dra_socket)):
             if problem is not None:
                 raise ValueError(problem)
+
+    def slice_options(self, layout: CounterLayout = "split") -> SliceOptions:
+        """The slice builder's options; the layout does not change the devices."""
+        return SliceOptions(self.driver, self.node, self.mig_mode, layout, self.gpu_sharing)
 
     @property
     def dra_socket(self) -> Path:
@@ -185,8 +202,8 @@ class Plugin:
 
         if o.local_dir is not None:
             layout: CounterLayout = "split" if o.counter_layout == "auto" else o.counter_layout
-            publisher: Publisher = DirPublisher(o.local_dir, SliceOptions(
-                o.driver, o.node, o.mig_mode, layout), on_writes=self.metrics.slice_writes.inc)
+            publisher: Publisher = DirPublisher(o.local_dir, o.slice_options(layout),
+                                                on_writes=self.metrics.slice_writes.inc)
             claims: ClaimSource = DirClaimSource(o.local_dir)
         else:
             api = api_client(o.kubeconfig)
@@ -288,8 +305,7 @@ class Plugin:
         return Published(
             inventory=inventory, index=index,
             # the devices and counters published; the counter layout does not change them
-            slices=build_slices(inventory, SliceOptions(o.driver, o.node, o.mig_mode),
-                                generation=0),
+            slices=build_slices(inventory, o.slice_options(), generation=0),
             dynamic_mig=o.mig_mode == "dynamic")
 
     def rediscover(self) -> list[str]:

@@ -201,8 +201,10 @@ class Effects:
                                                    "published by this node")
             cuda = target.static_mig.uuid if target.static_mig is not None else \
                 target.gpu.uuid
+            # a GPU shared by capacity keeps its compute mode: the claims sharing it each
+            # have a daemon, and EXCLUSIVE_PROCESS would let only one of them on it
             mps_devices.append(MpsDevice(device.device, cuda, target.gpu.uuid,
-                                         target.placement is None))
+                                         target.placement is None and device.share_id is None))
         try:
             return tuple(mps_devices), limits(_mps_config(served[0]), mps_devices,
                                               "sharing.mpsConfig")

@@ -97,7 +97,9 @@ def mps_memory(limit: int) -> str:
 @dataclass(frozen=True)
 class MpsDevice:
     """One device of the claim as MPS sees it: its name, the UUID CUDA knows it by (the
-    GPU's, or the MIG device's), and its GPU's UUID (which a config may name)."""
+    GPU's, or the MIG device's), and its GPU's UUID (which a config may name).
+    `whole_gpu`: a whole GPU the claim alone uses, put in EXCLUSIVE_PROCESS for its
+    lifetime (not a MIG device, nor a GPU shared by capacity with other claims' daemons)."""
 
     device: str
     cuda_uuid: str

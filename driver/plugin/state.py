@@ -53,6 +53,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
+from driver.inventory.model import Gpu
+from driver.kube.quantity import parse_quantity
 from driver.plugin import cdi
 from driver.plugin.checkpoint import CheckpointError, ClaimRecord, PreparedDevice
 from driver.plugin.claims import (
@@ -62,7 +64,16 @@ from driver.plugin.claims import (
     ClaimSource,
     claim_allocation,
 )
-from driver.plugin.config import GpuConfig, MigDeviceConfig, OpaqueConfig, config_for
+from driver.plugin.config import (
+    DeviceConfig,
+    GpuConfig,
+    GpuSharing,
+    MigDeviceConfig,
+    MpsConfig,
+    OpaqueConfig,
+    config_for,
+    memory_bytes,
+)
 from driver.plugin.effects import ApplyFailure, Effects
 from driver.plugin.evidence import is_rebuilt, rebuilt_records
 from driver.plugin.logs import claim_context
@@ -71,6 +82,7 @@ from driver.plugin.mps import MpsFailure
 from driver.plugin.node import DeviceTools, Identity, Paths, Published
 from driver.plugin.nodelock import LockFailure, LockTimeout, NodeLock
 from driver.plugin.records import Records, timeslices_held
+from driver.resourceslice.build import COMPUTE_CAPACITY, whole_gpu_memory
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -509,11 +521,16 @@ class PluginState:
                                                 "dynamic MIG device is not supported")
             created = target.mig_to_create
         config = chosen.config if chosen is not None else None
+        source = "" if chosen is None else \
+            f"sharing strategy MPS (status.allocation.devices.config[{chosen.index}])"
+        if result.share_id is not None and not result.admin_access and \
+                shared_by_capacity(self.published, result.device):
+            config = _share_config(ref, result, target.gpu, chosen)
+            source = f"MPS for the consumedCapacity of shareID {result.share_id}"
         mps = None
         if config is not None and config.sharing is not None and \
                 config.sharing.strategy == "MPS":
-            assert chosen is not None
-            mps = self._mps_directory(ref, result, chosen.index, created is not None)
+            mps = self._mps_directory(ref, result, source, created is not None)
         timeslice = None  # an adminAccess user does not own the GPU's settings
         if isinstance(config, GpuConfig) and config.sharing is not None and \
                 not result.admin_access:
@@ -526,7 +543,7 @@ class PluginState:
             config=config.model_dump(exclude_none=True) if config is not None else None,
             mps=mps)
 
-    def _mps_directory(self, ref: ClaimRef, result: AllocatedDevice, config: int,
+    def _mps_directory(self, ref: ClaimRef, result: AllocatedDevice, source: str,
                        dynamic_mig: bool) -> str:
         """The directory of the claim's MPS daemon, for a device whose config asks for MPS;
         ClaimError where this node or this device cannot have it."""
@@ -538,9 +555,8 @@ class PluginState:
                    "driver")
         if why is not None:
             raise ClaimError("unsupported", f"ResourceClaim {ref}: device {result.device} "
-                                            f"(request {result.request}): sharing strategy "
-                                            f"MPS (status.allocation.devices.config[{config}]) "
-                                            f"is refused: {why}")
+                                            f"(request {result.request}): {source} is "
+                                            f"refused: {why}")
         return str(self.effects.tools.mps.directory(ref.uid))
 
     # 2. start
@@ -708,3 +724,39 @@ class PluginState:
             except OSError as err:  # the records stay UnprepareStarted on disk: redone at start
                 for uid in records:
                     outcomes[uid] = _failed("internal", f"cannot write the checkpoint: {err}")
+
+
+def shared_by_capacity(published: Published, device: str) -> bool:
+    """Whether the node publishes `device` with allowMultipleAllocations (consumable
+    mode)."""
+    return any(d.get("name") == device and d.get("allowMultipleAllocations")
+               for s in published.slices for d in s["spec"].get("devices", []))
+
+
+def _share_config(ref: ClaimRef, result: AllocatedDevice, gpu: Gpu,
+                  chosen: OpaqueConfig | None) -> DeviceConfig | None:
+    """The config of one share of a GPU shared by capacity: MPS whose pinned memory limit
+    and active thread percentage are what the scheduler counted for it (consumedCapacity),
+    so a claim cannot take more than the others were left. A share of all the GPU's memory
+    (a claim that asked for none) leaves room for no other claim: the GPU is its own, as in
+    exclusive mode, with no daemon. ClaimError for a sharing config of the claim's own (its
+    limits are its capacity) or a share that does not say what it consumed."""
+    where = f"ResourceClaim {ref}: device {result.device} (request {result.request})"
+    if chosen is not None and isinstance(chosen.config, GpuConfig) and \
+            chosen.config.sharing is not None:
+        raise ClaimError("bad_config", f"{where}: status.allocation.devices.config"
+                                       f"[{chosen.index}].sharing does not apply: the GPU is "
+                                       "shared by capacity (--gpu-sharing consumable), and "
+                                       "its MPS limits are the claim's consumedCapacity")
+    try:
+        memory = memory_bytes(result.consumed["memory"])
+        compute = int(parse_quantity(result.consumed.get(COMPUTE_CAPACITY, "0")))
+    except (KeyError, ValueError) as err:
+        raise ClaimError("bad_claim", f"{where}: consumedCapacity of shareID "
+                                      f"{result.share_id} has no valid memory and compute "
+                                      f"({err})") from None
+    if memory >= whole_gpu_memory(gpu):
+        return chosen.config if chosen is not None else None
+    return GpuConfig(apiVersion="gpu.dra.dev/v1alpha1", kind="GpuConfig", sharing=GpuSharing(
+        strategy="MPS", mpsConfig=MpsConfig(defaultActiveThreadPercentage=compute or None,
+                                            defaultPinnedDeviceMemoryLimit=str(memory))))

@@ -27,6 +27,7 @@ from driver.nvml.real import sysfs_bus_id
 
 MigMode = Literal["static", "dynamic"]
 CounterLayout = Literal["split", "combined"]
+GpuSharing = Literal["exclusive", "consumable"]
 
 K8S_DOMAIN = "resource.kubernetes.io"
 
@@ -40,6 +41,19 @@ MAX_STRING = 64
 # Bidirectional GB/s of one NVLink by version (NVIDIA's quoted per-GPU totals / links).
 NVLINK_GBPS_PER_LINK = {"1.0": 40, "2.0": 50, "2.2": 50, "3.0": 50, "3.1": 50, "4.0": 50,
                         "5.0": 100, "6.0": 200}
+
+# Consumable mode (KEP-5075): what a claim that asks for no capacity consumes, and the grid
+# requests are rounded up onto. Memory steps in MiB, MPS's unit for pinned memory limits, so
+# the limit a claim gets is what the scheduler counted; under 1Gi no CUDA context fits, so a
+# smaller request is raised to 1Gi; the default is all of it, so a claim that asks for no
+# memory gets the whole GPU to itself, as in exclusive mode. The compute share is a
+# percentage of the SMs (MPS's active thread percentage); the default, 0, reserves none and
+# leaves the claim's clients unlimited, so claims that ask for memory alone pack by memory.
+SHARED_MEMORY_MIN = 1 << 30
+SHARED_MEMORY_STEP = 1 << 20
+COMPUTE_CAPACITY = "compute"
+COMPUTE_PERCENT = 100
+COMPUTE_DEFAULT = 0
 
 # MIG profile capacity -> (device capacity name, counter name).
 MIG_CAPACITIES: tuple[tuple[str, str, str], ...] = (
@@ -60,6 +74,16 @@ class SliceOptions:
     # split: counter sets in device-less slices (Kubernetes 1.35+);
     # combined: each slice carries its own counter sets (1.34).
     counter_layout: CounterLayout = "split"
+    # consumable: whole GPUs (not in MIG mode) with allowMultipleAllocations, shared by the
+    # memory and compute share each claim asks for; MIG devices of GPUs in MIG mode stay
+    # whole. Not with dynamic MIG: a shared GPU cannot also be split into MIG devices.
+    gpu_sharing: GpuSharing = "exclusive"
+
+    def __post_init__(self) -> None:
+        if self.gpu_sharing == "consumable" and self.mig_mode == "dynamic":
+            raise ValueError("--gpu-sharing consumable (env GPU_SHARING) and --mig-mode "
+                             "dynamic (env MIG_MODE) cannot be combined: a GPU shared by "
+                             "capacity cannot also be split into MIG devices on demand")
 
     @property
     def effect_none(self) -> bool:
@@ -186,7 +210,10 @@ def _groups(inventory: Inventory, options: SliceOptions, health: Mapping[int, Gp
             groups.append(_Group([_static_mig(gpu, d, identity, taints)
                                   for d in gpu.mig_devices]))
         else:
-            groups.append(_Group([_whole_gpu(gpu, identity, islands.get(gpu.index), taints)]))
+            device = _whole_gpu(gpu, identity, islands.get(gpu.index), taints)
+            if options.gpu_sharing == "consumable":
+                _make_shareable(device, gpu)
+            groups.append(_Group([device]))
     return groups
 
 
@@ -215,6 +242,29 @@ def _whole_gpu(gpu: Gpu, identity: dict[str, Any], island: tuple[int, int] | Non
                   **_nvlink_attributes(gpu, island)}
     return _device(gpu_device_name(gpu), attributes,
                    {"memory": {"value": canonical(gpu.memory_bytes)}}, taints)
+
+
+def whole_gpu_memory(gpu: Gpu) -> int:
+    """What a claim that asks for no memory consumes of a shared GPU: all of it, down to
+    the step grid (the API wants the default on it), which leaves less than any request."""
+    low = min(SHARED_MEMORY_MIN, gpu.memory_bytes)
+    return gpu.memory_bytes - (gpu.memory_bytes - low) % SHARED_MEMORY_STEP
+
+
+def _make_shareable(device: dict[str, Any], gpu: Gpu) -> None:
+    """Consumable mode: several claims may share the GPU, each consuming the memory and
+    compute share it asks for, or the defaults (see `SHARED_MEMORY_MIN`)."""
+    memory = gpu.memory_bytes
+    device["allowMultipleAllocations"] = True
+    device["capacity"] = {
+        "memory": {"value": canonical(memory), "requestPolicy": {
+            "default": canonical(whole_gpu_memory(gpu)),
+            "validRange": {"min": canonical(min(SHARED_MEMORY_MIN, memory)),
+                           "step": canonical(SHARED_MEMORY_STEP)}}},
+        COMPUTE_CAPACITY: {"value": canonical(COMPUTE_PERCENT), "requestPolicy": {
+            "default": canonical(COMPUTE_DEFAULT),
+            "validRange": {"min": "0", "max": canonical(COMPUTE_PERCENT), "step": "1"}}},
+    }
 
 
 def _nvlink_attributes(gpu: Gpu, island: tuple[int, int] | None) -> dict[str, Any]:

@@ -37,7 +37,7 @@ def as_claim(obj: dict[str, Any]) -> dict[str, Any]:
 
 def test_the_readme_shows_every_kind_of_claim_the_issue_lists() -> None:
     names = {o["metadata"]["name"] for o in readme_objects() if o["kind"] != "Pod"}
-    assert names == {"one-gpu", "nvlink-pair", "numa-pair", "mig-1g", "shared-gpu"}
+    assert names == {"one-gpu", "nvlink-pair", "numa-pair", "mig-1g", "shared-gpu", "gpu-20gi"}
 
 
 @pytest.mark.parametrize("version", ["1.34.0", "1.35.0", "1.36.0", "1.37.0"])
@@ -63,7 +63,9 @@ def test_each_claim_gets_what_its_text_promises(tmp_path: Path,
     for name, obj in objects.items():
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(as_claim(obj)))
-        code = main(["allocate", "--mock", "dgx-h100", "--mig-mode", "dynamic",
+        mode = ["--gpu-sharing", "consumable"] if name == "gpu-20gi" else \
+            ["--mig-mode", "dynamic"]  # the shared-by-memory example asks for capacities
+        code = main(["allocate", "--mock", "dgx-h100", *mode,
                      "--node-name", "node-1", "--claims", str(path), "-o", "json"])
         out = capsys.readouterr().out
         assert code == 0, f"{name} does not fit alone on dgx-h100"
@@ -79,7 +81,7 @@ def test_each_claim_gets_what_its_text_promises(tmp_path: Path,
         return {next(iter(devices[d][attribute].values())) for d in allocated[claim]}
 
     assert all(values(c, "type") == {"gpu"} for c in ("one-gpu", "nvlink-pair", "numa-pair",
-                                                      "shared-gpu"))
+                                                      "shared-gpu", "gpu-20gi"))
     assert len(allocated["nvlink-pair"]) == 2 and len(values("nvlink-pair", "nvlinkIsland")) == 1
     assert len(allocated["numa-pair"]) == 2
     assert len(values("numa-pair", "resource.kubernetes.io/numaNode")) == 1
