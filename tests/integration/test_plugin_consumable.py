@@ -52,6 +52,8 @@ def running(node: Node, start: Start) -> Iterator[Running]:
 
 def test_two_claims_share_a_gpu_each_with_its_own_daemon_and_limits(
         node: Node, running: Running) -> None:
+    published = [d for s in node.slices() for d in s["spec"]["devices"]]
+    assert published and all(d["allowMultipleAllocations"] for d in published)
     first = make_claim(node.local, [share("gpu-0", "20Gi", "25")])
     second = make_claim(node.local, [share("gpu-0", "30Gi")])
     answers = running.kubelet.prepare([first, second])
