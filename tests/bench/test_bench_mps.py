@@ -27,9 +27,8 @@ from tests.support.plugin import (
     make_claim,
     opaque,
     result,
-    short_tmp,
 )
-from tests.support.plugin_bench import Daemon, daemon_process, record_p99
+from tests.support.plugin_bench import Daemon, dgx_h100_process, record_p99
 
 MPS = gpu_config(strategy="MPS", mpsConfig={"defaultActiveThreadPercentage": 25,
                                             "defaultPinnedDeviceMemoryLimit": "20Gi"})
@@ -57,10 +56,8 @@ def measure(benchmark: BenchmarkFixture, daemon: Daemon, timed: str, batch: list
 
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[Daemon]:
-    with short_tmp() as root:
-        node = Node(root)
-        with daemon_process(node, node.cli_args("dgx-h100")) as running:
-            yield running
+    with dgx_h100_process() as running:
+        yield running
 
 
 def claims(daemon: Daemon, case: str) -> list[Claim]:

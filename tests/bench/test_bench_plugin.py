@@ -17,12 +17,12 @@ from collections.abc import Iterator
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from tests.support.plugin import NODE, Node, make_claim, result, short_tmp
+from tests.support.plugin import NODE, make_claim, result
 from tests.support.plugin_bench import (
     Daemon,
     bench_prepare,
     bench_unprepare,
-    daemon_process,
+    dgx_h100_process,
     shapes,
 )
 
@@ -34,10 +34,8 @@ FILL_BATCH = 500  # claims per call when filling
 
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[Daemon]:
-    with short_tmp() as root:
-        node = Node(root)
-        with daemon_process(node, node.cli_args("dgx-h100")) as running:
-            yield running
+    with dgx_h100_process() as running:
+        yield running
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -59,14 +57,12 @@ def holding(request: pytest.FixtureRequest) -> Iterator[Daemon]:
     config = request.config
     smoke = config.getoption("benchmark_disable") and not config.getoption("benchmark_enable")
     count = min(request.param, 100) if smoke else request.param
-    with short_tmp() as root:
-        node = Node(root)
-        with daemon_process(node, node.cli_args("dgx-h100")) as running:
-            held = [make_claim(node.local, [result(f"gpu-{i % 8}", admin=True)])
-                    for i in range(count)]
-            for i in range(0, len(held), FILL_BATCH):
-                running.call("NodePrepareResources", held[i:i + FILL_BATCH])
-            yield running
+    with dgx_h100_process() as running:
+        held = [make_claim(running.node.local, [result(f"gpu-{i % 8}", admin=True)])
+                for i in range(count)]
+        for i in range(0, len(held), FILL_BATCH):
+            running.call("NodePrepareResources", held[i:i + FILL_BATCH])
+        yield running
 
 
 def test_prepare_latency_with_held_claims(benchmark: BenchmarkFixture, holding: Daemon) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from driver._proto.dra_v1 import api_pb2 as dra_v1
-from tests.support.plugin import Claim, Kubelet, Node, result, wait_for_socket
+from tests.support.plugin import Claim, Kubelet, Node, result, short_tmp, wait_for_socket
 
 ROUNDS = 200
 
@@ -70,6 +70,15 @@ def daemon_process(node: Node, args: Sequence[str]) -> Iterator[Daemon]:
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@contextmanager
+def dgx_h100_process() -> Iterator[Daemon]:
+    """`gpu-dra plugin --mock dgx-h100` in local mode on a node of its own."""
+    with short_tmp() as root:
+        node = Node(root)
+        with daemon_process(node, node.cli_args("dgx-h100")) as running:
+            yield running
 
 
 def record_p99(benchmark: BenchmarkFixture) -> None:
