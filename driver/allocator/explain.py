@@ -7,7 +7,13 @@
     nearest change: count 2 instead of 4
 
 A device that a taint keeps from a request is named with the taint, when it was added
-and, for one a DeviceTaintRule put there, the rule's name.
+and, for one a DeviceTaintRule put there, the rule's name. One that cannot take the share
+of its capacity a request asks (KEP-5075) is named with the amount as the request policy
+rounds it, what the device has, and what allocated shares already consume:
+
+    gpu-0: memory 30Gi asked, 81559Mi in all, 57222Mi consumed by 3 claims, 24337Mi free
+    gpu-1: compute 150 asked, outside its request policy (validRange 0..100 step 1)
+    nearest change: request gpu: memory at most 24337Mi instead of 30Gi
 
 Each reason is counted over the same per-device facts the allocator uses; each
 suggested change is checked by running the allocator on the changed claim.
@@ -17,15 +23,24 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from fractions import Fraction
 from typing import Any
 
 from driver.allocator.allocate import Allocator, Mode
 from driver.allocator.input import Claim, InputError, Request, Taint, parse_claim
 from driver.allocator.ledger import DeviceRef, Ledger
-from driver.allocator.model import AllocationError, consumed_capacity, selectable
+from driver.allocator.model import (
+    AllocationError,
+    consumed_capacity,
+    policy_amount,
+    request_policies,
+    selectable,
+    violates_policy,
+)
 from driver.allocator.pools import Device, Node
+from driver.kube.quantity import format_quantity, parse_quantity
 
 MAX_LISTED = 4
 
@@ -70,10 +85,11 @@ def _reasons(allocator: Allocator, claim: Claim, ledger: Ledger, node: Node) -> 
     named: set[DeviceRef] = set()  # tainted devices already named for an earlier request
     for group in claim.requests:
         for request in group.alternatives:
-            free, line, tainted = _request_line(allocator, claim, request, devices, ledger,
-                                                problem)
+            free, line, tainted, by_capacity = _request_line(allocator, claim, request,
+                                                             devices, ledger, problem)
             free_of[request.name] = free
             reasons.append(line)
+            reasons += _capacity_lines(by_capacity)
             reasons += _taint_lines([d for d in tainted if d.ref not in named], request)
             named.update(d.ref for d in tainted)
     for constraint in claim.constraints:
@@ -90,9 +106,11 @@ def _reasons(allocator: Allocator, claim: Claim, ledger: Ledger, node: Node) -> 
 
 
 def _request_line(allocator: Allocator, claim: Claim, request: Request, devices: list[Device],
-                  ledger: Ledger, problem: Any) -> tuple[list[Device], str, list[Device]]:
+                  ledger: Ledger, problem: Any
+                  ) -> tuple[list[Device], str, list[Device], list[tuple[Device, str]]]:
     """The request's devices counted down to the free ones; returns those, the line,
-    and the devices its tolerations do not cover a taint of."""
+    the devices its tolerations do not cover a taint of, and those left out by capacity
+    with why."""
     device_class = allocator.classes[request.class_name]
     in_class = [d for d in devices
                 if selectable(claim.key, device_class, _bare(request), d) is True]
@@ -101,9 +119,12 @@ def _request_line(allocator: Allocator, claim: Claim, request: Request, devices:
              f"{request.class_name}"]
     if request.selectors:
         parts.append(f"its selectors leave {len(selected)}")
-    fitting = [d for d in selected if isinstance(consumed_capacity(claim.key, request, d), dict)]
-    if len(fitting) < len(selected):
-        parts.append(f"{len(selected) - len(fitting)} lack the requested capacity")
+    by_capacity = [(d, why) for d in selected
+                   if (why := _capacity_short(claim.key, request, d, ledger)) is not None]
+    if by_capacity:
+        parts.append(f"{len(by_capacity)} left out by capacity")
+    left_out = {d.ref for d, _ in by_capacity}
+    fitting = [d for d in selected if d.ref not in left_out]
     tainted = [d for d in fitting if d.untolerated(request.tolerations)]
     if tainted:
         parts.append(f"{len(tainted)} tainted (not tolerated)")
@@ -122,7 +143,90 @@ def _request_line(allocator: Allocator, claim: Claim, request: Request, devices:
     free = [d for d in usable if d not in taken and d not in short]
     want = "all of them" if request.all_devices else str(request.count)
     parts.append(f"{len(free)} free for {want}")
-    return free, "; ".join(parts), tainted
+    return free, "; ".join(parts), tainted, by_capacity
+
+
+def _capacity_short(claim_key: str, request: Request, device: Device, ledger: Ledger
+                    ) -> str | None:
+    """Why the device cannot take one more share of what the request asks (None: it can),
+    by the allocator's own rounding and policy checks; a shared device's allocated
+    shares count against it, as in the search."""
+    consumed = consumed_capacity(claim_key, request, device)
+    asked = dict(request.capacity)
+    if isinstance(consumed, str):
+        return consumed
+    missing = [name for name in asked if name not in device.capacity]
+    if missing:
+        return f"no capacity {', '.join(missing)}"
+    policies = request_policies(device)
+    used = ledger.capacity.get(device.ref, {}) if device.multi else {}
+    holders = len(ledger.shares.get(device.ref, {}))
+    problems = []
+    for name, value in sorted(device.capacity.items()):
+        policy = policies.get(name)
+        amount = policy_amount(asked.get(name), value, policy)
+        if name in asked:
+            what = f"{name} {_amount(asked[name])} asked"
+            if amount != asked[name]:
+                what += f" (rounded up to {_amount(amount)} by its request policy)"
+        else:
+            what = f"{name} not asked (default {_amount(amount)})"
+        taken = used.get(name, Fraction(0))
+        if violates_policy(amount, policy):
+            problems.append(f"{what}, outside its request policy ({_policy_text(policy)})")
+        elif amount > value:
+            problems.append(f"{what}, more than its {_amount(value)}")
+        elif amount > value - taken:
+            total, held, left = _amounts(value, taken, value - taken)
+            claims = f"{holders} claim{'s' if holders != 1 else ''}"
+            problems.append(f"{what}, {total} in all, {held} consumed by {claims}, "
+                            f"{left} free")
+    return "; ".join(problems) or None
+
+
+def _capacity_lines(left_out: list[tuple[Device, str]]) -> list[str]:
+    """`gpu-0: memory 90Gi asked, more than its 81559Mi`, the first few."""
+    lines = [f"{d.ref.device}: {why}" for d, why in left_out[:MAX_LISTED]]
+    if len(left_out) > MAX_LISTED:
+        lines.append(f"and {len(left_out) - MAX_LISTED} more devices left out by capacity")
+    return lines
+
+
+def _policy_text(policy: Mapping[str, Any] | None) -> str:
+    """`validRange 0..100 step 1` or `validValues 1Gi, 2Gi`, in readable units."""
+    policy = policy or {}
+    if policy.get("validValues"):
+        return "validValues " + ", ".join(_amounts(*(_q(v) for v in policy["validValues"])))
+    valid_range = policy.get("validRange") or {}
+    low, high = (valid_range.get(k) for k in ("min", "max"))
+    text = "validRange " + "..".join(
+        _amounts(*(_q(v) for v in (low or 0, high) if v is not None)))
+    if high is None:
+        text += ".."
+    if valid_range.get("step") is not None:
+        text += f" step {_amount(_q(valid_range['step']))}"
+    return text
+
+
+_BINARY = (("Ei", 2**60), ("Pi", 2**50), ("Ti", 2**40), ("Gi", 2**30), ("Mi", 2**20),
+           ("Ki", 2**10))
+
+
+def _amounts(*values: Fraction) -> list[str]:
+    """Amounts in one binary unit where all are whole multiples of it (81559Mi, 61440Mi),
+    else each in canonical form: exact, so a suggested amount can be asked as printed."""
+    for suffix, unit in _BINARY:
+        if all(v % unit == 0 for v in values) and any(v >= unit for v in values):
+            return [f"{int(v // unit)}{suffix}" for v in values]
+    return [format_quantity(v) for v in values]
+
+
+def _amount(value: Fraction) -> str:
+    return _amounts(value)[0]
+
+
+def _q(text: Any) -> Fraction:
+    return parse_quantity(str(text))
 
 
 def _taint_lines(tainted: list[Device], request: Request) -> list[str]:
@@ -228,6 +332,8 @@ def _nearest(allocator: Allocator, claim: Claim, ledger: Ledger, node: str,
                 if fits(edited):
                     found.append(f"request {raw['name']}: count {smaller} instead of {count}")
                     break
+        if exact:
+            found += _capacity_changes(claim, i, allocator, ledger, Node(node), fits)
         if exact and exact.get("selectors"):
             edited = copy.deepcopy(claim.raw)
             del edited["spec"]["devices"]["requests"][i]["exactly"]["selectors"]
@@ -253,6 +359,56 @@ def _nearest(allocator: Allocator, claim: Claim, ledger: Ledger, node: str,
             found.append(f"on node {other}")
             break
     return found
+
+
+def _capacity_changes(claim: Claim, index: int, allocator: Allocator, ledger: Ledger,
+                      node: Node, fits: Callable[[Mapping[str, Any]], bool]) -> list[str]:
+    """`memory at most 20119Mi`: per capacity, the most one request could ask and still
+    get a share of as many devices it may take as it needs, if less than what it asks
+    now; checked."""
+    request = claim.requests[index].alternatives[0]
+    device_class = allocator.classes[request.class_name]
+    devices = [d for d in allocator.model(node).devices
+               if selectable(claim.key, device_class, request, d) is True
+               and not d.untolerated(request.tolerations) and d.ref not in ledger.exclusive]
+    asked = dict(request.capacity)
+    found = []
+    for name in sorted({n for d in devices for n in d.capacity}):
+        room = sorted((m for d in devices if (m := _most(name, d, ledger)) is not None),
+                      reverse=True)
+        need = len(devices) if request.all_devices else request.count
+        most = room[need - 1] if 0 < need <= len(room) else None
+        if most is None or (name in asked and most >= asked[name]):
+            continue
+        edited = copy.deepcopy(claim.raw)
+        exact = edited["spec"]["devices"]["requests"][index]["exactly"]
+        exact.setdefault("capacity", {}).setdefault("requests", {})[name] = _amount(most)
+        if fits(edited):
+            before = _amount(asked[name]) if name in asked else "the default"
+            found.append(f"request {request.name}: {name} at most {_amount(most)} "
+                         f"instead of {before}")
+    return found
+
+
+def _most(name: str, device: Device, ledger: Ledger) -> Fraction | None:
+    """The largest amount of one capacity that a request could ask of the device now: one
+    the policy keeps as it is (on its step, a valid value, within range) and that fits
+    in what allocated shares leave; None if there is none."""
+    if name not in device.capacity:
+        return None
+    policy = request_policies(device).get(name) or {}
+    value = device.capacity[name]
+    left = value - (ledger.capacity.get(device.ref, {}).get(name, Fraction(0))
+                    if device.multi else Fraction(0))
+    valid_range = policy.get("validRange") or {}
+    top = min(left, _q(valid_range["max"])) if valid_range.get("max") is not None else left
+    options = [left, top, *(_q(v) for v in policy.get("validValues") or ())]
+    if valid_range.get("step") is not None:
+        low, step = _q(valid_range.get("min") or 0), _q(valid_range["step"])
+        options.append(low + step * ((top - low) // step))
+    kept = [o for o in options if 0 <= o <= left and policy_amount(o, value, policy) == o
+            and not violates_policy(o, policy)]
+    return max(kept, default=None)
 
 
 def explain_all(allocator: Allocator, claims: Sequence[Claim], ledger: Ledger,

@@ -318,14 +318,13 @@ def consumed_capacity(claim_key: str, request: Request, device: Device
     if any(name not in device.capacity for name in asked):
         return None
     consumed: dict[str, Fraction] = {}
-    policies = {k: (v or {}).get("requestPolicy") for k, v in
-                (device.raw.get("capacity") or {}).items()}
+    policies = request_policies(device)
     for name, value in device.capacity.items():
-        amount = _policy_amount(asked.get(name), value, policies.get(name))
+        amount = policy_amount(asked.get(name), value, policies.get(name))
         if amount < 0:
             return (f"claim {claim_key}, request {request.name}: checking capacity for device "
                     f"{device.ref}: capacity {name!r}: capacity value is negative")
-        if _violates(amount, policies.get(name)):
+        if violates_policy(amount, policies.get(name)):
             return None
         consumed[name] = amount
     return consumed
@@ -335,8 +334,16 @@ def _q(text: Any) -> Fraction:
     return parse_quantity(str(text))
 
 
-def _policy_amount(asked: Fraction | None, value: Fraction,
-                   policy: Mapping[str, Any] | None) -> Fraction:
+def request_policies(device: Device) -> dict[str, Mapping[str, Any] | None]:
+    """Each capacity's requestPolicy (None: none), as the slice publishes it."""
+    return {k: (v or {}).get("requestPolicy") for k, v in
+            (device.raw.get("capacity") or {}).items()}
+
+
+def policy_amount(asked: Fraction | None, value: Fraction,
+                  policy: Mapping[str, Any] | None) -> Fraction:
+    """What asking `asked` (None: nothing) consumes: the policy's default, or the
+    amount rounded up onto its range's step or to the next valid value."""
     if asked is None:
         if policy and policy.get("default") is not None:
             return _q(policy["default"])
@@ -360,7 +367,8 @@ def _policy_amount(asked: Fraction | None, value: Fraction,
     return asked
 
 
-def _violates(amount: Fraction, policy: Mapping[str, Any] | None) -> bool:
+def violates_policy(amount: Fraction, policy: Mapping[str, Any] | None) -> bool:
+    """An amount (already rounded) the policy does not allow: the device is left out."""
     if not policy:
         return False
     if policy.get("default") is not None and amount == _q(policy["default"]):
