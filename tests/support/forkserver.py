@@ -3,7 +3,9 @@ child per request that runs `driver.cli.main.main(argv)`.
 
 Each child is a real, separate process (its own pid, sockets and files) that a test can
 SIGKILL; only the interpreter start and the imports (about a second on the CI box) are
-shared. The server itself creates no threads or gRPC objects before forking.
+shared. The server dies with the test process and each child with the server, so a test
+run killed midway leaves no plugin running. The server itself creates no threads or gRPC
+objects before forking.
 
 Protocol on stdin/stdout, one line each: `run {"log": FILE, "argv": [...]}` -> `pid <pid>`;
 `wait <pid>` -> `exit <code>` (negative: killed by that signal).
@@ -19,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from driver.devcluster.controlplane import die_with_parent
+
 
 def _serve() -> None:
     import driver.cli.main
@@ -32,6 +36,7 @@ def _serve() -> None:
             request = json.loads(rest)
             pid = os.fork()
             if pid == 0:
+                die_with_parent()  # a test run killed midway leaves no plugin running
                 fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
                 os.dup2(fd, 1)
                 os.dup2(fd, 2)
@@ -52,7 +57,8 @@ class ForkServer:
     def __init__(self) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.support.forkserver"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     cwd=Path(__file__).parents[2])
+                                     cwd=Path(__file__).parents[2],
+                                     preexec_fn=die_with_parent)
 
     def _ask(self, line: str, answer: str) -> int:
         assert self.proc.stdin is not None and self.proc.stdout is not None
