@@ -18,6 +18,11 @@ for tool in buildah mmdebstrap; do
 done
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+# buildah keeps a CNI lock in /etc/cni/net.d (made if missing) even for host networking:
+# here it goes to the build's own folder, so the build leaves nothing on the host (unless
+# the caller has a containers.conf of its own).
+printf '[network]\nnetwork_config_dir = "%s/cni"\n' "$work" > "$work/containers.conf"
+export CONTAINERS_CONF=${CONTAINERS_CONF:-$work/containers.conf}
 
 # The build machine's CA bundle and apt settings go into the stand-in base, so that apt
 # and pip inside the build reach the same mirrors as this machine (a TLS-intercepting
