@@ -198,7 +198,8 @@ def add_slice_args(parser: EnvParser) -> None:
                   "mode) are published with allowMultipleAllocations and consumable memory "
                   "and compute capacities, so the scheduler packs several claims onto one "
                   "GPU by what they ask, and the plugin gives each its own MPS daemon with "
-                  "those limits (local mode only in this version) (env GPU_SHARING)")
+                  "those limits (in a cluster, in a pod of its own: needs --pod-namespace "
+                  "and --image) (env GPU_SHARING)")
 
 
 def add_plugin_args(parser: EnvParser) -> None:
@@ -241,6 +242,11 @@ def add_plugin_args(parser: EnvParser) -> None:
              default="text", help="(env LOG_FORMAT)")
     env_flag(parser, "-v", "--verbosity", env="LOG_VERBOSITY", type=int, metavar="N",
              default="0", help="0: info; 1 or more: debug (env LOG_VERBOSITY)")
+    env_flag(parser, "--pod-namespace", env="POD_NAMESPACE", metavar="NAMESPACE",
+             help="the plugin pod's namespace: in a cluster each MPS claim's daemon runs "
+                  "in a pod of its own there (env POD_NAMESPACE)")
+    env_flag(parser, "--image", env="GPU_DRA_IMAGE", metavar="IMAGE",
+             help="the driver's image, which the MPS daemons' pods run (env GPU_DRA_IMAGE)")
     env_flag(parser, "--pod-uid", env="POD_UID", metavar="UID",
              help="this pod's UID (downward API metadata.uid): name the sockets "
                   "<driver>-<uid>-reg.sock and dra-<uid>.sock so the old and the new pod of "

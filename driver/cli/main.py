@@ -91,6 +91,7 @@ def cmd_plugin(args: argparse.Namespace) -> int:
             kubeconfig=args.kubeconfig, health_port=args.health_port or None,
             metrics_port=args.metrics_port or None, cleanup=args.cleanup,
             cdi_hook=args.nvidia_cdi_hook, pod_uid=args.pod_uid,
+            pod_namespace=args.pod_namespace, image=args.image,
             health=HealthSettings(ignored_xids=args.health_ignored_xids,
                                   evict=args.health_evict,
                                   quiet_window_s=args.health_quiet_window),
@@ -141,6 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
     plugin_cmd.set_env_default("counter_layout", "auto")
     plugin_cmd.set_defaults(run=cmd_plugin)
 
+    mps_cmd = commands.add_parser(
+        "mps-daemon", help="run one claim's MPS control daemon with its limits (in the "
+                           "pod the plugin creates for it in a cluster)")
+    mps_cmd.add_argument("--claim-dir", type=Path, required=True,
+                         help="the claim's MPS directory (its claim.json, pipe/, log/)")
+    mps_cmd.add_argument("--driver-root", type=Path, default=Path("/"),
+                         help="where the driver's nvidia-cuda-mps-control and "
+                              "libnvidia-ml.so.1 are")
+    mps_cmd.set_defaults(run=cmd_mps_daemon)
+
     add_allocation_commands(commands, add_provider_args, add_slice_args, node_slices)
     add_mock_commands(commands)
     add_health_commands(commands)
@@ -166,6 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
                                "there on exit)")
     demo_cmd.set_defaults(run=cmd_demo)
     return parser
+
+
+def cmd_mps_daemon(args: argparse.Namespace) -> int:
+    from driver.plugin.logs import setup_logging
+    from driver.plugin.mpspod import serve
+
+    setup_logging("text", 0)
+    return serve(args.claim_dir, args.driver_root)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

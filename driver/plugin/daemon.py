@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pynvml
 
@@ -52,7 +52,7 @@ from driver.kube.api import api_client
 from driver.kube.events import post_node_event
 from driver.nvml import Provider
 from driver.nvml.events import HealthWatch
-from driver.plugin import mockroot, mps
+from driver.plugin import mockroot, mpspod
 from driver.plugin.admin import STATUS_FILE, AdminWatch, status_doc, write_status
 from driver.plugin.cdi import DriverFiles
 from driver.plugin.checkpoint import BOOT_ID_PATH, read_boot_id
@@ -63,6 +63,7 @@ from driver.plugin.metrics import Metrics
 from driver.plugin.mig import MigManager
 from driver.plugin.modes import PRIVATE_DIR, SHARED_DIR, make_dir
 from driver.plugin.monitor import HealthMonitor, HealthView, Republisher
+from driver.plugin.mpspod import PodSettings
 from driver.plugin.node import DeviceTools, Identity, Paths, Published
 from driver.plugin.nodelock import LOCK_FILE
 from driver.plugin.rediscover import Rediscoverer, changes, keep_unreadable
@@ -122,17 +123,22 @@ class PluginOptions:
     boot_id_path: Path = BOOT_ID_PATH
     proc_devices: Path = Path("/proc/devices")
     pod_uid: str | None = None  # set: a rolling update may run two pods; sockets per pod
+    # in a cluster, MPS daemons run in pods of this namespace with this image (mpspod)
+    pod_namespace: str | None = None
+    image: str | None = None
     health: HealthSettings = field(default_factory=HealthSettings)
     health_check_interval: float = 5.0  # seconds between liveness checks of every GPU
     rediscover_interval: float = 60.0  # seconds between re-discoveries; 0: on SIGHUP only
 
     def __post_init__(self) -> None:
         self.slice_options()  # ValueError for settings the slices cannot combine
-        if self.gpu_sharing == "consumable" and self.local_dir is None:
+        if self.gpu_sharing == "consumable" and self.local_dir is None and \
+                self.mps_pods is None:
             # publishing capacity the plugin cannot enforce would be a silent lie
-            raise ValueError("--gpu-sharing consumable (env GPU_SHARING) needs --local-dir: "
-                             "each shared claim's limits are enforced by an MPS daemon, and "
-                             "MPS runs in local mode only in this version")
+            raise ValueError("--gpu-sharing consumable (env GPU_SHARING) in a cluster needs "
+                             "--pod-namespace and --image (env POD_NAMESPACE, GPU_DRA_IMAGE): "
+                             "each shared claim's limits are enforced by an MPS daemon in a "
+                             "pod of its own")
         if self.pod_uid is not None and not POD_UID.fullmatch(self.pod_uid):
             raise ValueError(f"--pod-uid (env POD_UID): {self.pod_uid!r} is not a pod UID "
                              "(letters, digits, '-', '_', '.'; it names the sockets)")
@@ -149,6 +155,15 @@ class PluginOptions:
     def slice_options(self, layout: CounterLayout = "split") -> SliceOptions:
         """The slice builder's options; the layout does not change the devices."""
         return SliceOptions(self.driver, self.node, self.mig_mode, layout, self.gpu_sharing)
+
+    @property
+    def mps_pods(self) -> PodSettings | None:
+        """Where MPS daemons run in a cluster; None in local mode or when not set."""
+        if self.local_dir is not None or self.pod_namespace is None or self.image is None:
+            return None
+        driver_root = self.mock_driver_root or self.driver_root
+        return PodSettings(self.driver, self.pod_namespace, self.node, self.image,
+                           driver_root, self.host_driver_root or driver_root)
 
     @property
     def dra_socket(self) -> Path:
@@ -181,6 +196,7 @@ class Plugin:
         self.metrics = Metrics()
         self._publisher = publisher
         self._claims = claims
+        self._api: Any = None  # the API server's client, in a cluster
         self._resync_stop = threading.Event()
         self._node_events = node_events  # default: posted to the API server, if any
         self.state: PluginState | None = None
@@ -206,7 +222,7 @@ class Plugin:
                                                 on_writes=self.metrics.slice_writes.inc)
             claims: ClaimSource = DirClaimSource(o.local_dir)
         else:
-            api = api_client(o.kubeconfig)
+            api = self._api = api_client(o.kubeconfig)
             self._node_events = self._node_events or functools.partial(
                 post_node_event, api, o.node, o.driver)
             others_alive = functools.partial(
@@ -244,10 +260,11 @@ class Plugin:
                 mig=MigManager(self.provider),
                 timeslicer=timeslicer(self.provider, o.mock_driver_root or o.driver_root,
                                       mock_root=o.mock_driver_root is not None),
-                mps=mps.daemons(o.plugin_dir / "mps", self.provider,
-                                o.mock_driver_root or o.driver_root,
-                                mock_root=o.mock_driver_root is not None,
-                                local=o.local_dir is not None)),
+                mps=mpspod.daemons(o.plugin_dir / "mps", self.provider,
+                                   o.mock_driver_root or o.driver_root,
+                                   mock_root=o.mock_driver_root is not None,
+                                   local=o.local_dir is not None, pods=o.mps_pods,
+                                   api=self._api)),
             identity=Identity(driver=o.driver, node=o.node,
                               boot_id=read_boot_id(o.boot_id_path)),
             published=self._published(inventory, index),

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from driver.errors import DriverError, PluginError
-from driver.kube.names import is_uuid
 from driver.plugin import cdi
 from driver.plugin.cdi import DeviceNode
 from driver.plugin.checkpoint import ClaimRecord, MigInstance, PreparedDevice
@@ -114,7 +113,7 @@ class Effects:
                 done.append(device)
             mps = self.mps_setup(done)
             if mps is not None:
-                tools.mps.start(ref.uid, *mps)
+                tools.mps.start(ref, *mps)
             self.write_spec(ref.uid, done)
         except Exception as err:  # expected: MigFailure, SharingFailure, MpsFailure, OSError,
             # ClaimError
@@ -212,15 +211,12 @@ class Effects:
             raise ClaimError("bad_config", str(err)) from None
 
     def sweep_mps(self, uids: Collection[str]) -> None:
-        """Stop the MPS daemons no prepared claim explains (a directory of a claim whose
-        record is gone), as `remove_specs_except` does for specs."""
-        root = self.tools.mps.root
-        for directory in sorted(root.iterdir()) if root.is_dir() else []:
-            if directory.name not in uids and is_uuid(directory.name):
-                log.warning("stopping the MPS daemon of a claim that is not prepared: %s",
-                            directory)
-                for problem in self.tools.mps.stop(directory.name):
-                    log.error("%s", problem)
+        """Stop the MPS daemons no prepared claim explains (a directory, or a daemon's pod,
+        of a claim whose record is gone), as `remove_specs_except` does for specs."""
+        for uid in sorted(self.tools.mps.leftovers() - set(uids)):
+            log.warning("stopping the MPS daemon of a claim that is not prepared: %s", uid)
+            for problem in self.tools.mps.stop(uid):
+                log.error("%s", problem)
 
     # -- CDI specs ---------------------------------------------------------------------
 

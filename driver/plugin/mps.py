@@ -28,6 +28,9 @@ its own: as in NVIDIA's driver, the claim's `shm/` is /dev/shm both in the claim
 containers (CDI mount) and for the daemon and its servers, which run in a mount namespace
 of their own (so the plugin needs CAP_SYS_ADMIN, as a privileged pod has: without it the
 claim fails). Nothing of the host's /dev/shm is shared with a container.
+
+That is local mode. In a cluster the daemon runs in a pod of its own (`mpspod.MpsPods`,
+a subclass: the same directory, claim.json, compute modes and control client).
 """
 
 from __future__ import annotations
@@ -49,9 +52,10 @@ import pynvml
 
 from driver.atomicfile import write_atomically
 from driver.errors import PluginError
-from driver.nvml import Provider
+from driver.kube.names import is_uuid
+from driver.plugin.claims import ClaimRef
 from driver.plugin.config import MpsConfig, memory_bytes
-from driver.plugin.driverfiles import BINARY_SEARCH, nvml_library
+from driver.plugin.driverfiles import BINARY_SEARCH
 from driver.plugin.modes import PRIVATE_DIR, SHARED_DIR, make_dir
 from driver.plugin.sharing import tool_environment
 from driver.safeload import LoadError, json_document, read_text
@@ -153,19 +157,28 @@ class ClaimMps:
     devices: tuple[MpsDevice, ...]
     limits: Limits
     compute_modes: dict[str, int]
+    claim: ClaimRef  # a daemon's pod names its claim (an older file: namespace, name "")
 
     def to_json(self) -> dict[str, Any]:
         return {"devices": [asdict(d) for d in self.devices],
                 "threadPercentage": self.limits.thread_percentage,
                 "pinned": [list(p) for p in self.limits.pinned],
-                "computeModes": self.compute_modes}
+                "computeModes": self.compute_modes,
+                "namespace": self.claim.namespace, "name": self.claim.name}
 
     @staticmethod
-    def from_json(doc: dict[str, Any]) -> ClaimMps:
+    def from_json(doc: dict[str, Any], uid: str) -> ClaimMps:
         return ClaimMps(tuple(MpsDevice(**d) for d in doc["devices"]),
                         Limits(doc["threadPercentage"],
                                tuple((int(i), str(v)) for i, v in doc["pinned"])),
-                        {str(k): int(v) for k, v in doc["computeModes"].items()})
+                        {str(k): int(v) for k, v in doc["computeModes"].items()},
+                        ClaimRef(str(doc.get("namespace", "")), str(doc.get("name", "")), uid))
+
+    @staticmethod
+    def load(directory: Path) -> ClaimMps:
+        """The claim.json of a claim's directory (named by the claim's UID)."""
+        return ClaimMps.from_json(json_document(read_text(directory / CLAIM_FILE),
+                                                CLAIM_FILE), directory.name)
 
 
 class MpsDaemons:
@@ -195,9 +208,10 @@ class MpsDaemons:
 
     # -- a claim -----------------------------------------------------------------------
 
-    def start(self, uid: str, devices: Sequence[MpsDevice], limits: Limits) -> int:
+    def start(self, ref: ClaimRef, devices: Sequence[MpsDevice], limits: Limits) -> int:
         """Set the compute modes, start the daemon and tell it the limits; its pid.
         MpsFailure after undoing all of it (`stop`)."""
+        uid = ref.uid
         try:
             self._check_tools()
             make_dir(self.root, PRIVATE_DIR)
@@ -206,7 +220,7 @@ class MpsDaemons:
             make_dir(self.shm(uid), SHM_MODE)
             modes = {d.gpu_uuid: self._compute_mode(d.gpu_uuid)
                      for d in devices if d.whole_gpu}
-            claim = ClaimMps(tuple(devices), limits, modes)
+            claim = ClaimMps(tuple(devices), limits, modes, ref)
             write_atomically(self.directory(uid) / CLAIM_FILE,
                              json.dumps(claim.to_json()).encode(), durable=True)
             for gpu_uuid in modes:
@@ -225,8 +239,7 @@ class MpsDaemons:
             return pid, False
         self._kill_daemon(uid)
         try:
-            claim = ClaimMps.from_json(json_document(
-                read_text(self.directory(uid) / CLAIM_FILE), CLAIM_FILE))
+            claim = ClaimMps.load(self.directory(uid))
             self._check_tools()
             for gpu_uuid in claim.compute_modes:  # a GPU reset puts the default back
                 self._set_compute_mode(gpu_uuid, EXCLUSIVE_PROCESS)
@@ -262,23 +275,11 @@ class MpsDaemons:
         the compute modes and remove the directory; what failed, if anything. A claim
         whose daemon is gone, or that never had one, is stopped all the same."""
         directory = self.directory(uid)
+        problems = self._stop_daemon(uid)
         if not directory.is_dir():
-            return []
-        problems = []
-        pid, pipe = self._pid(uid), self.pipe(uid)
-        if pid is not None and _alive(pid, pipe):
-            try:
-                self.ask(uid, "quit")
-            except MpsFailure as err:
-                log.warning("%s; killing the daemon", err)
-            if not _wait_gone(pid, pipe, QUIT_TIMEOUT):
-                log.warning("MPS daemon %d of claim %s did not quit; killing it", pid, uid)
-                _kill(pid)
-                if not _wait_gone(pid, pipe, QUIT_TIMEOUT):
-                    problems.append(f"MPS daemon {pid} of claim {uid} does not exit")
+            return problems
         try:
-            claim = ClaimMps.from_json(json_document(read_text(directory / CLAIM_FILE),
-                                                     CLAIM_FILE))
+            claim = ClaimMps.load(directory)
         except FileNotFoundError:
             claim = None  # killed before it changed anything
         except (LoadError, OSError, KeyError, TypeError, ValueError) as err:
@@ -294,6 +295,27 @@ class MpsDaemons:
                 problems.append(f"cannot remove {directory}")
         return problems
 
+    def leftovers(self) -> set[str]:
+        """The claims (UIDs) this node has MPS state of: their directories."""
+        return {d.name for d in self.root.iterdir() if is_uuid(d.name)} \
+            if self.root.is_dir() else set()
+
+    def _stop_daemon(self, uid: str) -> list[str]:
+        """`quit` the claim's daemon, killed if it does not exit in time; what failed."""
+        problems: list[str] = []
+        pid, pipe = self._pid(uid), self.pipe(uid)
+        if pid is not None and _alive(pid, pipe):
+            try:
+                self.ask(uid, "quit")
+            except MpsFailure as err:
+                log.warning("%s; killing the daemon", err)
+            if not _wait_gone(pid, pipe, QUIT_TIMEOUT):
+                log.warning("MPS daemon %d of claim %s did not quit; killing it", pid, uid)
+                _kill(pid)
+                if not _wait_gone(pid, pipe, QUIT_TIMEOUT):
+                    problems.append(f"MPS daemon {pid} of claim {uid} does not exit")
+        return problems
+
     def ask(self, uid: str, command: str) -> str:
         """Commands (one a line) through the control client; its answers. MpsFailure if
         the client fails (a command refused) or times out."""
@@ -302,7 +324,7 @@ class MpsDaemons:
         try:
             done = subprocess.run([str(self.control)], input=command + "\n",
                                   capture_output=True, text=True, check=False,
-                                  env=self._environment(uid, ()), timeout=CLIENT_TIMEOUT)
+                                  env=self.environment(uid, ()), timeout=CLIENT_TIMEOUT)
         except (OSError, ValueError, subprocess.TimeoutExpired) as err:
             raise MpsFailure(f"{CONTROL} {command!r}: {err}") from None
         answer = done.stdout.strip()
@@ -318,7 +340,9 @@ class MpsDaemons:
             missing = CONTROL if self.control is None else "libnvidia-ml.so.1"
             raise MpsFailure(f"MPS needs {missing}, which is not under the driver root")
 
-    def _environment(self, uid: str, visible: Sequence[str]) -> dict[str, str]:
+    def environment(self, uid: str, visible: Sequence[str]) -> dict[str, str]:
+        """The environment of the claim's daemon (`visible`: its CUDA_VISIBLE_DEVICES)
+        and of its control client."""
         assert self.nvml_library is not None
         env = {**tool_environment(self.nvml_library),
                "CUDA_MPS_PIPE_DIRECTORY": str(self.pipe(uid)),
@@ -332,7 +356,7 @@ class MpsDaemons:
         until it answers, and tell it the limits."""
         assert self.control is not None
         (self.pipe(uid) / PID_FILE).unlink(missing_ok=True)  # a dead daemon's
-        env = self._environment(uid, [d.cuda_uuid for d in claim.devices])
+        env = self.environment(uid, [d.cuda_uuid for d in claim.devices])
         output = self.directory(uid) / "log" / "start.log"
         with open(output, "wb") as out:
             try:
@@ -408,24 +432,13 @@ def _kill(pid: int) -> None:
         pass
 
 
-CLUSTER_MODE = ("MPS is supported in local mode (--local-dir) only in this version: in a "
-                "cluster the plugin runs in a DaemonSet container, and a daemon it starts "
-                "would die with that container on its restart or a rolling update (a pod "
-                "per claim, as NVIDIA's driver runs, is not built yet)")
+NO_POD_SETTINGS = ("MPS in a cluster runs each claim's daemon in a pod of its own, which "
+                   "needs the plugin's namespace and image (env POD_NAMESPACE and "
+                   "GPU_DRA_IMAGE, which the chart sets)")
 
 
-def daemons(root: Path, provider: Provider, driver_root: Path, mock_root: bool,
-            local: bool) -> MpsDaemons:
-    """The driver root's nvidia-cuda-mps-control, as `sharing.timeslicer` picks
-    nvidia-smi: with a mock NVML the mock driver root's stand-in (`mock_root`) or another
-    root's (a test's), never the host's own / (whose daemon would serve real GPUs, not
-    the mock's): MPS claims are refused there, and in a cluster (`CLUSTER_MODE`)."""
-    unsupported = None if local else CLUSTER_MODE
-    if provider.name.startswith("mock:") and not mock_root and \
-            driver_root.resolve() == Path("/"):
-        unsupported = unsupported or ("MPS with a mock NVML needs a driver root of stand-in "
-                                      "tools (--driver-root, or none for the mock's): the "
-                                      "host's nvidia-cuda-mps-control serves real GPUs")
-    control = next((driver_root / d / CONTROL for d in BINARY_SEARCH
-                    if (driver_root / d / CONTROL).is_file()), None)
-    return MpsDaemons(root, control, nvml_library(driver_root), provider.nvml, unsupported)
+def control_in(driver_root: Path) -> Path | None:
+    """The driver root's nvidia-cuda-mps-control, where driver files are searched."""
+    return next((driver_root / d / CONTROL for d in BINARY_SEARCH
+                 if (driver_root / d / CONTROL).is_file()), None)
+

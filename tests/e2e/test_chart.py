@@ -45,7 +45,8 @@ def plugin_env(helm: Helm, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """The chart's env for the plugin (downward-API fields as sample values), set in
     this process; the CLI reads its defaults from it when its parser is built."""
     samples = {"spec.nodeName": "gpu-node-7",
-               "metadata.uid": "0b7c6a2e-1f4d-4d8e-9a51-3c2f6e8d9b10"}
+               "metadata.uid": "0b7c6a2e-1f4d-4d8e-9a51-3c2f6e8d9b10",
+               "metadata.namespace": "gpu-dra"}
     env = {e["name"]: e.get("value") or samples[e["valueFrom"]["fieldRef"]["fieldPath"]]
            for e in plugin_container(helm.template("gpu", "gpu-dra", CUSTOM))["env"]}
     for name, value in env.items():
@@ -72,6 +73,9 @@ def test_plugin_reads_the_env_the_chart_sets(helm: Helm, monkeypatch: pytest.Mon
         (Path("/driver-root"), Path("/run/nvidia/driver"))
     assert (args.health_port, args.metrics_port) == (51515, 9400)
     assert (args.log_format, args.verbosity) == ("json", 2)
+    # a claim's MPS daemon runs in a pod of the plugin's namespace, with the chart's image
+    assert (args.pod_namespace, args.image) == \
+        ("gpu-dra", "registry.example.com/gpu-dra-driver:1.2.3")
     # Every variable the chart sets is one the plugin documents (NVIDIA_VISIBLE_DEVICES
     # is for an nvidia container runtime).
     documented = plugin_help(capsys)
@@ -111,8 +115,10 @@ def test_lints_strict(helm: Helm) -> None:
 def test_default_render(helm: Helm) -> None:
     objects = helm.template("gpu", "gpu-dra")
     assert sorted(o["kind"] for o in objects) == sorted([
-        "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "DaemonSet", "DeviceClass",
-        "DeviceClass", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"])
+        "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding",
+        "DaemonSet", "DeviceClass", "DeviceClass", "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding", "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding"])
 
     classes = {c["metadata"]["name"]: c["spec"] for c in only(objects, "DeviceClass")}
     selects = 'device.driver == "gpu.dra.dev" && device.attributes["gpu.dra.dev"].type == "{}"'
@@ -155,11 +161,17 @@ def test_default_render(helm: Helm) -> None:
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in \
         pod["tolerations"]
 
-    policy = one(objects, "ValidatingAdmissionPolicy")
     user = "system:serviceaccount:gpu-dra:gpu-gpu-dra-driver"
-    assert user in policy["spec"]["matchConditions"][0]["expression"]
-    assert one(objects, "ValidatingAdmissionPolicyBinding")["spec"]["policyName"] == \
-        policy["metadata"]["name"]
+    policies = only(objects, "ValidatingAdmissionPolicy")
+    assert all(user in p["spec"]["matchConditions"][0]["expression"] for p in policies)
+    assert sorted(b["spec"]["policyName"] for b in only(
+        objects, "ValidatingAdmissionPolicyBinding")) == sorted(
+        p["metadata"]["name"] for p in policies)
+    # the plugin creates its MPS daemons' pods in its own namespace, nothing more
+    role = one(objects, "Role")
+    assert role["metadata"]["namespace"] == "gpu-dra"
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"],
+                              "verbs": ["create", "get", "list", "watch", "delete"]}]
 
 
 def test_custom_values_render(helm: Helm) -> None:

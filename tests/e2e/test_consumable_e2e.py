@@ -18,7 +18,7 @@ from driver.kube.api import api_request
 from driver.nvml.mock import list_profiles
 from tests.e2e.test_chart import env_of, plugin_container
 from tests.support.apiserver import SLICES, ControlPlane, create, delete, get, pod_with_claim
-from tests.support.chart import Helm, HelmFailed
+from tests.support.chart import Helm
 from tests.support.claims import Claims, resource_claim
 
 DRIVER = "gpu.dra.dev"
@@ -103,8 +103,10 @@ def test_the_scheduler_puts_four_20g_claims_on_one_h100_and_a_fifth_on_another(
     assert items == []
 
 
-def test_the_chart_refuses_consumable_sharing_it_cannot_enforce(helm: Helm) -> None:
-    with pytest.raises(HelmFailed, match="gpuSharing: consumable needs an MPS daemon"):
-        helm.template("gpu", "gpu-dra", {"gpuSharing": "consumable"})
+def test_the_chart_runs_consumable_sharing_with_mps_daemon_pods(helm: Helm) -> None:
+    env = env_of(plugin_container(helm.template("gpu", "gpu-dra",
+                                                {"gpuSharing": "consumable"})))
+    assert env["GPU_SHARING"] == "consumable"
+    assert env["GPU_DRA_IMAGE"] and "POD_NAMESPACE" in env
     assert env_of(plugin_container(helm.template("gpu", "gpu-dra")))["GPU_SHARING"] == \
         "exclusive"

@@ -9,6 +9,7 @@ node, exactly as the kubelet mints the pod's projected token: it carries the nod
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +22,16 @@ from driver.inventory.discovery import discover
 from driver.kube.api import ApiResult, api_request
 from driver.kube.events import post_node_event
 from driver.nvml.mock import mock_provider
+from driver.plugin.claims import ClaimRef
+from driver.plugin.mps import ClaimMps, Limits
+from driver.plugin.mpspod import PodSettings, pod_spec
 from driver.resourceslice.publish import ApiPublisher, SlicePool
 from tests.support.apiserver import (
     SLICES,
     ControlPlane,
     create,
     delete,
+    get,
     resource_slice,
     unique,
     wait_for,
@@ -255,3 +260,37 @@ def test_a_token_without_a_node_cannot_write_slices(
         assert "no node-name claim" in refused(api_request(unbound, "POST", SLICES, own))
     finally:
         unbound.close()
+
+
+def test_driver_runs_mps_daemon_pods_on_its_node_only(
+    control_plane: ControlPlane, driver_on_node: tuple[Any, str], install: Install
+) -> None:
+    api, node = driver_on_node
+    pods = f"/api/v1/namespaces/{install.namespace}/pods"
+    image = one(install.objects, "DaemonSet")["spec"]["template"]["spec"]["containers"][0][
+        "image"]
+    uid = str(uuid.uuid4())
+    node_uid = get(control_plane.api, f"/api/v1/nodes/{node}")["metadata"]["uid"]
+    claim = ClaimMps((), Limits(None, ()), {}, ClaimRef("team-a", "train", uid))
+
+    def spec(on: str, image: str = image) -> dict[str, Any]:
+        settings = PodSettings(install.driver, install.namespace, on, image,
+                               Path("/driver-root"), Path("/driver-root"))
+        return pod_spec(settings, node_uid, Path("/var/lib/gpu-dra/mps") / uid, claim)
+
+    def policy_in_force() -> bool:
+        result = api_request(api, "POST", pods, spec(unique("other-node")),
+                             query={"dryRun": "All"})
+        if result.status == 403 and "only pods of its own node" in message(result):
+            return True
+        raise AssertionError(f"HTTP {result.status}: {message(result)}")
+
+    wait_for(policy_in_force, "the chart's MPS pod policy in force")
+    assert "chart's image" in refused(api_request(api, "POST", pods, spec(node, "busybox")))
+    created_pod = api_request(api, "POST", pods, spec(node)).expect(201)
+    path = f"{pods}/{created_pod['metadata']['name']}"
+    listed = api_request(api, "GET", pods, query={
+        "labelSelector": "app.kubernetes.io/component=mps-daemon"}).expect(200)
+    assert [p["metadata"]["uid"] for p in listed["items"]] == [created_pod["metadata"]["uid"]]
+    api_request(api, "DELETE", path, {"gracePeriodSeconds": 0}).expect(200)
+    assert get(control_plane.api, path) is None

@@ -98,11 +98,11 @@ def test_a_share_with_a_sharing_config_of_its_own_is_refused(
     assert cdi_specs(node.cdi_root) == {} and node.records() == {}
 
 
-def test_a_cluster_mode_plugin_refuses_consumable_sharing_at_start(
+def test_a_cluster_mode_plugin_without_pod_settings_refuses_consumable_sharing(
         node: Node, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code = main(["plugin", "--mock", "dgx-h100", "--gpu-sharing", "consumable",
                  "--plugin-data-dir", str(tmp_path), "--kubeconfig", str(tmp_path / "none")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
-    assert "--gpu-sharing consumable (env GPU_SHARING) needs --local-dir" in err
-    assert "MPS runs in local mode only" in err
+    assert "--gpu-sharing consumable (env GPU_SHARING) in a cluster needs " \
+        "--pod-namespace and --image" in err

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from driver.nvml.mock import mock_provider
-from driver.plugin import mps
+from driver.plugin import mps, mpspod
+from driver.plugin.claims import ClaimRef
 from driver.plugin.config import ConfigError, MpsConfig, parse_parameters
 from driver.plugin.mps import ClaimMps, Limits, MpsDevice, limits, mps_memory
 
@@ -86,20 +87,55 @@ def test_config_mistakes_are_named(mps_config: dict[str, object], message: str) 
 
 
 def test_the_claim_file_round_trips() -> None:
-    claim = ClaimMps(DEVICES, Limits(30, ((0, "2G"),)), {GPU0: 0, GPU1: 1})
-    assert ClaimMps.from_json(claim.to_json()) == claim
+    claim = ClaimMps(DEVICES, Limits(30, ((0, "2G"),)), {GPU0: 0, GPU1: 1},
+                     ClaimRef("team-a", "train", UID))
+    assert ClaimMps.from_json(claim.to_json(), UID) == claim
 
 
-def test_a_cluster_refuses_mps_saying_why(tmp_path: Path) -> None:
+def test_a_cluster_without_pod_settings_refuses_mps_saying_why(tmp_path: Path) -> None:
     provider = mock_provider("dgx-h100")
-    daemons = mps.daemons(tmp_path, provider, tmp_path, mock_root=True, local=False)
-    assert daemons.unsupported == mps.CLUSTER_MODE
-    assert "local mode (--local-dir) only" in mps.CLUSTER_MODE
+    daemons = mpspod.daemons(tmp_path, provider, tmp_path, mock_root=True, local=False,
+                             pods=None, api=None)
+    assert daemons.unsupported == mps.NO_POD_SETTINGS
+    assert "POD_NAMESPACE and GPU_DRA_IMAGE" in mps.NO_POD_SETTINGS
 
 
 def test_a_mock_nvml_never_runs_the_hosts_daemon(tmp_path: Path) -> None:
     provider = mock_provider("dgx-h100")
-    host = mps.daemons(tmp_path, provider, Path("/"), mock_root=False, local=True)
+    host = mpspod.daemons(tmp_path, provider, Path("/"), mock_root=False, local=True,
+                          pods=None, api=None)
     assert host.unsupported is not None and "serves real GPUs" in host.unsupported
-    assert mps.daemons(tmp_path, provider, tmp_path, mock_root=True, local=True
-                       ).unsupported is None
+    assert mpspod.daemons(tmp_path, provider, tmp_path, mock_root=True, local=True,
+                          pods=None, api=None).unsupported is None
+
+
+UID = "3b0a9f3e-5b1c-4f7e-9c3a-2d8e6f1a0b4c"
+
+
+def test_a_claims_daemon_pod_runs_the_driver_image_on_this_node_with_its_directories(
+        ) -> None:
+    settings = mpspod.PodSettings("gpu.dra.dev", "gpu-dra", "node-a", "gpu-dra:1.2",
+                                  Path("/driver-root"), Path("/run/nvidia/driver"))
+    claim_dir = Path("/var/lib/kubelet/plugins/gpu.dra.dev/mps") / UID
+    claim = ClaimMps(DEVICES, Limits(30, ()), {}, ClaimRef("team-a", "train", UID))
+    pod = mpspod.pod_spec(settings, "node-uid-1", claim_dir, claim)
+    meta, spec = pod["metadata"], pod["spec"]
+    assert (meta["name"], meta["namespace"]) == (f"mps-{UID}", "gpu-dra")
+    assert meta["labels"]["gpu.dra.dev/claim-uid"] == UID
+    assert meta["annotations"]["gpu.dra.dev/claim"] == "team-a/train"
+    # the Node owns it: a ResourceClaim in another namespace could not
+    assert meta["ownerReferences"] == [{"apiVersion": "v1", "kind": "Node", "name": "node-a",
+                                        "uid": "node-uid-1"}]
+    assert spec["nodeName"] == "node-a" and spec["restartPolicy"] == "OnFailure"
+    assert spec["hostPID"] is True
+    [container] = spec["containers"]
+    assert container["image"] == "gpu-dra:1.2"
+    assert container["command"] == ["gpu-dra", "mps-daemon", "--claim-dir", str(claim_dir),
+                                    "--driver-root", "/driver-root"]
+    assert container["securityContext"] == {"privileged": True}
+    volumes = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert {name: (volumes[name], mounts[name]) for name in volumes} == {
+        "claim": (str(claim_dir), str(claim_dir)),  # the plugin's paths are the daemon's
+        "driver-root": ("/run/nvidia/driver", "/driver-root"),
+        "shm": (str(claim_dir / "shm"), "/dev/shm")}
