@@ -185,11 +185,16 @@ class MpsPods(MpsDaemons):
 
     def leftovers(self) -> set[str]:
         """Directories, and the daemon pods on this node (adopted at start, or deleted
-        when no prepared claim explains them)."""
-        pods = self._call("GET", f"/api/v1/namespaces/{self.settings.namespace}/pods",
-                          None, 200, query={"labelSelector": self.settings.selector,
-                                            "fieldSelector": f"spec.nodeName="
-                                                             f"{self.settings.node}"})
+        when no prepared claim explains them); the directories alone while the API server
+        does not answer (a later start sweeps the pods)."""
+        try:
+            pods = self._call("GET", f"/api/v1/namespaces/{self.settings.namespace}/pods",
+                              None, 200, query={"labelSelector": self.settings.selector,
+                                                "fieldSelector": f"spec.nodeName="
+                                                                 f"{self.settings.node}"})
+        except MpsFailure as err:
+            log.warning("cannot list the MPS daemons' pods: %s", err)
+            return super().leftovers()
         uids = {p["metadata"].get("labels", {}).get(f"{self.settings.driver}/{CLAIM_LABEL}")
                 for p in pods["items"]}
         return super().leftovers() | {u for u in uids if is_uuid(u)}
