@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -20,7 +21,7 @@ from typing import Any
 
 from driver.devcluster.node import PluginDaemon, PluginFolders
 from driver.kube.api import api_request
-from driver.nvml.mpsstandin import SOCKET
+from driver.nvml.mpsstandin import PID_FILE, SOCKET
 from tests.support.apiserver import (
     RESOURCE_V1,
     ControlPlane,
@@ -40,7 +41,8 @@ MPS = gpu_config(strategy="MPS", mpsConfig={"defaultActiveThreadPercentage": 30,
 
 
 class PodRunner:
-    """Plays the kubelet for the daemon pods on one node: runs each one's command."""
+    """Plays the kubelet for the daemon pods on one node: runs each one's command, again
+    when it fails."""
 
     def __init__(self, api: Any, namespace: str, node: str) -> None:
         self.api, self.namespace, self.node = api, namespace, node
@@ -58,19 +60,22 @@ class PodRunner:
     def _run(self) -> None:
         while not self._stop.wait(0.1):
             for pod in self.pods():
-                if pod["metadata"]["uid"] in self.processes:
+                known = self.processes.get(pod["metadata"]["uid"])
+                if known is not None and known.poll() in (None, 0):  # restartPolicy OnFailure
                     continue
                 [container] = pod["spec"]["containers"]
                 assert container["command"][:2] == ["gpu-dra", "mps-daemon"]
                 self.processes[pod["metadata"]["uid"]] = subprocess.Popen(
                     [sys.executable, "-m", "driver.cli", *container["command"][1:]],
-                    env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+                    env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+                    start_new_session=True)  # a group: what a container's end takes
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
         for process in self.processes.values():
-            process.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
             process.wait()
 
 
@@ -130,6 +135,14 @@ def test_a_claims_mps_daemon_runs_in_a_pod_that_outlives_the_plugin(
             str(claim_dir)
         assert ask(claim_dir, "get_default_active_thread_percentage") == "30.0"
         assert ask(claim_dir, "get_default_device_pinned_mem_limit 0") == "8G"
+
+        # a daemon that dies is started again by its pod, told its limits, and reported
+        first = runner.processes[meta["uid"]]
+        os.kill(int((claim_dir / "pipe" / PID_FILE).read_text()), signal.SIGKILL)
+        assert first.wait(timeout=10) != 0  # so the pod's restart policy starts it again
+        wait_for(lambda: "had died" in plugins[0].tail(),
+                 "the plugin to report the daemon's restart")
+        assert ask(claim_dir, "get_default_active_thread_percentage") == "30.0"
 
         # a plugin restart adopts the pod: the same pod, the same daemon process
         plugins[0].stop()
