@@ -272,11 +272,12 @@ class Plugin:
                         node_lock=o.lock_path),
             claim_source=claims, metrics=self.metrics)
         self.state.recover(lambda: remove_dead_sockets(o.registry_dir, o.plugin_dir, o.driver))
-        threading.Thread(target=self.state.watch_mps, args=(self._resync_stop,),
+        self._board = HealthBoard()
+        threading.Thread(target=self.state.watch_mps,
+                         args=(self._resync_stop, self._board.set_mps_problems),
                          name="mps-watch", daemon=True).start()
         from driver.resourceslice.errors import PublishTimeout
 
-        self._board = HealthBoard()
         monitor = self.monitor = self._health_monitor(self.state, publisher)
         # the admin's requests first: a GPU kept out is never published untainted
         self.admin = AdminWatch(o.plugin_dir, lambda: monitor.view, monitor.apply)

@@ -46,7 +46,7 @@ from driver.plugin.metrics import Metrics
 from driver.plugin.modes import PRIVATE_DIR, SOCKET, make_dir
 from driver.plugin.monitor import HealthView
 from driver.plugin.sockets import SocketFile, free_for_bind, grpc_address
-from driver.plugin.state import Outcome, PluginState
+from driver.plugin.state import MpsProblem, Outcome, PluginState
 
 log = logging.getLogger(__name__)
 
@@ -172,21 +172,39 @@ class StreamSlots:
 
 
 class HealthBoard:
-    """The GPUs' health as the monitor last reported it, and the streams to wake when it
-    changes."""
+    """The GPUs' health as the monitor last reported it, the devices whose claims' MPS
+    daemons are down (by device name, as the MPS watch last found them), and the streams
+    to wake when either changes."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._view = HealthView({}, {}, {})
+        self._mps: dict[str, MpsProblem] = {}
         self._listeners: set[threading.Event] = set()
 
     @property
     def view(self) -> HealthView:
         return self._view
 
+    @property
+    def mps_problems(self) -> dict[str, MpsProblem]:
+        return self._mps
+
     def update(self, view: HealthView) -> None:
         with self._lock:
             self._view = view
+        self._wake()
+
+    def set_mps_problems(self, problems: dict[str, MpsProblem]) -> None:
+        """Wakes the streams only on a change: the watch reports every round."""
+        with self._lock:
+            if problems == self._mps:
+                return
+            self._mps = problems
+        self._wake()
+
+    def _wake(self) -> None:
+        with self._lock:
             listeners = list(self._listeners)
         for wake in listeners:
             wake.set()
@@ -213,11 +231,11 @@ class HealthStreamServicer:
         self.slots = slots
         self.board = board
 
-    def _report(self, view: HealthView) -> Any:
+    def _report(self, view: HealthView, mps: Mapping[str, MpsProblem]) -> Any:
         now = int(time.time())
         response = self.pb.NodeWatchResourcesResponse()
         for name, target in sorted(self.devices().items()):
-            health, message = self._health(target, view)
+            health, message = self._health(target, view, mps.get(name))
             response.devices.add(device=self.pb.DeviceIdentifier(pool_name=self.pool,
                                                                  device_name=name),
                                  health=health, last_updated_time=now,
@@ -225,7 +243,19 @@ class HealthStreamServicer:
                                  message=message[:1024])
         return response
 
-    def _health(self, target: Target, view: HealthView) -> tuple[Any, str]:
+    def _health(self, target: Target, view: HealthView,
+                mps: MpsProblem | None) -> tuple[Any, str]:
+        """The GPU's verdict (`_gpu_health`), made UNHEALTHY from HEALTHY by a down MPS
+        daemon that leaves the device's pods without one; the message names the GPU's
+        trouble first, then the daemon's."""
+        health, message = self._gpu_health(target, view)
+        if mps is None:
+            return health, message
+        if health == self.pb.HEALTHY:
+            return self.pb.UNHEALTHY if mps.unhealthy else health, mps.message
+        return health, f"{message}; {mps.message}" if message else mps.message
+
+    def _gpu_health(self, target: Target, view: HealthView) -> tuple[Any, str]:
         """The monitor's verdict on the device's GPU where it watches it, else discovery's;
         the message names every condition, then the latest transition's cause."""
         gpu: GpuHealth | None = view.gpus.get(target.gpu.minor)
@@ -249,7 +279,7 @@ class HealthStreamServicer:
                 wake.clear()  # before reading the board: a change after it wakes us
                 if ended.is_set():
                     break
-                yield self._report(self.board.view)
+                yield self._report(self.board.view, self.board.mps_problems)
                 wake.wait(HEALTH_RESEND)
         finally:
             self.board.forget(wake)

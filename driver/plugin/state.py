@@ -32,7 +32,7 @@ claim's lock was left by a process that died, and is rolled back before the clai
 prepared again.
 
 The claims' MPS daemons run on their own (`mps`); `watch_mps` adopts them at start and
-starts again, with their limits, those that die.
+starts again, with their limits, those that die; those down go to the health streams.
 
 A re-discovery swaps what is published (`publish`) between calls, never under one: it
 waits for the calls in flight and holds new ones back meanwhile.
@@ -195,6 +195,27 @@ class _Gate:
                 self._cond.notify_all()
 
 
+@dataclass(frozen=True)
+class MpsProblem:
+    """A device's claims whose MPS daemon is down, for its health on the streams:
+    `unhealthy` when no claim on it has a working daemon (see `mps_problems`)."""
+
+    message: str
+    unhealthy: bool
+
+
+def mps_problems(down: Mapping[str, Sequence[tuple[str, str]]],
+                 users: Mapping[str, set[str]]) -> dict[str, MpsProblem]:
+    """By device name, from the (claim uid, message) of each down daemon on it and the
+    uids of all claims prepared on it. The kubelet gives a device's health to every pod
+    using it, so a device shared by claims whose daemons still answer stays healthy (the
+    message names the down ones): one claim's dead daemon must not mark the others' pods
+    unhealthy."""
+    return {device: MpsProblem("; ".join(why for _, why in problems),
+                               unhealthy=users.get(device, set()) <= {uid for uid, _ in problems})
+            for device, problems in down.items()}
+
+
 class PluginState:
     """Prepare and unprepare over this node's records and effects; see the module."""
 
@@ -296,24 +317,33 @@ class PluginState:
 
     # -- MPS daemons -------------------------------------------------------------------
 
-    def watch_mps(self, stop: threading.Event) -> None:
+    def watch_mps(self, stop: threading.Event,
+                  report: Callable[[dict[str, MpsProblem]], None]) -> None:
         """`check_mps` at once (a start adopts the daemons running), then every
-        MPS_CHECK_INTERVAL seconds until `stop`."""
+        MPS_CHECK_INTERVAL seconds until `stop`; each round's down daemons go to `report`
+        (the health streams') by device name."""
         pids: dict[str, int] = {}
         while True:
-            self.check_mps(pids)
+            report(self.check_mps(pids))
             if stop.wait(MPS_CHECK_INTERVAL):
                 return
 
-    def check_mps(self, pids: dict[str, int]) -> None:
+    def check_mps(self, pids: dict[str, int]) -> dict[str, MpsProblem]:
         """Each prepared MPS claim's daemon: one running is kept (`pids`: as last seen,
         logged when it changes: adopted, started again), one that died is reported (log,
         metric) and started again with the claim's limits (a pod's, by its kubelet: seen
-        as a new pid). A claim being worked on is left to that call."""
+        as a new pid). A claim being worked on is left to that call. Returns the devices
+        of the claims whose daemon is still down (see `mps_problems`)."""
         with self.records.lock:
             uids = [uid for uid in self.records
                     if self.records[uid].state == "PrepareCompleted"
                     and any(d.mps is not None for d in self.records[uid].devices)]
+            users: dict[str, set[str]] = defaultdict(set)
+            for uid in self.records:
+                if self.records[uid].state == "PrepareCompleted":
+                    for device in self.records[uid].devices:
+                        users[device.device].add(uid)
+        down: dict[str, list[tuple[str, str]]] = defaultdict(list)
         counts = {"running": 0, "failed": 0}
         for uid in uids:
             with self._claim_locks.hold([uid], time.monotonic()) as held, \
@@ -327,6 +357,10 @@ class PluginState:
                     log.error("MPS daemon of ResourceClaim %s/%s is not running: %s",
                               record.namespace, record.name, err)
                     counts["failed"] += 1
+                    why = (f"MPS daemon of claim {record.namespace}/{record.name} ({uid}) "
+                           f"is down: {err}; starting it again")
+                    for device in record.devices:
+                        down[device.device].append((uid, why))
                     continue
                 counts["running"] += 1
                 if restarted:
@@ -346,6 +380,7 @@ class PluginState:
             del pids[gone]
         for state, count in counts.items():
             self.metrics.mps_daemons.labels(state).set(count)
+        return mps_problems(down, users)
 
     # -- prepare -----------------------------------------------------------------------
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,8 @@ from typing import Any
 import pynvml
 import pytest
 
+from driver._proto.drahealth_v1 import api_pb2 as health_v1
+from driver._proto.drahealth_v1 import api_pb2_grpc as health_v1_grpc
 from driver.nvml.mock import compute_mode
 from driver.nvml.mpsstandin import PID_FILE
 from driver.plugin import checkpoint
@@ -27,6 +31,7 @@ from driver.plugin.mps import CONTAINER_PIPE
 from tests.support.plugin import (
     Daemon,
     Node,
+    Running,
     Start,
     cdi_specs,
     gpu_config,
@@ -155,6 +160,56 @@ def test_a_daemon_that_dies_is_reported_and_started_again_with_its_limits(
     assert restarts("gpu_dra_mps_daemons", {"state": "running"}) == 1
     assert running.kubelet.unprepare([claim]) == {claim.uid: ""}
     assert not alive(again) and not (node.plugin_dir / "mps" / claim.uid).exists()
+
+
+def health_reports(running: Running, device: str) -> queue.Queue[tuple[int, str]]:
+    """The (health, message) of `device` in each report of a NodeWatchResources stream,
+    read in the background until the plugin stops."""
+    stub = health_v1_grpc.DRAResourceHealthStub(running.kubelet.dra_channel)
+    call = stub.NodeWatchResources(health_v1.NodeWatchResourcesRequest(), timeout=120)
+    reports: queue.Queue[tuple[int, str]] = queue.Queue()
+
+    def read() -> None:
+        with contextlib.suppress(Exception):  # cancelled at the end
+            for response in call:
+                reports.put(next((d.health, d.message) for d in response.devices
+                                 if d.device.device_name == device))
+    threading.Thread(target=read, daemon=True).start()
+    return reports
+
+
+def next_with(reports: queue.Queue[tuple[int, str]], health: int, bound: float) -> str:
+    """The message of the next report with `health` within `bound` seconds."""
+    deadline = time.monotonic() + bound
+    while True:
+        got, message = reports.get(timeout=max(0.01, deadline - time.monotonic()))
+        if got == health:
+            return message
+
+
+def test_a_down_daemon_makes_its_device_unhealthy_on_the_health_stream_until_it_answers(
+        node: Node, start: Start) -> None:
+    running = start(mock_driver_root=mock_root(node))
+    claim = make_claim(node.local, [result("gpu-2")], [opaque(ONE_GPU)])
+    assert running.kubelet.prepare([claim])[claim.uid].error == ""
+    reports = health_reports(running, "gpu-2")
+    assert next_with(reports, health_v1.HEALTHY, 10) == ""
+    binary = mock_root(node) / "usr/local/nvidia/bin/nvidia-cuda-mps-control"
+    mode = binary.stat().st_mode
+    binary.chmod(mode & ~0o111)  # the daemon cannot be started again until it is back
+    try:
+        os.kill(daemon_pid(node, claim.uid), signal.SIGKILL)
+        message = next_with(reports, health_v1.UNHEALTHY, 30)
+    finally:
+        binary.chmod(mode)
+    assert message.startswith(f"MPS daemon of claim {claim.namespace}/{claim.name} "
+                              f"({claim.uid}) is down: ")
+    assert message.endswith("; starting it again")
+    assert next_with(reports, health_v1.HEALTHY, 30) == ""
+    assert control(node, claim.uid, "get_default_active_thread_percentage") == "30.0"
+    restarts = running.plugin.metrics.registry.get_sample_value
+    assert restarts("gpu_dra_mps_daemon_restarts_total") == 1
+    assert running.kubelet.unprepare([claim]) == {claim.uid: ""}
 
 
 def test_a_daemon_that_hangs_is_killed_and_started_again(node: Node, start: Start) -> None:
