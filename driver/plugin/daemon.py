@@ -229,7 +229,7 @@ class Plugin:
                 other_plugin_alive, o.registry_dir, o.plugin_dir, o.driver,
                 (o.registration_socket, o.dra_socket))
             api_publisher = ApiPublisher(
-                api, SlicePool(o.driver, o.node, o.mig_mode, o.counter_layout),
+                api, SlicePool(o.driver, o.node, o.mig_mode, o.counter_layout, o.gpu_sharing),
                 on_writes=self.metrics.slice_writes.inc, others_alive=others_alive)
             threading.Thread(target=api_publisher.run_resync, args=(self._resync_stop,),
                              name="publish-resync", daemon=True).start()

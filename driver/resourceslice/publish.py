@@ -28,7 +28,7 @@ from kubernetes.watch.watch import iter_resp_lines
 from driver.health.model import GpuHealth
 from driver.inventory.model import Inventory
 from driver.kube.api import ApiResult, api_request
-from driver.resourceslice.build import MigMode, SliceOptions
+from driver.resourceslice.build import GpuSharing, MigMode, SliceOptions
 from driver.resourceslice.errors import PublishError, PublishTimeout
 from driver.resourceslice.plan import (
     Backoff,
@@ -102,12 +102,14 @@ def _retry(attempt: Callable[[], T], backoff: Backoff, timeout: float | None, *,
 class SlicePool:
     """The pool an :class:`ApiPublisher` keeps: ``driver``'s slices on ``node``, with MIG
     devices as ``mig_mode`` offers them and counter sets where ``counter_layout`` puts them
-    (auto: where the API server's version wants them, :func:`counter_layout_for`)."""
+    (auto: where the API server's version wants them, :func:`counter_layout_for`), GPUs
+    shared as ``gpu_sharing`` says."""
 
     driver: str
     node: str
     mig_mode: MigMode = "static"
     counter_layout: LayoutChoice = "auto"
+    gpu_sharing: GpuSharing = "exclusive"
 
     @property
     def field_selector(self) -> str:
@@ -307,7 +309,8 @@ class ApiPublisher:
             return PublishResult(generation=self._published.generation), "", "write"
         layout = (counter_layout_for(self._server_version())
                   if self.pool.counter_layout == "auto" else self.pool.counter_layout)
-        options = SliceOptions(self.pool.driver, self.pool.node, self.pool.mig_mode, layout)
+        options = SliceOptions(self.pool.driver, self.pool.node, self.pool.mig_mode, layout,
+                               self.pool.gpu_sharing)
         wanted = desired(inventory, options, self._health)
         owner = self._owner()
         for obj in wanted:
