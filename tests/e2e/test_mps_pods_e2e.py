@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
-from driver.devcluster.node import PluginDaemon, PluginFolders
+from driver.devcluster.node import PluginDaemon
 from driver.nvml.mpsstandin import SOCKET
 from tests.support.apiserver import (
     RESOURCE_V1,
@@ -24,8 +24,8 @@ from tests.support.apiserver import (
     pod_with_claim,
     wait_for,
 )
-from tests.support.mpspods import IMAGE, PodRunner, ask
-from tests.support.plugin import gpu_config, opaque, short_tmp
+from tests.support.mpspods import IMAGE, ask, mps_node
+from tests.support.plugin import gpu_config, opaque
 from tests.support.standin import KubeletStandin
 
 DRIVER = "gpu.dra.dev"
@@ -41,19 +41,9 @@ def test_a_claims_mps_daemon_runs_in_a_pod_that_outlives_the_plugin(
     api = control_plane.api
     node = fake_node()
     with contextlib.ExitStack() as stack:
-        root = stack.enter_context(short_tmp())
-        standin = kubelet_standin(node, root, "v1", DRIVER)
-        folders = PluginFolders(root)
-        args = [*folders.plugin_args(node=node, driver=DRIVER,
-                                     kubeconfig=control_plane.kubeconfig,
-                                     registry_dir=standin.registry_dir, mock="dgx-h100",
-                                     mig_mode="static"),
-                "--pod-namespace", namespace, "--image", IMAGE]
-        plugins = [PluginDaemon(args, folders.plugin_log)]
-        stack.callback(lambda: [p.stop() for p in plugins])
-        runner = PodRunner(api, namespace, node)
-        stack.callback(runner.stop)
-        standin.wait_registered(DRIVER)
+        mps = mps_node(stack, control_plane, node, namespace, kubelet_standin)
+        standin, folders, args, plugins, runner = (mps.standin, mps.folders, mps.args,
+                                                   mps.plugins, mps.runner)
 
         create(api, f"{RESOURCE_V1}/namespaces/{namespace}/resourceclaims", {
             "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
