@@ -85,7 +85,8 @@ def test_the_scheduler_puts_four_20g_claims_on_one_h100_and_a_fifth_on_another(
         names = [f"share-{i}" for i in range(5)]
         for name in names[:4]:
             request_memory(claims, name, "20G")
-        assert [claims.wait_allocated(n) for n in names[:4]] == [["gpu-0"]] * 4
+            assert claims.wait_allocated(name) == ["gpu-0"]
+            claims.wait_bound(name)
         request_memory(claims, names[4], "20G")
         assert claims.wait_allocated(names[4]) == ["gpu-1"]
         got = [s for n in names for s in shares(claims, n)]

@@ -64,8 +64,11 @@ def test_four_20g_shares_of_one_h100_each_get_a_daemon_with_their_own_limits(
         wait_for(lambda: shared_gpus(api, node), "the plugin's shared GPUs published")
 
         names = [f"share-{i}" for i in range(5)]
-        uids = {n: share(claims, n, "20G", c) for n, c in zip(names[:4], COMPUTE, strict=False)}
-        assert [claims.wait_allocated(n) for n in names[:4]] == [["gpu-0"]] * 4
+        uids = {}
+        for name, compute in zip(names[:4], COMPUTE, strict=False):
+            uids[name] = share(claims, name, "20G", compute)
+            assert claims.wait_allocated(name) == ["gpu-0"]
+            claims.wait_bound(name)
         uids[names[4]] = share(claims, names[4], "20G", COMPUTE[4])
         assert claims.wait_allocated(names[4]) == ["gpu-1"]
 

@@ -69,6 +69,16 @@ class Claims:
         return wait_for(lambda: self.allocated(name), f"the scheduler to allocate {name}",
                         timeout=timeout)
 
+    def wait_bound(self, name: str) -> str:
+        """Wait until pod ``name`` is bound; its node. kube-scheduler v1.37.2 counts a
+        claim's consumed capacity twice while it is both allocated and still in flight
+        (dra_manager.go GatherAllocatedState, until PreBind ends): a claim scheduled in
+        that window can find a shared GPU full though it has room, so tests that expect
+        an exact packing place one pod at a time."""
+        return wait_for(lambda: ((get(self.api, f"{self.pods}/{name}") or {})
+                                 .get("spec", {}).get("nodeName")),
+                        f"pod {name} to be bound")
+
     def wait_unschedulable(self, name: str) -> str:
         """Wait until the scheduler says it cannot allocate ``name``'s claim on the node
         (a message about anything else, e.g. a node its informer has not seen yet, is not
