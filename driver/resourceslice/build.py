@@ -291,6 +291,9 @@ def _static_mig(gpu: Gpu, mig: MigDevice, identity: dict[str, Any],
     attributes = {"type": _string("mig"), "uuid": _string(mig.uuid),
                   **_mig_attributes(gpu, mig.profile, mig.placement), **identity}
     capacity = _mig_capacity(profile) if profile else {}
+    # NVIDIA's static MIG devices name the memory slices they hold (memorySlice<i>: 1)
+    capacity.update({f"memorySlice{i}": {"value": "1"}
+                     for i in range(mig.placement.start, mig.placement.end)})
     return _device(mig_device_name(gpu, mig.profile, mig.placement), attributes, capacity,
                    taints)
 
@@ -318,6 +321,10 @@ def _partitionable(gpu: Gpu, identity: dict[str, Any], island: tuple[int, int] |
     counter_set = {"name": counter_set_name(gpu),
                    "counters": {k: {"value": canonical(v)} for k, v in counters.items()}}
     whole = _whole_gpu(gpu, identity, island, taints)
+    # as NVIDIA's partitionable GPU: each MIG capacity at its largest over the profiles
+    whole["capacity"] = {**{name: {"value": canonical(totals[counter])}
+                            for _, name, counter in MIG_CAPACITIES},
+                         **whole["capacity"]}
     whole["consumesCounters"] = [_consumption(gpu, counters)]
     devices = [whole]
     for profile in gpu.mig_profiles:

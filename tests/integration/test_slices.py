@@ -125,8 +125,10 @@ def test_static_mig_gpu_is_offered_as_its_instances_only() -> None:
     for device in mig:
         assert attr(device, "parentUUID") == parent.uuid
         assert attr(device, "uuid").startswith("MIG-")
+        start, size = attr(device, "placementStart"), attr(device, "placementSize")
         assert set(device["capacity"]) == {"multiprocessors", "copyEngines", "decoders",
-                                           "encoders", "jpegEngines", "ofaEngines", "memory"}
+                                           "encoders", "jpegEngines", "ofaEngines", "memory",
+                                           *(f"memorySlice{i}" for i in range(start, start + size))}
         assert device["name"].startswith("gpu-0-mig-")
 
 
