@@ -3,8 +3,9 @@
 A ResourceClaim (or its DeviceClass) carries `opaque.parameters` for this driver. They are
 decoded strictly: an unknown field, a wrong type (no coercion of "50" to 50) or a bad value
 is an error naming the field's full path, so a typo never silently means "no sharing".
-The shapes follow NVIDIA's resource.nvidia.com/v1beta1 GpuConfig and MigDeviceConfig so a
-claim ports by changing the group.
+The shapes are NVIDIA's resource.nvidia.com/v1beta1 GpuConfig and MigDeviceConfig, and that
+apiVersion is accepted beside ours, decoded by the same models (NVIDIA's driver decodes
+them strictly too), so a claim written for NVIDIA's driver prepares unchanged.
 
 Precedence follows the upstream convention: class configs first, then claim configs, and a
 later config replaces an earlier one for the requests it names.
@@ -25,12 +26,14 @@ from driver.kube.quantity import parse_quantity
 
 GROUP = "gpu.dra.dev"
 API_VERSION = f"{GROUP}/v1alpha1"
+NVIDIA_API_VERSION = "resource.nvidia.com/v1beta1"
+ApiVersion = Literal["gpu.dra.dev/v1alpha1", "resource.nvidia.com/v1beta1"]
 MAX_PARAMETERS_BYTES = 10 * 1024  # what the API server allows for opaque parameters
 
 # nvidia-smi compute-policy --set-timeslice values.
 TIMESLICE_INTERVALS: dict[str, int] = {"Default": 0, "Short": 1, "Medium": 2, "Long": 3}
 
-_DEVICE_KEY = re.compile(r"gpu-[0-9]+|GPU-[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}")
+_DEVICE_KEY = re.compile(r"[0-9]+|gpu-[0-9]+|GPU-[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}")
 
 
 class ConfigError(PluginError, ValueError):
@@ -58,7 +61,8 @@ class TimeSlicingConfig(_Strict):
 class MpsConfig(_Strict):
     defaultActiveThreadPercentage: int | None = Field(default=None, ge=1, le=100)
     defaultPinnedDeviceMemoryLimit: str | None = None
-    # device name (gpu-0) or GPU UUID -> limit, overriding the default for that GPU
+    # device name (gpu-0), GPU UUID or, as NVIDIA's, the device's index in the claim
+    # -> limit, overriding the default for that GPU
     defaultPerDevicePinnedMemoryLimit: dict[str, str] | None = None
 
     @model_validator(mode="after")
@@ -68,7 +72,8 @@ class MpsConfig(_Strict):
         for key, value in (self.defaultPerDevicePinnedMemoryLimit or {}).items():
             where = f"defaultPerDevicePinnedMemoryLimit.{key}"
             if not _DEVICE_KEY.fullmatch(key):
-                raise ValueError(f"{where}: the key must be a device name (gpu-0) or a GPU UUID")
+                raise ValueError(f"{where}: the key must be a device name (gpu-0), a GPU "
+                                 "UUID or the device's index in the claim")
             _check_quantity(value, where)
         return self
 
@@ -115,13 +120,13 @@ class MigSharing(_Strict):
 
 
 class GpuConfig(_Strict):
-    apiVersion: Literal["gpu.dra.dev/v1alpha1"]
+    apiVersion: ApiVersion
     kind: Literal["GpuConfig"]
     sharing: GpuSharing | None = None
 
 
 class MigDeviceConfig(_Strict):
-    apiVersion: Literal["gpu.dra.dev/v1alpha1"]
+    apiVersion: ApiVersion
     kind: Literal["MigDeviceConfig"]
     sharing: MigSharing | None = None
 
@@ -138,9 +143,9 @@ def parse_parameters(parameters: Any, where: str) -> DeviceConfig:
     size = len(json.dumps(parameters, separators=(",", ":")).encode())
     if size > MAX_PARAMETERS_BYTES:
         raise ConfigError(f"{where}: {size} bytes, at most {MAX_PARAMETERS_BYTES}")
-    if parameters.get("apiVersion") != API_VERSION:
-        raise ConfigError(f"{where}.apiVersion: must be {API_VERSION}, not "
-                          f"{parameters.get('apiVersion')!r}")
+    if parameters.get("apiVersion") not in (API_VERSION, NVIDIA_API_VERSION):
+        raise ConfigError(f"{where}.apiVersion: must be {API_VERSION} or {NVIDIA_API_VERSION},"
+                          f" not {parameters.get('apiVersion')!r}")
     if parameters.get("kind") not in ("GpuConfig", "MigDeviceConfig"):
         raise ConfigError(f"{where}.kind: must be GpuConfig or MigDeviceConfig, not "
                           f"{parameters.get('kind')!r}")

@@ -132,7 +132,8 @@ def limits(config: MpsConfig, devices: Sequence[MpsDevice], where: str) -> Limit
     per_device = dict(config.defaultPerDevicePinnedMemoryLimit or {})
     pinned = []
     for index, device in enumerate(devices):
-        key = next((k for k in (device.device, device.gpu_uuid) if k in per_device), None)
+        key = next((k for k in (device.device, device.gpu_uuid, str(index))
+                    if k in per_device), None)
         field = f"defaultPerDevicePinnedMemoryLimit.{key}" if key else \
             "defaultPinnedDeviceMemoryLimit"
         quantity = per_device.pop(key) if key else config.defaultPinnedDeviceMemoryLimit
@@ -143,7 +144,7 @@ def limits(config: MpsConfig, devices: Sequence[MpsDevice], where: str) -> Limit
         except ValueError as err:
             raise ValueError(f"{where}.{field}: {err}") from None
     for key in per_device:  # a device key matching two devices is used for both
-        if not any(key in (d.device, d.gpu_uuid) for d in devices):
+        if not any(key in (d.device, d.gpu_uuid, str(i)) for i, d in enumerate(devices)):
             raise ValueError(f"{where}.defaultPerDevicePinnedMemoryLimit.{key}: names no "
                              f"device of this claim ({', '.join(d.device for d in devices)})")
     return Limits(config.defaultActiveThreadPercentage, tuple(pinned))

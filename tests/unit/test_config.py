@@ -53,7 +53,31 @@ def test_mps_settings_are_accepted() -> None:
     assert isinstance(parse_parameters(mig(sharing={"strategy": "MPS"}), WHERE), MigDeviceConfig)
 
 
+NVIDIA = "resource.nvidia.com/v1beta1"
+
+
+def test_nvidias_group_decodes_to_the_same_configs() -> None:
+    config = parse_parameters(gpu(apiVersion=NVIDIA, sharing={
+        "strategy": "MPS", "mpsConfig": {"defaultActiveThreadPercentage": 50,
+                                         "defaultPinnedDeviceMemoryLimit": "10Gi",
+                                         "defaultPerDevicePinnedMemoryLimit": {"0": "4Gi"}}}),
+        WHERE)
+    assert isinstance(config, GpuConfig) and config.sharing is not None
+    assert config.sharing.mpsConfig is not None
+    assert config.sharing.mpsConfig.defaultPerDevicePinnedMemoryLimit == {"0": "4Gi"}
+    timesliced = parse_parameters(gpu(apiVersion=NVIDIA, sharing={
+        "strategy": "TimeSlicing", "timeSlicingConfig": {"interval": "Long"}}), WHERE)
+    assert isinstance(timesliced, GpuConfig) and timesliced.sharing is not None
+    assert timesliced.sharing.timeslice == "Long"
+    assert isinstance(parse_parameters(mig(apiVersion=NVIDIA, sharing={"strategy": "MPS"}),
+                                       WHERE), MigDeviceConfig)
+
+
 @pytest.mark.parametrize(("parameters", "expected"), [
+    (gpu(apiVersion=NVIDIA, sharing={"strategy": "TimeSlicing", "timeSlicing": {}}),
+     f"{WHERE}.sharing.timeSlicing: unknown field"),
+    (mig(apiVersion=NVIDIA, sharing={"strategy": "MPS", "timeSlicingConfig": {}}),
+     f"{WHERE}.sharing.timeSlicingConfig: unknown field"),
     (gpu(sharing={"strategy": "TimeSlicing", "timeSlicingConfig": {"intervall": "Long"}}),
      f"{WHERE}.sharing.timeSlicingConfig.intervall: unknown field"),
     (gpu(sharng={}), f"{WHERE}.sharng: unknown field"),
@@ -84,8 +108,10 @@ def test_mps_settings_are_accepted() -> None:
     (mig(sharing={"strategy": "TimeSlicing", "timeSlicingConfig": {"interval": "Long"}}),
      f"{WHERE}.sharing.timeSlicingConfig: unknown field"),
     ({**gpu(), "apiVersion": "gpu.dra.dev/v1"},
-     f"{WHERE}.apiVersion: must be gpu.dra.dev/v1alpha1, not 'gpu.dra.dev/v1'"),
-    ({"kind": "GpuConfig"}, f"{WHERE}.apiVersion: must be gpu.dra.dev/v1alpha1, not None"),
+     f"{WHERE}.apiVersion: must be gpu.dra.dev/v1alpha1 or resource.nvidia.com/v1beta1, "
+     "not 'gpu.dra.dev/v1'"),
+    ({"kind": "GpuConfig"}, f"{WHERE}.apiVersion: must be gpu.dra.dev/v1alpha1 or "
+                            "resource.nvidia.com/v1beta1, not None"),
     ({**gpu(), "kind": "VfioDeviceConfig"},
      f"{WHERE}.kind: must be GpuConfig or MigDeviceConfig, not 'VfioDeviceConfig'"),
     (["GpuConfig"], f"{WHERE}: must be an object, not list"),

@@ -54,6 +54,14 @@ def test_a_mig_device_is_indexed_by_its_own_uuid_and_named_by_its_gpus() -> None
     assert limits(config, (DEVICES[1], mig), "c").pinned == ((1, "2G"),)
 
 
+def test_a_device_is_named_by_its_index_in_the_claim_as_nvidias_driver_does() -> None:
+    config = MpsConfig(defaultPinnedDeviceMemoryLimit="8Gi",
+                       defaultPerDevicePinnedMemoryLimit={"1": "2Gi"})
+    assert limits(config, DEVICES, "c").pinned == ((0, "8G"), (1, "2G"))
+    with pytest.raises(ValueError, match=r"^c\.defaultPerDevicePinnedMemoryLimit\.2: names "):
+        limits(MpsConfig(defaultPerDevicePinnedMemoryLimit={"2": "1Gi"}), DEVICES, "c")
+
+
 def test_no_limits_tell_the_daemon_nothing() -> None:
     assert limits(MpsConfig(), DEVICES, "c").commands() == []
 
@@ -77,7 +85,7 @@ def test_a_limit_under_a_mib_is_refused_naming_the_field() -> None:
     ({"defaultActiveThreadPercentage": "50"}, "defaultActiveThreadPercentage: Input should "
                                               "be a valid integer"),
     ({"defaultPinnedDeviceMemoryLimit": "lots"}, "defaultPinnedDeviceMemoryLimit"),
-    ({"defaultPerDevicePinnedMemoryLimit": {"0": "1Gi"}}, "the key must be a device name"),
+    ({"defaultPerDevicePinnedMemoryLimit": {"gpu0": "1Gi"}}, "the key must be a device name"),
     ({"threads": 5}, "threads: unknown field")])
 def test_config_mistakes_are_named(mps_config: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=r"p\.sharing\.mpsConfig") as err:
