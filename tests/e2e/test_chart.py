@@ -9,13 +9,18 @@ so it is checked for shape here and left out of the schema and create checks."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
 
+from driver.allocator.cel import compile_selector, device_input
 from driver.cli.main import build_parser
+from driver.inventory.discovery import discover
+from driver.nvml.mock import mock_provider
+from driver.resourceslice.build import SliceOptions, build_slices
 from tests.support.apiserver import ControlPlane, unique
 from tests.support.chart import CHART, Helm, HelmFailed, created, one, only
 
@@ -202,6 +207,43 @@ def test_custom_values_render(helm: Helm) -> None:
                                              "interval": "30s"}]
 
 
+NVIDIA_COMPATIBLE = {"driverName": "gpu.nvidia.com", "deviceClasses": {"nvidiaCompatible": True}}
+# NVIDIA's DeviceClass selectors, from NVIDIA/k8s-dra-driver-gpu at commit
+# 22407113785e78c7763b4637689a201eb39c6199,
+# deployments/helm/dra-driver-nvidia-gpu/templates/deviceclass-gpu.yaml and deviceclass-mig.yaml
+NVIDIA_SELECTORS = {
+    "gpu.nvidia.com": "device.driver == 'gpu.nvidia.com' && "
+                      "device.attributes['gpu.nvidia.com'].type == 'gpu'",
+    "mig.nvidia.com": "device.driver == 'gpu.nvidia.com' && "
+                      "device.attributes['gpu.nvidia.com'].type == 'mig'",
+}
+
+
+def test_nvidia_compatible_classes_are_nvidias(helm: Helm) -> None:
+    objects = helm.template("gpu", "gpu-dra", NVIDIA_COMPATIBLE)
+    classes = {c["metadata"]["name"]: c["spec"] for c in only(objects, "DeviceClass")}
+    assert set(classes) == set(NVIDIA_SELECTORS)
+    assert classes["gpu.nvidia.com"]["extendedResourceName"] == "nvidia.com/gpu"
+    # the same meaning: each class selects exactly the devices NVIDIA's selects
+    devices = [device_input("gpu.nvidia.com", d["attributes"], d.get("capacity", {}), False)
+               for mode in ("static", "dynamic")
+               for s in build_slices(discover(mock_provider("a100-mig")), SliceOptions(
+                   driver="gpu.nvidia.com", node="n", mig_mode=mode), generation=1)
+               for d in s["spec"].get("devices", [])] + [
+        device_input("gpu.dra.dev", {"type": {"string": "gpu"}}, {}, False)]
+    for name, spec in classes.items():
+        ours = compile_selector(spec["selectors"][0]["cel"]["expression"])
+        theirs = compile_selector(NVIDIA_SELECTORS[name])
+        picked = [ours.matches(d) for d in devices]
+        assert picked == [theirs.matches(d) for d in devices] and any(picked), name
+
+
+def test_nvidia_compatible_needs_nvidias_driver_name(helm: Helm) -> None:
+    with pytest.raises(HelmFailed, match=re.escape(
+            "deviceClasses.nvidiaCompatible: needs driverName gpu.nvidia.com, not gpu.dra.dev")):
+        helm.template("gpu", "gpu-dra", {"deviceClasses": {"nvidiaCompatible": True}})
+
+
 def test_options_switch_parts_off(helm: Helm) -> None:
     objects = helm.template("gpu", "gpu-dra", {
         "metrics": {"enabled": False, "serviceMonitor": {"enabled": True}},
@@ -218,7 +260,8 @@ def test_options_switch_parts_off(helm: Helm) -> None:
     assert [p["name"] for p in plugin_container(objects)["ports"]] == ["health"]
 
 
-@pytest.mark.parametrize("values", [{}, CUSTOM], ids=["default", "custom"])
+@pytest.mark.parametrize("values", [{}, CUSTOM, NVIDIA_COMPATIBLE],
+                         ids=["default", "custom", "nvidia"])
 def test_rendered_objects_pass_strict_schemas(helm: Helm, values: dict[str, Any]) -> None:
     objects = [o for o in helm.template("gpu", "gpu-dra", values)
                if o["kind"] not in NOT_BUILT_IN]
