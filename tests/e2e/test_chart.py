@@ -9,7 +9,6 @@ so it is checked for shape here and left out of the schema and create checks."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -207,7 +206,7 @@ def test_custom_values_render(helm: Helm) -> None:
                                              "interval": "30s"}]
 
 
-NVIDIA_COMPATIBLE = {"driverName": "gpu.nvidia.com", "deviceClasses": {"nvidiaCompatible": True}}
+NVIDIA_COMPATIBLE = {"driverName": "gpu.nvidia.com"}
 # NVIDIA's DeviceClass selectors, from NVIDIA/k8s-dra-driver-gpu at commit
 # 22407113785e78c7763b4637689a201eb39c6199,
 # deployments/helm/dra-driver-nvidia-gpu/templates/deviceclass-gpu.yaml and deviceclass-mig.yaml
@@ -236,12 +235,6 @@ def test_nvidia_compatible_classes_are_nvidias(helm: Helm) -> None:
         theirs = compile_selector(NVIDIA_SELECTORS[name])
         picked = [ours.matches(d) for d in devices]
         assert picked == [theirs.matches(d) for d in devices] and any(picked), name
-
-
-def test_nvidia_compatible_needs_nvidias_driver_name(helm: Helm) -> None:
-    with pytest.raises(HelmFailed, match=re.escape(
-            "deviceClasses.nvidiaCompatible: needs driverName gpu.nvidia.com, not gpu.dra.dev")):
-        helm.template("gpu", "gpu-dra", {"deviceClasses": {"nvidiaCompatible": True}})
 
 
 def test_options_switch_parts_off(helm: Helm) -> None:
