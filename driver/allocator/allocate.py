@@ -71,6 +71,15 @@ class Outcome:
     complete: bool = True
 
 
+NVIDIA_DRIVER = "gpu.nvidia.com"
+
+
+def mig_class_name(driver: str) -> str:
+    """`mig.<driver>`; for NVIDIA's driver name NVIDIA's class, `mig.nvidia.com` (the
+    chart names it the same), so claims written for NVIDIA's driver find their class."""
+    return "mig.nvidia.com" if driver == NVIDIA_DRIVER else f"mig.{driver}"
+
+
 def driver_classes(driver: str) -> list[dict[str, Any]]:
     """The DeviceClasses the driver ships: whole GPUs and MIG devices."""
     def make(name: str, kind: str) -> dict[str, Any]:
@@ -79,7 +88,7 @@ def driver_classes(driver: str) -> list[dict[str, Any]]:
                 "spec": {"selectors": [{"cel": {"expression":
                     f'device.driver == "{driver}" && '
                     f'device.attributes["{driver}"].type == "{kind}"'}}]}}
-    return [make(driver, "gpu"), make(f"mig.{driver}", "mig")]
+    return [make(driver, "gpu"), make(mig_class_name(driver), "mig")]
 
 
 class Allocator:

@@ -34,6 +34,7 @@ from driver.kube.api import ApiError, api_client, api_request
 FAILURE_ANNOTATION = "gpu.dra.dev/allocation-failure"
 RESOURCE = "/apis/resource.k8s.io/v1"
 TAINT_RULE = "DeviceTaintRule"
+TEMPLATE = "ResourceClaimTemplate"
 TAINT_RULE_VERSIONS = ("v1", "v1beta2")
 
 SlicesFromProvider = Callable[[argparse.Namespace], list[dict[str, Any]]]
@@ -141,12 +142,22 @@ def _from_files(args: argparse.Namespace, node_slices: SlicesFromProvider
         rules += given
     classes = ([d for d in load_documents(args.classes) if d.get("kind") == "DeviceClass"]
                if args.classes else driver_classes(args.driver_name))
-    raw_claims = [d for d in load_documents(args.claims)
-                  if d.get("kind", "ResourceClaim") == "ResourceClaim"]
+    raw_claims = [claim_of(d) for d in load_documents(args.claims)
+                  if d.get("kind", "ResourceClaim") in ("ResourceClaim", TEMPLATE)]
     if not raw_claims:
-        raise InputError(f"{args.claims}: no ResourceClaim documents")
+        raise InputError(f"{args.claims}: no ResourceClaim or {TEMPLATE} documents")
     allocated = load_documents(args.allocated) if args.allocated else []
     return slices, classes, raw_claims, allocated, rules
+
+
+def claim_of(document: dict[str, Any]) -> dict[str, Any]:
+    """A ResourceClaimTemplate as the claim the controller makes of it for a pod, named
+    as the template (files of pods, namespaces and templates allocate as they are)."""
+    if document.get("kind") != TEMPLATE:
+        return document
+    spec = (document.get("spec") or {}).get("spec") or {}
+    return {"apiVersion": document.get("apiVersion"), "kind": "ResourceClaim",
+            "metadata": dict(document.get("metadata") or {}), "spec": spec}
 
 
 def _from_cluster(args: argparse.Namespace) -> tuple[list[dict[str, Any]], ...]:
