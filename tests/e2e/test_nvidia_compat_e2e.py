@@ -3,7 +3,8 @@ the chart's DeviceClasses are stored as NVIDIA's (`gpu.nvidia.com` with
 `extendedResourceName: nvidia.com/gpu`, `mig.nvidia.com`), and a pod written for the
 device plugin, `resources.limits: {nvidia.com/gpu: 1}`, is scheduled by the real
 kube-scheduler with a claim it makes (KEP-5004, GA and locked on in 1.37) and prepared by
-our plugin through the kubelet's own DRA code (kubelet-standin)."""
+our plugin through the kubelet's own DRA code (kubelet-standin). The helm values and the
+pod are those of README.md's migration guide."""
 
 from __future__ import annotations
 
@@ -28,16 +29,19 @@ from tests.support.apiserver import (
 )
 from tests.support.chart import Helm, only
 from tests.support.plugin import short_tmp
+from tests.support.readme import commands, helm_values, section, yaml_objects
 from tests.support.standin import KubeletStandin
 
 DRIVER = "gpu.nvidia.com"
+GUIDE = section("### Migrating")
 
 
 @pytest.fixture
 def nvidia_classes(helm: Helm, control_plane: ControlPlane) -> Iterator[dict[str, Any]]:
     """The compatible install's DeviceClasses, as the chart renders them, stored by the API
     server (by name); deleted after the test."""
-    classes = only(helm.template("gpu", "gpu-dra", {"driverName": DRIVER}), "DeviceClass")
+    (install,) = [c for c in commands(GUIDE) if c[:2] == ["helm", "install"]]
+    classes = only(helm.template("gpu", "gpu-dra", helm_values(install)), "DeviceClass")
     stored = {c["metadata"]["name"]: create(control_plane.api, DEVICE_CLASSES, c)
               for c in classes}
     yield stored
@@ -68,13 +72,10 @@ def test_a_device_plugin_pod_gets_a_gpu_from_this_driver(
                 "fieldSelector": f"spec.nodeName={node},spec.driver={DRIVER}"}).expect(200)[
                 "items"], f"{node}'s ResourceSlices")
             pods = f"/api/v1/namespaces/{namespace}/pods"
-            uid = create(api, pods, {
-                "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "cuda"},
-                "spec": {"terminationGracePeriodSeconds": 0,
-                         "nodeSelector": {"kubernetes.io/hostname": node},
-                         "containers": [{"name": "main", "image": "registry.k8s.io/pause:3.10",
-                                         "resources": {"limits": {"nvidia.com/gpu": "1"}}}]},
-            })["metadata"]["uid"]
+            (pod,) = yaml_objects(GUIDE)
+            pod["spec"] |= {"terminationGracePeriodSeconds": 0,
+                            "nodeSelector": {"kubernetes.io/hostname": node}}
+            uid = create(api, pods, pod)["metadata"]["uid"]
             status = standin.wait_pod(uid, "prepared")
             pod = get(api, f"{pods}/cuda")
             assert pod is not None and pod["spec"]["nodeName"] == node
@@ -84,7 +85,7 @@ def test_a_device_plugin_pod_gets_a_gpu_from_this_driver(
             [result] = claim["status"]["allocation"]["devices"]["results"]
             assert (result["driver"], result["pool"]) == (DRIVER, node)
             assert result["device"].startswith("gpu-")
-            assert status["containers"]["main"] == [cdi.qualified_name(
+            assert status["containers"]["cuda"] == [cdi.qualified_name(
                 DRIVER, cdi.device_name(claim["metadata"]["uid"], result["device"]))]
             delete(api, f"{pods}/cuda")
             standin.wait_pod(uid, "unprepared")
