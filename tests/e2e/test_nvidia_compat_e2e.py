@@ -77,9 +77,9 @@ def test_a_device_plugin_pod_gets_a_gpu_from_this_driver(
                             "nodeSelector": {"kubernetes.io/hostname": node}}
             uid = create(api, pods, pod)["metadata"]["uid"]
             status = standin.wait_pod(uid, "prepared")
-            pod = get(api, f"{pods}/cuda")
-            assert pod is not None and pod["spec"]["nodeName"] == node
-            made = pod["status"]["extendedResourceClaimStatus"]["resourceClaimName"]
+            scheduled = get(api, f"{pods}/cuda")
+            assert scheduled is not None and scheduled["spec"]["nodeName"] == node
+            made = scheduled["status"]["extendedResourceClaimStatus"]["resourceClaimName"]
             claim = get(api, f"{RESOURCE_V1}/namespaces/{namespace}/resourceclaims/{made}")
             assert claim is not None
             [result] = claim["status"]["allocation"]["devices"]["results"]

@@ -20,7 +20,7 @@ import pytest
 
 from driver.inventory.discovery import discover
 from driver.nvml.mock import list_profiles, mock_provider
-from driver.resourceslice.build import SliceOptions, build_slices
+from driver.resourceslice.build import MigMode, SliceOptions, build_slices
 
 PCI = "resource.kubernetes.io"
 GPU_ATTRIBUTES = {
@@ -55,7 +55,8 @@ def expected(device: dict[str, Any], mig_mode: str, partitioned: bool
 
 @pytest.mark.parametrize("mig_mode", ["static", "dynamic"])
 @pytest.mark.parametrize("profile", list_profiles())
-def test_every_nvidia_attribute_and_capacity_is_published(profile: str, mig_mode: str) -> None:
+def test_every_nvidia_attribute_and_capacity_is_published(profile: str,
+                                                          mig_mode: MigMode) -> None:
     inventory = discover(mock_provider(profile))
     options = SliceOptions(driver="gpu.nvidia.com", node="node-1", mig_mode=mig_mode)
     slices = build_slices(inventory, options, generation=1)
