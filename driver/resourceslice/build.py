@@ -237,11 +237,13 @@ def _identity(inventory: Inventory, gpu: Gpu, options: SliceOptions) -> dict[str
 
 
 def _whole_gpu(gpu: Gpu, identity: dict[str, Any], island: tuple[int, int] | None,
-               taints: list[dict[str, Any]]) -> dict[str, Any]:
+               taints: list[dict[str, Any]], capacity: dict[str, Any] | None = None
+               ) -> dict[str, Any]:
     attributes = {"type": _string("gpu"), "uuid": _string(gpu.uuid), **identity,
                   **_nvlink_attributes(gpu, island)}
     return _device(gpu_device_name(gpu), attributes,
-                   {"memory": {"value": canonical(gpu.memory_bytes)}}, taints)
+                   {**(capacity or {}), "memory": {"value": canonical(gpu.memory_bytes)}},
+                   taints)
 
 
 def whole_gpu_memory(gpu: Gpu) -> int:
@@ -320,11 +322,10 @@ def _partitionable(gpu: Gpu, identity: dict[str, Any], island: tuple[int, int] |
     counters.update({f"memory-slice-{i}": 1 for i in range(memory_slices)})
     counter_set = {"name": counter_set_name(gpu),
                    "counters": {k: {"value": canonical(v)} for k, v in counters.items()}}
-    whole = _whole_gpu(gpu, identity, island, taints)
     # as NVIDIA's partitionable GPU: each MIG capacity at its largest over the profiles
-    whole["capacity"] = {**{name: {"value": canonical(totals[counter])}
-                            for _, name, counter in MIG_CAPACITIES},
-                         **whole["capacity"]}
+    whole = _whole_gpu(gpu, identity, island, taints,
+                       {name: {"value": canonical(totals[counter])}
+                        for _, name, counter in MIG_CAPACITIES})
     whole["consumesCounters"] = [_consumption(gpu, counters)]
     devices = [whole]
     for profile in gpu.mig_profiles:
