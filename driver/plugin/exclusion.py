@@ -1,0 +1,71 @@
+"""The GPUs a plugin leaves alone: `--exclude-gpus` and, in a cluster, the Node annotation
+`<driver>/exclude-gpus` (same syntax), merged. The annotation is read at start and on every
+re-discovery (timer, SIGHUP), so an admin can hand a GPU to a device plugin, or take it
+back, without restarting the plugin.
+
+At start an annotation that cannot be read or parsed stops the plugin (`NodeExclusionError`):
+publishing before knowing what to leave alone could hand a GPU to two drivers. Later the
+last annotation read stays in force, and the failure is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from driver.inventory.exclude import Exclusion, ExclusionError, parse_exclusion
+from driver.kube.api import api_request
+
+log = logging.getLogger(__name__)
+TIMEOUT = 10.0  # seconds for the Node GET
+
+
+class NodeExclusionError(Exception):
+    """The Node's annotation could not be read or names something other than GPUs."""
+
+
+def annotation_key(driver: str) -> str:
+    return f"{driver}/exclude-gpus"
+
+
+def read_annotation(api: Any, node: str, driver: str) -> Exclusion:
+    """The exclusion the Node's annotation gives (none when it is absent)."""
+    key = annotation_key(driver)
+    try:
+        body = api_request(api, "GET", f"/api/v1/nodes/{node}", timeout=TIMEOUT).expect(200)
+    except Exception as err:  # the API server's answer, or none
+        raise NodeExclusionError(f"cannot read Node {node} for its annotation {key}: "
+                                 f"{err}") from None
+    raw = (body.get("metadata", {}).get("annotations") or {}).get(key, "")
+    try:
+        return parse_exclusion(raw)
+    except ExclusionError as err:
+        raise NodeExclusionError(f"Node {node} annotation {key}={raw!r}: {err}") from None
+
+
+class NodeExclusion:
+    """The flag's exclusion merged with the annotation's; `current` reads the annotation
+    again, keeping the last good one when it cannot (after the first read)."""
+
+    def __init__(self, flag: Exclusion, api: Any, node: str, driver: str) -> None:
+        self._flag = flag
+        self._api = api
+        self._node = node
+        self._driver = driver
+        self._annotated: Exclusion | None = None  # None: not read yet
+
+    def current(self) -> Exclusion:
+        if self._api is None:
+            return self._flag
+        try:
+            annotated = read_annotation(self._api, self._node, self._driver)
+        except NodeExclusionError as err:
+            if self._annotated is None:
+                raise
+            log.error("%s; the GPUs it excluded before stay excluded", err)
+            return self._flag | self._annotated
+        if annotated != self._annotated:
+            log.info("Node annotation %s: %s", annotation_key(self._driver),
+                     ", ".join(annotated.entries) or "none")
+        self._annotated = annotated
+        return self._flag | annotated
