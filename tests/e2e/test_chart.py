@@ -31,7 +31,8 @@ CUSTOM = {
     "kubeletPlugin": {"driverRoot": "/run/nvidia/driver"},
     "excludeGpus": [3, "GPU-6493d427-501d-5931-bd3f-97d1981f0fc8"],
 }
-DEVICE_PLUGIN, DRA_DRIVER = "nvidia.com/gpu.deploy.device-plugin", "nvidia.com/gpu.deploy.dra-driver"
+DEVICE_PLUGIN = "nvidia.com/gpu.deploy.device-plugin"
+DRA_DRIVER = "nvidia.com/gpu.deploy.dra-driver"
 
 
 def env_of(container: dict[str, Any]) -> dict[str, Any]:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from driver.cli.flags import EnvParser, gpu_list, seconds, seconds_or_off, xids
-from driver.inventory.exclude import Exclusion
 from driver.cli.main import build_parser
+from driver.inventory.exclude import Exclusion
 
 
 def commands() -> dict[str, EnvParser]:

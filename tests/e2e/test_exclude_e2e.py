@@ -1,0 +1,93 @@
+"""GPUs kept from the driver on a real API server: the cluster-mode plugin publishes no
+device of a GPU that `--exclude-gpus` or the Node annotation `<driver>/exclude-gpus` names
+(the two merged); an annotation changed while the plugin runs takes effect on the next
+re-discovery (the timer or SIGHUP); an annotation it cannot parse stops a starting plugin
+and, later, leaves the last one in force."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from driver.inventory.exclude import parse_exclusion
+from driver.kube.api import api_request
+from driver.nvml.mock import mock_provider
+from driver.plugin.daemon import Plugin
+from driver.plugin.exclusion import NodeExclusionError
+from tests.support.apiserver import SLICES, ControlPlane, unique, wait_for
+from tests.support.plugin import Node, short_tmp
+
+DRIVER = "gpu.dra.dev"
+KEY = f"{DRIVER}/exclude-gpus"
+GPU3 = "GPU-68a37c14-cba3-5893-8527-70e1ada18b19"  # dgx-h100 minor 3
+
+
+@pytest.fixture
+def node_name(node_keeper: Any) -> Iterator[str]:
+    name = unique("exclude-node")
+    node_keeper.add(name)
+    yield name
+    node_keeper.remove(name)
+
+
+def annotate(api: Any, node: str, value: str | None) -> None:
+    api_request(api, "PATCH", f"/api/v1/nodes/{node}",
+                {"metadata": {"annotations": {KEY: value}}},
+                content_type="application/merge-patch+json").expect(200)
+
+
+def published(api: Any, node: str) -> set[str]:
+    items = api_request(api, "GET", SLICES, query={
+        "fieldSelector": f"spec.nodeName={node}"}).expect(200)["items"]
+    return {d["name"] for s in items for d in s["spec"].get("devices") or []}
+
+
+def becomes(api: Any, node: str, expected: set[str]) -> None:
+    """Until the node's slices offer exactly `expected` (a re-publish follows within a
+    second of a re-discovery)."""
+    wait_for(lambda: published(api, node) == expected or None, f"slices of {expected}")
+
+
+def plugin(control_plane: ControlPlane, folder: Node, node: str, flag: str = "") -> Plugin:
+    options = folder.options(node=node, local_dir=None, kubeconfig=control_plane.kubeconfig,
+                             exclude=parse_exclusion(flag), rediscover_interval=0,
+                             cleanup=True)
+    return Plugin(options, mock_provider("dgx-h100"))
+
+
+def test_flag_and_annotation_merged_and_followed_on_rediscovery(
+        control_plane: ControlPlane, node_name: str) -> None:
+    api = control_plane.api
+    annotate(api, node_name, GPU3)
+    with short_tmp() as root:
+        running = plugin(control_plane, Node(root), node_name, flag="5")
+        running.start()
+        try:
+            everything = {f"gpu-{m}" for m in range(8)}
+            becomes(api, node_name, everything - {"gpu-3", "gpu-5"})
+            annotate(api, node_name, "1, 2")
+            assert running.rediscover()  # what SIGHUP and the timer run
+            becomes(api, node_name, everything - {"gpu-1", "gpu-2", "gpu-5"})
+            annotate(api, node_name, "gpu-two")  # a typo: the last good one stays
+            assert running.rediscover() == []
+            becomes(api, node_name, everything - {"gpu-1", "gpu-2", "gpu-5"})
+            annotate(api, node_name, None)
+            assert running.rediscover()
+            becomes(api, node_name, everything - {"gpu-5"})
+        finally:
+            running.stop(grace=1)
+
+
+def test_a_bad_annotation_stops_a_starting_plugin(control_plane: ControlPlane,
+                                                 node_name: str) -> None:
+    annotate(control_plane.api, node_name, "3,GPU-3")
+    with short_tmp() as root:
+        running = plugin(control_plane, Node(root), node_name)
+        with pytest.raises(NodeExclusionError,
+                           match=f"Node {node_name} annotation {KEY}='3,GPU-3': 'GPU-3' is "
+                                 "neither"):
+            running.start()
+        running.stop(grace=1)
+    assert published(control_plane.api, node_name) == set()
