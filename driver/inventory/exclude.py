@@ -74,24 +74,31 @@ def parse_exclusion(text: str) -> Exclusion:
 
 @dataclass(frozen=True)
 class Split:
-    """The inventory the driver serves, the GPUs it leaves alone, and the entries that
-    named no GPU discovery could read (a typo, a GPU gone, or one NVML cannot read now)."""
+    """The inventory the driver serves, the GPUs it leaves alone, the entries that named
+    no GPU discovery could read (a typo, a GPU gone, or one NVML cannot read now), and how
+    many GPUs it could not identify (an unmatched entry may be one of them)."""
 
     served: Inventory
     excluded: tuple[Gpu, ...]
     unmatched: tuple[str, ...]
+    unreadable: int = 0
 
-    @property
-    def unreadable(self) -> int:
-        """GPUs discovery could not identify: an unmatched entry may be one of them."""
-        return sum(1 for g in self.served.gpus if not g.uuid or g.minor < 0)
+
+def _unknown(gpu: Gpu) -> bool:
+    return not gpu.uuid or gpu.minor < 0
 
 
 def split(inventory: Inventory, exclusion: Exclusion) -> Split:
-    """`inventory` less the GPUs `exclusion` names, and their links."""
-    excluded = tuple(g for g in inventory.gpus if exclusion.matches(g))
+    """`inventory` less the GPUs `exclusion` names, and their links. While a UUID entry
+    names no GPU, a GPU whose UUID NVML cannot read (lost, needing a reset) is left alone
+    too: it may be that one, and unreadable it could serve no claim anyway."""
+    unreadable = sum(1 for g in inventory.gpus if _unknown(g))
+    named = {uuid_key(g.uuid) for g in inventory.gpus if g.uuid}
+    doubtful = bool(exclusion.uuids - named)
+    excluded = tuple(g for g in inventory.gpus
+                     if exclusion.matches(g) or (doubtful and _unknown(g)))
     if not excluded:
-        return Split(inventory, (), exclusion.entries)
+        return Split(inventory, (), exclusion.entries, unreadable)
     gone = {g.index for g in excluded}
     served = replace(
         inventory, gpus=tuple(g for g in inventory.gpus if g.index not in gone),
@@ -100,7 +107,7 @@ def split(inventory: Inventory, exclusion: Exclusion) -> Split:
     uuids = {uuid_key(g.uuid) for g in excluded}
     unmatched = tuple(str(m) for m in sorted(exclusion.minors - minors)) + \
         tuple(sorted(exclusion.uuids - uuids))
-    return Split(served, excluded, unmatched)
+    return Split(served, excluded, unmatched, unreadable)
 
 
 def describe(gpus: tuple[Gpu, ...]) -> str:

@@ -362,14 +362,14 @@ class Plugin:
             and self._republisher is not None and self.servers is not None
         published = self.state.published
         try:
-            parts = self._split(discover(self.provider))
-            inventory = keep_unreadable(published.inventory, parts.served)
+            # a served GPU that turned unreadable is kept (and tainted) before the split
+            parts = self._split(keep_unreadable(published.inventory, discover(self.provider)))
+            inventory = parts.served
         except pynvml.NVMLError as err:
             self.metrics.rediscoveries.labels("failed").inc()
             log.warning("re-discovery failed; still publishing what was found before: %s", err)
             return []
         found = changes(published.inventory, inventory, published.dynamic_mig)
-        parts = replace(parts, served=inventory)
         if not found:
             self.metrics.rediscoveries.labels("unchanged").inc()
             log.debug("re-discovery: nothing changed")

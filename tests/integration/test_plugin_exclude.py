@@ -7,12 +7,17 @@ device is created or destroyed on it, not even by the sweep at start; `discover`
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from driver.cli.main import main
 from driver.inventory.discovery import discover
 from driver.inventory.exclude import parse_exclusion
+from driver.nvml.faults import Fault
+from driver.nvml.mock import inject as record
 from driver.nvml.mock import mock_provider
 from driver.plugin.mig import MigManager
 from tests.support.plugin import (
@@ -100,3 +105,55 @@ def test_an_entry_that_names_no_gpu_is_an_error(command: str,
     assert captured.out == ""
     assert captured.err == (f"gpu-dra {command}: --exclude-gpus (env EXCLUDE_GPUS): no GPU "
                             "has the minor number or UUID 8 (GPUs: 0, 1, 2, 3, 4, 5, 6, 7)\n")
+
+
+def test_allocate_refuses_the_list_with_slices_given(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["slices", "--mock", "dgx-h100", "-o", "yaml"]) == 0
+    (tmp_path / "slices.yaml").write_text(capsys.readouterr().out)
+    assert main(["allocate", "--slices", str(tmp_path / "slices.yaml"), "--claims",
+                 str(tmp_path), "--exclude-gpus", "3"]) == 2
+    assert "--exclude-gpus applies to this node's GPUs" in capsys.readouterr().err
+
+
+def test_an_entry_that_may_be_an_unreadable_gpu_is_a_warning_and_that_gpu_is_left(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lost = mig_profile(tmp_path / "lost.yaml", gpus=(),
+                       faults={3: {"nvmlDeviceGetUUID": "GPU_IS_LOST"}})
+    assert main(["discover", "--mock", str(lost), "--exclude-gpus", GPU3, "-o", "json"]) == 0
+    captured = capsys.readouterr()
+    # it may be the GPU named: left alone too, as the plugin leaves it (not published)
+    assert [g["minor"] for g in json.loads(captured.out)["gpus"] if g["excluded"]] == [3]
+    assert captured.err == (f"gpu-dra discover: warning: --exclude-gpus (env EXCLUDE_GPUS): "
+                            f"no GPU has the minor number or UUID {GPU3} (GPUs: 0, 1, 2, 3, 4, "
+                            "5, 6, 7); 1 GPU(s) could not be read and may be the ones named\n")
+
+
+def until(ok: Callable[[], bool], bound: float = 10.0) -> None:
+    deadline = time.monotonic() + bound
+    while not ok():
+        assert time.monotonic() < deadline, "not within the bound"
+        time.sleep(0.05)
+
+
+def test_rediscovery_keeps_an_excluded_gpu_out_whatever_happens_to_it(
+        node: Node, start: Start) -> None:
+    """Lost, recovered, removed, added back: the excluded GPU 5 never appears; the served
+    GPU 4 that turns unreadable stays published (tainted), even while a UUID entry of the
+    list names no GPU (which leaves GPUs of unknown identity alone)."""
+    nowhere = "GPU-00000000-0000-0000-0000-000000000000"
+    running = start("dgx-h100", mock_state=node.mig_state,
+                    exclude=parse_exclusion(f"5,{nowhere}"))
+    served = {f"gpu-{m}" for m in (0, 1, 2, 3, 4, 6, 7)}
+    assert published(node) == served
+    record(node.mig_state, 4, Fault("lost"))
+    record(node.mig_state, 5, Fault("lost"))
+    for fault in ("", "recover", "remove", "add"):
+        if fault:
+            record(node.mig_state, 5, Fault(fault))
+        running.plugin.rediscover()
+        assert running.plugin.state is not None
+        assert set(running.plugin.state.published.index) == served, fault  # what it prepares
+        until(lambda: published(node) == served)  # the slices, written by the republisher
+    until(lambda: any(d["name"] == "gpu-4" and d.get("taints") for s in node.slices()
+                      for d in s["spec"].get("devices", [])))

@@ -4,6 +4,8 @@ MIG placements, counters, NVLink links)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from driver.inventory.discovery import discover
@@ -69,3 +71,14 @@ def test_an_excluded_gpu_leaves_its_nvlink_island(pcie: Inventory) -> None:
     assert (0, 1) in nvlink_islands(pcie)
     served = split(pcie, parse_exclusion("1")).served  # minor 1 is NVML index 0 there
     assert nvlink_islands(served) == [(1,), (2, 3)]
+
+
+def test_an_unidentified_gpu_is_left_alone_while_a_uuid_names_no_gpu(dgx: Inventory) -> None:
+    lost = replace(dgx.gpus[3], uuid="", health_error="nvmlDeviceGetUUID: GPU is lost")
+    inventory = Inventory(dgx.driver_version, dgx.cuda_driver_version,
+                          (*dgx.gpus[:3], lost, *dgx.gpus[4:]), dgx.links)
+    parts = split(inventory, parse_exclusion(f"{GPU0},GPU-68a37c14-cba3-5893-8527-70e1ada18b19"))
+    assert [g.minor for g in parts.excluded] == [0, 3]
+    assert parts.unmatched == ("GPU-68a37c14-cba3-5893-8527-70e1ada18b19",)
+    assert parts.unreadable == 1
+    assert [g.minor for g in split(inventory, parse_exclusion("5")).excluded] == [5]
