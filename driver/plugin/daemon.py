@@ -255,7 +255,8 @@ class Plugin:
         self.provider.nvml.nvmlInit()  # one NVML session for MIG changes, until stop
         publisher, claims = self._sources()
         self._publisher = publisher
-        self._exclusion = NodeExclusion(o.exclude, self._api, o.node, o.driver)
+        self._exclusion = NodeExclusion(o.exclude, self._api, o.node, o.driver,
+                                        start_timeout=START_PUBLISH_TIMEOUT)
         parts = self._split(found)  # NodeExclusionError: the annotation is unreadable
         inventory = parts.served
         index = device_index(inventory, o.mig_mode)

@@ -2,10 +2,12 @@
 device of a GPU that `--exclude-gpus` or the Node annotation `<driver>/exclude-gpus` names
 (the two merged); an annotation changed while the plugin runs takes effect on the next
 re-discovery (the timer or SIGHUP); an annotation it cannot parse stops a starting plugin
-and, later, leaves the last one in force."""
+and, later, leaves the last one in force; at start a Node that is not there yet is waited
+for, a bounded time."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +17,7 @@ from driver.inventory.exclude import parse_exclusion
 from driver.kube.api import api_request
 from driver.nvml.mock import mock_provider
 from driver.plugin.daemon import Plugin
-from driver.plugin.exclusion import NodeExclusionError
+from driver.plugin.exclusion import NodeExclusion, NodeExclusionError
 from tests.support.apiserver import SLICES, ControlPlane, unique, wait_for
 from tests.support.plugin import Node, short_tmp
 
@@ -91,3 +93,22 @@ def test_a_bad_annotation_stops_a_starting_plugin(control_plane: ControlPlane,
             running.start()
         running.stop(grace=1)
     assert published(control_plane.api, node_name) == set()
+
+
+def test_at_start_a_node_not_there_yet_is_waited_for(control_plane: ControlPlane,
+                                                      node_keeper: Any) -> None:
+    name = unique("late-node")
+    waiting = NodeExclusion(parse_exclusion("5"), control_plane.api, name, DRIVER,
+                            start_timeout=30)
+    timer = threading.Timer(1.0, node_keeper.add, args=(name,))
+    timer.start()
+    try:
+        assert waiting.current() == parse_exclusion("5")
+    finally:
+        timer.join()
+        node_keeper.remove(name)
+    gone = NodeExclusion(parse_exclusion("5"), control_plane.api, unique("no-node"), DRIVER,
+                         start_timeout=1)
+    with pytest.raises(NodeExclusionError, match="cannot read Node no-node-.* for its "
+                                                 f"annotation {KEY}"):
+        gone.current()
