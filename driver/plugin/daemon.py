@@ -252,7 +252,6 @@ class Plugin:
             self.metrics.serve(o.metrics_port)
         found = discover(self.provider)
         log.info("discovered %d GPUs (driver %s)", len(found.gpus), found.driver_version)
-        self.provider.nvml.nvmlInit()  # one NVML session for MIG changes, until stop
         publisher, claims = self._sources()
         self._publisher = publisher
         self._exclusion = NodeExclusion(o.exclude, self._api, o.node, o.driver,
@@ -260,6 +259,7 @@ class Plugin:
         parts = self._split(found)  # NodeExclusionError: the annotation is unreadable
         inventory = parts.served
         index = device_index(inventory, o.mig_mode)
+        self.provider.nvml.nvmlInit()  # one NVML session for MIG changes, until stop
         make_dir(o.plugin_dir, PRIVATE_DIR)  # the checkpoint, the lock, the DRA socket
         make_dir(o.cdi_root, SHARED_DIR)  # read by the container runtime
         devices, files = self._host_files(inventory)
