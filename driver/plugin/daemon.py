@@ -230,7 +230,7 @@ class Plugin:
         else:
             api = self._api = api_client(o.kubeconfig)
             self._node_events = self._node_events or functools.partial(
-                post_node_event, api, o.node, o.driver)
+                post_node_event, api, o.node, component=o.driver)
             others_alive = functools.partial(
                 other_plugin_alive, o.registry_dir, o.plugin_dir, o.driver,
                 (o.registration_socket, o.dra_socket))
