@@ -99,6 +99,7 @@ START_PUBLISH_TIMEOUT = 20.0
 HEALTH_PUBLISH_TIMEOUT = 10.0
 SIGNAL_POLL = 0.2  # seconds: how late a SIGTERM taken by another thread may be handled
 HOOK_MISSING = "NvidiaCDIHookMissing"  # the Node event's reason
+EXCLUDE_GPUS_PROBLEM = "ExcludeGpusProblem"  # the Node event's reason
 NodeEvents = Callable[[str, str], None]  # a Warning event on this node: reason, message
 
 
@@ -254,8 +255,9 @@ class Plugin:
         log.info("discovered %d GPUs (driver %s)", len(found.gpus), found.driver_version)
         publisher, claims = self._sources()
         self._publisher = publisher
-        self._exclusion = NodeExclusion(o.exclude, self._api, o.node, o.driver,
-                                        start_timeout=START_PUBLISH_TIMEOUT)
+        self._exclusion = NodeExclusion(
+            o.exclude, self._api, o.node, o.driver, start_timeout=START_PUBLISH_TIMEOUT,
+            report=functools.partial(self._node_warning, EXCLUDE_GPUS_PROBLEM))
         parts = self._split(found)  # NodeExclusionError: the annotation is unreadable
         inventory = parts.served
         index = device_index(inventory, o.mig_mode)
@@ -345,9 +347,11 @@ class Plugin:
         assert self._exclusion is not None
         parts = split(inventory, self._exclusion.current())
         if parts.unmatched != self._unmatched and parts.unmatched:
-            log.warning("--exclude-gpus / annotation %s: no GPU here has the minor number or "
-                        "UUID %s; it stays excluded if it appears", annotation_key(
-                            self.options.driver), ", ".join(parts.unmatched))
+            message = (f"--exclude-gpus / annotation {annotation_key(self.options.driver)}: "
+                       f"no GPU here has the minor number or UUID "
+                       f"{', '.join(parts.unmatched)}; it stays excluded if it appears")
+            log.warning("%s", message)
+            self._node_warning(EXCLUDE_GPUS_PROBLEM, message)
         self._unmatched = parts.unmatched
         if describe(parts.excluded) != self._left:
             log.info("GPUs left alone (excluded): %s", describe(parts.excluded) or "none")
@@ -423,8 +427,12 @@ class Plugin:
             return
         message = hook_missing(files)
         log.warning("%s", message)
+        self._node_warning(HOOK_MISSING, message)
+
+    def _node_warning(self, reason: str, message: str) -> None:
+        """A Warning event on the Node, posted in the background (in a cluster)."""
         if self._node_events is not None:
-            threading.Thread(target=self._node_events, args=(HOOK_MISSING, message),
+            threading.Thread(target=self._node_events, args=(reason, message),
                              name="node-event", daemon=True).start()
 
     def stop(self, grace: float = KUBELET_CALL_TIMEOUT) -> None:

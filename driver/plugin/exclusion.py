@@ -7,13 +7,15 @@ At start the Node is read until `start_timeout` (it may not exist yet, the API s
 not answer yet, as the publisher waits for them); one still unread, or an annotation that
 does not parse, stops the plugin (`NodeExclusionError`): publishing before knowing what to
 leave alone could hand a GPU to two drivers. Later the last annotation read stays in force,
-and the failure is logged.
+and the failure is logged; an annotation that does not parse is also reported (a Node
+event) once until it changes.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from driver.inventory.exclude import Exclusion, ExclusionError, parse_exclusion
@@ -58,8 +60,11 @@ class NodeExclusion:
     again, keeping the last good one when it cannot (after the first read)."""
 
     def __init__(self, flag: Exclusion, api: Any, node: str, driver: str,
-                 start_timeout: float = 20.0) -> None:
+                 start_timeout: float = 20.0,
+                 report: Callable[[str], None] = lambda message: None) -> None:
         self._flag = flag
+        self._report = report
+        self._reported = ""
         self._api = api
         self._node = node
         self._driver = driver
@@ -75,8 +80,13 @@ class NodeExclusion:
         except NodeExclusionError as err:
             if self._annotated is None:
                 raise
-            log.error("%s; the GPUs it excluded before stay excluded", err)
+            message = f"{err}; the GPUs it excluded before stay excluded"
+            log.error("%s", message)
+            if str(err) != self._reported and not isinstance(err, _Unreadable):
+                self._reported = str(err)
+                self._report(message)
             return self._flag | self._annotated
+        self._reported = ""
         if annotated != self._annotated:
             log.info("Node annotation %s: %s", annotation_key(self._driver),
                      ", ".join(annotated.entries) or "none")

@@ -18,7 +18,7 @@ from driver.kube.api import api_request
 from driver.nvml.mock import mock_provider
 from driver.plugin.daemon import Plugin
 from driver.plugin.exclusion import NodeExclusion, NodeExclusionError
-from tests.support.apiserver import SLICES, ControlPlane, unique, wait_for
+from tests.support.apiserver import SLICES, ControlPlane, events_for, unique, wait_for
 from tests.support.plugin import Node, short_tmp
 
 DRIVER = "gpu.dra.dev"
@@ -52,6 +52,13 @@ def becomes(api: Any, node: str, expected: set[str]) -> None:
     wait_for(lambda: published(api, node) == expected or None, f"slices of {expected}")
 
 
+def warned(api: Any, node: str, text: str) -> None:
+    """Until the Node has a Warning event of the exclusion that says `text`."""
+    wait_for(lambda: any(e["reason"] == "ExcludeGpusProblem" and text in e["message"]
+                         for e in events_for(api, "default", node)) or None,
+             f"a Node event saying {text!r}")
+
+
 def plugin(control_plane: ControlPlane, folder: Node, node: str, flag: str = "") -> Plugin:
     options = folder.options(node=node, local_dir=None, kubeconfig=control_plane.kubeconfig,
                              exclude=parse_exclusion(flag), rediscover_interval=0,
@@ -69,12 +76,16 @@ def test_flag_and_annotation_merged_and_followed_on_rediscovery(
         try:
             everything = {f"gpu-{m}" for m in range(8)}
             becomes(api, node_name, everything - {"gpu-3", "gpu-5"})
-            annotate(api, node_name, "1, 2")
+            annotate(api, node_name, "1, 2, 9")  # 9: none here, and said so on the Node
             assert running.rediscover()  # what SIGHUP and the timer run
             becomes(api, node_name, everything - {"gpu-1", "gpu-2", "gpu-5"})
+            warned(api, node_name, "no GPU here has the minor number or UUID 9; it stays "
+                                   "excluded if it appears")
             annotate(api, node_name, "gpu-two")  # a typo: the last good one stays
             assert running.rediscover() == []
             becomes(api, node_name, everything - {"gpu-1", "gpu-2", "gpu-5"})
+            warned(api, node_name, f"annotation {KEY}='gpu-two': 'gpu-two' is neither a GPU "
+                                   "minor number nor a GPU UUID")
             annotate(api, node_name, None)
             assert running.rediscover()
             becomes(api, node_name, everything - {"gpu-5"})
