@@ -126,6 +126,9 @@ def _from_files(args: argparse.Namespace, node_slices: SlicesFromProvider
                          "which claims?")
     if args.slices is not None and args.mock:
         raise InputError("--slices and --mock: give one of them")
+    if args.slices is not None and args.exclude_gpus:
+        raise InputError("--exclude-gpus applies to this node's GPUs (--mock or NVML), not to "
+                         "--slices: leave those GPUs' devices out of the slices given")
     rules: list[dict[str, Any]] = []
     if args.slices is not None:
         documents = load_documents(args.slices)
@@ -166,7 +169,8 @@ def _from_cluster(args: argparse.Namespace) -> tuple[list[dict[str, Any]], ...]:
     given = [flag for flag, value in (("--slices", args.slices), ("--mock", args.mock),
                                       ("--classes", args.classes),
                                       ("--allocated", args.allocated),
-                                      ("--taint-rules", args.taint_rules)) if value]
+                                      ("--taint-rules", args.taint_rules),
+                                      ("--exclude-gpus", args.exclude_gpus)) if value]
     if given:
         raise InputError(f"--kubeconfig reads them from the cluster: drop {', '.join(given)}")
     wanted = [_namespaced(name) for name in args.claim]

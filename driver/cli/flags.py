@@ -21,6 +21,7 @@ from typing import Any
 
 from driver.errors import CliError
 from driver.health.classify import HealthSettings, HealthSettingsError
+from driver.inventory.exclude import Exclusion, ExclusionError, parse_exclusion
 
 DEFAULT_DRIVER = "gpu.dra.dev"
 TRUE = ("1", "true", "yes")
@@ -161,6 +162,15 @@ def xids(raw: str) -> frozenset[int]:
     return found
 
 
+def gpu_list(raw: str) -> Exclusion:
+    """A comma-separated list of GPU minors and UUIDs (a flag's type)."""
+    try:
+        return parse_exclusion(raw)
+    except ExclusionError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated GPU minors or UUIDs: "
+                                         f"{err}") from None
+
+
 # --- the groups ------------------------------------------------------------------------------
 
 
@@ -176,6 +186,11 @@ def add_provider_args(parser: EnvParser) -> None:
     env_flag(parser, "--driver-root", env="DRIVER_ROOT", type=Path, metavar="DIR",
              help="root of the NVIDIA driver install holding libnvidia-ml.so.1 (e.g. "
                   "/driver-root); default: the dynamic linker's path (env DRIVER_ROOT)")
+    env_flag(parser, "--exclude-gpus", env="EXCLUDE_GPUS", type=gpu_list, default="",
+             metavar="LIST",
+             help="GPUs this driver leaves alone (to a device plugin): comma-separated minor "
+                  "numbers (gpu-<minor>, /dev/nvidia<minor>) and GPU UUIDs; never "
+                  "published, prepared or MIG-managed (env EXCLUDE_GPUS)")
 
 
 def add_slice_args(parser: EnvParser) -> None:

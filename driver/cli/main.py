@@ -23,6 +23,8 @@ from driver.cli.health import add_health_commands
 from driver.errors import CliError
 from driver.health.classify import HealthSettings
 from driver.inventory.discovery import discover
+from driver.inventory.exclude import Split, describe, split
+from driver.inventory.model import Inventory
 from driver.inventory.view import inventory_table, inventory_to_dict
 from driver.nvml import Provider
 from driver.resourceslice.build import SliceOptions, build_slices
@@ -49,19 +51,41 @@ def provider_from_args(args: argparse.Namespace) -> Provider:
         raise UsageError(str(err)) from err
 
 
-def cmd_discover(args: argparse.Namespace) -> int:
+def node_inventory(args: argparse.Namespace) -> tuple[Inventory, Split]:
+    """This node's GPUs, discovered, and those `--exclude-gpus` keeps out. An entry that
+    names no GPU is a UsageError, unless some GPU could not be read (it may be that one:
+    then a warning on stderr)."""
     inventory = discover(provider_from_args(args))
+    parts = split(inventory, args.exclude_gpus)
+    if parts.unmatched:
+        problem = (f"--exclude-gpus (env EXCLUDE_GPUS): no GPU has the minor number or UUID "
+                   f"{', '.join(parts.unmatched)} (GPUs: "
+                   f"{', '.join(str(g.minor) for g in inventory.gpus if g.minor >= 0)})")
+        if not parts.unreadable:
+            raise UsageError(problem)
+        print(f"gpu-dra {args.command}: warning: {problem}; {parts.unreadable} GPU(s) could "
+              "not be read and may be the ones named", file=sys.stderr)
+    return inventory, parts
+
+
+def cmd_discover(args: argparse.Namespace) -> int:
+    inventory, parts = node_inventory(args)
+    excluded = {g.index for g in parts.excluded}
     if args.output == "table":
-        print(inventory_table(inventory))
+        print(inventory_table(inventory, excluded))
     elif args.output == "json":
-        print(json.dumps(inventory_to_dict(inventory), indent=2))
+        print(json.dumps(inventory_to_dict(inventory, excluded), indent=2))
     else:
-        print(yaml.safe_dump(inventory_to_dict(inventory), sort_keys=False), end="")
+        print(yaml.safe_dump(inventory_to_dict(inventory, excluded), sort_keys=False), end="")
     return 0
 
 
 def cmd_slices(args: argparse.Namespace) -> int:
-    slices = node_slices(args)
+    _, parts = node_inventory(args)
+    slices = slices_of(args, parts)
+    if parts.excluded:  # stderr: stdout stays ResourceSlices to apply
+        print(f"gpu-dra slices: not published, excluded by --exclude-gpus: "
+              f"{describe(parts.excluded)}", file=sys.stderr)
     if args.output == "json":
         print(json.dumps(slices, indent=2))
     else:
@@ -72,6 +96,7 @@ def cmd_slices(args: argparse.Namespace) -> int:
 def cmd_plugin(args: argparse.Namespace) -> int:
     from driver.plugin.checkpoint import CheckpointError
     from driver.plugin.daemon import PluginOptions, run
+    from driver.plugin.exclusion import NodeExclusionError
     from driver.plugin.logs import setup_logging
 
     setup_logging(args.log_format, args.verbosity)
@@ -96,7 +121,7 @@ def cmd_plugin(args: argparse.Namespace) -> int:
                                   evict=args.health_evict,
                                   quiet_window_s=args.health_quiet_window),
             health_check_interval=args.health_check_interval,
-            rediscover_interval=args.rediscover_interval)
+            rediscover_interval=args.rediscover_interval, exclude=args.exclude_gpus)
     except ValueError as err:
         raise UsageError(str(err)) from None
     from driver.plugin.sockets import SocketInUse
@@ -111,6 +136,8 @@ def cmd_plugin(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot start: {err}") from err
     except PublishError as err:
         raise UsageError(f"cannot publish ResourceSlices: {err}") from err
+    except NodeExclusionError as err:
+        raise UsageError(f"cannot start: {err}; it says which GPUs to leave alone") from err
     except OSError as err:  # a port in use, a directory that cannot be created
         raise UsageError(f"cannot start: {err}") from err
 
@@ -308,13 +335,18 @@ def cmd_mock_inject(args: argparse.Namespace) -> int:
 
 def node_slices(args: argparse.Namespace) -> list[dict[str, Any]]:
     """This node's ResourceSlices, as `gpu-dra slices` prints them."""
+    return slices_of(args, node_inventory(args)[1])
+
+
+def slices_of(args: argparse.Namespace, parts: Split) -> list[dict[str, Any]]:
+    """The ResourceSlices of the GPUs the driver serves."""
     try:
         options = SliceOptions(driver=args.driver_name, node=args.node_name,
                                mig_mode=args.mig_mode, counter_layout=args.counter_layout,
                                gpu_sharing=args.gpu_sharing)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    return build_slices(discover(provider_from_args(args)), options, generation=1)
+    return build_slices(parts.served, options, generation=1)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

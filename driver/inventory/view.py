@@ -6,17 +6,19 @@ The JSON keys are a contract for scripts; the table is for people and imitates
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from driver.inventory.model import Gpu, Inventory, MigDevice, MigProfile, NvLink
 from driver.inventory.topology import nvlink_islands
 
 
-def inventory_to_dict(inventory: Inventory) -> dict[str, Any]:
+def inventory_to_dict(inventory: Inventory, excluded: Collection[int] = ()) -> dict[str, Any]:
+    """`excluded`: the NVML indexes of the GPUs `--exclude-gpus` keeps from the driver."""
     return {
         "driverVersion": inventory.driver_version,
         "cudaDriverVersion": inventory.cuda_driver_version,
-        "gpus": [_gpu(gpu) for gpu in inventory.gpus],
+        "gpus": [{**_gpu(gpu), "excluded": gpu.index in excluded} for gpu in inventory.gpus],
         "topology": [{"gpus": [a, b], "link": link}
                      for (a, b), link in sorted(inventory.links.items())],
         "nvlinkIslands": [list(island) for island in nvlink_islands(inventory)],
@@ -81,8 +83,9 @@ def _nvlink(link: NvLink) -> dict[str, Any]:
             "remotePciBusID": link.remote_bus_id}
 
 
-def inventory_table(inventory: Inventory) -> str:
-    """A report for people: GPUs, MIG, and a `topo -m` style matrix."""
+def inventory_table(inventory: Inventory, excluded: Collection[int] = ()) -> str:
+    """A report for people: GPUs, MIG, and a `topo -m` style matrix; `excluded` as in
+    `inventory_to_dict`."""
     lines = [f"Driver {inventory.driver_version}   CUDA {inventory.cuda_driver_version}   "
              f"{len(inventory.gpus)} GPU(s)", ""]
     lines += _table(
@@ -93,7 +96,8 @@ def inventory_table(inventory: Inventory) -> str:
           _mig_state(g), _links_summary(g), "ok" if g.healthy else f"UNHEALTHY: {g.health_error}"]
          for g in inventory.gpus])
     for gpu in inventory.gpus:
-        lines += ["", f"GPU {gpu.index} {gpu.uuid}"]
+        lines += ["", f"GPU {gpu.index} {gpu.uuid}"
+                  f"{'  EXCLUDED (--exclude-gpus)' if gpu.index in excluded else ''}"]
         if gpu.mig_profiles:
             lines += _table(
                 ["  MIG profile", "ID", "Memory MiB", "SMs", "Slices", "Instances", "Placements"],
@@ -110,6 +114,9 @@ def inventory_table(inventory: Inventory) -> str:
                   f"{d.placement.start}:{d.placement.size}",
                   f"{_opt(d.gi_cap_minor)},{_opt(d.ci_cap_minor)}", d.uuid]
                  for d in gpu.mig_devices])
+    if excluded:
+        lines += ["", "Excluded from this driver (--exclude-gpus): " + ", ".join(
+            f"GPU {g.index} (minor {g.minor})" for g in inventory.gpus if g.index in excluded)]
     lines += ["", "Topology", *_topology_matrix(inventory)]
     islands = nvlink_islands(inventory)
     lines.append("NVLink islands: " + (

@@ -47,6 +47,7 @@ import pynvml
 from driver.health.classify import HealthSettings
 from driver.health.model import GpuHealth
 from driver.inventory.discovery import discover
+from driver.inventory.exclude import Exclusion, Split, describe, split
 from driver.inventory.model import Inventory
 from driver.kube.api import api_client
 from driver.kube.events import post_node_event
@@ -59,6 +60,7 @@ from driver.plugin.checkpoint import BOOT_ID_PATH, read_boot_id
 from driver.plugin.claims import ApiClaimSource, ClaimSource, DirClaimSource
 from driver.plugin.devices import Target, device_index
 from driver.plugin.driverfiles import HostDevices, driver_files, hook_missing, host_devices
+from driver.plugin.exclusion import NodeExclusion, annotation_key
 from driver.plugin.metrics import Metrics
 from driver.plugin.mig import MigManager
 from driver.plugin.modes import PRIVATE_DIR, SHARED_DIR, make_dir
@@ -97,6 +99,7 @@ START_PUBLISH_TIMEOUT = 20.0
 HEALTH_PUBLISH_TIMEOUT = 10.0
 SIGNAL_POLL = 0.2  # seconds: how late a SIGTERM taken by another thread may be handled
 HOOK_MISSING = "NvidiaCDIHookMissing"  # the Node event's reason
+EXCLUDE_GPUS_PROBLEM = "ExcludeGpusProblem"  # the Node event's reason
 NodeEvents = Callable[[str, str], None]  # a Warning event on this node: reason, message
 
 
@@ -129,6 +132,7 @@ class PluginOptions:
     health: HealthSettings = field(default_factory=HealthSettings)
     health_check_interval: float = 5.0  # seconds between liveness checks of every GPU
     rediscover_interval: float = 60.0  # seconds between re-discoveries; 0: on SIGHUP only
+    exclude: Exclusion = field(default_factory=Exclusion)  # GPUs left alone (--exclude-gpus)
 
     def __post_init__(self) -> None:
         self.slice_options()  # ValueError for settings the slices cannot combine
@@ -207,6 +211,9 @@ class Plugin:
         self._board: HealthBoard | None = None
         self._republisher: Republisher | None = None
         self.rediscoverer: Rediscoverer | None = None
+        self._exclusion: NodeExclusion | None = None
+        self._unmatched: tuple[str, ...] = ()
+        self._left = ""  # the GPUs excluded, as logged
 
     def _sources(self) -> tuple[Publisher, ClaimSource]:
         """Local directory or API server, unless the caller gave its own."""
@@ -224,7 +231,7 @@ class Plugin:
         else:
             api = self._api = api_client(o.kubeconfig)
             self._node_events = self._node_events or functools.partial(
-                post_node_event, api, o.node, o.driver)
+                post_node_event, api, o.node, component=o.driver)
             others_alive = functools.partial(
                 other_plugin_alive, o.registry_dir, o.plugin_dir, o.driver,
                 (o.registration_socket, o.dra_socket))
@@ -244,12 +251,17 @@ class Plugin:
             free_for_bind(socket_path)
         if o.metrics_port is not None:
             self.metrics.serve(o.metrics_port)
-        inventory = discover(self.provider)
-        log.info("discovered %d GPUs (driver %s)", len(inventory.gpus), inventory.driver_version)
-        self.provider.nvml.nvmlInit()  # one NVML session for MIG changes, until stop
-        index = device_index(inventory, o.mig_mode)
+        found = discover(self.provider)
+        log.info("discovered %d GPUs (driver %s)", len(found.gpus), found.driver_version)
         publisher, claims = self._sources()
         self._publisher = publisher
+        self._exclusion = NodeExclusion(
+            o.exclude, self._api, o.node, o.driver, start_timeout=START_PUBLISH_TIMEOUT,
+            report=functools.partial(self._node_warning, EXCLUDE_GPUS_PROBLEM))
+        parts = self._split(found)  # NodeExclusionError: the annotation is unreadable
+        inventory = parts.served
+        index = device_index(inventory, o.mig_mode)
+        self.provider.nvml.nvmlInit()  # one NVML session for MIG changes, until stop
         make_dir(o.plugin_dir, PRIVATE_DIR)  # the checkpoint, the lock, the DRA socket
         make_dir(o.cdi_root, SHARED_DIR)  # read by the container runtime
         devices, files = self._host_files(inventory)
@@ -267,7 +279,7 @@ class Plugin:
                                    api=self._api)),
             identity=Identity(driver=o.driver, node=o.node,
                               boot_id=read_boot_id(o.boot_id_path)),
-            published=self._published(inventory, index),
+            published=self._published(parts, index),
             paths=Paths(checkpoint=o.checkpoint_path, cdi_root=o.cdi_root,
                         node_lock=o.lock_path),
             claim_source=claims, metrics=self.metrics)
@@ -318,13 +330,33 @@ class Plugin:
         return devices, driver_files(driver_root, host_root, devices,
                                      version=inventory.driver_version, hook=o.cdi_hook)
 
-    def _published(self, inventory: Inventory, index: dict[str, Target]) -> Published:
+    def _published(self, parts: Split, index: dict[str, Target]) -> Published:
         o = self.options
+        left = replace(parts.served, gpus=parts.excluded, links={})
         return Published(
-            inventory=inventory, index=index,
+            inventory=parts.served, index=index,
             # the devices and counters published; the counter layout does not change them
-            slices=build_slices(inventory, o.slice_options(), generation=0),
-            dynamic_mig=o.mig_mode == "dynamic")
+            slices=build_slices(parts.served, o.slice_options(), generation=0),
+            dynamic_mig=o.mig_mode == "dynamic",
+            excluded={name: t.gpu for name, t in device_index(left, o.mig_mode).items()})
+
+    def _split(self, inventory: Inventory) -> Split:
+        """The GPUs served and those left alone, by the flag and the Node's annotation;
+        entries that name no GPU are logged when they change (a GPU named by a chart-wide
+        list may be on another node, or lost now: it stays excluded if it shows up)."""
+        assert self._exclusion is not None
+        parts = split(inventory, self._exclusion.current())
+        if parts.unmatched != self._unmatched and parts.unmatched:
+            message = (f"--exclude-gpus / annotation {annotation_key(self.options.driver)}: "
+                       f"no GPU here has the minor number or UUID "
+                       f"{', '.join(parts.unmatched)}; it stays excluded if it appears")
+            log.warning("%s", message)
+            self._node_warning(EXCLUDE_GPUS_PROBLEM, message)
+        self._unmatched = parts.unmatched
+        if describe(parts.excluded) != self._left:
+            log.info("GPUs left alone (excluded): %s", describe(parts.excluded) or "none")
+            self._left = describe(parts.excluded)
+        return parts
 
     def rediscover(self) -> list[str]:
         """One re-discovery pass; what changed, in words. A change is logged, what is
@@ -335,7 +367,9 @@ class Plugin:
             and self._republisher is not None and self.servers is not None
         published = self.state.published
         try:
-            inventory = keep_unreadable(published.inventory, discover(self.provider))
+            # a served GPU that turned unreadable is kept (and tainted) before the split
+            parts = self._split(keep_unreadable(published.inventory, discover(self.provider)))
+            inventory = parts.served
         except pynvml.NVMLError as err:
             self.metrics.rediscoveries.labels("failed").inc()
             log.warning("re-discovery failed; still publishing what was found before: %s", err)
@@ -347,7 +381,7 @@ class Plugin:
             return []
         index = device_index(inventory, self.options.mig_mode)
         devices, files = self._host_files(inventory)
-        self.state.publish(self._published(inventory, index),
+        self.state.publish(self._published(parts, index),
                            replace(self.state.effects.tools, devices=devices, files=files))
         self.monitor.watch(_watched(inventory))
         self.metrics.published.set(len(index))
@@ -393,8 +427,12 @@ class Plugin:
             return
         message = hook_missing(files)
         log.warning("%s", message)
+        self._node_warning(HOOK_MISSING, message)
+
+    def _node_warning(self, reason: str, message: str) -> None:
+        """A Warning event on the Node, posted in the background (in a cluster)."""
         if self._node_events is not None:
-            threading.Thread(target=self._node_events, args=(HOOK_MISSING, message),
+            threading.Thread(target=self._node_events, args=(reason, message),
                              name="node-event", daemon=True).start()
 
     def stop(self, grace: float = KUBELET_CALL_TIMEOUT) -> None:

@@ -5,11 +5,11 @@ host's devices. Each is a small frozen value, built once at start by the daemon.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from driver.inventory.model import Inventory
+from driver.inventory.model import Gpu, Inventory
 from driver.nvml import HostView
 from driver.plugin.cdi import DriverFiles
 from driver.plugin.devices import Target
@@ -42,12 +42,14 @@ class Paths:
 class Published:
     """What the node offers: the devices discovered, by the names the slices give them,
     the slices themselves (the devices and the counters they consume; the counter layout
-    does not change them), and whether MIG devices are created on demand."""
+    does not change them), whether MIG devices are created on demand, and the devices of
+    the GPUs left alone (`--exclude-gpus`), so a stale allocation of one is named as such."""
 
     inventory: Inventory
     index: dict[str, Target]
     slices: Sequence[Mapping[str, Any]]
     dynamic_mig: bool
+    excluded: Mapping[str, Gpu] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

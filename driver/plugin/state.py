@@ -76,6 +76,7 @@ from driver.plugin.config import (
 )
 from driver.plugin.effects import ApplyFailure, Effects
 from driver.plugin.evidence import is_rebuilt, rebuilt_records
+from driver.plugin.exclusion import annotation_key
 from driver.plugin.logs import claim_context
 from driver.plugin.metrics import Metrics
 from driver.plugin.mps import MpsFailure
@@ -543,6 +544,13 @@ class PluginState:
                  configs: Sequence[OpaqueConfig]) -> PreparedDevice:
         driver = self.identity.driver
         target = self.published.index.get(result.device)
+        left = self.published.excluded.get(result.device)
+        if target is None and left is not None:
+            raise ClaimError("excluded_device", f"device {result.device} (request "
+                                                f"{result.request}) is on GPU {left.uuid}, "
+                                                f"which this node excludes (--exclude-gpus "
+                                                f"or the Node annotation {annotation_key(driver)})"
+                                                f": it is not this driver's to prepare")
         if target is None:
             raise ClaimError("unknown_device", f"device {result.device} (request "
                                                f"{result.request}) is not published by "

@@ -33,7 +33,10 @@ CUSTOM = {
     "image": {"repository": "registry.example.com/gpu-dra-driver", "tag": "1.2.3"},
     "metrics": {"port": 9400, "serviceMonitor": {"enabled": True, "labels": {"team": "gpu"}}},
     "kubeletPlugin": {"driverRoot": "/run/nvidia/driver"},
+    "excludeGpus": [3, "GPU-6493d427-501d-5931-bd3f-97d1981f0fc8"],
 }
+DEVICE_PLUGIN = "nvidia.com/gpu.deploy.device-plugin"
+DRA_DRIVER = "nvidia.com/gpu.deploy.dra-driver"
 
 
 def env_of(container: dict[str, Any]) -> dict[str, Any]:
@@ -77,6 +80,7 @@ def test_plugin_reads_the_env_the_chart_sets(helm: Helm, monkeypatch: pytest.Mon
         (Path("/driver-root"), Path("/run/nvidia/driver"))
     assert (args.health_port, args.metrics_port) == (51515, 9400)
     assert (args.log_format, args.verbosity) == ("json", 2)
+    assert args.exclude_gpus.entries == ("3", "GPU-6493d427-501d-5931-bd3f-97d1981f0fc8")
     # a claim's MPS daemon runs in a pod of the plugin's namespace, with the chart's image
     assert (args.pod_namespace, args.image) == \
         ("gpu-dra", "registry.example.com/gpu-dra-driver:1.2.3")
@@ -301,3 +305,49 @@ def test_rendered_objects_are_created_on_the_api_server(
         daemonset = one(stored, "DaemonSet")
         assert daemonset["spec"]["updateStrategy"]["rollingUpdate"] == {
             "maxSurge": 1, "maxUnavailable": 0}
+
+
+def node_terms(objects: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    pod = one(objects, "DaemonSet")["spec"]["template"]["spec"]
+    required = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    return [t["matchExpressions"] for t in required["nodeSelectorTerms"]]
+
+
+def schedulable(terms: list[list[dict[str, Any]]], labels: dict[str, str]) -> bool:
+    """Whether a node with `labels` matches the terms (In / NotIn, as the scheduler does)."""
+    def holds(e: dict[str, Any]) -> bool:
+        inside = labels.get(e["key"]) in e["values"]
+        return inside if e["operator"] == "In" else not inside
+    return any(all(holds(e) for e in term) for term in terms)
+
+
+def test_default_affinity_skips_nodes_of_the_device_plugin_alone(helm: Helm) -> None:
+    terms = node_terms(helm.template("gpu", "gpu-dra"))
+    gpu = {"nvidia.com/gpu.present": "true"}
+    assert schedulable(terms, gpu)
+    assert not schedulable(terms, {**gpu, DEVICE_PLUGIN: "true"})
+    assert schedulable(terms, {**gpu, DEVICE_PLUGIN: "false"})
+    assert schedulable(terms, {**gpu, DEVICE_PLUGIN: "true", DRA_DRIVER: "true"})
+    assert not schedulable(terms, {DEVICE_PLUGIN: "false"})  # no GPU
+    env = env_of(plugin_container(helm.template("gpu", "gpu-dra")))
+    assert "EXCLUDE_GPUS" not in env
+
+
+def test_skip_device_plugin_nodes_can_be_turned_off_and_applies_to_own_affinity(
+        helm: Helm) -> None:
+    off = node_terms(helm.template("gpu", "gpu-dra", {
+        "kubeletPlugin": {"skipDevicePluginNodes": False}}))
+    assert schedulable(off, {"nvidia.com/gpu.present": "true", DEVICE_PLUGIN: "true"})
+    own = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [
+            {"key": "pool", "operator": "In", "values": ["gpu"]}]}]}}}
+    terms = node_terms(helm.template("gpu", "gpu-dra", {"kubeletPlugin": {"affinity": own}}))
+    assert schedulable(terms, {"pool": "gpu"})
+    assert not schedulable(terms, {"pool": "gpu", DEVICE_PLUGIN: "true"})
+
+
+def test_exclude_gpus_reaches_the_plugin_and_bad_entries_are_refused(helm: Helm) -> None:
+    env = env_of(plugin_container(helm.template("gpu", "gpu-dra", CUSTOM)))
+    assert env["EXCLUDE_GPUS"] == "3,GPU-6493d427-501d-5931-bd3f-97d1981f0fc8"
+    with pytest.raises(HelmFailed, match="excludeGpus"):
+        helm.template("gpu", "gpu-dra", {"excludeGpus": ["gpu-3"]})

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from driver.cli.flags import EnvParser, seconds, seconds_or_off, xids
+from driver.cli.flags import EnvParser, gpu_list, seconds, seconds_or_off, xids
 from driver.cli.main import build_parser
+from driver.inventory.exclude import Exclusion
 
 
 def commands() -> dict[str, EnvParser]:
@@ -37,6 +38,8 @@ def bad_value(action: argparse.Action) -> str | None:
         return "eight"
     if action.type in (seconds, seconds_or_off, xids):
         return "-1"
+    if action.type is gpu_list:
+        return "3,gpu3"
     return None
 
 
@@ -52,6 +55,8 @@ def accepted(action: argparse.Action) -> list[str]:
         return ["seconds, 0 or more"]
     if action.type is xids:
         return ["comma-separated XIDs"]
+    if action.type is gpu_list:
+        return ["GPU minors or UUIDs", "'gpu3'"]
     return ["integer"]
 
 
@@ -98,6 +103,8 @@ def test_a_good_value_sets_the_flag_and_the_flag_wins(
         value, expected, flag = "2.5", 2.5, "9.0"
     elif action.type is xids:
         value, expected, flag = "13, 43", frozenset({13, 43}), "79"
+    elif action.type is gpu_list:
+        value, expected, flag = "3, 5", Exclusion(frozenset({3, 5})), "7"
     else:
         value, flag = "/from/env", "/from/flag"
         expected = Path(value) if action.type is Path else value
@@ -106,7 +113,8 @@ def test_a_good_value_sets_the_flag_and_the_flag_wins(
     if flag is not None:
         got = getattr(build_parser().parse_args([command, action.option_strings[-1], flag]),
                       action.dest)
-        assert got == xids(flag) if action.type is xids else str(got) == flag
+        assert got == action.type(flag) if action.type in (xids, gpu_list) \
+            else str(got) == flag
 
 
 @pytest.mark.parametrize("command", ["plugin", "slices"])

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from driver.cli.flags import seconds, seconds_or_off, xids
+from driver.cli.flags import gpu_list, seconds, seconds_or_off, xids
 from driver.cli.main import build_parser
+from driver.inventory.exclude import parse_exclusion
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -56,6 +57,8 @@ def test_the_environment_variable_sets_the_flag(flags: list[str], env: str,
         value, expected = "3", 3
     elif action.type is xids:
         value, expected = "3", frozenset({3})
+    elif action.type is gpu_list:
+        value, expected = "3", parse_exclusion("3")
     else:
         value = "/tmp/from-env"
         expected = Path(value) if action.type is Path else value

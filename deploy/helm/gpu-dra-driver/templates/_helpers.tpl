@@ -66,3 +66,25 @@ spec:
   extendedResourceName: {{ . }}
   {{- end }}
 {{- end }}
+
+{{/* kubeletPlugin.affinity; with skipDevicePluginNodes each required node selector term
+becomes two: the term on a node without nvidia.com/gpu.deploy.device-plugin=true, and the
+term on a node with nvidia.com/gpu.deploy.dra-driver=true. */}}
+{{- define "gpu-dra-driver.affinity" -}}
+{{- $affinity := deepCopy (.Values.kubeletPlugin.affinity | default dict) }}
+{{- if .Values.kubeletPlugin.skipDevicePluginNodes }}
+{{- $node := $affinity.nodeAffinity | default dict }}
+{{- $required := $node.requiredDuringSchedulingIgnoredDuringExecution | default dict }}
+{{- $given := $required.nodeSelectorTerms | default (list dict) }}
+{{- $terms := list }}
+{{- range $given }}
+{{- $expressions := .matchExpressions | default list }}
+{{- $terms = append $terms (set (deepCopy .) "matchExpressions" (append $expressions (dict "key" "nvidia.com/gpu.deploy.device-plugin" "operator" "NotIn" "values" (list "true")))) }}
+{{- $terms = append $terms (set (deepCopy .) "matchExpressions" (append $expressions (dict "key" "nvidia.com/gpu.deploy.dra-driver" "operator" "In" "values" (list "true")))) }}
+{{- end }}
+{{- $_ := set $required "nodeSelectorTerms" $terms }}
+{{- $_ = set $node "requiredDuringSchedulingIgnoredDuringExecution" $required }}
+{{- $_ = set $affinity "nodeAffinity" $node }}
+{{- end }}
+{{- toYaml $affinity }}
+{{- end }}
