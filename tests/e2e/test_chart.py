@@ -325,10 +325,11 @@ def test_default_affinity_skips_nodes_of_the_device_plugin_alone(helm: Helm) -> 
     terms = node_terms(helm.template("gpu", "gpu-dra"))
     gpu = {"nvidia.com/gpu.present": "true"}
     assert schedulable(terms, gpu)
-    assert not schedulable(terms, {**gpu, DEVICE_PLUGIN: "true"})
-    assert schedulable(terms, {**gpu, DEVICE_PLUGIN: "false"})
-    assert schedulable(terms, {**gpu, DEVICE_PLUGIN: "true", DRA_DRIVER: "true"})
-    assert not schedulable(terms, {DEVICE_PLUGIN: "false"})  # no GPU
+    assert not schedulable(terms, {**gpu, DRA_DRIVER: "false"})
+    assert schedulable(terms, {**gpu, DRA_DRIVER: "true"})
+    # the GPU operator labels every GPU node so, with its device plugin on or off
+    assert schedulable(terms, {**gpu, DEVICE_PLUGIN: "true"})
+    assert not schedulable(terms, {DRA_DRIVER: "true"})  # no GPU
     env = env_of(plugin_container(helm.template("gpu", "gpu-dra")))
     assert "EXCLUDE_GPUS" not in env
 
@@ -337,13 +338,13 @@ def test_skip_device_plugin_nodes_can_be_turned_off_and_applies_to_own_affinity(
         helm: Helm) -> None:
     off = node_terms(helm.template("gpu", "gpu-dra", {
         "kubeletPlugin": {"skipDevicePluginNodes": False}}))
-    assert schedulable(off, {"nvidia.com/gpu.present": "true", DEVICE_PLUGIN: "true"})
+    assert schedulable(off, {"nvidia.com/gpu.present": "true", DRA_DRIVER: "false"})
     own = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
         "nodeSelectorTerms": [{"matchExpressions": [
             {"key": "pool", "operator": "In", "values": ["gpu"]}]}]}}}
     terms = node_terms(helm.template("gpu", "gpu-dra", {"kubeletPlugin": {"affinity": own}}))
     assert schedulable(terms, {"pool": "gpu"})
-    assert not schedulable(terms, {"pool": "gpu", DEVICE_PLUGIN: "true"})
+    assert not schedulable(terms, {"pool": "gpu", DRA_DRIVER: "false"})
 
 
 def test_exclude_gpus_reaches_the_plugin_and_bad_entries_are_refused(helm: Helm) -> None:

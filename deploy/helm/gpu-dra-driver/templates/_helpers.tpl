@@ -68,8 +68,8 @@ spec:
 {{- end }}
 
 {{/* kubeletPlugin.affinity; with skipDevicePluginNodes each required node selector term
-becomes two: the term on a node without nvidia.com/gpu.deploy.device-plugin=true, and the
-term on a node with nvidia.com/gpu.deploy.dra-driver=true. */}}
+also asks for a node not labelled nvidia.com/gpu.deploy.dra-driver=false (the GPU
+operator's way to keep an operand off a node: the node is the device plugin's alone). */}}
 {{- define "gpu-dra-driver.affinity" -}}
 {{- $affinity := deepCopy (.Values.kubeletPlugin.affinity | default dict) }}
 {{- if .Values.kubeletPlugin.skipDevicePluginNodes }}
@@ -79,8 +79,7 @@ term on a node with nvidia.com/gpu.deploy.dra-driver=true. */}}
 {{- $terms := list }}
 {{- range $given }}
 {{- $expressions := .matchExpressions | default list }}
-{{- $terms = append $terms (set (deepCopy .) "matchExpressions" (append $expressions (dict "key" "nvidia.com/gpu.deploy.device-plugin" "operator" "NotIn" "values" (list "true")))) }}
-{{- $terms = append $terms (set (deepCopy .) "matchExpressions" (append $expressions (dict "key" "nvidia.com/gpu.deploy.dra-driver" "operator" "In" "values" (list "true")))) }}
+{{- $terms = append $terms (set (deepCopy .) "matchExpressions" (append $expressions (dict "key" "nvidia.com/gpu.deploy.dra-driver" "operator" "NotIn" "values" (list "false")))) }}
 {{- end }}
 {{- $_ := set $required "nodeSelectorTerms" $terms }}
 {{- $_ = set $node "requiredDuringSchedulingIgnoredDuringExecution" $required }}
