@@ -227,6 +227,7 @@ class StatusWriter:
         self._due: dict[str, float] = {}  # uid -> monotonic time its write is due
         self._tries: dict[str, int] = {}
         self._refreshed = 0.0  # monotonic time of the latest refresh
+        self._writing = False
         self._stop = False
         self._thread: threading.Thread | None = None
 
@@ -270,9 +271,9 @@ class StatusWriter:
             self._cond.notify_all()
 
     def idle(self) -> bool:
-        """Nothing left to write (for tests and a graceful stop's log)."""
+        """Nothing being written or left to write."""
         with self._cond:
-            return not self._due
+            return not self._due and not self._writing
 
     def _want(self, wanted: _Wanted) -> None:
         self._wanted[wanted.ref.uid] = wanted
@@ -288,7 +289,12 @@ class StatusWriter:
                     return
                 wanted = self._wanted[uid]
                 del self._due[uid]
-            self._write_one(wanted)
+                self._writing = True
+            try:
+                self._write_one(wanted)
+            finally:
+                with self._cond:
+                    self._writing = False
 
     def _next(self) -> str | None:
         """The claim whose write is due first, once due; None at stop."""
