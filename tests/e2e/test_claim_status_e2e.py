@@ -2,7 +2,8 @@
 through a token bound to its pod on the node (the API server's real authorization,
 its per-driver check of status.devices included), prepares a claim the real scheduler
 allocated, and the claim's status.devices then names the GPU and MIG device it got, by
-UUID, as the API server's validation accepted them; unpreparing removes them."""
+UUID, as the API server's validation accepted them; a GPU's health change shows in its
+entry; unpreparing removes them."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from tests.support.apiserver import (
     unique,
     wait_for,
 )
+from tests.support.health import inject
 from tests.support.plugin import short_tmp
 from tests.support.standin import KubeletStandin
 
@@ -58,7 +60,7 @@ def test_a_prepared_claim_names_its_devices_until_unprepared(
         plugin = PluginDaemon(folders.plugin_args(
             node=node, driver=driver, registry_dir=standin.registry_dir, mock=MOCK,
             kubeconfig=kubeconfig_with_token(control_plane, token, tmp_path),
-            mig_mode="static"), folders.plugin_log)
+            mig_mode="static", mock_state=root / "mock-state.json"), folders.plugin_log)
         try:
             standin.wait_registered(driver)
             claims = f"{RESOURCE_V1}/namespaces/{ns}/resourceclaims"
@@ -93,6 +95,21 @@ def test_a_prepared_claim_names_its_devices_until_unprepared(
                     assert target.static_mig is not None
                     assert (entry["data"]["uuid"], entry["data"]["parentUUID"]) == \
                         (target.static_mig.uuid, target.gpu.uuid)
+
+            # an informational XID (no eviction) on the whole GPU: a condition of its own
+            whole = next(r["device"] for r in results if r["request"] == "gpu")
+            inject(root / "mock-state.json", index[whole].gpu.minor, "--xid", "13")
+
+            def conditions() -> dict[str, list[tuple[str, str, str]]]:
+                return {e["device"]: [(c["type"], c["status"], c["reason"])
+                                      for c in e["conditions"]]
+                        for e in ours(get(api, f"{claims}/{name}"), driver)}
+
+            wait_for(lambda: len(conditions()[whole]) == 2, "the XID in the claim's status")
+            assert conditions()[whole] == [("Ready", "True", "Prepared"),
+                                           ("XidError", "True", "Xid13")]
+            [mig] = set(by_device) - {whole}
+            assert conditions()[mig] == [("Ready", "True", "Prepared")]
 
             delete(api, f"/api/v1/namespaces/{ns}/pods/{pod['metadata']['name']}")
             standin.wait_pod(made["metadata"]["uid"], "unprepared")
