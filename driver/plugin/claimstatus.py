@@ -108,15 +108,15 @@ def device_conditions(health: DeviceHealth, driver: str, prepared_at: datetime
                                 prepared_at))]
     troubles = []
     for taint in gpu_taints(health.gpu, driver):
-        kind_type, reason = _trouble(taint.key.removeprefix(f"{driver}/"), taint.value)
+        kind = taint.key.removeprefix(f"{driver}/")
+        kind_type, reason = _trouble(kind, taint.value)
         message = f"taint {taint.key}{'=' + taint.value if taint.value else ''}:{taint.effect}"
-        if reason.removeprefix("Xid").isdigit():
-            message += f" ({meaning(int(reason.removeprefix('Xid')))})"
+        if kind == "xid" and taint.value.isdigit():
+            message += f" ({meaning(int(taint.value))})"
         troubles.append(_condition(kind_type, "True", reason, message, taint.time_added))
     status = health.gpu.status
     if status == "healthy" or not troubles:
-        since = max([prepared_at, *(c["since"] for c in troubles)])
-        ready = _condition("Ready", "True", "Prepared", HEALTHY, since)
+        ready = _condition("Ready", "True", "Prepared", HEALTHY, prepared_at)
     else:
         worst = troubles[0]
         ready = _condition("Ready", "False" if status == "unhealthy" else "Unknown",
@@ -178,6 +178,30 @@ def claim_entries(driver: str, index: Mapping[str, Target], driver_version: str,
         entries.append(device_status(driver, device, target, health, driver_version,
                                      prepared_at))
     return entries
+
+
+def settled(previous: Sequence[Mapping[str, Any]] | None,
+            entries: list[dict[str, Any]], now: datetime) -> list[dict[str, Any]]:
+    """`entries` with each `Ready`'s lastTransitionTime as metav1 conditions keep it:
+    the time written before while its status is the same, `now` when it changed since
+    the last write (a GPU healthy again); as computed for an entry written first."""
+    before = {_key(e): c for e in previous or () for c in e.get("conditions", ())
+              if c["type"] == "Ready"}
+    out = []
+    for entry in entries:
+        old = before.get(_key(entry))
+        if old is not None:
+            conditions = [c if c["type"] != "Ready" else c | {"lastTransitionTime": (
+                old["lastTransitionTime"] if old["status"] == c["status"] else rfc3339(now))}
+                for c in entry.get("conditions", ())]
+            entry = entry | {"conditions": conditions}
+        out.append(entry)
+    return out
+
+
+def _key(entry: Mapping[str, Any]) -> tuple[str, str, str, str | None]:
+    """The key of status.devices, a map list."""
+    return entry["driver"], entry["pool"], entry["device"], entry.get("shareID")
 
 
 def apply_body(ref: ClaimRef, entries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -311,8 +335,8 @@ class StatusWriter:
 
     def _write_one(self, wanted: _Wanted) -> None:
         ref = wanted.ref
-        entries = self._entries(ref, wanted.devices, wanted.prepared_at) \
-            if wanted.devices else []
+        entries = settled(self._written.get(ref.uid), self._entries(
+            ref, wanted.devices, wanted.prepared_at), self._now()) if wanted.devices else []
         if self._written.get(ref.uid) == entries and wanted.devices:
             return  # a refresh that changed nothing of this claim
         try:

@@ -13,7 +13,7 @@ from driver.health.model import Condition, GpuHealth
 from driver.inventory.discovery import discover
 from driver.nvml.mock import mock_provider
 from driver.plugin.checkpoint import MigInstance, PreparedDevice
-from driver.plugin.claimstatus import DeviceHealth, claim_entries, device_status
+from driver.plugin.claimstatus import DeviceHealth, claim_entries, device_status, settled
 from driver.plugin.devices import Target, device_index
 from driver.plugin.monitor import HealthView
 from tests.support.plugin import DRIVER, NODE, mig_profile
@@ -180,3 +180,25 @@ def test_a_claims_entries_take_the_health_the_monitor_sees() -> None:
     assert [(e["device"], ready(e)["status"]) for e in entries] == \
         [("gpu-0", "True"), ("gpu-1", "False")]
     assert entries[0]["data"]["driverVersion"] == inventory.driver_version
+
+
+def test_ready_keeps_its_transition_time_until_its_status_changes() -> None:
+    target = device_index(discover(mock_provider("dgx-h100")), "static")["gpu-0"]
+    since = AT + timedelta(minutes=1)
+    sick = DeviceHealth(GpuHealth(0, (Condition("gpu-lost", "NoExecute", since, since),)))
+    later, latest = AT + timedelta(minutes=2), AT + timedelta(minutes=3)
+
+    def write(health: DeviceHealth, before: list[dict[str, Any]] | None,
+              now: datetime) -> list[dict[str, Any]]:
+        return settled(before, [device_status(DRIVER, prepared(target), target, health,
+                                              "550", AT)], now)
+
+    first = write(HEALTHY, None, AT)
+    assert ready(first[0])["lastTransitionTime"] == "2026-12-07T05:00:00Z"
+    assert write(HEALTHY, first, later) == first  # nothing changed: nothing to write
+    lost = write(sick, first, later)
+    assert (ready(lost[0])["status"], ready(lost[0])["lastTransitionTime"]) == \
+        ("False", "2026-12-07T05:02:00Z")
+    back = write(HEALTHY, lost, latest)
+    assert (ready(back[0])["status"], ready(back[0])["lastTransitionTime"]) == \
+        ("True", "2026-12-07T05:03:00Z")
