@@ -15,8 +15,9 @@ ours: no read-modify-write, no conflict. The claim's UID goes along: a claim del
 created again under the same name is refused, never written.
 
 A write never delays prepare or unprepare: `StatusWriter` keeps the wanted state per
-claim and a thread of its own writes it, the latest state only, retrying with backoff
-when the API server cannot be reached; a failed write is logged and counted.
+claim and a thread of its own writes it, the latest state only, a moment later (SETTLE),
+retrying with backoff when the API server cannot be reached; a failed write is logged
+and counted. A claim unprepared before its entries were written costs no write.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ MAX_CONDITIONS = 8  # resource.AllocatedDeviceStatusMaxConditions
 HEALTHY = "prepared; the GPU is healthy"
 MAX_MESSAGE = 1024  # the API allows 32768; a message is one line for `kubectl describe`
 RETRY_FIRST, RETRY_MAX = 0.5, 30.0  # seconds: backoff of a write that failed
+# seconds a prepared or unprepared claim waits before its write: the write does not
+# compete with the rest of the kubelet's call, and a claim unprepared meanwhile costs none
+SETTLE = 0.2
 REFRESH_INTERVAL = 1.0  # seconds: health changes re-check the claims at most this often
 WRITE_TIMEOUT = 10.0  # seconds one write may take
 # Refused for good: 403 (RBAC), 404 (claim gone), 409 (replaced: another UID), 422
@@ -250,6 +254,7 @@ class StatusWriter:
         self._written: dict[str, list[dict[str, Any]]] = {}  # as last written, by uid
         self._due: dict[str, float] = {}  # uid -> monotonic time its write is due
         self._tries: dict[str, int] = {}
+        self._sent: set[str] = set()  # claims whose entries may be on the API server
         self._refreshed = 0.0  # monotonic time of the latest refresh
         self._writing = False
         self._stop = False
@@ -266,10 +271,15 @@ class StatusWriter:
         if self._thread is not None:
             self._thread.join()
 
-    def prepared(self, ref: ClaimRef, devices: tuple[PreparedDevice, ...]) -> None:
+    def prepared(self, ref: ClaimRef, devices: tuple[PreparedDevice, ...], *,
+                 restored: bool = False) -> None:
+        """`restored`: prepared before this process started, so its entries may be on the
+        API server already."""
         with self._cond:
             known = self._wanted.get(ref.uid)
             at = known.prepared_at if known is not None and known.devices else self._now()
+            if restored:
+                self._sent.add(ref.uid)
             self._want(_Wanted(ref, devices, at))
 
     def unprepared(self, ref: ClaimRef) -> None:
@@ -282,6 +292,9 @@ class StatusWriter:
                     ref.check()
                 except ClaimError:
                     return
+            elif ref.uid not in self._sent:  # nothing written yet: nothing to remove
+                self._forget(ref.uid)
+                return
             self._want(_Wanted(known.ref if known is not None else ref, (), self._now()))
 
     def refresh(self) -> None:
@@ -301,7 +314,7 @@ class StatusWriter:
 
     def _want(self, wanted: _Wanted) -> None:
         self._wanted[wanted.ref.uid] = wanted
-        self._due[wanted.ref.uid] = time.monotonic()
+        self._due[wanted.ref.uid] = time.monotonic() + SETTLE
         self._tries.pop(wanted.ref.uid, None)
         self._cond.notify_all()
 
@@ -313,6 +326,7 @@ class StatusWriter:
                     return
                 wanted = self._wanted[uid]
                 del self._due[uid]
+                self._sent.add(uid)
                 self._writing = True
             try:
                 self._write_one(wanted)
@@ -377,5 +391,7 @@ class StatusWriter:
 
     def _forget(self, uid: str) -> None:
         self._wanted.pop(uid, None)
+        self._due.pop(uid, None)
+        self._sent.discard(uid)
         self._written.pop(uid, None)
         self._tries.pop(uid, None)

@@ -284,7 +284,7 @@ class Plugin:
         monitor = self.monitor = self._health_monitor(self.state, publisher)
         if self.claim_status is not None:
             for ref, prepared in self.state.prepared_claims():
-                self.claim_status.prepared(ref, prepared)
+                self.claim_status.prepared(ref, prepared, restored=True)
             self.claim_status.start()
         # the admin's requests first: a GPU kept out is never published untainted
         self.admin = AdminWatch(o.plugin_dir, lambda: monitor.view, monitor.apply)

@@ -86,6 +86,7 @@ def writer(api: FakeApi, health: Health, metrics: Metrics,
            monkeypatch: pytest.MonkeyPatch) -> Iterator[StatusWriter]:
     monkeypatch.setattr(claimstatus, "RETRY_FIRST", 0.05)
     monkeypatch.setattr(claimstatus, "REFRESH_INTERVAL", 0.05)
+    monkeypatch.setattr(claimstatus, "SETTLE", 0.05)
     made = StatusWriter(api.write, health.entries, metrics, lambda: datetime.now(UTC))
     made.start()
     yield made
@@ -153,10 +154,23 @@ def test_only_the_latest_state_of_a_claim_is_written(api: FakeApi, writer: Statu
     writer.prepared(busy, (DEVICE,))
     assert api.entered.wait(5)
     writer.prepared(claim, (DEVICE,))
-    writer.unprepared(claim)  # before its prepared state was written
+    writer.prepared(claim, (DEVICE, DEVICE))
+    restored = ref()  # prepared by the process before: its entries may be there
+    writer.prepared(restored, (DEVICE,), restored=True)
+    writer.unprepared(restored)
     api.gate.set()
     wait_for(writer.idle, "the writes done")
-    assert [devices for uid, devices in api.writes if uid == claim.uid] == [[]]
+    assert [(uid, len(devices)) for uid, devices in api.writes[1:]] == \
+        [(claim.uid, 2), (restored.uid, 0)]
+
+
+def test_a_claim_unprepared_before_its_write_costs_none(api: FakeApi, writer: StatusWriter
+                                                        ) -> None:
+    claim = ref()
+    writer.prepared(claim, (DEVICE,))
+    writer.unprepared(claim)
+    time.sleep(0.2)
+    assert api.writes == [] and writer.idle()
 
 
 def test_a_health_change_writes_the_claims_it_changes(api: FakeApi, writer: StatusWriter,
