@@ -22,6 +22,7 @@ and counted. A claim unprepared before its entries were written costs no write.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
 import time
@@ -253,6 +254,7 @@ class StatusWriter:
         self._wanted: dict[str, _Wanted] = {}  # prepared claims, and removals to write
         self._written: dict[str, list[dict[str, Any]]] = {}  # as last written, by uid
         self._due: dict[str, float] = {}  # uid -> monotonic time its write is due
+        self._queue: list[tuple[float, str]] = []  # a heap of _due's items (and stale ones)
         self._tries: dict[str, int] = {}
         self._sent: set[str] = set()  # claims whose entries may be on the API server
         self._refreshed = 0.0  # monotonic time of the latest refresh
@@ -304,7 +306,8 @@ class StatusWriter:
         with self._cond:
             self._refreshed = max(time.monotonic(), self._refreshed + REFRESH_INTERVAL)
             for wanted in self._wanted.values():
-                self._due.setdefault(wanted.ref.uid, self._refreshed)
+                if wanted.ref.uid not in self._due:
+                    self._schedule(wanted.ref.uid, self._refreshed)
             self._cond.notify_all()
 
     def idle(self) -> bool:
@@ -314,7 +317,7 @@ class StatusWriter:
 
     def _want(self, wanted: _Wanted) -> None:
         self._wanted[wanted.ref.uid] = wanted
-        self._due[wanted.ref.uid] = time.monotonic() + SETTLE
+        self._schedule(wanted.ref.uid, time.monotonic() + SETTLE)
         self._tries.pop(wanted.ref.uid, None)
         self._cond.notify_all()
 
@@ -337,8 +340,10 @@ class StatusWriter:
     def _next(self) -> str | None:
         """The claim whose write is due first, once due; None at stop."""
         while not self._stop:
-            if self._due:
-                uid, at = min(self._due.items(), key=lambda item: item[1])
+            while self._queue and self._due.get(self._queue[0][1]) != self._queue[0][0]:
+                heapq.heappop(self._queue)  # rescheduled or done since
+            if self._queue:
+                at, uid = self._queue[0]
                 wait = at - time.monotonic()
                 if wait <= 0:
                     return uid
@@ -386,8 +391,12 @@ class StatusWriter:
             delay = min(RETRY_MAX, RETRY_FIRST * 2 ** (tries - 1))
             log.warning("cannot write status.devices of ResourceClaim %s: %s; retrying in "
                         "%.1fs", ref, why, delay)
-            self._due[ref.uid] = time.monotonic() + delay
+            self._schedule(ref.uid, time.monotonic() + delay)
             self._cond.notify_all()
+
+    def _schedule(self, uid: str, at: float) -> None:
+        self._due[uid] = at
+        heapq.heappush(self._queue, (at, uid))
 
     def _forget(self, uid: str) -> None:
         self._wanted.pop(uid, None)

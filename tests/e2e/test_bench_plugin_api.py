@@ -2,7 +2,8 @@
 NodeUnprepareResources over the unix socket of a real `gpu-dra plugin --mock dgx-h100
 --kubeconfig ...` process, each claim a ResourceClaim in the real kube-apiserver that the
 plugin GETs (and, off the call, whose status.devices it writes). The claims are allocated
-by writing status.allocation directly (no scheduler), in the shapes of the local-directory bench (tests/bench/test_bench_plugin.py).
+by writing status.allocation directly (no scheduler), in the shapes of the
+local-directory bench (tests/bench/test_bench_plugin.py).
 
 Run with `pytest tests/e2e/test_bench_plugin_api.py --benchmark-enable`; the numbers go to
 docs/benchmarks.md (p50 is the median; p99 is in each benchmark's extra_info). Under the
