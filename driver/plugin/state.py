@@ -405,8 +405,9 @@ class PluginState:
             self.metrics.claim_done("prepare", outcome.reason if outcome.error else None)
         if self.status is not None:  # noted here, written by its own thread
             for ref in unique.values():
-                if outcomes[ref.uid].error is None:
-                    self.status.prepared(ref, outcomes[ref.uid].devices)
+                outcome = outcomes.get(ref.uid)
+                if outcome is not None and outcome.error is None:
+                    self.status.prepared(ref, outcome.devices)
         return outcomes
 
     def prepared_claims(self) -> list[tuple[ClaimRef, tuple[PreparedDevice, ...]]]:
@@ -726,7 +727,8 @@ class PluginState:
             self.metrics.claim_done("unprepare", outcome.reason if outcome.error else None)
         if self.status is not None:
             for ref in refs:
-                if ref.uid in uids and outcomes[ref.uid].error is None:
+                outcome = outcomes.get(ref.uid)
+                if ref.uid in uids and outcome is not None and outcome.error is None:
                     self.status.unprepared(ref)
         return outcomes
 

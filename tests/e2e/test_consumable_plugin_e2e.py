@@ -84,6 +84,12 @@ def test_four_20g_shares_of_one_h100_each_get_a_daemon_with_their_own_limits(
             assert ask(claim_dir, "get_default_active_thread_percentage") == f"{compute}.0"
             assert ask(claim_dir, "get_default_device_pinned_mem_limit 0") == \
                 mps_memory(memory)
+            # its status.devices entry (KEP-4817) is the share's, by shareID
+            entries = wait_for(lambda: ((get(api, f"{claims.claims}/{name}") or {})
+                                        .get("status", {}).get("devices")),
+                               f"status.devices of {name}")
+            assert [(e["device"], e["shareID"]) for e in entries] == \
+                [(result["device"], result["shareID"])]
         assert len(runner.pods()) == 5
 
         delete(api, f"{claims.pods}/{names[0]}")
