@@ -405,9 +405,9 @@ class PluginState:
             self.metrics.claim_done("prepare", outcome.reason if outcome.error else None)
         if self.status is not None:  # noted here, written by its own thread
             for ref in unique.values():
-                outcome = outcomes.get(ref.uid)
-                if outcome is not None and outcome.error is None:
-                    self.status.prepared(ref, outcome.devices)
+                done = outcomes.get(ref.uid)
+                if done is not None and done.error is None:
+                    self.status.prepared(ref, done.devices)
         return outcomes
 
     def prepared_claims(self) -> list[tuple[ClaimRef, tuple[PreparedDevice, ...]]]:
@@ -727,8 +727,8 @@ class PluginState:
             self.metrics.claim_done("unprepare", outcome.reason if outcome.error else None)
         if self.status is not None:
             for ref in refs:
-                outcome = outcomes.get(ref.uid)
-                if ref.uid in uids and outcome is not None and outcome.error is None:
+                done = outcomes.get(ref.uid)
+                if ref.uid in uids and done is not None and done.error is None:
                     self.status.unprepared(ref)
         return outcomes
 
