@@ -53,6 +53,7 @@ RETRY_FIRST, RETRY_MAX = 0.5, 30.0  # seconds: backoff of a write that failed
 SETTLE = 0.2
 REFRESH_INTERVAL = 1.0  # seconds: health changes re-check the claims at most this often
 WRITE_TIMEOUT = 10.0  # seconds one write may take
+STOP_WAIT = 2.0  # seconds a stop waits for a write in flight
 # Refused for good: 403 (RBAC), 404 (claim gone), 409 (replaced: another UID), 422
 # (invalid, e.g. deallocated): retrying cannot help.
 FINAL = frozenset({400, 403, 404, 409, 422})
@@ -267,11 +268,13 @@ class StatusWriter:
         self._thread.start()
 
     def stop(self) -> None:
+        """Writes still due are dropped (the next start writes its prepared claims again);
+        one in flight gets STOP_WAIT seconds, not its whole timeout, to end."""
         with self._cond:
             self._stop = True
             self._cond.notify_all()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(STOP_WAIT)
 
     def prepared(self, ref: ClaimRef, devices: tuple[PreparedDevice, ...], *,
                  restored: bool = False) -> None:

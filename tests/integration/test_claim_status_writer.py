@@ -114,10 +114,10 @@ def test_a_hung_api_server_does_not_hold_prepare_back(api: FakeApi, writer: Stat
     first, second = ref(), ref()
     writer.prepared(first, (DEVICE,))
     assert api.entered.wait(5)
-    started = time.monotonic()
+    # the API server holds the first write: these return all the same (the bench says
+    # how fast)
     writer.prepared(second, (DEVICE,))
     writer.unprepared(first)
-    assert time.monotonic() - started < 0.5  # it notes, and returns (the bench measures)
     assert not writer.idle()
     api.gate.set()
     wait_for(writer.idle, "the writes done")
