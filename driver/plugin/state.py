@@ -412,11 +412,13 @@ class PluginState:
 
     def prepared_claims(self) -> list[tuple[ClaimRef, tuple[PreparedDevice, ...]]]:
         """The claims prepared on this node and their devices (their status is written
-        again at start: health may have changed while the plugin was away)."""
+        again at start: health may have changed while the plugin was away); not those
+        rebuilt from CDI specs, whose name is unknown until the kubelet prepares them
+        again."""
         with self.records.lock:
             return [(ClaimRef(r.namespace, r.name, r.uid), r.devices)
                     for r in map(self.records.__getitem__, self.records)
-                    if r.state == "PrepareCompleted"]
+                    if r.state == "PrepareCompleted" and not is_rebuilt(r)]
 
     def _serialized(self, uids: set[str], outcomes: dict[str, Outcome], deadline: float,
                     work: Callable[[], None]) -> None:

@@ -15,6 +15,8 @@ from driver.devcluster.controlplane import LocalCluster
 from driver.devcluster.node import PluginDaemon, PluginFolders
 from driver.inventory.discovery import discover
 from driver.nvml.mock import mock_provider
+from driver.plugin.claims import ClaimRef
+from driver.plugin.claimstatus import api_writer, apply_body
 from driver.plugin.devices import device_index
 from tests.e2e.test_rbac import (  # noqa: F401 (install: a fixture)
     Install,
@@ -57,10 +59,11 @@ def test_a_prepared_claim_names_its_devices_until_unprepared(
     with short_tmp() as root:
         standin = kubelet_standin(node, root, "v1", driver)
         folders = PluginFolders(root)
-        plugin = PluginDaemon(folders.plugin_args(
+        args = folders.plugin_args(
             node=node, driver=driver, registry_dir=standin.registry_dir, mock=MOCK,
             kubeconfig=kubeconfig_with_token(control_plane, token, tmp_path),
-            mig_mode="static", mock_state=root / "mock-state.json"), folders.plugin_log)
+            mig_mode="static", mock_state=root / "mock-state.json")
+        plugin = PluginDaemon(args, folders.plugin_log)
         try:
             standin.wait_registered(driver)
             claims = f"{RESOURCE_V1}/namespaces/{ns}/resourceclaims"
@@ -95,6 +98,18 @@ def test_a_prepared_claim_names_its_devices_until_unprepared(
                     assert target.static_mig is not None
                     assert (entry["data"]["uuid"], entry["data"]["parentUUID"]) == \
                         (target.static_mig.uuid, target.gpu.uuid)
+
+            # a restarted plugin writes its prepared claims again (here: entries removed
+            # while it was away)
+            plugin.stop()
+            ref = ClaimRef(ns, name, claim["metadata"]["uid"])
+            api_writer(api, driver)(ref, apply_body(ref, []))
+            assert ours(get(api, f"{claims}/{name}"), driver) == []
+            plugin = PluginDaemon(args, folders.plugin_log)
+            wait_for(lambda: [(e["device"], e["data"]) for e in ours(
+                get(api, f"{claims}/{name}"), driver)] == [(e["device"], e["data"])
+                                                           for e in entries],
+                "the claim's status.devices written again")
 
             # an informational XID (no eviction) on the whole GPU: a condition of its own
             whole = next(r["device"] for r in results if r["request"] == "gpu")
