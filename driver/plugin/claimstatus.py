@@ -54,8 +54,9 @@ SETTLE = 0.2
 REFRESH_INTERVAL = 1.0  # seconds: health changes re-check the claims at most this often
 WRITE_TIMEOUT = 10.0  # seconds one write may take
 STOP_WAIT = 2.0  # seconds a stop waits for a write in flight
-# Refused for good: 403 (RBAC), 404 (claim gone), 409 (replaced: another UID), 422
-# (invalid, e.g. deallocated): retrying cannot help.
+# Refused for good, retrying cannot help: 400, 403 (RBAC), 404 (claim gone), 409, 422
+# (invalid: a claim made again under the name, whose UID differs, or a device no longer
+# allocated, or another driver's entry, which the API server's per-driver check refuses).
 FINAL = frozenset({400, 403, 404, 409, 422})
 
 # A condition per kind of trouble (driver.health.model.Kind): its type and reason.

@@ -23,7 +23,7 @@ from driver.kube.api import ApiError, ApiResult, api_request
 from driver.kube.events import post_node_event
 from driver.nvml.mock import mock_provider
 from driver.plugin.claims import ClaimRef
-from driver.plugin.claimstatus import api_writer, apply_body
+from driver.plugin.claimstatus import FINAL, api_writer, apply_body
 from driver.plugin.mps import ClaimMps, Limits
 from driver.plugin.mpspod import PodSettings, pod_spec
 from driver.resourceslice.publish import ApiPublisher, SlicePool
@@ -362,6 +362,12 @@ def test_driver_writes_only_its_own_entries_of_its_own_nodes_claims(
     assert 'cannot arbitrary-node:patch resource "resourceclaims/driver"' in \
         str(refusal.value)
     assert "must be an allocated device" not in str(refusal.value)
+
+    replaced = ClaimRef(ref.namespace, ref.name, str(uuid.uuid4()))  # deleted, made again
+    with pytest.raises(ApiError) as refusal:
+        api_writer(api, install.driver)(replaced, apply_body(replaced, [ours]))
+    assert refusal.value.result.status in FINAL  # not retried
+    assert "metadata.uid" in str(refusal.value) and "immutable" in str(refusal.value)
 
     api_writer(api, install.driver)(ref, apply_body(ref, []))
     assert entries() == [(others, "nic-0", {"mac": "x"})]
