@@ -56,8 +56,9 @@ from driver.nvml.events import HealthWatch
 from driver.plugin import mockroot, mpspod
 from driver.plugin.admin import STATUS_FILE, AdminWatch, status_doc, write_status
 from driver.plugin.cdi import DriverFiles
-from driver.plugin.checkpoint import BOOT_ID_PATH, read_boot_id
-from driver.plugin.claims import ApiClaimSource, ClaimSource, DirClaimSource
+from driver.plugin.checkpoint import BOOT_ID_PATH, PreparedDevice, read_boot_id
+from driver.plugin.claims import ApiClaimSource, ClaimRef, ClaimSource, DirClaimSource
+from driver.plugin.claimstatus import StatusWriter, api_writer, claim_entries
 from driver.plugin.devices import Target, device_index
 from driver.plugin.driverfiles import HostDevices, driver_files, hook_missing, host_devices
 from driver.plugin.exclusion import NodeExclusion, annotation_key
@@ -214,6 +215,7 @@ class Plugin:
         self._exclusion: NodeExclusion | None = None
         self._unmatched: tuple[str, ...] = ()
         self._left = ""  # the GPUs excluded, as logged
+        self.claim_status: StatusWriter | None = None
 
     def _sources(self) -> tuple[Publisher, ClaimSource]:
         """Local directory or API server, unless the caller gave its own."""
@@ -266,6 +268,7 @@ class Plugin:
         make_dir(o.cdi_root, SHARED_DIR)  # read by the container runtime
         devices, files = self._host_files(inventory)
         self._report_hook(files)
+        self.claim_status = self._claim_status()
         self.state = PluginState(
             tools=DeviceTools(
                 files=files, devices=devices, host=self.provider.host,
@@ -282,7 +285,7 @@ class Plugin:
             published=self._published(parts, index),
             paths=Paths(checkpoint=o.checkpoint_path, cdi_root=o.cdi_root,
                         node_lock=o.lock_path),
-            claim_source=claims, metrics=self.metrics)
+            claim_source=claims, metrics=self.metrics, status=self.claim_status)
         self.state.recover(lambda: remove_dead_sockets(o.registry_dir, o.plugin_dir, o.driver))
         self._board = HealthBoard()
         threading.Thread(target=self.state.watch_mps,
@@ -291,6 +294,10 @@ class Plugin:
         from driver.resourceslice.errors import PublishTimeout
 
         monitor = self.monitor = self._health_monitor(self.state, publisher)
+        if self.claim_status is not None:
+            for ref, prepared in self.state.prepared_claims():
+                self.claim_status.prepared(ref, prepared, restored=True)
+            self.claim_status.start()
         # the admin's requests first: a GPU kept out is never published untainted
         self.admin = AdminWatch(o.plugin_dir, lambda: monitor.view, monitor.apply)
         self.admin.check()
@@ -316,6 +323,24 @@ class Plugin:
         self.servers.start()
         self.rediscoverer = Rediscoverer(self.rediscover, o.rediscover_interval)
         self.rediscoverer.start()
+
+    def _claim_status(self) -> StatusWriter | None:
+        """In a cluster, the writer of the prepared claims' status.devices, with the
+        devices published and the health seen when it writes."""
+        if self._api is None:
+            return None
+        driver = self.options.driver
+
+        def entries(ref: ClaimRef, devices: tuple[PreparedDevice, ...],
+                    prepared_at: datetime) -> list[dict[str, Any]]:
+            assert self.state is not None and self.monitor is not None
+            published = self.state.published
+            return claim_entries(driver, published.index,
+                                 published.inventory.driver_version, self.monitor.view,
+                                 devices, prepared_at)
+
+        return StatusWriter(api_writer(self._api, driver), entries, self.metrics,
+                            lambda: datetime.now(UTC))
 
     def _host_files(self, inventory: Inventory) -> tuple[HostDevices, DriverFiles]:
         """The device nodes of the inventory's GPUs and the driver's files of its version,
@@ -412,6 +437,8 @@ class Plugin:
         self._board.update(view)
         self._republisher.changed(view.gpus)
         self._write_status(view)
+        if self.claim_status is not None:
+            self.claim_status.refresh()
 
     def _write_status(self, view: HealthView) -> None:
         try:
@@ -450,6 +477,8 @@ class Plugin:
         if self.options.cleanup and self._publisher is not None:
             removed = self._publisher.cleanup()
             log.info("removed this node's ResourceSlices (%s)", removed)
+        if self.claim_status is not None:
+            self.claim_status.stop()
         if self.state is not None:
             self.state.close()
             self.provider.nvml.nvmlShutdown()

@@ -60,6 +60,12 @@ class Metrics:
                                     "daemons found dead and started again with their "
                                     "claim's limits.", registry=r)
 
+        self.claim_status_writes = Counter(
+            f"{PREFIX}_claim_status_writes_total", "Writes of ResourceClaim status.devices, "
+            "by result: success, error (retried with backoff), refused (the API server "
+            "refused it for good: the claim is gone, replaced or deallocated, or RBAC).",
+            ["result"], registry=r)
+
     def claim_done(self, operation: str, error_reason: str | None) -> None:
         self.claims.labels(operation, "error" if error_reason else "success").inc()
         if error_reason:

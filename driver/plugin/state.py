@@ -64,6 +64,7 @@ from driver.plugin.claims import (
     ClaimSource,
     claim_allocation,
 )
+from driver.plugin.claimstatus import StatusWriter
 from driver.plugin.config import (
     DeviceConfig,
     GpuConfig,
@@ -221,8 +222,10 @@ class PluginState:
     """Prepare and unprepare over this node's records and effects; see the module."""
 
     def __init__(self, *, identity: Identity, paths: Paths, published: Published,
-                 tools: DeviceTools, claim_source: ClaimSource, metrics: Metrics) -> None:
+                 tools: DeviceTools, claim_source: ClaimSource, metrics: Metrics,
+                 status: StatusWriter | None = None) -> None:
         self.identity = identity
+        self.status = status  # in a cluster: the claims' status.devices
         self.published = published
         self.claim_source = claim_source
         self.metrics = metrics
@@ -401,7 +404,22 @@ class PluginState:
                 mine, fetched, outcomes, deadline))
         for outcome in outcomes.values():
             self.metrics.claim_done("prepare", outcome.reason if outcome.error else None)
+        if self.status is not None:  # noted here, written by its own thread
+            for ref in unique.values():
+                done = outcomes.get(ref.uid)
+                if done is not None and done.error is None:
+                    self.status.prepared(ref, done.devices)
         return outcomes
+
+    def prepared_claims(self) -> list[tuple[ClaimRef, tuple[PreparedDevice, ...]]]:
+        """The claims prepared on this node and their devices (their status is written
+        again at start: health may have changed while the plugin was away); not those
+        rebuilt from CDI specs, whose name is unknown until the kubelet prepares them
+        again."""
+        with self.records.lock:
+            return [(ClaimRef(r.namespace, r.name, r.uid), r.devices)
+                    for r in map(self.records.__getitem__, self.records)
+                    if r.state == "PrepareCompleted" and not is_rebuilt(r)]
 
     def _serialized(self, uids: set[str], outcomes: dict[str, Outcome], deadline: float,
                     work: Callable[[], None]) -> None:
@@ -717,6 +735,11 @@ class PluginState:
                              lambda: self._unprepare_held(held, outcomes))
         for outcome in outcomes.values():
             self.metrics.claim_done("unprepare", outcome.reason if outcome.error else None)
+        if self.status is not None:
+            for ref in refs:
+                done = outcomes.get(ref.uid)
+                if ref.uid in uids and done is not None and done.error is None:
+                    self.status.unprepared(ref)
         return outcomes
 
     def _unprepare_held(self, uids: set[str], outcomes: dict[str, Outcome]) -> None:

@@ -1,8 +1,9 @@
 """Kubelet plugin cost with claims from the API server: NodePrepareResources and
 NodeUnprepareResources over the unix socket of a real `gpu-dra plugin --mock dgx-h100
 --kubeconfig ...` process, each claim a ResourceClaim in the real kube-apiserver that the
-plugin GETs. The claims are allocated by writing status.allocation directly (no
-scheduler), in the shapes of the local-directory bench (tests/bench/test_bench_plugin.py).
+plugin GETs (and, off the call, whose status.devices it writes). The claims are allocated
+by writing status.allocation directly (no scheduler), in the shapes of the
+local-directory bench (tests/bench/test_bench_plugin.py).
 
 Run with `pytest tests/e2e/test_bench_plugin_api.py --benchmark-enable`; the numbers go to
 docs/benchmarks.md (p50 is the median; p99 is in each benchmark's extra_info). Under the
@@ -12,13 +13,21 @@ default test run each benchmark runs once, as a smoke test.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from driver.devcluster.controlplane import FakeNodeKeeper
+from driver.inventory.discovery import discover
 from driver.kube.api import api_request
+from driver.nvml.mock import mock_provider
+from driver.plugin.checkpoint import PreparedDevice
+from driver.plugin.claims import ClaimRef
+from driver.plugin.claimstatus import api_writer, apply_body, claim_entries
+from driver.plugin.devices import device_index
+from driver.plugin.monitor import HealthView
 from tests.support.apiserver import RESOURCE_V1, SLICES, ControlPlane, create, unique, wait_for
 from tests.support.plugin import DRIVER, Claim, Node, short_tmp
 from tests.support.plugin_bench import Daemon, bench_prepare, bench_unprepare, daemon_process
@@ -101,3 +110,21 @@ def test_unprepare_latency(benchmark: BenchmarkFixture, control_plane: ControlPl
                            daemon: Daemon, admin_namespace: str, node_name: str,
                          case: str) -> None:
     bench_unprepare(benchmark, daemon, claims_for(control_plane, admin_namespace, node_name, case))
+
+
+def test_claim_status_write_latency(benchmark: BenchmarkFixture, control_plane: ControlPlane,
+                                    admin_namespace: str, node_name: str) -> None:
+    """What the plugin's writer thread spends per claim on the API server, off the prepare
+    path: one server-side apply of the entries of an 8-GPU claim, and one of their
+    removal."""
+    [results] = shapes_in(node_name)["1 claim, 8 GPUs"]
+    claim = allocated_claim(control_plane.api, admin_namespace, results)
+    ref = ClaimRef(claim.namespace, claim.name, claim.uid)
+    inventory = discover(mock_provider("dgx-h100"))
+    devices = [PreparedDevice(("gpu",), r["pool"], r["device"], ("x",), "GPU-x")
+               for r in results]
+    entries = claim_entries(DRIVER, device_index(inventory, "static"),
+                            inventory.driver_version, HealthView({}, {}, {}), devices,
+                            datetime.now(UTC))
+    write = api_writer(control_plane.api, DRIVER)
+    benchmark(lambda: (write(ref, apply_body(ref, entries)), write(ref, apply_body(ref, []))))

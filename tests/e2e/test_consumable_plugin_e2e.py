@@ -7,6 +7,7 @@ units, active thread percentage its compute); unpreparing one leaves the others 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +50,13 @@ def share(claims: Claims, name: str, memory: str, compute: int) -> str:
     return uid
 
 
+def status_devices(api: Any, path: str) -> list[dict[str, Any]] | None:
+    """The claim's status.devices (KEP-4817), if any."""
+    claim = get(api, path) or {}
+    devices: list[dict[str, Any]] | None = claim.get("status", {}).get("devices")
+    return devices
+
+
 def test_four_20g_shares_of_one_h100_each_get_a_daemon_with_their_own_limits(
     control_plane: ControlPlane, fake_node: Callable[..., str], namespace: str,
     kubelet_standin: Callable[..., KubeletStandin], scheduler: Any,
@@ -84,6 +92,11 @@ def test_four_20g_shares_of_one_h100_each_get_a_daemon_with_their_own_limits(
             assert ask(claim_dir, "get_default_active_thread_percentage") == f"{compute}.0"
             assert ask(claim_dir, "get_default_device_pinned_mem_limit 0") == \
                 mps_memory(memory)
+            # its status.devices entry (KEP-4817) is the share's, by shareID
+            entries = wait_for(functools.partial(status_devices, api, f"{claims.claims}/{name}"),
+                               f"status.devices of {name}")
+            assert [(e["device"], e["shareID"]) for e in entries] == \
+                [(result["device"], result["shareID"])]
         assert len(runner.pods()) == 5
 
         delete(api, f"{claims.pods}/{names[0]}")

@@ -19,10 +19,11 @@ import pytest
 import yaml
 
 from driver.inventory.discovery import discover
-from driver.kube.api import ApiResult, api_request
+from driver.kube.api import ApiError, ApiResult, api_request
 from driver.kube.events import post_node_event
 from driver.nvml.mock import mock_provider
 from driver.plugin.claims import ClaimRef
+from driver.plugin.claimstatus import FINAL, api_writer, apply_body
 from driver.plugin.mps import ClaimMps, Limits
 from driver.plugin.mpspod import PodSettings, pod_spec
 from driver.resourceslice.publish import ApiPublisher, SlicePool
@@ -76,6 +77,14 @@ def token_for(api: Any, install: Install, bound_pod: dict[str, Any] | None) -> s
 
 def client_with_token(control_plane: ControlPlane, token: str, folder: Path) -> Any:
     """An API client of the session cluster that authenticates with ``token`` only."""
+    from kubernetes import config as kube_config
+
+    path = kubeconfig_with_token(control_plane, token, folder)
+    return kube_config.new_client_from_config(config_file=str(path))
+
+
+def kubeconfig_with_token(control_plane: ControlPlane, token: str, folder: Path) -> Path:
+    """A kubeconfig file of the session cluster that authenticates with ``token`` only."""
     admin = yaml.safe_load(control_plane.kubeconfig.read_text())
     config = {**admin, "users": [{"name": "driver", "user": {"token": token}}],
               "contexts": [{"name": "driver", "context": {
@@ -83,9 +92,7 @@ def client_with_token(control_plane: ControlPlane, token: str, folder: Path) -> 
               "current-context": "driver"}
     path = folder / f"kubeconfig-{unique('token')}"
     path.write_text(yaml.safe_dump(config))
-    from kubernetes import config as kube_config
-
-    return kube_config.new_client_from_config(config_file=str(path))
+    return path
 
 
 def plugin_pod(control_plane: ControlPlane, install: Install, node: str) -> dict[str, Any]:
@@ -294,3 +301,73 @@ def test_driver_runs_mps_daemon_pods_on_its_node_only(
     assert [p["metadata"]["uid"] for p in listed["items"]] == [created_pod["metadata"]["uid"]]
     api_request(api, "DELETE", path, {"gracePeriodSeconds": 0}).expect(200)
     assert get(control_plane.api, path) is None
+
+
+def allocated_claim(control_plane: ControlPlane, install: Install, node: str,
+                    others: str) -> ClaimRef:
+    """A claim allocated on ``node``: gpu-0 of the driver and nic-0 of driver ``others``
+    (allocated by hand, as the scheduler would)."""
+    claims = CLAIMS.format(ns=install.namespace)
+    requests = [{"name": name, "exactly": {"deviceClassName": install.driver}}
+                for name in ("gpu", "nic")]
+    claim = create(control_plane.api, claims, {
+        "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+        "metadata": {"name": unique("claim")}, "spec": {"devices": {"requests": requests}}})
+    claim["status"] = {"allocation": {
+        "devices": {"results": [
+            {"request": "gpu", "driver": install.driver, "pool": node, "device": "gpu-0"},
+            {"request": "nic", "driver": others, "pool": node, "device": "nic-0"}]},
+        "nodeSelector": {"nodeSelectorTerms": [{"matchFields": [
+            {"key": "metadata.name", "operator": "In", "values": [node]}]}]}}}
+    meta = claim["metadata"]
+    api_request(control_plane.api, "PUT", f"{claims}/{meta['name']}/status",
+                claim).expect(200)
+    return ClaimRef(install.namespace, meta["name"], meta["uid"])
+
+
+def test_driver_writes_only_its_own_entries_of_its_own_nodes_claims(
+    control_plane: ControlPlane, driver_on_node: tuple[Any, str], install: Install,
+    fake_node: Callable[..., str],
+) -> None:
+    """status.devices (KEP-4817): the chart's role is enough for the plugin's writes
+    (server-side apply of its entries), and the API server's per-driver check keeps it
+    to entries of its driver in claims allocated on its node."""
+    api, node = driver_on_node
+    others = "nic.example.com"
+    ref = allocated_claim(control_plane, install, node, others)
+    path = f"{CLAIMS.format(ns=ref.namespace)}/{ref.name}"
+    ours = {"driver": install.driver, "pool": node, "device": "gpu-0",
+            "data": {"uuid": "GPU-1"}}
+    theirs = {"driver": others, "pool": node, "device": "nic-0", "data": {"mac": "x"}}
+    api_writer(control_plane.api, others)(ref, apply_body(ref, [theirs]))
+
+    def entries() -> list[tuple[str, str, dict[str, str]]]:
+        return [(e["driver"], e["device"], e["data"])
+                for e in get(control_plane.api, path)["status"]["devices"]]
+
+    api_writer(api, install.driver)(ref, apply_body(ref, [ours]))
+    assert entries() == [(others, "nic-0", {"mac": "x"}), (install.driver, "gpu-0",
+                                                           {"uuid": "GPU-1"})]
+
+    with pytest.raises(ApiError) as refusal:  # another driver's entry
+        api_writer(api, install.driver)(ref, apply_body(ref, [ours, {**theirs, "data": {}}]))
+    assert f'"{others}" is forbidden' in str(refusal.value)
+    assert 'cannot associated-node:patch resource "resourceclaims/driver"' in \
+        str(refusal.value)
+    other_node = fake_node()
+    elsewhere = allocated_claim(control_plane, install, other_node, others)
+    with pytest.raises(ApiError) as refusal:  # a claim allocated on another node
+        api_writer(api, install.driver)(elsewhere, apply_body(elsewhere, [
+            {**ours, "pool": other_node}]))
+    assert 'cannot arbitrary-node:patch resource "resourceclaims/driver"' in \
+        str(refusal.value)
+    assert "must be an allocated device" not in str(refusal.value)
+
+    replaced = ClaimRef(ref.namespace, ref.name, str(uuid.uuid4()))  # deleted, made again
+    with pytest.raises(ApiError) as refusal:
+        api_writer(api, install.driver)(replaced, apply_body(replaced, [ours]))
+    assert refusal.value.result.status in FINAL  # not retried
+    assert "metadata.uid" in str(refusal.value) and "immutable" in str(refusal.value)
+
+    api_writer(api, install.driver)(ref, apply_body(ref, []))
+    assert entries() == [(others, "nic-0", {"mac": "x"})]

@@ -102,6 +102,15 @@ class Stream:
                 return arrived, report
 
 
+def inject(state: Path, gpu: int, *fault: str) -> None:
+    """`gpu-dra mock inject --mock-state STATE --gpu GPU <fault>`, as an admin or a check
+    would run it."""
+    done = subprocess.run([sys.executable, "-m", "driver.cli", "mock", "inject",
+                           "--mock-state", str(state), "--gpu", str(gpu), *fault],
+                          capture_output=True, text=True, cwd=REPO, timeout=60, check=False)
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+
+
 def p50_p99(seconds: list[float]) -> dict[str, float]:
     """Milliseconds: the median and the 99th percentile (nearest rank) of `seconds`."""
     ordered = sorted(seconds)
@@ -130,11 +139,7 @@ class HealthNode:
 
     def inject(self, *fault: str) -> None:
         """`gpu-dra mock inject --gpu 3 <fault>`, as an admin or a check would run it."""
-        done = subprocess.run([sys.executable, "-m", "driver.cli", "mock", "inject",
-                               "--mock-state", str(self.state), "--gpu", str(SICK), *fault],
-                              capture_output=True, text=True, cwd=REPO, timeout=60,
-                              check=False)
-        assert (done.returncode, done.stderr) == (0, ""), done.stderr
+        inject(self.state, SICK, *fault)
 
     def devices(self) -> dict[str, dict[str, Any]] | None:
         """The node's published devices by name, as the API server has them, when its pool
