@@ -61,6 +61,22 @@ def reports(mps: MpsNode) -> int:
     return mps.folders.plugin_log.read_text().count("had died")
 
 
+def prepared_pod(mps: MpsNode, api: Any, namespace: str, node: str
+                 ) -> tuple[str, dict[str, Any]]:
+    """A pod on `node` with an MPS claim `mps` of one GPU (30 %, 8Gi), once the kubelet
+    stand-in has it prepared: its uid, and its claim as the stand-in reports it."""
+    create(api, f"{RESOURCE_V1}/namespaces/{namespace}/resourceclaims", {
+        "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+        "metadata": {"name": "mps"},
+        "spec": {"devices": {"requests": [{"name": "gpu", "exactly": {
+            "deviceClassName": DRIVER}}], "config": [opaque(MPS, ["gpu"])]}}})
+    pod = pod_with_claim("mps", {"resourceClaimName": "mps"})
+    pod["spec"]["nodeSelector"] = {"kubernetes.io/hostname": node}
+    pod_uid = create(api, f"/api/v1/namespaces/{namespace}/pods", pod)["metadata"]["uid"]
+    [claim] = mps.standin.wait_pod(pod_uid, "prepared")["claims"]
+    return pod_uid, claim
+
+
 def test_a_claims_mps_daemon_runs_in_a_pod_that_outlives_the_plugin(
     control_plane: ControlPlane, fake_node: Callable[..., str], namespace: str,
     kubelet_standin: Callable[..., KubeletStandin], scheduler: Any,
@@ -73,15 +89,7 @@ def test_a_claims_mps_daemon_runs_in_a_pod_that_outlives_the_plugin(
         standin, folders, args, plugins, runner = (mps.standin, mps.folders, mps.args,
                                                    mps.plugins, mps.runner)
 
-        create(api, f"{RESOURCE_V1}/namespaces/{namespace}/resourceclaims", {
-            "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
-            "metadata": {"name": "mps"},
-            "spec": {"devices": {"requests": [{"name": "gpu", "exactly": {
-                "deviceClassName": DRIVER}}], "config": [opaque(MPS, ["gpu"])]}}})
-        pod = pod_with_claim("mps", {"resourceClaimName": "mps"})
-        pod["spec"]["nodeSelector"] = {"kubernetes.io/hostname": node}
-        pod_uid = create(api, f"/api/v1/namespaces/{namespace}/pods", pod)["metadata"]["uid"]
-        [claim] = standin.wait_pod(pod_uid, "prepared")["claims"]
+        pod_uid, claim = prepared_pod(mps, api, namespace, node)
         claim_dir = folders.plugin_dir / "mps" / claim["uid"]
 
         [daemon_pod] = runner.pods()
@@ -133,15 +141,7 @@ def test_a_daemon_its_pod_starts_again_is_down_on_the_health_stream_then_reporte
     node = fake_node()
     with contextlib.ExitStack() as stack:
         mps = mps_node(stack, control_plane, node, namespace, kubelet_standin)
-        create(api, f"{RESOURCE_V1}/namespaces/{namespace}/resourceclaims", {
-            "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
-            "metadata": {"name": "mps"},
-            "spec": {"devices": {"requests": [{"name": "gpu", "exactly": {
-                "deviceClassName": DRIVER}}], "config": [opaque(MPS, ["gpu"])]}}})
-        pod = pod_with_claim("mps", {"resourceClaimName": "mps"})
-        pod["spec"]["nodeSelector"] = {"kubernetes.io/hostname": node}
-        pod_uid = create(api, f"/api/v1/namespaces/{namespace}/pods", pod)["metadata"]["uid"]
-        [claim] = mps.standin.wait_pod(pod_uid, "prepared")["claims"]
+        pod_uid, claim = prepared_pod(mps, api, namespace, node)
         claim_dir = mps.folders.plugin_dir / "mps" / claim["uid"]
         [result] = get(api, f"{RESOURCE_V1}/namespaces/{namespace}/resourceclaims/mps"
                        )["status"]["allocation"]["devices"]["results"]
