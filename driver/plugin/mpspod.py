@@ -8,6 +8,10 @@ starts the driver root's `nvidia-cuda-mps-control -f` with the claim's environme
 its `claim.json`, tells it the limits once it answers, writes `ready` in the claim's
 directory, and exits when the daemon does. restartPolicy OnFailure: a daemon that dies
 is started again by the kubelet, limits included; one told `quit` exits 0 and stays down.
+Each start is counted in the claim's `starts`, and the plugin writes in `starts-seen` the
+count it has accounted for (its own start, or a restart it reported): a restart is one
+count more, whenever the plugin looks (right after prepare, or after its own restart),
+where a new pid was seen only by a plugin that had seen the old one.
 
 The Pod mounts the claim's directory (under the plugin data dir, a hostPath) at the same
 path, so the pipe directory the claim's containers mount and the plugin's control client
@@ -50,6 +54,8 @@ from driver.safeload import LoadError
 log = logging.getLogger(__name__)
 
 READY = "ready"  # in the claim's directory: its daemon answers and was told its limits
+STARTS = "starts"  # in the claim's directory: how many times a pod's container started it
+SEEN = "starts-seen"  # in the claim's directory: the starts the plugin has accounted for
 POD_START_TIMEOUT = 30.0  # a new pod: scheduling is skipped, the image is on the node
 COMPONENT = "mps-daemon"
 CLAIM_LABEL = "claim-uid"  # `<driver>/claim-uid`
@@ -140,16 +146,35 @@ class MpsPods(MpsDaemons):
         except (MpsFailure, OSError, ValueError):
             return None
 
+    def ensure(self, uid: str) -> tuple[int, bool]:
+        """The daemon's pid, and whether its pod's container started it again since the
+        plugin last accounted for its starts. One that does not answer while its pod
+        lives is the kubelet's to start again: MpsFailure at once (it is reported down
+        meanwhile); a pod that is gone or ended is created again (`_run`)."""
+        starts = _count(self.directory(uid) / STARTS)  # read first: a later one counts next
+        if (pid := self.running(uid)) is not None:
+            restarted = starts > _count(self.directory(uid) / SEEN)
+            if restarted:
+                write_atomically(self.directory(uid) / SEEN, str(starts).encode(),
+                                 durable=False)
+            return pid, restarted
+        pod = self._get(uid)
+        if pod is not None and not _ended(pod):
+            raise MpsFailure(f"MPS of claim {uid}: its daemon does not answer, and its pod "
+                             f"{self.settings.namespace}/{pod_name(uid)} "
+                             f"({pod['status'].get('phase', 'Pending')}) has not started "
+                             f"it again yet")
+        return super().ensure(uid)
+
     def _kill_daemon(self, uid: str) -> None:
         """Nothing: the pod's process is the kubelet's to restart, and `_run` replaces a
         pod that ended."""
 
     def _run(self, uid: str, claim: ClaimMps) -> int:
-        """Create the claim's pod (adopting one there, replacing one that ended) and wait
-        until its daemon was told its limits and answers."""
+        """Create the claim's pod (adopting one there, replacing one that ended), wait
+        until its daemon was told its limits and answers, and account for its starts."""
         pod = self._get(uid)
-        if pod is not None and (pod["status"].get("phase") in ("Succeeded", "Failed")
-                                or pod["metadata"].get("deletionTimestamp")):
+        if pod is not None and _ended(pod):
             self._delete(uid)
             pod = None
         if pod is None:
@@ -157,13 +182,17 @@ class MpsPods(MpsDaemons):
             self._call("POST", f"/api/v1/namespaces/{self.settings.namespace}/pods",
                        body, 201, 409)
         deadline = time.monotonic() + POD_START_TIMEOUT
-        while (pid := self.running(uid)) is None:
+        while True:
+            starts = _count(self.directory(uid) / STARTS)
+            if (pid := self.running(uid)) is not None:
+                break
             if time.monotonic() > deadline:
                 pod = self._get(uid) or {"status": {}}
                 raise MpsFailure(f"pod {self.settings.namespace}/{pod_name(uid)}: its "
                                  f"{CONTROL} did not answer within {POD_START_TIMEOUT:g} s "
                                  f"(phase {pod['status'].get('phase', 'gone')})")
             time.sleep(0.05)
+        write_atomically(self.directory(uid) / SEEN, str(starts).encode(), durable=False)
         log.info("MPS daemon of claim %s runs in pod %s/%s (%s)", uid,
                  self.settings.namespace, pod_name(uid),
                  "; ".join(claim.limits.commands()) or "no limits")
@@ -235,6 +264,20 @@ class MpsPods(MpsDaemons):
         return self._node_uid
 
 
+def _count(path: Path) -> int:
+    """A count in the claim's directory (`starts`, `starts-seen`); 0 where there is none."""
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return 0
+
+
+def _ended(pod: dict[str, Any]) -> bool:
+    """Its containers will not run again: it succeeded, failed or is being deleted."""
+    return pod["status"].get("phase") in ("Succeeded", "Failed") or \
+        bool(pod["metadata"].get("deletionTimestamp"))
+
+
 def daemons(root: Path, provider: Provider, driver_root: Path, mock_root: bool,
             local: bool, pods: PodSettings | None, api: Any) -> MpsDaemons:
     """The claims' MPS daemons: processes in local mode, pods in a cluster (`pods`: where;
@@ -264,6 +307,8 @@ def serve(claim_dir: Path, driver_root: Path) -> int:
                          nvml=None)
     (claim_dir / READY).unlink(missing_ok=True)
     try:
+        write_atomically(claim_dir / STARTS, str(_count(claim_dir / STARTS) + 1).encode(),
+                         durable=False)
         claim = ClaimMps.load(claim_dir)
         if daemons.control is None or daemons.nvml_library is None:
             raise MpsFailure(f"{CONTROL} or libnvidia-ml.so.1 is not under {driver_root}")

@@ -334,10 +334,11 @@ class PluginState:
 
     def check_mps(self, pids: dict[str, int]) -> dict[str, MpsProblem]:
         """Each prepared MPS claim's daemon: one running is kept (`pids`: as last seen,
-        logged when it changes: adopted, started again), one that died is reported (log,
-        metric) and started again with the claim's limits (a pod's, by its kubelet: seen
-        as a new pid). A claim being worked on is left to that call. Returns the devices
-        of the claims whose daemon is still down (see `mps_problems`)."""
+        logged when it changes: adopted), one that died is reported (log, metric) and
+        started again with the claim's limits (a pod's by its kubelet, which `ensure`
+        tells from the pod's count of starts). A claim being worked on is left to that
+        call. Returns the devices of the claims whose daemon is still down (see
+        `mps_problems`)."""
         with self.records.lock:
             uids = [uid for uid in self.records
                     if self.records[uid].state == "PrepareCompleted"
@@ -371,11 +372,6 @@ class PluginState:
                     self.metrics.mps_restarts.inc()
                     log.error("MPS daemon of ResourceClaim %s/%s had died; started again "
                               "with its limits as %d", record.namespace, record.name, pid)
-                elif uid in pids and pids[uid] != pid:  # a pod's kubelet restarted it
-                    self.metrics.mps_restarts.inc()
-                    log.error("MPS daemon of ResourceClaim %s/%s had died; its pod started "
-                              "it again with its limits as %d", record.namespace, record.name,
-                              pid)
                 elif pids.get(uid) != pid:
                     log.info("MPS daemon %d of ResourceClaim %s/%s is running", pid,
                              record.namespace, record.name)

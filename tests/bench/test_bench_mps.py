@@ -13,7 +13,6 @@ docs/benchmarks.md (p50 is the median; p99 is in each benchmark's extra_info).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
@@ -28,7 +27,13 @@ from tests.support.plugin import (
     opaque,
     result,
 )
-from tests.support.plugin_bench import Daemon, dgx_h100_process, record_p99
+from tests.support.plugin_bench import (
+    Daemon,
+    bench_prepare,
+    bench_unprepare,
+    dgx_h100_process,
+    rss_kib,
+)
 
 MPS = gpu_config(strategy="MPS", mpsConfig={"defaultActiveThreadPercentage": 25,
                                             "defaultPinnedDeviceMemoryLimit": "20Gi"})
@@ -36,22 +41,6 @@ CASES = {"1 claim, 1 GPU": [[result("gpu-0", pool=NODE)]],
          "1 claim, 8 GPUs": [[result(f"gpu-{i}", pool=NODE) for i in range(8)]],
          "8 claims, 1 GPU each": [[result(f"gpu-{i}", pool=NODE)] for i in range(8)]}
 ROUNDS = 50  # each starts or stops a daemon per claim: a Python process of the stand-in
-
-
-def measure(benchmark: BenchmarkFixture, daemon: Daemon, timed: str, batch: list[Claim]
-            ) -> None:
-    """Time the kubelet call `timed` on `batch`; the other one runs before each round."""
-    untimed = "NodeUnprepareResources" if timed == "NodePrepareResources" else \
-        "NodePrepareResources"
-
-    def setup() -> None:
-        daemon.call(untimed, batch)
-
-    benchmark.pedantic(lambda: daemon.call(timed, batch), setup=setup, rounds=ROUNDS,
-                       iterations=1, warmup_rounds=2)
-    record_p99(benchmark)
-    if timed == "NodePrepareResources":
-        daemon.call("NodeUnprepareResources", batch)
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +54,7 @@ def claims(daemon: Daemon, case: str) -> list[Claim]:
 
 
 def daemon_rss_kib(node: Node, claim: Claim) -> int:
-    pid = (node.plugin_dir / "mps" / claim.uid / "pipe" / PID_FILE).read_text().strip()
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines()
-                    if line.startswith("VmRSS:")))
+    return rss_kib(int((node.plugin_dir / "mps" / claim.uid / "pipe" / PID_FILE).read_text()))
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -77,11 +63,11 @@ def test_mps_prepare_latency(benchmark: BenchmarkFixture, daemon: Daemon, case: 
     daemon.call("NodePrepareResources", batch)
     benchmark.extra_info["standin_daemon_rss_kib"] = daemon_rss_kib(daemon.node, batch[0])
     daemon.call("NodeUnprepareResources", batch)
-    measure(benchmark, daemon, "NodePrepareResources", batch)
+    bench_prepare(benchmark, daemon, batch, ROUNDS, warmup_rounds=2)
     assert list((daemon.node.plugin_dir / "mps").iterdir()) == []
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_mps_unprepare_latency(benchmark: BenchmarkFixture, daemon: Daemon, case: str) -> None:
-    measure(benchmark, daemon, "NodeUnprepareResources", claims(daemon, case))
+    bench_unprepare(benchmark, daemon, claims(daemon, case), ROUNDS, warmup_rounds=2)
     assert list((daemon.node.plugin_dir / "mps").iterdir()) == []

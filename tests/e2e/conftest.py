@@ -141,6 +141,16 @@ def node_keeper(control_plane: ControlPlane) -> Iterator[FakeNodeKeeper]:
     api.close()
 
 
+@pytest.fixture(scope="module")
+def node_name(node_keeper: FakeNodeKeeper) -> Iterator[str]:
+    """A Ready Node for a module's benchmarks: the plugin's slices and MPS daemon Pods are
+    owned by it."""
+    name = unique("bench-node")
+    node_keeper.add(name)
+    yield name
+    node_keeper.remove(name)
+
+
 @pytest.fixture
 def fake_node(node_keeper: FakeNodeKeeper) -> Iterator[Callable[..., str]]:
     """Factory: ``fake_node(capacity=None, labels=None) -> node name``; a Ready Node kept

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Any
 
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from driver.devcluster.controlplane import FakeNodeKeeper
 from driver.inventory.discovery import discover
 from driver.kube.api import api_request
 from driver.nvml.mock import mock_provider
@@ -28,21 +26,18 @@ from driver.plugin.claims import ClaimRef
 from driver.plugin.claimstatus import api_writer, apply_body, claim_entries
 from driver.plugin.devices import device_index
 from driver.plugin.monitor import HealthView
-from tests.support.apiserver import RESOURCE_V1, SLICES, ControlPlane, create, unique, wait_for
+from tests.support.apiserver import SLICES, ControlPlane, create, unique, wait_for
 from tests.support.plugin import DRIVER, Claim, Node, short_tmp
-from tests.support.plugin_bench import Daemon, bench_prepare, bench_unprepare, daemon_process
+from tests.support.plugin_bench import (
+    Daemon,
+    allocated_claim,
+    bench_prepare,
+    bench_unprepare,
+    daemon_process,
+)
 from tests.support.plugin_bench import shapes as shapes_in
 
 ADMIN_LABEL = "resource.kubernetes.io/admin-access"  # lets a namespace's claims use adminAccess
-
-
-@pytest.fixture(scope="module")
-def node_name(node_keeper: FakeNodeKeeper) -> Iterator[str]:
-    """A Ready Node: the plugin's slices are owned by it."""
-    name = unique("bench-node")
-    node_keeper.add(name)
-    yield name
-    node_keeper.remove(name)
 
 
 @pytest.fixture(scope="module")
@@ -71,24 +66,6 @@ def daemon(control_plane: ControlPlane, device_classes: None, node_name: str) ->
             "fieldSelector": f"spec.nodeName={node_name}"}).expect(200, 404)
 
 
-def allocated_claim(api: Any, namespace: str, results: list[dict[str, Any]]) -> Claim:
-    """A ResourceClaim for len(results) GPUs of the driver's class, created and then
-    allocated to `results` as the scheduler would (PUT of the status subresource)."""
-    admin = all(r.get("adminAccess") for r in results)
-    exactly: dict[str, Any] = {"deviceClassName": DRIVER, "count": len(results)}
-    if admin:
-        exactly["adminAccess"] = True
-    path = f"{RESOURCE_V1}/namespaces/{namespace}/resourceclaims"
-    claim = create(api, path, {
-        "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
-        "metadata": {"name": unique("claim")},
-        "spec": {"devices": {"requests": [{"name": "gpu", "exactly": exactly}]}}})
-    claim["status"] = {"allocation": {"devices": {"results": results}}}
-    meta = claim["metadata"]
-    api_request(api, "PUT", f"{path}/{meta['name']}/status", claim).expect(200)
-    return Claim(namespace, meta["name"], meta["uid"])
-
-
 def claims_for(control_plane: ControlPlane, namespace: str, node_name: str,
                case: str) -> list[Claim]:
     return [allocated_claim(control_plane.api, namespace, results)
@@ -108,7 +85,7 @@ def test_prepare_latency(benchmark: BenchmarkFixture, control_plane: ControlPlan
 @pytest.mark.parametrize("case", CASES)
 def test_unprepare_latency(benchmark: BenchmarkFixture, control_plane: ControlPlane,
                            daemon: Daemon, admin_namespace: str, node_name: str,
-                         case: str) -> None:
+                           case: str) -> None:
     bench_unprepare(benchmark, daemon, claims_for(control_plane, admin_namespace, node_name, case))
 
 

@@ -27,7 +27,6 @@ import os
 import platform
 import signal
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -35,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from driver.devcluster.controlplane import ComponentError, LocalCluster, free_port
 from driver.devcluster.node import PluginDaemon, PluginFolders, poll
@@ -55,6 +53,7 @@ from tests.support.apiserver import (
     pod_with_claim,
     wait_for,
 )
+from tests.support.metrics import scrape
 from tests.support.plugin import live_mig, short_tmp
 from tests.support.standin import KubeletStandin
 
@@ -139,16 +138,6 @@ def halves() -> tuple[list[Shape], list[Shape]]:
 # --- the node ----------------------------------------------------------------------------------
 
 
-def metric_values(text: str) -> dict[str, float]:
-    """Prometheus text -> ``name{label="v",...}`` -> value."""
-    values = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            values[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return values
-
-
 @dataclass
 class DgxNode:
     """A fake Node with the kubelet stand-in, and `gpu-dra plugin` on the mock dgx-h100
@@ -178,9 +167,7 @@ class DgxNode:
         return self.plugin.proc.wait(timeout=30)
 
     def plugin_metrics(self) -> dict[str, float]:
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return metric_values(response.read().decode())
+        return scrape(self.metrics_port)
 
     def registrations(self) -> int:
         return sum(e["driver"] == DRIVER and e["event"] == "register"

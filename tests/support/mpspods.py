@@ -9,11 +9,12 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from driver.devcluster.controlplane import free_port
 from driver.devcluster.node import PluginDaemon, PluginFolders
 from driver.kube.api import api_request
 from tests.support.apiserver import ControlPlane
@@ -32,6 +33,7 @@ class PodRunner:
         self.api, self.namespace, self.node = api, namespace, node
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self._stop = threading.Event()
+        self._backing_off = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -41,8 +43,20 @@ class PodRunner:
                                        "labelSelector": "app.kubernetes.io/component="
                                                         "mps-daemon"}).expect(200)["items"])
 
+    @contextlib.contextmanager
+    def backing_off(self) -> Iterator[None]:
+        """While in it, a container that failed is not started again (the kubelet's
+        crash back-off)."""
+        self._backing_off.set()
+        try:
+            yield
+        finally:
+            self._backing_off.clear()
+
     def _run(self) -> None:
         while not self._stop.wait(0.1):
+            if self._backing_off.is_set():
+                continue
             for pod in self.pods():
                 known = self.processes.get(pod["metadata"]["uid"])
                 if known is not None and known.poll() in (None, 0):  # restartPolicy OnFailure
@@ -84,6 +98,7 @@ class MpsNode:
     args: list[str]
     plugins: list[PluginDaemon]
     runner: PodRunner
+    metrics_port: int
 
 
 def mps_node(stack: contextlib.ExitStack, control_plane: ControlPlane, node: str,
@@ -94,13 +109,14 @@ def mps_node(stack: contextlib.ExitStack, control_plane: ControlPlane, node: str
     root = stack.enter_context(short_tmp())
     standin = kubelet_standin(node, root, "v1", DRIVER)
     folders = PluginFolders(root)
+    metrics_port = free_port()
     args = [*folders.plugin_args(node=node, driver=DRIVER, kubeconfig=control_plane.kubeconfig,
                                  registry_dir=standin.registry_dir, mock="dgx-h100",
-                                 mig_mode="static"),
+                                 mig_mode="static", metrics_port=metrics_port),
             "--pod-namespace", namespace, "--image", IMAGE, *extra]
     plugins = [PluginDaemon(args, folders.plugin_log)]
     stack.callback(lambda: [p.stop() for p in plugins])
     runner = PodRunner(control_plane.api, namespace, node)
     stack.callback(runner.stop)
     standin.wait_registered(DRIVER)
-    return MpsNode(standin, folders, args, plugins, runner)
+    return MpsNode(standin, folders, args, plugins, runner, metrics_port)

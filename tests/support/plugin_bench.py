@@ -15,7 +15,17 @@ from typing import Any
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from driver._proto.dra_v1 import api_pb2 as dra_v1
-from tests.support.plugin import Claim, Kubelet, Node, result, short_tmp, wait_for_socket
+from driver.kube.api import api_request
+from tests.support.apiserver import RESOURCE_V1, create, unique
+from tests.support.plugin import (
+    DRIVER,
+    Claim,
+    Kubelet,
+    Node,
+    result,
+    short_tmp,
+    wait_for_socket,
+)
 
 ROUNDS = 200
 
@@ -49,9 +59,14 @@ class Daemon:
         return response
 
     def rss_kib(self) -> int:
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        return int(next(line.split()[1] for line in status.splitlines()
-                        if line.startswith("VmRSS:")))
+        return rss_kib(self.proc.pid)
+
+
+def rss_kib(pid: int) -> int:
+    """The process's resident memory (VmRSS)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines()
+                    if line.startswith("VmRSS:")))
 
 
 @contextmanager
@@ -81,6 +96,28 @@ def dgx_h100_process() -> Iterator[Daemon]:
             yield running
 
 
+def allocated_claim(api: Any, namespace: str, results: list[dict[str, Any]],
+                    configs: Sequence[dict[str, Any]] = ()) -> Claim:
+    """A ResourceClaim for len(results) GPUs of the driver's class with `configs`, created
+    and then allocated to `results` as the scheduler would (PUT of the status subresource,
+    the configs copied into the allocation)."""
+    admin = all(r.get("adminAccess") for r in results)
+    exactly: dict[str, Any] = {"deviceClassName": DRIVER, "count": len(results)}
+    if admin:
+        exactly["adminAccess"] = True
+    path = f"{RESOURCE_V1}/namespaces/{namespace}/resourceclaims"
+    claim = create(api, path, {
+        "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+        "metadata": {"name": unique("claim")},
+        "spec": {"devices": {"requests": [{"name": "gpu", "exactly": exactly}],
+                             "config": list(configs)}}})
+    claim["status"] = {"allocation": {"devices": {"results": results,
+                                                  "config": list(configs)}}}
+    meta = claim["metadata"]
+    api_request(api, "PUT", f"{path}/{meta['name']}/status", claim).expect(200)
+    return Claim(namespace, meta["name"], meta["uid"])
+
+
 def record_p99(benchmark: BenchmarkFixture) -> None:
     stats = getattr(benchmark.stats, "stats", None)
     if stats is not None and stats.rounds:
@@ -89,23 +126,27 @@ def record_p99(benchmark: BenchmarkFixture) -> None:
 
 
 def measure(benchmark: BenchmarkFixture, timed: Callable[[], Any],
-            untimed: Callable[[], Any]) -> None:
+            untimed: Callable[[], Any], rounds: int = ROUNDS, warmup_rounds: int = 5) -> None:
     """Time `timed`; `untimed` runs before each round and puts the state back."""
 
     def setup() -> None:  # pytest-benchmark would take a returned value as arguments
         untimed()
 
-    benchmark.pedantic(timed, setup=setup, rounds=ROUNDS, iterations=1, warmup_rounds=5)
+    benchmark.pedantic(timed, setup=setup, rounds=rounds, iterations=1,
+                       warmup_rounds=warmup_rounds)
     record_p99(benchmark)
 
 
-def bench_prepare(benchmark: BenchmarkFixture, daemon: Daemon, claims: Sequence[Claim]) -> None:
+def bench_prepare(benchmark: BenchmarkFixture, daemon: Daemon, claims: Sequence[Claim],
+                  rounds: int = ROUNDS, warmup_rounds: int = 5) -> None:
+    """Time NodePrepareResources of `claims` (unprepared before each round and after)."""
     measure(benchmark, lambda: daemon.call("NodePrepareResources", claims),
-            lambda: daemon.call("NodeUnprepareResources", claims))
+            lambda: daemon.call("NodeUnprepareResources", claims), rounds, warmup_rounds)
     daemon.call("NodeUnprepareResources", claims)
 
 
-def bench_unprepare(benchmark: BenchmarkFixture, daemon: Daemon,
-                    claims: Sequence[Claim]) -> None:
+def bench_unprepare(benchmark: BenchmarkFixture, daemon: Daemon, claims: Sequence[Claim],
+                    rounds: int = ROUNDS, warmup_rounds: int = 5) -> None:
+    """Time NodeUnprepareResources of `claims` (prepared before each round)."""
     measure(benchmark, lambda: daemon.call("NodeUnprepareResources", claims),
-            lambda: daemon.call("NodePrepareResources", claims))
+            lambda: daemon.call("NodePrepareResources", claims), rounds, warmup_rounds)
