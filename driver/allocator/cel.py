@@ -13,7 +13,14 @@ What the scheduler's environment has and how it is given here:
   Kubernetes functions (`semver()`, `quantity()`, `compareTo`, `isGreaterThan`, ...).
   The library cannot return opaque Python objects, so both travel as tagged maps
   (`{"__quantity__": "3/2"}`) whose text is canonical: equal values compare equal.
-- ext.Bindings (`cel.bind`), ext.Strings, optionals.
+- The libraries of kube-scheduler's StoredExpressions environment (k8s.io/apiserver
+  pkg/cel/environment/base.go at v0.37.2): ext.Bindings (`cel.bind`), ext.Strings v2,
+  optionals, ext.Sets, ext.Lists, two-variable comprehensions, from cel-cpp; the
+  Kubernetes lists (`isSorted`, `sum`, `max`, `min`, `indexOf`, `lastIndexOf`,
+  `includes`), regex (`find`, `findAll`), IP and CIDR libraries in Python, with
+  cel-go's results and runtime errors. IPs and CIDRs travel as tagged maps too.
+- cel-go's homogeneous aggregate literal rule (`[1, "a"]` does not compile) is checked
+  on the checked expression's types.
 - The API server's cost limit (1,000,000) is checked on an estimate with the same
   size hints (32 entries per map, 64 per string or list); the estimate follows
   cel-go's model (comprehensions multiply their body by the range size) but is not
@@ -22,14 +29,18 @@ What the scheduler's environment has and how it is given here:
 
 from __future__ import annotations
 
+import ipaddress
+import itertools
 import math
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
 from cel_expr_python import cel
-from cel_expr_python.ext import ext_bindings, ext_optional, ext_strings
+from cel_expr_python.ext import ext_bindings, ext_optional
+from google.protobuf import descriptor_pb2, descriptor_pool
 
 from driver.errors import AllocatorError
 from driver.kube.quantity import QuantityError, parse_quantity
@@ -42,6 +53,19 @@ VALUE_SIZE_HINT = 64
 
 QUANTITY_TAG = "__quantity__"
 SEMVER_TAG = "__semver__"
+IP_TAG = "__ip__"
+CIDR_TAG = "__cidr__"
+
+# The cel-cpp libraries, at the versions that match kube-scheduler's cel-go libraries:
+# ext.Lists v3 is v2 with cost support, which cel-cpp's lists v2 has the functions of.
+_LIBRARIES = """extensions:
+  - name: strings
+    version: 2
+  - name: lists
+    version: 2
+  - name: sets
+  - name: two-var-comprehensions
+"""
 
 
 class SelectorError(AllocatorError, ValueError):
@@ -57,7 +81,11 @@ class Selector:
 
     def matches(self, device: DeviceInput) -> bool:
         """True or False for one device; SelectorError when CEL reports an error."""
-        value = self.program.eval(device.activation(self.domains))
+        try:
+            value = self.program.eval(device.activation(self.domains))
+        except (RuntimeError, ValueError) as err:
+            # cel-cpp failures that escape as exceptions (`lists.range(-1)`).
+            raise SelectorError(f"CEL runtime error: {err}") from None
         kind = value.type().name()
         if kind == "BOOL":
             return bool(value.value())
@@ -140,21 +168,19 @@ def compile_selector(expression: str) -> Selector:
         return found
     if len(expression) > MAX_EXPRESSION_LENGTH:
         raise SelectorError(f"CEL expression longer than {MAX_EXPRESSION_LENGTH} bytes")
-    env = _env()
-    try:
-        program = env.compile(expression)
-    except RuntimeError as err:
-        message = str(err)
-        # cel-cpp's checker rejects a comprehension over a value it typed `dyn`
-        # (`device.attributes["d"].all(...)`), which cel-go accepts. Such
-        # expressions run unchecked; the result type is checked at evaluation.
-        if "cannot be the range of a comprehension" not in message:
-            raise SelectorError("CEL compile error: " + _first_line(message)) from None
-        program = env.compile(expression, disable_check=True)
-    kind = program.return_type().name()
+    program = _compile(_env(), expression)
+    checked = _compile(_checker_env(), _typed_fields(expression, program))
+    kind = checked.return_type().name()
     if kind not in ("BOOL", "DYN"):
         raise SelectorError(f"CEL expression must evaluate to bool, not {kind.lower()}")
-    tree = _root(program.serialize())
+    tree, types = _checked(checked.serialize())
+    if _calls(tree) & _MISSING:
+        raise SelectorError("CEL compile error: transformMap and transformMapEntry are not "
+                            "available in this driver's CEL library (cel-expr-python "
+                            "lacks their runtime function cel.@mapInsert)")
+    mixed = _mixed_literal(tree, types) or _bad_regex_literal(tree)
+    if mixed:
+        raise SelectorError(f"CEL compile error: {mixed}")
     cost = _Cost().of(tree)
     if cost > MAX_COST:
         raise SelectorError(f"CEL expression too expensive: estimated cost {cost} exceeds the "
@@ -162,6 +188,54 @@ def compile_selector(expression: str) -> Selector:
     selector = Selector(expression, program, frozenset(_strings(tree)), cost)
     _cache[expression] = selector
     return selector
+
+
+# The device's fields whose type cel-go knows, and the checker's variables for them.
+_TYPED_FIELDS = {"capacity": "__capacity", "driver": "__driver",
+                 "allowMultipleAllocations": "__allowMultipleAllocations"}
+
+
+def _typed_fields(expression: str, program: Any) -> str:
+    """The expression with `device.capacity`, `device.driver` and
+    `device.allowMultipleAllocations` spelled as variables of their own types, for the
+    checker: the library's `device` is a map of dyn where cel-go has an object type."""
+    wrapper = _wire(program.serialize())
+    message = _wire(wrapper[2][0])
+    checked = wrapper[1][0].endswith(b"CheckedExpr")
+    info = _wire(message[5 if checked else 3][0])
+    offsets = {}
+    for entry in info.get(4, []):
+        fields = _wire(entry)
+        offsets[fields.get(1, [0])[0]] = fields.get(2, [0])[0]
+    spans = []
+    for node in _nodes(_wire(message[4 if checked else 2][0])):
+        select = _one(node, 5)
+        operand = _one(select, 1) if select is not None else None
+        ident = _one(operand, 4) if operand is not None else None
+        if (select is None or operand is None or ident is None or _text(ident, 1) != "device"
+                or _text(select, 2) not in _TYPED_FIELDS or select.get(3, [0])[0]):
+            continue
+        start = offsets.get(_id(operand))
+        found = re.compile(r"device\s*\.\s*" + _text(select, 2) + r"\b").match(
+            expression, start) if start is not None else None
+        if found:
+            spans.append((found.start(), found.end(), _TYPED_FIELDS[_text(select, 2)]))
+    for start, end, name in sorted(spans, reverse=True):
+        expression = expression[:start] + name + expression[end:]
+    return expression
+
+
+def _compile(env: Any, expression: str) -> Any:
+    try:
+        return env.compile(expression)
+    except RuntimeError as err:
+        message = str(err)
+        # cel-cpp's checker rejects a comprehension over a value it typed `dyn`
+        # (`device.attributes["d"].all(...)`), which cel-go accepts. Such
+        # expressions run unchecked; the result type is checked at evaluation.
+        if "cannot be the range of a comprehension" not in message:
+            raise SelectorError("CEL compile error: " + _first_line(message)) from None
+        return env.compile(expression, disable_check=True)
 
 
 def _first_line(message: str) -> str:
@@ -225,6 +299,201 @@ def _as_integer(q: Any) -> int:
     return int(value)
 
 
+# --- the Kubernetes lists library (library/lists.go) ---------------------------------
+#
+# One overload on list(dyn) each: cel-cpp cannot declare the per-type overloads of
+# cel-go with one implementation. Elements compare as cel-go's Compare does; a pair
+# that does not compare is skipped, as cel-go skips its error value.
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, dict) and QUANTITY_TAG in value:
+        return "quantity"
+    return type(value).__name__
+
+
+def _cmp(a: Any, b: Any) -> int | None:
+    """cel-go's Compare: -1, 0, 1, or None where the two do not compare; an error for a
+    value that compares with nothing (a semver, a list, a map, null)."""
+    kind = _kind(a)
+    if kind in ("list", "dict", "NoneType") or _kind(b) in ("list", "dict", "NoneType"):
+        raise ValueError("no such overload")
+    if kind != _kind(b):
+        return None
+    left, right = (_q(a), _q(b)) if kind == "quantity" else (a, b)
+    return int(left > right) - int(left < right)
+
+
+def _is_sorted(items: list[Any]) -> bool:
+    return all(_cmp(a, b) != 1 for a, b in itertools.pairwise(items))
+
+
+def _extreme(name: str, prefer: int) -> Callable[[list[Any]], Any]:
+    def pick(items: list[Any]) -> Any:
+        if not items:
+            raise ValueError(f"{name} called on empty list")
+        found = items[0]
+        for item in items[1:]:
+            if _cmp(found, item) == prefer:
+                found = item
+        return found
+    return pick
+
+
+def _sum(items: list[Any]) -> Any:
+    if any(_kind(item) != "number" for item in items):
+        raise ValueError("no such overload")
+    total: Any = 0
+    for item in items:
+        total += item
+        if isinstance(total, int) and not -(2**63) <= total < 2**63:
+            raise ValueError("integer overflow")
+    return total
+
+
+def _equal(a: Any, b: Any) -> bool:
+    kind = _kind(a)
+    return kind == _kind(b) and (a == b if kind != "quantity" else _q(a) == _q(b))
+
+
+def _index_of(items: list[Any], item: Any) -> int:
+    return next((i for i, x in enumerate(items) if _equal(x, item)), -1)
+
+
+def _last_index_of(items: list[Any], item: Any) -> int:
+    return next((i for i in range(len(items) - 1, -1, -1) if _equal(items[i], item)), -1)
+
+
+def _includes(target: Any, item: Any) -> bool:
+    if isinstance(target, list):
+        return _index_of(target, item) >= 0
+    return _equal(target, item)
+
+
+# --- the Kubernetes regex library (library/regex.go) --------------------------------
+
+def _regex(pattern: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"Illegal regex: {err}") from None
+
+
+def _find(text: str, pattern: str) -> str:
+    found = _regex(pattern).search(text)
+    return found.group(0) if found else ""
+
+
+def _find_all(text: str, pattern: str, limit: int = -1) -> list[str]:
+    """Go's FindAllString: an empty match right after the previous match is skipped."""
+    found: list[str] = []
+    previous_end = -1
+    for match in _regex(pattern).finditer(text):
+        if 0 <= limit <= len(found):
+            break
+        if match.start() == match.end() == previous_end:
+            continue
+        found.append(match.group(0))
+        previous_end = match.end()
+    return found
+
+
+# --- the Kubernetes IP and CIDR libraries (library/ip.go, cidr.go), Go's netip rules --
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+
+def _parse_ip(text: str) -> Address:
+    if "%" in text:
+        raise ValueError(f"IP address {text!r} with zone value is not allowed")
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError as err:
+        raise ValueError(f"IP Address {text!r} parse error during conversion from string: "
+                         f"{err}") from None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        raise ValueError(f"IPv4-mapped IPv6 address {text!r} is not allowed")
+    return address
+
+
+def _parse_cidr(text: str) -> Network:
+    address, sep, bits = text.partition("/")
+    if not sep or not bits.isdigit() or (len(bits) > 1 and bits[0] == "0"):
+        raise ValueError(f"network address parse error during conversion from string: {text!r}")
+    parsed = _parse_ip(address)
+    if int(bits) > parsed.max_prefixlen:
+        raise ValueError(f"network address parse error during conversion from string: {text!r}")
+    return ipaddress.ip_interface(f"{parsed}/{bits}")
+
+
+def _ip_text(address: Address) -> str:
+    """Go's netip.Addr.String: RFC 5952, where a single zero group is not shortened."""
+    text = str(address)
+    if isinstance(address, ipaddress.IPv6Address) and "::" in text:
+        groups = address.exploded.split(":")
+        if sum(1 for g in groups if g == "0000") == 1 or text.count(":") == 8:
+            text = ":".join(format(int(g, 16), "x") for g in groups)
+    return text
+
+
+def _ip_value(text: str) -> dict[str, str]:
+    return {IP_TAG: _ip_text(_parse_ip(text))}
+
+
+def _cidr_value(text: str) -> dict[str, str]:
+    network = _parse_cidr(text)
+    return {CIDR_TAG: f"{_ip_text(network.ip)}/{network.network.prefixlen}"}
+
+
+def _ip(value: Any) -> Address:
+    if isinstance(value, dict) and IP_TAG in value:
+        return ipaddress.ip_address(value[IP_TAG])
+    raise ValueError("no such overload")
+
+
+def _cidr(value: Any) -> Network:
+    if isinstance(value, dict) and CIDR_TAG in value:
+        return ipaddress.ip_interface(value[CIDR_TAG])
+    raise ValueError("no such overload")
+
+
+def _contains_ip(cidr: Any, ip: Any) -> bool:
+    address = _parse_ip(ip) if isinstance(ip, str) else _ip(ip)
+    return address in _cidr(cidr).network
+
+
+def _contains_cidr(cidr: Any, other: Any) -> bool:
+    outer = _cidr(cidr).network
+    inner = (_parse_cidr(other) if isinstance(other, str) else _cidr(other)).network
+    return inner.version == outer.version and inner.subnet_of(outer)  # type: ignore[arg-type]
+
+
+def _tagged_text(value: Any) -> str:
+    if isinstance(value, dict) and (IP_TAG in value or CIDR_TAG in value):
+        return str(value.get(IP_TAG) or value[CIDR_TAG])
+    raise ValueError("no such overload")
+
+
+def _link_local_multicast(address: Address) -> bool:
+    if address.version == 4:
+        return address in ipaddress.ip_network("224.0.0.0/24")
+    return int(address) >> 112 & 0xFF0F == 0xFF02
+
+
+def _global_unicast(address: Address) -> bool:
+    """Go's IsGlobalUnicast: private ranges count, unlike Python's is_global."""
+    return not (address.is_unspecified or address.is_loopback or address.is_multicast
+                or address.is_link_local or str(address) == "255.255.255.255")
+
+
+def _checked_ip(check: Callable[[Address], bool]) -> Callable[[Any], bool]:
+    return lambda value: check(_ip(value))
+
+
 _env_instance: Any = None
 
 
@@ -269,13 +538,172 @@ def _env() -> Any:
             fn("major", ("k8s_semver_major", t.INT, [tagged], True, lambda s: _s(s)[0])),
             fn("minor", ("k8s_semver_minor", t.INT, [tagged], True, lambda s: _s(s)[1])),
             fn("patch", ("k8s_semver_patch", t.INT, [tagged], True, lambda s: _s(s)[2])),
+            *_list_functions(fn),
+            fn("find", ("k8s_find", t.STRING, [t.STRING, t.STRING], True, _find)),
+            fn("findAll", ("k8s_find_all", t.List(t.STRING), [t.STRING, t.STRING], True,
+                           _find_all),
+               ("k8s_find_all_limit", t.List(t.STRING), [t.STRING, t.STRING, t.INT], True,
+                _find_all)),
+            *_network_functions(fn, tagged),
         ]
         _env_instance = cel.NewEnv(
+            config=cel.NewEnvConfigFromYaml(_LIBRARIES),
             variables={"device": t.Map(t.STRING, t.DYN)},
-            extensions=[ext_bindings.ExtBindings(), ext_strings.ExtStrings(),
-                        ext_optional.ExtOptional()],
-            functions=functions)
+            # An extension, not `functions`: its declarations merge with the strings
+            # library's `indexOf` and `lastIndexOf`.
+            extensions=[ext_bindings.ExtBindings(), ext_optional.ExtOptional(),
+                        cel.CelExtension("kubernetes", functions)])
     return _env_instance
+
+
+Declare = Callable[..., Any]
+_COMPARABLE = ("int", "uint", "double", "bool", "duration", "timestamp", "string", "bytes")
+
+# The type checker's view: the declarations of cel-go's Kubernetes libraries with their
+# own types (Q quantity, S semver, IP, CIDR; L(x) a list), for compile errors where
+# cel-go has them. Programs are never run from it. (name, member, parameters, result)
+_SIGNATURES: tuple[tuple[str, bool, tuple[str, ...], str], ...] = (
+    ("quantity", False, ("string",), "Q"), ("isQuantity", False, ("string",), "bool"),
+    ("semver", False, ("string",), "S"), ("semver", False, ("string", "bool"), "S"),
+    ("isSemver", False, ("string",), "bool"), ("isSemver", False, ("string", "bool"), "bool"),
+    *((name, True, (k, k), result) for k in ("Q", "S") for name, result in
+      (("compareTo", "int"), ("isGreaterThan", "bool"), ("isLessThan", "bool"))),
+    ("sign", True, ("Q",), "int"), ("add", True, ("Q", "Q"), "Q"), ("add", True, ("Q", "int"), "Q"),
+    ("sub", True, ("Q", "Q"), "Q"), ("sub", True, ("Q", "int"), "Q"),
+    ("asInteger", True, ("Q",), "int"), ("isInteger", True, ("Q",), "bool"),
+    ("asApproximateFloat", True, ("Q",), "double"),
+    ("major", True, ("S",), "int"), ("minor", True, ("S",), "int"), ("patch", True, ("S",), "int"),
+    *(("isSorted", True, (f"L({k})",), "bool") for k in _COMPARABLE),
+    *((name, True, (f"L({k})",), k) for k in _COMPARABLE for name in ("max", "min")),
+    *(("sum", True, (f"L({k})",), k) for k in ("int", "uint", "double", "duration")),
+    ("find", True, ("string", "string"), "string"),
+    ("findAll", True, ("string", "string"), "L(string)"),
+    ("findAll", True, ("string", "string", "int"), "L(string)"),
+    ("ip", False, ("string",), "IP"), ("ip", True, ("CIDR",), "IP"),
+    ("isIP", False, ("string",), "bool"), ("ip.isCanonical", False, ("string",), "bool"),
+    *((name, True, ("IP",), "bool") for name in (
+        "isUnspecified", "isLoopback", "isLinkLocalMulticast", "isLinkLocalUnicast",
+        "isGlobalUnicast")),
+    ("family", True, ("IP",), "int"), ("string", False, ("IP",), "string"),
+    ("cidr", False, ("string",), "CIDR"), ("isCIDR", False, ("string",), "bool"),
+    ("containsIP", True, ("CIDR", "string"), "bool"), ("containsIP", True, ("CIDR", "IP"), "bool"),
+    ("containsCIDR", True, ("CIDR", "string"), "bool"),
+    ("containsCIDR", True, ("CIDR", "CIDR"), "bool"),
+    ("prefixLength", True, ("CIDR",), "int"), ("masked", True, ("CIDR",), "CIDR"),
+    ("string", False, ("CIDR",), "string"),
+)
+
+
+_OPAQUE = {"Q": "kubernetes.Quantity", "S": "kubernetes.Semver", "IP": "net.IP",
+           "CIDR": "net.CIDR"}
+
+
+def _type(name: str) -> Any:
+    t = cel.Type
+    if name.startswith("L("):
+        return t.List(_type(name[2:-1]))
+    return t(_OPAQUE[name]) if name in _OPAQUE else getattr(t, name.upper())
+
+
+def _opaque_types() -> descriptor_pool.DescriptorPool:
+    """cel-go's opaque Kubernetes types as empty messages: types of their own for the
+    checker, where cel-cpp's abstract types would collide as overload parameters."""
+    pool = descriptor_pool.DescriptorPool()
+    for package in ("kubernetes", "net"):
+        file = descriptor_pb2.FileDescriptorProto(name=f"gpu_dra_cel_{package}.proto",
+                                                  package=package, syntax="proto3")
+        for full in _OPAQUE.values():
+            if full.startswith(package + "."):
+                file.message_type.add(name=full.split(".", 1)[1])
+        pool.Add(file)
+    return pool
+
+
+_checker_instance: Any = None
+
+
+def _checker_env() -> Any:
+    global _checker_instance
+    if _checker_instance is None:
+        overloads: dict[str, list[Any]] = {}
+        for name, member, params, result in _SIGNATURES:
+            oid = "k8s_" + "_".join((name, *params)).replace("(", "_").replace(")", "")
+            overloads.setdefault(name, []).append(cel.Overload(
+                oid, _type(result), [_type(p) for p in params], is_member=member))
+        t = cel.Type
+        # `string` joins the standard library's declaration, as an extension.
+        conversions = cel.FunctionDecl("string", overloads.pop("string"))
+        _checker_instance = cel.NewEnv(
+            descriptor_pool=_opaque_types(),
+            config=cel.NewEnvConfigFromYaml(_LIBRARIES),
+            variables={"device": t.Map(t.STRING, t.DYN),
+                       "__capacity": t.Map(t.STRING, t.Map(t.STRING, _type("Q"))),
+                       "__driver": t.STRING, "__allowMultipleAllocations": t.BOOL},
+            extensions=[ext_bindings.ExtBindings(), ext_optional.ExtOptional(),
+                        cel.CelExtension("kubernetes", [*_index_functions(), conversions])],
+            functions=[cel.FunctionDecl(name, decl) for name, decl in overloads.items()])
+    return _checker_instance
+
+
+def _index_functions() -> list[Any]:
+    """indexOf, lastIndexOf and includes on lists: one overload each on list(dyn)."""
+    t = cel.Type
+    items = t.List(t.DYN)
+    return [
+        cel.FunctionDecl("indexOf", [cel.Overload("k8s_list_index_of", t.INT, [items, t.DYN],
+                                                  is_member=True, impl=_index_of)]),
+        cel.FunctionDecl("lastIndexOf", [cel.Overload(
+            "k8s_list_last_index_of", t.INT, [items, t.DYN], is_member=True,
+            impl=_last_index_of)]),
+        cel.FunctionDecl("includes", [cel.Overload("k8s_list_includes", t.BOOL, [t.DYN, t.DYN],
+                                                   is_member=True, impl=_includes)]),
+    ]
+
+
+def _list_functions(fn: Declare) -> list[Any]:
+    t = cel.Type
+    items = t.List(t.DYN)
+    return [
+        fn("isSorted", ("k8s_list_is_sorted", t.BOOL, [items], True, _is_sorted)),
+        fn("sum", ("k8s_list_sum", t.DYN, [items], True, _sum)),
+        fn("max", ("k8s_list_max", t.DYN, [items], True, _extreme("max", -1))),
+        fn("min", ("k8s_list_min", t.DYN, [items], True, _extreme("min", 1))),
+        *_index_functions(),
+    ]
+
+
+def _network_functions(fn: Declare, tagged: Any) -> list[Any]:
+    t = cel.Type
+    is_ip = ("k8s_ip_is", t.BOOL, [t.STRING], False, _is(_parse_ip))
+    return [
+        fn("ip", ("k8s_ip", tagged, [t.STRING], False, _ip_value),
+           ("k8s_cidr_ip", tagged, [tagged], True,
+            lambda c: {IP_TAG: _ip_text(_cidr(c).ip)})),
+        fn("isIP", is_ip),
+        fn("ip.isCanonical", ("k8s_ip_is_canonical", t.BOOL, [t.STRING], False,
+                              lambda text: _ip_text(_parse_ip(text)) == text)),
+        fn("family", ("k8s_ip_family", t.INT, [tagged], True, lambda a: _ip(a).version)),
+        fn("isUnspecified", ("k8s_ip_is_unspecified", t.BOOL, [tagged], True,
+                             _checked_ip(lambda a: a.is_unspecified))),
+        fn("isLoopback", ("k8s_ip_is_loopback", t.BOOL, [tagged], True,
+                          _checked_ip(lambda a: a.is_loopback))),
+        fn("isLinkLocalMulticast", ("k8s_ip_is_ll_multicast", t.BOOL, [tagged], True,
+                                    _checked_ip(_link_local_multicast))),
+        fn("isLinkLocalUnicast", ("k8s_ip_is_ll_unicast", t.BOOL, [tagged], True,
+                                  _checked_ip(lambda a: a.is_link_local))),
+        fn("isGlobalUnicast", ("k8s_ip_is_global_unicast", t.BOOL, [tagged], True,
+                               _checked_ip(_global_unicast))),
+        fn("cidr", ("k8s_cidr", tagged, [t.STRING], False, _cidr_value)),
+        fn("isCIDR", ("k8s_cidr_is", t.BOOL, [t.STRING], False, _is(_parse_cidr))),
+        fn("containsIP", ("k8s_cidr_contains_ip", t.BOOL, [tagged, t.DYN], True, _contains_ip)),
+        fn("containsCIDR", ("k8s_cidr_contains_cidr", t.BOOL, [tagged, t.DYN], True,
+                            _contains_cidr)),
+        fn("prefixLength", ("k8s_cidr_prefix_length", t.INT, [tagged], True,
+                            lambda c: _cidr(c).network.prefixlen)),
+        fn("masked", ("k8s_cidr_masked", tagged, [tagged], True,
+                      lambda c: {CIDR_TAG: str(_cidr(c).network)})),
+        fn("string", ("k8s_network_string", t.STRING, [tagged], False, _tagged_text)),
+    ]
 
 
 # --- the checked expression tree, for the cost estimate and the named domains ------------
@@ -319,11 +747,69 @@ def _varint(buf: bytes, i: int) -> tuple[int, int]:
         shift += 7
 
 
-def _root(serialized: bytes) -> Fields:
+def _checked(serialized: bytes) -> tuple[Fields, dict[int, bytes]]:
+    """The expression and, when it was checked, the type of each node by id."""
     wrapper = _wire(serialized)
     message = _wire(wrapper[2][0])
-    checked = wrapper[1][0].endswith(b"CheckedExpr")
-    return _wire(message[4 if checked else 2][0])
+    if not wrapper[1][0].endswith(b"CheckedExpr"):
+        return _wire(message[2][0]), {}
+    types = {}
+    for entry in message.get(3, []):
+        fields = _wire(entry)
+        types[fields.get(1, [0])[0]] = fields.get(2, [b""])[0]
+    return _wire(message[4][0]), types
+
+
+def _mixed_literal(expr: Fields, types: Mapping[int, bytes]) -> str:
+    """cel-go's homogeneous aggregate literal check: the elements of a list literal,
+    and the keys and the values of a map literal, all of one type, except inside
+    `format` calls. An empty string when the expression passes."""
+    exempt = {_id(_wire(b)) for node in _nodes(expr) if (call := _one(node, 6)) is not None
+              and _text(call, 2) == "format" for b in call.get(3, [])}
+    for node in _nodes(expr):
+        if _id(node) in exempt:
+            continue
+        listing = _one(node, 7)
+        if listing is not None and 2 not in listing and len(
+                {types.get(_id(_wire(e))) for e in listing.get(1, [])}) > 1:
+            return "list literal elements of different types"
+        struct = _one(node, 8)
+        if struct is not None and 1 not in struct:
+            entries = [_wire(b) for b in struct.get(2, [])]
+            for part in (3, 4):
+                if len({types.get(_id(_wire(e[part][0]))) for e in entries if part in e}) > 1:
+                    return "map literal entries of different types"
+    return ""
+
+
+_MISSING = frozenset({"cel.@mapInsert"})
+_REGEX_FUNCTIONS = frozenset({"matches", "find", "findAll"})
+
+
+def _bad_regex_literal(expr: Fields) -> str:
+    """cel-go compiles a literal pattern with the program: a bad one does not compile."""
+    for node in _nodes(expr):
+        call = _one(node, 6)
+        if call is not None and _text(call, 2) in _REGEX_FUNCTIONS:
+            args = [_wire(b) for b in call.get(3, [])]
+            pattern = args[0 if 1 in call else 1] if len(args) > (0 if 1 in call else 1) else None
+            const = _one(pattern, 3) if pattern is not None else None
+            if const is not None and 6 in const:
+                try:
+                    re.compile(const[6][0].decode())
+                except re.error as err:
+                    return f"error parsing regexp: {err}"
+    return ""
+
+
+def _calls(expr: Fields) -> set[str]:
+    """The names of every function the expression calls."""
+    calls = (_one(node, 6) for node in _nodes(expr))
+    return {_text(call, 2) for call in calls if call is not None}
+
+
+def _id(expr: Fields) -> int:
+    return int(expr.get(2, [0])[0])
 
 
 def _one(fields: Fields, number: int) -> Fields | None:
@@ -336,20 +822,22 @@ def _text(fields: Fields, number: int) -> str:
     return values[0].decode() if values else ""
 
 
-def _strings(expr: Fields) -> list[str]:
-    """Every string literal of the expression."""
-    found: list[str] = []
+def _nodes(expr: Fields) -> Iterator[Fields]:
+    """Every node of the expression."""
     stack = [expr]
     while stack:
         node = stack.pop()
-        const = _one(node, 3)
-        if const is not None and 6 in const:
-            found.append(const[6][0].decode())
+        yield node
         for number in (5, 6, 7, 8, 9):
             child = _one(node, number)
             if child is not None:
                 stack.extend(_children(number, child))
-    return found
+
+
+def _strings(expr: Fields) -> list[str]:
+    """Every string literal of the expression."""
+    consts = (_one(node, 3) for node in _nodes(expr))
+    return [const[6][0].decode() for const in consts if const is not None and 6 in const]
 
 
 def _children(kind: int, body: Fields) -> list[Fields]:
@@ -430,6 +918,9 @@ class _Cost:
 
     @classmethod
     def _is_outer(cls, node: Fields) -> bool:
+        ident = _one(node, 4)
+        if ident is not None:
+            return _text(ident, 1) == _TYPED_FIELDS["capacity"]
         select = _one(node, 5)
         if select is None:
             return False
