@@ -168,7 +168,12 @@ def compile_selector(expression: str) -> Selector:
         return found
     if len(expression) > MAX_EXPRESSION_LENGTH:
         raise SelectorError(f"CEL expression longer than {MAX_EXPRESSION_LENGTH} bytes")
-    program = _compile(_env(), expression)
+    try:
+        # Types are the checker's business (below); unchecked, cel-cpp dispatches on the
+        # values, as cel-go does for what its checker typed dyn.
+        program = _env().compile(expression, disable_check=True)
+    except RuntimeError as err:
+        raise SelectorError("CEL compile error: " + _first_line(str(err))) from None
     checked = _compile(_checker_env(), _typed_fields(expression, program))
     kind = checked.return_type().name()
     if kind not in ("BOOL", "DYN"):
@@ -181,7 +186,7 @@ def compile_selector(expression: str) -> Selector:
     mixed = _mixed_literal(tree, types) or _bad_regex_literal(tree)
     if mixed:
         raise SelectorError(f"CEL compile error: {mixed}")
-    cost = _Cost().of(tree)
+    cost = _Cost(types).of(tree)
     if cost > MAX_COST:
         raise SelectorError(f"CEL expression too expensive: estimated cost {cost} exceeds the "
                             f"limit of {MAX_COST}")
@@ -226,6 +231,7 @@ def _typed_fields(expression: str, program: Any) -> str:
 
 
 def _compile(env: Any, expression: str) -> Any:
+    """The checked expression, or where cel-cpp cannot check it, the parsed one."""
     try:
         return env.compile(expression)
     except RuntimeError as err:
@@ -594,6 +600,23 @@ _SIGNATURES: tuple[tuple[str, bool, tuple[str, ...], str], ...] = (
 )
 
 
+# cel-go's CrossTypeNumericComparisons (`1 < 1.5`), which cel-cpp's checker lacks: the
+# checker's orderings are declared anew with the mixed numeric overloads. (The runtime
+# compares mixed numbers already.)
+_ORDERING_REPLACED = """stdlib:
+  exclude_functions:
+    - name: _<_
+    - name: _<=_
+    - name: _>_
+    - name: _>=_
+"""
+_ORDERED = ("int", "uint", "double", "string", "bytes", "bool", "timestamp", "duration")
+_NUMBERS = ("int", "uint", "double")
+_SIGNATURES += tuple(
+    (op, False, (a, b), "bool") for op in ("_<_", "_<=_", "_>_", "_>=_")
+    for a, b in [(k, k) for k in _ORDERED]
+    + [(a, b) for a in _NUMBERS for b in _NUMBERS if a != b])
+
 _OPAQUE = {"Q": "kubernetes.Quantity", "S": "kubernetes.Semver", "IP": "net.IP",
            "CIDR": "net.CIDR"}
 
@@ -626,8 +649,8 @@ def _checker_env() -> Any:
     global _checker_instance
     if _checker_instance is None:
         overloads: dict[str, list[Any]] = {}
-        for name, member, params, result in _SIGNATURES:
-            oid = "k8s_" + "_".join((name, *params)).replace("(", "_").replace(")", "")
+        for number, (name, member, params, result) in enumerate(_SIGNATURES):
+            oid = f"k8s_checked_{number}"
             overloads.setdefault(name, []).append(cel.Overload(
                 oid, _type(result), [_type(p) for p in params], is_member=member))
         t = cel.Type
@@ -635,7 +658,7 @@ def _checker_env() -> Any:
         conversions = cel.FunctionDecl("string", overloads.pop("string"))
         _checker_instance = cel.NewEnv(
             descriptor_pool=_opaque_types(),
-            config=cel.NewEnvConfigFromYaml(_LIBRARIES),
+            config=cel.NewEnvConfigFromYaml(_ORDERING_REPLACED + _LIBRARIES),
             variables={"device": t.Map(t.STRING, t.DYN),
                        "__capacity": t.Map(t.STRING, t.Map(t.STRING, _type("Q"))),
                        "__driver": t.STRING, "__allowMultipleAllocations": t.BOOL},
@@ -858,8 +881,29 @@ _STRING_FUNCTIONS = {"contains", "startsWith", "endsWith", "lowerAscii", "upperA
                      "charAt", "reverse", "quote", "quantity", "isQuantity", "semver", "isSemver"}
 
 
+# Functions whose result cel-go sizes as their receiver.
+_SIZE_KEEPING = frozenset({"distinct", "reverse", "sort", "sortBy", "slice", "lowerAscii",
+                           "upperAscii", "trim", "substring"})
+
+
+def _int_literal(const: Fields) -> int:
+    """An int constant's value, negative as 0 (cel-go's size of lists.range(-1)); a
+    constant of another type is unbounded."""
+    if 3 not in const:
+        return _UNBOUNDED
+    value = int(const[3][0])
+    return 0 if value >= 2**63 else value
+
+
+_LIST_SCANS = frozenset({"isSorted", "sum", "max", "min", "indexOf", "lastIndexOf", "includes"})
+_UNBOUNDED = 2**64 - 1  # cel-go's estimate for a size it cannot bound
+
+
+@dataclass
 class _Cost:
     """An upper bound in the spirit of cel-go's estimator with the DRA size hints."""
+
+    types: Mapping[int, bytes] = field(default_factory=dict)
 
     def of(self, node: Fields) -> int:
         if 3 in node:
@@ -873,7 +917,7 @@ class _Cost:
         call = _one(node, 6)
         if call is not None:
             parts = [_wire(b) for b in call.get(1, []) + call.get(3, [])]
-            return sum(self.of(p) for p in parts) + self._call(_text(call, 2))
+            return sum(self.of(p) for p in parts) + self._call(_text(call, 2), call)
         listing = _one(node, 7)
         if listing is not None:
             return 10 + sum(self.of(_wire(b)) for b in listing.get(1, []))
@@ -889,13 +933,81 @@ class _Cost:
             return part(2) + part(4) + size * (part(5) + part(6)) + part(7)
         return 1
 
-    @staticmethod
-    def _call(function: str) -> int:
+    def _call(self, function: str, call: Fields) -> int:
+        target = _one(call, 1)
+        if function in _LIST_SCANS and target is not None and self._is_list(target):
+            # The Kubernetes estimator charges each element, and a string element its
+            # length, which it cannot bound for the elements of a list.
+            return self._size(target) * (_UNBOUNDED if self._has_text(target) else 1)
+        if function == "lists.range":
+            count = [_one(_wire(b), 3) for b in call.get(3, [])]
+            return _int_literal(count[0]) if count and count[0] else _UNBOUNDED
+        if function in ("_==_", "_!=_"):
+            return self._equality([_wire(b) for b in call.get(3, [])])
         if function == "matches":
             return math.ceil(0.1 * VALUE_SIZE_HINT) * math.ceil(0.25 * VALUE_SIZE_HINT)
-        if function in _STRING_FUNCTIONS or function in ("_==_", "_!=_", "_+_"):
+        if function in _STRING_FUNCTIONS or function == "_+_":
             return 1 + math.ceil(0.1 * VALUE_SIZE_HINT)
         return 1
+
+    def _equality(self, operands: list[Fields]) -> int:
+        """cel-go's: O(1) for two values of one Kubernetes type, else a traversal of the
+        smaller operand, unbounded when neither size is known."""
+        kinds = [_wire(self.types.get(_id(o), b"")).get(9) for o in operands]
+        if len(kinds) == 2 and kinds[0] is not None and kinds[0] == kinds[1]:
+            return 1
+        sizes = [size for size in map(self._known_size, operands) if size is not None]
+        return math.ceil(0.1 * min(sizes)) if sizes else _UNBOUNDED
+
+    def _known_size(self, node: Fields) -> int | None:
+        """The size cel-go's estimator knows for a node, or None."""
+        const = _one(node, 3)
+        if const is not None:
+            text = const.get(6) or const.get(7)
+            return len(text[0].decode(errors="replace")) if text else 1
+        listing = _one(node, 7)
+        if listing is not None:
+            return len(listing.get(1, []))
+        struct = _one(node, 8)
+        if struct is not None:
+            return len(struct.get(2, []))
+        kind = _wire(self.types.get(_id(node), b""))
+        if (kind.get(3, [0])[0] in (1, 2, 3, 4) or 2 in kind
+                or kind.get(5, [0])[0] in (2, 3)):  # scalars, null, timestamp, duration
+            return 1
+        ident = _one(node, 4)
+        if ident is not None and _text(ident, 1) != "device":
+            return VALUE_SIZE_HINT  # a comprehension's or a binding's variable
+        call = _one(node, 6)
+        if call is not None and _text(call, 2) == "dyn" and call.get(3):
+            return self._known_size(_wire(call[3][0]))
+        target = _one(call, 1) if call is not None else None
+        if call is not None and target is not None and _text(call, 2) in _SIZE_KEEPING:
+            return self._known_size(target)
+        if call is not None and _text(call, 2) == "lists.range":
+            count = [_one(_wire(b), 3) for b in call.get(3, [])]
+            return _int_literal(count[0]) if count and count[0] else None
+        if any(inner is not None and self._is_attributes(inner) for inner in self._operands(node)):
+            return VALUE_SIZE_HINT
+        return None
+
+    @classmethod
+    def _is_attributes(cls, node: Fields) -> bool:
+        """`device.attributes[domain]`."""
+        return any(inner is not None and cls._is_outer(inner) and _text(_one(inner, 5) or {}, 2)
+                   == "attributes" for inner in cls._operands(node))
+
+    def _element(self, node: Fields) -> Fields | None:
+        """The element type of a list-typed node, from the checker's types."""
+        listing = _one(_wire(self.types.get(_id(node), b"")), 6)
+        return _one(listing, 1) if listing is not None else None
+
+    def _is_list(self, node: Fields) -> bool:
+        return _one(_wire(self.types.get(_id(node), b"")), 6) is not None
+
+    def _has_text(self, node: Fields) -> bool:
+        element = self._element(node)
+        return element is not None and element.get(3, [0])[0] in (5, 6)  # STRING, BYTES
 
     def _size(self, node: Fields | None) -> int:
         if node is None:
