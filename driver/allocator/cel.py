@@ -30,13 +30,13 @@ What the scheduler's environment has and how it is given here:
 from __future__ import annotations
 
 import ipaddress
-import itertools
 import math
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
+from urllib.parse import unquote_plus
 
 from cel_expr_python import cel
 from cel_expr_python.ext import ext_bindings, ext_optional
@@ -321,29 +321,39 @@ def _kind(value: Any) -> str:
     return type(value).__name__
 
 
-def _cmp(a: Any, b: Any) -> int | None:
-    """cel-go's Compare: -1, 0, 1, or None where the two do not compare; an error for a
-    value that compares with nothing (a semver, a list, a map, null)."""
-    kind = _kind(a)
-    if kind in ("list", "dict", "NoneType") or _kind(b) in ("list", "dict", "NoneType"):
+_COMPARERS = ("bool", "number", "str", "bytes", "timedelta", "datetime")
+
+
+def _comparer(value: Any) -> Any:
+    """The value if cel-go's types compare it (a traits.Comparer), else the error."""
+    if _kind(value) not in _COMPARERS:
         raise ValueError("no such overload")
-    if kind != _kind(b):
+    return value
+
+
+def _cmp(a: Any, b: Any) -> int | None:
+    """cel-go's Compare: -1, 0, 1, or None (its error value) for two kinds that do not
+    compare."""
+    if _kind(a) != _kind(b):
         return None
-    left, right = (_q(a), _q(b)) if kind == "quantity" else (a, b)
-    return int(left > right) - int(left < right)
+    return int(a > b) - int(a < b)
 
 
 def _is_sorted(items: list[Any]) -> bool:
-    return all(_cmp(a, b) != 1 for a, b in itertools.pairwise(items))
+    for index, item in enumerate(items):
+        _comparer(item)
+        if index and _cmp(items[index - 1], item) == 1:
+            return False
+    return True
 
 
 def _extreme(name: str, prefer: int) -> Callable[[list[Any]], Any]:
     def pick(items: list[Any]) -> Any:
         if not items:
             raise ValueError(f"{name} called on empty list")
-        found = items[0]
+        found = _comparer(items[0])
         for item in items[1:]:
-            if _cmp(found, item) == prefer:
+            if _cmp(found, _comparer(item)) == prefer:
                 found = item
         return found
     return pick
@@ -500,6 +510,94 @@ def _checked_ip(check: Callable[[Address], bool]) -> Callable[[Any], bool]:
     return lambda value: check(_ip(value))
 
 
+# --- the Kubernetes URL library (library/urls.go), Go's url.ParseRequestURI rules ------
+
+URL_TAG = "__url__"
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+
+
+@dataclass(frozen=True)
+class _Url:
+    scheme: str
+    host: str
+    path: str
+    query: str
+
+
+def _parse_url(text: str) -> _Url:
+    """What Go's url.ParseRequestURI accepts, split as url.Parse splits it."""
+    def fail(reason: str) -> ValueError:
+        return ValueError(f"URL parse error during conversion from string: parse {text!r}: "
+                          f"{reason}")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        raise fail("net/url: invalid control character in URL")
+    if not text:
+        raise fail("empty url")
+    scheme, rest = "", text
+    head, colon, tail = text.partition(":")
+    if colon and _SCHEME.fullmatch(head):
+        scheme, rest = head.lower(), tail
+    elif colon and head == "":
+        raise fail("missing protocol scheme")
+    rest, _, query = rest.partition("?")
+    if text == "*":
+        return _Url("", "", "*", "")
+    if not rest.startswith("/"):
+        if scheme:
+            return _Url(scheme, "", "", query)
+        raise fail("invalid URI for request")
+    host = ""
+    if scheme and rest.startswith("//"):
+        authority, slash, path = rest[2:].partition("/")
+        rest = slash + path
+        host = authority.rpartition("@")[2]
+        port = host.rpartition("]")[2] if host.startswith("[") else host
+        if host.startswith("[") and "]" not in host:
+            raise fail("missing ']' in host")
+        if ":" in port and not port.rpartition(":")[2].isdigit() and port.rpartition(":")[2]:
+            raise fail(f"invalid port {':' + port.rpartition(':')[2]!r} after host")
+    if re.search(r"%(?![0-9A-Fa-f]{2})", rest):
+        raise fail("invalid URL escape")
+    return _Url(scheme, host, rest.partition("#")[0], query.partition("#")[0])
+
+
+def _url_value(text: str) -> dict[str, str]:
+    _parse_url(text)
+    return {URL_TAG: text}
+
+
+def _url(value: Any) -> _Url:
+    if isinstance(value, dict) and URL_TAG in value:
+        return _parse_url(value[URL_TAG])
+    raise ValueError("no such overload")
+
+
+def _hostname(value: Any) -> str:
+    host = _url(value).host
+    if host.startswith("["):
+        return host[1:host.index("]")]
+    return host.rpartition(":")[0] if ":" in host else host
+
+
+def _port(value: Any) -> str:
+    host = _url(value).host
+    tail = host.rpartition("]")[2] if host.startswith("[") else host
+    return tail.rpartition(":")[2] if ":" in tail else ""
+
+
+def _query(value: Any) -> dict[str, list[str]]:
+    """Go's url.Values: keys and values unescaped, a pair that does not unescape dropped."""
+    found: dict[str, list[str]] = {}
+    for pair in _url(value).query.split("&"):
+        if not pair:
+            continue
+        key, _, val = pair.partition("=")
+        if re.search(r"%(?![0-9A-Fa-f]{2})", pair):
+            continue
+        found.setdefault(unquote_plus(key), []).append(unquote_plus(val))
+    return found
+
+
 _env_instance: Any = None
 
 
@@ -551,6 +649,17 @@ def _env() -> Any:
                ("k8s_find_all_limit", t.List(t.STRING), [t.STRING, t.STRING, t.INT], True,
                 _find_all)),
             *_network_functions(fn, tagged),
+            fn("url", ("k8s_url", tagged, [t.STRING], False, _url_value)),
+            fn("isURL", ("k8s_is_url", t.BOOL, [t.STRING], False, _is(_parse_url))),
+            fn("getScheme", ("k8s_url_scheme", t.STRING, [tagged], True,
+                             lambda u: _url(u).scheme)),
+            fn("getHost", ("k8s_url_host", t.STRING, [tagged], True, lambda u: _url(u).host)),
+            fn("getHostname", ("k8s_url_hostname", t.STRING, [tagged], True, _hostname)),
+            fn("getPort", ("k8s_url_port", t.STRING, [tagged], True, _port)),
+            fn("getEscapedPath", ("k8s_url_path", t.STRING, [tagged], True,
+                                  lambda u: _url(u).path)),
+            fn("getQuery", ("k8s_url_query", t.Map(t.STRING, t.List(t.STRING)), [tagged], True,
+                            _query)),
         ]
         _env_instance = cel.NewEnv(
             config=cel.NewEnvConfigFromYaml(_LIBRARIES),
@@ -597,6 +706,10 @@ _SIGNATURES: tuple[tuple[str, bool, tuple[str, ...], str], ...] = (
     ("containsCIDR", True, ("CIDR", "CIDR"), "bool"),
     ("prefixLength", True, ("CIDR",), "int"), ("masked", True, ("CIDR",), "CIDR"),
     ("string", False, ("CIDR",), "string"),
+    ("url", False, ("string",), "URL"), ("isURL", False, ("string",), "bool"),
+    *((name, True, ("URL",), "string") for name in (
+        "getScheme", "getHost", "getHostname", "getPort", "getEscapedPath")),
+    ("getQuery", True, ("URL",), "M(string,L(string))"),
 )
 
 
@@ -618,13 +731,16 @@ _SIGNATURES += tuple(
     + [(a, b) for a in _NUMBERS for b in _NUMBERS if a != b])
 
 _OPAQUE = {"Q": "kubernetes.Quantity", "S": "kubernetes.Semver", "IP": "net.IP",
-           "CIDR": "net.CIDR"}
+           "CIDR": "net.CIDR", "URL": "kubernetes.URL"}
 
 
 def _type(name: str) -> Any:
     t = cel.Type
     if name.startswith("L("):
         return t.List(_type(name[2:-1]))
+    if name.startswith("M("):
+        key, value = name[2:-1].split(",", 1)
+        return t.Map(_type(key), _type(value))
     return t(_OPAQUE[name]) if name in _OPAQUE else getattr(t, name.upper())
 
 

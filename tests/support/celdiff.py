@@ -98,6 +98,12 @@ def _cidr(rng: random.Random) -> str:
                        "'10.0.0.0'", "'192.168.0.0/16'"])
 
 
+def _url(rng: random.Random) -> str:
+    return rng.choice(["'https://a.example/p?x=1&y=2&x=3'", "'https://user@a.b:8080/p%20q#f'",
+                       "'http://[::1]:80/'", "'/a/b?c=d'", "'a/b'", "'mailto:x'", "''",
+                       "'http://a:b/'", "'https://a/%zz'", "'*'", f"{X}.zone"])
+
+
 def _sum_list(rng: random.Random) -> str:
     return rng.choice([_ints(rng), _doubles(rng), f"[{X}.count, {X}.count]",
                        f"[{A}.index, {X}.count]", "[9223372036854775807, 1]"])
@@ -115,7 +121,7 @@ def _cmp(rng: random.Random) -> str:
 PICKS: Mapping[str, Pick] = {
     "ints": _ints, "doubles": _doubles, "strings": _strings, "list": _list,
     "attr": _attr, "int": _int, "regex": _regex, "ip": _ip, "cidr": _cidr,
-    "sumlist": _sum_list, "dynlist": _dyn_list, "cmp": _cmp,
+    "url": _url, "sumlist": _sum_list, "dynlist": _dyn_list, "cmp": _cmp,
     "int2": _int, "list2": _list, "ip2": _ip, "cidr2": _cidr, "attr2": _attr,
 }
 
@@ -175,7 +181,12 @@ TEMPLATES: tuple[str, ...] = (
     # literals, and libraries the scheduler does not have
     "[{attr}, {int}].size() > 0", "[1, 'a'].size() == 2", "{{'a': 1, 'b': {attr}}}.size() > 0",
     "math.greatest(1, {int}) == 1", "base64.encode(b'a') == 'YQ=='",
-    "regex.replace('a', 'a', 'b') == 'b'", "url('https://a').getHost() == 'a'",
+    "regex.replace('a', 'a', 'b') == 'b'",
+    # URLs
+    "isURL({url})", "url({url}).getScheme() == 'https'", "url({url}).getHost() == {attr}",
+    "url({url}).getHostname() != ''", "url({url}).getPort() == '80'",
+    "url({url}).getEscapedPath().size() {cmp} {int}", "url({url}).getQuery().size() == {int}",
+    "url({url}) == url({url})",
     "{list}.size()", "{int}",
 )
 

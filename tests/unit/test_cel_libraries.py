@@ -125,3 +125,15 @@ def test_transform_map_is_refused_with_the_reason() -> None:
     # cel-expr-python 0.1.3 declares the macro but has no runtime for cel.@mapInsert.
     with pytest.raises(SelectorError, match="transformMap and transformMapEntry"):
         compile_selector("[1].transformMap(i, v, v) == {0: 1}")
+
+
+@pytest.mark.parametrize("expression", [
+    "url('https://a.example:8080/p?x=1&x=2').getHost() == 'a.example:8080'",
+    "url('https://a.example:8080/p').getHostname() == 'a.example'",
+    "url('https://[::1]:80/').getPort() == '80'",
+    "url('https://a/p%20q').getEscapedPath() == '/p%20q'",
+    "url('https://a/?x=1&x=2&y=').getQuery() == {'x': ['1', '2'], 'y': ['']}",
+    "url('/relative/path').getScheme() == '' && isURL('mailto:x') && !isURL('a/b')",
+])
+def test_urls_as_in_go(expression: str) -> None:
+    assert matches(expression) is True
