@@ -29,6 +29,7 @@ What the scheduler's environment has and how it is given here:
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import math
 import re
@@ -42,6 +43,7 @@ from cel_expr_python import cel
 from cel_expr_python.ext import ext_bindings, ext_optional
 from google.protobuf import descriptor_pb2, descriptor_pool
 
+from driver.allocator import celstrings
 from driver.errors import AllocatorError
 from driver.kube.quantity import QuantityError, parse_quantity
 from driver.kube.semver import SemverError, normalize_semver, parse_semver
@@ -58,9 +60,8 @@ CIDR_TAG = "__cidr__"
 
 # The cel-cpp libraries, at the versions that match kube-scheduler's cel-go libraries:
 # ext.Lists v3 is v2 with cost support, which cel-cpp's lists v2 has the functions of.
+# ext.Strings v2 is celstrings, in Python.
 _LIBRARIES = """extensions:
-  - name: strings
-    version: 2
   - name: lists
     version: 2
   - name: sets
@@ -183,7 +184,8 @@ def compile_selector(expression: str) -> Selector:
         raise SelectorError("CEL compile error: transformMap and transformMapEntry are not "
                             "available in this driver's CEL library (cel-expr-python "
                             "lacks their runtime function cel.@mapInsert)")
-    mixed = _mixed_literal(tree, types) or _bad_regex_literal(tree)
+    mixed = (_mixed_literal(tree, types) or _bad_regex_literal(tree)
+             or _bad_format_literal(tree, types))
     if mixed:
         raise SelectorError(f"CEL compile error: {mixed}")
     cost = _Cost(types).of(tree)
@@ -649,6 +651,7 @@ def _env() -> Any:
                ("k8s_find_all_limit", t.List(t.STRING), [t.STRING, t.STRING, t.INT], True,
                 _find_all)),
             *_network_functions(fn, tagged),
+            *_string_functions(fn),
             fn("url", ("k8s_url", tagged, [t.STRING], False, _url_value)),
             fn("isURL", ("k8s_is_url", t.BOOL, [t.STRING], False, _is(_parse_url))),
             fn("getScheme", ("k8s_url_scheme", t.STRING, [tagged], True,
@@ -664,8 +667,7 @@ def _env() -> Any:
         _env_instance = cel.NewEnv(
             config=cel.NewEnvConfigFromYaml(_LIBRARIES),
             variables={"device": t.Map(t.STRING, t.DYN)},
-            # An extension, not `functions`: its declarations merge with the strings
-            # library's `indexOf` and `lastIndexOf`.
+            # An extension, not `functions`: `string` merges with the standard library's.
             extensions=[ext_bindings.ExtBindings(), ext_optional.ExtOptional(),
                         cel.CelExtension("kubernetes", functions)])
     return _env_instance
@@ -691,6 +693,21 @@ _SIGNATURES: tuple[tuple[str, bool, tuple[str, ...], str], ...] = (
     *(("isSorted", True, (f"L({k})",), "bool") for k in _COMPARABLE),
     *((name, True, (f"L({k})",), k) for k in _COMPARABLE for name in ("max", "min")),
     *(("sum", True, (f"L({k})",), k) for k in ("int", "uint", "double", "duration")),
+    ("indexOf", True, ("L(dyn)", "dyn"), "int"), ("lastIndexOf", True, ("L(dyn)", "dyn"), "int"),
+    ("includes", True, ("dyn", "dyn"), "bool"),
+    *((name, True, ("string", "string", *offset), "int") for name in ("indexOf", "lastIndexOf")
+      for offset in ((), ("int",))),
+    ("charAt", True, ("string", "int"), "string"),
+    *((name, True, ("string",), "string") for name in ("lowerAscii", "upperAscii", "trim")),
+    ("replace", True, ("string", "string", "string"), "string"),
+    ("replace", True, ("string", "string", "string", "int"), "string"),
+    ("split", True, ("string", "string"), "L(string)"),
+    ("split", True, ("string", "string", "int"), "L(string)"),
+    ("substring", True, ("string", "int"), "string"),
+    ("substring", True, ("string", "int", "int"), "string"),
+    ("join", True, ("L(string)",), "string"), ("join", True, ("L(string)", "string"), "string"),
+    ("format", True, ("string", "L(dyn)"), "string"),
+    ("strings.quote", False, ("string",), "string"),
     ("find", True, ("string", "string"), "string"),
     ("findAll", True, ("string", "string"), "L(string)"),
     ("findAll", True, ("string", "string", "int"), "L(string)"),
@@ -779,24 +796,67 @@ def _checker_env() -> Any:
                        "__capacity": t.Map(t.STRING, t.Map(t.STRING, _type("Q"))),
                        "__driver": t.STRING, "__allowMultipleAllocations": t.BOOL},
             extensions=[ext_bindings.ExtBindings(), ext_optional.ExtOptional(),
-                        cel.CelExtension("kubernetes", [*_index_functions(), conversions])],
+                        cel.CelExtension("kubernetes", [conversions])],
             functions=[cel.FunctionDecl(name, decl) for name, decl in overloads.items()])
     return _checker_instance
 
 
-def _index_functions() -> list[Any]:
-    """indexOf, lastIndexOf and includes on lists: one overload each on list(dyn)."""
+def _string_functions(fn: Declare) -> list[Any]:
+    """ext.Strings v2 (celstrings), with the list overloads of `indexOf`,
+    `lastIndexOf` (Kubernetes lists) in the same declarations."""
     t = cel.Type
-    items = t.List(t.DYN)
+    s, i, items = t.STRING, t.INT, t.List(t.DYN)
     return [
-        cel.FunctionDecl("indexOf", [cel.Overload("k8s_list_index_of", t.INT, [items, t.DYN],
-                                                  is_member=True, impl=_index_of)]),
-        cel.FunctionDecl("lastIndexOf", [cel.Overload(
-            "k8s_list_last_index_of", t.INT, [items, t.DYN], is_member=True,
-            impl=_last_index_of)]),
-        cel.FunctionDecl("includes", [cel.Overload("k8s_list_includes", t.BOOL, [t.DYN, t.DYN],
-                                                   is_member=True, impl=_includes)]),
+        fn("charAt", ("k8s_char_at", s, [s, i], True, celstrings.char_at)),
+        fn("indexOf", ("k8s_index_of", i, [s, s], True, celstrings.index_of),
+           ("k8s_index_of_offset", i, [s, s, i], True, celstrings.index_of),
+           ("k8s_list_index_of", i, [items, t.DYN], True, _index_of)),
+        fn("lastIndexOf", ("k8s_last_index_of", i, [s, s], True, celstrings.last_index_of),
+           ("k8s_last_index_of_offset", i, [s, s, i], True, celstrings.last_index_of),
+           ("k8s_list_last_index_of", i, [items, t.DYN], True, _last_index_of)),
+        fn("lowerAscii", ("k8s_lower_ascii", s, [s], True, celstrings.ascii_case(False))),
+        fn("upperAscii", ("k8s_upper_ascii", s, [s], True, celstrings.ascii_case(True))),
+        fn("replace", ("k8s_replace", s, [s, s, s], True, celstrings.replace),
+           ("k8s_replace_n", s, [s, s, s, i], True, celstrings.replace)),
+        fn("split", ("k8s_split", t.List(s), [s, s], True, celstrings.split),
+           ("k8s_split_n", t.List(s), [s, s, i], True, celstrings.split)),
+        fn("substring", ("k8s_substring", s, [s, i], True, celstrings.substring),
+           ("k8s_substring_range", s, [s, i, i], True, celstrings.substring)),
+        fn("trim", ("k8s_trim", s, [s], True, celstrings.trim)),
+        fn("join", ("k8s_join", s, [t.List(s)], True, celstrings.join),
+           ("k8s_join_separator", s, [t.List(s), s], True, celstrings.join)),
+        fn("format", ("k8s_format", s, [s, items], True,
+                      celstrings.format_with(_type_name, _type_text))),
+        fn("strings.quote", ("k8s_quote", s, [s], False, celstrings.quote)),
+        fn("includes", ("k8s_list_includes", t.BOOL, [t.DYN, t.DYN], True, _includes)),
     ]
+
+
+_TAG_TYPES = {QUANTITY_TAG: "kubernetes.Quantity", SEMVER_TAG: "kubernetes.Semver",
+              IP_TAG: "net.IP", CIDR_TAG: "net.CIDR", URL_TAG: "kubernetes.URL"}
+
+
+_TYPE_TEXTS = {"NULL": "null_type", "TIMESTAMP": "google.protobuf.Timestamp",
+               "DURATION": "google.protobuf.Duration"}
+
+
+def _type_text(value: Any) -> str:
+    """A CEL type value as cel-go writes it (`int`, `null_type`)."""
+    name = str(value.name())
+    return _TYPE_TEXTS.get(name, name.lower())
+
+
+def _type_name(value: Any) -> str:
+    """A run-time value's CEL type name, Kubernetes values by their tag."""
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        tags = [_TAG_TYPES[k] for k in value if k in _TAG_TYPES]
+        return tags[0] if len(value) == 1 and tags else "map"
+    names = {bool: "bool", int: "int", float: "double", str: "string", bytes: "bytes",
+             bytearray: "bytes", list: "list", datetime.timedelta: "duration",
+             datetime.datetime: "timestamp"}
+    return names.get(type(value)) or ("type" if isinstance(value, cel.Type) else "map")
 
 
 def _list_functions(fn: Declare) -> list[Any]:
@@ -807,7 +867,6 @@ def _list_functions(fn: Declare) -> list[Any]:
         fn("sum", ("k8s_list_sum", t.DYN, [items], True, _sum)),
         fn("max", ("k8s_list_max", t.DYN, [items], True, _extreme("max", -1))),
         fn("min", ("k8s_list_min", t.DYN, [items], True, _extreme("min", 1))),
-        *_index_functions(),
     ]
 
 
@@ -903,8 +962,9 @@ def _mixed_literal(expr: Fields, types: Mapping[int, bytes]) -> str:
     """cel-go's homogeneous aggregate literal check: the elements of a list literal,
     and the keys and the values of a map literal, all of one type, except inside
     `format` calls. An empty string when the expression passes."""
-    exempt = {_id(_wire(b)) for node in _nodes(expr) if (call := _one(node, 6)) is not None
-              and _text(call, 2) == "format" for b in call.get(3, [])}
+    exempt = {_id(inner) for node in _nodes(expr) if (call := _one(node, 6)) is not None
+              and _text(call, 2) == "format" for b in call.get(3, [])
+              for inner in _nodes(_wire(b))}
     for node in _nodes(expr):
         if _id(node) in exempt:
             continue
@@ -919,6 +979,47 @@ def _mixed_literal(expr: Fields, types: Mapping[int, bytes]) -> str:
                 if len({types.get(_id(_wire(e[part][0]))) for e in entries if part in e}) > 1:
                     return "map literal entries of different types"
     return ""
+
+
+def _bad_format_literal(expr: Fields, types: Mapping[int, bytes]) -> str:
+    """cel-go's check of `"literal".format([literal list])` at compile time."""
+    for node in _nodes(expr):
+        call = _one(node, 6)
+        target = _one(call, 1) if call is not None else None
+        const = _one(target, 3) if target is not None else None
+        args = call.get(3, []) if call is not None else []
+        listing = _one(_wire(args[0]), 7) if len(args) == 1 else None
+        if (call is None or _text(call, 2) != "format" or const is None or 6 not in const
+                or listing is None):
+            continue
+        elements = [_wire(b) for b in listing.get(1, [])]
+
+        def nested(index: int, elements: list[Fields] = elements) -> list[str]:
+            inner = [n for n in _nodes(elements[index]) if n is not elements[index]]
+            return [_static_kind(types.get(_id(n), b"")) for n in inner
+                    if _one(n, 3) is not None or _one(n, 7) is not None
+                    or _one(n, 8) is not None or _one(n, 4) is not None]
+        error = celstrings.format_errors(
+            const[6][0].decode(), [_static_kind(types.get(_id(e), b"")) for e in elements],
+            nested)
+        if error:
+            return error
+    return ""
+
+
+def _static_kind(encoded: bytes) -> str:
+    """A checked type (cel.expr.Type) as the format check names it."""
+    kind = _wire(encoded)
+    if 3 in kind:
+        return {1: "bool", 2: "int", 3: "uint", 4: "double", 5: "string", 6: "bytes"}.get(
+            kind[3][0], "dyn")
+    if 5 in kind:
+        return {2: "timestamp", 3: "duration"}.get(kind[5][0], "dyn")
+    named = {2: "null", 6: "list", 7: "map", 11: "type"}
+    found = [name for number, name in named.items() if number in kind]
+    if found:
+        return found[0]
+    return kind[9][0].decode() if 9 in kind else "dyn"
 
 
 _MISSING = frozenset({"cel.@mapInsert"})
@@ -1011,7 +1112,8 @@ def _int_literal(const: Fields) -> int:
     return 0 if value >= 2**63 else value
 
 
-_LIST_SCANS = frozenset({"isSorted", "sum", "max", "min", "indexOf", "lastIndexOf", "includes"})
+_LIST_SCANS = frozenset({"isSorted", "sum", "max", "min", "indexOf", "lastIndexOf", "includes",
+                         "join"})
 _UNBOUNDED = 2**64 - 1  # cel-go's estimate for a size it cannot bound
 
 

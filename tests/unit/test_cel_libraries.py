@@ -59,7 +59,10 @@ def matches(expression: str) -> bool:
     # ext.Strings v2 and its format
     "'%d GiB on %s'.format([80, 'h100']) == '80 GiB on h100'",
     "strings.quote('a\"b') == '\"a\\\\\"b\"'", "'a-b'.split('-') == ['a', 'b']",
-    "['a', 'b'].join(',') == 'a,b'", "'Ab'.lowerAscii() == 'ab'",
+    "[].join(',') == ''", "'Ab'.lowerAscii() == 'ab'",
+    "'%.2f|%e|%x|%s'.format([1234.5, 1234.5, 255, [1.5, 'a']]) == "
+    "'1,234.50|1.234500\u00d710\u2070\u00b3|ff|[1.500000, \"a\"]'",
+    "'abc'.indexOf('c', 5) == -1 && ''.lastIndexOf('1', 2) == -1 && 'abc'.charAt(3) == ''",
     # optionals, bindings, quantity and semver, as before
     f"{A}.?missing.orValue(1) == 1 && [1, 2].first().value() == 1",
     f"cel.bind(d, {A}, d.index == 3)",
@@ -78,6 +81,8 @@ def test_each_function_compiles_and_answers_true(expression: str) -> None:
     ("ip('fe80::1%eth0').family() == 6", "zone value is not allowed"),
     ("ip('::ffff:1.2.3.4').family() == 6", "IPv4-mapped"),
     ("cidr('10.0.0.0').prefixLength() == 0", "network address parse error"),
+    (f"'%.2f'.format([{A}.index]) == ''", "fixed-point clause cannot be used on int"),
+    (f"'%s'.format([{A}.driverVersion]) == ''", "was given kubernetes.Semver"),
     (f"{A}.name.find({A}.name + '(') == ''", "Illegal regex"),
 ])
 def test_runtime_errors_are_those_of_cel_go(expression: str, message: str) -> None:
@@ -95,6 +100,9 @@ def test_mixed_types_that_do_not_compare_are_skipped_as_cel_go_skips_them() -> N
     ("[1, 'a'].size() == 2", "list literal elements of different types"),
     ("{'a': 1, 'b': 'x'}.size() == 2", "map literal entries of different types"),
     ("'a'.matches('(')", "error parsing regexp"),
+    ("'%d'.format(['a']) == ''", "cannot be used on string"),
+    ("'%s %s'.format([1]) == ''", "index 1 out of range"),
+    ("'%s'.format([1, 2]) == ''", "too many arguments"),
     ("'abc'.reverse() == 'cba'", "no matching overload"),
     ("math.greatest(1, 2) == 2", "undeclared reference to 'math'"),
     ("base64.encode(b'a') == 'YQ=='", "undeclared reference to 'base64'"),
@@ -107,6 +115,7 @@ def test_what_the_scheduler_does_not_compile(expression: str, message: str) -> N
 
 @pytest.mark.parametrize("expression", [
     "['a', 'b'].isSorted()", "['b', 'a'].max() == 'b'", "['a'].includes('a')",
+    "['a', 'b'].join(',') == 'a,b'",
     f"lists.range({A}.index).size() == 3",
     f"[{A}.index, {A}.mig].max() == device.capacity['gpu.dra.dev'].memory",
 ])
