@@ -204,7 +204,7 @@ class _Formatter:
             return "true" if value else "false"
         if kind == "bytes":
             try:
-                return value.decode()
+                return bytes(value).decode()
             except UnicodeDecodeError:
                 raise ValueError("error during formatting: invalid UTF-8 in bytes") from None
         if kind == "null":
