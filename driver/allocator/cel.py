@@ -112,7 +112,8 @@ class DeviceInput:
                 data = dict(data)
                 data["attributes"] = {**{d: {} for d in missing}, **data["attributes"]}
                 data["capacity"] = {**{d: {} for d in missing}, **data["capacity"]}
-            found = _env().Activation(data={"device": data})
+            found = _env().Activation(data={"device": data, **{
+                variable: data[name] for name, variable in _TYPED_FIELDS.items()}})
             self._activations[domains] = found
         return found
 
@@ -169,21 +170,12 @@ def compile_selector(expression: str) -> Selector:
         return found
     if len(expression) > MAX_EXPRESSION_LENGTH:
         raise SelectorError(f"CEL expression longer than {MAX_EXPRESSION_LENGTH} bytes")
-    try:
-        # Types are the checker's business (below); unchecked, cel-cpp dispatches on the
-        # values, as cel-go does for what its checker typed dyn.
-        program = _env().compile(expression, disable_check=True)
-    except RuntimeError as err:
-        raise SelectorError("CEL compile error: " + _first_line(str(err))) from None
-    checked = _compile(_checker_env(), _typed_fields(expression, program))
+    typed = _typed_fields(expression, _parse(expression))
+    checked = _compile(_checker_env(), typed)
     kind = checked.return_type().name()
     if kind not in ("BOOL", "DYN"):
         raise SelectorError(f"CEL expression must evaluate to bool, not {kind.lower()}")
     tree, types = _checked(checked.serialize())
-    if _calls(tree) & _MISSING:
-        raise SelectorError("CEL compile error: transformMap and transformMapEntry are not "
-                            "available in this driver's CEL library (cel-expr-python "
-                            "lacks their runtime function cel.@mapInsert)")
     mixed = (_mixed_literal(tree, types) or _bad_regex_literal(tree)
              or _bad_format_literal(tree, types))
     if mixed:
@@ -192,9 +184,176 @@ def compile_selector(expression: str) -> Selector:
     if cost > MAX_COST:
         raise SelectorError(f"CEL expression too expensive: estimated cost {cost} exceeds the "
                             f"limit of {MAX_COST}")
+    program = _parse(typed)
+    renames = _renames(tree, types)
+    if renames:
+        program = _env().deserialize(_renamed_calls(program.serialize(), renames))
     selector = Selector(expression, program, frozenset(_strings(tree)), cost)
     _cache[expression] = selector
     return selector
+
+
+def _parse(expression: str) -> Any:
+    """The program, unchecked: types are the checker's business; unchecked, cel-cpp
+    dispatches on the values, as cel-go does for what its checker typed dyn."""
+    try:
+        return _env().compile(expression, disable_check=True)
+    except RuntimeError as err:
+        raise SelectorError("CEL compile error: " + _first_line(str(err))) from None
+
+
+# --- equality with a Kubernetes value ---------------------------------------------------
+#
+# cel-go asks the left operand: a quantity, semver, IP, CIDR or URL compared with a value
+# of another type is an error for `==` ("no such overload", and `!=` is true), where
+# cel-cpp's equality says false.
+# `==` and `!=` whose left operand may hold one (typed dyn or a Kubernetes type) call
+# `k8s@eq` / `k8s@ne` instead, renamed in the parsed expression.
+
+_EQUALITY = {"_==_": "k8s@eq", "_!=_": "k8s@ne"}
+
+
+def _renames(expr: Fields, types: Mapping[int, bytes]) -> dict[int, str]:
+    """The ids of the calls to rename, and their new names: the equalities above, and
+    `cel.@mapInsert` (transformMap, transformMapEntry), which cel-expr-python declares
+    but does not implement."""
+    found = {}
+    for node in _nodes(expr):
+        call = _one(node, 6)
+        name = _text(call, 2) if call is not None else ""
+        args = call.get(3, []) if call is not None else []
+        if name == "cel.@mapInsert":
+            found[_id(node)] = "k8s@mapInsert"
+        if name in _EQUALITY and args:
+            left = _wire(args[0])
+            kind = _wire(types.get(_id(left), b""))
+            literal = any(n in left for n in (3, 7, 8))
+            if not literal and (not kind or 1 in kind or 9 in kind):
+                found[_id(node)] = _EQUALITY[name]
+    return found
+
+
+def _cel_equal(a: Any, b: Any) -> bool:
+    """CEL's equality: numbers across int, uint and double; lists and maps by element."""
+    kind_a, kind_b = _type_name(a), _type_name(b)
+    if kind_a in _TAG_TYPES.values():
+        if kind_b != kind_a:
+            raise ValueError("no such overload")
+        return bool(_q(a) == _q(b)) if kind_a == _TAG_TYPES[QUANTITY_TAG] else a == b
+    numbers = ("int", "double")
+    if kind_a != kind_b and not (kind_a in numbers and kind_b in numbers):
+        return False
+    if kind_a == "list":
+        return len(a) == len(b) and all(_cel_equal(x, y) for x, y in zip(a, b, strict=True))
+    if kind_a == "map":
+        return a.keys() == b.keys() and all(_cel_equal(a[k], b[k]) for k in a)
+    if kind_a == "type":
+        return _type_text(a) == _type_text(b)
+    return bool(a == b)
+
+
+def _map_insert(entries: dict[Any, Any], key: Any, value: Any = None) -> dict[Any, Any]:
+    """cel-go's cel.@mapInsert: a key already there is an error."""
+    added = key if value is None and isinstance(key, dict) else {key: value}
+    for k in added:
+        if k in entries:
+            raise ValueError(f"insert failed: key {k} already exists")
+    return {**entries, **added}
+
+
+def _cel_not_equal(a: Any, b: Any) -> bool:
+    """cel-go's `!=`: true unless equality is true, an error included."""
+    try:
+        return not _cel_equal(a, b)
+    except ValueError:
+        return True
+
+
+def _renamed_calls(serialized: bytes, names: Mapping[int, str]) -> bytes:
+    """A serialized parsed expression with the calls of the given ids renamed."""
+    wrapper = _ordered(serialized)
+    parsed = _ordered(_value(wrapper, 2))
+    expr = _rename(_value(parsed, 2), names)
+    return _encode(_replaced(wrapper, 2, _encode(_replaced(parsed, 2, expr))))
+
+
+Ordered = list[tuple[int, int, Any]]
+
+
+def _ordered(buf: bytes) -> Ordered:
+    """A message's fields in order, with their wire types, for re-encoding."""
+    fields: Ordered = []
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        number, kind = key >> 3, key & 7
+        value: Any
+        if kind == 0:
+            value, i = _varint(buf, i)
+        elif kind == 2:
+            size, i = _varint(buf, i)
+            value, i = buf[i:i + size], i + size
+        else:
+            size = 8 if kind == 1 else 4
+            value, i = buf[i:i + size], i + size
+        fields.append((number, kind, value))
+    return fields
+
+
+def _value(fields: Ordered, number: int) -> Any:
+    return next(value for n, _, value in fields if n == number)
+
+
+def _replaced(fields: Ordered, number: int, value: bytes) -> Ordered:
+    return [(n, k, value if n == number else v) for n, k, v in fields]
+
+
+def _encode(fields: Ordered) -> bytes:
+    out = bytearray()
+    for number, kind, value in fields:
+        out += _to_varint(number << 3 | kind)
+        if kind == 0:
+            out += _to_varint(value)
+        elif kind == 2:
+            out += _to_varint(len(value)) + value
+        else:
+            out += value
+    return bytes(out)
+
+
+def _to_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+# Where a cel.expr.Expr holds other expressions: message field -> its Expr fields.
+_EXPR_CHILDREN = {5: (1,), 6: (1, 3), 7: (1,), 9: (2, 4, 5, 6, 7)}
+
+
+def _rename(buf: bytes, names: Mapping[int, str]) -> bytes:
+    fields = _ordered(buf)
+    ident = next((v for n, _, v in fields if n == 2), 0)
+    out: Ordered = []
+    for number, kind, value in fields:
+        if number in _EXPR_CHILDREN and kind == 2:
+            inner = [(n, k, _rename(v, names) if n in _EXPR_CHILDREN[number] and k == 2 else v)
+                     for n, k, v in _ordered(value)]
+            if number == 6 and ident in names:
+                inner = [(n, k, names[ident].encode() if n == 2 else v) for n, k, v in inner]
+            value = _encode(inner)
+        elif number == 8 and kind == 2:
+            value = _encode([(n, k, _encode([(en, ek, _rename(ev, names) if en in (3, 4) else ev)
+                                              for en, ek, ev in _ordered(v)]) if n == 2 else v)
+                             for n, k, v in _ordered(value)])
+        out.append((number, kind, value))
+    return _encode(out)
 
 
 # The device's fields whose type cel-go knows, and the checker's variables for them.
@@ -652,6 +811,12 @@ def _env() -> Any:
                 _find_all)),
             *_network_functions(fn, tagged),
             *_string_functions(fn),
+            fn("k8s@eq", ("k8s_equals", t.BOOL, [t.DYN, t.DYN], False, _cel_equal)),
+            fn("k8s@ne", ("k8s_not_equals", t.BOOL, [t.DYN, t.DYN], False, _cel_not_equal)),
+            fn("k8s@mapInsert", ("k8s_map_insert", t.Map(t.DYN, t.DYN),
+                                 [t.Map(t.DYN, t.DYN), t.DYN, t.DYN], False, _map_insert),
+               ("k8s_map_insert_map", t.Map(t.DYN, t.DYN),
+                [t.Map(t.DYN, t.DYN), t.Map(t.DYN, t.DYN)], False, _map_insert)),
             fn("url", ("k8s_url", tagged, [t.STRING], False, _url_value)),
             fn("isURL", ("k8s_is_url", t.BOOL, [t.STRING], False, _is(_parse_url))),
             fn("getScheme", ("k8s_url_scheme", t.STRING, [tagged], True,
@@ -666,7 +831,8 @@ def _env() -> Any:
         ]
         _env_instance = cel.NewEnv(
             config=cel.NewEnvConfigFromYaml(_LIBRARIES),
-            variables={"device": t.Map(t.STRING, t.DYN)},
+            variables={"device": t.Map(t.STRING, t.DYN),
+                       **{v: t.DYN for v in _TYPED_FIELDS.values()}},
             # An extension, not `functions`: `string` merges with the standard library's.
             extensions=[ext_bindings.ExtBindings(), ext_optional.ExtOptional(),
                         cel.CelExtension("kubernetes", functions)])
@@ -1022,7 +1188,6 @@ def _static_kind(encoded: bytes) -> str:
     return kind[9][0].decode() if 9 in kind else "dyn"
 
 
-_MISSING = frozenset({"cel.@mapInsert"})
 _REGEX_FUNCTIONS = frozenset({"matches", "find", "findAll"})
 
 
@@ -1040,12 +1205,6 @@ def _bad_regex_literal(expr: Fields) -> str:
                 except re.error as err:
                     return f"error parsing regexp: {err}"
     return ""
-
-
-def _calls(expr: Fields) -> set[str]:
-    """The names of every function the expression calls."""
-    calls = (_one(node, 6) for node in _nodes(expr))
-    return {_text(call, 2) for call in calls if call is not None}
 
 
 def _id(expr: Fields) -> int:
@@ -1161,18 +1320,19 @@ class _Cost:
             count = [_one(_wire(b), 3) for b in call.get(3, [])]
             return _int_literal(count[0]) if count and count[0] else _UNBOUNDED
         if function in ("_==_", "_!=_"):
-            return self._equality([_wire(b) for b in call.get(3, [])])
+            return self._equality([_wire(b) for b in call.get(3, [])], function == "_==_")
         if function == "matches":
             return math.ceil(0.1 * VALUE_SIZE_HINT) * math.ceil(0.25 * VALUE_SIZE_HINT)
         if function in _STRING_FUNCTIONS or function == "_+_":
             return 1 + math.ceil(0.1 * VALUE_SIZE_HINT)
         return 1
 
-    def _equality(self, operands: list[Fields]) -> int:
-        """cel-go's: O(1) for two values of one Kubernetes type, else a traversal of the
-        smaller operand, unbounded when neither size is known."""
+    def _equality(self, operands: list[Fields], equals: bool) -> int:
+        """cel-go's: O(1) for `==` of two values of one Kubernetes type (the Kubernetes
+        estimator has no case for `!=`), else a traversal of the smaller operand,
+        unbounded when neither size is known."""
         kinds = [_wire(self.types.get(_id(o), b"")).get(9) for o in operands]
-        if len(kinds) == 2 and kinds[0] is not None and kinds[0] == kinds[1]:
+        if equals and len(kinds) == 2 and kinds[0] is not None and kinds[0] == kinds[1]:
             return 1
         sizes = [size for size in map(self._known_size, operands) if size is not None]
         return math.ceil(0.1 * min(sizes)) if sizes else _UNBOUNDED
