@@ -33,6 +33,7 @@ import datetime
 import ipaddress
 import math
 import re
+import struct
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -177,7 +178,7 @@ def compile_selector(expression: str) -> Selector:
         raise SelectorError(f"CEL expression must evaluate to bool, not {kind.lower()}")
     tree, types = _checked(checked.serialize())
     mixed = (_mixed_literal(tree, types) or _bad_regex_literal(tree)
-             or _bad_format_literal(tree, types))
+             or _bad_format_literal(tree, types) or _folded_conversion_error(tree))
     if mixed:
         raise SelectorError(f"CEL compile error: {mixed}")
     cost = _Cost(types).of(tree)
@@ -224,6 +225,20 @@ def _renames(expr: Fields, types: Mapping[int, bytes]) -> dict[int, str]:
         args = call.get(3, []) if call is not None else []
         if name == "cel.@mapInsert":
             found[_id(node)] = "k8s@mapInsert"
+        operand = _one(call, 1) if call is not None and 1 in call else (
+            _wire(args[0]) if len(args) == 1 else None)
+        kind = _wire(types.get(_id(operand), b"")) if operand is not None else {}
+        if name == "size" and operand is not None and (not kind or 1 in kind or 9 in kind):
+            found[_id(node)] = "k8s@size"
+        if name in _CONVERSIONS and len(args) == 1 and call is not None and 1 not in call and (
+                not kind or 1 in kind):
+            found[_id(node)] = f"k8s@{name}"
+        element = _one(_one(kind, 6) or {}, 1) or {}
+        timed = {2: "timestamp", 3: "duration"}.get(element.get(5, [0])[0])
+        if name in ("max", "min", "sum") and operand is not None and timed:
+            found[_id(node)] = f"k8s@{name}_{timed}"
+        if name == "@in" and len(args) == 2 and _constant_list(_wire(args[1])) is not None:
+            found[_id(node)] = "k8s@in_set" if _constant_list(_wire(args[1])) else ""
         if name in _EQUALITY and args:
             left = _wire(args[0])
             kind = _wire(types.get(_id(left), b""))
@@ -231,6 +246,137 @@ def _renames(expr: Fields, types: Mapping[int, bytes]) -> dict[int, str]:
             if not literal and (not kind or 1 in kind or 9 in kind):
                 found[_id(node)] = _EQUALITY[name]
     return found
+
+
+# --- type conversions with cel-go's rules -------------------------------------------------
+#
+# cel-cpp's differ: int(true) is 1 there, an error in cel-go; int(duration) is its
+# nanoseconds in cel-go. A conversion of a value typed dyn calls these instead; one of a
+# constant that fails is a compile error, as cel-go folds it when building the program.
+
+_GO_INT = re.compile(r"[+-]?[0-9]+")
+_GO_BOOL = {"1": True, "t": True, "T": True, "TRUE": True, "true": True, "True": True,
+            "0": False, "f": False, "F": False, "FALSE": False, "false": False, "False": False}
+
+
+def _to_int(value: Any) -> int:
+    kind = _type_name(value)
+    if (kind == "string" and _GO_INT.fullmatch(value)) or (
+            kind == "double" and -(2.0**63) < value < 2.0**63):
+        value = int(value)
+    elif kind == "timestamp":
+        value = int(value.timestamp())
+    elif kind == "duration":
+        value = (value.days * 86400 + value.seconds) * 10**9 + value.microseconds * 1000
+    elif kind != "int":
+        raise ValueError(f"type conversion error from '{kind}' to 'int'")
+    if not -(2**63) <= value < 2**63:
+        raise ValueError("range error converting to int")
+    return int(value)
+
+
+def _to_uint(value: Any) -> int:
+    kind = _type_name(value)
+    if (kind == "string" and _GO_INT.fullmatch(value) and value[0] != "-") or (
+            kind == "double" and -1.0 < value < 2.0**64):
+        value = int(value)
+    elif kind != "int":
+        raise ValueError(f"type conversion error from '{kind}' to 'uint'")
+    if not 0 <= value < 2**64:
+        raise ValueError("range error converting to uint")
+    return int(value)
+
+
+def _to_double(value: Any) -> float:
+    kind = _type_name(value)
+    if kind in ("int", "double"):
+        return float(value)
+    if kind == "string" and value == value.strip():
+        try:
+            return float.fromhex(value) if "0x" in value.lower() else float(value)
+        except ValueError:
+            pass
+    raise ValueError(f"type conversion error from '{kind}' to 'double'")
+
+
+def _to_bool(value: Any) -> bool:
+    kind = _type_name(value)
+    if kind == "bool":
+        return bool(value)
+    if kind == "string" and value in _GO_BOOL:
+        return _GO_BOOL[value]
+    raise ValueError(f"type conversion error from '{kind}' to 'bool'")
+
+
+_CONVERSIONS: dict[str, Callable[[Any], Any]] = {
+    "int": _to_int, "uint": _to_uint, "double": _to_double, "bool": _to_bool}
+
+
+def _constant(node: Fields) -> Any:
+    """The value of a literal (also inside `dyn()`), else a sentinel."""
+    call = _one(node, 6)
+    if call is not None and _text(call, 2) == "dyn" and len(call.get(3, [])) == 1:
+        return _constant(_wire(call[3][0]))
+    const = _one(node, 3)
+    if const is None:
+        return _NOT_CONSTANT
+    if 5 in const:
+        return struct.unpack("<d", const[5][0])[0]
+    if 3 in const or 4 in const:
+        value = int((const.get(3) or const[4])[0])
+        return value - 2**64 if 3 in const and value >= 2**63 else value
+    if 6 in const:
+        return const[6][0].decode()
+    return bool(const[2][0]) if 2 in const else _NOT_CONSTANT
+
+
+_NOT_CONSTANT = object()
+
+
+def _folded_conversion_error(expr: Fields) -> str:
+    """cel-go's: a conversion of a constant that fails fails the program's creation."""
+    for node in _nodes(expr):
+        call = _one(node, 6)
+        args = call.get(3, []) if call is not None else []
+        if call is None or _text(call, 2) not in _CONVERSIONS or len(args) != 1 or 1 in call:
+            continue
+        value = _constant(_wire(args[0]))
+        if value is _NOT_CONSTANT:
+            continue
+        try:
+            _CONVERSIONS[_text(call, 2)](value)
+        except ValueError as err:
+            return f"program instantiation failed: {err}"
+    return ""
+
+
+def _constant_list(node: Fields) -> list[Fields] | None:
+    """The elements of a list literal of bool, int, uint, double or string constants,
+    which cel-go turns into a hash set for `in`; None for any other expression."""
+    listing = _one(node, 7)
+    if listing is None or 2 in listing:
+        return None
+    consts = [_one(_wire(b), 3) for b in listing.get(1, [])]
+    if all(c is not None and any(n in c for n in (2, 3, 4, 5, 6)) for c in consts):
+        return [c for c in consts if c is not None]
+    return None
+
+
+def _in_set(value: Any, items: list[Any]) -> bool:
+    """cel-go's `in` against a constant list: a hash lookup, which a semver, a list or a
+    map cannot take."""
+    kind = _type_name(value)
+    if kind in ("kubernetes.Semver", "list", "map"):
+        raise ValueError(f"hash of unhashable type {kind}")
+    if kind in _TAG_TYPES.values():
+        return False
+    return any(_cel_equal(value, item) for item in items)
+
+
+def _size(value: Any) -> int:
+    if _type_name(value) in ("string", "bytes", "list", "map"):
+        return len(value)
+    raise ValueError("no such overload: size")
 
 
 def _cel_equal(a: Any, b: Any) -> bool:
@@ -338,8 +484,12 @@ _EXPR_CHILDREN = {5: (1,), 6: (1, 3), 7: (1,), 9: (2, 4, 5, 6, 7)}
 
 
 def _rename(buf: bytes, names: Mapping[int, str]) -> bytes:
+    """The expression with the calls in `names` renamed; an empty name makes the call
+    the constant false (cel-go folds `x in []`)."""
     fields = _ordered(buf)
     ident = next((v for n, _, v in fields if n == 2), 0)
+    if names.get(ident) == "":
+        return _encode([(2, 0, ident), (3, 2, _encode([(2, 0, 0)]))])
     out: Ordered = []
     for number, kind, value in fields:
         if number in _EXPR_CHILDREN and kind == 2:
@@ -521,9 +671,10 @@ def _extreme(name: str, prefer: int) -> Callable[[list[Any]], Any]:
 
 
 def _sum(items: list[Any]) -> Any:
-    if any(_kind(item) != "number" for item in items):
+    if not all(_kind(item) == "number" for item in items) and not all(
+            _kind(item) == "timedelta" for item in items):
         raise ValueError("no such overload")
-    total: Any = 0
+    total: Any = 0 if not items or _kind(items[0]) == "number" else datetime.timedelta()
     for item in items:
         total += item
         if isinstance(total, int) and not -(2**63) <= total < 2**63:
@@ -817,6 +968,17 @@ def _env() -> Any:
                                  [t.Map(t.DYN, t.DYN), t.DYN, t.DYN], False, _map_insert),
                ("k8s_map_insert_map", t.Map(t.DYN, t.DYN),
                 [t.Map(t.DYN, t.DYN), t.Map(t.DYN, t.DYN)], False, _map_insert)),
+            *(fn(f"k8s@{name}", (f"k8s_to_{name}", result, [t.DYN], False, _CONVERSIONS[name]))
+              for name, result in (("int", t.INT), ("uint", t.UINT), ("double", t.DOUBLE),
+                                   ("bool", t.BOOL))),
+            fn("k8s@size", ("k8s_size", t.INT, [t.DYN], False, _size),
+               ("k8s_size_member", t.INT, [t.DYN], True, _size)),
+            fn("k8s@in_set", ("k8s_in_set", t.BOOL, [t.DYN, t.List(t.DYN)], False, _in_set)),
+            *(fn(f"k8s@{name}_{kind.name().lower()}", (
+                f"k8s_{name}_{kind.name().lower()}", kind, [t.List(kind)], True, impl))
+              for kind in (t.DURATION, t.TIMESTAMP)
+              for name, impl in (("max", _extreme("max", -1)), ("min", _extreme("min", 1)),
+                                 ("sum", _sum))),
             fn("url", ("k8s_url", tagged, [t.STRING], False, _url_value)),
             fn("isURL", ("k8s_is_url", t.BOOL, [t.STRING], False, _is(_parse_url))),
             fn("getScheme", ("k8s_url_scheme", t.STRING, [tagged], True,
@@ -1359,6 +1521,11 @@ class _Cost:
         call = _one(node, 6)
         if call is not None and _text(call, 2) == "dyn" and call.get(3):
             return self._known_size(_wire(call[3][0]))
+        listing = _one(_wire(call[3][0]), 7) if call is not None and _text(
+            call, 2) == "_[_]" and call.get(3) else None
+        if listing is not None:
+            sizes = [self._known_size(_wire(b)) for b in listing.get(1, [])]
+            return max(sizes, default=0) if None not in sizes else None  # type: ignore[type-var]
         target = _one(call, 1) if call is not None else None
         if call is not None and target is not None and _text(call, 2) in _SIZE_KEEPING:
             return self._known_size(target)

@@ -188,6 +188,32 @@ TEMPLATES: tuple[str, ...] = (
     "url({url}).getEscapedPath().size() {cmp} {int}", "url({url}).getQuery().size() == {int}",
     "url({url}) == url({url})",
     "{list}.size()", "{int}",
+    # other types, operators and conversions around the libraries
+    "[1u, 2u].sum() == 3u", "[2u, 1u].isSorted()", "[b'a', b'b'].max() == b'b'",
+    "[duration('1s'), duration('2m')].sum() == duration('121s')",
+    "[duration('1s'), duration('2m')].max() == duration('2m')",
+    "[timestamp('2020-01-01T00:00:00Z'), timestamp('2021-01-01T00:00:00Z')].isSorted()",
+    "'%s|%d|%x'.format([duration('90s'), {int}, b'hi']) != ''",
+    "'%s'.format([{{'k': {list}}}]).size() {cmp} {int}", "'%b'.format([{attr}]) == '1'",
+    "'%o %X'.format([{int}, {int2}]) != ''", "'%e'.format([{attr}]).size() > 0",
+    "{attr} in {list}", "{int} in {dynlist}", "has({A}.index) && {A}.index {cmp} {int}"
+    .replace("{A}", A),
+    "{dynlist}.exists(x, {dynlist}.all(y, x == y))", "{dynlist}[{int}] == {attr}",
+    "string({attr}) == '3'", "int({attr}) == {int}", "double({attr}) > 0.5",
+    "{attr} / {int} == 1", "{attr} + {attr2} == {attr}", "{attr}.size() == {int}",
+    "{ints}.map(x, x * 2).filter(y, y > 0).sum() {cmp} {int}",
+    "{ints}.exists_one(x, x > {int})", "{strings}.transformList(i, v, v.upperAscii())"
+    ".exists(v, v == 'A')",
+    "{ints}.transformMap(i, v, v > 0, string(v)).size() {cmp} {int}",
+    "{X}.transformMap(k, v, string(v)).size() == 2".replace("{X}", X),
+    "optional.of({attr}).orValue({attr2}) == {attr}", "{A}.?name.hasValue()".replace("{A}", A),
+    "{list}[?{int}].orValue({attr}) == {attr2}", "'h100'.substring({int}, {int2}) == 'h'",
+    "'a,b,,c'.split(',', {int}).size() == {int2}", "'abab'.replace('b', 'x', {int}) == 'axab'",
+    "'abcabc'.lastIndexOf({attr}, {int}) == {int2}", "'abc'.indexOf({attr}, {int}) == {int2}",
+    "'  a\\t '.trim() == 'a'", "{attr}.lowerAscii().upperAscii() == {attr2}",
+    "quantity({attr}).isInteger()", "semver({attr}, true).minor() == {int}",
+    "ip({ip}) in [ip({ip2})]", "cidr({cidr}) == cidr({cidr2})",
+    "url({url}).getQuery()['x'] == ['1', '3']",
 )
 
 

@@ -158,3 +158,35 @@ def test_equality_of_a_kubernetes_value_with_another_type_is_an_error_as_in_cel_
 ])
 def test_urls_as_in_go(expression: str) -> None:
     assert matches(expression) is True
+
+
+@pytest.mark.parametrize("expression, expected", [
+    # cel-go's `in` against a constant list is a hash lookup: a semver cannot take it,
+    # and `x in []` is false without evaluating x.
+    (f"{A}.missing in []", False),
+    (f"{A}.index in [3.0, 4.0]", True),
+    ("[duration('1s'), duration('2m')].sum() == duration('121s')", True),
+    ("[timestamp('2020-01-01T00:00:00Z')].max() == timestamp('2020-01-01T00:00:00Z')", True),
+    ("int(dyn(duration('1s'))) == 1000000000 && double(dyn('0x1p-2')) == 0.25", True),
+    (f"size({A}.name) == 8 && {A}.name.size() == 8", True),
+])
+def test_operators_and_conversions_as_in_cel_go(expression: str, expected: bool) -> None:
+    assert matches(expression) is expected
+
+
+@pytest.mark.parametrize("expression, message", [
+    (f"{A}.driverVersion in ['1', '2']", "hash of unhashable type"),
+    (f"{A}.driverVersion.size() == 1", "no such overload: size"),
+    (f"int({A}.mig) == 0", "type conversion error from 'bool' to 'int'"),
+])
+def test_runtime_errors_of_operators_and_conversions(expression: str, message: str) -> None:
+    with pytest.raises(SelectorError, match=rf"runtime error.*{message}"):
+        matches(expression)
+
+
+@pytest.mark.parametrize("expression", [
+    "int(dyn(true)) == 1", "int(' 1') == 1", "bool('yes')", "uint(dyn(-1)) == 1u"])
+def test_a_conversion_of_a_constant_that_fails_does_not_compile(expression: str) -> None:
+    # cel-go folds constant conversions when it builds the program.
+    with pytest.raises(SelectorError, match="compile error: program instantiation failed"):
+        compile_selector(expression)
