@@ -44,7 +44,7 @@ from cel_expr_python import cel
 from cel_expr_python.ext import ext_bindings, ext_optional
 from google.protobuf import descriptor_pb2, descriptor_pool
 
-from driver.allocator import celstrings
+from driver.allocator import celformats, celstrings
 from driver.errors import AllocatorError
 from driver.kube.quantity import QuantityError, parse_quantity
 from driver.kube.semver import SemverError, normalize_semver, parse_semver
@@ -225,6 +225,9 @@ def _renames(expr: Fields, types: Mapping[int, bytes]) -> dict[int, str]:
         args = call.get(3, []) if call is not None else []
         if name == "cel.@mapInsert":
             found[_id(node)] = "k8s@mapInsert"
+        if name in ("validate", "format.named") or (name == "named" and _is_ident(
+                _one(call, 1) if call is not None else None, "format")):
+            found[_id(node)] = _OPTIONAL_OF
         operand = _one(call, 1) if call is not None and 1 in call else (
             _wire(args[0]) if len(args) == 1 else None)
         kind = _wire(types.get(_id(operand), b"")) if operand is not None else {}
@@ -348,6 +351,14 @@ def _folded_conversion_error(expr: Fields) -> str:
         except ValueError as err:
             return f"program instantiation failed: {err}"
     return ""
+
+
+_OPTIONAL_OF = "optional.ofNonZeroValue"  # a rename that wraps the call instead
+
+
+def _is_ident(node: Fields | None, name: str) -> bool:
+    ident = _one(node, 4) if node is not None else None
+    return ident is not None and _text(ident, 1) == name
 
 
 def _constant_list(node: Fields) -> list[Fields] | None:
@@ -485,16 +496,22 @@ _EXPR_CHILDREN = {5: (1,), 6: (1, 3), 7: (1,), 9: (2, 4, 5, 6, 7)}
 
 def _rename(buf: bytes, names: Mapping[int, str]) -> bytes:
     """The expression with the calls in `names` renamed; an empty name makes the call
-    the constant false (cel-go folds `x in []`)."""
+    the constant false (cel-go folds `x in []`), optional.ofNonZeroValue wraps it (in a
+    node of a new id, the call's plus 2**40)."""
     fields = _ordered(buf)
     ident = next((v for n, _, v in fields if n == 2), 0)
     if names.get(ident) == "":
         return _encode([(2, 0, ident), (3, 2, _encode([(2, 0, 0)]))])
+    if names.get(ident) == _OPTIONAL_OF:
+        wrapped = _rename(buf, {k: v for k, v in names.items() if k != ident})
+        return _encode([(2, 0, ident + 2**40), (6, 2, _encode(
+            [(2, 2, _OPTIONAL_OF.encode()), (3, 2, wrapped)]))])
     out: Ordered = []
     for number, kind, value in fields:
         if number in _EXPR_CHILDREN and kind == 2:
-            inner = [(n, k, _rename(v, names) if n in _EXPR_CHILDREN[number] and k == 2 else v)
-                     for n, k, v in _ordered(value)]
+            inner: Ordered = [
+                (n, k, _rename(v, names) if n in _EXPR_CHILDREN[number] and k == 2 else v)
+                for n, k, v in _ordered(value)]
             if number == 6 and ident in names:
                 inner = [(n, k, names[ident].encode() if n == 2 else v) for n, k, v in inner]
             value = _encode(inner)
@@ -910,6 +927,26 @@ def _query(value: Any) -> dict[str, list[str]]:
     return found
 
 
+FORMAT_TAG = "__format__"
+_FORMATS = celformats.formats(lambda text: [str(e) for e in _errors(_parse_url, text)])
+
+
+def _errors(parse: Callable[[str], Any], text: str) -> list[ValueError]:
+    try:
+        parse(text)
+    except ValueError as err:
+        return [err]
+    return []
+
+
+def _validate(named: Any, text: str) -> list[str]:
+    """A format's errors for the text; wrapped in optional.ofNonZeroValue (see
+    _renames): none where there is none, as cel-go's validate answers."""
+    if not (isinstance(named, dict) and FORMAT_TAG in named):
+        raise ValueError("no such overload")
+    return _FORMATS[named[FORMAT_TAG]](text)
+
+
 _env_instance: Any = None
 
 
@@ -979,6 +1016,13 @@ def _env() -> Any:
               for kind in (t.DURATION, t.TIMESTAMP)
               for name, impl in (("max", _extreme("max", -1)), ("min", _extreme("min", 1)),
                                  ("sum", _sum))),
+            *(fn(f"format.{name}", (f"k8s_format_{name}", tagged, [], False,
+                                    lambda name=name: {FORMAT_TAG: name}))
+              for name in _FORMATS),
+            fn("format.named", ("k8s_format_named", tagged, [t.STRING], False,
+                                lambda name: {FORMAT_TAG: name} if name in _FORMATS else {})),
+            fn("validate", ("k8s_format_validate", t.List(t.STRING), [tagged, t.STRING], True,
+                            _validate)),
             fn("url", ("k8s_url", tagged, [t.STRING], False, _url_value)),
             fn("isURL", ("k8s_is_url", t.BOOL, [t.STRING], False, _is(_parse_url))),
             fn("getScheme", ("k8s_url_scheme", t.STRING, [tagged], True,
@@ -1055,7 +1099,37 @@ _SIGNATURES: tuple[tuple[str, bool, tuple[str, ...], str], ...] = (
     *((name, True, ("URL",), "string") for name in (
         "getScheme", "getHost", "getHostname", "getPort", "getEscapedPath")),
     ("getQuery", True, ("URL",), "M(string,L(string))"),
+    *((f"format.{name}", False, (), "F") for name in (
+        "dns1123Label", "dns1123Subdomain", "dns1035Label", "qualifiedName",
+        "dns1123LabelPrefix", "dns1123SubdomainPrefix", "dns1035LabelPrefix", "labelValue",
+        "uri", "uuid", "byte", "date", "datetime")),
 )
+
+# Functions with optional results, which only the configuration can declare.
+_OPTIONAL_RESULTS = """functions:
+  - name: format.named
+    overloads:
+      - id: k8s_format_named
+        args:
+          - type_name: string
+        return:
+          type_name: optional_type
+          params:
+            - type_name: kubernetes.NamedFormat
+  - name: validate
+    overloads:
+      - id: k8s_format_validate
+        target:
+          type_name: kubernetes.NamedFormat
+        args:
+          - type_name: string
+        return:
+          type_name: optional_type
+          params:
+            - type_name: list
+              params:
+                - type_name: string
+"""
 
 
 # cel-go's CrossTypeNumericComparisons (`1 < 1.5`), which cel-cpp's checker lacks: the
@@ -1076,7 +1150,7 @@ _SIGNATURES += tuple(
     + [(a, b) for a in _NUMBERS for b in _NUMBERS if a != b])
 
 _OPAQUE = {"Q": "kubernetes.Quantity", "S": "kubernetes.Semver", "IP": "net.IP",
-           "CIDR": "net.CIDR", "URL": "kubernetes.URL"}
+           "CIDR": "net.CIDR", "URL": "kubernetes.URL", "F": "kubernetes.NamedFormat"}
 
 
 def _type(name: str) -> Any:
@@ -1119,7 +1193,8 @@ def _checker_env() -> Any:
         conversions = cel.FunctionDecl("string", overloads.pop("string"))
         _checker_instance = cel.NewEnv(
             descriptor_pool=_opaque_types(),
-            config=cel.NewEnvConfigFromYaml(_ORDERING_REPLACED + _LIBRARIES),
+            config=cel.NewEnvConfigFromYaml(_ORDERING_REPLACED + _LIBRARIES
+                                             + _OPTIONAL_RESULTS),
             variables={"device": t.Map(t.STRING, t.DYN),
                        "__capacity": t.Map(t.STRING, t.Map(t.STRING, _type("Q"))),
                        "__driver": t.STRING, "__allowMultipleAllocations": t.BOOL},
@@ -1161,7 +1236,8 @@ def _string_functions(fn: Declare) -> list[Any]:
 
 
 _TAG_TYPES = {QUANTITY_TAG: "kubernetes.Quantity", SEMVER_TAG: "kubernetes.Semver",
-              IP_TAG: "net.IP", CIDR_TAG: "net.CIDR", URL_TAG: "kubernetes.URL"}
+              IP_TAG: "net.IP", CIDR_TAG: "net.CIDR", URL_TAG: "kubernetes.URL",
+              FORMAT_TAG: "kubernetes.NamedFormat"}
 
 
 _TYPE_TEXTS = {"NULL": "null_type", "TIMESTAMP": "google.protobuf.Timestamp",

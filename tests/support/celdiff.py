@@ -38,7 +38,10 @@ def device(rng: random.Random) -> Device:
         "attributes": {
             "index": {"int": rng.randint(-2, 9)},
             "mig": {"bool": rng.random() < 0.5},
-            "name": {"string": rng.choice(["h100", "a100-80gb", "L4", "", "gpu-10.0.0.1"])},
+            "name": {"string": rng.choice(["h100", "a100-80gb", "L4", "", "gpu-10.0.0.1",
+                                           "a/b", "YQ==", "2020-02-29",
+                                           "2020-02-03T10:00:00Z", "uri-", "-x",
+                                           "0f8fad5b-d9cb-469f-a165-70867728950e"])},
             "driverVersion": {"version": f"{major}.{rng.randint(0, 12)}.{rng.randint(0, 3)}"},
             f"{OTHER}/zone": {"string": rng.choice(["10.0.0.7", "fe80::1", "a"])},
             f"{OTHER}/count": {"int": rng.choice([0, 2**62, -(2**62), 5])},
@@ -104,6 +107,19 @@ def _url(rng: random.Random) -> str:
                        "'http://a:b/'", "'https://a/%zz'", "'*'", f"{X}.zone"])
 
 
+_FORMATS = ("dns1123Label", "dns1123Subdomain", "dns1035Label", "qualifiedName",
+            "dns1123LabelPrefix", "dns1123SubdomainPrefix", "dns1035LabelPrefix", "labelValue",
+            "uri", "uuid", "byte", "date", "datetime")
+
+
+def _fmt(rng: random.Random) -> str:
+    return rng.choice(_FORMATS)
+
+
+def _fmt_name(rng: random.Random) -> str:
+    return rng.choice([f"'{rng.choice(_FORMATS)}'", "'nope'", f"{A}.name"])
+
+
 def _sum_list(rng: random.Random) -> str:
     return rng.choice([_ints(rng), _doubles(rng), f"[{X}.count, {X}.count]",
                        f"[{A}.index, {X}.count]", "[9223372036854775807, 1]"])
@@ -121,7 +137,8 @@ def _cmp(rng: random.Random) -> str:
 PICKS: Mapping[str, Pick] = {
     "ints": _ints, "doubles": _doubles, "strings": _strings, "list": _list,
     "attr": _attr, "int": _int, "regex": _regex, "ip": _ip, "cidr": _cidr,
-    "url": _url, "sumlist": _sum_list, "dynlist": _dyn_list, "cmp": _cmp,
+    "url": _url, "fmt": _fmt, "fmtname": _fmt_name,
+    "sumlist": _sum_list, "dynlist": _dyn_list, "cmp": _cmp,
     "int2": _int, "list2": _list, "ip2": _ip, "cidr2": _cidr, "attr2": _attr,
 }
 
@@ -214,6 +231,11 @@ TEMPLATES: tuple[str, ...] = (
     "quantity({attr}).isInteger()", "semver({attr}, true).minor() == {int}",
     "ip({ip}) in [ip({ip2})]", "cidr({cidr}) == cidr({cidr2})",
     "url({url}).getQuery()['x'] == ['1', '3']",
+    # named formats
+    "format.{fmt}().validate({attr}).hasValue()", "format.named({fmtname}).hasValue()",
+    "format.named({fmtname}).orValue(format.uuid()).validate({attr}).orValue([]).size() "
+    "{cmp} {int}",
+    "format.{fmt}().validate({ip}).hasValue() == format.{fmt}().validate({url}).hasValue()",
 )
 
 

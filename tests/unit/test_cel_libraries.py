@@ -190,3 +190,27 @@ def test_a_conversion_of_a_constant_that_fails_does_not_compile(expression: str)
     # cel-go folds constant conversions when it builds the program.
     with pytest.raises(SelectorError, match="compile error: program instantiation failed"):
         compile_selector(expression)
+
+
+@pytest.mark.parametrize("expression, expected", [
+    ("format.dns1123Label().validate('gpu-0').hasValue()", False),
+    ("format.dns1123Label().validate('GPU_0').value().size() > 0", True),
+    ("format.named('uuid').hasValue() && !format.named('nope').hasValue()", True),
+    (f"format.named('dns1035Label').value().validate({A}.name).hasValue()", False),
+    ("format.qualifiedName().validate('example.com/a/b').hasValue()", True),
+    ("format.date().validate('2020-02-30').hasValue()", True),
+    ("format.datetime().validate('2020-02-03T10:00:00Z').hasValue()", False),
+    ("format.byte().validate('YQ==').hasValue() || format.uri().validate('a/b').hasValue()",
+     True),
+])
+def test_named_formats(expression: str, expected: bool) -> None:
+    assert matches(expression) is expected
+
+
+@pytest.mark.parametrize("expression, expected", [
+    ("semver('v1.2', true) == semver('1.2.0')", True),
+    ("semver('01.02.03-rc.1', true).patch() == 3", True),
+    ("isSemver('1.2-rc.1', true)", False),
+])
+def test_loose_semver_as_the_apiserver_normalizes_it(expression: str, expected: bool) -> None:
+    assert matches(expression) is expected
