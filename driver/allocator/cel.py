@@ -1509,6 +1509,15 @@ def _int_literal(const: Fields) -> int:
     return 0 if value >= 2**63 else value
 
 
+def _literal_size(node: Fields) -> int | None:
+    """The number of elements or entries of a list or map literal, else None."""
+    listing = _one(node, 7)
+    if listing is not None:
+        return len(listing.get(1, []))
+    struct = _one(node, 8)
+    return len(struct.get(2, [])) if struct is not None else None
+
+
 _LIST_SCANS = frozenset({"isSorted", "sum", "max", "min", "indexOf", "lastIndexOf", "includes",
                          "join"})
 _UNBOUNDED = 2**64 - 1  # cel-go's estimate for a size it cannot bound
@@ -1581,12 +1590,9 @@ class _Cost:
         if const is not None:
             text = const.get(6) or const.get(7)
             return len(text[0].decode(errors="replace")) if text else 1
-        listing = _one(node, 7)
-        if listing is not None:
-            return len(listing.get(1, []))
-        struct = _one(node, 8)
-        if struct is not None:
-            return len(struct.get(2, []))
+        literal = _literal_size(node)
+        if literal is not None:
+            return literal
         kind = _wire(self.types.get(_id(node), b""))
         if (kind.get(3, [0])[0] in (1, 2, 3, 4) or 2 in kind
                 or kind.get(5, [0])[0] in (2, 3)):  # scalars, null, timestamp, duration
@@ -1633,12 +1639,9 @@ class _Cost:
     def _size(self, node: Fields | None) -> int:
         if node is None:
             return 0
-        listing = _one(node, 7)
-        if listing is not None:
-            return len(listing.get(1, []))
-        struct = _one(node, 8)
-        if struct is not None:
-            return len(struct.get(2, []))
+        literal = _literal_size(node)
+        if literal is not None:
+            return literal
         if self._is_device_map(node):
             return MAP_SIZE_HINT
         return VALUE_SIZE_HINT

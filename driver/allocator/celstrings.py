@@ -34,13 +34,8 @@ def char_at(text: str, index: int) -> str:
 
 
 def index_of(text: str, sub: str, offset: int = 0) -> int:
-    if offset < 0:
-        raise ValueError(f"index out of range: {offset}")
-    if not sub:
-        return min(offset, len(text))
-    if offset >= len(text):
-        return -1
-    return text.find(sub, offset)
+    found = _at_offset(text, sub, offset)
+    return found if found is not None else text.find(sub, offset)
 
 
 def last_index_of(text: str, sub: str, offset: int | None = None) -> int:
@@ -50,13 +45,19 @@ def last_index_of(text: str, sub: str, offset: int | None = None) -> int:
         if len(text.encode()) < len(sub.encode()):
             return -1
         offset = len(text) - 1
+    found = _at_offset(text, sub, offset)
+    return found if found is not None else text.rfind(
+        sub, 0, min(offset, len(text) - len(sub)) + len(sub))
+
+
+def _at_offset(text: str, sub: str, offset: int) -> int | None:
+    """cel-go's answers before a search: a negative offset is an error, an empty
+    substring is found at the offset (at most the end), past the end nothing is."""
     if offset < 0:
         raise ValueError(f"index out of range: {offset}")
     if not sub:
         return min(offset, len(text))
-    if offset >= len(text):
-        return -1
-    return text.rfind(sub, 0, min(offset, len(text) - len(sub)) + len(sub))
+    return -1 if offset >= len(text) else None
 
 
 def ascii_case(upper: bool) -> Callable[[str], str]:

@@ -10,24 +10,12 @@ test_cel_oracle.py` or `.venv/bin/python -m tests.support.celdiff --count 5000 -
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-
-import pytest
 
 from tests.support.celdiff import TEMPLATES, Report, run
-from tests.support.oracle import Oracle, oracle_binary
+from tests.support.oracle import Oracle
 
 SAMPLE = 400
 SEED = 16
-
-
-@pytest.fixture(scope="module")
-def oracle() -> Iterator[Oracle]:
-    binary = oracle_binary()
-    if binary is None:
-        pytest.skip("Go is not installed: cannot build the upstream CEL oracle")
-    with Oracle(binary) as running:
-        yield running
 
 
 def explain(report: Report) -> str:
