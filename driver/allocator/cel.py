@@ -86,7 +86,7 @@ class Selector:
         try:
             value = self.program.eval(device.activation(self.domains))
         except (RuntimeError, ValueError) as err:
-            # cel-cpp failures that escape as exceptions (`lists.range(-1)`).
+            # A failure inside cel-cpp that escapes as an exception, not an error value.
             raise SelectorError(f"CEL runtime error: {err}") from None
         kind = value.type().name()
         if kind == "BOOL":
@@ -225,6 +225,8 @@ def _renames(expr: Fields, types: Mapping[int, bytes]) -> dict[int, str]:
         args = call.get(3, []) if call is not None else []
         if name == "cel.@mapInsert":
             found[_id(node)] = "k8s@mapInsert"
+        if name == "lists.range":
+            found[_id(node)] = "!k8s@range"
         if name in ("validate", "format.named") or (name == "named" and _is_ident(
                 _one(call, 1) if call is not None else None, "format")):
             found[_id(node)] = _OPTIONAL_OF
@@ -384,6 +386,15 @@ def _in_set(value: Any, items: list[Any]) -> bool:
     return any(_cel_equal(value, item) for item in items)
 
 
+def _range(count: int) -> list[int]:
+    """cel-go's lists.range (cel-cpp's lets a C++ exception out for a negative size)."""
+    if count < 0:
+        raise ValueError(f"lists.range: size must be non-negative, got {count}")
+    if count > 1_000_000:
+        raise ValueError(f"lists.range: size {count} exceeds maximum allowed (1000000)")
+    return list(range(count))
+
+
 def _size(value: Any) -> int:
     if _type_name(value) in ("string", "bytes", "list", "map"):
         return len(value)
@@ -513,7 +524,11 @@ def _rename(buf: bytes, names: Mapping[int, str]) -> bytes:
                 (n, k, _rename(v, names) if n in _EXPR_CHILDREN[number] and k == 2 else v)
                 for n, k, v in _ordered(value)]
             if number == 6 and ident in names:
-                inner = [(n, k, names[ident].encode() if n == 2 else v) for n, k, v in inner]
+                name = names[ident]
+                # A namespaced function (`lists.range`) parses as a member call on the
+                # namespace's name: the renamed call drops that target.
+                inner = [(n, k, name.lstrip("!").encode() if n == 2 else v) for n, k, v in inner
+                         if not (name.startswith("!") and n == 1)]
             value = _encode(inner)
         elif number == 8 and kind == 2:
             value = _encode([(n, k, _encode([(en, ek, _rename(ev, names) if en in (3, 4) else ev)
@@ -1008,6 +1023,7 @@ def _env() -> Any:
             *(fn(f"k8s@{name}", (f"k8s_to_{name}", result, [t.DYN], False, _CONVERSIONS[name]))
               for name, result in (("int", t.INT), ("uint", t.UINT), ("double", t.DOUBLE),
                                    ("bool", t.BOOL))),
+            fn("k8s@range", ("k8s_range", t.List(t.INT), [t.INT], False, _range)),
             fn("k8s@size", ("k8s_size", t.INT, [t.DYN], False, _size),
                ("k8s_size_member", t.INT, [t.DYN], True, _size)),
             fn("k8s@in_set", ("k8s_in_set", t.BOOL, [t.DYN, t.List(t.DYN)], False, _in_set)),
@@ -1399,16 +1415,22 @@ def _bad_format_literal(expr: Fields, types: Mapping[int, bytes]) -> str:
         elements = [_wire(b) for b in listing.get(1, [])]
 
         def nested(index: int, elements: list[Fields] = elements) -> list[str]:
-            inner = [n for n in _nodes(elements[index]) if n is not elements[index]]
-            return [_static_kind(types.get(_id(n), b"")) for n in inner
-                    if _one(n, 3) is not None or _one(n, 7) is not None
-                    or _one(n, 8) is not None or _one(n, 4) is not None]
+            return [_static_kind(types.get(_id(n), b"")) for n in _literal_members(
+                elements[index])]
         error = celstrings.format_errors(
             const[6][0].decode(), [_static_kind(types.get(_id(e), b"")) for e in elements],
             nested)
         if error:
             return error
     return ""
+
+
+def _literal_members(node: Fields) -> list[Fields]:
+    """The elements of a list literal, the keys and values of a map literal, and theirs."""
+    listing, struct = _one(node, 7), _one(node, 8)
+    members = ([_wire(b) for b in listing.get(1, [])] if listing is not None else
+               _children(8, struct) if struct is not None and 1 not in struct else [])
+    return [m for member in members for m in (member, *_literal_members(member))]
 
 
 def _static_kind(encoded: bytes) -> str:
@@ -1518,8 +1540,7 @@ def _literal_size(node: Fields) -> int | None:
     return len(struct.get(2, [])) if struct is not None else None
 
 
-_LIST_SCANS = frozenset({"isSorted", "sum", "max", "min", "indexOf", "lastIndexOf", "includes",
-                         "join"})
+_LIST_SCANS = frozenset({"isSorted", "sum", "max", "min", "indexOf", "lastIndexOf", "includes"})
 _UNBOUNDED = 2**64 - 1  # cel-go's estimate for a size it cannot bound
 
 
@@ -1559,6 +1580,9 @@ class _Cost:
 
     def _call(self, function: str, call: Fields) -> int:
         target = _one(call, 1)
+        if function == "join" and target is not None:
+            # The Kubernetes estimator multiplies by an element size it has no bound for.
+            return self._size(target) * _UNBOUNDED
         if function in _LIST_SCANS and target is not None and self._is_list(target):
             # The Kubernetes estimator charges each element, and a string element its
             # length, which it cannot bound for the elements of a list.

@@ -239,7 +239,24 @@ TEMPLATES: tuple[str, ...] = (
 )
 
 
-def selector(rng: random.Random) -> str:
+# Selectors made of two others: the libraries' values meeting operators, bindings,
+# comprehensions and each other's errors.
+COMPOSED: tuple[str, ...] = (
+    "({sel}) && ({sel2})", "({sel}) || !({sel2})", "({sel}) == ({sel2})",
+    "({sel}) ? ({sel2}) : {attr} == {attr2}", "cel.bind(b, {attr}, ({sel}) || b == {attr2})",
+    "{dynlist}.exists(v, ({sel}) && v == {attr})", "[({sel}), ({sel2})].exists_one(x, x)",
+    "'%s'.format([({sel})]) == 'true'", "[{attr}].all(i, v, ({sel}) != (v == {attr2}))",
+)
+
+
+def selector(rng: random.Random, composed: bool = True) -> str:
+    """One selector; a fifth are two others composed (one level deep)."""
+    if composed and rng.random() < 0.2:
+        template = rng.choice(COMPOSED)
+        fields = {name: pick(rng) for name, pick in PICKS.items()
+                  if "{" + name + "}" in template}
+        fields.update(sel=selector(rng, False), sel2=selector(rng, False))
+        return template.format(**fields)
     template = rng.choice(TEMPLATES)
     fields = {name: pick(rng) for name, pick in PICKS.items() if "{" + name + "}" in template}
     return template.format(**fields)

@@ -169,6 +169,8 @@ def test_urls_as_in_go(expression: str) -> None:
     ("[timestamp('2020-01-01T00:00:00Z')].max() == timestamp('2020-01-01T00:00:00Z')", True),
     ("int(dyn(duration('1s'))) == 1000000000 && double(dyn('0x1p-2')) == 0.25", True),
     (f"size({A}.name) == 8 && {A}.name.size() == 8", True),
+    # An error value, as in cel-go, which `||` absorbs (cel-cpp's escaped as an exception).
+    ("lists.range(-2).size() == 1 || true", True),
 ])
 def test_operators_and_conversions_as_in_cel_go(expression: str, expected: bool) -> None:
     assert matches(expression) is expected
@@ -178,6 +180,7 @@ def test_operators_and_conversions_as_in_cel_go(expression: str, expected: bool)
     (f"{A}.driverVersion in ['1', '2']", "hash of unhashable type"),
     (f"{A}.driverVersion.size() == 1", "no such overload: size"),
     (f"int({A}.mig) == 0", "type conversion error from 'bool' to 'int'"),
+    ("lists.range(-1).size() == 0", "size must be non-negative"),
 ])
 def test_runtime_errors_of_operators_and_conversions(expression: str, message: str) -> None:
     with pytest.raises(SelectorError, match=rf"runtime error.*{message}"):
