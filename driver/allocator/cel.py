@@ -34,6 +34,7 @@ import ipaddress
 import math
 import re
 import struct
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -83,11 +84,14 @@ class Selector:
 
     def matches(self, device: DeviceInput) -> bool:
         """True or False for one device; SelectorError when CEL reports an error."""
+        _evaluation.panics = []
         try:
             value = self.program.eval(device.activation(self.domains))
         except (RuntimeError, ValueError) as err:
             # A failure inside cel-cpp that escapes as an exception, not an error value.
             raise SelectorError(f"CEL runtime error: {err}") from None
+        if _evaluation.panics:
+            raise SelectorError(f"CEL runtime error: internal error: {_evaluation.panics[0]}")
         kind = value.type().name()
         if kind == "BOOL":
             return bool(value.value())
@@ -375,12 +379,23 @@ def _constant_list(node: Fields) -> list[Fields] | None:
     return None
 
 
+# Where cel-go panics (a Go runtime error, recovered where the evaluation started): the
+# whole evaluation fails, whatever `&&` or `||` around it would make of an error value.
+# Per thread: the functions run on the thread that evaluates.
+_evaluation = threading.local()
+
+
+def _panic(message: str) -> ValueError:
+    _evaluation.panics = [*getattr(_evaluation, "panics", []), message]
+    return ValueError(message)
+
+
 def _in_set(value: Any, items: list[Any]) -> bool:
     """cel-go's `in` against a constant list: a hash lookup, which a semver, a list or a
-    map cannot take."""
+    map cannot take (a Go panic)."""
     kind = _type_name(value)
     if kind in ("kubernetes.Semver", "list", "map"):
-        raise ValueError(f"hash of unhashable type {kind}")
+        raise _panic(f"hash of unhashable type {kind}")
     if kind in _TAG_TYPES.values():
         return False
     return any(_cel_equal(value, item) for item in items)
@@ -1549,6 +1564,8 @@ class _Cost:
     """An upper bound in the spirit of cel-go's estimator with the DRA size hints."""
 
     types: Mapping[int, bytes] = field(default_factory=dict)
+    # The sizes of the comprehension and binding variables in scope (None: unknown).
+    scopes: dict[str, int | None] = field(default_factory=dict)
 
     def of(self, node: Fields) -> int:
         if 3 in node:
@@ -1575,8 +1592,32 @@ class _Cost:
                 child = _one(loop, number)
                 return self.of(child) if child is not None else 0
             size = self._size(_one(loop, 2))
-            return part(2) + part(4) + size * (part(5) + part(6)) + part(7)
+            outer = dict(self.scopes)
+            self.scopes.update(self._loop_variables(loop))
+            try:
+                return part(2) + part(4) + size * (part(5) + part(6)) + part(7)
+            finally:
+                self.scopes = outer
         return 1
+
+    def _loop_variables(self, loop: Fields) -> dict[str, int | None]:
+        """A comprehension's variables and their sizes: the element's of a list literal
+        (unknown when one is), a map's value size for the device's maps, 1 for an index."""
+        over = _one(loop, 2)
+        init = _one(loop, 4)
+        element: int | None = VALUE_SIZE_HINT
+        listing = _one(over, 7) if over is not None else None
+        if listing is not None:
+            sizes = [self._known_size(_wire(b)) for b in listing.get(1, [])]
+            element = None if None in sizes else max(
+                (size for size in sizes if size is not None), default=0)
+        variables = {_text(loop, 3): self._known_size(init) if init is not None else None}
+        if 8 in loop:
+            variables.update({_text(loop, 1): 1 if listing is not None else VALUE_SIZE_HINT,
+                              _text(loop, 8): element})
+        else:
+            variables[_text(loop, 1)] = element
+        return variables
 
     def _call(self, function: str, call: Fields) -> int:
         target = _one(call, 1)
@@ -1623,7 +1664,7 @@ class _Cost:
             return 1
         ident = _one(node, 4)
         if ident is not None and _text(ident, 1) != "device":
-            return VALUE_SIZE_HINT  # a comprehension's or a binding's variable
+            return self.scopes.get(_text(ident, 1), VALUE_SIZE_HINT)
         call = _one(node, 6)
         if call is not None and _text(call, 2) == "dyn" and call.get(3):
             return self._known_size(_wire(call[3][0]))
