@@ -14,17 +14,26 @@ What the scheduler's environment has and how it is given here:
   The library cannot return opaque Python objects, so both travel as tagged maps
   (`{"__quantity__": "3/2"}`) whose text is canonical: equal values compare equal.
 - The libraries of kube-scheduler's StoredExpressions environment (k8s.io/apiserver
-  pkg/cel/environment/base.go at v0.37.2): ext.Bindings (`cel.bind`), ext.Strings v2,
-  optionals, ext.Sets, ext.Lists, two-variable comprehensions, from cel-cpp; the
-  Kubernetes lists (`isSorted`, `sum`, `max`, `min`, `indexOf`, `lastIndexOf`,
-  `includes`), regex (`find`, `findAll`), IP and CIDR libraries in Python, with
-  cel-go's results and runtime errors. IPs and CIDRs travel as tagged maps too.
-- cel-go's homogeneous aggregate literal rule (`[1, "a"]` does not compile) is checked
-  on the checked expression's types.
+  pkg/cel/environment/base.go at v0.37.2): ext.Bindings (`cel.bind`), optionals,
+  ext.Sets, ext.Lists and two-variable comprehensions from cel-cpp; ext.Strings v2
+  (celstrings), the Kubernetes lists, regex, IP, CIDR, URL and named-format libraries
+  (celformats) in Python, with cel-go's results and runtime errors. IPs, CIDRs, URLs
+  and formats travel as tagged maps too.
+- Two environments. The checker's declares cel-go's types (Quantity, Semver, IP, CIDR,
+  URL and NamedFormat as messages of their own, the typed device fields as variables,
+  cel-go's overloads per element type and its cross-type orderings) and gives the
+  compile errors, with cel-go's validators on its checked expression (homogeneous
+  literals, regex and format literals, failing conversions of constants). The
+  program runs unchecked in the runtime environment, dispatching on values as cel-go
+  does for what it typed dyn; where cel-cpp's semantics differ from cel-go's
+  (equality with a Kubernetes value, `in` against a constant list, conversions,
+  `size`, `lists.range`, `cel.@mapInsert` it lacks, optional results), the parsed
+  expression's calls are renamed to Python functions with cel-go's (`k8s@...`).
 - The API server's cost limit (1,000,000) is checked on an estimate with the same
-  size hints (32 entries per map, 64 per string or list); the estimate follows
+  size hints (32 entries per map, 64 per string or list) and the Kubernetes
+  estimator's rules for list scans, equality, `join` and `lists.range`; it follows
   cel-go's model (comprehensions multiply their body by the range size) but is not
-  bit-exact.
+  the same code.
 """
 
 from __future__ import annotations
