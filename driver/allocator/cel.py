@@ -127,7 +127,9 @@ class DeviceInput:
                 data["attributes"] = {**{d: {} for d in missing}, **data["attributes"]}
                 data["capacity"] = {**{d: {} for d in missing}, **data["capacity"]}
             found = _env().Activation(data={"device": data, **{
-                variable: data[name] for name, variable in _TYPED_FIELDS.items()}})
+                variable: data[name] for name, variable in _TYPED_FIELDS.items()}, **{
+                variable: {d: ids for d, ids in self.data[name].items() if ids}
+                for name, variable in _DOMAIN_MAPS.items()}})
             self._activations[domains] = found
         return found
 
@@ -246,7 +248,15 @@ def _renames(expr: Fields, types: Mapping[int, bytes]) -> dict[int, str]:
         operand = _one(call, 1) if call is not None and 1 in call else (
             _wire(args[0]) if len(args) == 1 else None)
         kind = _wire(types.get(_id(operand), b"")) if operand is not None else {}
-        if name == "size" and operand is not None and (not kind or 1 in kind or 9 in kind):
+        loop = _one(node, 9)
+        places = [operand] if name == "size" else (
+            [_wire(a) for a in args[1:]] if name == "@in" else
+            [_one(loop, 2)] if loop is not None else [])
+        outer = [a for a in places if a is not None and _outer_map(a)]
+        if outer:
+            found[_id(outer[0])] = "=" + _DOMAIN_MAPS[_outer_map(outer[0])]
+        elif name == "size" and operand is not None and (
+                not kind or 1 in kind or 9 in kind):
             found[_id(node)] = "k8s@size"
         if name in _CONVERSIONS and len(args) == 1 and call is not None and 1 not in call and (
                 not kind or 1 in kind):
@@ -369,6 +379,21 @@ def _folded_conversion_error(expr: Fields) -> str:
 
 
 _OPTIONAL_OF = "optional.ofNonZeroValue"  # a rename that wraps the call instead
+# The device's maps with only the domains it has, for `in`, `size` and comprehensions:
+# the expression's also hold an empty map for every domain it names (cel-go's maps
+# answer any domain, but hold only the device's).
+_DOMAIN_MAPS = {"attributes": "__attributes_held", "capacity": "__capacity_held"}
+
+
+def _outer_map(node: Fields) -> str:
+    """"attributes" or "capacity" for `device.attributes`, `device.capacity`, else ""."""
+    if _is_ident(node, _TYPED_FIELDS["capacity"]):
+        return "capacity"
+    select = _one(node, 5)
+    if select is not None and _is_ident(_one(select, 1), "device") and not select.get(3):
+        field_name = _text(select, 2)
+        return field_name if field_name in _DOMAIN_MAPS else ""
+    return ""
 
 
 def _is_ident(node: Fields | None, name: str) -> bool:
@@ -532,11 +557,14 @@ _EXPR_CHILDREN = {5: (1,), 6: (1, 3), 7: (1,), 9: (2, 4, 5, 6, 7)}
 def _rename(buf: bytes, names: Mapping[int, str]) -> bytes:
     """The expression with the calls in `names` renamed; an empty name makes the call
     the constant false (cel-go folds `x in []`), optional.ofNonZeroValue wraps it (in a
-    node of a new id, the call's plus 2**40)."""
+    node of a new id, the call's plus 2**40), `=name` replaces the node by that
+    variable."""
     fields = _ordered(buf)
     ident = next((v for n, _, v in fields if n == 2), 0)
     if names.get(ident) == "":
         return _encode([(2, 0, ident), (3, 2, _encode([(2, 0, 0)]))])
+    if names.get(ident, "").startswith("="):
+        return _encode([(2, 0, ident), (4, 2, _encode([(1, 2, names[ident][1:].encode())]))])
     if names.get(ident) == _OPTIONAL_OF:
         wrapped = _rename(buf, {k: v for k, v in names.items() if k != ident})
         return _encode([(2, 0, ident + 2**40), (6, 2, _encode(
@@ -1078,7 +1106,8 @@ def _env() -> Any:
         _env_instance = cel.NewEnv(
             config=cel.NewEnvConfigFromYaml(_LIBRARIES),
             variables={"device": t.Map(t.STRING, t.DYN),
-                       **{v: t.DYN for v in _TYPED_FIELDS.values()}},
+                       **{v: t.DYN for v in _TYPED_FIELDS.values()},
+                       **{v: t.Map(t.STRING, t.DYN) for v in _DOMAIN_MAPS.values()}},
             # An extension, not `functions`: `string` merges with the standard library's.
             extensions=[ext_bindings.ExtBindings(), ext_optional.ExtOptional(),
                         cel.CelExtension("kubernetes", functions)])

@@ -112,6 +112,10 @@ _FORMATS = ("dns1123Label", "dns1123Subdomain", "dns1035Label", "qualifiedName",
             "uri", "uuid", "byte", "date", "datetime")
 
 
+def _dom(rng: random.Random) -> str:
+    return rng.choice([f"'{DRIVER}'", f"'{OTHER}'", "'unknown.example'", "device.driver"])
+
+
 def _fmt(rng: random.Random) -> str:
     return rng.choice(_FORMATS)
 
@@ -137,7 +141,7 @@ def _cmp(rng: random.Random) -> str:
 PICKS: Mapping[str, Pick] = {
     "ints": _ints, "doubles": _doubles, "strings": _strings, "list": _list,
     "attr": _attr, "int": _int, "regex": _regex, "ip": _ip, "cidr": _cidr,
-    "url": _url, "fmt": _fmt, "fmtname": _fmt_name,
+    "url": _url, "fmt": _fmt, "fmtname": _fmt_name, "dom": _dom,
     "sumlist": _sum_list, "dynlist": _dyn_list, "cmp": _cmp,
     "int2": _int, "list2": _list, "ip2": _ip, "cidr2": _cidr, "attr2": _attr,
 }
@@ -231,6 +235,16 @@ TEMPLATES: tuple[str, ...] = (
     "quantity({attr}).isInteger()", "semver({attr}, true).minor() == {int}",
     "ip({ip}) in [ip({ip2})]", "cidr({cidr}) == cidr({cidr2})",
     "url({url}).getQuery()['x'] == ['1', '3']",
+    # the device's maps themselves, unknown domains and ids
+    "device.attributes['vendor.example'].size() == 0", "device.capacity['x.y'].exists(k, true)",
+    "device.attributes[{dom}].exists(k, k == 'index')", "{dom} in device.attributes",
+    "device.attributes[{dom}].all(k, v, v != {attr})", "has(device.attributes[{dom}].mig)",
+    "device.attributes[{dom}].exists(k, device.attributes[{dom}][k] == {attr})",
+    "device.capacity[{dom}].all(k, v, v.isGreaterThan(quantity('1')))",
+    "device.attributes[{dom}].map(k, k).size() {cmp} {int}",
+    "device.attributes[{dom}].?index.orValue(0) {cmp} {int}",
+    "device.driver.startsWith('gpu') && device.driver + 1 == 'x'",
+    "device.allowMultipleAllocations || {attr}",
     # named formats
     "format.{fmt}().validate({attr}).hasValue()", "format.named({fmtname}).hasValue()",
     "format.named({fmtname}).orValue(format.uuid()).validate({attr}).orValue([]).size() "

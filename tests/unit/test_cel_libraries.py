@@ -219,3 +219,15 @@ def test_named_formats(expression: str, expected: bool) -> None:
 ])
 def test_loose_semver_as_the_apiserver_normalizes_it(expression: str, expected: bool) -> None:
     assert matches(expression) is expected
+
+
+@pytest.mark.parametrize("expression, expected", [
+    # cel-go's device maps answer any domain (an empty map) but hold only the device's.
+    ("device.attributes['vendor.example'].size() == 0", True),
+    ("'vendor.example' in device.attributes", False),
+    ("'gpu.dra.dev' in device.attributes && device.attributes.size() == 1", True),
+    ("device.attributes.exists(d, d == 'vendor.example')", False),
+    ("device.capacity.all(d, v, d == 'gpu.dra.dev' && v.size() == 1)", True),
+])
+def test_domains_as_cel_go_sees_them(expression: str, expected: bool) -> None:
+    assert matches(expression) is expected
