@@ -193,7 +193,8 @@ def compile_selector(expression: str) -> Selector:
         raise SelectorError(f"CEL expression must evaluate to bool, not {kind.lower()}")
     tree, types = _checked(checked.serialize())
     mixed = (_mixed_literal(tree, types) or _bad_regex_literal(tree)
-             or _bad_format_literal(tree, types) or _folded_conversion_error(tree))
+             or _bad_format_literal(tree, types) or _folded_conversion_error(tree)
+             or _bad_time_literal(tree) or _device_misuse(tree))
     if mixed:
         raise SelectorError(f"CEL compile error: {mixed}")
     cost = _Cost(types).of(tree)
@@ -204,7 +205,8 @@ def compile_selector(expression: str) -> Selector:
     renames = _renames(tree, types)
     if renames:
         program = _env().deserialize(_renamed_calls(program.serialize(), renames))
-    selector = Selector(expression, program, frozenset(_strings(tree)), cost)
+    selector = Selector(expression, program, frozenset(_strings(tree) + _domain_fields(tree)),
+                        cost)
     _cache[expression] = selector
     return selector
 
@@ -1544,6 +1546,64 @@ def _nodes(expr: Fields) -> Iterator[Fields]:
             child = _one(node, number)
             if child is not None:
                 stack.extend(_children(number, child))
+
+
+def _domain_fields(expr: Fields) -> list[str]:
+    """The domains named as fields of the device's maps (`device.attributes.example`)."""
+    selects = (_one(node, 5) for node in _nodes(expr))
+    return [_text(select, 2) for select in selects
+            if select is not None and (operand := _one(select, 1)) is not None
+            and _outer_map(operand)]
+
+
+def _device_misuse(expr: Fields) -> str:
+    """cel-go's `device` is an object of four fields: anything else done with it does
+    not compile (the library's is a map)."""
+    fields = {"driver", "attributes", "capacity", "allowMultipleAllocations"}
+    selected = set()
+    for node in _nodes(expr):
+        select = _one(node, 5)
+        operand = _one(select, 1) if select is not None else None
+        if select is not None and operand is not None and _is_ident(operand, "device"):
+            if _text(select, 2) not in fields:
+                return f"undefined field '{_text(select, 2)}' of kubernetes.DRADevice"
+            selected.add(_id(operand))
+    used = [_id(node) for node in _nodes(expr) if _is_ident(node, "device")]
+    if any(ident not in selected for ident in used):
+        return "kubernetes.DRADevice used other than by its fields"
+    return ""
+
+
+_GO_DURATION = re.compile(r"[-+]?(0|(([0-9]+(\.[0-9]*)?|\.[0-9]+)(ns|us|\u00b5s|ms|s|m|h))+)")
+
+
+def _bad_time_literal(expr: Fields) -> str:
+    """cel-go's duration and timestamp literal validators."""
+    for node in _nodes(expr):
+        call = _one(node, 6)
+        args = call.get(3, []) if call is not None else []
+        if call is None or len(args) != 1 or _text(call, 2) not in ("duration", "timestamp"):
+            continue
+        value = _constant(_wire(args[0]))
+        if not isinstance(value, str):
+            continue
+        if _text(call, 2) == "duration" and not _GO_DURATION.fullmatch(value):
+            return f"invalid duration argument: {value!r}"
+        if _text(call, 2) == "timestamp" and not _rfc3339(value):
+            return f"invalid timestamp argument: {value!r}"
+    return ""
+
+
+def _rfc3339(text: str) -> bool:
+    if not re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
+                        r"(Z|[+-][0-9]{2}:[0-9]{2})", text):
+        return False
+    try:
+        datetime.datetime.fromisoformat(
+            re.sub(r"\.[0-9]+", "", text.upper()).replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return True
 
 
 def _strings(expr: Fields) -> list[str]:

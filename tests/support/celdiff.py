@@ -116,6 +116,16 @@ def _dom(rng: random.Random) -> str:
     return rng.choice([f"'{DRIVER}'", f"'{OTHER}'", "'unknown.example'", "device.driver"])
 
 
+def _dur(rng: random.Random) -> str:
+    return rng.choice(["'1h30m'", "'-.5s'", "'1x'", "'0'", "'1'", "'90s'", "'1.5h'", "''"])
+
+
+def _ts(rng: random.Random) -> str:
+    return rng.choice(["'2020-02-30T00:00:00Z'", "'2021-01-01T00:00:00.123456789Z'",
+                       "'2021-01-01t00:00:00z'", "'2021-01-01T00:00:00+01:00'",
+                       "'2021-01-01'", "'0000-01-01T00:00:00Z'"])
+
+
 def _fmt(rng: random.Random) -> str:
     return rng.choice(_FORMATS)
 
@@ -142,6 +152,7 @@ PICKS: Mapping[str, Pick] = {
     "ints": _ints, "doubles": _doubles, "strings": _strings, "list": _list,
     "attr": _attr, "int": _int, "regex": _regex, "ip": _ip, "cidr": _cidr,
     "url": _url, "fmt": _fmt, "fmtname": _fmt_name, "dom": _dom,
+    "dur": _dur, "ts": _ts,
     "sumlist": _sum_list, "dynlist": _dyn_list, "cmp": _cmp,
     "int2": _int, "list2": _list, "ip2": _ip, "cidr2": _cidr, "attr2": _attr,
 }
@@ -245,6 +256,9 @@ TEMPLATES: tuple[str, ...] = (
     "device.attributes[{dom}].?index.orValue(0) {cmp} {int}",
     "device.driver.startsWith('gpu') && device.driver + 1 == 'x'",
     "device.allowMultipleAllocations || {attr}",
+    "has(device.attributes.vendor) && device.attributes.vendor.size() == {int}",
+    "device['driver'] == 'gpu.dra.dev'", "device.foo == {int}", "has(device.driver)",
+    "duration({dur}) > duration('1s')", "timestamp({ts}) > timestamp('2020-01-01T00:00:00Z')",
     # named formats
     "format.{fmt}().validate({attr}).hasValue()", "format.named({fmtname}).hasValue()",
     "format.named({fmtname}).orValue(format.uuid()).validate({attr}).orValue([]).size() "

@@ -231,3 +231,20 @@ def test_loose_semver_as_the_apiserver_normalizes_it(expression: str, expected: 
 ])
 def test_domains_as_cel_go_sees_them(expression: str, expected: bool) -> None:
     assert matches(expression) is expected
+
+
+@pytest.mark.parametrize("expression, message", [
+    ("device['driver'] == 'gpu.dra.dev'", "kubernetes.DRADevice"),
+    ("device.foo == 1", "undefined field 'foo'"),
+    ("duration('1x') == duration('1s')", "invalid duration argument"),
+    ("timestamp('2020-02-30T00:00:00Z') > timestamp('2019-01-01T00:00:00Z')",
+     "invalid timestamp argument"),
+])
+def test_device_object_and_time_literals_as_cel_go_checks_them(expression: str,
+                                                               message: str) -> None:
+    with pytest.raises(SelectorError, match=f"compile error.*{message}"):
+        compile_selector(expression)
+
+
+def test_a_domain_named_as_a_field_is_an_empty_map() -> None:
+    assert matches("has(device.attributes.vendor) && device.attributes.vendor.size() == 0")
