@@ -33,9 +33,18 @@ def parse_semver(text: str) -> tuple[int, int, int, tuple[tuple[int, int | str],
 
 
 def normalize_semver(text: str) -> str:
-    """`v1.2` -> `1.2.0`, as the K8s `semver(s, true)` function reads loose versions."""
-    match = re.fullmatch(r"v?(\d+)(?:\.(\d+))?(?:\.(\d+))?(.*)", text)
-    if not match:
-        return text
-    major, minor, patch, rest = match.groups()
-    return f"{int(major)}.{int(minor or 0)}.{int(patch or 0)}{rest}"
+    """`v1.2` -> `1.2.0`, as the K8s `semver(s, true)` function reads loose versions
+    (apiserver's normalizeAndParse): a leading `v` dropped, leading zeros trimmed from
+    the first three dot-separated parts, missing parts added as 0; a short version with
+    a prerelease or build part is an error."""
+    parts = text.removeprefix("v").split(".", 2)
+    for index, part in enumerate(parts):
+        if len(part) > 1:
+            part = part.lstrip("0")
+            parts[index] = part if part[:1].isdigit() else "0" + part
+    if len(parts) < 3:
+        if any(c in parts[-1] for c in "+-"):
+            raise SemverError(f"{text!r}: short version cannot contain PreRelease/Build "
+                              f"meta data")
+        parts += ["0"] * (3 - len(parts))
+    return ".".join(parts)

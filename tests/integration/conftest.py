@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.forkserver import ForkServer
+from tests.support.oracle import Oracle, oracle_binary
 from tests.support.plugin import Node, Start, plugins, short_tmp
 
 
@@ -30,3 +31,14 @@ def forks() -> Iterator[ForkServer]:
     server = ForkServer()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="module")
+def oracle() -> Iterator[Oracle]:
+    """The upstream oracle (tests/oracle: kube-scheduler's allocator and CEL), built with
+    Go on first use."""
+    binary = oracle_binary()
+    if binary is None:
+        pytest.skip("Go is not installed: cannot build the upstream oracle")
+    with Oracle(binary) as running:
+        yield running

@@ -9,24 +9,12 @@ the clone. The full run is one command (docs/benchmarks.md records its result):
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-
-import pytest
 
 from tests.support.differential import run
-from tests.support.oracle import Oracle, normalized, oracle_binary
+from tests.support.oracle import Oracle, normalized
 
 SAMPLE = 400
 SEED = 20260
-
-
-@pytest.fixture(scope="module")
-def oracle() -> Iterator[Oracle]:
-    binary = oracle_binary()
-    if binary is None:
-        pytest.skip("Go is not installed: cannot build the upstream allocator oracle")
-    with Oracle(binary) as running:
-        yield running
 
 
 def test_parity_mode_agrees_with_the_scheduler_device_for_device(oracle: Oracle) -> None:

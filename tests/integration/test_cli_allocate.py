@@ -171,3 +171,32 @@ def test_cluster_source_flags_are_checked_naming_the_flag(
     out = capsys.readouterr()
     assert out.out == ""
     assert message in out.err
+
+
+def test_a_claim_using_the_whole_scheduler_cel_environment_is_allocated(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Selectors with the Kubernetes lists, regex, IP/CIDR, URL, sets and ext.Lists
+    functions and two-variable comprehensions, as kube-scheduler accepts them."""
+    a = 'device.attributes["gpu.dra.dev"]'
+    r = 'device.attributes["resource.kubernetes.io"]'
+    expressions = [
+        f"[{a}.nvlinkLinks, {a}.nvlinkBandwidthGBps].max() == 600",
+        f"[{a}.nvlinkIsland, {a}.nvlinkIslandSize].isSorted()",
+        f"[{a}.nvlinkLinks, {a}.nvlinkBandwidthGBps].sum() > 600",
+        f"{a}.productName.find('A[0-9]+') == 'A100'",
+        f"{r}.pciBusID.findAll('[0-9a-f]+', 1) == ['0000']",
+        f"sets.contains([0, 1], [{r}.numaNode]) && lists.range(2).reverse() == [1, 0]",
+        f"[{a}.nvlinkIsland].all(i, v, v == 0 && i == 0)",
+        "cidr('10.0.0.0/8').containsIP('10.1.2.3')",
+        "url('https://nvidia.com/x').getHost() == 'nvidia.com'",
+        f"{a}.cudaComputeCapability.isGreaterThan(semver('7.5.0'))",
+    ]
+    spec = claim("cel", 2, island=False)
+    spec["spec"]["devices"]["requests"][0]["exactly"]["selectors"] = [
+        {"cel": {"expression": e}} for e in expressions]
+    claims = write(tmp_path / "claims.yaml", spec)
+    code, out, err = allocate(capsys, "--mock", "a100-pcie-4x", "--claims", str(claims))
+    assert (code, err) == (0, "")
+    (printed,) = yaml.safe_load_all(out)
+    assert [r["device"] for r in printed["status"]["allocation"]["devices"]["results"]] == [
+        "gpu-0", "gpu-1"]

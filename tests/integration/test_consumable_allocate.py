@@ -14,11 +14,8 @@ from driver.cli.main import main
 from driver.inventory.discovery import discover
 from driver.nvml.mock import mock_provider
 from driver.resourceslice.build import SliceOptions, build_slices
-from tests.integration.test_alloc_oracle import oracle
 from tests.integration.test_readme_claims import as_claim, readme_objects
 from tests.support.oracle import Oracle, normalized, ours
-
-__all__ = ["oracle"]  # the upstream allocator, built once per module (skipped without Go)
 
 MIB = 1 << 20
 # 20G (decimal): four fit in an H100's 81559 MiB, a fifth does not; four of 20Gi (81920

@@ -15,6 +15,16 @@
 //	 "allocations": [AllocationResult...], "nodes": <allocateOne calls>,
 //	 "nanosMedian": <with benchIterations > 0: median ns of NewAllocator+Allocate>}
 //
+// A line with "celExpression" instead evaluates one selector on one device with the
+// scheduler's CEL compiler:
+//
+//	{"celExpression": "...", "device": {"driver": "d", "attributes": {...},
+//	 "capacity": {...}, "allowMultipleAllocations": false}}
+//
+// answered with {"status": "compile-error"|"runtime-error"|"true"|"false", "error": "..."}.
+// An expression whose estimated cost exceeds the API's limit is a compile error, as the
+// API server refuses it when the claim is created.
+//
 // The feature set is the scheduler's default in v1.37 (see features below), which
 // selects the "incubating" allocator. DeviceTaintRules reach the allocator as the
 // scheduler's ResourceSlice tracker (on by default: DRADeviceTaintRules is GA in
@@ -72,6 +82,8 @@ type input struct {
 	Allocated       []*resourceapi.ResourceClaim   `json:"allocated"`
 	Claims          []*resourceapi.ResourceClaim   `json:"claims"`
 	BenchIterations int                            `json:"benchIterations"`
+	CELExpression   *string                        `json:"celExpression"`
+	Device          celDevice                      `json:"device"`
 	// TimeoutSeconds bounds one Allocate call, like the scheduler's filter timeout
 	// (default 10 s); 0 means that default.
 	TimeoutSeconds float64 `json:"timeoutSeconds"`
@@ -83,6 +95,35 @@ type output struct {
 	Allocations []resourceapi.AllocationResult `json:"allocations,omitempty"`
 	Nodes       int64                          `json:"nodes"`
 	NanosMedian int64                          `json:"nanosMedian,omitempty"`
+}
+
+type celDevice struct {
+	Driver                   string                                                    `json:"driver"`
+	Attributes               map[resourceapi.QualifiedName]resourceapi.DeviceAttribute `json:"attributes"`
+	Capacity                 map[resourceapi.QualifiedName]resourceapi.DeviceCapacity  `json:"capacity"`
+	AllowMultipleAllocations *bool                                                     `json:"allowMultipleAllocations"`
+}
+
+// evaluate gives the verdict of the scheduler's CEL on one selector and one device.
+// The cache compiles without the cost estimate, which the API server's validation makes.
+func evaluate(ctx context.Context, expression string, device celDevice) output {
+	compiled := cel.GetCompiler(cel.Features{EnableConsumableCapacity: true}).CompileCELExpression(expression, cel.Options{})
+	if compiled.Error != nil {
+		return output{Status: "compile-error", Error: compiled.Error.Error()}
+	}
+	if compiled.MaxCost > resourceapi.CELSelectorExpressionMaxCost {
+		return output{Status: "compile-error", Error: fmt.Sprintf("estimated cost %d", compiled.MaxCost)}
+	}
+	matches, _, err := compiled.DeviceMatches(ctx, cel.Device{
+		Driver:                   device.Driver,
+		AllowMultipleAllocations: device.AllowMultipleAllocations,
+		Attributes:               device.Attributes,
+		Capacity:                 device.Capacity,
+	})
+	if err != nil {
+		return output{Status: "runtime-error", Error: err.Error()}
+	}
+	return output{Status: fmt.Sprint(matches)}
 }
 
 type classLister map[string]*resourceapi.DeviceClass
@@ -224,6 +265,8 @@ func main() {
 			var out output
 			if jerr := json.Unmarshal(line, &in); jerr != nil {
 				out = output{Status: "bad-input", Error: jerr.Error()}
+			} else if in.CELExpression != nil {
+				out = evaluate(ctx, *in.CELExpression, in.Device)
 			} else {
 				setDefaults(in.Claims)
 				setDefaults(in.Allocated)
