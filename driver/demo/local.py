@@ -134,10 +134,33 @@ def allocate(slices: list[dict[str, Any]], raw_claims: list[dict[str, Any]], dri
     return placed
 
 
-def read_slices(local_dir: Path) -> list[dict[str, Any]]:
-    """The plugin's slices as its local mode wrote them (each file is replaced atomically)."""
-    return [yaml.load(p.read_text(), Loader=yaml.CSafeLoader)
-            for p in sorted((local_dir / "resourceslices").glob("*.yaml"))]
+def read_slices(local_dir: Path, wait: float = 5.0) -> list[dict[str, Any]]:
+    """The plugin's slices as its local mode wrote them. Each file is replaced atomically,
+    the pool is not: while the plugin republishes (a health change), files of two
+    generations sit side by side and the pool is incomplete, which the scheduler would
+    wait out; so does this, up to ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        slices = [yaml.load(p.read_text(), Loader=yaml.CSafeLoader)
+                  for p in sorted((local_dir / "resourceslices").glob("*.yaml"))]
+        if _complete(slices) or time.monotonic() > deadline:
+            return slices
+        time.sleep(0.05)
+
+
+def _complete(slices: list[dict[str, Any]]) -> bool:
+    """Every pool's newest generation has all its slices."""
+    newest: dict[tuple[str, str], tuple[int, int, int]] = {}
+    for s in slices:
+        pool = s["spec"]["pool"]
+        key = (s["spec"]["driver"], pool["name"])
+        generation = pool.get("generation", 0)
+        seen = newest.get(key)
+        if seen is None or generation > seen[0]:
+            newest[key] = (generation, pool["resourceSliceCount"], 1)
+        elif generation == seen[0]:
+            newest[key] = (generation, seen[1], seen[2] + 1)
+    return all(count == total for _, total, count in newest.values())
 
 
 def write_allocated(local_dir: Path, claim: Placed) -> None:
