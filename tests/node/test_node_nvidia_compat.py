@@ -117,6 +117,19 @@ def assert_has_spec_env(real_node: RealNode, workloads: Workloads, pod: str,
         assert env.get(key) == value, f"{pod}/{container}: {key} not set as the spec says"
 
 
+def assert_runs_with_one_gpu(nvidia: Driver, workloads: Workloads, pod: str,
+                             container: str) -> tuple[str, str]:
+    """The pod runs; its claim got one whole GPU, which the container sees with the CDI
+    spec's environment and the claim's status.devices names. Returns (claim, device)."""
+    workloads.wait_running(pod)
+    claim = claim_of(workloads, pod)
+    (device,) = workloads.allocated(claim)
+    assert_sees_exactly(workloads.view(pod, container), {gpu_minor(device)})
+    assert_has_spec_env(nvidia.node, workloads, pod, container)
+    assert_status_names_its_gpus(nvidia, workloads, claim)
+    return claim, device
+
+
 @pytest.fixture(scope="module")
 def nvidia(driver: Driver) -> Iterator[Driver]:
     """The release under NVIDIA's driver name, its slices published (gpu.dra.dev's stay
@@ -165,30 +178,18 @@ def test_a_device_plugin_pod_runs_with_one_gpu(nvidia: Driver, workloads: Worklo
     as_busybox(pod["spec"])
     create(workloads.api, workloads.pods, pod)
     name = pod["metadata"]["name"]
-    workloads.wait_running(name)
-    claim = claim_of(workloads, name)
-    (device,) = workloads.allocated(claim)
-    assert_sees_exactly(workloads.view(name, "cuda"), {gpu_minor(device)})
-    assert_has_spec_env(real_node, workloads, name, "cuda")
-    assert_status_names_its_gpus(nvidia, workloads, claim)
+    claim, _ = assert_runs_with_one_gpu(nvidia, workloads, name, "cuda")
     spec = spec_file(real_node, workloads, claim)
     workloads.delete_pod(name)
     wait_for(lambda: not spec.exists(), "the claim's CDI spec removed", timeout=30)
 
 
 @pytest.mark.parametrize("quickstart", ["gpu-test1"], indirect=True)
-def test_quickstart_template_gives_each_pod_its_own_gpu(quickstart: Workloads, nvidia: Driver,
-                                                        real_node: RealNode) -> None:
-    minors = set()
-    for pod in ("pod1", "pod2"):
-        quickstart.wait_running(pod)
-        claim = claim_of(quickstart, pod)
-        (device,) = quickstart.allocated(claim)
-        assert_sees_exactly(quickstart.view(pod, "ctr"), {gpu_minor(device)})
-        assert_has_spec_env(real_node, quickstart, pod, "ctr")
-        assert_status_names_its_gpus(nvidia, quickstart, claim)
-        minors.add(gpu_minor(device))
-    assert len(minors) == 2
+def test_quickstart_template_gives_each_pod_its_own_gpu(quickstart: Workloads,
+                                                        nvidia: Driver) -> None:
+    devices = {assert_runs_with_one_gpu(nvidia, quickstart, pod, "ctr")[1]
+               for pod in ("pod1", "pod2")}
+    assert len(devices) == 2
 
 
 @pytest.mark.parametrize("quickstart", ["gpu-test5"], indirect=True)
