@@ -17,7 +17,8 @@ created again under the same name is refused, never written.
 A write never delays prepare or unprepare: `StatusWriter` keeps the wanted state per
 claim and a thread of its own writes it, the latest state only, a moment later (SETTLE),
 retrying with backoff when the API server cannot be reached; a failed write is logged
-and counted. A claim unprepared before its entries were written costs no write.
+and counted. A claim unprepared before its entries were written costs no write; one
+deleted before its unprepare (the usual end of a template's claim) needs none.
 """
 
 from __future__ import annotations
@@ -365,8 +366,11 @@ class StatusWriter:
         try:
             self._write(ref, apply_body(ref, entries))
         except ApiError as err:
-            self._failed(wanted, str(err), final=err.result.status in FINAL)
-            return
+            if wanted.devices or err.result.status != 404:
+                self._failed(wanted, str(err), final=err.result.status in FINAL)
+                return
+            # a claim deleted before its unprepare (its pod's template claim, its
+            # namespace): our entries went with it, as wanted
         except Exception as err:  # unreachable, timeout: the API server may come back
             self._failed(wanted, f"cannot reach the API server: {err}", final=False)
             return

@@ -147,6 +147,21 @@ def test_a_refusal_for_good_is_not_retried(api: FakeApi, writer: StatusWriter,
     assert len(api.writes) == 1 and writer.idle()
 
 
+def test_removing_the_entries_of_a_deleted_claim_is_no_failure(
+        api: FakeApi, writer: StatusWriter, metrics: Metrics,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A claim made from a template is deleted with its pod, before the kubelet's
+    unprepare: its entries are gone with it, which is what the removal wanted."""
+    claim = ref()
+    writer.prepared(claim, (DEVICE,))
+    wait_for(lambda: len(api.writes) == 1, "the entries written")
+    api.failures = [refusal(404)]
+    writer.unprepared(claim)
+    wait_for(lambda: len(api.writes) == 2 and writer.idle(), "the removal tried")
+    assert (count(metrics, "success"), count(metrics, "refused")) == (2, 0)
+    assert "cannot write status.devices" not in caplog.text
+
+
 def test_only_the_latest_state_of_a_claim_is_written(api: FakeApi, writer: StatusWriter
                                                      ) -> None:
     api.gate.clear()
