@@ -5,6 +5,8 @@ its create call returning to the watch seeing it bound."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import threading
 import time
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import urllib3
 import yaml
 from kubernetes.client import CoreV1Api
 from kubernetes.watch.watch import iter_resp_lines
@@ -24,9 +27,15 @@ from driver.inventory.model import Inventory
 from driver.kube.api import api_request
 from driver.nvml.mock import load_profile, mock_provider
 from driver.nvml.profile import PROFILES_DIR
-from driver.resourceslice.build import CounterLayout, MigMode
+from driver.resourceslice.build import (
+    MAX_DEVICES_WITH_COUNTERS_OR_TAINTS,
+    CounterLayout,
+    MigMode,
+    SliceOptions,
+    build_slices,
+)
 from driver.resourceslice.publish import ApiPublisher, SlicePool
-from tests.support.apiserver import RESOURCE_V1, pod_with_claim, wait_for
+from tests.support.apiserver import RESOURCE_V1, SLICES, pod_with_claim, wait_for
 from tests.support.claims import resource_claim
 from tests.support.plugin import DRIVER
 
@@ -43,6 +52,9 @@ class Layout:
     static_mig_gpus: tuple[int, ...] = ()
     """GPUs in MIG mode, each split into seven 1g.10gb instances (a static MIG node)."""
     counter_layout: CounterLayout = "split"
+    by_kind: bool = False
+    """An experiment, posted rather than published: the builder's devices and counter sets
+    unchanged, but the whole GPUs first and then the MIG devices profile by profile."""
 
 
 LAYOUTS: dict[str, Layout] = {
@@ -52,6 +64,7 @@ LAYOUTS: dict[str, Layout] = {
     "static-mig": Layout("static", static_mig_gpus=(4, 5, 6, 7)),
     # Every GPU whole and every MIG placement, with counters: 208 devices in 5 slices.
     "dynamic-mig": Layout("dynamic"),
+    "dynamic-mig-by-kind": Layout("dynamic", by_kind=True),
 }
 
 CLAIMS: dict[str, dict[str, Any]] = {
@@ -85,6 +98,48 @@ def dgx_h100(layout: Layout, folder: Path) -> Inventory:
     return discover(mock_provider(str(path)))
 
 
+def by_kind(slices: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``slices`` with their devices re-ordered (whole GPUs, then each MIG profile's
+    devices GPU by GPU) and re-packed; the counter sets stay where they were."""
+    counters = [s for s in slices if "sharedCounters" in s["spec"]]
+    devices = [d for s in slices for d in s["spec"].get("devices", [])]
+    kinds = list(dict.fromkeys(d["attributes"].get("profile", {}).get("string", "")
+                               for d in devices))
+    devices.sort(key=lambda d: kinds.index(d["attributes"].get("profile", {}).get("string", "")))
+    chunks = [devices[i:i + MAX_DEVICES_WITH_COUNTERS_OR_TAINTS]
+              for i in range(0, len(devices), MAX_DEVICES_WITH_COUNTERS_OR_TAINTS)]
+    template = next(s for s in slices if "devices" in s["spec"])
+    out = list(counters)
+    for chunk in chunks:
+        one = copy.deepcopy(template)
+        one["spec"]["devices"] = chunk
+        out.append(one)
+    for index, one in enumerate(out):
+        one["metadata"]["name"] = f"{one['spec']['nodeName']}-{DRIVER}-{index}"
+        one["spec"]["pool"]["resourceSliceCount"] = len(out)
+    return out
+
+
+@contextmanager
+def posted(api: Any, nodes: Sequence[str], inventory: Inventory,
+           layout: Layout) -> Iterator[float]:
+    """:func:`by_kind` of every node's slices, created directly; deleted afterwards."""
+    made = [by_kind(build_slices(inventory, SliceOptions(DRIVER, n, layout.mig_mode,
+                                                         layout.counter_layout), 1))
+            for n in nodes]
+    names = [s["metadata"]["name"] for pool in made for s in pool]
+    t0 = time.monotonic()
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda s: api_request(api, "POST", SLICES, s).expect(201),
+                          [s for one in made for s in one]))
+        yield time.monotonic() - t0
+    finally:
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda n: api_request(api, "DELETE", f"{SLICES}/{n}").expect(200, 404),
+                          names))
+
+
 @contextmanager
 def published(api: Any, nodes: Sequence[str], inventory: Inventory,
               layout: Layout) -> Iterator[float]:
@@ -112,6 +167,8 @@ class Run:
     creating: float
     """Seconds from the first create call to the last one returning."""
     latencies: tuple[float, ...]
+    rewatches: int
+    """How often the API server closed our watch (pods seen bound late, by a reconnect)."""
 
     @property
     def pods_per_second(self) -> float:
@@ -129,22 +186,43 @@ def schedule(api: Any, namespace: str, claim: str, pods: int, timeout: float) ->
         "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaimTemplate",
         "metadata": {"name": claim}, "spec": {"spec": CLAIMS[claim]},
     }).expect(201)
-    listed = api_request(api, "GET", f"/api/v1/namespaces/{namespace}/pods").expect(200)
     created: dict[str, float] = {}
     bound: dict[str, float] = {}
     done = threading.Event()
-    watch = CoreV1Api(api).list_namespaced_pod(
-        namespace, watch=True, resource_version=listed["metadata"]["resourceVersion"],
-        timeout_seconds=int(timeout) + 60, _preload_content=False)
+    stopped = threading.Event()
+    rewatches: list[str] = []
+    watching: list[Any] = []
 
     def follow() -> None:
-        for line in iter_resp_lines(watch):
-            pod = json.loads(line)["object"]
-            if pod.get("spec", {}).get("nodeName"):
-                bound.setdefault(pod["metadata"]["name"], time.monotonic())
-                if len(bound) == pods:
-                    done.set()
-                    return
+        """Record when each pod is first seen bound. An overloaded API server closes a
+        watcher that falls behind ("Forcing ... watcher close due to unresponsiveness"),
+        the scheduler's as well as ours: like an informer, watch again from the last
+        resourceVersion seen (list again when that is too old)."""
+        version = ""
+        while not stopped.is_set():
+            if not version:
+                listed = api_request(api, "GET", f"/api/v1/namespaces/{namespace}/pods",
+                                     query={"fieldSelector": "spec.nodeName!="}).expect(200)
+                for pod in listed["items"]:
+                    bound.setdefault(pod["metadata"]["name"], time.monotonic())
+                version = listed["metadata"]["resourceVersion"]
+            resp = CoreV1Api(api).list_namespaced_pod(
+                namespace, watch=True, resource_version=version, field_selector="spec.nodeName!=",
+                timeout_seconds=int(timeout) + 60, _preload_content=False)
+            watching[:] = [resp]
+            with contextlib.suppress(urllib3.exceptions.HTTPError, OSError):
+                for line in iter_resp_lines(resp):
+                    event = json.loads(line)
+                    if event["type"] == "ERROR":  # 410 Gone: too old, list again
+                        version = ""
+                        break
+                    pod = event["object"]
+                    version = pod["metadata"]["resourceVersion"]
+                    bound.setdefault(pod["metadata"]["name"], time.monotonic())
+                    if len(bound) == pods:
+                        done.set()
+                        return
+            rewatches.append(version)
 
     watcher = threading.Thread(target=follow, daemon=True)
     watcher.start()
@@ -161,9 +239,13 @@ def schedule(api: Any, namespace: str, claim: str, pods: int, timeout: float) ->
             list(creators.map(create, range(pods)))
         wait_for(lambda: done.is_set(), f"{pods} pods bound (so far {len(bound)})", timeout)
     finally:
-        watch.close()
+        stopped.set()
+        for resp in watching:
+            with contextlib.suppress(ValueError, OSError, RuntimeError):  # ended already
+                resp.shutdown()
+        watcher.join(timeout=10)
     return Run(pods, max(bound.values()) - start, max(created.values()) - start,
-               tuple(bound[n] - created[n] for n in created))
+               tuple(bound[n] - created[n] for n in created), len(rewatches))
 
 
 def spent(metrics: Mapping[str, float], histogram: str, label: str = "") -> tuple[float, float]:
