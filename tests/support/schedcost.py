@@ -1,7 +1,8 @@
 """What our slices cost the real kube-scheduler, in the style of upstream scheduler_perf's
 ``SchedulingWithResourceClaimTemplate``: fake Nodes whose pools our publisher wrote, a
-ResourceClaimTemplate, pods created as fast as one client can, each pod's latency from
-its create call returning to the watch seeing it bound."""
+ResourceClaimTemplate, pods created 8 at a time, each pod's latency from its create call
+returning to a watch seeing it bound, and the scheduler's own time per pod from its
+/metrics."""
 
 from __future__ import annotations
 
@@ -74,6 +75,11 @@ CLAIMS: dict[str, dict[str, Any]] = {
     "nvlink-pair": resource_claim("nvlink-pair", count=2,
                                   match_attribute=f"{DRIVER}/nvlinkIsland")["spec"],
 }
+
+
+GIVES = {"gpu": r"gpu-\d+", "mig-1g": r"gpu-\d+-mig-1g10gb-\d+", "nvlink-pair": r"gpu-\d+"}
+"""The device names each claim kind must get (our names: `gpu-<minor>`, MIG devices
+`gpu-<minor>-mig-<profile>-<start>`)."""
 
 
 def fits(layout: str, claim: str) -> bool:
