@@ -517,6 +517,8 @@ class LocalCluster:
         self._own_workdir = config.workdir is None
         self.workdir = config.workdir or Path(tempfile.mkdtemp(prefix="gpu-dra-cluster-"))
         self._components: dict[str, _Component] = {}
+        self._ports: dict[str, int] = {}
+        """Secure port of each started scheduler or controller-manager."""
         self._pki: _Pki | None = None
         self._lock = threading.Lock()
         self.server = ""
@@ -636,16 +638,19 @@ class LocalCluster:
         apiserver = self._spawn("kube-apiserver", self._apiserver_args)
         self._wait_ready(apiserver, f"{self.server}/readyz", expect=b"ok", client_cert=True)
 
-    def start_scheduler(self) -> None:
-        """kube-scheduler with the DRA gates; no leader election (one instance)."""
-        self._start_component("kube-scheduler", [], "/readyz")
+    def start_scheduler(self, extra: Sequence[str] = ()) -> None:
+        """kube-scheduler with the DRA gates; no leader election (one instance); ``extra``
+        flags such as ``--kube-api-qps`` (benchmarks lift the client's rate limit)."""
+        self._start_component("kube-scheduler", list(extra), "/readyz")
 
-    def start_controller_manager(self, controllers: Sequence[str] | None = None) -> None:
-        """kube-controller-manager running only ``controllers`` (default: the DRA ones)."""
+    def start_controller_manager(self, controllers: Sequence[str] | None = None,
+                                 extra: Sequence[str] = ()) -> None:
+        """kube-controller-manager running only ``controllers`` (default: the DRA ones),
+        with ``extra`` flags."""
         wanted = ",".join(controllers or self.config.controllers)
         self._start_component(
             "kube-controller-manager",
-            [f"--controllers={wanted}", "--use-service-account-credentials=false"],
+            [f"--controllers={wanted}", "--use-service-account-credentials=false", *extra],
             "/healthz",
         )
 
@@ -674,11 +679,20 @@ class LocalCluster:
             comp = self._spawn(name, args)
             try:
                 self._wait_ready(comp, f"https://127.0.0.1:{port}{ready_path}", expect=b"ok")
+                self._ports[name] = port
                 return
             except ComponentError as err:
                 self._stop_components((name,))
                 if "address already in use" not in err.log_tail or attempt == 2:
                     raise
+
+    def metrics(self, component: str) -> str:
+        """``component``'s Prometheus text, from /metrics on its secure port: start it with
+        ``--authorization-always-allow-paths`` naming /metrics (no delegated authorization
+        is configured)."""
+        url = f"https://127.0.0.1:{self._ports[component]}/metrics"
+        with urllib.request.urlopen(url, timeout=10, context=self._ssl_context(False)) as resp:
+            return str(resp.read().decode())
 
     def _spawn(self, name: str, args: list[str]) -> _Component:
         binary = self.config.assets / name
