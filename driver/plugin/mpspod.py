@@ -153,6 +153,7 @@ class MpsPods(MpsDaemons):
         meanwhile); a pod that is gone or ended is created again (`_run`)."""
         starts = _count(self.directory(uid) / STARTS)  # read first: a later one counts next
         if (pid := self.running(uid)) is not None:
+            self.hold_exclusive(uid)
             restarted = starts > _count(self.directory(uid) / SEEN)
             if restarted:
                 write_atomically(self.directory(uid) / SEEN, str(starts).encode(),
