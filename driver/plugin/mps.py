@@ -341,15 +341,16 @@ class MpsDaemons:
                     problems.append(f"MPS daemon {pid} of claim {uid} does not exit")
         return problems
 
-    def ask(self, uid: str, command: str) -> str:
+    def ask(self, uid: str, command: str, timeout: float = CLIENT_TIMEOUT) -> str:
         """Commands (one a line) through the control client; its answers. MpsFailure if
-        the client fails (a command refused) or times out."""
+        the client fails (a command refused, no daemon: the client starts none) or does
+        not answer within `timeout` seconds (it is killed)."""
         self._check_tools()
         assert self.control is not None
         try:
             done = subprocess.run([str(self.control)], input=command + "\n",
                                   capture_output=True, text=True, check=False,
-                                  env=self.environment(uid, ()), timeout=CLIENT_TIMEOUT)
+                                  env=self.environment(uid, ()), timeout=timeout)
         except (OSError, ValueError, subprocess.TimeoutExpired) as err:
             raise MpsFailure(f"{CONTROL} {command!r}: {err}") from None
         answer = done.stdout.strip()
