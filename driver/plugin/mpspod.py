@@ -322,8 +322,7 @@ def serve(claim_dir: Path, driver_root: Path) -> int:
     limits of its claim.json once it answers (then `ready` is written); its exit status
     (1 if it could not be started or told its limits: the kubelet starts it again)."""
     uid = claim_dir.name
-    daemons = MpsDaemons(claim_dir.parent, control_in(driver_root), nvml_library(driver_root),
-                         nvml=None)
+    daemons = _in_pod(claim_dir, driver_root)
     (claim_dir / READY).unlink(missing_ok=True)
     try:
         write_atomically(claim_dir / STARTS, str(_count(claim_dir / STARTS) + 1).encode(),
@@ -358,14 +357,19 @@ def serve(claim_dir: Path, driver_root: Path) -> int:
     return 1
 
 
+def _in_pod(claim_dir: Path, driver_root: Path) -> MpsDaemons:
+    """The claims' daemons as the pod's commands see them: the driver root's tools, no NVML
+    (the plugin alone sets compute modes)."""
+    return MpsDaemons(claim_dir.parent, control_in(driver_root), nvml_library(driver_root),
+                      nvml=None)
+
+
 def probe(claim_dir: Path, driver_root: Path, timeout: float) -> int:
     """`gpu-dra mps-daemon --probe`, the daemon pod's liveness probe: 0 if the claim's
     daemon answers `get_server_list` through its pipe within `timeout` seconds, 1 if it
     does not (hung, or absent: the control client starts no daemon)."""
-    daemons = MpsDaemons(claim_dir.parent, control_in(driver_root), nvml_library(driver_root),
-                         nvml=None)
     try:
-        daemons.ask(claim_dir.name, "get_server_list", timeout)
+        _in_pod(claim_dir, driver_root).ask(claim_dir.name, "get_server_list", timeout)
     except (MpsFailure, ValueError) as err:
         print(f"MPS daemon of claim {claim_dir.name}: {err}", file=sys.stderr)
         return 1
