@@ -18,7 +18,13 @@ from typing import Any, NoReturn
 import yaml
 
 from driver.cli.allocation import add_allocation_commands
-from driver.cli.flags import EnvParser, add_plugin_args, add_provider_args, add_slice_args
+from driver.cli.flags import (
+    EnvParser,
+    add_plugin_args,
+    add_provider_args,
+    add_slice_args,
+    seconds,
+)
 from driver.cli.health import add_health_commands
 from driver.errors import CliError
 from driver.health.classify import HealthSettings
@@ -177,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     mps_cmd.add_argument("--driver-root", type=Path, default=Path("/"),
                          help="where the driver's nvidia-cuda-mps-control and "
                               "libnvidia-ml.so.1 are")
+    mps_cmd.add_argument("--probe", action="store_true",
+                         help="start nothing: exit 0 if the claim's daemon answers through "
+                              "its pipe, 1 if not (its pod's liveness probe)")
+    mps_cmd.add_argument("--probe-timeout", type=seconds, metavar="SECONDS",
+                         help="with --probe: how long to wait for the answer (default 5)")
     mps_cmd.set_defaults(run=cmd_mps_daemon)
 
     add_allocation_commands(commands, add_provider_args, add_slice_args, node_slices)
@@ -208,8 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_mps_daemon(args: argparse.Namespace) -> int:
     from driver.plugin.logs import setup_logging
-    from driver.plugin.mpspod import serve
+    from driver.plugin.mpspod import PROBE_TIMEOUT, probe, serve
 
+    if args.probe:
+        return probe(args.claim_dir, args.driver_root, args.probe_timeout or PROBE_TIMEOUT)
     setup_logging("text", 0)
     return serve(args.claim_dir, args.driver_root)
 

@@ -24,7 +24,8 @@ documentation says, marked "stand-in" where it does not):
   `$CUDA_MPS_LOG_DIRECTORY/control.log` its start, every command (`Cmd:<command>`), its
   reply and its exit, each line `[YYYY-MM-DD HH:MM:SS.mmm Control <pid>] <text>` as the
   real log. `quit` and SIGTERM remove the socket and the pid file, then it exits (the
-  reply to `quit` comes after the removal). It idles in a blocking accept.
+  reply to `quit` comes after the removal). It idles in a blocking accept; a client gone
+  before its reply (killed at its timeout) does not stop it.
 - `nvidia-cuda-mps-control` (no option): reads commands from stdin, one a line, sends
   each to the daemon and prints its reply (nothing for a reply that is empty); exit 0
   when every command was accepted, 1 when one was refused (its error printed), and 1 with
@@ -200,12 +201,15 @@ def _serve(server: socket.socket, pipes: Path, log: _Log) -> NoReturn:
     log(f"CUDA_VISIBLE_DEVICES={visible or '(unset)'}")
     while True:
         conn, _ = server.accept()  # blocking: no CPU while idle
-        with conn, conn.makefile("rw", encoding="utf-8", newline="\n") as stream:
-            log("NEW UI")
-            for line in stream:
-                if _answer(daemon, line.strip(), stream, server, pipes, log):
-                    break
-            log("UI closed")
+        try:
+            with conn, conn.makefile("rw", encoding="utf-8", newline="\n") as stream:
+                log("NEW UI")
+                for line in stream:
+                    if _answer(daemon, line.strip(), stream, server, pipes, log):
+                        break
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # a client gone before its reply (one killed at its timeout)
+        log("UI closed")
 
 
 def _answer(daemon: Daemon, line: str, stream: TextIO, server: socket.socket, pipes: Path,

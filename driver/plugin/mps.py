@@ -237,6 +237,7 @@ class MpsDaemons:
         (one alive that does not answer is killed first); and whether it was. MpsFailure
         if it cannot be, with no daemon left running that was not told its limits."""
         if (pid := self.running(uid)) is not None:
+            self.hold_exclusive(uid)
             return pid, False
         self._kill_daemon(uid)
         try:
@@ -250,6 +251,29 @@ class MpsDaemons:
             self._kill_daemon(uid)
             raise MpsFailure(f"MPS of claim {uid}: cannot start its daemon again: "
                              f"{err}") from None
+
+    def hold_exclusive(self, uid: str) -> None:
+        """Put the claim's whole GPUs back in EXCLUSIVE_PROCESS where they are not (a GPU
+        reset sets Default, with or without a daemon restart); MpsFailure if that fails.
+
+        The plugin is the one writer of a claim's compute modes, in both modes (in a
+        cluster the daemon's pod could set them at each start, as NVIDIA's does, but a
+        pod's container started again while the claim is being unprepared would then set
+        EXCLUSIVE_PROCESS after the plugin put the old mode back, leaving a GPU no claim
+        holds exclusive). The price: a GPU reset is undone at the next check (every
+        MPS_CHECK_INTERVAL seconds), not at once."""
+        try:
+            claim = ClaimMps.load(self.directory(uid))
+            for gpu_uuid in claim.compute_modes:
+                if (mode := self._compute_mode(gpu_uuid)) != EXCLUSIVE_PROCESS:
+                    log.warning("GPU %s of MPS claim %s was in compute mode %d (a GPU "
+                                "reset?); setting EXCLUSIVE_PROCESS again", gpu_uuid, uid,
+                                mode)
+                    self._set_compute_mode(gpu_uuid, EXCLUSIVE_PROCESS)
+        except (LoadError, OSError, KeyError, TypeError, ValueError,
+                pynvml.NVMLError) as err:
+            raise MpsFailure(f"MPS of claim {uid}: cannot keep its GPUs in "
+                             f"EXCLUSIVE_PROCESS: {err}") from None
 
     def running(self, uid: str) -> int | None:
         """The pid of the claim's control daemon if its pid file names a live one whose
@@ -317,15 +341,16 @@ class MpsDaemons:
                     problems.append(f"MPS daemon {pid} of claim {uid} does not exit")
         return problems
 
-    def ask(self, uid: str, command: str) -> str:
+    def ask(self, uid: str, command: str, timeout: float = CLIENT_TIMEOUT) -> str:
         """Commands (one a line) through the control client; its answers. MpsFailure if
-        the client fails (a command refused) or times out."""
+        the client fails (a command refused, no daemon: the client starts none) or does
+        not answer within `timeout` seconds (it is killed)."""
         self._check_tools()
         assert self.control is not None
         try:
             done = subprocess.run([str(self.control)], input=command + "\n",
                                   capture_output=True, text=True, check=False,
-                                  env=self.environment(uid, ()), timeout=CLIENT_TIMEOUT)
+                                  env=self.environment(uid, ()), timeout=timeout)
         except (OSError, ValueError, subprocess.TimeoutExpired) as err:
             raise MpsFailure(f"{CONTROL} {command!r}: {err}") from None
         answer = done.stdout.strip()

@@ -6,12 +6,19 @@ claim gets a Pod, created by the plugin in its own namespace (POD_NAMESPACE) on 
 (`nodeName`), running the driver's image (GPU_DRA_IMAGE): `gpu-dra mps-daemon` (`serve`)
 starts the driver root's `nvidia-cuda-mps-control -f` with the claim's environment from
 its `claim.json`, tells it the limits once it answers, writes `ready` in the claim's
-directory, and exits when the daemon does. restartPolicy OnFailure: a daemon that dies
-is started again by the kubelet, limits included; one told `quit` exits 0 and stays down.
-Each start is counted in the claim's `starts`, and the plugin writes in `starts-seen` the
-count it has accounted for (its own start, or a restart it reported): a restart is one
-count more, whenever the plugin looks (right after prepare, or after its own restart),
-where a new pid was seen only by a plugin that had seen the old one.
+directory, and exits when the daemon does: 0 only after a `quit` of the plugin's (which
+writes `stopping` in the claim's directory first), 1 otherwise. So, with restartPolicy
+OnFailure, the kubelet starts again, limits included, a daemon that died and one that a
+workload told `quit` through the pipe (any client can), while the plugin's own `quit`
+leaves the container down until the plugin deletes the pod (a pod being deleted is never
+started again). Its liveness probe (`probe`) asks the daemon through the pipe with a
+timeout, so a daemon alive but not answering is killed and started again by the kubelet
+too (with OnFailure, whatever it exits). Each start is counted in the claim's `starts`,
+and the plugin writes in `starts-seen` the count it has accounted for (its own start, or
+a restart it reported): a restart is one count more, whenever the plugin looks (right
+after prepare, or after its own restart), where a new pid was seen only by a plugin that
+had seen the old one. A pod that ended anyway (evicted: Failed) is replaced by the
+plugin's next check, and reported as a restart too.
 
 The Pod mounts the claim's directory (under the plugin data dir, a hostPath) at the same
 path, so the pipe directory the claim's containers mount and the plugin's control client
@@ -29,6 +36,7 @@ from __future__ import annotations
 import logging
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,6 +64,8 @@ log = logging.getLogger(__name__)
 READY = "ready"  # in the claim's directory: its daemon answers and was told its limits
 STARTS = "starts"  # in the claim's directory: how many times a pod's container started it
 SEEN = "starts-seen"  # in the claim's directory: the starts the plugin has accounted for
+STOPPING = "stopping"  # in the claim's directory: the next `quit` is the plugin's
+PROBE_TIMEOUT = 5.0  # the liveness probe's wait for the daemon's answer
 POD_START_TIMEOUT = 30.0  # a new pod: scheduling is skipped, the image is on the node
 COMPONENT = "mps-daemon"
 CLAIM_LABEL = "claim-uid"  # `<driver>/claim-uid`
@@ -110,6 +120,13 @@ def pod_spec(settings: PodSettings, node_uid: str, claim_dir: Path, claim: Claim
                 "command": ["gpu-dra", "mps-daemon", "--claim-dir", str(claim_dir),
                             "--driver-root", str(s.driver_root)],
                 "env": [{"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"}],
+                # it answers within PROBE_TIMEOUT; the kubelet's timeout is a backstop
+                "livenessProbe": {
+                    "exec": {"command": ["gpu-dra", "mps-daemon", "--probe", "--claim-dir",
+                                         str(claim_dir), "--driver-root",
+                                         str(s.driver_root)]},
+                    "initialDelaySeconds": 5, "periodSeconds": 10,
+                    "timeoutSeconds": 2 * int(PROBE_TIMEOUT), "failureThreshold": 3},
                 "securityContext": {"privileged": True},
                 "volumeMounts": [
                     {"name": "claim", "mountPath": str(claim_dir)},
@@ -153,6 +170,7 @@ class MpsPods(MpsDaemons):
         meanwhile); a pod that is gone or ended is created again (`_run`)."""
         starts = _count(self.directory(uid) / STARTS)  # read first: a later one counts next
         if (pid := self.running(uid)) is not None:
+            self.hold_exclusive(uid)
             restarted = starts > _count(self.directory(uid) / SEEN)
             if restarted:
                 write_atomically(self.directory(uid) / SEEN, str(starts).encode(),
@@ -199,12 +217,13 @@ class MpsPods(MpsDaemons):
         return pid
 
     def _stop_daemon(self, uid: str) -> list[str]:
-        """`quit` the daemon if it answers (it exits 0, and the pod's container stays
-        down), then delete the pod."""
+        """`quit` the daemon if it answers (`stopping` first: its pod's container exits 0
+        and stays down), then delete the pod."""
         if self.running(uid) is not None:
             try:
+                write_atomically(self.directory(uid) / STOPPING, b"", durable=False)
                 self.ask(uid, "quit")
-            except MpsFailure as err:
+            except (MpsFailure, OSError) as err:
                 log.warning("%s; deleting its pod", err)
         try:
             self._delete(uid)
@@ -303,8 +322,7 @@ def serve(claim_dir: Path, driver_root: Path) -> int:
     limits of its claim.json once it answers (then `ready` is written); its exit status
     (1 if it could not be started or told its limits: the kubelet starts it again)."""
     uid = claim_dir.name
-    daemons = MpsDaemons(claim_dir.parent, control_in(driver_root), nvml_library(driver_root),
-                         nvml=None)
+    daemons = _in_pod(claim_dir, driver_root)
     (claim_dir / READY).unlink(missing_ok=True)
     try:
         write_atomically(claim_dir / STARTS, str(_count(claim_dir / STARTS) + 1).encode(),
@@ -331,7 +349,31 @@ def serve(claim_dir: Path, driver_root: Path) -> int:
     log.info("MPS daemon %d of claim %s serves %s (%s)", child.pid, uid,
              ",".join(d.cuda_uuid for d in claim.devices),
              "; ".join(claim.limits.commands()) or "no limits")
-    return child.wait()
+    status = child.wait()
+    if (claim_dir / STOPPING).exists():
+        return 0
+    log.error("MPS daemon of claim %s exited %d, not stopped by the plugin (a `quit` through "
+              "the pipe, a crash): the kubelet starts it again", uid, status)
+    return 1
+
+
+def _in_pod(claim_dir: Path, driver_root: Path) -> MpsDaemons:
+    """The claims' daemons as the pod's commands see them: the driver root's tools, no NVML
+    (the plugin alone sets compute modes)."""
+    return MpsDaemons(claim_dir.parent, control_in(driver_root), nvml_library(driver_root),
+                      nvml=None)
+
+
+def probe(claim_dir: Path, driver_root: Path, timeout: float) -> int:
+    """`gpu-dra mps-daemon --probe`, the daemon pod's liveness probe: 0 if the claim's
+    daemon answers `get_server_list` through its pipe within `timeout` seconds, 1 if it
+    does not (hung, or absent: the control client starts no daemon)."""
+    try:
+        _in_pod(claim_dir, driver_root).ask(claim_dir.name, "get_server_list", timeout)
+    except (MpsFailure, ValueError) as err:
+        print(f"MPS daemon of claim {claim_dir.name}: {err}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _tell_limits(daemons: MpsDaemons, uid: str, child: subprocess.Popen[bytes],

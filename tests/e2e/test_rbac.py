@@ -294,6 +294,12 @@ def test_driver_runs_mps_daemon_pods_on_its_node_only(
 
     wait_for(policy_in_force, "the chart's MPS pod policy in force")
     assert "chart's image" in refused(api_request(api, "POST", pods, spec(node, "busybox")))
+    for field, value in (("livenessProbe", {"exec": {"command": ["sh", "-c", "id"]}}),
+                         ("startupProbe", spec(node)["spec"]["containers"][0]["livenessProbe"]),
+                         ("lifecycle", {"postStart": {"exec": {"command": ["sh"]}}})):
+        smuggled = spec(node)  # a command of its own in the privileged container
+        smuggled["spec"]["containers"][0][field] = value
+        assert "no probe but" in refused(api_request(api, "POST", pods, smuggled)), field
     created_pod = api_request(api, "POST", pods, spec(node)).expect(201)
     path = f"{pods}/{created_pod['metadata']['name']}"
     listed = api_request(api, "GET", pods, query={

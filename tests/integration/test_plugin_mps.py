@@ -3,7 +3,8 @@
 its containers join it (the CDI spec's mount and env), its GPUs are in EXCLUSIVE_PROCESS
 mode while it is prepared; the daemon survives a plugin killed with SIGKILL and is adopted
 by the next start (which stops one no record explains), a daemon that dies or hangs is
-started again and reported, and unprepare leaves no process, directory or compute mode behind."""
+started again and reported, a GPU reset to Default is put back in EXCLUSIVE_PROCESS, and
+unprepare leaves no process, directory or compute mode behind."""
 
 from __future__ import annotations
 
@@ -226,6 +227,27 @@ def test_a_daemon_that_hangs_is_killed_and_started_again(node: Node, start: Star
     assert not alive(hung) and alive(daemon_pid(node, claim.uid))
     assert control(node, claim.uid, "get_default_active_thread_percentage") == "30.0"
     assert running.kubelet.unprepare([claim]) == {claim.uid: ""}
+
+
+def test_a_gpu_reset_to_default_is_put_back_in_exclusive_process(node: Node, start: Start
+                                                                 ) -> None:
+    """A GPU reset puts the Default compute mode back while the daemon lives on: the next
+    check sets EXCLUSIVE_PROCESS again (no restart), and unprepare still restores Default."""
+    running = start(mock_driver_root=mock_root(node))
+    claim = make_claim(node.local, [result("gpu-2")], [opaque(ONE_GPU)])
+    assert running.kubelet.prepare([claim])[claim.uid].error == ""
+    nvml, gpu_2 = running.provider.nvml, running.plugin.state.published.index["gpu-2"].gpu.uuid
+    pid = daemon_pid(node, claim.uid)
+    nvml.nvmlDeviceSetComputeMode(nvml.nvmlDeviceGetHandleByUUID(gpu_2), DEFAULT)
+    deadline = time.monotonic() + 60
+    while compute_modes(nvml, gpu_2) != [EXCLUSIVE]:
+        assert time.monotonic() < deadline, "the GPU was not put back in EXCLUSIVE_PROCESS"
+        time.sleep(0.1)
+    assert daemon_pid(node, claim.uid) == pid
+    restarts = running.plugin.metrics.registry.get_sample_value
+    assert restarts("gpu_dra_mps_daemon_restarts_total") == 0
+    assert running.kubelet.unprepare([claim]) == {claim.uid: ""}
+    assert compute_modes(nvml, gpu_2) == [DEFAULT]
 
 
 def test_unprepare_of_a_claim_whose_daemon_is_gone_succeeds(node: Node, start: Start) -> None:
