@@ -17,19 +17,10 @@ input, with nothing printed on stdout.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import yaml
-
-from driver.allocator.allocate import Allocator, Ledger, allocate_in_order, driver_classes
-from driver.allocator.documents import load_documents, with_kind
-from driver.allocator.explain import explain_all
-from driver.allocator.input import InputError, claim_key
-from driver.kube.api import ApiError, api_client, api_request
 
 FAILURE_ANNOTATION = "gpu.dra.dev/allocation-failure"
 RESOURCE = "/apis/resource.k8s.io/v1"
@@ -43,11 +34,11 @@ SlicesFromProvider = Callable[[argparse.Namespace], list[dict[str, Any]]]
 def add_allocation_commands(commands: Any, add_provider_args: Callable[..., None],
                             add_slice_args: Callable[..., None],
                             node_slices: SlicesFromProvider) -> None:
-    for name, helptext, run in (
+    for name, helptext in (
             ("allocate", "allocate ResourceClaims against ResourceSlices, as the scheduler "
-                         "would (parity) or topology-aware", _cmd_allocate),
+                         "would (parity) or topology-aware"),
             ("explain", "say why claims do not fit, with numbers, and the nearest change "
-                        "that would", _cmd_explain)):
+                        "that would")):
         cmd = commands.add_parser(name, help=helptext)
         cmd.add_argument("--slices", type=Path, metavar="PATH",
                          help="ResourceSlices (a YAML/JSON file, lists too, or a directory "
@@ -78,214 +69,17 @@ def add_allocation_commands(commands: Any, add_provider_args: Callable[..., None
         if name == "allocate":
             cmd.add_argument("--output", "-o", choices=["yaml", "json", "table"],
                              default="yaml")
-        cmd.set_defaults(run=lambda args, run=run: _guarded(args, run, node_slices))
+        cmd.set_defaults(run=lambda args, name=name: _guarded(args, name, node_slices))
 
 
-def _guarded(args: argparse.Namespace, run: Callable[..., int],
-             node_slices: SlicesFromProvider) -> int:
+def _guarded(args: argparse.Namespace, name: str, node_slices: SlicesFromProvider) -> int:
+    # The allocator and its CEL environment load here, not when `gpu-dra` starts: the
+    # plugin and the other commands never need them (about 0.2 s of every start-up).
+    from driver.allocator.input import InputError
+    from driver.cli.allocation_run import COMMANDS
+
     try:
-        return run(args, node_slices)
+        return COMMANDS[name](args, node_slices)
     except (InputError, OSError, ValueError) as err:
         print(f"gpu-dra {args.command}: {err}", file=sys.stderr)
         return 2
-
-
-def _setup(args: argparse.Namespace, node_slices: SlicesFromProvider
-           ) -> tuple[Allocator, list[Any], Ledger, list[str]]:
-    if args.kubeconfig is not None:
-        slices, classes, raw_claims, allocated, rules = _from_cluster(args)
-    else:
-        slices, classes, raw_claims, allocated, rules = _from_files(args, node_slices)
-    allocator = Allocator(slices, classes, rules)
-    claims = allocator.parse(raw_claims)
-    seen: set[str] = set()
-    for claim in claims:
-        if claim.key in seen:
-            raise InputError(f"ResourceClaim {claim.key}: metadata.name: listed twice")
-        seen.add(claim.key)
-    # A claim asked about is not also one that holds devices (it would block itself).
-    ledger = Ledger.of(c for c in allocated if claim_key(c) not in seen)
-    nodes = allocator.nodes()
-    if args.node:
-        if args.node not in nodes:
-            raise InputError(f"--node {args.node}: no slices for it (nodes: "
-                             f"{', '.join(nodes) or 'none'})")
-        nodes = [args.node]
-    if not nodes:
-        raise InputError("no node: the slices name no spec.nodeName")
-    return allocator, claims, ledger, nodes
-
-
-def _from_files(args: argparse.Namespace, node_slices: SlicesFromProvider
-                ) -> tuple[list[dict[str, Any]], ...]:
-    if args.claim:
-        raise InputError("--claim NAMESPACE/NAME reads the claim from a cluster: give "
-                         "--kubeconfig (or --claims PATH for files)")
-    if args.claims is None:
-        raise InputError("--claims PATH (or --kubeconfig FILE --claim NAMESPACE/NAME): "
-                         "which claims?")
-    if args.slices is not None and args.mock:
-        raise InputError("--slices and --mock: give one of them")
-    if args.slices is not None and args.exclude_gpus:
-        raise InputError("--exclude-gpus applies to this node's GPUs (--mock or NVML), not to "
-                         "--slices: leave those GPUs' devices out of the slices given")
-    rules: list[dict[str, Any]] = []
-    if args.slices is not None:
-        documents = load_documents(args.slices)
-        slices = [d for d in documents if d.get("kind") == "ResourceSlice"]
-        if not slices:
-            raise InputError(f"{args.slices}: no ResourceSlice documents")
-        rules = [d for d in documents if d.get("kind") == TAINT_RULE]
-    else:
-        slices = node_slices(args)
-    if args.taint_rules is not None and args.taint_rules != args.slices:
-        given = [d for d in load_documents(args.taint_rules) if d.get("kind") == TAINT_RULE]
-        if not given:
-            raise InputError(f"{args.taint_rules}: no {TAINT_RULE} documents")
-        rules += given
-    classes = ([d for d in load_documents(args.classes) if d.get("kind") == "DeviceClass"]
-               if args.classes else driver_classes(args.driver_name))
-    raw_claims = [claim_of(d) for d in load_documents(args.claims)
-                  if d.get("kind", "ResourceClaim") in ("ResourceClaim", TEMPLATE)]
-    if not raw_claims:
-        raise InputError(f"{args.claims}: no ResourceClaim or {TEMPLATE} documents")
-    allocated = load_documents(args.allocated) if args.allocated else []
-    return slices, classes, raw_claims, allocated, rules
-
-
-def claim_of(document: dict[str, Any]) -> dict[str, Any]:
-    """A ResourceClaimTemplate as the claim the controller makes of it for a pod, named
-    as the template (files of pods, namespaces and templates allocate as they are)."""
-    if document.get("kind") != TEMPLATE:
-        return document
-    spec = (document.get("spec") or {}).get("spec") or {}
-    return {"apiVersion": document.get("apiVersion"), "kind": "ResourceClaim",
-            "metadata": dict(document.get("metadata") or {}), "spec": spec}
-
-
-def _from_cluster(args: argparse.Namespace) -> tuple[list[dict[str, Any]], ...]:
-    """What the scheduler sees: every slice, class, claim and DeviceTaintRule of the
-    cluster."""
-    given = [flag for flag, value in (("--slices", args.slices), ("--mock", args.mock),
-                                      ("--classes", args.classes),
-                                      ("--allocated", args.allocated),
-                                      ("--taint-rules", args.taint_rules),
-                                      ("--exclude-gpus", args.exclude_gpus)) if value]
-    if given:
-        raise InputError(f"--kubeconfig reads them from the cluster: drop {', '.join(given)}")
-    wanted = [_namespaced(name) for name in args.claim]
-    if args.claims is not None:
-        raise InputError("--kubeconfig takes the claims as --claim NAMESPACE/NAME")
-    if not wanted:
-        raise InputError("--kubeconfig needs --claim NAMESPACE/NAME (one or more)")
-    from kubernetes.config import ConfigException
-    from urllib3.exceptions import HTTPError
-
-    try:
-        api = api_client(args.kubeconfig)
-        try:
-            slices = _list(api, f"{RESOURCE}/resourceslices")
-            classes = _list(api, f"{RESOURCE}/deviceclasses")
-            claims = _list(api, f"{RESOURCE}/resourceclaims")
-            rules = _taint_rules(api)
-        finally:
-            api.close()
-    except (ApiError, ConfigException, HTTPError) as err:
-        raise InputError(f"--kubeconfig {args.kubeconfig}: {err}") from None
-    by_key = {claim_key(c): c for c in claims}
-    missing = [f"{ns}/{name}" for ns, name in wanted if f"{ns}/{name}" not in by_key]
-    if missing:
-        raise InputError(f"--claim {missing[0]}: no such ResourceClaim in the cluster")
-    return slices, classes, [by_key[f"{ns}/{name}"] for ns, name in wanted], claims, rules
-
-
-def _taint_rules(api: Any) -> list[dict[str, Any]]:
-    """The cluster's DeviceTaintRules from the newest version it serves (v1 since 1.37,
-    v1beta2 on 1.36); none where it serves neither (the feature is off, and the
-    scheduler applies none either)."""
-    for version in TAINT_RULE_VERSIONS:
-        try:
-            return _list(api, f"/apis/resource.k8s.io/{version}/devicetaintrules")
-        except ApiError as err:
-            if err.result.status != 404:
-                raise
-    return []
-
-
-def _namespaced(name: str) -> tuple[str, str]:
-    namespace, _, claim = name.partition("/")
-    if not namespace or not claim or "/" in claim:
-        raise InputError(f"--claim {name}: expected NAMESPACE/NAME")
-    return namespace, claim
-
-
-def _list(api: Any, path: str) -> list[dict[str, Any]]:
-    """Every object of a collection, page by page, each with its kind."""
-    items: list[dict[str, Any]] = []
-    query = {"limit": "500"}
-    while True:
-        page = api_request(api, "GET", path, query=query).expect(200)
-        kind = str(page.get("kind", "")).removesuffix("List")
-        items += [with_kind(item, kind, page.get("apiVersion")) for item in page["items"]]
-        token = (page.get("metadata") or {}).get("continue")
-        if not token:
-            return items
-        query = {"limit": "500", "continue": token}
-
-
-def _cmd_allocate(args: argparse.Namespace, node_slices: SlicesFromProvider) -> int:
-    allocator, claims, ledger, nodes = _setup(args, node_slices)
-    done = allocate_in_order(allocator, claims, ledger, nodes, args.mode)
-    for claim, _, outcome in done:
-        if outcome.status == "error":
-            raise InputError(f"ResourceClaim {claim.key}: {outcome.field or 'spec.devices'}: "
-                             f"{outcome.message}")
-    objects = []
-    rows = []
-    for claim, node, outcome in done:
-        obj = json.loads(json.dumps(claim.raw))
-        obj.setdefault("apiVersion", "resource.k8s.io/v1")
-        obj.setdefault("kind", "ResourceClaim")
-        if outcome.status == "allocated":
-            obj["status"] = {**(obj.get("status") or {}), "allocation": outcome.allocations[0]}
-            devices = [f"{r['request']}={r['device']}"
-                       for r in outcome.allocations[0]["devices"]["results"]]
-            rows.append((claim.key, node, "allocated", " ".join(devices)))
-        else:
-            reason = (outcome.message if outcome.status == "gave-up"
-                      else f"does not fit on {', '.join(nodes)}; see gpu-dra explain")
-            obj.setdefault("metadata", {}).setdefault("annotations", {})[FAILURE_ANNOTATION] = \
-                reason
-            rows.append((claim.key, "", outcome.status, reason))
-        objects.append(obj)
-    if args.output == "json":
-        print(json.dumps(objects if len(objects) > 1 else objects[0], indent=2))
-    elif args.output == "table":
-        print(_table(("CLAIM", "NODE", "STATUS", "DEVICES / REASON"), rows))
-    else:
-        print(yaml.safe_dump_all(objects, sort_keys=False), end="")
-    return 0 if all(o.status == "allocated" for _, _, o in done) else 1
-
-
-def _cmd_explain(args: argparse.Namespace, node_slices: SlicesFromProvider) -> int:
-    allocator, claims, ledger, nodes = _setup(args, node_slices)
-    explanations = explain_all(allocator, claims, ledger, nodes, args.mode)
-    for item in explanations:
-        verdict = "fits" if item.fits else "does not fit"
-        print(f"{item.claim} on {item.node}: {verdict}")
-        if not item.fits:
-            for reason in item.reasons:
-                print(f"  - {reason}")
-            if item.nearest:
-                print("  nearest change that fits:")
-                for change in item.nearest:
-                    print(f"  * {change}")
-            else:
-                print("  no single change found that fits")
-    return 0 if all(e.fits for e in explanations) else 1
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(r, widths, strict=True))
-                     .rstrip() for r in [header, *rows])

@@ -13,14 +13,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import quote
 
 from driver.errors import PluginError
+from driver.kube.api import api_call
 from driver.kube.names import is_label, is_subdomain, is_uuid
 from driver.plugin.config import ConfigError, OpaqueConfig, parse_allocation_configs
 from driver.safeload import LoadError, json_document, read_text, yaml_document
 
 MAX_CLAIM_FILE_BYTES = 3 * 1024 * 1024  # etcd's object limit is 1.5 MiB; leave room for YAML
-API_VERSION = "resource.k8s.io/v1"  # what the plugin reads claims as (ResourceV1Api)
+API_VERSION = "resource.k8s.io/v1"  # what the plugin reads claims as
 
 
 class ClaimError(PluginError):
@@ -82,28 +84,26 @@ class ApiClaimSource:
     """GET resource.k8s.io/v1 resourceclaims/<name> in the claim's namespace."""
 
     def __init__(self, api_client: Any, timeout: float = 10.0) -> None:
-        from kubernetes import client
-
-        self.api = client.ResourceV1Api(api_client)
+        self.api = api_client
         self.timeout = timeout
 
     def get(self, ref: ClaimRef) -> dict[str, Any]:
-        from kubernetes.client.exceptions import ApiException
-
+        path = (f"/apis/{API_VERSION}/namespaces/{quote(ref.namespace, safe='')}"
+                f"/resourceclaims/{quote(ref.name, safe='')}")
         try:
-            # not preloaded: the raw urllib3 response, so the claim is read as sent
-            response: Any = self.api.read_namespaced_resource_claim(
-                ref.name, ref.namespace, _preload_content=False, _request_timeout=self.timeout)
-        except ApiException as err:
-            if err.status == 404:
-                raise ClaimError("not_found", f"ResourceClaim {ref} not found") from None
-            raise ClaimError("api_error", f"ResourceClaim {ref}: API server answered "
-                                          f"{err.status} {err.reason}") from None
+            # raw: the claim is read as sent, with fields newer than the client's models
+            response = api_call(self.api, "GET", path, timeout=self.timeout)
+            body = response.read()
         except Exception as err:  # connection refused, timeout: the kubelet retries
             raise ClaimError("api_error",
                              f"ResourceClaim {ref}: cannot reach the API server: {err}") from None
+        if response.status == 404:
+            raise ClaimError("not_found", f"ResourceClaim {ref} not found")
+        if response.status != 200:
+            raise ClaimError("api_error", f"ResourceClaim {ref}: API server answered "
+                                          f"{response.status} {response.reason}")
         try:
-            claim = json_document(response.data, f"ResourceClaim {ref} from the API server")
+            claim = json_document(body, f"ResourceClaim {ref} from the API server")
         except LoadError as err:
             raise ClaimError("bad_claim", str(err)) from None
         return checked_claim(claim, ref)

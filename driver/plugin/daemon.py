@@ -222,15 +222,18 @@ class Plugin:
         o = self.options
         if self._publisher is not None and self._claims is not None:
             return self._publisher, self._claims
-        from driver.resourceslice.dirpublisher import DirPublisher
-        from driver.resourceslice.publish import ApiPublisher, SlicePool
-
         if o.local_dir is not None:
+            from driver.resourceslice.dirpublisher import DirPublisher
+
             layout: CounterLayout = "split" if o.counter_layout == "auto" else o.counter_layout
             publisher: Publisher = DirPublisher(o.local_dir, o.slice_options(layout),
                                                 on_writes=self.metrics.slice_writes.inc)
             claims: ClaimSource = DirClaimSource(o.local_dir)
         else:
+            # Only here: a plugin on a local directory never loads the API publisher, its
+            # HTTP client or the kubernetes client (tests/unit/test_startup_imports.py).
+            from driver.resourceslice.publish import ApiPublisher, SlicePool
+
             api = self._api = api_client(o.kubeconfig)
             self._node_events = self._node_events or functools.partial(
                 post_node_event, api, o.node, component=o.driver)

@@ -22,12 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
 
 import urllib3
-from kubernetes.client import ApiException, ResourceV1Api
-from kubernetes.watch.watch import iter_resp_lines
 
 from driver.health.model import GpuHealth
 from driver.inventory.model import Inventory
-from driver.kube.api import ApiResult, api_request
+from driver.kube.api import ApiResult, api_request, api_watch
 from driver.resourceslice.build import GpuSharing, MigMode, SliceOptions
 from driver.resourceslice.errors import PublishError, PublishTimeout
 from driver.resourceslice.plan import (
@@ -365,6 +363,10 @@ class ApiPublisher:
 
     def _call(self, method: str, path: str, body: Any = None,
               query: Mapping[str, str] | None = None) -> ApiResult:
+        # Here, not at the top: the kubernetes client costs about 0.2 s of start-up, and a
+        # plugin on a local directory never loads it.
+        from kubernetes.client.exceptions import ApiException
+
         try:
             result = api_request(self._api, method, path, body, query=query,
                                  timeout=self.timing.request_timeout)
@@ -434,26 +436,31 @@ class ApiPublisher:
         ``period`` seconds are over, or ``stop``; then return so the caller resyncs."""
         seconds = max(1, int(period))
         request_timeout = self.timing.request_timeout
+        from kubernetes.client.exceptions import ApiException  # see _call
+
+        query = {"fieldSelector": self._selector, "resourceVersion": resource_version,
+                 "allowWatchBookmarks": "true", "timeoutSeconds": str(seconds)}
         try:
-            # _preload_content=False: the raw urllib3 response, not the typed list.
-            resp: Any = ResourceV1Api(self._api).list_resource_slice(
-                field_selector=self._selector, resource_version=resource_version, watch=True,
-                allow_watch_bookmarks=True, timeout_seconds=seconds, _preload_content=False,
-                _request_timeout=(request_timeout, seconds + request_timeout))
-        except ApiException as err:
-            if err.status == 410:
-                return  # too old: a fresh list
+            status, reason, resp = api_watch(self._api, SLICES_PATH, query,
+                                             (request_timeout, seconds + request_timeout))
+        except ApiException as err:  # status 0: TLS failures
             raise _Transient(f"the API server at {self.server} to watch "
                              f"(HTTP {err.status} {err.reason})") from err
         except (urllib3.exceptions.HTTPError, OSError) as err:
             raise _Transient(f"the API server at {self.server} ({_reason(err)})") from err
+        if status != 200:
+            resp.release_conn()
+            if status == 410:
+                return  # too old: a fresh list
+            raise _Transient(f"the API server at {self.server} to watch "
+                             f"(HTTP {status} {reason})")
         with self._watch_lock:
             self._watch_resp = resp
         if stop.is_set():
             resp.shutdown()
         try:
-            for line in iter_resp_lines(resp):
-                if not line:
+            for line in resp:  # urllib3 splits the stream at newlines
+                if not line.strip():
                     continue
                 event = json.loads(line)
                 if why := self._foreign(event):

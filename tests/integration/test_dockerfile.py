@@ -1,9 +1,10 @@
 """deploy/Dockerfile, checked without Docker: CI reaches no image registry, so the image
 itself is not built here (deploy/build-image-nodocker.sh builds it with buildah on a
-stand-in base, by hand). Instead hadolint lints it, and its two stages run as they
-would in the image: the files its COPY lines take (after
+stand-in base, by hand; the node tier runs it). Instead hadolint lints it, and its two
+stages run as they would in the image: the files its COPY lines take (after
 Dockerfile.dockerignore) build the wheel with the compiled kernel, the wheel installs
-into a fresh virtualenv, and the image's entrypoint starts from there."""
+into a fresh virtualenv, deploy/slim-venv.sh slims it as the image's is, and the
+image's entrypoint starts from there and reads a claim from an API server."""
 
 from __future__ import annotations
 
@@ -13,13 +14,20 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import threading
+import uuid
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "deploy" / "Dockerfile"
 IGNORE = REPO / "deploy" / "Dockerfile.dockerignore"
+SLIM = REPO / "deploy" / "slim-venv.sh"
 
 
 @dataclass(frozen=True)
@@ -118,8 +126,11 @@ def test_image_stages_build_and_start_here(tmp_path: Path) -> None:
     steps = instructions(DOCKERFILE.read_text())
     stages = [i for i in steps if i.name == "FROM"]
     assert len(stages) == 2 and " AS " in stages[0].args.upper(), "a build and a runtime stage"
-    runtime_runs = " ".join(i.args for i in steps if i.stage == 1 and i.name == "RUN")
-    assert "build-essential" not in runtime_runs, "no compiler in the runtime image"
+    runtime = [i for i in steps if i.stage == 1]
+    assert not [i for i in runtime if i.name == "RUN" and ("apt-get" in i.args or "pip" in
+                                                            i.args)], "nothing installed"
+    assert [i.args for i in runtime if i.name == "COPY"] == [
+        "--from=build /opt/gpu-dra /opt/gpu-dra"], "only the built virtualenv"
     entrypoint = json.loads(next(i.args for i in steps if i.name == "ENTRYPOINT"))
     assert entrypoint == ["gpu-dra", "plugin"]
 
@@ -138,10 +149,11 @@ def test_image_stages_build_and_start_here(tmp_path: Path) -> None:
     assert "driver/nvml/profiles/dgx-h100.yaml" in names
     assert "driver/_proto/dra_v1/api_pb2_grpc.py" in names
 
-    # Stage 2: a fresh virtualenv with only the wheel; dependencies come from the test
-    # venv through a .pth line, which is read after the fresh venv's own site-packages.
+    # The virtualenv: only the wheel and the kubernetes client (which slim-venv.sh cuts
+    # down) are installed in it; the other dependencies come from the test venv through a
+    # .pth line, which is read after the fresh venv's own site-packages.
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
     site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()"
                                 "['purelib'])"], capture_output=True, text=True,
@@ -149,6 +161,14 @@ def test_image_stages_build_and_start_here(tmp_path: Path) -> None:
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install",
                     "--no-deps", "--no-index", str(wheel)], check=True, capture_output=True)
+    client = Path(sysconfig.get_paths()["purelib"])
+    for name in ["kubernetes", *(p.name for p in client.glob("kubernetes-*.dist-info"))]:
+        shutil.copytree(client / name, site / name)
+    assert any("slim-venv.sh" in r.args for r in runs)
+    subprocess.run([SLIM, venv], check=True, capture_output=True)
+    assert not (site / "kubernetes" / "aio").exists()
+    assert not list((site / "kubernetes" / "client" / "models").glob("v1_*.py"))
+    assert not (venv / "bin" / "pip").exists()
     where = subprocess.run([python, "-c", "import driver, driver._native; print(driver.__file__)"],
                            capture_output=True, text=True, check=True, cwd=tmp_path)
     assert Path(where.stdout.strip()).is_relative_to(venv), "the wheel's package, not the repo's"
@@ -163,3 +183,52 @@ def test_image_stages_build_and_start_here(tmp_path: Path) -> None:
                                 cwd=tmp_path, check=False)
     assert discovered.returncode == 0, discovered.stderr
     assert len(json.loads(discovered.stdout)["gpus"]) == 2
+
+    # The slimmed client still does what the plugin asks of it: a kubeconfig, a raw GET.
+    claim = {"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+             "metadata": {"namespace": "ns", "name": "c", "uid": str(uuid.uuid4())},
+             "status": {"allocation": {"devices": {"results": []}}}}
+    with serving(claim) as url:
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "c",
+            "clusters": [{"name": "c", "cluster": {"server": url}}],
+            "users": [{"name": "u", "user": {"token": "t"}}],
+            "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+        read = subprocess.run([python, "-c", (
+            "import sys, kubernetes\n"
+            "from pathlib import Path\n"
+            "from driver.kube.api import api_client\n"
+            "from driver.plugin.claims import ApiClaimSource, ClaimRef\n"
+            "source = ApiClaimSource(api_client(Path(sys.argv[1])))\n"
+            "print(kubernetes.__file__, source.get(ClaimRef('ns', 'c', sys.argv[2]))"
+            "['metadata']['uid'])"), str(kubeconfig), claim["metadata"]["uid"]],
+            capture_output=True, text=True, cwd=tmp_path, check=False)
+    assert read.returncode == 0, read.stderr
+    where, uid = read.stdout.split()
+    assert Path(where).is_relative_to(venv) and uid == claim["metadata"]["uid"]
+
+
+@contextmanager
+def serving(claim: dict[str, Any]) -> Iterator[str]:
+    """An HTTP server that answers every GET with `claim`; its URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps(claim).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -4,6 +4,7 @@ Shared by the local-directory bench (tests/bench) and the API-server one (tests/
 
 from __future__ import annotations
 
+import compileall
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -14,6 +15,7 @@ from typing import Any
 
 from pytest_benchmark.fixture import BenchmarkFixture
 
+import driver
 from driver._proto.dra_v1 import api_pb2 as dra_v1
 from driver.kube.api import api_request
 from tests.support.apiserver import RESOURCE_V1, create, unique
@@ -94,6 +96,59 @@ def dgx_h100_process() -> Iterator[Daemon]:
         node = Node(root)
         with daemon_process(node, node.cli_args("dgx-h100")) as running:
             yield running
+
+
+def started(node: Node, args: Sequence[str]) -> subprocess.Popen[bytes]:
+    """`python -m driver.cli <args>` from exec to registered as the kubelet sees it: its
+    registration socket answers GetInfo and its DRA socket a (claimless) call. The caller
+    stops the process."""
+    node.registration_socket.unlink(missing_ok=True)  # the last run's, or a killed one's
+    with open(node.root / "plugin.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "driver.cli", *args],
+                                stdout=log, stderr=log)
+    wait_for_socket(node.registration_socket, alive=lambda: proc.poll() is None)
+    kubelet = Kubelet(node.dra_socket, node.registration_socket)
+    try:
+        kubelet.get_info(timeout=10, wait_for_ready=True)
+        kubelet.v1.NodePrepareResources(dra_v1.NodePrepareResourcesRequest(), timeout=10,
+                                        wait_for_ready=True)
+    finally:
+        kubelet.close()
+    return proc
+
+
+Start = tuple[Node, list[str]]
+"""A plugin's node and command line."""
+
+
+def bench_startup(benchmark: BenchmarkFixture, next_start: Callable[[], Start],
+                  rounds: int = 10) -> None:
+    """Time `started` over `rounds` starts (after one untimed), each on the node and with
+    the arguments `next_start()` gives (the plugin of the round before stopped, off the
+    clock). The driver's bytecode is compiled first, as an installed package has it (a
+    checkout run with PYTHONDONTWRITEBYTECODE would compile every module at each start)."""
+    compileall.compile_dir(Path(driver.__file__).parent, quiet=1)
+    running: list[tuple[Node, subprocess.Popen[bytes]]] = []
+
+    def stop() -> None:
+        while running:
+            node, proc = running.pop()
+            proc.terminate()
+            assert proc.wait(30) == 0, (node.root / "plugin.log").read_text()[-2000:]
+
+    def start(node: Node, args: list[str]) -> None:
+        running.append((node, started(node, args)))
+
+    def setup() -> tuple[Start, dict[str, Any]]:
+        stop()
+        return next_start(), {}
+
+    try:
+        benchmark.pedantic(start, setup=setup, rounds=rounds, iterations=1,
+                           warmup_rounds=1)
+    finally:
+        stop()
+    record_p99(benchmark)
 
 
 def allocated_claim(api: Any, namespace: str, results: list[dict[str, Any]],

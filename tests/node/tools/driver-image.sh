@@ -9,7 +9,8 @@
 # Install the chart with image.repository=localhost/gpu-dra-driver, image.tag=<key>,
 # image.pullPolicy=Never. <key> hashes, as they are on disk (uncommitted changes count),
 # what the Dockerfile copies after deploy/Dockerfile.dockerignore (pyproject.toml, setup.py,
-# README.md, native/*.pyx, native/*.pxd, driver/ less __pycache__ and *.so), the
+# README.md, native/*.pyx, native/*.pxd, driver/ less __pycache__ and *.so,
+# deploy/slim-venv.sh), the
 # Dockerfile, the dockerignore, build-image-nodocker.sh and this script. A cached image
 # returns at once; older driver-image-* folders are removed. The image and the containers
 # the build added to buildah's storage are removed once it is exported. The last line on
@@ -40,7 +41,7 @@ inputs() {
   (
     cd "${ROOT}"
     printf '%s\n' pyproject.toml setup.py README.md deploy/Dockerfile \
-      deploy/Dockerfile.dockerignore deploy/build-image-nodocker.sh \
+      deploy/Dockerfile.dockerignore deploy/build-image-nodocker.sh deploy/slim-venv.sh \
       "${HERE#"${ROOT}/"}/driver-image.sh"
     find native -maxdepth 1 -type f \( -name '*.pyx' -o -name '*.pxd' \)
     find driver -type f ! -path '*/__pycache__/*' ! -name '*.so'
