@@ -36,7 +36,14 @@ from driver.allocator.input import (
 )
 from driver.allocator.ledger import DeviceRef, Ledger
 from driver.allocator.model import AllocationError, NodeModel, Problem
-from driver.allocator.pools import Device, Node, Pool, check_slices, gather_pools
+from driver.allocator.pools import (
+    Device,
+    Node,
+    Pool,
+    Verdicts,
+    check_slices,
+    gather_pools,
+)
 from driver.kube.quantity import format_quantity
 
 Mode = Literal["parity", "topology"]
@@ -110,6 +117,7 @@ class Allocator:
         self._models: dict[Node, NodeModel] = {}
         self._parsed: dict[tuple[str, str], Claim] = {}
         self._sites: dict[str | Node, _Site] = {}
+        self._verdicts: Verdicts = {}  # selector results, shared by identical devices
 
     def nodes(self) -> list[str]:
         return sorted({s["spec"]["nodeName"] for s in self.slices
@@ -120,7 +128,8 @@ class Allocator:
         found = self._models.get(node)
         if found is None:
             found = self._models[node] = NodeModel(gather_pools(self.slices, node,
-                                                                   self.taint_rules))
+                                                                   self.taint_rules,
+                                                                   self._verdicts))
         return found
 
     def pools(self, node: Node) -> list[Pool]:

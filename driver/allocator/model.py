@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
+from functools import cache
 from math import lcm
 from typing import TYPE_CHECKING, Any
 
-from driver.allocator.cel import SelectorError
+from driver.allocator.cel import Selector, SelectorError
 from driver.allocator.input import MAX_RESULTS, Claim, DeviceClass, Request
 from driver.allocator.ledger import DeviceRef, Ledger
 from driver.allocator.pools import Device, Pool
@@ -298,16 +299,29 @@ def selectable(claim_key: str, device_class: DeviceClass, request: Request,
         for k, selector in enumerate(selectors):
             result = device.memo.get(selector.expression)
             if result is None:
-                try:
-                    result = selector.matches(device.cel)
-                except SelectorError as err:
-                    result = str(err)
-                device.memo[selector.expression] = result
+                result = device.memo[selector.expression] = _verdict(selector, device)
             if isinstance(result, str):
                 return f"{owner}: selector #{k} on device {device.ref}: {result}"
             if not result:
                 return False
     return device.node_ok
+
+
+def _verdict(selector: Selector, device: Device) -> bool | str:
+    """The selector on the device: True, False or the error text. Devices that agree on
+    every field the selector reads share one evaluation."""
+    values = device.values(selector.reads) if selector.reads is not None else None
+    if values is not None:
+        found = device.verdicts.get((selector.expression, values))
+        if found is not None:
+            return found
+    try:
+        result: bool | str = selector.matches(device.cel)
+    except SelectorError as err:
+        result = str(err)
+    if values is not None:
+        device.verdicts[(selector.expression, values)] = result
+    return result
 
 
 def consumed_capacity(claim_key: str, request: Request, device: Device
@@ -454,8 +468,9 @@ def _counters(pools: list[Pool]) -> _Counters:
     for uses in raw.values():
         for k, amount in uses:
             scale[k] = lcm(scale[k], amount.denominator)
+    # _scaled, inlined: a cold allocator scales every counter use of the node
     return _Counters(names, index, [_scaled(v, scale[k]) for k, v in enumerate(values)],
-                     {ref: [(k, _scaled(a, scale[k])) for k, a in uses]
+                     {ref: [(k, a.numerator * (scale[k] // a.denominator)) for k, a in uses]
                       for ref, uses in raw.items()},
                      pool_of, pool_counters)
 
@@ -587,6 +602,7 @@ def _topology(devices: list[Device], counters: _Counters) -> _Topology:
                      set_island, set_slots, members, len(island_ids))
 
 
+@cache
 def _slice_number(counter: str) -> int:
     """N of a `memory-slice-N` counter below 32, else -1 (scores use 32-bit masks)."""
     if counter.startswith("memory-slice-") and counter[13:].isdigit() and int(counter[13:]) < 32:

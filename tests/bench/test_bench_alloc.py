@@ -55,8 +55,11 @@ class Scenario:
 
 @cache
 def _slices(profile: str, mig_mode: str, node: str) -> tuple[dict[str, Any], ...]:
-    return tuple(build_slices(discover(mock_provider(profile)),
-                              SliceOptions(driver=DRIVER, node=node, mig_mode=mig_mode), 1))
+    """The slices as read from the API server: with a uid and a resourceVersion."""
+    built = build_slices(discover(mock_provider(profile)),
+                         SliceOptions(driver=DRIVER, node=node, mig_mode=mig_mode), 1)
+    return tuple({**s, "metadata": {**s["metadata"], "uid": f"{profile}-{mig_mode}-{node}-{i}",
+                                    "resourceVersion": "1"}} for i, s in enumerate(built))
 
 
 def _claim(name: str, request: dict[str, Any], constraints: list[Any] | None = None
