@@ -454,16 +454,18 @@ def _counters(pools: list[Pool]) -> _Counters:
     raw: dict[DeviceRef, list[tuple[int, Fraction]]] = {}
     pool_of: dict[DeviceRef, str] = {}
     for pool in pools:
-        mine = pool_counters.setdefault(str(pool), [])
+        pool_name = str(pool)
+        mine = pool_counters.setdefault(pool_name, [])
+        local: dict[tuple[str, str], int] = {}  # (set, counter) -> position
         for set_name, counters in pool.counters.items():
             for counter, value in counters.items():
-                index[(str(pool), set_name, counter)] = len(names)
+                index[(pool_name, set_name, counter)] = local[(set_name, counter)] = len(names)
                 mine.append(len(names))
-                names.append(f"{pool}/{set_name}/{counter}")
+                names.append(f"{pool_name}/{set_name}/{counter}")
                 values.append(value)
         for device in [*pool.devices, *pool.elsewhere]:
-            raw[device.ref] = [(index[(str(pool), s, c)], a) for s, c, a in device.consumes]
-            pool_of[device.ref] = str(pool)
+            raw[device.ref] = [(local[(s, c)], a) for s, c, a in device.consumes]
+            pool_of[device.ref] = pool_name
     scale = [v.denominator for v in values]
     for uses in raw.values():
         for k, amount in uses:
@@ -556,15 +558,19 @@ def _topology(devices: list[Device], counters: _Counters) -> _Topology:
     island_ids: dict[tuple[str, int], int] = {}
     pcie_ids: dict[str, int] = {}
     island, bandwidth, numa, pcie = [], [], [], []
+    names: dict[str, tuple[str, str]] = {}  # driver -> its island and bandwidth attributes
     for device in devices:
         driver = device.ref.driver
-        value = device.attribute(f"{driver}/nvlinkIsland")
+        own = names.get(driver)
+        if own is None:
+            own = names[driver] = (f"{driver}/nvlinkIsland", f"{driver}/nvlinkBandwidthGBps")
+        value = device.attribute(own[0])
         if value and "int" in value:
             key = (f"{driver}/{device.ref.pool}", int(value["int"]))
             island.append(island_ids.setdefault(key, len(island_ids)))
         else:
             island.append(-1)
-        value = device.attribute(f"{driver}/nvlinkBandwidthGBps")
+        value = device.attribute(own[1])
         bandwidth.append(int(value["int"]) if value and "int" in value else 0)
         value = device.attribute("resource.kubernetes.io/numaNode")
         numa.append(int(value["int"]) if value and "int" in value else -1)

@@ -414,8 +414,10 @@ def _device(driver: str, pool: str, s: Mapping[str, Any], raw: Mapping[str, Any]
     if s["spec"].get("perDeviceNodeSelection"):
         node_ok = node_matches(node, raw.get("nodeName"), bool(raw.get("allNodes")),
                                raw.get("nodeSelector"))
-    taints = (*(Taint.of(t) for t in raw.get("taints") or ()),
-              *(r.taint for r in rules if r.applies(driver, pool, raw["name"])))
+    own = raw.get("taints")
+    taints = (*(Taint.of(t) for t in own or ()),
+              *(r.taint for r in rules if r.applies(driver, pool, raw["name"]))
+              ) if own or rules else ()
     return Device(DeviceRef(driver, pool, raw["name"]), raw, s, capacity, consumes,
                   bool(raw.get("consumesCounters")), bool(raw.get("allowMultipleAllocations")),
                   node_ok, taints, verdicts=verdicts)

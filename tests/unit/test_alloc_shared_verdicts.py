@@ -12,6 +12,7 @@ import pytest
 
 from driver.allocator import Allocator, InputError, Ledger
 from driver.allocator.cel import SelectorError, compile_selector, device_input
+from tests.support import celdiff
 from tests.unit.test_alloc_semantics import CLASSES, DRIVER, claim, pool_slice, request
 
 EXPRESSIONS = [
@@ -52,45 +53,76 @@ def _devices(seed: int) -> list[dict[str, Any]]:
     return devices
 
 
-def _verdict(expression: str, raw: dict[str, Any]) -> bool | str:
+def _verdict(expression: str, raw: dict[str, Any], driver: str) -> bool | str:
     """The selector on this one device, evaluated on its own."""
     try:
         return compile_selector(expression).matches(device_input(
-            DRIVER, raw["attributes"], raw.get("capacity") or {}, False))
+            driver, raw["attributes"], raw.get("capacity") or {},
+            bool(raw.get("allowMultipleAllocations"))))
     except SelectorError as err:
         return str(err)
 
 
-def _all_but(pool: str, devices: list[dict[str, Any]], keep: str) -> Ledger:
+def _all_but(driver: str, pool: str, devices: list[dict[str, Any]], keep: str) -> Ledger:
     """Every device of the pool held, except `keep`."""
     return Ledger.of([{"metadata": {"name": "held", "namespace": "ns"}, "status": {
         "allocation": {"devices": {"results": [
-            {"request": "r", "driver": DRIVER, "pool": pool, "device": d["name"]}
+            {"request": "r", "driver": driver, "pool": pool, "device": d["name"]}
             for d in devices if d["name"] != keep]}}}}])
+
+
+def _assert_own_verdicts(expression: str, devices: list[dict[str, Any]], driver: str,
+                         classes: list[dict[str, Any]]) -> None:
+    """Each device, the only one free, is allocated, refused or named in the error as
+    the selector on it alone says; two nodes with the same devices, one Allocator (it
+    shares results across nodes too)."""
+    slices = [pool_slice("s1", devices, pool="p1", driver=driver),
+              {**pool_slice("s2", copy.deepcopy(devices), pool="p2", driver=driver),
+               "spec": {**pool_slice("s2", devices, pool="p2", driver=driver)["spec"],
+                        "nodeName": "n2"}}]
+    allocator = Allocator(slices, classes)
+    claims = allocator.parse([claim("c", request("r", selectors=[
+        {"cel": {"expression": expression}}]))])
+    for node, pool in (("n1", "p1"), ("n2", "p2")):
+        for raw in devices:
+            outcome = allocator.allocate(claims, _all_but(driver, pool, devices, raw["name"]),
+                                         node)
+            verdict = _verdict(expression, raw, driver)
+            if isinstance(verdict, str):
+                assert outcome.status == "error", (expression, raw, outcome)
+                assert outcome.message.endswith(
+                    f"selector #0 on device {driver}/{pool}/{raw['name']}: {verdict}")
+            else:
+                assert outcome.status == ("allocated" if verdict else "unschedulable"), (
+                    expression, raw, outcome)
 
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("expression", EXPRESSIONS)
 def test_each_device_gets_the_verdict_it_gets_on_its_own(expression: str, seed: int) -> None:
-    devices = _devices(seed)
-    # Two nodes with the same devices: one Allocator shares results across them too.
-    slices = [pool_slice("s1", devices, pool="p1"),
-              {**pool_slice("s2", copy.deepcopy(devices), pool="p2"),
-               "spec": {**pool_slice("s2", devices, pool="p2")["spec"], "nodeName": "n2"}}]
-    allocator = Allocator(slices, CLASSES)
-    claims = allocator.parse([claim("c", request("r", selectors=[
-        {"cel": {"expression": expression}}]))])
-    for node, pool in (("n1", "p1"), ("n2", "p2")):
-        for raw in devices:
-            # Only this device is free: the outcome is its verdict.
-            outcome = allocator.allocate(claims, _all_but(pool, devices, raw["name"]), node)
-            verdict = _verdict(expression, raw)
-            if isinstance(verdict, str):
-                assert outcome.status == "error", (raw, outcome)
-                assert outcome.message.endswith(
-                    f"selector #0 on device {DRIVER}/{pool}/{raw['name']}: {verdict}")
-            else:
-                assert outcome.status == ("allocated" if verdict else "unschedulable"), raw
+    _assert_own_verdicts(expression, _devices(seed), DRIVER, CLASSES)
+
+
+def test_the_cel_differentials_selectors_give_each_device_its_own_verdict() -> None:
+    """The CEL differential's generated selectors, on devices drawn from three of its
+    generated ones (copies differ only in a field no selector reads)."""
+    rng = random.Random(17)
+    classes = [{"metadata": {"name": "c"}, "spec": {}}]
+    checked = 0
+    while checked < 150:
+        expression = celdiff.selector(rng)
+        try:
+            compile_selector(expression)
+        except SelectorError:
+            continue
+        bases = [celdiff.device(rng) for _ in range(3)]
+        devices = [{"name": f"dev-{i}", "allowMultipleAllocations": base[
+                        "allowMultipleAllocations"],
+                    "attributes": {**base["attributes"], "serial": {"int": i}},
+                    "capacity": {k: {"value": v["value"]} for k, v in base["capacity"].items()}}
+                   for i, base in enumerate(rng.choice(bases) for _ in range(6))]
+        _assert_own_verdicts(expression, devices, celdiff.DRIVER, classes)
+        checked += 1
 
 
 @pytest.mark.parametrize(("value", "message"), [
