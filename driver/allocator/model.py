@@ -451,7 +451,8 @@ def _counters(pools: list[Pool]) -> _Counters:
     names: list[str] = []
     values: list[Fraction] = []
     pool_counters: dict[str, list[int]] = {}
-    raw: dict[DeviceRef, list[tuple[int, Fraction]]] = {}
+    positions: dict[DeviceRef, list[int]] = {}  # of each counter the device uses
+    devices: list[Device] = []
     pool_of: dict[DeviceRef, str] = {}
     for pool in pools:
         pool_name = str(pool)
@@ -464,16 +465,21 @@ def _counters(pools: list[Pool]) -> _Counters:
                 names.append(f"{pool_name}/{set_name}/{counter}")
                 values.append(value)
         for device in [*pool.devices, *pool.elsewhere]:
-            raw[device.ref] = [(local[(s, c)], a) for s, c, a in device.consumes]
+            positions[device.ref] = [local[(s, c)] for s, c, _ in device.consumes]
             pool_of[device.ref] = pool_name
+            devices.append(device)
+    if all(v.denominator == 1 for v in values) and all(d.counts is not None for d in devices):
+        # Whole amounts, as drivers publish them: nothing to scale.
+        return _Counters(names, index, [v.numerator for v in values],
+                         {d.ref: list(zip(positions[d.ref], d.counts or (), strict=True))
+                          for d in devices}, pool_of, pool_counters)
     scale = [v.denominator for v in values]
-    for uses in raw.values():
-        for k, amount in uses:
+    for device in devices:
+        for k, (_, _, amount) in zip(positions[device.ref], device.consumes, strict=True):
             scale[k] = lcm(scale[k], amount.denominator)
-    # _scaled, inlined: a cold allocator scales every counter use of the node
     return _Counters(names, index, [_scaled(v, scale[k]) for k, v in enumerate(values)],
-                     {ref: [(k, a.numerator * (scale[k] // a.denominator)) for k, a in uses]
-                      for ref, uses in raw.items()},
+                     {d.ref: [(k, _scaled(a, scale[k])) for k, (_, _, a) in zip(
+                         positions[d.ref], d.consumes, strict=True)] for d in devices},
                      pool_of, pool_counters)
 
 

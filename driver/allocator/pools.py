@@ -36,7 +36,7 @@ class Node:
         return next((v for k, v in self.labels if k == key), None)
 
 
-@dataclass
+@dataclass(slots=True)
 class Device:
     """One device of a pool, with what CEL and the search need, converted once."""
 
@@ -51,6 +51,7 @@ class Device:
     multi: bool
     node_ok: bool
     taints: tuple[Taint, ...] = ()
+    counts: tuple[int, ...] | None = None  # the consumes' amounts where all are whole
     _cel: DeviceInput | None = None
     memo: dict[str, bool | str] = field(default_factory=dict)  # expression -> result/error
     # (expression, the values it reads) -> result/error, shared by the devices of one
@@ -377,8 +378,10 @@ def _build_pool(driver: str, name: str, pool_slices: list[Mapping[str, Any]],
     return pool
 
 
-# Per device of a slice: its counter uses and its capacities, parsed.
-_Amounts = tuple[tuple[tuple[str, str, Fraction], ...], dict[str, Fraction]]
+# Per device of a slice: its counter uses, their amounts where all are whole, and its
+# capacities, parsed.
+_Amounts = tuple[tuple[tuple[str, str, Fraction], ...], tuple[int, ...] | None,
+                 dict[str, Fraction]]
 _MAX_AMOUNTS = 16384  # slice versions whose amounts are kept
 _amounts_of: dict[tuple[str, str], list[_Amounts]] = {}
 
@@ -393,12 +396,7 @@ def _amounts(s: Mapping[str, Any]) -> list[_Amounts]:
     version = _object_version(s)
     found = _amounts_of.get(version) if version is not None else None
     if found is None:
-        found = [(tuple((use["counterSet"], counter, _parsed_quantity(str(value["value"])))
-                        for use in raw.get("consumesCounters") or []
-                        for counter, value in (use.get("counters") or {}).items()),
-                  {key: _parsed_quantity(str(value["value"]))
-                   for key, value in (raw.get("capacity") or {}).items()})
-                 for raw in s["spec"].get("devices") or []]
+        found = [_device_amounts(raw) for raw in s["spec"].get("devices") or []]
         if version is not None:
             if len(_amounts_of) >= _MAX_AMOUNTS:
                 _amounts_of.clear()
@@ -406,10 +404,20 @@ def _amounts(s: Mapping[str, Any]) -> list[_Amounts]:
     return found
 
 
+def _device_amounts(raw: Mapping[str, Any]) -> _Amounts:
+    consumes = tuple((use["counterSet"], counter, _parsed_quantity(str(value["value"])))
+                     for use in raw.get("consumesCounters") or []
+                     for counter, value in (use.get("counters") or {}).items())
+    whole = all(amount.denominator == 1 for _, _, amount in consumes)
+    return (consumes, tuple(amount.numerator for _, _, amount in consumes) if whole else None,
+            {key: _parsed_quantity(str(value["value"]))
+             for key, value in (raw.get("capacity") or {}).items()})
+
+
 def _device(driver: str, pool: str, s: Mapping[str, Any], raw: Mapping[str, Any],
             amounts: _Amounts, node: Node, rules: Sequence[TaintRule],
             verdicts: Verdicts) -> Device:
-    consumes, capacity = amounts
+    consumes, counts, capacity = amounts
     node_ok = True
     if s["spec"].get("perDeviceNodeSelection"):
         node_ok = node_matches(node, raw.get("nodeName"), bool(raw.get("allNodes")),
@@ -420,4 +428,4 @@ def _device(driver: str, pool: str, s: Mapping[str, Any], raw: Mapping[str, Any]
               ) if own or rules else ()
     return Device(DeviceRef(driver, pool, raw["name"]), raw, s, capacity, consumes,
                   bool(raw.get("consumesCounters")), bool(raw.get("allowMultipleAllocations")),
-                  node_ok, taints, verdicts=verdicts)
+                  node_ok, taints, counts, verdicts=verdicts)
