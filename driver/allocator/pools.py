@@ -131,7 +131,9 @@ _parsed_quantity = lru_cache(maxsize=4096)(parse_quantity)
 
 def _attribute_key(value: Mapping[str, Any]) -> tuple[str, Any]:
     """A checked attribute's CEL value as a hashable (kind, value)."""
-    kind = next(k for k in _ATTRIBUTE_TYPES if k in value)
+    for kind in _ATTRIBUTE_TYPES:
+        if kind in value:
+            break
     return (kind, value[kind].split("+", 1)[0] if kind == "version" else value[kind])
 
 
