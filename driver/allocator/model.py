@@ -316,7 +316,9 @@ def _verdict(selector: Selector, device: Device) -> bool | str:
         if found is not None:
             return found
     try:
-        result: bool | str = selector.matches(device.cel)
+        result: bool | str = selector.matches(
+            device.cel if values is None or selector.reads is None
+            else device.read_input(selector.reads))
     except SelectorError as err:
         result = str(err)
     if values is not None:

@@ -86,6 +86,18 @@ class Device:
                     found.append(self.capacity[key])
         return tuple(found)
 
+    def read_input(self, reads: tuple[Read, ...]) -> DeviceInput:
+        """The CEL input with only the attributes and capacities `reads` names: a
+        selector that reads nothing else (`values` is not None) sees the same in it, and
+        it converts a few values instead of all."""
+        names: dict[str, dict[str, Any]] = {"attributes": {}, "capacity": {}}
+        for read in reads:
+            given = self.raw.get(read[0]) or {}
+            key = _one_key(given, self.ref.driver, read[1], read[2]) if len(read) == 3 else ""
+            if key:
+                names[read[0]][key] = given[key]
+        return device_input(self.ref.driver, names["attributes"], names["capacity"], self.multi)
+
     def attribute(self, name: str) -> Mapping[str, Any] | None:
         """lookupAttribute: the qualified name, or the short name in the driver's domain."""
         attributes: Mapping[str, Mapping[str, Any]] = self.raw.get("attributes") or {}
