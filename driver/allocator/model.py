@@ -278,7 +278,8 @@ def _classify(request: Request, device_class: DeviceClass, devices: list[Device]
             err |= 1 << i
             errors[i] = consumed
             continue
-        fits = all(consumed[k] <= v for k, v in device.capacity.items())
+        fits = consumed is device.capacity or all(
+            consumed[k] <= v for k, v in device.capacity.items())
         if not fits and (request.all_devices or not device.multi):
             continue
         consumed_by[i] = consumed
@@ -330,6 +331,8 @@ def consumed_capacity(claim_key: str, request: Request, device: Device
                       ) -> dict[str, Fraction] | str | None:
     """The capacity this request would take of every capacity of the device;
     None where the request names a capacity the device lacks or breaks its policy."""
+    if not request.capacity and device.plain_capacity:
+        return device.capacity  # every capacity whole (read-only)
     asked = dict(request.capacity)
     if any(name not in device.capacity for name in asked):
         return None
@@ -467,7 +470,7 @@ def _counters(pools: list[Pool]) -> _Counters:
                 names.append(f"{pool_name}/{set_name}/{counter}")
                 values.append(value)
         for device in [*pool.devices, *pool.elsewhere]:
-            positions[device.ref] = [local[(s, c)] for s, c, _ in device.consumes]
+            positions[device.ref] = list(map(local.__getitem__, device.counter_keys))
             pool_of[device.ref] = pool_name
             devices.append(device)
     if all(v.denominator == 1 for v in values) and all(d.counts is not None for d in devices):

@@ -52,6 +52,10 @@ class Device:
     node_ok: bool
     taints: tuple[Taint, ...] = ()
     counts: tuple[int, ...] | None = None  # the consumes' amounts where all are whole
+    counter_keys: tuple[tuple[str, str], ...] = ()  # the consumes' (set, counter)
+    # No capacity with a requestPolicy or below zero: a request asking for none takes
+    # every capacity whole.
+    plain_capacity: bool = False
     _cel: DeviceInput | None = None
     memo: dict[str, bool | str] = field(default_factory=dict)  # expression -> result/error
     # (expression, the values it reads) -> result/error, shared by the devices of one
@@ -392,10 +396,15 @@ def _build_pool(driver: str, name: str, pool_slices: list[Mapping[str, Any]],
     return pool
 
 
-# Per device of a slice: its counter uses, their amounts where all are whole, and its
-# capacities, parsed.
-_Amounts = tuple[tuple[tuple[str, str, Fraction], ...], tuple[int, ...] | None,
-                 dict[str, Fraction]]
+@dataclass(frozen=True, slots=True)
+class _Amounts:
+    """A device's amounts, parsed (the fields of `Device` of the same names)."""
+
+    consumes: tuple[tuple[str, str, Fraction], ...]
+    counts: tuple[int, ...] | None
+    counter_keys: tuple[tuple[str, str], ...]
+    capacity: dict[str, Fraction]
+    plain_capacity: bool
 _MAX_AMOUNTS = 16384  # slice versions whose amounts are kept
 _amounts_of: dict[tuple[str, str], list[_Amounts]] = {}
 
@@ -423,15 +432,18 @@ def _device_amounts(raw: Mapping[str, Any]) -> _Amounts:
                      for use in raw.get("consumesCounters") or []
                      for counter, value in (use.get("counters") or {}).items())
     whole = all(amount.denominator == 1 for _, _, amount in consumes)
-    return (consumes, tuple(amount.numerator for _, _, amount in consumes) if whole else None,
-            {key: _parsed_quantity(str(value["value"]))
-             for key, value in (raw.get("capacity") or {}).items()})
+    given = raw.get("capacity") or {}
+    capacity = {key: _parsed_quantity(str(value["value"])) for key, value in given.items()}
+    return _Amounts(consumes,
+                    tuple(amount.numerator for _, _, amount in consumes) if whole else None,
+                    tuple((set_name, counter) for set_name, counter, _ in consumes), capacity,
+                    not any((value or {}).get("requestPolicy") for value in given.values())
+                    and all(amount >= 0 for amount in capacity.values()))
 
 
 def _device(driver: str, pool: str, s: Mapping[str, Any], raw: Mapping[str, Any],
             amounts: _Amounts, node: Node, rules: Sequence[TaintRule],
             verdicts: Verdicts) -> Device:
-    consumes, counts, capacity = amounts
     node_ok = True
     if s["spec"].get("perDeviceNodeSelection"):
         node_ok = node_matches(node, raw.get("nodeName"), bool(raw.get("allNodes")),
@@ -440,6 +452,7 @@ def _device(driver: str, pool: str, s: Mapping[str, Any], raw: Mapping[str, Any]
     taints = (*(Taint.of(t) for t in own or ()),
               *(r.taint for r in rules if r.applies(driver, pool, raw["name"]))
               ) if own or rules else ()
-    return Device(DeviceRef(driver, pool, raw["name"]), raw, s, capacity, consumes,
-                  bool(raw.get("consumesCounters")), bool(raw.get("allowMultipleAllocations")),
-                  node_ok, taints, counts, verdicts=verdicts)
+    return Device(DeviceRef(driver, pool, raw["name"]), raw, s, amounts.capacity,
+                  amounts.consumes, bool(raw.get("consumesCounters")),
+                  bool(raw.get("allowMultipleAllocations")), node_ok, taints, amounts.counts,
+                  amounts.counter_keys, amounts.plain_capacity, verdicts=verdicts)
