@@ -36,7 +36,14 @@ from driver.allocator.input import (
 )
 from driver.allocator.ledger import DeviceRef, Ledger
 from driver.allocator.model import AllocationError, NodeModel, Problem
-from driver.allocator.pools import Device, Node, Pool, check_slices, gather_pools
+from driver.allocator.pools import (
+    Device,
+    Node,
+    Pool,
+    Verdicts,
+    check_slices,
+    gather_pools,
+)
 from driver.kube.quantity import format_quantity
 
 Mode = Literal["parity", "topology"]
@@ -110,6 +117,7 @@ class Allocator:
         self._models: dict[Node, NodeModel] = {}
         self._parsed: dict[tuple[str, str], Claim] = {}
         self._sites: dict[str | Node, _Site] = {}
+        self._verdicts: Verdicts = {}  # selector results, shared by identical devices
 
     def nodes(self) -> list[str]:
         return sorted({s["spec"]["nodeName"] for s in self.slices
@@ -120,7 +128,8 @@ class Allocator:
         found = self._models.get(node)
         if found is None:
             found = self._models[node] = NodeModel(gather_pools(self.slices, node,
-                                                                   self.taint_rules))
+                                                                   self.taint_rules,
+                                                                   self._verdicts))
         return found
 
     def pools(self, node: Node) -> list[Pool]:
@@ -212,8 +221,6 @@ class Allocator:
                                nodes=found.nodes)
             return Outcome("unschedulable", message="cannot allocate all claims",
                            nodes=found.nodes)
-        if site.parts is None:
-            site.parts = _parts(problem.devices)
         allocations = tuple(
             _allocation(claim, self.classes, problem, found.picks[c], found.alts[c], site.node,
                         site.parts)
@@ -251,7 +258,7 @@ class _Site:
         self.node = node
         self.model = model
         self.kernel: Any = False
-        self.parts: list[_Part] | None = None
+        self.parts: dict[int, _Part] = {}  # by device index, made when first picked
 
 
 class _Part(NamedTuple):
@@ -265,27 +272,26 @@ class _Part(NamedTuple):
     local: bool  # its slice (or itself) names the node: the selector is the node's name
 
 
-def _parts(devices: Sequence[Device]) -> list[_Part]:
-    parts = []
-    for device in devices:
-        spec = device.slice["spec"]
-        source = device.raw if spec.get("perDeviceNodeSelection") else spec
-        parts.append(_Part(
-            device.ref.driver, device.ref.pool, device.ref.device,
-            tuple((key, tuple(device.raw[key])) for key in ("bindingConditions",
-                  "bindingFailureConditions") if device.raw.get(key)),
-            device.multi, bool(source.get("nodeName") or device.raw.get("bindsToNode"))))
-    return parts
+def _part(device: Device) -> _Part:
+    spec = device.slice["spec"]
+    source = device.raw if spec.get("perDeviceNodeSelection") else spec
+    return _Part(
+        device.ref.driver, device.ref.pool, device.ref.device,
+        tuple((key, tuple(device.raw[key])) for key in ("bindingConditions",
+              "bindingFailureConditions") if device.raw.get(key)),
+        device.multi, bool(source.get("nodeName") or device.raw.get("bindsToNode")))
 
 
 def _allocation(claim: Claim, classes: Mapping[str, DeviceClass], problem: Problem,
                 picks: Sequence[tuple[int, int]], alts: Sequence[int], node: Node,
-                parts: Sequence[_Part]) -> dict[str, Any]:
+                parts: dict[int, _Part]) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     local = False
     entries = problem.entries
     for e, d in picks:
-        entry, part = entries[e], parts[d]
+        entry, part = entries[e], parts.get(d)
+        if part is None:
+            part = parts[d] = _part(problem.devices[d])
         result: dict[str, Any] = {"request": entry.request.name, "driver": part.driver,
                                   "pool": part.pool, "device": part.device}
         if entry.admin:

@@ -80,6 +80,11 @@ _LIBRARIES = """extensions:
 """
 
 
+# A device field a selector reads: ("driver",), ("allowMultipleAllocations",),
+# ("attributes" | "capacity", domain, id).
+Read = tuple[str, ...]
+
+
 class SelectorError(AllocatorError, ValueError):
     """A selector that does not compile, costs too much, or fails on a device."""
 
@@ -90,6 +95,8 @@ class Selector:
     program: Any = field(compare=False, repr=False)
     domains: frozenset[str] = field(compare=False)
     cost: int = field(compare=False)
+    # The device fields the result depends on (`_device_reads`); None: possibly all.
+    reads: tuple[Read, ...] | None = field(default=None, compare=False)
 
     def matches(self, device: DeviceInput) -> bool:
         """True or False for one device; SelectorError when CEL reports an error."""
@@ -186,7 +193,9 @@ def compile_selector(expression: str) -> Selector:
         return found
     if len(expression) > MAX_EXPRESSION_LENGTH:
         raise SelectorError(f"CEL expression longer than {MAX_EXPRESSION_LENGTH} bytes")
-    typed = _typed_fields(expression, _parse(expression))
+    parsed = _parse(expression)
+    reads = _device_reads(_unchecked_tree(parsed)[0])
+    typed = _typed_fields(expression, parsed)
     checked = _compile(_checker_env(), typed)
     kind = checked.return_type().name()
     if kind not in ("BOOL", "DYN"):
@@ -206,7 +215,7 @@ def compile_selector(expression: str) -> Selector:
     if renames:
         program = _env().deserialize(_renamed_calls(program.serialize(), renames))
     selector = Selector(expression, program, frozenset(_strings(tree) + _domain_fields(tree)),
-                        cost)
+                        cost, reads)
     _cache[expression] = selector
     return selector
 
@@ -601,16 +610,13 @@ def _typed_fields(expression: str, program: Any) -> str:
     """The expression with `device.capacity`, `device.driver` and
     `device.allowMultipleAllocations` spelled as variables of their own types, for the
     checker: the library's `device` is a map of dyn where cel-go has an object type."""
-    wrapper = _wire(program.serialize())
-    message = _wire(wrapper[2][0])
-    checked = wrapper[1][0].endswith(b"CheckedExpr")
-    info = _wire(message[5 if checked else 3][0])
+    root, info = _unchecked_tree(program)
     offsets = {}
     for entry in info.get(4, []):
         fields = _wire(entry)
         offsets[fields.get(1, [0])[0]] = fields.get(2, [0])[0]
     spans = []
-    for node in _nodes(_wire(message[4 if checked else 2][0])):
+    for node in _nodes(root):
         select = _one(node, 5)
         operand = _one(select, 1) if select is not None else None
         ident = _one(operand, 4) if operand is not None else None
@@ -625,6 +631,51 @@ def _typed_fields(expression: str, program: Any) -> str:
     for start, end, name in sorted(spans, reverse=True):
         expression = expression[:start] + name + expression[end:]
     return expression
+
+
+def _unchecked_tree(program: Any) -> tuple[Fields, Fields]:
+    """A parsed program's expression tree and source info, as wire fields."""
+    wrapper = _wire(program.serialize())
+    message = _wire(wrapper[2][0])
+    checked = wrapper[1][0].endswith(b"CheckedExpr")
+    return _wire(message[4 if checked else 2][0]), _wire(message[5 if checked else 3][0])
+
+
+def _device_reads(root: Fields) -> tuple[Read, ...] | None:
+    """The device fields the expression reads, when it reads the device only as
+    `device.driver`, `device.allowMultipleAllocations` or
+    `device.attributes|capacity["<domain>"].<id>` (`has()` of those too); None for any
+    other use. Its result is then a function of those values alone (plus the device's
+    input being valid), so devices that agree on them share one evaluation."""
+    reads: set[Read] = set()
+    placed: set[int] = set()
+    for node in _nodes(root):
+        if 9 in node:
+            return None  # a comprehension may bind `device` to something else
+        select = _one(node, 5)
+        operand = _one(select, 1) if select is not None else None
+        if select is None or operand is None:
+            continue
+        name = _text(select, 2)
+        if _is_ident(operand, "device") and name in ("driver", "allowMultipleAllocations"):
+            reads.add((name,))
+            placed.add(_id(operand))
+            continue
+        call = _one(operand, 6)
+        args = call.get(3, []) if call is not None else []
+        if call is None or 1 in call or _text(call, 2) != "_[_]" or len(args) != 2:
+            continue
+        outer, key = _wire(args[0]), _constant(_wire(args[1]))
+        field_ = _one(outer, 5)
+        if (field_ is None or field_.get(3, [0])[0] or not isinstance(key, str)
+                or _text(field_, 2) not in _DOMAIN_MAPS
+                or not _is_ident(_one(field_, 1), "device")):
+            continue
+        reads.add((_text(field_, 2), key, name))
+        placed.add(_id(_one(field_, 1) or {}))
+    if any(_is_ident(node, "device") and _id(node) not in placed for node in _nodes(root)):
+        return None
+    return tuple(sorted(reads))
 
 
 def _compile(env: Any, expression: str) -> Any:

@@ -86,7 +86,7 @@ def _words(bits: int, w: int) -> list[int]:
 
 
 def _check(values: list[int]) -> list[int]:
-    if any(not -_LIMIT < v < _LIMIT for v in values):
+    if values and (min(values) <= -_LIMIT or max(values) >= _LIMIT):
         raise KernelRange("amount out of the kernel's range")
     return values
 

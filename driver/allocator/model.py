@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
+from functools import cache
 from math import lcm
 from typing import TYPE_CHECKING, Any
 
-from driver.allocator.cel import SelectorError
+from driver.allocator.cel import Selector, SelectorError
 from driver.allocator.input import MAX_RESULTS, Claim, DeviceClass, Request
 from driver.allocator.ledger import DeviceRef, Ledger
 from driver.allocator.pools import Device, Pool
@@ -277,7 +278,8 @@ def _classify(request: Request, device_class: DeviceClass, devices: list[Device]
             err |= 1 << i
             errors[i] = consumed
             continue
-        fits = all(consumed[k] <= v for k, v in device.capacity.items())
+        fits = consumed is device.capacity or all(
+            consumed[k] <= v for k, v in device.capacity.items())
         if not fits and (request.all_devices or not device.multi):
             continue
         consumed_by[i] = consumed
@@ -298,11 +300,7 @@ def selectable(claim_key: str, device_class: DeviceClass, request: Request,
         for k, selector in enumerate(selectors):
             result = device.memo.get(selector.expression)
             if result is None:
-                try:
-                    result = selector.matches(device.cel)
-                except SelectorError as err:
-                    result = str(err)
-                device.memo[selector.expression] = result
+                result = device.memo[selector.expression] = _verdict(selector, device)
             if isinstance(result, str):
                 return f"{owner}: selector #{k} on device {device.ref}: {result}"
             if not result:
@@ -310,10 +308,31 @@ def selectable(claim_key: str, device_class: DeviceClass, request: Request,
     return device.node_ok
 
 
+def _verdict(selector: Selector, device: Device) -> bool | str:
+    """The selector on the device: True, False or the error text. Devices that agree on
+    every field the selector reads share one evaluation."""
+    values = device.values(selector.reads) if selector.reads is not None else None
+    if values is not None:
+        found = device.verdicts.get((selector.expression, values))
+        if found is not None:
+            return found
+    try:
+        result: bool | str = selector.matches(
+            device.cel if values is None or selector.reads is None
+            else device.read_input(selector.reads))
+    except SelectorError as err:
+        result = str(err)
+    if values is not None:
+        device.verdicts[(selector.expression, values)] = result
+    return result
+
+
 def consumed_capacity(claim_key: str, request: Request, device: Device
                       ) -> dict[str, Fraction] | str | None:
     """The capacity this request would take of every capacity of the device;
     None where the request names a capacity the device lacks or breaks its policy."""
+    if not request.capacity and device.plain_capacity:
+        return device.capacity  # every capacity whole (read-only)
     asked = dict(request.capacity)
     if any(name not in device.capacity for name in asked):
         return None
@@ -437,26 +456,35 @@ def _counters(pools: list[Pool]) -> _Counters:
     names: list[str] = []
     values: list[Fraction] = []
     pool_counters: dict[str, list[int]] = {}
-    raw: dict[DeviceRef, list[tuple[int, Fraction]]] = {}
+    positions: dict[DeviceRef, list[int]] = {}  # of each counter the device uses
+    devices: list[Device] = []
     pool_of: dict[DeviceRef, str] = {}
     for pool in pools:
-        mine = pool_counters.setdefault(str(pool), [])
+        pool_name = str(pool)
+        mine = pool_counters.setdefault(pool_name, [])
+        local: dict[tuple[str, str], int] = {}  # (set, counter) -> position
         for set_name, counters in pool.counters.items():
             for counter, value in counters.items():
-                index[(str(pool), set_name, counter)] = len(names)
+                index[(pool_name, set_name, counter)] = local[(set_name, counter)] = len(names)
                 mine.append(len(names))
-                names.append(f"{pool}/{set_name}/{counter}")
+                names.append(f"{pool_name}/{set_name}/{counter}")
                 values.append(value)
         for device in [*pool.devices, *pool.elsewhere]:
-            raw[device.ref] = [(index[(str(pool), s, c)], a) for s, c, a in device.consumes]
-            pool_of[device.ref] = str(pool)
+            positions[device.ref] = list(map(local.__getitem__, device.counter_keys))
+            pool_of[device.ref] = pool_name
+            devices.append(device)
+    if all(v.denominator == 1 for v in values) and all(d.counts is not None for d in devices):
+        # Whole amounts, as drivers publish them: nothing to scale.
+        return _Counters(names, index, [v.numerator for v in values],
+                         {d.ref: list(zip(positions[d.ref], d.counts or (), strict=True))
+                          for d in devices}, pool_of, pool_counters)
     scale = [v.denominator for v in values]
-    for uses in raw.values():
-        for k, amount in uses:
+    for device in devices:
+        for k, (_, _, amount) in zip(positions[device.ref], device.consumes, strict=True):
             scale[k] = lcm(scale[k], amount.denominator)
     return _Counters(names, index, [_scaled(v, scale[k]) for k, v in enumerate(values)],
-                     {ref: [(k, _scaled(a, scale[k])) for k, a in uses]
-                      for ref, uses in raw.items()},
+                     {d.ref: [(k, _scaled(a, scale[k])) for k, (_, _, a) in zip(
+                         positions[d.ref], d.consumes, strict=True)] for d in devices},
                      pool_of, pool_counters)
 
 
@@ -541,15 +569,19 @@ def _topology(devices: list[Device], counters: _Counters) -> _Topology:
     island_ids: dict[tuple[str, int], int] = {}
     pcie_ids: dict[str, int] = {}
     island, bandwidth, numa, pcie = [], [], [], []
+    names: dict[str, tuple[str, str]] = {}  # driver -> its island and bandwidth attributes
     for device in devices:
         driver = device.ref.driver
-        value = device.attribute(f"{driver}/nvlinkIsland")
+        own = names.get(driver)
+        if own is None:
+            own = names[driver] = (f"{driver}/nvlinkIsland", f"{driver}/nvlinkBandwidthGBps")
+        value = device.attribute(own[0])
         if value and "int" in value:
             key = (f"{driver}/{device.ref.pool}", int(value["int"]))
             island.append(island_ids.setdefault(key, len(island_ids)))
         else:
             island.append(-1)
-        value = device.attribute(f"{driver}/nvlinkBandwidthGBps")
+        value = device.attribute(own[1])
         bandwidth.append(int(value["int"]) if value and "int" in value else 0)
         value = device.attribute("resource.kubernetes.io/numaNode")
         numa.append(int(value["int"]) if value and "int" in value else -1)
@@ -587,6 +619,7 @@ def _topology(devices: list[Device], counters: _Counters) -> _Topology:
                      set_island, set_slots, members, len(island_ids))
 
 
+@cache
 def _slice_number(counter: str) -> int:
     """N of a `memory-slice-N` counter below 32, else -1 (scores use 32-bit masks)."""
     if counter.startswith("memory-slice-") and counter[13:].isdigit() and int(counter[13:]) < 32:

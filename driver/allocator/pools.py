@@ -12,16 +12,19 @@ as the scheduler's ResourceSlice tracker patches them in.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from functools import cached_property
+from functools import cache, cached_property, lru_cache
 from typing import Any
 
-from driver.allocator.cel import DeviceInput, device_input
+from driver.allocator.cel import DeviceInput, Read, SelectorError, device_input, semver_value
 from driver.allocator.input import InputError, Taint, TaintRule, Toleration
 from driver.allocator.ledger import DeviceRef
 from driver.kube.quantity import QuantityError, parse_quantity
+from driver.kube.semver import SemverError
+
+Verdicts = dict[tuple[str, tuple[Any, ...]], "bool | str"]
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,7 @@ class Node:
         return next((v for k, v in self.labels if k == key), None)
 
 
-@dataclass
+@dataclass(slots=True)
 class Device:
     """One device of a pool, with what CEL and the search need, converted once."""
 
@@ -48,8 +51,16 @@ class Device:
     multi: bool
     node_ok: bool
     taints: tuple[Taint, ...] = ()
+    counts: tuple[int, ...] | None = None  # the consumes' amounts where all are whole
+    counter_keys: tuple[tuple[str, str], ...] = ()  # the consumes' (set, counter)
+    # No capacity with a requestPolicy or below zero: a request asking for none takes
+    # every capacity whole.
+    plain_capacity: bool = False
     _cel: DeviceInput | None = None
     memo: dict[str, bool | str] = field(default_factory=dict)  # expression -> result/error
+    # (expression, the values it reads) -> result/error, shared by the devices of one
+    # gathering (an Allocator shares it across its nodes): identical devices evaluate once.
+    verdicts: Verdicts = field(default_factory=dict)
 
     @property
     def cel(self) -> DeviceInput:
@@ -57,6 +68,39 @@ class Device:
             self._cel = device_input(self.ref.driver, self.raw.get("attributes") or {},
                                      self.raw.get("capacity") or {}, self.multi)
         return self._cel
+
+    def values(self, reads: tuple[Read, ...]) -> tuple[Any, ...] | None:
+        """What `reads` are in this device's CEL input (`check_slices` passed), as
+        hashable values; None where a field is given both qualified and short."""
+        found: list[Any] = []
+        for read in reads:
+            if read[0] == "driver":
+                found.append(self.ref.driver)
+            elif read[0] == "allowMultipleAllocations":
+                found.append(self.multi)
+            else:
+                key = _one_key(self.raw.get(read[0]) or {}, self.ref.driver, read[1], read[2])
+                if key is None:
+                    return None
+                if not key:
+                    found.append(_ABSENT)
+                elif read[0] == "attributes":
+                    found.append(_attribute_key(self.raw["attributes"][key]))
+                else:
+                    found.append(self.capacity[key])
+        return tuple(found)
+
+    def read_input(self, reads: tuple[Read, ...]) -> DeviceInput:
+        """The CEL input with only the attributes and capacities `reads` names: a
+        selector that reads nothing else (`values` is not None) sees the same in it, and
+        it converts a few values instead of all."""
+        names: dict[str, dict[str, Any]] = {"attributes": {}, "capacity": {}}
+        for read in reads:
+            given = self.raw.get(read[0]) or {}
+            key = _one_key(given, self.ref.driver, read[1], read[2]) if len(read) == 3 else ""
+            if key:
+                names[read[0]][key] = given[key]
+        return device_input(self.ref.driver, names["attributes"], names["capacity"], self.multi)
 
     def attribute(self, name: str) -> Mapping[str, Any] | None:
         """lookupAttribute: the qualified name, or the short name in the driver's domain."""
@@ -72,6 +116,41 @@ class Device:
         """The taints that keep a request with these tolerations off the device."""
         return [taint for taint in self.taints
                 if taint.blocks and not any(t.tolerates(taint) for t in tolerations)]
+
+
+_ABSENT = ("absent",)
+
+
+def _one_key(fields: Mapping[str, Any], driver: str, domain: str, ident: str) -> str | None:
+    """The name under which `fields` gives domain/ident ("" where it has none); None
+    where it has both names (the later one wins in `device_input`)."""
+    qualified = f"{domain}/{ident}"
+    short = ident if domain == driver and ident in fields else ""
+    if qualified in fields:
+        return None if short else qualified
+    return short
+
+
+@cache
+def _valid_semver(text: str) -> bool:
+    try:
+        semver_value(text)
+    except (SemverError, SelectorError):
+        return False
+    return True
+
+
+# Quantity texts parsed once per process, as the scheduler's informer parses each
+# object's once: drivers publish the same few amounts on every device.
+_parsed_quantity = lru_cache(maxsize=4096)(parse_quantity)
+
+
+def _attribute_key(value: Mapping[str, Any]) -> tuple[str, Any]:
+    """A checked attribute's CEL value as a hashable (kind, value)."""
+    for kind in _ATTRIBUTE_TYPES:
+        if kind in value:
+            break
+    return (kind, value[kind].split("+", 1)[0] if kind == "version" else value[kind])
 
 
 @dataclass
@@ -99,42 +178,80 @@ class Pool:
         return f"{self.driver}/{self.name}"
 
 
+_ATTRIBUTE_TYPES = {"int": int, "bool": bool, "string": str, "version": str}
+_MAX_CHECKED = 65536  # slice versions remembered as checked
+_checked: set[tuple[str, str]] = set()
+
+
 def check_slices(slices: Sequence[Mapping[str, Any]]) -> None:
-    """The shape the search relies on; InputError names the slice and field."""
+    """The shape the search relies on, as the API server validates it (attribute values
+    of their kind, versions semantic, quantities that parse); InputError names the slice
+    and field.
+
+    A slice with a uid and a resourceVersion (as read from the API server) is checked
+    once per process: the server gives a changed object a new resourceVersion, and the
+    scheduler too decodes (and the server validates) each version once, in its informer.
+    """
     for s in slices:
-        name = (s.get("metadata") or {}).get("name", "<unnamed>")
-        where = f"ResourceSlice {name}"
-        spec = s.get("spec")
-        if not isinstance(spec, Mapping):
-            raise InputError(f"{where}: spec: required")
-        if not spec.get("driver"):
-            raise InputError(f"{where}: spec.driver: required")
-        pool = spec.get("pool") or {}
-        if not pool.get("name"):
-            raise InputError(f"{where}: spec.pool.name: required")
-        for key in ("generation", "resourceSliceCount"):
-            if not isinstance(pool.get(key, 0 if key == "generation" else None), int):
-                raise InputError(f"{where}: spec.pool.{key}: must be an integer")
-        for i, device in enumerate(spec.get("devices") or []):
-            field_ = f"{where}: spec.devices[{i}]"
-            if not device.get("name"):
-                raise InputError(f"{field_}.name: required")
-            for key, value in (device.get("attributes") or {}).items():
-                kinds = [k for k in ("int", "bool", "string", "version") if k in (value or {})]
-                if len(kinds) != 1:
-                    raise InputError(f"{field_}.attributes[{key}]: exactly one of int, bool, "
-                                     "string, version (list attributes need the alpha "
-                                     "DRAListTypeAttributes feature)")
-            for key, value in (device.get("capacity") or {}).items():
-                _quantity((value or {}).get("value"), f"{field_}.capacity[{key}].value")
-            for j, use in enumerate(device.get("consumesCounters") or []):
-                for counter, value in (use.get("counters") or {}).items():
-                    _quantity((value or {}).get("value"),
-                              f"{field_}.consumesCounters[{j}].counters[{counter}].value")
-        for i, counter_set in enumerate(spec.get("sharedCounters") or []):
-            for counter, value in (counter_set.get("counters") or {}).items():
+        version = _object_version(s)
+        if version in _checked:
+            continue
+        _check_slice(s)
+        if version is not None:
+            if len(_checked) >= _MAX_CHECKED:
+                _checked.clear()
+            _checked.add(version)
+
+
+def _object_version(obj: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(uid, resourceVersion) of an object read from the API server, else None."""
+    meta = obj.get("metadata") or {}
+    uid, version = meta.get("uid"), meta.get("resourceVersion")
+    return (str(uid), str(version)) if uid and version else None
+
+
+def _check_slice(s: Mapping[str, Any]) -> None:
+    name = (s.get("metadata") or {}).get("name", "<unnamed>")
+    where = f"ResourceSlice {name}"
+    spec = s.get("spec")
+    if not isinstance(spec, Mapping):
+        raise InputError(f"{where}: spec: required")
+    if not spec.get("driver"):
+        raise InputError(f"{where}: spec.driver: required")
+    pool = spec.get("pool") or {}
+    if not pool.get("name"):
+        raise InputError(f"{where}: spec.pool.name: required")
+    for key in ("generation", "resourceSliceCount"):
+        if not isinstance(pool.get(key, 0 if key == "generation" else None), int):
+            raise InputError(f"{where}: spec.pool.{key}: must be an integer")
+    for i, device in enumerate(spec.get("devices") or []):
+        field_ = f"{where}: spec.devices[{i}]"
+        if not device.get("name"):
+            raise InputError(f"{field_}.name: required")
+        for key, value in (device.get("attributes") or {}).items():
+            kinds = [k for k in ("int", "bool", "string", "version") if k in (value or {})]
+            if len(kinds) != 1:
+                raise InputError(f"{field_}.attributes[{key}]: exactly one of int, bool, "
+                                 "string, version (list attributes need the alpha "
+                                 "DRAListTypeAttributes feature)")
+            item = value[kinds[0]]
+            if type(item) is not _ATTRIBUTE_TYPES[kinds[0]]:
+                raise InputError(f"{field_}.attributes[{key}].{kinds[0]}: must be "
+                                 f"{_ATTRIBUTE_TYPES[kinds[0]].__name__}, not "
+                                 f"{type(item).__name__}")
+            if kinds[0] == "version" and not _valid_semver(item):
+                raise InputError(f"{field_}.attributes[{key}].version: {item!r} is not a "
+                                 "semantic version (e.g. 1.2.3)")
+        for key, value in (device.get("capacity") or {}).items():
+            _quantity((value or {}).get("value"), f"{field_}.capacity[{key}].value")
+        for j, use in enumerate(device.get("consumesCounters") or []):
+            for counter, value in (use.get("counters") or {}).items():
                 _quantity((value or {}).get("value"),
-                          f"{where}: spec.sharedCounters[{i}].counters[{counter}].value")
+                          f"{field_}.consumesCounters[{j}].counters[{counter}].value")
+    for i, counter_set in enumerate(spec.get("sharedCounters") or []):
+        for counter, value in (counter_set.get("counters") or {}).items():
+            _quantity((value or {}).get("value"),
+                      f"{where}: spec.sharedCounters[{i}].counters[{counter}].value")
 
 
 def _quantity(text: Any, where: str) -> Fraction:
@@ -184,9 +301,12 @@ def _requirement(value: str | None, requirement: Mapping[str, Any]) -> bool:
 
 
 def gather_pools(slices: Sequence[Mapping[str, Any]], node: Node,
-                 rules: Sequence[TaintRule] = ()) -> list[Pool]:
+                 rules: Sequence[TaintRule] = (), verdicts: Verdicts | None = None
+                 ) -> list[Pool]:
     """The pools `node` can allocate from, in the order the search visits them, their
-    devices tainted by `rules` too."""
+    devices tainted by `rules` too. `verdicts`: selector results to share with devices
+    gathered before (`Device.verdicts`); a new one by default."""
+    verdicts = {} if verdicts is None else verdicts
     for_node = [s for s in slices if s["spec"].get("nodeName") == node.name]
     for_node += [s for s in slices if not s["spec"].get("nodeName")]
     grouped: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
@@ -224,7 +344,7 @@ def gather_pools(slices: Sequence[Mapping[str, Any]], node: Node,
             if len(everything) != first["resourceSliceCount"]:
                 plain.append(Pool(driver, name, incomplete=True))
                 continue
-        pool = _build_pool(driver, name, pool_slices, everything or [], node, rules)
+        pool = _build_pool(driver, name, pool_slices, everything or [], node, rules, verdicts)
         has_binding = any(d.raw.get("bindingConditions") is not None for d in pool.devices)
         (binding if has_binding else plain).append(pool)
     plain.sort(key=lambda p: (p.driver, p.name))
@@ -234,7 +354,7 @@ def gather_pools(slices: Sequence[Mapping[str, Any]], node: Node,
 
 def _build_pool(driver: str, name: str, pool_slices: list[Mapping[str, Any]],
                 everything: list[Mapping[str, Any]], node: Node,
-                rules: Sequence[TaintRule]) -> Pool:
+                rules: Sequence[TaintRule], verdicts: Verdicts) -> Pool:
     pool = Pool(driver, name)
     ordered = sorted(pool_slices, key=lambda s: s["metadata"]["name"])
     taken = {s["metadata"]["name"] for s in ordered}
@@ -255,7 +375,7 @@ def _build_pool(driver: str, name: str, pool_slices: list[Mapping[str, Any]],
                 pool.invalid = f"duplicate counter set name {counter_set['name']}"
                 return pool
             pool.counters[counter_set["name"]] = {
-                counter: parse_quantity(str(value["value"]))
+                counter: _parsed_quantity(str(value["value"]))
                 for counter, value in (counter_set.get("counters") or {}).items()}
     for s in [*device_slices, *other_device_slices]:
         for raw in s["spec"].get("devices") or []:
@@ -269,27 +389,70 @@ def _build_pool(driver: str, name: str, pool_slices: list[Mapping[str, Any]],
                         pool.invalid = f"counter {counter} not found in counter set " \
                                        f"{use['counterSet']}"
                         return pool
-    pool.devices = [_device(driver, name, s, raw, node, rules)
-                    for s in device_slices for raw in s["spec"].get("devices") or []]
-    pool.elsewhere = [_device(driver, name, s, raw, node, rules)
-                      for s in other_device_slices for raw in s["spec"].get("devices") or []]
+    pool.devices = [_device(driver, name, s, raw, parsed, node, rules, verdicts)
+                    for s in device_slices for raw, parsed in _with_amounts(s)]
+    pool.elsewhere = [_device(driver, name, s, raw, parsed, node, rules, verdicts)
+                      for s in other_device_slices for raw, parsed in _with_amounts(s)]
     return pool
 
 
+@dataclass(frozen=True, slots=True)
+class _Amounts:
+    """A device's amounts, parsed (the fields of `Device` of the same names)."""
+
+    consumes: tuple[tuple[str, str, Fraction], ...]
+    counts: tuple[int, ...] | None
+    counter_keys: tuple[tuple[str, str], ...]
+    capacity: dict[str, Fraction]
+    plain_capacity: bool
+_MAX_AMOUNTS = 16384  # slice versions whose amounts are kept
+_amounts_of: dict[tuple[str, str], list[_Amounts]] = {}
+
+
+def _with_amounts(s: Mapping[str, Any]) -> Iterator[tuple[Mapping[str, Any], _Amounts]]:
+    return zip(s["spec"].get("devices") or [], _amounts(s), strict=True)
+
+
+def _amounts(s: Mapping[str, Any]) -> list[_Amounts]:
+    """The amounts of the slice's devices (read-only), parsed once per slice version
+    (uid and resourceVersion), as the scheduler's informer decodes each version once."""
+    version = _object_version(s)
+    found = _amounts_of.get(version) if version is not None else None
+    if found is None:
+        found = [_device_amounts(raw) for raw in s["spec"].get("devices") or []]
+        if version is not None:
+            if len(_amounts_of) >= _MAX_AMOUNTS:
+                _amounts_of.clear()
+            _amounts_of[version] = found
+    return found
+
+
+def _device_amounts(raw: Mapping[str, Any]) -> _Amounts:
+    consumes = tuple((use["counterSet"], counter, _parsed_quantity(str(value["value"])))
+                     for use in raw.get("consumesCounters") or []
+                     for counter, value in (use.get("counters") or {}).items())
+    whole = all(amount.denominator == 1 for _, _, amount in consumes)
+    given = raw.get("capacity") or {}
+    capacity = {key: _parsed_quantity(str(value["value"])) for key, value in given.items()}
+    return _Amounts(consumes,
+                    tuple(amount.numerator for _, _, amount in consumes) if whole else None,
+                    tuple((set_name, counter) for set_name, counter, _ in consumes), capacity,
+                    not any((value or {}).get("requestPolicy") for value in given.values())
+                    and all(amount >= 0 for amount in capacity.values()))
+
+
 def _device(driver: str, pool: str, s: Mapping[str, Any], raw: Mapping[str, Any],
-            node: Node, rules: Sequence[TaintRule]) -> Device:
-    consumes = tuple(
-        (use["counterSet"], counter, parse_quantity(str(value["value"])))
-        for use in raw.get("consumesCounters") or []
-        for counter, value in (use.get("counters") or {}).items())
+            amounts: _Amounts, node: Node, rules: Sequence[TaintRule],
+            verdicts: Verdicts) -> Device:
     node_ok = True
     if s["spec"].get("perDeviceNodeSelection"):
         node_ok = node_matches(node, raw.get("nodeName"), bool(raw.get("allNodes")),
                                raw.get("nodeSelector"))
-    capacity = {key: parse_quantity(str(value["value"]))
-                for key, value in (raw.get("capacity") or {}).items()}
-    taints = (*(Taint.of(t) for t in raw.get("taints") or ()),
-              *(r.taint for r in rules if r.applies(driver, pool, raw["name"])))
-    return Device(DeviceRef(driver, pool, raw["name"]), raw, s, capacity, consumes,
-                  bool(raw.get("consumesCounters")), bool(raw.get("allowMultipleAllocations")),
-                  node_ok, taints)
+    own = raw.get("taints")
+    taints = (*(Taint.of(t) for t in own or ()),
+              *(r.taint for r in rules if r.applies(driver, pool, raw["name"]))
+              ) if own or rules else ()
+    return Device(DeviceRef(driver, pool, raw["name"]), raw, s, amounts.capacity,
+                  amounts.consumes, bool(raw.get("consumesCounters")),
+                  bool(raw.get("allowMultipleAllocations")), node_ok, taints, amounts.counts,
+                  amounts.counter_keys, amounts.plain_capacity, verdicts=verdicts)
