@@ -239,9 +239,11 @@ class Records(Mapping[str, ClaimRecord]):
         self._compact(claims)
         self._adopt(claims)
 
-    def save(self, changes: Changes) -> None:
+    def save(self, changes: Changes, durable: bool = True) -> None:
         """Write the changed records (None: removed), then hold them; OSError if they cannot
-        be written (the records stay as they were)."""
+        be written (the records stay as they were). Not `durable`: written for every
+        process to read, flushed to disk by the next durable save (a compaction is always
+        durable)."""
         if not changes:
             return
         changed = {uid: r for uid, r in changes.items() if r is not None}
@@ -250,7 +252,7 @@ class Records(Mapping[str, ClaimRecord]):
         end = self._journal.end
         if end is not None and end + len(line) <= max(COMPACT_AT, self._snapshot_size) and \
                 (file_id(self.path), file_id(self._journal.path)) == self._seen:
-            self._seen = (self._seen[0], stat_id(self._journal.append(line)))
+            self._seen = (self._seen[0], stat_id(self._journal.append(line, durable)))
             self._lagging = True
         else:  # due, or a file changed under the lock (removed with the data dir?)
             claims = {**self._claims, **changed}

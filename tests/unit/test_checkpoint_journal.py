@@ -220,3 +220,17 @@ def test_the_checkpoint_is_read_again_only_when_a_file_changed(
     reader.reload()
     reader.reload()
     assert len(reads) == 3
+
+
+def test_a_save_that_is_not_durable_is_read_at_once_and_flushed_by_the_next(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path, held, a = with_claim(tmp_path)
+    b = new_uid()
+    flushed: list[int] = []
+    monkeypatch.setattr(os, "fdatasync", flushed.append)
+    held.save({b: record(b, "PrepareStarted")}, durable=False)
+    assert flushed == []
+    assert on_disk(path) == {a: record(a), b: record(b, "PrepareStarted")}
+    held.save({b: record(b)})
+    assert len(flushed) == 1
+    assert on_disk(path) == {a: record(a), b: record(b)}
