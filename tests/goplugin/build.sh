@@ -20,7 +20,7 @@ key() {
   {
     go env GOVERSION
     cd "${HERE}"
-    sha256sum "${BASH_SOURCE[0]}" go.mod go.sum
+    sha256sum build.sh go.mod go.sum
     find . -maxdepth 1 -name '*.go' ! -name '*_test.go' | LC_ALL=C sort | xargs sha256sum
   } | sha256sum | cut -c1-16
 }

@@ -8,24 +8,17 @@ laid out as ours (the same socket paths, so the same `Kubelet` client drives it)
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
+from tests.support.gobuild import built_binary
 from tests.support.plugin import DRIVER, Node
 
 HERE = Path(__file__).parents[1] / "goplugin"  # build.sh, main.go, README.md
-NO_GO = 3  # build.sh: not cached and Go is not on PATH
 
 
 def goplugin_binary() -> Path | None:
     """The cached plugin, else built now; None when it is not cached and Go is missing."""
-    built = subprocess.run(["bash", str(HERE / "build.sh")], capture_output=True, text=True,
-                           check=False, timeout=1800)
-    if built.returncode == NO_GO:
-        return None
-    if built.returncode != 0:
-        raise RuntimeError(f"tests/goplugin/build.sh failed: {built.stderr.strip()}")
-    return Path(built.stdout.strip().splitlines()[-1])
+    return built_binary(HERE / "build.sh")
 
 
 def goplugin_args(node: Node, node_name: str, kubeconfig: Path) -> list[str]:
