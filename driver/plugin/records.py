@@ -216,7 +216,7 @@ class Records(Mapping[str, ClaimRecord]):
         since it was written), None if there is no checkpoint; the records hold none until
         `save_all`."""
         remove_leftovers(self.path.parent, self.path.name)
-        found = checkpoint.read(self.path)
+        found = checkpoint.read(self.path, self._boot_id)
         self._claims, self._ledger = {}, Ledger()  # `save_all` books the claims that stay
         if found is None:
             return None
