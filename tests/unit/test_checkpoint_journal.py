@@ -163,7 +163,7 @@ def test_the_snapshot_is_written_whole_once_the_journal_outgrows_it(tmp_path: Pa
     held = started(path)
     saved: dict[str, ClaimRecord] = {}
     compactions = 0
-    for _ in range(600):
+    for _ in range(COMPACT_AT // 200):  # lines of about 400 bytes
         uid = new_uid()
         before = journal.path_for(path).stat().st_size
         held.save({uid: record(uid)})
