@@ -63,8 +63,8 @@ from driver.plugin.node import Identity
 log = logging.getLogger(__name__)
 
 # A journal compacts past this size, or past the snapshot's if larger: a start reads up to
-# it (about 22 ms), and a compaction (4 flushes) lands in one save of every 250 or so of
-# an 8-GPU claim (a 2 KB line), not one in 30 as at 64 KiB.
+# it (about 22 ms), and a compaction (4 flushes) comes every 90 or so prepare/unprepare
+# rounds of an 8-GPU claim (6 KB of lines), not every 11 as at 64 KiB.
 COMPACT_AT = 512 << 10
 Changes = Mapping[str, ClaimRecord | None]
 """Records to save, by claim UID; None removes the claim's record."""
