@@ -71,7 +71,8 @@ class Replay:
 
 def replay(data: bytes, snapshot: bytes, where: str) -> Replay:
     """The saves of journal `data` over `snapshot`; LoadError for a damaged line that is not
-    the last (each line is flushed before the next is written, so that is not a cut)."""
+    the last (a kill cuts only the last; a power cut, which may tear two lines a prepare
+    flushes at once, reboots the node, and the journal of another boot is not read)."""
     lines = data.split(b"\n")  # the last item is what follows the last newline
     try:
         head = json.loads(lines[0]) if len(lines) > 1 else None
