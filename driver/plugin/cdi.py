@@ -255,13 +255,15 @@ def spec_problems(spec: dict[str, Any]) -> list[str]:
 
 
 def write_spec(cdi_root: Path, driver: str, claim_uid: str, spec: dict[str, Any]) -> Path:
-    """Write atomically (temp file, rename) so a runtime never reads half a spec.
+    """Write atomically (temp file, rename) so a runtime never reads half a spec; compact
+    JSON, which the C encoder writes (indented, the pure-Python one took a third of a
+    millisecond per claim, a tenth of a one-claim prepare).
 
     Not fsynced: a crash of the OS voids every preparation (boot id) and the next start
     removes the specs of claims no longer prepared, so durability would buy nothing.
     """
     path = cdi_root / spec_file_name(driver, claim_uid)
-    write_atomically(path, json.dumps(spec, indent=1).encode(), durable=False)
+    write_atomically(path, json.dumps(spec, separators=(",", ":")).encode(), durable=False)
     return path
 
 

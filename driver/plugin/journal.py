@@ -4,7 +4,8 @@ The snapshot (`checkpoint.json`, in the format every release reads: `checkpoint`
 whole only now and then (a compaction, see `records`); `checkpoint.json.journal` beside it
 holds the saves since: a header line naming the SHA-256 of the snapshot bytes it extends,
 then one JSON line per save, `{"set": {uid: claim}, "delete": [uid, ...]}` (disjoint),
-appended by one write() and flushed before the save returns. The checkpoint is the
+appended by one write() and flushed before the save returns (a PrepareStarted save is
+flushed by the save that finishes its call, see `state`). The checkpoint is the
 snapshot with the journal's saves applied in order, if the header names that snapshot. A
 journal that names other bytes is stale and ignored: the snapshot was written since by
 a release that knows no journal, by hand, or by a compaction cut off before it replaced
@@ -70,7 +71,8 @@ class Replay:
 
 def replay(data: bytes, snapshot: bytes, where: str) -> Replay:
     """The saves of journal `data` over `snapshot`; LoadError for a damaged line that is not
-    the last (each line is flushed before the next is written, so that is not a cut)."""
+    the last (a kill cuts only the last; a power cut, which may tear two lines a prepare
+    flushes at once, reboots the node, and the journal of another boot is not read)."""
     lines = data.split(b"\n")  # the last item is what follows the last newline
     try:
         head = json.loads(lines[0]) if len(lines) > 1 else None
@@ -117,9 +119,10 @@ class Journal:
         self.end = len(data)
         return os.stat(self.path)
 
-    def append(self, line: bytes) -> os.stat_result:
+    def append(self, line: bytes, durable: bool = True) -> os.stat_result:
         """Append one save, flushed (fdatasync: the data and the file's size) before this
-        returns; OSError leaves the journal as it was, or `end` None if it cannot tell."""
+        returns unless not `durable` (the next durable append flushes it with its own);
+        OSError leaves the journal as it was, or `end` None if it cannot tell."""
         end = self.end
         assert end is not None, "reset the journal first"
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
@@ -130,7 +133,8 @@ class Journal:
                 view = memoryview(line)
                 while view:  # one write(), unless it is short (then the next one fails)
                     view = view[os.write(fd, view):]
-                os.fdatasync(fd)
+                if durable:
+                    os.fdatasync(fd)
                 written = os.fstat(fd)
             except OSError:
                 self._cut(fd, end)

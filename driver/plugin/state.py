@@ -12,13 +12,14 @@ else is held: `records`):
    placements, draw on one counter set; adminAccess is exempt. A claim that asks for
    another time slice than a claim holding the GPU set is refused too (a GPU has one:
    `records.timeslice_conflicts`). Then record every
-   accepted claim as PrepareStarted, with the MIG devices it is about to create;
+   accepted claim as PrepareStarted, with the MIG devices it is about to create (written,
+   not yet flushed to disk: the finish's save flushes both);
 3. act, in parallel: create MIG devices, set time slices, start the claim's MPS daemon,
    write the CDI spec; a claim that fails undoes what it did;
-4. finish, under the records' lock: PrepareCompleted for the claims that succeeded, others
-   removed, but for what their failed rollback left on the node (a MIG device NVML would
-   not destroy): that stays recorded, PrepareStarted, holding its devices, until the
-   claim's next prepare or the next start rolls it back.
+4. finish, under the records' lock, flushed to disk before the answer: PrepareCompleted
+   for the claims that succeeded, others removed, but for what their failed rollback left
+   on the node (a MIG device NVML would not destroy): that stays recorded, PrepareStarted,
+   holding its devices, until the claim's next prepare or the next start rolls it back.
 A kill at any point leaves PrepareStarted records, which the next start rolls back.
 Unprepare mirrors it: UnprepareStarted, tear down, remove. One claim is never worked on
 twice at once (a lock per claim UID); MIG changes lock their GPU. Across processes (the
@@ -645,7 +646,11 @@ class PluginState:
             if not accepted:
                 return []
             try:
-                self.records.save(started)
+                # Written before the side effects, flushed to disk by `_finish`'s save before
+                # the kubelet gets an answer: a killed process leaves the line in the page
+                # cache for the next start, and a crash of the OS voids every record (boot
+                # id), so one fdatasync a call (about 0.6 ms on ext4) bought nothing.
+                self.records.save(started, durable=False)
             except OSError as err:
                 self.records.forget_unsaved(started)
                 for plan in accepted:

@@ -5,6 +5,11 @@ plugin GETs (and, off the call, whose status.devices it writes). The claims are 
 by writing status.allocation directly (no scheduler), in the shapes of the
 local-directory bench (tests/bench/test_bench_plugin.py).
 
+Each prepare and unprepare case also runs against the Go kubelet plugin of tests/goplugin
+(k8s.io/dynamic-resource-allocation's kubeletplugin helper, the same per-claim work), right
+after ours, with the same claims and the same client; it is skipped where Go is missing
+and not cached.
+
 Run with `pytest tests/e2e/test_bench_plugin_api.py --benchmark-enable`; the numbers go to
 docs/benchmarks.md (p50 is the median; p99 is in each benchmark's extra_info). Under the
 default test run each benchmark runs once, as a smoke test.
@@ -12,7 +17,7 @@ default test run each benchmark runs once, as a smoke test.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
 import pytest
@@ -27,6 +32,7 @@ from driver.plugin.claimstatus import api_writer, apply_body, claim_entries
 from driver.plugin.devices import device_index
 from driver.plugin.monitor import HealthView
 from tests.support.apiserver import SLICES, ControlPlane, create, unique, wait_for
+from tests.support.goplugin import goplugin_args, goplugin_binary
 from tests.support.plugin import DRIVER, Claim, Node, short_tmp
 from tests.support.plugin_bench import (
     Daemon,
@@ -66,27 +72,52 @@ def daemon(control_plane: ControlPlane, device_classes: None, node_name: str) ->
             "fieldSelector": f"spec.nodeName={node_name}"}).expect(200, 404)
 
 
-def claims_for(control_plane: ControlPlane, namespace: str, node_name: str,
-               case: str) -> list[Claim]:
-    return [allocated_claim(control_plane.api, namespace, results)
-            for results in shapes_in(node_name)[case]]
+@pytest.fixture(scope="module")
+def go_daemon(control_plane: ControlPlane, node_name: str) -> Iterator[Daemon]:
+    """The Go plugin serving the same node's pool, from the same API server."""
+    binary = goplugin_binary()
+    if binary is None:
+        pytest.skip("the Go plugin (tests/goplugin) is not built and Go is missing")
+    with short_tmp() as root:
+        node = Node(root)
+        with daemon_process(node, goplugin_args(node, node_name, control_plane.kubeconfig),
+                            program=(str(binary),)) as running:
+            yield running
+
+
+@pytest.fixture(scope="module")
+def case_claims(control_plane: ControlPlane, admin_namespace: str,
+                node_name: str) -> Callable[[str], list[Claim]]:
+    """Each case's claims, created once: both plugins prepare the same objects."""
+    made: dict[str, list[Claim]] = {}
+
+    def claims(case: str) -> list[Claim]:
+        if case not in made:
+            made[case] = [allocated_claim(control_plane.api, admin_namespace, results)
+                          for results in shapes_in(node_name)[case]]
+        return made[case]
+
+    return claims
 
 
 CASES = list(shapes_in("pool"))
+TARGETS = {"ours": "daemon", "go": "go_daemon"}  # the fixture of each plugin
 
 
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("case", CASES)
-def test_prepare_latency(benchmark: BenchmarkFixture, control_plane: ControlPlane,
-                         daemon: Daemon, admin_namespace: str, node_name: str,
-                         case: str) -> None:
-    bench_prepare(benchmark, daemon, claims_for(control_plane, admin_namespace, node_name, case))
+def test_prepare_latency(benchmark: BenchmarkFixture, request: pytest.FixtureRequest,
+                         case_claims: Callable[[str], list[Claim]], case: str,
+                         target: str) -> None:
+    bench_prepare(benchmark, request.getfixturevalue(TARGETS[target]), case_claims(case))
 
 
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("case", CASES)
-def test_unprepare_latency(benchmark: BenchmarkFixture, control_plane: ControlPlane,
-                           daemon: Daemon, admin_namespace: str, node_name: str,
-                           case: str) -> None:
-    bench_unprepare(benchmark, daemon, claims_for(control_plane, admin_namespace, node_name, case))
+def test_unprepare_latency(benchmark: BenchmarkFixture, request: pytest.FixtureRequest,
+                           case_claims: Callable[[str], list[Claim]], case: str,
+                           target: str) -> None:
+    bench_unprepare(benchmark, request.getfixturevalue(TARGETS[target]), case_claims(case))
 
 
 def test_claim_status_write_latency(benchmark: BenchmarkFixture, control_plane: ControlPlane,

@@ -23,7 +23,7 @@ from driver._proto.drahealth_v1alpha1 import api_pb2_grpc as health_v1alpha1_grp
 from driver._proto.pluginregistration_v1 import api_pb2 as reg_v1
 from driver._proto.pluginregistration_v1 import api_pb2_grpc as reg_v1_grpc
 from driver.allocator import DeviceRef
-from driver.plugin import cdi, checkpoint
+from driver.plugin import cdi, checkpoint, journal
 from driver.plugin.checkpoint import CheckpointError, ClaimRecord, PreparedDevice
 from driver.plugin.claims import ClaimRef, DirClaimSource
 from tests.support.plugin import (
@@ -67,6 +67,29 @@ def test_prepare_writes_a_valid_spec_and_records_the_claim(node: Node, start: St
         f"{claim.uid}-gpu-3": [{"path": "/dev/nvidia3"}],
         f"{claim.uid}-gpu-5": [{"path": "/dev/nvidia5"}]}
     assert node.records()[claim.uid].state == "PrepareCompleted"
+
+
+def test_a_prepare_flushes_the_checkpoint_once_before_it_answers(
+        node: Node, start: Start, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PrepareStarted is written before the spec, and flushed to disk with
+    PrepareCompleted by the one fdatasync of the call."""
+    running = start()
+    claim = make_claim(node.local, [result("gpu-1")])
+    journal_file = journal.path_for(node.checkpoint)
+    flushes: list[bytes] = []
+    fdatasync = os.fdatasync
+
+    def flush(fd: int) -> None:
+        flushes.append(journal_file.read_bytes().splitlines()[-1])
+        fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", flush)
+    assert running.kubelet.prepare([claim])[claim.uid].error == ""
+    assert [json.loads(line)["set"][claim.uid]["state"] for line in flushes] == \
+        ["PrepareCompleted"]
+    saves = journal_file.read_bytes().splitlines()[-2:]
+    assert [json.loads(line)["set"][claim.uid]["state"] for line in saves] == \
+        ["PrepareStarted", "PrepareCompleted"]
 
 
 def test_a_second_prepare_answers_the_same_and_changes_nothing(node: Node, start: Start) -> None:

@@ -17,21 +17,15 @@ from typing import Any
 
 from driver.allocator import Allocator, InputError, Ledger, Node
 from driver.kube.quantity import parse_quantity
+from tests.support.gobuild import built_binary
 
 HERE = Path(__file__).parents[1] / "oracle"  # the Go oracle: build.sh, main.go
-NO_GO = 3  # build.sh: not cached and Go is not on PATH
 
 
 def oracle_binary() -> Path | None:
     """The cached oracle (also on a machine without Go), else built now; None when it is
     not cached and Go is missing."""
-    built = subprocess.run(["bash", str(HERE / "build.sh")], capture_output=True, text=True,
-                           check=False, timeout=1800)
-    if built.returncode == NO_GO:
-        return None
-    if built.returncode != 0:
-        raise RuntimeError(f"tests/oracle/build.sh failed: {built.stderr.strip()}")
-    return Path(built.stdout.strip().splitlines()[-1])
+    return built_binary(HERE / "build.sh")
 
 
 class Oracle:

@@ -71,13 +71,16 @@ def rss_kib(pid: int) -> int:
                     if line.startswith("VmRSS:")))
 
 
+OURS = (sys.executable, "-m", "driver.cli")
+
+
 @contextmanager
-def daemon_process(node: Node, args: Sequence[str]) -> Iterator[Daemon]:
-    """`python -m driver.cli <args>` logging to the node's plugin.log, once it answers
-    the kubelet's GetInfo; terminated at the end."""
+def daemon_process(node: Node, args: Sequence[str],
+                   program: Sequence[str] = OURS) -> Iterator[Daemon]:
+    """`<program> <args>` (ours: `python -m driver.cli`) logging to the node's plugin.log,
+    once it answers the kubelet's GetInfo; terminated at the end."""
     with open(node.root / "plugin.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "driver.cli", *args],
-                                stdout=log, stderr=log)
+        proc = subprocess.Popen([*program, *args], stdout=log, stderr=log)
     try:
         wait_for_socket(node.registration_socket, alive=lambda: proc.poll() is None)
         kubelet = Kubelet(node.dra_socket, node.registration_socket)

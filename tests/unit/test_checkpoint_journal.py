@@ -163,7 +163,7 @@ def test_the_snapshot_is_written_whole_once_the_journal_outgrows_it(tmp_path: Pa
     held = started(path)
     saved: dict[str, ClaimRecord] = {}
     compactions = 0
-    for _ in range(600):
+    for _ in range(COMPACT_AT // 200):  # lines of about 400 bytes
         uid = new_uid()
         before = journal.path_for(path).stat().st_size
         held.save({uid: record(uid)})
@@ -220,3 +220,34 @@ def test_the_checkpoint_is_read_again_only_when_a_file_changed(
     reader.reload()
     reader.reload()
     assert len(reads) == 3
+
+
+def test_a_save_that_is_not_durable_is_read_at_once_and_flushed_by_the_next(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path, held, a = with_claim(tmp_path)
+    b = new_uid()
+    flushed: list[int] = []
+    monkeypatch.setattr(os, "fdatasync", flushed.append)
+    held.save({b: record(b, "PrepareStarted")}, durable=False)
+    assert flushed == []
+    assert on_disk(path) == {a: record(a), b: record(b, "PrepareStarted")}
+    held.save({b: record(b)})
+    assert len(flushed) == 1
+    assert on_disk(path) == {a: record(a), b: record(b)}
+
+
+def test_after_a_reboot_a_torn_journal_does_not_stop_the_start(tmp_path: Path) -> None:
+    """A prepare flushes its two lines at once, so a power cut may tear the first: the
+    node rebooted, so every record is void and the journal is not read; on the same boot
+    the damage is still refused."""
+    path, held, _ = with_claim(tmp_path)
+    b = new_uid()
+    held.save({b: record(b, "PrepareStarted")}, durable=False)
+    held.save({b: record(b)})
+    lines = journal_lines(path)
+    torn = b"\n".join([*lines[:-2], lines[-2][:40], lines[-1]]) + b"\n"
+    journal.path_for(path).write_bytes(torn)
+    with pytest.raises(CheckpointError, match="line"):
+        records(path).load()
+    rebooted = Records(Identity(DRIVER, NODE, "boot-2"), path, [], Metrics())
+    assert rebooted.load() == {}
