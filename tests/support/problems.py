@@ -101,6 +101,8 @@ def instance(rng: random.Random) -> dict[str, Any]:
 
 def _taint_rules(rng: random.Random, devices: list[tuple[dict[str, Any], dict[str, Any]]]
                  ) -> list[dict[str, Any]]:
+    if not devices:  # a node with nothing to taint (e.g. every device left out)
+        return []
     rules = []
     for i in range(rng.choice((1, 1, 2))):
         s, device = rng.choice(devices)
