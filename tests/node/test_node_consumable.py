@@ -31,11 +31,13 @@ def shared_gpus(driver: Driver) -> dict[str, str]:
 
 def upgrade(driver: Driver, *values: str) -> None:
     """helm upgrade of the release with ``values`` over the session's; waits for the new
-    plugin pod Ready."""
+    plugin pod Ready and the old one gone."""
     old = driver.wait_ready()["metadata"]["uid"]
     driver.helm.run("upgrade", RELEASE, str(CHART), *driver.helm_args(*values))
     wait_for(lambda: (p := driver.ready_pod()) is not None and p["metadata"]["uid"] != old,
              "the upgraded plugin pod Ready", timeout=180)
+    # until the old pod is gone, both pods publish the pool, each with its own settings
+    wait_for(lambda: len(driver.plugin_pods()) == 1, "the old plugin pod gone", timeout=120)
 
 
 @pytest.fixture
