@@ -53,6 +53,8 @@ class DeviceArrays:
         slice_mask: _UInt32Array,
         set_full: _UInt32Array,
         set_island: _Int32Array,
+        set_dev_start: _Int32Array,
+        set_dev: _Int32Array,
     ) -> Self: ...
 
 @disjoint_base

@@ -28,7 +28,7 @@ from libc.string cimport memcpy, memset
 
 from _alloc_types cimport (
     ERROR, FAIL, GAVEUP, MAX_RESULTS, MAXSIZE, NSCORE, OK, State)
-from _bitset cimport clear_before, clearbit, count_bits, lowest, setbit, test
+from _bitset cimport clear_before, clearbit, count_bits, lowest, popcount, setbit, test
 
 
 cdef inline bint in_use(State* s, int d) noexcept nogil:
@@ -508,22 +508,23 @@ cdef void claims_alone(State* s) noexcept nogil:
     s.err_kind = 0
 
 
-cdef int largest_block(uint32_t free_mask, uint32_t full) noexcept nogil:
-    cdef int slots = 0, size = 1, start
-    cdef uint32_t block
-    while full >> slots:
-        slots += 1
-    while size * 2 <= slots:
-        size *= 2
-    while size:
-        block = ((<uint32_t>1) << size) - 1 if size < 32 else <uint32_t>0xFFFFFFFF
-        start = 0
-        while start + size <= slots:
-            if (free_mask >> start) & block == block:
-                return size
-            start += size
-        size //= 2
-    return 0
+cdef int ruled_out(State* s, int owner, uint32_t used) noexcept nogil:
+    """Memory slices of the placements on slice set `owner` that could be allocated
+    now and overlap `used` (allocator_ref.ruled_out)."""
+    cdef int i, j, d, lost = 0
+    cdef bint free_now
+    for i in range(s.set_dev_start[owner], s.set_dev_start[owner + 1]):
+        d = s.set_dev[i]
+        if not s.slice_mask[d] & used or test(s.base_inuse, d) or s.blocked[d]:
+            continue
+        free_now = True
+        for j in range(s.dc_start[d], s.dc_start[d + 1]):
+            if s.dc_amt[j] > s.counter_avail[s.dc_idx[j]]:
+                free_now = False
+                break
+        if free_now:
+            lost += popcount(s.slice_mask[d])
+    return lost
 
 
 cdef int distinct_count(const int32_t* values, const int32_t* devs, int m) noexcept nogil:
@@ -587,9 +588,7 @@ cdef void keep(State* s) noexcept nogil:
                     d = s.pick_d[g * MAX_RESULTS + m]
                     if s.slice_set[d] == owner:
                         used_mask |= s.slice_mask[d]
-            before = largest_block(s.set_free[owner], s.set_full[owner])
-            after = largest_block(s.set_free[owner] & ~used_mask, s.set_full[owner])
-            sc[5] += after * after - before * before
+            sc[5] -= ruled_out(s, owner, used_mask)
     # Islands: whole GPUs taken out of the free ones, each GPU (counter set) once.
     nsets_done = 0
     for c in range(s.n_claims):
@@ -758,6 +757,8 @@ cdef class DeviceArrays:
     cdef const uint32_t[::1] slice_mask  # n_devices: its memory slices in that set
     cdef const uint32_t[::1] set_full   # n_slice_sets: every slice of the set
     cdef const int32_t[::1] set_island  # n_slice_sets: NVLink island of the GPU, -1 none
+    cdef const int32_t[::1] set_dev_start  # n_slice_sets + 1: set -> its devices
+    cdef const int32_t[::1] set_dev     # the devices drawing from each set, in order
 
     def __cinit__(self, *, int n_devices, const int8_t[::1] multi, const int8_t[::1] counted,
                   const int32_t[::1] dc_start, const int32_t[::1] dc_idx,
@@ -765,7 +766,8 @@ cdef class DeviceArrays:
                   const int32_t[::1] bandwidth, const int32_t[::1] numa,
                   const int32_t[::1] pcie, const int32_t[::1] slice_set,
                   const uint32_t[::1] slice_mask, const uint32_t[::1] set_full,
-                  const int32_t[::1] set_island):
+                  const int32_t[::1] set_island, const int32_t[::1] set_dev_start,
+                  const int32_t[::1] set_dev):
         self.n_devices, self.words = n_devices, words_for(n_devices)
         check_length("multi", multi.shape[0], n_devices)
         check_length("counted", counted.shape[0], n_devices)
@@ -779,11 +781,14 @@ cdef class DeviceArrays:
         check_length("slice_set", slice_set.shape[0], n_devices)
         check_length("slice_mask", slice_mask.shape[0], n_devices)
         check_length("set_island", set_island.shape[0], set_full.shape[0])
+        check_length("set_dev_start", set_dev_start.shape[0], set_full.shape[0] + 1)
+        check_range("set_dev", set_dev.shape[0], set_dev_start, set_full.shape[0])
         self.multi, self.counted = multi, counted
         self.dc_start, self.dc_idx, self.dc_amt = dc_start, dc_idx, dc_amt
         self.island, self.bandwidth, self.numa, self.pcie = island, bandwidth, numa, pcie
         self.slice_set, self.slice_mask = slice_set, slice_mask
         self.set_full, self.set_island = set_full, set_island
+        self.set_dev_start, self.set_dev = set_dev_start, set_dev
 
 
 cdef class ClaimArrays:
@@ -1073,6 +1078,8 @@ cdef class Prepared:
         s.slice_mask = &devices.slice_mask[0]
         s.set_full = &devices.set_full[0]
         s.set_island = &devices.set_island[0]
+        s.set_dev_start = &devices.set_dev_start[0]
+        s.set_dev = &devices.set_dev[0]
         s.e_count = &claims.e_count[0]
         s.e_all = &claims.e_all[0]
         s.e_admin = &claims.e_admin[0]

@@ -127,6 +127,8 @@ cdef struct State:
     const uint32_t* set_free
     const uint32_t* set_full
     const int32_t* set_island
+    const int32_t* set_dev_start
+    const int32_t* set_dev
     const int32_t* island_free
     int has_best
     int64_t best[NSCORE]

@@ -150,13 +150,18 @@ def _static(p: Problem) -> NodeArrays:
     for k, amount in zip(dc_idx, dc_amt, strict=True):
         totals[k] += abs(amount)
     _check(totals)
+    set_dev_start, set_dev = [0], []  # each slice set's devices (its MIG placements)
+    for owner in range(max(1, len(p.set_full))):
+        set_dev += [d for d in range(p.n) if p.slice_set[d] == owner]
+        set_dev_start.append(len(set_dev))
     packed = NodeArrays(
         _alloc.DeviceArrays(
             n_devices=p.n, multi=_i8(p.multi), counted=_i8(p.counted),
             dc_start=_i32(dc_start), dc_idx=_i32(dc_idx), dc_amt=_i64(dc_amt),
             island=_i32(p.island), bandwidth=_i32(p.bandwidth), numa=_i32(p.numa),
             pcie=_i32(p.pcie), slice_set=_i32(p.slice_set), slice_mask=_u32(p.slice_mask),
-            set_full=_u32(p.set_full), set_island=_i32(p.set_island)),
+            set_full=_u32(p.set_full), set_island=_i32(p.set_island),
+            set_dev_start=_i32(set_dev_start), set_dev=_i32(set_dev)),
         multi_bits=sum(1 << d for d in range(p.n) if p.multi[d]),
         nothing=_i8(p.static.no_blocks if p.static is not None else []))
     if p.static is not None:

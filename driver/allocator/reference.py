@@ -285,8 +285,9 @@ def score(p: Problem, picks: list[list[tuple[int, int]]], alts: list[list[int]]
     1. fewer NVLink islands per claim (a device without an island is its own);
     2. more NVLink bandwidth (claims of two or more devices);
     3. fewer NUMA nodes per claim;  4. fewer PCIe roots per claim;
-    5. MIG: the largest aligned free block of memory slices kept on each GPU
-       (sum of squares: whole free GPUs and big blocks are worth most);
+    5. MIG: fewer placements ruled out on each GPU the picks draw slices from
+       (`ruled_out`), so a profile goes where it blocks the least of what larger
+       ones could still take, and onto GPUs already split rather than whole ones;
     6. packing whole GPUs into NVLink islands already in use (sum of squares of
        the free GPUs per island), so that whole islands stay free.
     """
@@ -308,9 +309,7 @@ def score(p: Problem, picks: list[list[tuple[int, int]]], alts: list[list[int]]
             if owner >= 0:
                 used_sets[owner] = used_sets.get(owner, 0) | p.slice_mask[d]
     for owner, mask in used_sets.items():
-        before = largest_block(p.set_free[owner], p.set_full[owner])
-        after = largest_block(p.set_free[owner] & ~mask, p.set_full[owner])
-        s[5] += after * after - before * before
+        s[5] -= ruled_out(p, owner, mask)
     counted_sets: set[int] = set()
     for claim_picks in picks:
         for _, d in claim_picks:
@@ -332,15 +331,15 @@ def score(p: Problem, picks: list[list[tuple[int, int]]], alts: list[list[int]]
     return tuple(s)
 
 
-def largest_block(free: int, full: int) -> int:
-    """The largest aligned block (8, 4, 2 or 1 slices) of `free` inside `full`."""
-    size = 1
-    while size * 2 <= full.bit_length():
-        size *= 2
-    while size:
-        block = (1 << size) - 1
-        for start in range(0, full.bit_length() - size + 1, size):
-            if free >> start & block == block:
-                return size
-        size //= 2
-    return 0
+def ruled_out(p: Problem, owner: int, used: int) -> int:
+    """The memory slices of every placement on slice set `owner` (each MIG device of
+    every profile, and the whole GPU) that could be allocated now and overlaps the
+    slices `used`: what taking `used` costs the GPU, each placement weighted by what
+    it could hold. Free now: not in use, not blocked, its counters available."""
+    lost = 0
+    for d in range(p.n):
+        if (p.slice_set[d] == owner and p.slice_mask[d] & used
+                and not p.base_inuse >> d & 1 and not p.blocked[d]
+                and all(amount <= p.counter_avail[k] for k, amount in p.dev_counters[d])):
+            lost += p.slice_mask[d].bit_count()
+    return lost

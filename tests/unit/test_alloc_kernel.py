@@ -182,7 +182,8 @@ def _device_arrays(**changed: Any) -> Any:
         "bandwidth": array("i", [0, 0]), "numa": array("i", [-1, -1]),
         "pcie": array("i", [-1, -1]), "slice_set": array("i", [-1, -1]),
         "slice_mask": array("I", [0, 0]), "set_full": array("I", [0]),
-        "set_island": array("i", [-1])}
+        "set_island": array("i", [-1]), "set_dev_start": array("i", [0, 0]),
+        "set_dev": array("i", [0])}
     return driver._alloc.DeviceArrays(**{**fields, **changed})
 
 
