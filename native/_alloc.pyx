@@ -508,21 +508,30 @@ cdef void claims_alone(State* s) noexcept nogil:
     s.err_kind = 0
 
 
+cdef bint placeable(State* s, int d) noexcept nogil:
+    """The device could be allocated before this search: not in use, not blocked, its
+    counters available. Worked out once per run (s.free_now: 0 not yet, 1 yes, 2 no)."""
+    cdef int j
+    cdef int8_t verdict = 1
+    if s.free_now[d] == 0:
+        if test(s.base_inuse, d) or s.blocked[d]:
+            verdict = 2
+        else:
+            for j in range(s.dc_start[d], s.dc_start[d + 1]):
+                if s.dc_amt[j] > s.counter_avail[s.dc_idx[j]]:
+                    verdict = 2
+                    break
+        s.free_now[d] = verdict
+    return s.free_now[d] == 1
+
+
 cdef int ruled_out(State* s, int owner, uint32_t used) noexcept nogil:
     """Memory slices of the placements on slice set `owner` that could be allocated
     now and overlap `used` (allocator_ref.ruled_out)."""
-    cdef int i, j, d, lost = 0
-    cdef bint free_now
+    cdef int i, d, lost = 0
     for i in range(s.set_dev_start[owner], s.set_dev_start[owner + 1]):
         d = s.set_dev[i]
-        if not s.slice_mask[d] & used or test(s.base_inuse, d) or s.blocked[d]:
-            continue
-        free_now = True
-        for j in range(s.dc_start[d], s.dc_start[d + 1]):
-            if s.dc_amt[j] > s.counter_avail[s.dc_idx[j]]:
-                free_now = False
-                break
-        if free_now:
+        if s.slice_mask[d] & used and placeable(s, d):
             lost += popcount(s.slice_mask[d])
     return lost
 
@@ -679,6 +688,7 @@ cdef size_t search_layout(State* s, char* block) noexcept nogil:
     s.best_npicks = <int32_t*>carve(block, &at, claims, sizeof(int32_t))
     s.best_alts = <int32_t*>carve(block, &at, groups, sizeof(int32_t))
     s.alone_fail = <int8_t*>carve(block, &at, claims, sizeof(int8_t))
+    s.free_now = <int8_t*>carve(block, &at, s.n_devices + 1, sizeof(int8_t))
     return at
 
 

@@ -111,6 +111,7 @@ cdef struct State:
     # control
     int stop_claim             # the search ends before this claim (n_claims, or c + 1)
     int8_t* alone_fail         # n_claims: the claim cannot be allocated even on its own
+    int8_t* free_now           # n_devices + 1: could be allocated before the search (score)
     int64_t nodes
     int64_t budget
     int optimize

@@ -335,7 +335,8 @@ def ruled_out(p: Problem, owner: int, used: int) -> int:
     """The memory slices of every placement on slice set `owner` (each MIG device of
     every profile, and the whole GPU) that could be allocated now and overlaps the
     slices `used`: what taking `used` costs the GPU, each placement weighted by what
-    it could hold. Free now: not in use, not blocked, its counters available."""
+    it could hold. Free now: not in use, not blocked (an overdrawn pool), its counters
+    available; taints and selectors aside."""
     lost = 0
     for d in range(p.n):
         if (p.slice_set[d] == owner and p.slice_mask[d] & used
