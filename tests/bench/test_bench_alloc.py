@@ -2,6 +2,8 @@
 (kube-scheduler v1.37.2's allocator), median time per allocation.
 
     .venv/bin/pytest tests/bench/test_bench_alloc.py --benchmark-enable
+    .venv/bin/pytest tests/bench/test_bench_alloc.py -k kernel_search --benchmark-enable
+                                  # the kernel's search alone, parity and topology mode
     GPU_DRA_ALLOC_REPORT=/tmp/alloc.md .venv/bin/pytest tests/bench/test_bench_alloc.py \
         -k side_by_side -s        # all three in one run, a markdown table
 
@@ -153,29 +155,32 @@ def _median_ns(run: Callable[[], object], budget_s: float = 0.4, rounds: int = 1
     return statistics.median(samples)
 
 
-def kernel_median(scenario: Scenario) -> float:
-    """The native search alone, in ns: `Prepared.run` on the claims' compiled problem
-    and the ledger's state (both made before timing), node after node as in
-    `allocate_once`."""
-    per_step = []
+def _search(allocator: Allocator, step: Step, nodes: tuple[str, ...], optimize: int
+            ) -> Callable[[], None]:
+    """`Prepared.run` on the claims' compiled problem and the ledger's state (both made
+    here, before timing), node after node as in `allocate_once`; optimize 1: topology
+    mode (every solution the search reaches is scored)."""
+    claims = allocator.parse(step.claims)
+    ledger = Ledger.of(step.allocated)
+    prepared = []
+    for node in nodes:
+        fast = allocator_kernel.node_kernel(allocator.model(Node(node)))
+        assert fast is not None, "the scenarios have no shared devices"
+        prepared.append((fast.plan(claims, allocator.classes).prepared, fast.state(ledger)))
+        if allocator.allocate(claims, ledger, node).status != "unschedulable":
+            break
+
+    def search() -> None:
+        for plan, state in prepared:
+            plan.run(state, optimize, DEFAULT_BUDGET)
+    return search
+
+
+def kernel_median(scenario: Scenario, optimize: int = 0) -> float:
+    """The native search alone, in ns: the median over the steps of `_search`."""
     allocator = Allocator(list(scenario.slices), driver_classes(DRIVER))
-    for step in scenario.steps:
-        claims = allocator.parse(step.claims)
-        ledger = Ledger.of(step.allocated)
-        prepared = []
-        for node in scenario.nodes:
-            fast = allocator_kernel.node_kernel(allocator.model(Node(node)))
-            assert fast is not None, "the scenarios have no shared devices"
-            prepared.append((fast.plan(claims, allocator.classes).prepared, fast.state(ledger)))
-            if allocator.allocate(claims, ledger, node).status != "unschedulable":
-                break
-
-        def search(problems: list[tuple[Any, Any]] = prepared) -> None:
-            for plan, state in problems:
-                plan.run(state, 0, DEFAULT_BUDGET)
-
-        per_step.append(_median_ns(search))
-    return statistics.median(per_step)
+    return statistics.median(_median_ns(_search(allocator, step, scenario.nodes, optimize))
+                             for step in scenario.steps)
 
 
 def python_median(scenario: Scenario, backend: str, warm: bool) -> float:
@@ -195,14 +200,27 @@ def python_median(scenario: Scenario, backend: str, warm: bool) -> float:
     return statistics.median(per_step)
 
 
+def _middle(index: int) -> tuple[Scenario, Allocator, Step]:
+    """Scenario `index`, a warm allocator of its slices, and its middle step."""
+    scenario = scenarios()[index]
+    allocator = Allocator(list(scenario.slices), driver_classes(DRIVER))
+    return scenario, allocator, scenario.steps[len(scenario.steps) // 2]
+
+
 @pytest.mark.parametrize("backend", ["native", "reference"])
 @pytest.mark.parametrize("index", range(6), ids=lambda i: scenarios()[i].name)
 def test_bench_allocation(benchmark: Any, index: int, backend: str) -> None:
-    scenario = scenarios()[index]
-    allocator = Allocator(list(scenario.slices), driver_classes(DRIVER))
-    step = scenario.steps[len(scenario.steps) // 2]
+    scenario, allocator, step = _middle(index)
     status = benchmark(allocate_once, allocator, step, scenario.nodes, backend)
     assert status == ("unschedulable" if "impossible" in scenario.name else "allocated")
+
+
+@pytest.mark.parametrize("mode", ["parity", "topology"])
+@pytest.mark.parametrize("index", range(6), ids=lambda i: scenarios()[i].name)
+def test_bench_kernel_search(benchmark: Any, index: int, mode: str) -> None:
+    """The search alone on the scenario's middle step, in either mode."""
+    scenario, allocator, step = _middle(index)
+    benchmark(_search(allocator, step, scenario.nodes, int(mode == "topology")))
 
 
 def test_side_by_side(tmp_path: Path) -> None:

@@ -75,27 +75,18 @@ def _compact(profile: str) -> str:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("machine", MACHINES)
-def test_a_1g_next_to_a_4g_leaves_room_for_a_2g(machine: str, backend: str) -> None:
-    """Slices 0-3 taken: a 1g at 4 or 5 would rule out the 2g at 4 and the 3g at 4,
-    at 6 only the 3g at 4; so the 2g that comes next still fits."""
-    one, _, two, _, four = MACHINES[machine]
-    ledger = _gpu0_with(machine, f"gpu-0-mig-{_compact(four)}-0")
-    assert _device(_allocate(machine, ledger, "small", one, backend)) == \
-        f"gpu-0-mig-{_compact(one)}-6"
-    assert _device(_allocate(machine, ledger, "next", two, backend)) == \
-        f"gpu-0-mig-{_compact(two)}-4"
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("machine", MACHINES)
-def test_a_two_slice_1g_next_to_a_3g_takes_the_pair_no_2g_can_use(machine: str, backend: str
-                                                                   ) -> None:
-    _, one_double, two, three, _ = MACHINES[machine]
-    ledger = _gpu0_with(machine, f"gpu-0-mig-{_compact(three)}-0")
-    assert _device(_allocate(machine, ledger, "small", one_double, backend)) == \
-        f"gpu-0-mig-{_compact(one_double)}-6"
-    assert _device(_allocate(machine, ledger, "next", two, backend)) == \
-        f"gpu-0-mig-{_compact(two)}-4"
+@pytest.mark.parametrize("held, small", [(4, 0), (3, 1)],
+                         ids=["1g next to a 4g", "two-slice 1g next to a 3g"])
+def test_a_small_profile_next_to_a_large_one_leaves_room_for_a_2g(
+        machine: str, backend: str, held: int, small: int) -> None:
+    """Slices 0-3 taken (a 4g or a 3g at 0): a small profile at 4 would rule out the 2g
+    at 4 and the 3g at 4, at 6 only the 3g at 4; so the 2g that comes next still fits."""
+    profiles = MACHINES[machine]
+    ledger = _gpu0_with(machine, f"gpu-0-mig-{_compact(profiles[held])}-0")
+    assert _device(_allocate(machine, ledger, "small", profiles[small], backend)) == \
+        f"gpu-0-mig-{_compact(profiles[small])}-6"
+    assert _device(_allocate(machine, ledger, "next", profiles[2], backend)) == \
+        f"gpu-0-mig-{_compact(profiles[2])}-4"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
