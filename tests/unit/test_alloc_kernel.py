@@ -200,6 +200,10 @@ def test_the_kernel_checks_each_arrays_type_and_length() -> None:
         _device_arrays(bandwidth=array("i", [0]))
     with pytest.raises(ValueError, match="dc_amt: 1 elements, the kernel reads 3"):
         _device_arrays(dc_start=array("i", [0, 1, 3]), dc_idx=array("i", [0, 0, 0]))
+    with pytest.raises(ValueError, match="set_dev_start: 1 elements, the kernel reads 2"):
+        _device_arrays(set_dev_start=array("i", [0]))
+    with pytest.raises(ValueError, match="set_dev: 1 elements, the kernel reads 2"):
+        _device_arrays(set_dev_start=array("i", [0, 2]))
     with pytest.raises(ValueError, match="multi: 0 elements"):
         _device_arrays(multi=None)
     with pytest.raises(TypeError):
