@@ -235,7 +235,8 @@ class Plugin:
             claims: ClaimSource = DirClaimSource(o.local_dir)
         else:
             # Only here: a plugin on a local directory never loads the API publisher, its
-            # HTTP client or the kubernetes client (tests/unit/test_startup_imports.py).
+            # HTTP client or the kubernetes client
+            # (tests/integration/test_plugin_startup_imports.py).
             from driver.resourceslice.publish import ApiPublisher, SlicePool
 
             api = self._api = api_client(o.kubeconfig)
