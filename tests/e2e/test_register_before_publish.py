@@ -7,7 +7,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from driver.nvml.mock import mock_provider
 from driver.plugin.daemon import Plugin
 from driver.resourceslice.plan import PublishResult
 from driver.resourceslice.publish import ApiPublisher, SlicePool
-from tests.support.apiserver import SLICES, ControlPlane, create, unique, wait_for
+from tests.support.apiserver import SLICES, ControlPlane, create, delete, unique, wait_for
 from tests.support.plugin import DRIVER, Kubelet, Node, result, short_tmp
 from tests.support.plugin_bench import allocated_claim
 
@@ -82,9 +83,11 @@ def test_a_claim_prepared_before_the_first_publish_gets_its_devices(
             plugin.stop(grace=1)
 
 
-def may_not_publish(control_plane: ControlPlane, namespace: str, folder: Path) -> Path:
+@contextmanager
+def may_not_publish(control_plane: ControlPlane, namespace: str,
+                    folder: Path) -> Iterator[Path]:
     """A kubeconfig of a ServiceAccount that may read Nodes, ResourceSlices and claims but
-    not create ResourceSlices."""
+    not create ResourceSlices; its ClusterRole and binding are deleted at the end."""
     api, name = control_plane.api, unique("reader")
     create(api, f"/api/v1/namespaces/{namespace}/serviceaccounts",
            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}})
@@ -113,14 +116,17 @@ def may_not_publish(control_plane: ControlPlane, namespace: str, folder: Path) -
         "contexts": [{"name": name, "context": {"cluster": admin["clusters"][0]["name"],
                                                 "user": name}}],
         "current-context": name}))
-    return path
+    try:
+        yield path
+    finally:
+        delete(api, f"{rbac}/clusterrolebindings/{name}")
+        delete(api, f"{rbac}/clusterroles/{name}")
 
 
 def test_a_publish_the_api_server_refuses_stops_the_plugin_with_exit_code_2(
         control_plane: ControlPlane, node_name: str, namespace: str) -> None:
-    with short_tmp() as root:
-        args = Node(root).cli_args("dgx-h100", node_name=node_name,
-                                   kubeconfig=may_not_publish(control_plane, namespace, root))
+    with short_tmp() as root, may_not_publish(control_plane, namespace, root) as kubeconfig:
+        args = Node(root).cli_args("dgx-h100", node_name=node_name, kubeconfig=kubeconfig)
         ran = subprocess.run([sys.executable, "-m", "driver.cli", *args], timeout=120,
                              capture_output=True, text=True, check=False)
     assert ran.returncode == 2, ran.stderr[-2000:]
