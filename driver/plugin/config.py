@@ -9,20 +9,23 @@ them strictly too), so a claim written for NVIDIA's driver prepares unchanged.
 
 Precedence follows the upstream convention: class configs first, then claim configs, and a
 later config replaces an earlier one for the requests it names.
+
+The models are pydantic's, in `driver.plugin.configschema`, loaded by the first config
+decoded: a plugin that starts, or prepares claims without configs, never loads pydantic.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from typing import TYPE_CHECKING, Any, Literal
 
 from driver.errors import PluginError
 from driver.kube.quantity import parse_quantity
+
+if TYPE_CHECKING:
+    from driver.plugin.configschema import DeviceConfig
 
 GROUP = "gpu.dra.dev"
 API_VERSION = f"{GROUP}/v1alpha1"
@@ -32,9 +35,6 @@ MAX_PARAMETERS_BYTES = 10 * 1024  # what the API server allows for opaque parame
 
 # nvidia-smi compute-policy --set-timeslice values.
 TIMESLICE_INTERVALS: dict[str, int] = {"Default": 0, "Short": 1, "Medium": 2, "Long": 3}
-
-_DEVICE_KEY = re.compile(r"[0-9]+|gpu-[0-9]+|GPU-[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}")
-
 
 class ConfigError(PluginError, ValueError):
     """A config that cannot be used; the message names the field."""
@@ -50,92 +50,6 @@ def memory_bytes(quantity: str) -> int:
     return int(value)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-class TimeSlicingConfig(_Strict):
-    interval: Literal["Default", "Short", "Medium", "Long"] = "Default"
-
-
-class MpsConfig(_Strict):
-    defaultActiveThreadPercentage: int | None = Field(default=None, ge=1, le=100)
-    defaultPinnedDeviceMemoryLimit: str | None = None
-    # device name (gpu-0), GPU UUID or, as NVIDIA's, the device's index in the claim
-    # -> limit, overriding the default for that GPU
-    defaultPerDevicePinnedMemoryLimit: dict[str, str] | None = None
-
-    @model_validator(mode="after")
-    def _quantities(self) -> MpsConfig:
-        if self.defaultPinnedDeviceMemoryLimit is not None:
-            _check_quantity(self.defaultPinnedDeviceMemoryLimit, "defaultPinnedDeviceMemoryLimit")
-        for key, value in (self.defaultPerDevicePinnedMemoryLimit or {}).items():
-            where = f"defaultPerDevicePinnedMemoryLimit.{key}"
-            if not _DEVICE_KEY.fullmatch(key):
-                raise ValueError(f"{where}: the key must be a device name (gpu-0), a GPU "
-                                 "UUID or the device's index in the claim")
-            _check_quantity(value, where)
-        return self
-
-
-def _check_quantity(value: str, where: str) -> None:
-    try:
-        memory_bytes(value)
-    except ValueError as err:
-        raise ValueError(f"{where}: {err}") from None
-
-
-class GpuSharing(_Strict):
-    strategy: Literal["TimeSlicing", "MPS"]
-    timeSlicingConfig: TimeSlicingConfig | None = None
-    mpsConfig: MpsConfig | None = None
-
-    @model_validator(mode="after")
-    def _matching_config(self) -> GpuSharing:
-        if self.strategy == "TimeSlicing" and self.mpsConfig is not None:
-            raise ValueError("mpsConfig: only allowed with strategy MPS")
-        if self.strategy == "MPS" and self.timeSlicingConfig is not None:
-            raise ValueError("timeSlicingConfig: only allowed with strategy TimeSlicing")
-        return self
-
-    @property
-    def timeslice(self) -> str | None:
-        """The time-slice interval to set on the GPU, None for MPS."""
-        if self.strategy != "TimeSlicing":
-            return None
-        return (self.timeSlicingConfig or TimeSlicingConfig()).interval
-
-
-class MigSharing(_Strict):
-    """MIG devices cannot change the time slice (a per-GPU setting), so there is no interval."""
-
-    strategy: Literal["TimeSlicing", "MPS"]
-    mpsConfig: MpsConfig | None = None
-
-    @model_validator(mode="after")
-    def _matching_config(self) -> MigSharing:
-        if self.strategy == "TimeSlicing" and self.mpsConfig is not None:
-            raise ValueError("mpsConfig: only allowed with strategy MPS")
-        return self
-
-
-class GpuConfig(_Strict):
-    apiVersion: ApiVersion
-    kind: Literal["GpuConfig"]
-    sharing: GpuSharing | None = None
-
-
-class MigDeviceConfig(_Strict):
-    apiVersion: ApiVersion
-    kind: Literal["MigDeviceConfig"]
-    sharing: MigSharing | None = None
-
-
-DeviceConfig = GpuConfig | MigDeviceConfig
-_CONFIG: TypeAdapter[DeviceConfig] = TypeAdapter(
-    Annotated[GpuConfig | MigDeviceConfig, Field(discriminator="kind")])
-
-
 def parse_parameters(parameters: Any, where: str) -> DeviceConfig:
     """One opaque.parameters object -> a config; ConfigError names `where` + the field."""
     if not isinstance(parameters, dict):
@@ -149,8 +63,12 @@ def parse_parameters(parameters: Any, where: str) -> DeviceConfig:
     if parameters.get("kind") not in ("GpuConfig", "MigDeviceConfig"):
         raise ConfigError(f"{where}.kind: must be GpuConfig or MigDeviceConfig, not "
                           f"{parameters.get('kind')!r}")
+    from pydantic import ValidationError
+
+    from driver.plugin.configschema import CONFIG  # pydantic: see its module
+
     try:
-        return _CONFIG.validate_python(parameters)
+        return CONFIG.validate_python(parameters)
     except ValidationError as err:
         raise ConfigError("; ".join(_problem(where, e) for e in err.errors())) from None
 

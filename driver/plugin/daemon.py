@@ -1,12 +1,14 @@
 """`gpu-dra plugin`: the kubelet plugin's life cycle.
 
 Start: discovery; recovery from the checkpoint (void after a reboot, roll back half-done
-work, destroy stray dynamic MIG devices, remove orphan CDI specs); publish the slices;
-start the health monitor (`monitor`), whose changes re-publish the slices with their
-taints (at most once a second), go to every open health stream at once and to
-`health.json`, with the admin's requests (`admin`) applied before the first publish;
+work, destroy stray dynamic MIG devices, remove orphan CDI specs); publish the slices (a
+local directory); start the health monitor (`monitor`), whose changes re-publish the
+slices with their taints (at most once a second), go to every open health stream at once
+and to `health.json`, with the admin's requests (`admin`) applied before the first publish;
 serve the DRA socket; then create the registration socket, so the kubelet never calls a
-plugin that is not ready; then re-discover every `rediscover_interval` seconds and on SIGHUP
+plugin that is not ready; with the API server, publish the slices now, in the background,
+as upstream's kubeletplugin helper does (a prepare needs the claim's allocation, not the
+slices); then re-discover every `rediscover_interval` seconds and on SIGHUP
 (`rediscover`). SIGTERM or SIGINT: remove the registration socket, refuse new
 calls, finish those in flight, remove the DRA socket; the slices stay (the kubelet wipes
 them if the plugin stays away) unless `cleanup` is set.
@@ -216,6 +218,8 @@ class Plugin:
         self._unmatched: tuple[str, ...] = ()
         self._left = ""  # the GPUs excluded, as logged
         self.claim_status: StatusWriter | None = None
+        self._first_publish: threading.Thread | None = None  # API server: after registering
+        self.failed: Exception | None = None  # the first publish's PublishError, for `run`
 
     def _sources(self) -> tuple[Publisher, ClaimSource]:
         """Local directory or API server, unless the caller gave its own."""
@@ -231,7 +235,8 @@ class Plugin:
             claims: ClaimSource = DirClaimSource(o.local_dir)
         else:
             # Only here: a plugin on a local directory never loads the API publisher, its
-            # HTTP client or the kubernetes client (tests/unit/test_startup_imports.py).
+            # HTTP client or the kubernetes client
+            # (tests/integration/test_plugin_startup_imports.py).
             from driver.resourceslice.publish import ApiPublisher, SlicePool
 
             api = self._api = api_client(o.kubeconfig)
@@ -294,8 +299,6 @@ class Plugin:
         threading.Thread(target=self.state.watch_mps,
                          args=(self._resync_stop, self._board.set_mps_problems),
                          name="mps-watch", daemon=True).start()
-        from driver.resourceslice.errors import PublishTimeout
-
         monitor = self.monitor = self._health_monitor(self.state, publisher)
         if self.claim_status is not None:
             for ref, prepared in self.state.prepared_claims():
@@ -305,13 +308,9 @@ class Plugin:
         self.admin = AdminWatch(o.plugin_dir, lambda: monitor.view, monitor.apply)
         self.admin.check()
         self._write_status(monitor.view)
-        try:
-            publisher.publish(inventory, timeout=START_PUBLISH_TIMEOUT,
-                              health=monitor.view.gpus)
-        except PublishTimeout as err:
-            # Serving matters more: the kubelet may need to unprepare what we prepared
-            # before. The resync loop publishes as soon as the API server answers.
-            log.warning("serving before the ResourceSlices are published: %s", err)
+        in_cluster = self._api is not None
+        if not in_cluster:  # a local directory: published before the kubelet sees us
+            self._publish_first(publisher, inventory, monitor.view.gpus)
         self.metrics.published.set(len(index))
         self.servers = Servers(
             state=self.state, metrics=self.metrics, driver=o.driver, pool=o.node,
@@ -319,13 +318,38 @@ class Plugin:
             board=self._board)
         if o.health_port is not None:
             self.probe_port = self.servers.start_probe(o.health_port)
-        if self._republisher is not None:
-            self._republisher.start()
         monitor.start()
         self.admin.start()
         self.servers.start()
+        if in_cluster:
+            # Registered first, as upstream's kubeletplugin helper does: a prepare needs
+            # only the claim's allocation and what discovery found, not the slices.
+            self._first_publish = threading.Thread(
+                target=self._publish_first, args=(publisher, inventory, monitor.view.gpus),
+                name="first-publish", daemon=True)
+            self._first_publish.start()
         self.rediscoverer = Rediscoverer(self.rediscover, o.rediscover_interval)
         self.rediscoverer.start()
+
+    def _publish_first(self, publisher: Publisher, inventory: Inventory,
+                       health: Mapping[int, GpuHealth]) -> None:
+        """The first publish, then the republisher, so a newer health or inventory is
+        written after it, never overwritten by it. PublishError is raised (local
+        directory) or kept in `failed` for `run` (API server, in a thread of its own)."""
+        from driver.resourceslice.errors import PublishError, PublishTimeout
+
+        assert self._republisher is not None
+        try:
+            publisher.publish(inventory, timeout=START_PUBLISH_TIMEOUT, health=health)
+        except PublishTimeout as err:
+            # Serving matters more: the kubelet may need to unprepare what we prepared
+            # before. The resync loop publishes as soon as the API server answers.
+            log.warning("serving before the ResourceSlices are published: %s", err)
+        except PublishError as err:
+            if self._first_publish is None:
+                raise
+            self.failed = err
+        self._republisher.start()
 
     def _claim_status(self) -> StatusWriter | None:
         """In a cluster, the writer of the prepared claims' status.devices, with the
@@ -478,6 +502,8 @@ class Plugin:
             self._republisher.stop()
         self._resync_stop.set()
         if self.options.cleanup and self._publisher is not None:
+            if self._first_publish is not None:  # else it may write after the clean-up
+                self._first_publish.join()
             removed = self._publisher.cleanup()
             log.info("removed this node's ResourceSlices (%s)", removed)
         if self.claim_status is not None:
@@ -511,6 +537,8 @@ def run(options: PluginOptions, provider: Provider) -> int:
         # Short waits: Python runs a signal's handler in the main thread, and a signal that
         # the kernel hands to another thread (gRPC's) does not interrupt a long wait there.
         while not stop.wait(SIGNAL_POLL):
+            if plugin.failed is not None:
+                raise plugin.failed
             if hangup.is_set() and plugin.rediscoverer is not None:
                 hangup.clear()
                 log.info("received SIGHUP: discovering the GPUs again")

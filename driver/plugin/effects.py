@@ -23,19 +23,21 @@ from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from driver.errors import DriverError, PluginError
 from driver.plugin import cdi
 from driver.plugin.cdi import DeviceNode
 from driver.plugin.checkpoint import ClaimRecord, MigInstance, PreparedDevice
 from driver.plugin.claims import ClaimError, ClaimRef
-from driver.plugin.config import MpsConfig
 from driver.plugin.mig import MigFailure, MigLeftover
 from driver.plugin.mps import CONTAINER_PIPE, CONTAINER_SHM, Limits, MpsDevice, MpsFailure, limits
 from driver.plugin.node import DeviceTools, Published
 from driver.plugin.sharing import SharingFailure
 from driver.safeload import LoadError, json_document, read_text
+
+if TYPE_CHECKING:
+    from driver.plugin.configschema import MpsConfig
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,8 @@ class ApplyFailure(PluginError):
 
 def _mps_config(device: PreparedDevice) -> MpsConfig:
     """The mpsConfig a device was prepared with (its recorded config; none: no limits)."""
+    from driver.plugin.configschema import MpsConfig  # pydantic: see its module
+
     sharing = (device.config or {}).get("sharing") or {}
     return MpsConfig.model_validate(sharing.get("mpsConfig") or {})
 

@@ -46,7 +46,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pynvml
 
@@ -54,11 +54,14 @@ from driver.atomicfile import write_atomically
 from driver.errors import PluginError
 from driver.kube.names import is_uuid
 from driver.plugin.claims import ClaimRef
-from driver.plugin.config import MpsConfig, memory_bytes
+from driver.plugin.config import memory_bytes
 from driver.plugin.driverfiles import BINARY_SEARCH
 from driver.plugin.modes import PRIVATE_DIR, SHARED_DIR, make_dir
 from driver.plugin.sharing import tool_environment
 from driver.safeload import LoadError, json_document, read_text
+
+if TYPE_CHECKING:
+    from driver.plugin.configschema import MpsConfig
 
 log = logging.getLogger(__name__)
 

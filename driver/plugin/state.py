@@ -52,7 +52,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from driver.inventory.model import Gpu
 from driver.kube.quantity import parse_quantity
@@ -66,16 +66,7 @@ from driver.plugin.claims import (
     claim_allocation,
 )
 from driver.plugin.claimstatus import StatusWriter
-from driver.plugin.config import (
-    DeviceConfig,
-    GpuConfig,
-    GpuSharing,
-    MigDeviceConfig,
-    MpsConfig,
-    OpaqueConfig,
-    config_for,
-    memory_bytes,
-)
+from driver.plugin.config import OpaqueConfig, config_for, memory_bytes
 from driver.plugin.effects import ApplyFailure, Effects
 from driver.plugin.evidence import is_rebuilt, rebuilt_records
 from driver.plugin.exclusion import annotation_key
@@ -86,6 +77,9 @@ from driver.plugin.node import DeviceTools, Identity, Paths, Published
 from driver.plugin.nodelock import LockFailure, LockTimeout, NodeLock
 from driver.plugin.records import Records, timeslices_held
 from driver.resourceslice.build import COMPUTE_CAPACITY, whole_gpu_memory
+
+if TYPE_CHECKING:
+    from driver.plugin.configschema import DeviceConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -571,12 +565,13 @@ class PluginState:
                                                f"{result.request}) is not published by "
                                                f"this node")
         chosen = config_for(configs, result.request)
-        expected = GpuConfig if target.kind == "gpu" else MigDeviceConfig
-        if chosen is not None and not isinstance(chosen.config, expected):
+        # by kind, not class: the config models load with the first config (configschema)
+        expected = "GpuConfig" if target.kind == "gpu" else "MigDeviceConfig"
+        if chosen is not None and chosen.config.kind != expected:
             raise ClaimError("bad_config", f"status.allocation.devices.config[{chosen.index}]:"
                                            f" a {chosen.config.kind} does not apply to "
                                            f"{target.kind} device {result.device} (request "
-                                           f"{result.request}); use {expected.__name__}")
+                                           f"{result.request}); use {expected}")
         created = None
         if target.dynamic_profile is not None:
             if result.admin_access:
@@ -595,8 +590,8 @@ class PluginState:
                 config.sharing.strategy == "MPS":
             mps = self._mps_directory(ref, result, source, created is not None)
         timeslice = None  # an adminAccess user does not own the GPU's settings
-        if isinstance(config, GpuConfig) and config.sharing is not None and \
-                not result.admin_access:
+        if config is not None and config.kind == "GpuConfig" and \
+                config.sharing is not None and not result.admin_access:
             timeslice = config.sharing.timeslice
         return PreparedDevice(
             request_names=(result.base_request,), pool=result.pool, device=result.device,
@@ -813,6 +808,8 @@ def _share_config(ref: ClaimRef, result: AllocatedDevice, gpu: Gpu,
     (a claim that asked for none) leaves room for no other claim: the GPU is its own, as in
     exclusive mode, with no daemon. ClaimError for a sharing config of the claim's own (its
     limits are its capacity) or a share that does not say what it consumed."""
+    from driver.plugin.configschema import GpuConfig, GpuSharing, MpsConfig  # see its module
+
     where = f"ResourceClaim {ref}: device {result.device} (request {result.request})"
     if chosen is not None and isinstance(chosen.config, GpuConfig) and \
             chosen.config.sharing is not None:

@@ -1,7 +1,9 @@
-"""Local mode: ResourceSlices as YAML files, written atomically and only when changed."""
+"""Local mode: ResourceSlices as YAML files (JSON, which YAML readers read as it is), written
+atomically and only when changed."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,19 @@ def test_first_publish_writes_one_file_per_slice(tmp_path: Path) -> None:
 
 def test_a_restart_with_the_same_inventory_touches_no_file(tmp_path: Path) -> None:
     DirPublisher(tmp_path, options("dynamic")).publish(inventory())
+    before = files(tmp_path)
+    result = DirPublisher(tmp_path, options("dynamic")).publish(inventory())
+    assert result.writes == 0 and result.generation == 1
+    assert files(tmp_path) == before
+
+
+def test_the_files_are_json_and_a_pool_written_as_yaml_before_is_found_unchanged(
+        tmp_path: Path) -> None:
+    built = DirPublisher(tmp_path, options("dynamic")).publish(inventory()).created
+    paths = [tmp_path / "resourceslices" / f"{name}.yaml" for name in built]
+    assert [json.loads(p.read_text()) for p in paths] == [load(tmp_path, n) for n in built]
+    for path in paths:  # as an older release wrote them
+        path.write_text(yaml.safe_dump(yaml.safe_load(path.read_text()), sort_keys=False))
     before = files(tmp_path)
     result = DirPublisher(tmp_path, options("dynamic")).publish(inventory())
     assert result.writes == 0 and result.generation == 1

@@ -14,7 +14,8 @@ import yaml
 from driver.cli.main import main
 from driver.inventory.discovery import discover
 from driver.nvml.mock import mock_provider
-from driver.plugin.config import GpuConfig, parse_parameters
+from driver.plugin.config import parse_parameters
+from driver.plugin.configschema import GpuConfig
 from driver.resourceslice.build import SliceOptions, build_slices
 
 README = Path(__file__).resolve().parents[2] / "README.md"

@@ -5,9 +5,12 @@ Shared by the local-directory bench (tests/bench) and the API-server one (tests/
 from __future__ import annotations
 
 import compileall
+import os
+import statistics
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +67,13 @@ class Daemon:
         return rss_kib(self.proc.pid)
 
 
+def cpu_ms(pid: int) -> float:
+    """The CPU time (user + system) the process has used so far: unlike the wall time, it
+    hardly depends on how loaded the machine is."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
 def rss_kib(pid: int) -> int:
     """The process's resident memory (VmRSS)."""
     status = Path(f"/proc/{pid}/status").read_text()
@@ -72,6 +82,9 @@ def rss_kib(pid: int) -> int:
 
 
 OURS = (sys.executable, "-m", "driver.cli")
+STARTUP_BASELINE = os.environ.get("GPU_DRA_STARTUP_BASELINE")
+"""A checkout whose start-up the start-up benches compare with this one's; unset: none."""
+THIS_CHECKOUT = Path(driver.__file__).parents[1]
 
 
 @contextmanager
@@ -101,14 +114,15 @@ def dgx_h100_process() -> Iterator[Daemon]:
             yield running
 
 
-def started(node: Node, args: Sequence[str]) -> subprocess.Popen[bytes]:
+def started(node: Node, args: Sequence[str], checkout: Path | None = None,
+            ) -> subprocess.Popen[bytes]:
     """`python -m driver.cli <args>` from exec to registered as the kubelet sees it: its
     registration socket answers GetInfo and its DRA socket a (claimless) call. The caller
-    stops the process."""
+    stops the process. `checkout`: run that checkout's driver (its working directory)."""
     node.registration_socket.unlink(missing_ok=True)  # the last run's, or a killed one's
     with open(node.root / "plugin.log", "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "driver.cli", *args],
-                                stdout=log, stderr=log)
+                                stdout=log, stderr=log, cwd=checkout)
     wait_for_socket(node.registration_socket, alive=lambda: proc.poll() is None)
     kubelet = Kubelet(node.dra_socket, node.registration_socket)
     try:
@@ -129,9 +143,11 @@ def bench_startup(benchmark: BenchmarkFixture, next_start: Callable[[], Start],
     """Time `started` over `rounds` starts (after one untimed), each on the node and with
     the arguments `next_start()` gives (the plugin of the round before stopped, off the
     clock). The driver's bytecode is compiled first, as an installed package has it (a
-    checkout run with PYTHONDONTWRITEBYTECODE would compile every module at each start)."""
+    checkout run with PYTHONDONTWRITEBYTECODE would compile every module at each start).
+    extra_info gets the median CPU time a start used until registered (`cpu_ms`)."""
     compileall.compile_dir(Path(driver.__file__).parent, quiet=1)
     running: list[tuple[Node, subprocess.Popen[bytes]]] = []
+    cpu: list[float] = []
 
     def stop() -> None:
         while running:
@@ -141,6 +157,7 @@ def bench_startup(benchmark: BenchmarkFixture, next_start: Callable[[], Start],
 
     def start(node: Node, args: list[str]) -> None:
         running.append((node, started(node, args)))
+        cpu.append(cpu_ms(running[-1][1].pid))
 
     def setup() -> tuple[Start, dict[str, Any]]:
         stop()
@@ -152,6 +169,46 @@ def bench_startup(benchmark: BenchmarkFixture, next_start: Callable[[], Start],
     finally:
         stop()
     record_p99(benchmark)
+    benchmark.extra_info["cpu_ms"] = round(statistics.median(cpu[-rounds:]))
+
+
+@dataclass(frozen=True)
+class StartTimes:
+    """Of `rounds` starts: exec to registered (ms), and the CPU time each used (ms)."""
+
+    wall: tuple[float, ...]
+    cpu: tuple[float, ...]
+
+    def summary(self) -> dict[str, int]:
+        wall = sorted(self.wall)
+        return {"p50_ms": round(statistics.median(wall)),
+                "p99_ms": round(wall[int(0.99 * (len(wall) - 1))]),
+                "min_ms": round(wall[0]), "cpu_p50_ms": round(statistics.median(self.cpu))}
+
+
+def compare_starts(checkouts: Mapping[str, Path], next_start: Callable[[str], Start],
+                   rounds: int = 10) -> dict[str, StartTimes]:
+    """`started` with each checkout's driver in turn, the order swapped each round, so
+    that the machine's load falls on all alike: `rounds` starts of each after one untimed,
+    each on the node and with the arguments `next_start(name)` gives (the plugin stopped
+    off the clock). Each checkout's bytecode is compiled first, as `bench_startup` does."""
+    for checkout in checkouts.values():
+        compileall.compile_dir(checkout / "driver", quiet=1)
+    wall: dict[str, list[float]] = {name: [] for name in checkouts}
+    cpu: dict[str, list[float]] = {name: [] for name in checkouts}
+    names = list(checkouts)
+    for round_ in range(rounds + 1):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            node, args = next_start(name)
+            begin = time.perf_counter()
+            proc = started(node, args, checkouts[name])
+            took, used = (time.perf_counter() - begin) * 1000, cpu_ms(proc.pid)
+            proc.terminate()
+            assert proc.wait(30) == 0, (node.root / "plugin.log").read_text()[-2000:]
+            if round_ > 0:
+                wall[name].append(took)
+                cpu[name].append(used)
+    return {name: StartTimes(tuple(wall[name]), tuple(cpu[name])) for name in checkouts}
 
 
 def allocated_claim(api: Any, namespace: str, results: list[dict[str, Any]],

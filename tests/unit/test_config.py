@@ -9,13 +9,12 @@ import pytest
 
 from driver.plugin.config import (
     ConfigError,
-    GpuConfig,
-    MigDeviceConfig,
     config_for,
     memory_bytes,
     parse_allocation_configs,
     parse_parameters,
 )
+from driver.plugin.configschema import GpuConfig, MigDeviceConfig
 
 WHERE = "status.allocation.devices.config[0].opaque.parameters"
 

@@ -11,7 +11,8 @@ import pytest
 from driver.nvml.mock import mock_provider
 from driver.plugin import mps, mpspod
 from driver.plugin.claims import ClaimRef
-from driver.plugin.config import ConfigError, MpsConfig, parse_parameters
+from driver.plugin.config import ConfigError, parse_parameters
+from driver.plugin.configschema import MpsConfig
 from driver.plugin.mps import ClaimMps, Limits, MpsDevice, limits, mps_memory
 
 GPU0, GPU1 = "GPU-0d2f0000-0000-0000-0000-000000000000", \
