@@ -10,22 +10,30 @@ module fails where the extension is not built; driver.allocator then uses the
 reference. Counters and capacities beyond what int64 holds with headroom go to the
 reference too (`KernelRange`), which computes with Python integers.
 
-`NodeKernel` is the warm path `Allocator` takes: the node's arrays packed once, a
-claim list's arrays packed and bound (`_alloc.Prepared`) once, and per call only
-the ledger's part, computed in C (`_alloc.Tables.state`).
+`NodeKernel` is the path `Allocator` takes: the node's arrays packed once per version
+of its slices, a claim list's arrays packed and bound (`_alloc.Prepared`) once per
+Allocator, and per call only the ledger's part, computed in C (`_alloc.Tables.state`).
 """
 
 from __future__ import annotations
 
 from array import array
 from collections.abc import Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from driver import _alloc
 from driver.allocator.input import MAX_RESULTS, Claim, DeviceClass
 from driver.allocator.ledger import Ledger
-from driver.allocator.model import AllocationError, ConstraintPlan, Entry, NodeModel, Problem
+from driver.allocator.model import (
+    AllocationError,
+    ConstraintPlan,
+    Entry,
+    Evaluations,
+    NodeModel,
+    Problem,
+)
 from driver.allocator.reference import Found
 from driver.allocator.reference import optimize as ref_optimize
 from driver.allocator.reference import solve as ref_solve
@@ -266,19 +274,18 @@ class Plan:
 
 
 class NodeKernel:
-    """One node's packed arrays and counter tables, built once per snapshot.
+    """One node's packed arrays and counter tables: static, kept with its `NodeModel`
+    (so built once per version of the node's slices).
 
     Per call only what the ledger decides is computed (in C, from the devices the
-    node's pools have allocated), and per list of parsed claims (the same `Claim`
-    objects) the compiled problem is kept. For nodes without devices that allow
+    node's pools have allocated), and `plan` compiles a list of claims against it
+    (the caller keeps the plans of one Allocator). For nodes without devices that allow
     multiple allocations; `node_kernel` says None for the others.
     """
 
-    _MAX_PLANS = 256  # claim lists kept per node; the cache starts over when full
-
     def __init__(self, model: NodeModel) -> None:
         self.model = model
-        self.static = _static(model.problem([], {}, Ledger()))
+        self.static = _static(model.problem([], {}, Ledger(), Evaluations()))
         held = [*model.devices, *(d for p in model.usable for d in p.elsewhere)]
         self.index = {d.ref: i for i, d in enumerate(held)}
         self.pools = [(p.driver, p.name) for p in model.usable]
@@ -294,25 +301,18 @@ class NodeKernel:
             counter_pool, [pool_ids[counters.pool_of[d.ref]] for d in model.devices],
             model.counted, topology.set_slots, topology.set_full, topology.slice_set,
             topology.island_members)
-        self._plans: dict[tuple[int, ...], Plan] = {}
 
-    def plan(self, claims: Sequence[Claim], classes: Mapping[str, DeviceClass]) -> Plan:
-        key = tuple(map(id, claims))
-        found = self._plans.get(key)
-        if found is not None:
-            return found
-        if len(self._plans) >= self._MAX_PLANS:
-            self._plans.clear()
+    def plan(self, claims: Sequence[Claim], classes: Mapping[str, DeviceClass],
+             evaluations: Evaluations) -> Plan:
         found = Plan(tuple(claims))
         try:
-            problem = self.model.problem(claims, classes, Ledger())
+            problem = self.model.problem(claims, classes, Ledger(), evaluations)
         except AllocationError as err:
             found.error = err
         else:
             found.problem = problem
             found.prepared = _alloc.Prepared(self.static.devices, _claim_arrays(
                 problem.entries, problem.claims, problem.constraints, self.static))
-        self._plans[key] = found
         return found
 
     def state(self, ledger: Ledger) -> _alloc.Dynamic | None:
@@ -337,10 +337,12 @@ class NodeKernel:
 
 
 def node_kernel(model: NodeModel) -> NodeKernel | None:
-    """The node's kernel, or None where the general path (`solve`) must serve it."""
-    if model.multi_devices:
-        return None
-    try:
-        return NodeKernel(model)
-    except KernelRange:
-        return None
+    """The node's kernel, made once per model; None where the general path (`solve`)
+    must serve it."""
+    if model.kernel is False:
+        model.kernel = None
+        if not model.multi_devices:
+            with suppress(KernelRange):
+                model.kernel = NodeKernel(model)
+    found: NodeKernel | None = model.kernel
+    return found

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import cache, cached_property, lru_cache
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from driver.allocator.cel import DeviceInput, Read, SelectorError, device_input, semver_value
 from driver.allocator.input import InputError, Taint, TaintRule, Toleration
@@ -24,7 +24,9 @@ from driver.allocator.ledger import DeviceRef
 from driver.kube.quantity import QuantityError, parse_quantity
 from driver.kube.semver import SemverError
 
-Verdicts = dict[tuple[str, tuple[Any, ...]], "bool | str"]
+# Selector results of one Allocator: (expression, the values it reads) -> result/error,
+# or (expression, id(device)) for a device evaluated on its own.
+Verdicts = dict[tuple[str, Any], "bool | str"]
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,8 @@ class Node:
 
 @dataclass(slots=True)
 class Device:
-    """One device of a pool, with what CEL and the search need, converted once."""
+    """One device of a pool, with what CEL and the search need, converted once per
+    slice version (it holds no selector result: those belong to one Allocator)."""
 
     ref: DeviceRef
     raw: Mapping[str, Any]
@@ -57,10 +60,6 @@ class Device:
     # every capacity whole.
     plain_capacity: bool = False
     _cel: DeviceInput | None = None
-    memo: dict[str, bool | str] = field(default_factory=dict)  # expression -> result/error
-    # (expression, the values it reads) -> result/error, shared by the devices of one
-    # gathering (an Allocator shares it across its nodes): identical devices evaluate once.
-    verdicts: Verdicts = field(default_factory=dict)
 
     @property
     def cel(self) -> DeviceInput:
@@ -163,6 +162,9 @@ class Pool:
     counters: dict[str, dict[str, Fraction]] = field(default_factory=dict)
     # Devices of the pool on other nodes: their allocations still consume counters.
     elsewhere: list[Device] = field(default_factory=list)
+    # What the pool was built from (`_pool_key`); None: some slice has no version, so
+    # neither the pool nor a node model holding it is kept across Allocators.
+    key: tuple[Any, ...] | None = None
 
     @property
     def usable(self) -> bool:
@@ -300,15 +302,23 @@ def _requirement(value: str | None, requirement: Mapping[str, Any]) -> bool:
     return False
 
 
+def slices_by_node(slices: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    """The slices by spec.nodeName, in their order; "" holds those without one."""
+    found: dict[str, list[Mapping[str, Any]]] = {}
+    for s in slices:
+        found.setdefault(s["spec"].get("nodeName") or "", []).append(s)
+    return found
+
+
 def gather_pools(slices: Sequence[Mapping[str, Any]], node: Node,
-                 rules: Sequence[TaintRule] = (), verdicts: Verdicts | None = None
-                 ) -> list[Pool]:
+                 rules: Sequence[TaintRule] = (),
+                 by_node: Mapping[str, list[Mapping[str, Any]]] | None = None) -> list[Pool]:
     """The pools `node` can allocate from, in the order the search visits them, their
-    devices tainted by `rules` too. `verdicts`: selector results to share with devices
-    gathered before (`Device.verdicts`); a new one by default."""
-    verdicts = {} if verdicts is None else verdicts
-    for_node = [s for s in slices if s["spec"].get("nodeName") == node.name]
-    for_node += [s for s in slices if not s["spec"].get("nodeName")]
+    devices tainted by `rules` too. `by_node`: `slices_by_node(slices)`, when the
+    caller gathers for many nodes. A pool whose slices all carry a version is built once
+    per process for those versions (`_pool`)."""
+    by_node = slices_by_node(slices) if by_node is None else by_node
+    for_node = [*(by_node.get(node.name, ()) if node.name else ()), *by_node.get("", ())]
     grouped: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for s in for_node:
         spec = s["spec"]
@@ -333,7 +343,7 @@ def gather_pools(slices: Sequence[Mapping[str, Any]], node: Node,
     binding: list[Pool] = []
     for (driver, name), pool_slices in grouped.items():
         first = pool_slices[0]["spec"]["pool"]
-        everything: list[Mapping[str, Any]] | None = None
+        everything: list[Mapping[str, Any]] = []
         if len(pool_slices) != first["resourceSliceCount"]:
             generation = first.get("generation", 0)
             same = [s for s in slices if s["spec"]["driver"] == driver
@@ -342,9 +352,10 @@ def gather_pools(slices: Sequence[Mapping[str, Any]], node: Node,
                 continue  # obsolete: the driver is replacing this generation
             everything = [s for s in same if s["spec"]["pool"].get("generation", 0) == generation]
             if len(everything) != first["resourceSliceCount"]:
-                plain.append(Pool(driver, name, incomplete=True))
+                plain.append(Pool(driver, name, incomplete=True,
+                                  key=("incomplete", driver, name)))
                 continue
-        pool = _build_pool(driver, name, pool_slices, everything or [], node, rules, verdicts)
+        pool = _pool(driver, name, pool_slices, everything, node, tuple(rules))
         has_binding = any(d.raw.get("bindingConditions") is not None for d in pool.devices)
         (binding if has_binding else plain).append(pool)
     plain.sort(key=lambda p: (p.driver, p.name))
@@ -352,9 +363,70 @@ def gather_pools(slices: Sequence[Mapping[str, Any]], node: Node,
     return plain + binding
 
 
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class Recent(Generic[K, V]):
+    """At most `size` entries, the least recently used dropped first: what bounds the
+    caches kept across Allocators."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: dict[K, V] = {}
+
+    def get(self, key: K) -> V | None:
+        found = self._items.pop(key, None)
+        if found is not None:
+            self._items[key] = found
+        return found
+
+    def put(self, key: K, value: V) -> V:
+        self._items[key] = value
+        if len(self._items) > self.size:
+            del self._items[next(iter(self._items))]
+        return value
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+# Pools built per (driver, pool, node, taint rules, the versions of its slices): what
+# an informer decodes once per object version. A dgx-h100 node in dynamic MIG mode
+# (208 devices) holds about 1 MB of them.
+_pools: Recent[tuple[Any, ...], Pool] = Recent(2048)
+
+
+def _pool_key(driver: str, name: str, pool_slices: list[Mapping[str, Any]],
+              everything: list[Mapping[str, Any]], node: Node, rules: tuple[TaintRule, ...]
+              ) -> tuple[Any, ...] | None:
+    """What the pool is built from; None where a slice has no uid or resourceVersion
+    (local files, tests): such a pool is built on every call."""
+    versions = []
+    for group in (pool_slices, everything):
+        found = [_object_version(s) for s in group]
+        if None in found:
+            return None
+        versions.append(tuple(sorted(found)))  # type: ignore[type-var]
+    return (driver, name, node, rules, *versions)
+
+
+def _pool(driver: str, name: str, pool_slices: list[Mapping[str, Any]],
+          everything: list[Mapping[str, Any]], node: Node, rules: tuple[TaintRule, ...]
+          ) -> Pool:
+    key = _pool_key(driver, name, pool_slices, everything, node, rules)
+    found = _pools.get(key) if key is not None else None
+    if found is None:
+        found = _build_pool(driver, name, pool_slices, everything, node, rules)
+        if key is not None:
+            found.key = key
+            _pools.put(key, found)
+    return found
+
+
 def _build_pool(driver: str, name: str, pool_slices: list[Mapping[str, Any]],
                 everything: list[Mapping[str, Any]], node: Node,
-                rules: Sequence[TaintRule], verdicts: Verdicts) -> Pool:
+                rules: Sequence[TaintRule]) -> Pool:
     pool = Pool(driver, name)
     ordered = sorted(pool_slices, key=lambda s: s["metadata"]["name"])
     taken = {s["metadata"]["name"] for s in ordered}
@@ -389,9 +461,9 @@ def _build_pool(driver: str, name: str, pool_slices: list[Mapping[str, Any]],
                         pool.invalid = f"counter {counter} not found in counter set " \
                                        f"{use['counterSet']}"
                         return pool
-    pool.devices = [_device(driver, name, s, raw, parsed, node, rules, verdicts)
+    pool.devices = [_device(driver, name, s, raw, parsed, node, rules)
                     for s in device_slices for raw, parsed in _with_amounts(s)]
-    pool.elsewhere = [_device(driver, name, s, raw, parsed, node, rules, verdicts)
+    pool.elsewhere = [_device(driver, name, s, raw, parsed, node, rules)
                       for s in other_device_slices for raw, parsed in _with_amounts(s)]
     return pool
 
@@ -442,8 +514,7 @@ def _device_amounts(raw: Mapping[str, Any]) -> _Amounts:
 
 
 def _device(driver: str, pool: str, s: Mapping[str, Any], raw: Mapping[str, Any],
-            amounts: _Amounts, node: Node, rules: Sequence[TaintRule],
-            verdicts: Verdicts) -> Device:
+            amounts: _Amounts, node: Node, rules: Sequence[TaintRule]) -> Device:
     node_ok = True
     if s["spec"].get("perDeviceNodeSelection"):
         node_ok = node_matches(node, raw.get("nodeName"), bool(raw.get("allNodes")),
@@ -455,4 +526,4 @@ def _device(driver: str, pool: str, s: Mapping[str, Any], raw: Mapping[str, Any]
     return Device(DeviceRef(driver, pool, raw["name"]), raw, s, amounts.capacity,
                   amounts.consumes, bool(raw.get("consumesCounters")),
                   bool(raw.get("allowMultipleAllocations")), node_ok, taints, amounts.counts,
-                  amounts.counter_keys, amounts.plain_capacity, verdicts=verdicts)
+                  amounts.counter_keys, amounts.plain_capacity)

@@ -166,7 +166,8 @@ def kernel_median(scenario: Scenario) -> float:
         for node in scenario.nodes:
             fast = allocator_kernel.node_kernel(allocator.model(Node(node)))
             assert fast is not None, "the scenarios have no shared devices"
-            prepared.append((fast.plan(claims, allocator.classes).prepared, fast.state(ledger)))
+            prepared.append((fast.plan(claims, allocator.classes,
+                                      allocator.evaluations).prepared, fast.state(ledger)))
             if allocator.allocate(claims, ledger, node).status != "unschedulable":
                 break
 
