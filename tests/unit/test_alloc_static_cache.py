@@ -57,10 +57,13 @@ def test_a_new_resource_version_of_a_slice_is_seen() -> None:
 
 
 def test_a_slice_removed_from_its_pool_is_seen() -> None:
-    a = versioned(pool_slice("s1", [device("a0")], count=2))
-    b = versioned(pool_slice("s2", [device("b0")], count=2))
+    prefix = f"static-cache-{next(_uids)}"
+    a = versioned(pool_slice("s1", [device("a0")], count=2), uid=f"{prefix}-a")
+    b = versioned(pool_slice("s2", [device("b0")], count=2), uid=f"{prefix}-b")
     assert picks([a, b], held=("a0",)) == ["b0"]
     assert picks([a], held=("a0",)) == "unschedulable"  # the pool is incomplete now
+    c = versioned(pool_slice("s3", [device("c0")], count=2), uid=f"{prefix}-c")
+    assert picks([a, c], held=("a0",)) == ["c0"]  # s2 replaced, s1 unchanged
     shrunk = versioned(pool_slice("s1", [device("a0")]), "2", a["metadata"]["uid"])
     assert picks([shrunk]) == ["a0"]
 
