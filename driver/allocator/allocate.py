@@ -46,6 +46,7 @@ from driver.allocator.pools import (
     gather_pools,
     slices_by_node,
 )
+from driver.allocator.versions import Recent, object_version
 from driver.kube.quantity import format_quantity
 
 Mode = Literal["parity", "topology"]
@@ -56,7 +57,10 @@ Backend = Literal["native", "reference"]
 # in the kernel.
 DEFAULT_BUDGET = 5_000_000
 TOPOLOGY_BUDGET = 200_000
-_MAX_PARSED = 16384  # parsed claims kept per Allocator, by (uid, resourceVersion)
+# Claims decoded per (uid, resourceVersion, the class names they were checked against),
+# as the scheduler's informer decodes each claim version once; the least recently used
+# dropped first.
+_claims: Recent[tuple[str, str, tuple[str, ...]], Claim] = Recent(16384)
 _MAX_PLANS = 256  # compiled claim lists kept per node and Allocator
 
 try:
@@ -121,7 +125,6 @@ class Allocator:
         self.evaluations = Evaluations()
         self._by_node: dict[str, list[Mapping[str, Any]]] | None = None
         self._models: dict[Node, NodeModel] = {}
-        self._parsed: dict[tuple[str, str], Claim] = {}
         self._sites: dict[str | Node, _Site] = {}
 
     def nodes(self) -> list[str]:
@@ -145,21 +148,21 @@ class Allocator:
         """Checked claims; InputError names the first bad claim and field.
 
         A claim with a uid and a resourceVersion (as read from the API server) is
-        parsed once: the server gives a changed object a new resourceVersion. The
-        same `Claim` object back also lets `allocate` reuse what it compiled for it.
+        decoded once per process for the class names it is checked against: the server
+        gives a changed object a new resourceVersion. The same `Claim` object back also
+        lets `allocate` reuse what it compiled for it.
         """
         parsed: list[Claim] = []
+        names = tuple(self.classes)
         for raw in claims:
-            meta = raw.get("metadata") or {}
-            uid, version = meta.get("uid"), meta.get("resourceVersion")
-            if not uid or not version:
+            version = object_version(raw)
+            if version is None:
                 parsed.append(parse_claim(raw, self.classes))
                 continue
-            found = self._parsed.get((uid, version))
+            key = (*version, names)
+            found = _claims.get(key)
             if found is None:
-                if len(self._parsed) >= _MAX_PARSED:
-                    self._parsed.clear()
-                found = self._parsed[(uid, version)] = parse_claim(raw, self.classes)
+                found = _claims.put(key, parse_claim(raw, self.classes))
             parsed.append(found)
         return parsed
 

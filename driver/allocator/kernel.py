@@ -20,6 +20,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Mapping, Sequence
 from contextlib import suppress
+from copy import copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -285,7 +286,10 @@ class NodeKernel:
 
     def __init__(self, model: NodeModel) -> None:
         self.model = model
-        self.static = _static(model.problem([], {}, Ledger(), Evaluations()))
+        # The problem of no claims and an empty ledger: a plan's, but for its claims'
+        # part (the kernel takes the ledger's part from `state`).
+        self.empty = model.problem([], {}, Ledger(), Evaluations())
+        self.static = _static(self.empty)
         held = [*model.devices, *(d for p in model.usable for d in p.elsewhere)]
         self.index = {d.ref: i for i, d in enumerate(held)}
         self.pools = [(p.driver, p.name) for p in model.usable]
@@ -306,11 +310,14 @@ class NodeKernel:
              evaluations: Evaluations) -> Plan:
         found = Plan(tuple(claims))
         try:
-            problem = self.model.problem(claims, classes, Ledger(), evaluations)
+            entries, groups, constraints = self.model.compile(claims, classes, evaluations)
         except AllocationError as err:
             found.error = err
         else:
-            found.problem = problem
+            # No device allows multiple allocations (`node_kernel`): no capacity to scale.
+            problem = found.problem = copy(self.empty)
+            problem.entries, problem.claims, problem.constraints = entries, groups, constraints
+            problem.has_errors = any(e.err for e in entries)
             found.prepared = _alloc.Prepared(self.static.devices, _claim_arrays(
                 problem.entries, problem.claims, problem.constraints, self.static))
         return found

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 from driver.allocator.cel import Read, Selector, SelectorError, decide
 from driver.allocator.input import MAX_RESULTS, Claim, DeviceClass, Request
 from driver.allocator.ledger import DeviceRef, Ledger
-from driver.allocator.pools import Device, Pool, Recent, Verdicts
+from driver.allocator.pools import Device, Pool, Verdicts
+from driver.allocator.versions import Recent
 from driver.errors import AllocatorError
 from driver.kube.quantity import parse_quantity
 

@@ -16,11 +16,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import cache, cached_property, lru_cache
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from driver.allocator.cel import DeviceInput, Read, SelectorError, device_input, semver_value
 from driver.allocator.input import InputError, Taint, TaintRule, Toleration
 from driver.allocator.ledger import DeviceRef
+from driver.allocator.versions import Recent, object_version
 from driver.kube.quantity import QuantityError, parse_quantity
 from driver.kube.semver import SemverError
 
@@ -195,7 +196,7 @@ def check_slices(slices: Sequence[Mapping[str, Any]]) -> None:
     scheduler too decodes (and the server validates) each version once, in its informer.
     """
     for s in slices:
-        version = _object_version(s)
+        version = object_version(s)
         if version in _checked:
             continue
         _check_slice(s)
@@ -203,13 +204,6 @@ def check_slices(slices: Sequence[Mapping[str, Any]]) -> None:
             if len(_checked) >= _MAX_CHECKED:
                 _checked.clear()
             _checked.add(version)
-
-
-def _object_version(obj: Mapping[str, Any]) -> tuple[str, str] | None:
-    """(uid, resourceVersion) of an object read from the API server, else None."""
-    meta = obj.get("metadata") or {}
-    uid, version = meta.get("uid"), meta.get("resourceVersion")
-    return (str(uid), str(version)) if uid and version else None
 
 
 def _check_slice(s: Mapping[str, Any]) -> None:
@@ -363,34 +357,6 @@ def gather_pools(slices: Sequence[Mapping[str, Any]], node: Node,
     return plain + binding
 
 
-K = TypeVar("K")
-V = TypeVar("V")
-
-
-class Recent(Generic[K, V]):
-    """At most `size` entries, the least recently used dropped first: what bounds the
-    caches kept across Allocators."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._items: dict[K, V] = {}
-
-    def get(self, key: K) -> V | None:
-        found = self._items.pop(key, None)
-        if found is not None:
-            self._items[key] = found
-        return found
-
-    def put(self, key: K, value: V) -> V:
-        self._items[key] = value
-        if len(self._items) > self.size:
-            del self._items[next(iter(self._items))]
-        return value
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
 # Pools built per (driver, pool, node, taint rules, the versions of its slices): what
 # an informer decodes once per object version. A dgx-h100 node in dynamic MIG mode
 # (208 devices) holds about 1 MB of them.
@@ -404,7 +370,7 @@ def _pool_key(driver: str, name: str, pool_slices: list[Mapping[str, Any]],
     (local files, tests): such a pool is built on every call."""
     versions = []
     for group in (pool_slices, everything):
-        found = [_object_version(s) for s in group]
+        found = [object_version(s) for s in group]
         if None in found:
             return None
         versions.append(tuple(sorted(found)))  # type: ignore[type-var]
@@ -488,7 +454,7 @@ def _with_amounts(s: Mapping[str, Any]) -> Iterator[tuple[Mapping[str, Any], _Am
 def _amounts(s: Mapping[str, Any]) -> list[_Amounts]:
     """The amounts of the slice's devices (read-only), parsed once per slice version
     (uid and resourceVersion), as the scheduler's informer decodes each version once."""
-    version = _object_version(s)
+    version = object_version(s)
     found = _amounts_of.get(version) if version is not None else None
     if found is None:
         found = [_device_amounts(raw) for raw in s["spec"].get("devices") or []]

@@ -13,7 +13,8 @@ import pytest
 
 from driver.allocator import Allocator, Ledger
 from driver.allocator.cel import compile_selector, decide
-from driver.allocator.pools import Node, Recent
+from driver.allocator.pools import Node
+from driver.allocator.versions import Recent
 from tests.unit.test_alloc_semantics import CLASSES, DRIVER, claim, device, pool_slice, request
 
 _uids = itertools.count()
