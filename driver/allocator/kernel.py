@@ -241,25 +241,29 @@ def _claim_arrays(entries: list[Entry], claims: list[list[list[int]]],
             k_gstart.append(k_gstart[-1] + len(plan.groups))
             k_has += has_words
         c_kstart.append(len(k_kind))
-    return _alloc.ClaimArrays(
-        n_devices=static.devices.n_devices, n_entries=len(entries), n_claims=len(claims),
-        n_groups=len(g_estart) - 1, n_constraints=len(k_kind),
-        e_count=_i32([e.count for e in entries]),
-        e_all=_i8([e.all_mode for e in entries]),
-        e_admin=_i8([e.admin for e in entries]),
-        e_fa=_i8([e.first_available for e in entries]),
-        e_has_err=_i8([e.err for e in entries]),
-        e_has_multi=_i8([e.cand & multi_bits for e in entries]),
-        c_safe=_i8([sum(max(entries[i].count for i in ids) for ids in groups) <= MAX_RESULTS
-                    for groups in claims]),
-        e_cand=_u64(e_cand), e_err=_u64(e_err),
-        e_all_start=_i32(e_all_start), e_all_idx=_i32(e_all_idx), e_all_soft=_i8(e_all_soft),
-        e_cmask=_u32([e.cmask for e in entries]),
-        e_cons_start=_i32(e_cons_start), cons_dev=_i32(cons_dev), cons_dim=_i32(cons_dim),
-        cons_amt=_i64(cons_amt),
-        c_gstart=_i32(c_gstart), g_estart=_i32(g_estart), c_kstart=_i32(c_kstart),
-        k_kind=_i8(k_kind), k_values=_i32(k_values), k_gstart=_i32(k_gstart),
-        k_groups=_u64(k_groups), k_has=_u64(k_has))
+    fields: tuple[list[Any], ...] = (  # in the order of _alloc.CLAIM_FIELDS, each padded
+        [e.all_mode for e in entries], [e.admin for e in entries],
+        [e.first_available for e in entries], [e.err for e in entries],
+        [e.cand & multi_bits for e in entries],
+        [sum(max(entries[i].count for i in ids) for ids in groups) <= MAX_RESULTS
+         for groups in claims], e_all_soft, k_kind,
+        [e.count for e in entries], e_all_start, e_all_idx, e_cons_start, cons_dev, cons_dim,
+        c_gstart, g_estart, c_kstart, k_values, k_gstart,
+        [e.cmask for e in entries],
+        cons_amt,
+        e_cand, e_err, k_groups, k_has)
+    lengths = [len(f) or 1 for f in fields]
+    flat: list[list[int]] = [[], [], [], [], []]
+    for kind, field in zip(_KINDS, fields, strict=True):
+        flat[kind] += field or [0]
+    return _alloc.claim_arrays(
+        static.devices.n_devices, len(entries), len(claims), len(g_estart) - 1, len(k_kind),
+        array("b", [1 if v else 0 for v in flat[0]]), array("i", flat[1]), array("I", flat[2]),
+        array("q", flat[3]), array("Q", flat[4]), array("i", lengths))
+
+
+# The element type of each of _alloc.CLAIM_FIELDS: int8, int32, uint32, int64, uint64.
+_KINDS = (0,) * 8 + (1,) * 11 + (2, 3) + (4,) * 4
 
 
 @dataclass

@@ -310,9 +310,15 @@ def gather_pools(slices: Sequence[Mapping[str, Any]], node: Node,
     """The pools `node` can allocate from, in the order the search visits them, their
     devices tainted by `rules` too. `by_node`: `slices_by_node(slices)`, when the
     caller gathers for many nodes. A pool whose slices all carry a version is built once
-    per process for those versions (`_pool`)."""
+    per process for those versions (`_pool`), and so is the node's list of pools where
+    it depends on the node's slices alone (`_gathered`)."""
     by_node = slices_by_node(slices) if by_node is None else by_node
     for_node = [*(by_node.get(node.name, ()) if node.name else ()), *by_node.get("", ())]
+    versions = [object_version(s) for s in for_node]
+    kept = None if None in versions else (node, tuple(rules), *versions)
+    known_pools = _gathered.get(kept) if kept is not None else None
+    if known_pools is not None:
+        return list(known_pools)
     grouped: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for s in for_node:
         spec = s["spec"]
@@ -339,6 +345,7 @@ def gather_pools(slices: Sequence[Mapping[str, Any]], node: Node,
         first = pool_slices[0]["spec"]["pool"]
         everything: list[Mapping[str, Any]] = []
         if len(pool_slices) != first["resourceSliceCount"]:
+            kept = None  # other nodes' slices decide: not kept
             generation = first.get("generation", 0)
             same = [s for s in slices if s["spec"]["driver"] == driver
                     and s["spec"]["pool"]["name"] == name]
@@ -354,6 +361,8 @@ def gather_pools(slices: Sequence[Mapping[str, Any]], node: Node,
         (binding if has_binding else plain).append(pool)
     plain.sort(key=lambda p: (p.driver, p.name))
     binding.sort(key=lambda p: (p.driver, p.name))
+    if kept is not None:
+        _gathered.put(kept, (*plain, *binding))
     return plain + binding
 
 
@@ -361,6 +370,9 @@ def gather_pools(slices: Sequence[Mapping[str, Any]], node: Node,
 # an informer decodes once per object version. A dgx-h100 node in dynamic MIG mode
 # (208 devices) holds about 1 MB of them.
 _pools: Recent[tuple[Any, ...], Pool] = Recent(2048)
+# A node's pools per (node, taint rules, the versions of the slices that name it or no
+# node), where no pool needed another node's slices.
+_gathered: Recent[tuple[Any, ...], tuple[Pool, ...]] = Recent(2048)
 
 
 def _pool_key(driver: str, name: str, pool_slices: list[Mapping[str, Any]],

@@ -145,3 +145,11 @@ def test_equality_tests_are_decided_only_where_cel_would_agree(
 ])
 def test_other_shapes_go_to_cel(expression: str) -> None:
     assert compile_selector(expression).tests is None
+
+
+def test_a_pool_across_nodes_sees_the_other_nodes_slice_leave() -> None:
+    here = versioned(pool_slice("s1", [device("a0")], count=2))
+    there = versioned({**pool_slice("s2", [device("b0")], count=2)})
+    there["spec"]["nodeName"] = "n2"
+    assert picks([here, there]) == ["a0"]
+    assert picks([here]) == "unschedulable"  # the pool is incomplete without s2
