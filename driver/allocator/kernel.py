@@ -20,7 +20,6 @@ from __future__ import annotations
 from array import array
 from collections.abc import Mapping, Sequence
 from contextlib import suppress
-from copy import copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -211,13 +210,20 @@ def _claim_arrays(entries: list[Entry], claims: list[list[list[int]]],
     """The arrays that depend on the claims (requests, candidates, constraints)."""
     w = static.words
     multi_bits = static.multi_bits
-    e_cand, e_err, e_all_start, e_all_idx, e_all_soft = [], [], [0], [], []
+    e_cand: list[int] = []
+    e_err: list[int] = []
+    e_all_start, e_all_idx, e_all_soft = [0], [], []
     e_cons_start, cons_dev, cons_dim, cons_amt = [0], [], [], []
     for entry in entries:
-        e_cand += _words(entry.cand, w)
-        e_err += _words(entry.err, w)
-        e_all_idx += entry.all_list
-        e_all_soft += entry.all_soft
+        if w == 1:
+            e_cand.append(entry.cand)
+            e_err.append(entry.err)
+        else:
+            e_cand += _words(entry.cand, w)
+            e_err += _words(entry.err, w)
+        if entry.all_list:
+            e_all_idx += entry.all_list
+            e_all_soft += entry.all_soft
         e_all_start.append(len(e_all_idx))
         for d, uses in sorted(entry.cons.items()):
             for k, amount in uses:
@@ -241,29 +247,28 @@ def _claim_arrays(entries: list[Entry], claims: list[list[list[int]]],
             k_gstart.append(k_gstart[-1] + len(plan.groups))
             k_has += has_words
         c_kstart.append(len(k_kind))
-    fields: tuple[list[Any], ...] = (  # in the order of _alloc.CLAIM_FIELDS, each padded
-        [e.all_mode for e in entries], [e.admin for e in entries],
-        [e.first_available for e in entries], [e.err for e in entries],
-        [e.cand & multi_bits for e in entries],
-        [sum(max(entries[i].count for i in ids) for ids in groups) <= MAX_RESULTS
-         for groups in claims], e_all_soft, k_kind,
-        [e.count for e in entries], e_all_start, e_all_idx, e_cons_start, cons_dev, cons_dim,
-        c_gstart, g_estart, c_kstart, k_values, k_gstart,
-        [e.cmask for e in entries],
-        cons_amt,
-        e_cand, e_err, k_groups, k_has)
-    lengths = [len(f) or 1 for f in fields]
-    flat: list[list[int]] = [[], [], [], [], []]
-    for kind, field in zip(_KINDS, fields, strict=True):
-        flat[kind] += field or [0]
+    i8 = ([e.all_mode for e in entries], [e.admin for e in entries],
+          [e.first_available for e in entries], [e.err for e in entries],
+          [e.cand & multi_bits for e in entries],
+          [sum(max(entries[i].count for i in ids) for ids in groups) <= MAX_RESULTS
+           for groups in claims], e_all_soft, k_kind)
+    i32 = ([e.count for e in entries], e_all_start, e_all_idx, e_cons_start, cons_dev,
+           cons_dim, c_gstart, g_estart, c_kstart, k_values, k_gstart)
+    u64 = (e_cand, e_err, k_groups, k_has)
+    e_cmask = [e.cmask for e in entries] or [0]
+    cons_amt = cons_amt or [0]
+    # In the order of _alloc.CLAIM_FIELDS, each field padded to one element.
+    lengths = [*(len(f) or 1 for f in i8), *(len(f) or 1 for f in i32), len(e_cmask),
+               len(cons_amt), *(len(f) or 1 for f in u64)]
     return _alloc.claim_arrays(
         static.devices.n_devices, len(entries), len(claims), len(g_estart) - 1, len(k_kind),
-        array("b", [1 if v else 0 for v in flat[0]]), array("i", flat[1]), array("I", flat[2]),
-        array("q", flat[3]), array("Q", flat[4]), array("i", lengths))
+        array("b", [1 if v else 0 for f in i8 for v in f or _PAD]),
+        array("i", [v for f in i32 for v in f or _PAD]), array("I", e_cmask),
+        array("q", cons_amt), array("Q", [v for f in u64 for v in f or _PAD]),
+        array("i", lengths))
 
 
-# The element type of each of _alloc.CLAIM_FIELDS: int8, int32, uint32, int64, uint64.
-_KINDS = (0,) * 8 + (1,) * 11 + (2, 3) + (4,) * 4
+_PAD = (0,)  # an empty field's one element
 
 
 @dataclass
@@ -319,9 +324,10 @@ class NodeKernel:
             found.error = err
         else:
             # No device allows multiple allocations (`node_kernel`): no capacity to scale.
-            problem = found.problem = copy(self.empty)
-            problem.entries, problem.claims, problem.constraints = entries, groups, constraints
-            problem.has_errors = any(e.err for e in entries)
+            problem = found.problem = Problem.__new__(Problem)
+            problem.__dict__.update(self.empty.__dict__, entries=entries, claims=groups,
+                                    constraints=constraints,
+                                    has_errors=any(e.err for e in entries))
             found.prepared = _alloc.Prepared(self.static.devices, _claim_arrays(
                 problem.entries, problem.claims, problem.constraints, self.static))
         return found

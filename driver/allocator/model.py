@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from driver.allocator.cel import Read, Selector, SelectorError, decide
 from driver.allocator.input import MAX_RESULTS, Claim, DeviceClass, Request
 from driver.allocator.ledger import DeviceRef, Ledger
-from driver.allocator.pools import Device, Pool, Verdicts
+from driver.allocator.pools import MAX_DEVICES, Device, Pool, Verdicts, held_devices
 from driver.allocator.versions import Recent
 from driver.errors import AllocatorError
 from driver.kube.quantity import parse_quantity
@@ -281,7 +281,7 @@ class Evaluations:
 # Node models per tuple of their pools' keys (`Pool.key`): the pools' static parts and
 # the kernel's tables, made once per version of the node's slices and reused by the
 # next Allocator, as kube-scheduler's informer decodes each slice version once.
-_models: Recent[tuple[Any, ...], NodeModel] = Recent(1024)
+_models: Recent[tuple[Any, ...], NodeModel] = Recent(MAX_DEVICES, lambda m: held_devices(m.pools))
 
 
 def node_model(pools: Sequence[Pool]) -> NodeModel:

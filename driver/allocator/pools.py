@@ -366,13 +366,20 @@ def gather_pools(slices: Sequence[Mapping[str, Any]], node: Node,
     return plain + binding
 
 
+def held_devices(pools: Pool | Sequence[Pool]) -> int:
+    """Devices held, the measure of the caches' bound (a node's model takes about 3 kB
+    per device: a dgx-h100 in dynamic MIG mode, 208 devices, about 0.6 MB)."""
+    held = [pools] if isinstance(pools, Pool) else pools
+    return 1 + sum(len(p.devices) + len(p.elsewhere) for p in held)
+
+
+MAX_DEVICES = 65536  # kept in each cache across Allocators (`held_devices`)
 # Pools built per (driver, pool, node, taint rules, the versions of its slices): what
-# an informer decodes once per object version. A dgx-h100 node in dynamic MIG mode
-# (208 devices) holds about 1 MB of them.
-_pools: Recent[tuple[Any, ...], Pool] = Recent(2048)
+# an informer decodes once per object version.
+_pools: Recent[tuple[Any, ...], Pool] = Recent(MAX_DEVICES, held_devices)
 # A node's pools per (node, taint rules, the versions of the slices that name it or no
 # node), where no pool needed another node's slices.
-_gathered: Recent[tuple[Any, ...], tuple[Pool, ...]] = Recent(2048)
+_gathered: Recent[tuple[Any, ...], tuple[Pool, ...]] = Recent(MAX_DEVICES, held_devices)
 
 
 def _pool_key(driver: str, name: str, pool_slices: list[Mapping[str, Any]],

@@ -4,7 +4,7 @@ in bounded caches."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
 
@@ -21,23 +21,31 @@ V = TypeVar("V")
 
 
 class Recent(Generic[K, V]):
-    """At most `size` entries, the least recently used dropped first: what bounds the
-    caches kept across Allocators."""
+    """Entries whose weights (`weight`, 1 each by default) sum to at most `size`, the
+    least recently used dropped first: what bounds the caches kept across Allocators."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, weight: Callable[[V], int] = lambda _: 1) -> None:
         self.size = size
-        self._items: dict[K, V] = {}
+        self.weight = weight
+        self.total = 0
+        self._items: dict[K, tuple[V, int]] = {}
 
     def get(self, key: K) -> V | None:
         found = self._items.pop(key, None)
-        if found is not None:
-            self._items[key] = found
-        return found
+        if found is None:
+            return None
+        self._items[key] = found
+        return found[0]
 
     def put(self, key: K, value: V) -> V:
-        self._items[key] = value
-        if len(self._items) > self.size:
-            del self._items[next(iter(self._items))]
+        old = self._items.pop(key, None)
+        if old is not None:
+            self.total -= old[1]
+        weight = self.weight(value)
+        self._items[key] = (value, weight)
+        self.total += weight
+        while self.total > self.size and len(self._items) > 1:
+            self.total -= self._items.pop(next(iter(self._items)))[1]
         return value
 
     def __len__(self) -> int:

@@ -118,6 +118,18 @@ def test_the_caches_drop_the_least_recently_used() -> None:
     assert (kept.get("a"), kept.get("b"), kept.get("c"), len(kept)) == (1, None, 3, 2)
 
 
+def test_the_caches_are_bounded_by_weight() -> None:
+    """As the node models are, by the devices they hold."""
+    kept: Recent[str, int] = Recent(10, lambda v: v)
+    for key, value in (("a", 4), ("b", 4), ("c", 4)):
+        kept.put(key, value)
+    assert (kept.get("a"), kept.get("b"), kept.get("c"), kept.total) == (None, 4, 4, 8)
+    kept.put("b", 9)  # replaced: its old weight no longer counts
+    assert (kept.get("b"), kept.get("c"), kept.total) == (9, None, 9)
+    kept.put("huge", 50)  # heavier than the bound: kept alone, until the next
+    assert (len(kept), kept.get("huge")) == (1, 50)
+
+
 @pytest.mark.parametrize(("expression", "values", "expected"), [
     ('device.driver == "d" && device.attributes["d"].kind == "gpu"',
      (("string", "gpu"), "d"), True),
