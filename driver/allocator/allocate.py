@@ -236,7 +236,7 @@ class Allocator:
                            nodes=found.nodes)
         allocations = tuple(
             _allocation(claim, self.classes, problem, found.picks[c], found.alts[c], site.node,
-                        site.parts)
+                        site.model.parts)
             for c, claim in enumerate(claims))
         return Outcome("allocated", allocations, nodes=found.nodes, complete=found.complete)
 
@@ -264,19 +264,18 @@ def _error_text(found: reference.Found, problem: Problem, claims: Sequence[Claim
 class _Site:
     """One node as `allocate` names it, with what one Allocator keeps for it: its
     model, the plans of its claim lists (`kernel.Plan`, by the claims' ids; a plan
-    keeps its claims alive), result parts."""
+    keeps its claims alive)."""
 
-    __slots__ = ("model", "node", "parts", "plans")
+    __slots__ = ("model", "node", "plans")
 
     def __init__(self, node: Node, model: NodeModel) -> None:
         self.node = node
         self.model = model
         self.plans: dict[tuple[int, ...], Any] = {}
-        self.parts: dict[int, _Part] = {}  # by device index, made when first picked
 
 
 class _Part(NamedTuple):
-    """What a device puts in every result that picks it, worked out once per node."""
+    """What a device puts in every result that picks it, worked out once per node model."""
 
     driver: str
     pool: str
@@ -298,7 +297,7 @@ def _part(device: Device) -> _Part:
 
 def _allocation(claim: Claim, classes: Mapping[str, DeviceClass], problem: Problem,
                 picks: Sequence[tuple[int, int]], alts: Sequence[int], node: Node,
-                parts: dict[int, _Part]) -> dict[str, Any]:
+                parts: dict[int, Any]) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     local = False
     entries = problem.entries

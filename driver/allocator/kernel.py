@@ -248,8 +248,8 @@ def _claim_arrays(entries: list[Entry], claims: list[list[list[int]]],
             k_has += has_words
         c_kstart.append(len(k_kind))
     i8 = ([e.all_mode for e in entries], [e.admin for e in entries],
-          [e.first_available for e in entries], [e.err for e in entries],
-          [e.cand & multi_bits for e in entries],
+          [e.first_available for e in entries], [1 if e.err else 0 for e in entries],
+          [1 if e.cand & multi_bits else 0 for e in entries],
           [sum(max(entries[i].count for i in ids) for ids in groups) <= MAX_RESULTS
            for groups in claims], e_all_soft, k_kind)
     i32 = ([e.count for e in entries], e_all_start, e_all_idx, e_cons_start, cons_dev,
@@ -258,14 +258,17 @@ def _claim_arrays(entries: list[Entry], claims: list[list[list[int]]],
     e_cmask = [e.cmask for e in entries] or [0]
     cons_amt = cons_amt or [0]
     # In the order of _alloc.CLAIM_FIELDS, each field padded to one element.
-    lengths = [*(len(f) or 1 for f in i8), *(len(f) or 1 for f in i32), len(e_cmask),
-               len(cons_amt), *(len(f) or 1 for f in u64)]
+    lengths: list[int] = []
+    flat: list[list[int]] = [[], [], []]
+    for fields, into in ((i8, flat[0]), (i32, flat[1]), (u64, flat[2])):
+        for values in fields:
+            into += values or _PAD
+            lengths.append(len(values) or 1)
+    lengths[19:19] = (len(e_cmask), len(cons_amt))
     return _alloc.claim_arrays(
         static.devices.n_devices, len(entries), len(claims), len(g_estart) - 1, len(k_kind),
-        array("b", [1 if v else 0 for f in i8 for v in f or _PAD]),
-        array("i", [v for f in i32 for v in f or _PAD]), array("I", e_cmask),
-        array("q", cons_amt), array("Q", [v for f in u64 for v in f or _PAD]),
-        array("i", lengths))
+        array("b", flat[0]), array("i", flat[1]), array("I", e_cmask), array("q", cons_amt),
+        array("Q", flat[2]), array("i", lengths))
 
 
 _PAD = (0,)  # an empty field's one element

@@ -134,6 +134,9 @@ class NodeModel:
         self._groups: dict[tuple[Read, ...] | None, list[tuple[Any, int]]] = {}
         self._constraints: dict[tuple[str, str], ConstraintPlan] = {}
         self.packed: NodeArrays | None = None  # the kernel's arrays of the above
+        # What a device puts in every result that picks it (`allocate._Part`), by index,
+        # made when first picked.
+        self.parts: dict[int, Any] = {}
         self.kernel: Any = False  # kernel.NodeKernel; None: the general path; False: not yet
 
     def problem(self, claims: Sequence[Claim], classes: Mapping[str, DeviceClass],
