@@ -195,8 +195,9 @@ class NodeModel:
                                   request.all_devices, request.admin_access,
                                   group.first_available)
                     self._classify(entry, claim, classes[request.class_name], evaluations)
-                    entry.cmask = sum(1 << k for k, con in enumerate(claim.constraints)
-                                      if con.applies(request))
+                    if claim.constraints:
+                        entry.cmask = sum(1 << k for k, con in enumerate(claim.constraints)
+                                          if con.applies(request))
                     ids.append(len(entries))
                     entries.append(entry)
                 need = min(entries[i].count for i in ids)
