@@ -108,6 +108,24 @@ class ClaimArrays:
         k_has: _UInt64Array,
     ) -> Self: ...
 
+CLAIM_FIELDS: tuple[str, ...]
+
+def claim_arrays(
+    n_devices: int,
+    n_entries: int,
+    n_claims: int,
+    n_groups: int,
+    n_constraints: int,
+    i8: _Int8Array,
+    i32: _Int32Array,
+    u32: _UInt32Array,
+    i64: _Int64Array,
+    u64: _UInt64Array,
+    lengths: _Int32Array,
+) -> ClaimArrays:
+    """ClaimArrays from one array per element type (the fields of CLAIM_FIELDS
+    concatenated) and each field's length."""
+
 @disjoint_base
 class Dynamic:
     """What the allocated claims decide, as C arrays; made zeroed (`Tables.state` and

@@ -834,49 +834,21 @@ cdef class ClaimArrays:
     cdef const uint64_t[::1] k_groups     # words per value group: devices with the value
     cdef const uint64_t[::1] k_has        # n_constraints * words: devices with a value
 
-    def __cinit__(self, *, int n_devices, int n_entries, int n_claims, int n_groups,
-                  int n_constraints, const int32_t[::1] e_count, const int8_t[::1] e_all,
-                  const int8_t[::1] e_admin, const int8_t[::1] e_fa,
-                  const int8_t[::1] e_has_err, const int8_t[::1] e_has_multi,
-                  const int8_t[::1] c_safe, const uint64_t[::1] e_cand,
-                  const uint64_t[::1] e_err, const int32_t[::1] e_all_start,
-                  const int32_t[::1] e_all_idx, const int8_t[::1] e_all_soft,
-                  const uint32_t[::1] e_cmask, const int32_t[::1] e_cons_start,
-                  const int32_t[::1] cons_dev, const int32_t[::1] cons_dim,
-                  const int64_t[::1] cons_amt, const int32_t[::1] c_gstart,
-                  const int32_t[::1] g_estart, const int32_t[::1] c_kstart,
-                  const int8_t[::1] k_kind, const int32_t[::1] k_values,
-                  const int32_t[::1] k_gstart, const uint64_t[::1] k_groups,
-                  const uint64_t[::1] k_has):
-        cdef int words = words_for(n_devices)
-        self.n_devices, self.words = n_devices, words
-        self.n_entries, self.n_claims = n_entries, n_claims
-        self.n_groups, self.n_constraints = n_groups, n_constraints
-        check_length("e_count", e_count.shape[0], n_entries)
-        check_length("e_all", e_all.shape[0], n_entries)
-        check_length("e_admin", e_admin.shape[0], n_entries)
-        check_length("e_fa", e_fa.shape[0], n_entries)
-        check_length("e_has_err", e_has_err.shape[0], n_entries)
-        check_length("e_has_multi", e_has_multi.shape[0], n_entries)
-        check_length("e_cmask", e_cmask.shape[0], n_entries)
-        check_length("c_safe", c_safe.shape[0], n_claims)
-        check_length("e_cand", e_cand.shape[0], n_entries * words)
-        check_length("e_err", e_err.shape[0], n_entries * words)
-        check_length("e_all_start", e_all_start.shape[0], n_entries + 1)
-        check_range("e_all_idx", e_all_idx.shape[0], e_all_start, n_entries)
-        check_range("e_all_soft", e_all_soft.shape[0], e_all_start, n_entries)
-        check_length("e_cons_start", e_cons_start.shape[0], n_entries + 1)
-        check_range("cons_dev", cons_dev.shape[0], e_cons_start, n_entries)
-        check_range("cons_dim", cons_dim.shape[0], e_cons_start, n_entries)
-        check_range("cons_amt", cons_amt.shape[0], e_cons_start, n_entries)
-        check_length("c_gstart", c_gstart.shape[0], n_claims + 1)
-        check_length("g_estart", g_estart.shape[0], n_groups + 1)
-        check_length("c_kstart", c_kstart.shape[0], n_claims + 1)
-        check_length("k_kind", k_kind.shape[0], n_constraints)
-        check_length("k_values", k_values.shape[0], n_constraints * n_devices)
-        check_length("k_gstart", k_gstart.shape[0], n_constraints + 1)
-        check_length("k_groups", k_groups.shape[0], k_gstart[n_constraints] * words)
-        check_length("k_has", k_has.shape[0], n_constraints * words)
+    def __init__(self, *, int n_devices, int n_entries, int n_claims, int n_groups,
+                 int n_constraints, const int32_t[::1] e_count, const int8_t[::1] e_all,
+                 const int8_t[::1] e_admin, const int8_t[::1] e_fa,
+                 const int8_t[::1] e_has_err, const int8_t[::1] e_has_multi,
+                 const int8_t[::1] c_safe, const uint64_t[::1] e_cand,
+                 const uint64_t[::1] e_err, const int32_t[::1] e_all_start,
+                 const int32_t[::1] e_all_idx, const int8_t[::1] e_all_soft,
+                 const uint32_t[::1] e_cmask, const int32_t[::1] e_cons_start,
+                 const int32_t[::1] cons_dev, const int32_t[::1] cons_dim,
+                 const int64_t[::1] cons_amt, const int32_t[::1] c_gstart,
+                 const int32_t[::1] g_estart, const int32_t[::1] c_kstart,
+                 const int8_t[::1] k_kind, const int32_t[::1] k_values,
+                 const int32_t[::1] k_gstart, const uint64_t[::1] k_groups,
+                 const uint64_t[::1] k_has):
+        self.set_sizes(n_devices, n_entries, n_claims, n_groups, n_constraints)
         self.e_count, self.e_all, self.e_admin, self.e_fa = e_count, e_all, e_admin, e_fa
         self.e_has_err, self.e_has_multi, self.c_safe = e_has_err, e_has_multi, c_safe
         self.e_cand, self.e_err = e_cand, e_err
@@ -886,6 +858,111 @@ cdef class ClaimArrays:
         self.c_gstart, self.g_estart, self.c_kstart = c_gstart, g_estart, c_kstart
         self.k_kind, self.k_values, self.k_gstart = k_kind, k_values, k_gstart
         self.k_groups, self.k_has = k_groups, k_has
+        self.check()
+
+    cdef int set_sizes(self, int n_devices, int n_entries, int n_claims, int n_groups,
+                       int n_constraints) except -1:
+        self.words = words_for(n_devices)
+        self.n_devices = n_devices
+        self.n_entries, self.n_claims = n_entries, n_claims
+        self.n_groups, self.n_constraints = n_groups, n_constraints
+        return 0
+
+    cdef int check(self) except -1:
+        cdef int n_entries = self.n_entries, n_claims = self.n_claims
+        cdef int n_constraints = self.n_constraints, words = self.words
+        check_length("e_count", self.e_count.shape[0], n_entries)
+        check_length("e_all", self.e_all.shape[0], n_entries)
+        check_length("e_admin", self.e_admin.shape[0], n_entries)
+        check_length("e_fa", self.e_fa.shape[0], n_entries)
+        check_length("e_has_err", self.e_has_err.shape[0], n_entries)
+        check_length("e_has_multi", self.e_has_multi.shape[0], n_entries)
+        check_length("e_cmask", self.e_cmask.shape[0], n_entries)
+        check_length("c_safe", self.c_safe.shape[0], n_claims)
+        check_length("e_cand", self.e_cand.shape[0], n_entries * words)
+        check_length("e_err", self.e_err.shape[0], n_entries * words)
+        check_length("e_all_start", self.e_all_start.shape[0], n_entries + 1)
+        check_range("e_all_idx", self.e_all_idx.shape[0], self.e_all_start, n_entries)
+        check_range("e_all_soft", self.e_all_soft.shape[0], self.e_all_start, n_entries)
+        check_length("e_cons_start", self.e_cons_start.shape[0], n_entries + 1)
+        check_range("cons_dev", self.cons_dev.shape[0], self.e_cons_start, n_entries)
+        check_range("cons_dim", self.cons_dim.shape[0], self.e_cons_start, n_entries)
+        check_range("cons_amt", self.cons_amt.shape[0], self.e_cons_start, n_entries)
+        check_length("c_gstart", self.c_gstart.shape[0], n_claims + 1)
+        check_length("g_estart", self.g_estart.shape[0], self.n_groups + 1)
+        check_length("c_kstart", self.c_kstart.shape[0], n_claims + 1)
+        check_length("k_kind", self.k_kind.shape[0], n_constraints)
+        check_length("k_values", self.k_values.shape[0], n_constraints * self.n_devices)
+        check_length("k_gstart", self.k_gstart.shape[0], n_constraints + 1)
+        check_length("k_groups", self.k_groups.shape[0],
+                     self.k_gstart[n_constraints] * words)
+        check_length("k_has", self.k_has.shape[0], n_constraints * words)
+        return 0
+
+
+# The fields `claim_arrays` takes, by element type: int8, int32, uint32, int64, uint64.
+CLAIM_FIELDS = (
+    "e_all", "e_admin", "e_fa", "e_has_err", "e_has_multi", "c_safe", "e_all_soft", "k_kind",
+    "e_count", "e_all_start", "e_all_idx", "e_cons_start", "cons_dev", "cons_dim", "c_gstart",
+    "g_estart", "c_kstart", "k_values", "k_gstart",
+    "e_cmask",
+    "cons_amt",
+    "e_cand", "e_err", "k_groups", "k_has")
+
+
+def claim_arrays(int n_devices, int n_entries, int n_claims, int n_groups, int n_constraints,
+                 const int8_t[::1] i8, const int32_t[::1] i32, const uint32_t[::1] u32,
+                 const int64_t[::1] i64, const uint64_t[::1] u64,
+                 const int32_t[::1] lengths):
+    """ClaimArrays from one array per element type, each the concatenation of its fields
+    in the order of CLAIM_FIELDS, `lengths` the length of each field in that order: five
+    buffers taken instead of 25 (the cost of a cold call's compiled claims)."""
+    cdef ClaimArrays out = ClaimArrays.__new__(ClaimArrays)
+    cdef Py_ssize_t start[26]
+    cdef Py_ssize_t b32, b64
+    cdef int k
+    out.set_sizes(n_devices, n_entries, n_claims, n_groups, n_constraints)
+    if lengths.shape[0] != 25:
+        raise ValueError(f"lengths: {lengths.shape[0]} fields, the kernel takes 25")
+    for k in range(25):
+        if lengths[k] < 0:
+            raise ValueError(f"lengths[{k}]: {lengths[k]}")
+    start[0] = 0
+    for k in range(25):
+        start[k + 1] = start[k] + lengths[k]
+    # Where each type's fields begin among all 25.
+    b32, b64 = start[8], start[21]
+    if (i8.shape[0] != start[8] or i32.shape[0] != start[19] - b32
+            or u32.shape[0] != lengths[19] or i64.shape[0] != lengths[20]
+            or u64.shape[0] != start[25] - b64):
+        raise ValueError("claim_arrays: the arrays do not hold the fields' lengths")
+    out.e_all = i8[start[0]:start[1]]
+    out.e_admin = i8[start[1]:start[2]]
+    out.e_fa = i8[start[2]:start[3]]
+    out.e_has_err = i8[start[3]:start[4]]
+    out.e_has_multi = i8[start[4]:start[5]]
+    out.c_safe = i8[start[5]:start[6]]
+    out.e_all_soft = i8[start[6]:start[7]]
+    out.k_kind = i8[start[7]:start[8]]
+    out.e_count = i32[start[8] - b32:start[9] - b32]
+    out.e_all_start = i32[start[9] - b32:start[10] - b32]
+    out.e_all_idx = i32[start[10] - b32:start[11] - b32]
+    out.e_cons_start = i32[start[11] - b32:start[12] - b32]
+    out.cons_dev = i32[start[12] - b32:start[13] - b32]
+    out.cons_dim = i32[start[13] - b32:start[14] - b32]
+    out.c_gstart = i32[start[14] - b32:start[15] - b32]
+    out.g_estart = i32[start[15] - b32:start[16] - b32]
+    out.c_kstart = i32[start[16] - b32:start[17] - b32]
+    out.k_values = i32[start[17] - b32:start[18] - b32]
+    out.k_gstart = i32[start[18] - b32:start[19] - b32]
+    out.e_cmask = u32
+    out.cons_amt = i64
+    out.e_cand = u64[start[21] - b64:start[22] - b64]
+    out.e_err = u64[start[22] - b64:start[23] - b64]
+    out.k_groups = u64[start[23] - b64:start[24] - b64]
+    out.k_has = u64[start[24] - b64:start[25] - b64]
+    out.check()
+    return out
 
 
 cdef class Dynamic:

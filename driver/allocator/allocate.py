@@ -8,13 +8,15 @@ Two modes:
   variant, with the default feature gates) gives, device for device;
 - topology: among the solutions the same search reaches, the best by
   `reference.score` (NVLink-connected sets with the most bandwidth, one NUMA
-  node and PCIe root, MIG placements that keep the largest free blocks). It finds a
+  node and PCIe root, MIG placements that rule out the fewest other placements on their GPU). It finds a
   solution exactly when parity does.
 
 The search runs in the native kernel (`driver._alloc`) when it is built, else in the
-pure-Python reference; both read the same `Problem` and give the same answers. On
-the kernel path an `Allocator` keeps, per node, the packed device and counter tables
-and, per list of parsed claims, their compiled problem (`kernel.NodeKernel`); a call
+pure-Python reference; both read the same `Problem` and give the same answers. A
+node's model (devices, counters, topology, the kernel's tables: `model.NodeModel`) is
+made once per version of its slices and shared by Allocators, as kube-scheduler's
+informer decodes each object version once; an `Allocator` keeps, per list of parsed
+claims, their compiled problem (`kernel.Plan`), and its selector results; a call
 computes only the ledger's part and shapes the results from per-device parts.
 """
 
@@ -35,15 +37,16 @@ from driver.allocator.input import (
     parse_taint_rules,
 )
 from driver.allocator.ledger import DeviceRef, Ledger
-from driver.allocator.model import AllocationError, NodeModel, Problem
+from driver.allocator.model import AllocationError, Evaluations, NodeModel, Problem, node_model
 from driver.allocator.pools import (
     Device,
     Node,
     Pool,
-    Verdicts,
     check_slices,
     gather_pools,
+    slices_by_node,
 )
+from driver.allocator.versions import Recent, object_version
 from driver.kube.quantity import format_quantity
 
 Mode = Literal["parity", "topology"]
@@ -54,7 +57,11 @@ Backend = Literal["native", "reference"]
 # in the kernel.
 DEFAULT_BUDGET = 5_000_000
 TOPOLOGY_BUDGET = 200_000
-_MAX_PARSED = 16384  # parsed claims kept per Allocator, by (uid, resourceVersion)
+# Claims decoded per (uid, resourceVersion, the class names they were checked against),
+# as the scheduler's informer decodes each claim version once; the least recently used
+# dropped first.
+_claims: Recent[tuple[str, str, tuple[str, ...]], Claim] = Recent(16384)
+_MAX_PLANS = 256  # compiled claim lists kept per node and Allocator
 
 try:
     from driver.allocator import kernel
@@ -102,8 +109,9 @@ class Allocator:
     """The slices, classes and DeviceTaintRules of one cluster snapshot; allocate against
     it many times.
 
-    Per node, pools and the CEL result of every (selector, device) pair are kept,
-    so each expression is evaluated once per device for the snapshot's lifetime. Not
+    Per node, the model (shared with other Allocators for the same slice versions)
+    and the compiled claims are kept, and each selector's result per group of devices
+    that agree on what it reads (`evaluations`), for the snapshot's lifetime. Not
     thread-safe: give each thread its own, or hold a lock.
     """
 
@@ -114,10 +122,10 @@ class Allocator:
         self.slices = list(slices)
         self.classes: dict[str, DeviceClass] = parse_classes(list(classes))
         self.taint_rules = parse_taint_rules(taint_rules)
+        self.evaluations = Evaluations()
+        self._by_node: dict[str, list[Mapping[str, Any]]] | None = None
         self._models: dict[Node, NodeModel] = {}
-        self._parsed: dict[tuple[str, str], Claim] = {}
         self._sites: dict[str | Node, _Site] = {}
-        self._verdicts: Verdicts = {}  # selector results, shared by identical devices
 
     def nodes(self) -> list[str]:
         return sorted({s["spec"]["nodeName"] for s in self.slices
@@ -127,9 +135,10 @@ class Allocator:
         """The node's pools and everything known about them before any claim."""
         found = self._models.get(node)
         if found is None:
-            found = self._models[node] = NodeModel(gather_pools(self.slices, node,
-                                                                   self.taint_rules,
-                                                                   self._verdicts))
+            if self._by_node is None:
+                self._by_node = slices_by_node(self.slices)
+            found = self._models[node] = node_model(gather_pools(
+                self.slices, node, self.taint_rules, self._by_node))
         return found
 
     def pools(self, node: Node) -> list[Pool]:
@@ -139,21 +148,21 @@ class Allocator:
         """Checked claims; InputError names the first bad claim and field.
 
         A claim with a uid and a resourceVersion (as read from the API server) is
-        parsed once: the server gives a changed object a new resourceVersion. The
-        same `Claim` object back also lets `allocate` reuse what it compiled for it.
+        decoded once per process for the class names it is checked against: the server
+        gives a changed object a new resourceVersion. The same `Claim` object back also
+        lets `allocate` reuse what it compiled for it.
         """
         parsed: list[Claim] = []
+        names = tuple(self.classes)
         for raw in claims:
-            meta = raw.get("metadata") or {}
-            uid, version = meta.get("uid"), meta.get("resourceVersion")
-            if not uid or not version:
+            version = object_version(raw)
+            if version is None:
                 parsed.append(parse_claim(raw, self.classes))
                 continue
-            found = self._parsed.get((uid, version))
+            key = (*version, names)
+            found = _claims.get(key)
             if found is None:
-                if len(self._parsed) >= _MAX_PARSED:
-                    self._parsed.clear()
-                found = self._parsed[(uid, version)] = parse_claim(raw, self.classes)
+                found = _claims.put(key, parse_claim(raw, self.classes))
             parsed.append(found)
         return parsed
 
@@ -166,16 +175,15 @@ class Allocator:
             where = node if isinstance(node, Node) else Node(node)
             site = self._sites[node] = _Site(where, self.model(where))
         if backend == "native" and kernel is not None:
-            if site.kernel is False:
-                site.kernel = kernel.node_kernel(site.model)
-            if site.kernel is not None:
-                outcome = self._kernel_path(site, claims, ledger, mode, budget)
+            fast = kernel.node_kernel(site.model)
+            if fast is not None:
+                outcome = self._kernel_path(site, fast, claims, ledger, mode, budget)
                 if outcome is not None:
                     return outcome
         model = site.model
         pools = model.pools
         try:
-            problem = model.problem(claims, self.classes, ledger)
+            problem = model.problem(claims, self.classes, ledger, self.evaluations)
         except AllocationError as err:
             return Outcome("error", message=str(err), field=err.field)
         solve = _backend(backend)
@@ -187,19 +195,24 @@ class Allocator:
                 found = best
         return self._outcome(found, problem, claims, pools, site)
 
-    def _kernel_path(self, site: _Site, claims: Sequence[Claim], ledger: Ledger, mode: Mode,
-                     budget: int | None) -> Outcome | None:
+    def _kernel_path(self, site: _Site, fast: Any, claims: Sequence[Claim], ledger: Ledger,
+                     mode: Mode, budget: int | None) -> Outcome | None:
         """The node's kernel with the claims' compiled problem; None where the ledger
         takes counters out of the kernel's range (the general path decides)."""
-        plan = site.kernel.plan(claims, self.classes)
+        key = tuple(map(id, claims))
+        plan = site.plans.get(key)
+        if plan is None:
+            if len(site.plans) >= _MAX_PLANS:
+                site.plans.clear()
+            plan = site.plans[key] = fast.plan(claims, self.classes, self.evaluations)
         if plan.error is not None:
             return Outcome("error", message=str(plan.error), field=plan.error.field)
-        state = site.kernel.state(ledger)
+        state = fast.state(ledger)
         if state is None:
             return None
-        found = site.kernel.search(plan, state, False, budget or DEFAULT_BUDGET)
+        found = fast.search(plan, state, False, budget or DEFAULT_BUDGET)
         if found.status == "ok" and mode == "topology":
-            best = site.kernel.search(plan, state, True, budget or TOPOLOGY_BUDGET)
+            best = fast.search(plan, state, True, budget or TOPOLOGY_BUDGET)
             if best.status == "ok":
                 best.nodes += found.nodes
                 found = best
@@ -223,7 +236,7 @@ class Allocator:
                            nodes=found.nodes)
         allocations = tuple(
             _allocation(claim, self.classes, problem, found.picks[c], found.alts[c], site.node,
-                        site.parts)
+                        site.model.parts)
             for c, claim in enumerate(claims))
         return Outcome("allocated", allocations, nodes=found.nodes, complete=found.complete)
 
@@ -249,20 +262,20 @@ def _error_text(found: reference.Found, problem: Problem, claims: Sequence[Claim
 
 
 class _Site:
-    """One node as `allocate` names it, with what is kept for it: its model, its
-    kernel (False: not built yet; None: the general path serves it), result parts."""
+    """One node as `allocate` names it, with what one Allocator keeps for it: its
+    model, the plans of its claim lists (`kernel.Plan`, by the claims' ids; a plan
+    keeps its claims alive)."""
 
-    __slots__ = ("kernel", "model", "node", "parts")
+    __slots__ = ("model", "node", "plans")
 
     def __init__(self, node: Node, model: NodeModel) -> None:
         self.node = node
         self.model = model
-        self.kernel: Any = False
-        self.parts: dict[int, _Part] = {}  # by device index, made when first picked
+        self.plans: dict[tuple[int, ...], Any] = {}
 
 
 class _Part(NamedTuple):
-    """What a device puts in every result that picks it, worked out once per node."""
+    """What a device puts in every result that picks it, worked out once per node model."""
 
     driver: str
     pool: str
@@ -284,7 +297,7 @@ def _part(device: Device) -> _Part:
 
 def _allocation(claim: Claim, classes: Mapping[str, DeviceClass], problem: Problem,
                 picks: Sequence[tuple[int, int]], alts: Sequence[int], node: Node,
-                parts: dict[int, _Part]) -> dict[str, Any]:
+                parts: dict[int, Any]) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     local = False
     entries = problem.entries

@@ -83,6 +83,9 @@ _LIBRARIES = """extensions:
 # A device field a selector reads: ("driver",), ("allowMultipleAllocations",),
 # ("attributes" | "capacity", domain, id).
 Read = tuple[str, ...]
+# `device.driver|allowMultipleAllocations|attributes["d"].id ==|!= literal`: the read's
+# position in `Selector.reads`, True for `==`, the literal (str, int or bool).
+Test = tuple[int, bool, Any]
 
 
 class SelectorError(AllocatorError, ValueError):
@@ -97,6 +100,9 @@ class Selector:
     cost: int = field(compare=False)
     # The device fields the result depends on (`_device_reads`); None: possibly all.
     reads: tuple[Read, ...] | None = field(default=None, compare=False)
+    # The expression as a conjunction of equality tests on `reads` (`_tests`), decided
+    # without CEL where every value is of the literal's kind (`decide`); None: not one.
+    tests: tuple[Test, ...] | None = field(default=None, compare=False)
 
     def matches(self, device: DeviceInput) -> bool:
         """True or False for one device; SelectorError when CEL reports an error."""
@@ -194,7 +200,8 @@ def compile_selector(expression: str) -> Selector:
     if len(expression) > MAX_EXPRESSION_LENGTH:
         raise SelectorError(f"CEL expression longer than {MAX_EXPRESSION_LENGTH} bytes")
     parsed = _parse(expression)
-    reads = _device_reads(_unchecked_tree(parsed)[0])
+    root = _unchecked_tree(parsed)[0]
+    reads = _device_reads(root)
     typed = _typed_fields(expression, parsed)
     checked = _compile(_checker_env(), typed)
     kind = checked.return_type().name()
@@ -215,7 +222,7 @@ def compile_selector(expression: str) -> Selector:
     if renames:
         program = _env().deserialize(_renamed_calls(program.serialize(), renames))
     selector = Selector(expression, program, frozenset(_strings(tree) + _domain_fields(tree)),
-                        cost, reads)
+                        cost, reads, _tests(root, reads) if reads is not None else None)
     _cache[expression] = selector
     return selector
 
@@ -676,6 +683,76 @@ def _device_reads(root: Fields) -> tuple[Read, ...] | None:
     if any(_is_ident(node, "device") and _id(node) not in placed for node in _nodes(root)):
         return None
     return tuple(sorted(reads))
+
+
+def _tests(root: Fields, reads: tuple[Read, ...]) -> tuple[Test, ...] | None:
+    """The expression as `&&` of `read == literal` / `read != literal` (the read
+    `device.driver`, `device.allowMultipleAllocations` or `device.attributes["d"].id`,
+    the literal a string, int or bool constant on the right); None for any other shape."""
+    tests: list[Test] = []
+    stack = [root]
+    while stack:
+        call = _one(stack.pop(), 6)
+        if call is None or 1 in call or len(call.get(3, [])) != 2:
+            return None
+        name = _text(call, 2)
+        left, right = (_wire(arg) for arg in call[3])
+        if name == "_&&_":
+            stack += [left, right]
+            continue
+        read, literal = _plain_read(left), _literal(right)
+        if name not in ("_==_", "_!=_") or read not in reads or literal is _NOT_CONSTANT:
+            return None
+        tests.append((reads.index(read), name == "_==_", literal))
+    return tuple(tests)
+
+
+def _plain_read(node: Fields) -> Read | None:
+    """The device field a select node reads, for the fields `_tests` compares."""
+    select = _one(node, 5)
+    if select is None or select.get(3, [0])[0]:
+        return None
+    operand, name = _one(select, 1), _text(select, 2)
+    if _is_ident(operand, "device"):
+        return (name,) if name in ("driver", "allowMultipleAllocations") else None
+    call = _one(operand, 6) if operand is not None else None
+    if call is None or 1 in call or _text(call, 2) != "_[_]" or len(call.get(3, [])) != 2:
+        return None
+    outer, key = _one(_wire(call[3][0]), 5), _constant(_wire(call[3][1]))
+    if (outer is None or outer.get(3, [0])[0] or _text(outer, 2) != "attributes"
+            or not _is_ident(_one(outer, 1), "device") or not isinstance(key, str)):
+        return None
+    return ("attributes", key, name)
+
+
+def _literal(node: Fields) -> Any:
+    """A string, int (not uint) or bool constant, else _NOT_CONSTANT."""
+    const = _one(node, 3)
+    if const is None or not any(n in const for n in (2, 3, 6)):
+        return _NOT_CONSTANT
+    return _constant(node)
+
+
+def decide(tests: tuple[Test, ...], values: tuple[Any, ...]) -> bool | None:
+    """The conjunction on a device whose `reads` take `values` (`Device.values`:
+    attributes as (kind, value), an absent one as ("absent",)): False where a test is
+    false (CEL's `&&` is false then, whatever errors the others give), True where all
+    are true, None where a test needs CEL (an absent attribute, another kind than the
+    literal's: errors or cross-kind equality)."""
+    undecided = False
+    for position, equal, literal in tests:
+        value = values[position]
+        if isinstance(value, tuple):
+            if len(value) != 2 or type(value[1]) is not type(literal) or value[0] == "version":
+                undecided = True
+                continue
+            value = value[1]
+        elif type(value) is not type(literal):
+            undecided = True
+            continue
+        if (value == literal) != equal:
+            return False
+    return None if undecided else True
 
 
 def _compile(env: Any, expression: str) -> Any:

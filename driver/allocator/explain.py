@@ -78,7 +78,7 @@ def _reasons(allocator: Allocator, claim: Claim, ledger: Ledger, node: Node) -> 
                for p in model.pools if not p.usable]
     devices = model.devices
     try:
-        problem = model.problem([claim], allocator.classes, ledger)
+        problem = model.problem([claim], allocator.classes, ledger, allocator.evaluations)
     except AllocationError as err:
         return [*reasons, str(err)]
     free_of: dict[str, list[Device]] = {}
@@ -113,8 +113,10 @@ def _request_line(allocator: Allocator, claim: Claim, request: Request, devices:
     with why."""
     device_class = allocator.classes[request.class_name]
     in_class = [d for d in devices
-                if selectable(claim.key, device_class, _bare(request), d) is True]
-    selected = [d for d in in_class if selectable(claim.key, device_class, request, d) is True]
+                if selectable(claim.key, device_class, _bare(request), d,
+                           allocator.evaluations.verdicts) is True]
+    selected = [d for d in in_class if selectable(claim.key, device_class, request, d,
+                                                 allocator.evaluations.verdicts) is True]
     parts = [f"request {request.name}: {len(in_class)} devices match class "
              f"{request.class_name}"]
     if request.selectors:
@@ -287,7 +289,8 @@ def _constraint_line(kind: str, attribute: str, covered: list[Request], need: in
         text = (f"{label} needs {need} devices with one value for {names}; free devices "
                 f"leave at most {best} in one value ({by_value or 'none'}){lack}")
         matching = [d for d in devices if d.ref in ledger.exclusive and any(
-            selectable(claim.key, allocator.classes[r.class_name], r, d) is True for r in covered)]
+            selectable(claim.key, allocator.classes[r.class_name], r, d,
+                       allocator.evaluations.verdicts) is True for r in covered)]
         held = Counter(_value(d, attribute) for d in matching)
         held.pop(None, None)
         for value, count in held.most_common(2):
@@ -369,7 +372,8 @@ def _capacity_changes(claim: Claim, index: int, allocator: Allocator, ledger: Le
     request = claim.requests[index].alternatives[0]
     device_class = allocator.classes[request.class_name]
     devices = [d for d in allocator.model(node).devices
-               if selectable(claim.key, device_class, request, d) is True
+               if selectable(claim.key, device_class, request, d,
+                             allocator.evaluations.verdicts) is True
                and not d.untolerated(request.tolerations) and d.ref not in ledger.exclusive]
     asked = dict(request.capacity)
     found = []

@@ -15,6 +15,7 @@ from fractions import Fraction
 from typing import Any
 
 from driver.allocator.cel import Selector, SelectorError, compile_selector
+from driver.allocator.versions import Recent, object_version
 from driver.errors import AllocatorError
 from driver.kube.names import is_c_identifier, is_label, is_subdomain
 from driver.kube.quantity import QuantityError, parse_quantity
@@ -166,17 +167,33 @@ def _named(obj: Mapping[str, Any], kind: str) -> tuple[str, str]:
     return str(name), where
 
 
+# DeviceClasses decoded per object version (`object_version`).
+_classes: Recent[tuple[str, str], DeviceClass] = Recent(1024)
+
+
 def parse_classes(objects: list[Mapping[str, Any]]) -> dict[str, DeviceClass]:
+    """The classes by name; a class read from the API server is decoded once per
+    version."""
     classes: dict[str, DeviceClass] = {}
     for obj in objects:
-        name, where = _named(obj, "DeviceClass")
-        spec = obj.get("spec") or {}
-        selectors = _selectors(spec.get("selectors") or [], f"{where}: spec.selectors")
-        configs = tuple(spec.get("config") or ())
-        if len(configs) > MAX_CONFIGS:
-            raise InputError(f"{where}: spec.config: at most {MAX_CONFIGS} entries")
-        classes[name] = DeviceClass(name, selectors, configs)
+        version = object_version(obj)
+        found = _classes.get(version) if version is not None else None
+        if found is None:
+            found = _device_class(obj)
+            if version is not None:
+                _classes.put(version, found)
+        classes[found.name] = found
     return classes
+
+
+def _device_class(obj: Mapping[str, Any]) -> DeviceClass:
+    name, where = _named(obj, "DeviceClass")
+    spec = obj.get("spec") or {}
+    selectors = _selectors(spec.get("selectors") or [], f"{where}: spec.selectors")
+    configs = tuple(spec.get("config") or ())
+    if len(configs) > MAX_CONFIGS:
+        raise InputError(f"{where}: spec.config: at most {MAX_CONFIGS} entries")
+    return DeviceClass(name, selectors, configs)
 
 
 def parse_taint_rules(objects: Sequence[Mapping[str, Any]]) -> tuple[TaintRule, ...]:

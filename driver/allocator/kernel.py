@@ -10,22 +10,30 @@ module fails where the extension is not built; driver.allocator then uses the
 reference. Counters and capacities beyond what int64 holds with headroom go to the
 reference too (`KernelRange`), which computes with Python integers.
 
-`NodeKernel` is the warm path `Allocator` takes: the node's arrays packed once, a
-claim list's arrays packed and bound (`_alloc.Prepared`) once, and per call only
-the ledger's part, computed in C (`_alloc.Tables.state`).
+`NodeKernel` is the path `Allocator` takes: the node's arrays packed once per version
+of its slices, a claim list's arrays packed and bound (`_alloc.Prepared`) once per
+Allocator, and per call only the ledger's part, computed in C (`_alloc.Tables.state`).
 """
 
 from __future__ import annotations
 
 from array import array
 from collections.abc import Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from driver import _alloc
 from driver.allocator.input import MAX_RESULTS, Claim, DeviceClass
 from driver.allocator.ledger import Ledger
-from driver.allocator.model import AllocationError, ConstraintPlan, Entry, NodeModel, Problem
+from driver.allocator.model import (
+    AllocationError,
+    ConstraintPlan,
+    Entry,
+    Evaluations,
+    NodeModel,
+    Problem,
+)
 from driver.allocator.reference import Found
 from driver.allocator.reference import optimize as ref_optimize
 from driver.allocator.reference import solve as ref_solve
@@ -207,13 +215,20 @@ def _claim_arrays(entries: list[Entry], claims: list[list[list[int]]],
     """The arrays that depend on the claims (requests, candidates, constraints)."""
     w = static.words
     multi_bits = static.multi_bits
-    e_cand, e_err, e_all_start, e_all_idx, e_all_soft = [], [], [0], [], []
+    e_cand: list[int] = []
+    e_err: list[int] = []
+    e_all_start, e_all_idx, e_all_soft = [0], [], []
     e_cons_start, cons_dev, cons_dim, cons_amt = [0], [], [], []
     for entry in entries:
-        e_cand += _words(entry.cand, w)
-        e_err += _words(entry.err, w)
-        e_all_idx += entry.all_list
-        e_all_soft += entry.all_soft
+        if w == 1:
+            e_cand.append(entry.cand)
+            e_err.append(entry.err)
+        else:
+            e_cand += _words(entry.cand, w)
+            e_err += _words(entry.err, w)
+        if entry.all_list:
+            e_all_idx += entry.all_list
+            e_all_soft += entry.all_soft
         e_all_start.append(len(e_all_idx))
         for d, uses in sorted(entry.cons.items()):
             for k, amount in uses:
@@ -237,25 +252,31 @@ def _claim_arrays(entries: list[Entry], claims: list[list[list[int]]],
             k_gstart.append(k_gstart[-1] + len(plan.groups))
             k_has += has_words
         c_kstart.append(len(k_kind))
-    return _alloc.ClaimArrays(
-        n_devices=static.devices.n_devices, n_entries=len(entries), n_claims=len(claims),
-        n_groups=len(g_estart) - 1, n_constraints=len(k_kind),
-        e_count=_i32([e.count for e in entries]),
-        e_all=_i8([e.all_mode for e in entries]),
-        e_admin=_i8([e.admin for e in entries]),
-        e_fa=_i8([e.first_available for e in entries]),
-        e_has_err=_i8([e.err for e in entries]),
-        e_has_multi=_i8([e.cand & multi_bits for e in entries]),
-        c_safe=_i8([sum(max(entries[i].count for i in ids) for ids in groups) <= MAX_RESULTS
-                    for groups in claims]),
-        e_cand=_u64(e_cand), e_err=_u64(e_err),
-        e_all_start=_i32(e_all_start), e_all_idx=_i32(e_all_idx), e_all_soft=_i8(e_all_soft),
-        e_cmask=_u32([e.cmask for e in entries]),
-        e_cons_start=_i32(e_cons_start), cons_dev=_i32(cons_dev), cons_dim=_i32(cons_dim),
-        cons_amt=_i64(cons_amt),
-        c_gstart=_i32(c_gstart), g_estart=_i32(g_estart), c_kstart=_i32(c_kstart),
-        k_kind=_i8(k_kind), k_values=_i32(k_values), k_gstart=_i32(k_gstart),
-        k_groups=_u64(k_groups), k_has=_u64(k_has))
+    i8 = ([e.all_mode for e in entries], [e.admin for e in entries],
+          [e.first_available for e in entries], [1 if e.err else 0 for e in entries],
+          [1 if e.cand & multi_bits else 0 for e in entries],
+          [sum(max(entries[i].count for i in ids) for ids in groups) <= MAX_RESULTS
+           for groups in claims], e_all_soft, k_kind)
+    i32 = ([e.count for e in entries], e_all_start, e_all_idx, e_cons_start, cons_dev,
+           cons_dim, c_gstart, g_estart, c_kstart, k_values, k_gstart)
+    u64 = (e_cand, e_err, k_groups, k_has)
+    e_cmask = [e.cmask for e in entries] or [0]
+    cons_amt = cons_amt or [0]
+    # In the order of _alloc.CLAIM_FIELDS, each field padded to one element.
+    lengths: list[int] = []
+    flat: list[list[int]] = [[], [], []]
+    for fields, into in ((i8, flat[0]), (i32, flat[1]), (u64, flat[2])):
+        for values in fields:
+            into += values or _PAD
+            lengths.append(len(values) or 1)
+    lengths[19:19] = (len(e_cmask), len(cons_amt))
+    return _alloc.claim_arrays(
+        static.devices.n_devices, len(entries), len(claims), len(g_estart) - 1, len(k_kind),
+        array("b", flat[0]), array("i", flat[1]), array("I", e_cmask), array("q", cons_amt),
+        array("Q", flat[2]), array("i", lengths))
+
+
+_PAD = (0,)  # an empty field's one element
 
 
 @dataclass
@@ -271,19 +292,21 @@ class Plan:
 
 
 class NodeKernel:
-    """One node's packed arrays and counter tables, built once per snapshot.
+    """One node's packed arrays and counter tables: static, kept with its `NodeModel`
+    (so built once per version of the node's slices).
 
     Per call only what the ledger decides is computed (in C, from the devices the
-    node's pools have allocated), and per list of parsed claims (the same `Claim`
-    objects) the compiled problem is kept. For nodes without devices that allow
+    node's pools have allocated), and `plan` compiles a list of claims against it
+    (the caller keeps the plans of one Allocator). For nodes without devices that allow
     multiple allocations; `node_kernel` says None for the others.
     """
 
-    _MAX_PLANS = 256  # claim lists kept per node; the cache starts over when full
-
     def __init__(self, model: NodeModel) -> None:
         self.model = model
-        self.static = _static(model.problem([], {}, Ledger()))
+        # The problem of no claims and an empty ledger: a plan's, but for its claims'
+        # part (the kernel takes the ledger's part from `state`).
+        self.empty = model.problem([], {}, Ledger(), Evaluations())
+        self.static = _static(self.empty)
         held = [*model.devices, *(d for p in model.usable for d in p.elsewhere)]
         self.index = {d.ref: i for i, d in enumerate(held)}
         self.pools = [(p.driver, p.name) for p in model.usable]
@@ -299,25 +322,22 @@ class NodeKernel:
             counter_pool, [pool_ids[counters.pool_of[d.ref]] for d in model.devices],
             model.counted, topology.set_slots, topology.set_full, topology.slice_set,
             topology.island_members)
-        self._plans: dict[tuple[int, ...], Plan] = {}
 
-    def plan(self, claims: Sequence[Claim], classes: Mapping[str, DeviceClass]) -> Plan:
-        key = tuple(map(id, claims))
-        found = self._plans.get(key)
-        if found is not None:
-            return found
-        if len(self._plans) >= self._MAX_PLANS:
-            self._plans.clear()
+    def plan(self, claims: Sequence[Claim], classes: Mapping[str, DeviceClass],
+             evaluations: Evaluations) -> Plan:
         found = Plan(tuple(claims))
         try:
-            problem = self.model.problem(claims, classes, Ledger())
+            entries, groups, constraints = self.model.compile(claims, classes, evaluations)
         except AllocationError as err:
             found.error = err
         else:
-            found.problem = problem
+            # No device allows multiple allocations (`node_kernel`): no capacity to scale.
+            problem = found.problem = Problem.__new__(Problem)
+            problem.__dict__.update(self.empty.__dict__, entries=entries, claims=groups,
+                                    constraints=constraints,
+                                    has_errors=any(e.err for e in entries))
             found.prepared = _alloc.Prepared(self.static.devices, _claim_arrays(
                 problem.entries, problem.claims, problem.constraints, self.static))
-        self._plans[key] = found
         return found
 
     def state(self, ledger: Ledger) -> _alloc.Dynamic | None:
@@ -342,10 +362,12 @@ class NodeKernel:
 
 
 def node_kernel(model: NodeModel) -> NodeKernel | None:
-    """The node's kernel, or None where the general path (`solve`) must serve it."""
-    if model.multi_devices:
-        return None
-    try:
-        return NodeKernel(model)
-    except KernelRange:
-        return None
+    """The node's kernel, made once per model; None where the general path (`solve`)
+    must serve it."""
+    if model.kernel is False:
+        model.kernel = None
+        if not model.multi_devices:
+            with suppress(KernelRange):
+                model.kernel = NodeKernel(model)
+    found: NodeKernel | None = model.kernel
+    return found

@@ -9,17 +9,18 @@ exact integers. The searches (`reference`, the native kernel) see only this.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import cache
 from math import lcm
 from typing import TYPE_CHECKING, Any
 
-from driver.allocator.cel import Selector, SelectorError
+from driver.allocator.cel import Read, Selector, SelectorError, decide
 from driver.allocator.input import MAX_RESULTS, Claim, DeviceClass, Request
 from driver.allocator.ledger import DeviceRef, Ledger
-from driver.allocator.pools import Device, Pool
+from driver.allocator.pools import MAX_DEVICES, Device, Pool, Verdicts, held_devices
+from driver.allocator.versions import Recent
 from driver.errors import AllocatorError
 from driver.kube.quantity import parse_quantity
 
@@ -104,11 +105,13 @@ class Problem:
 
 
 class NodeModel:
-    """What one node's pools offer, worked out once per snapshot.
+    """What one node's pools offer before any claim: devices in search order, counters
+    scaled to integers, topology features, constraint values per attribute, devices
+    grouped by the values a selector reads, the kernel's tables (`kernel`).
 
-    Devices in search order, counters scaled to integers, topology features,
-    constraint values per attribute and, per distinct request, its candidates;
-    `problem()` adds what depends on the ledger and the claims.
+    Built once per version of its pools (`node_model`) and shared by Allocators: it
+    holds nothing that depends on classes, claims or the ledger. `problem()` adds
+    those, with the selector results of one Allocator (`Evaluations`).
     """
 
     def __init__(self, pools: Sequence[Pool]) -> None:
@@ -123,12 +126,21 @@ class NodeModel:
         self.topology = _topology(self.devices, self.counters)
         self.no_blocks = [False] * len(self.devices)  # also "no shares": read-only
         self.multi_devices = [i for i, m in enumerate(self.multi) if m]
-        self._requests: dict[tuple[Any, ...], _Classified] = {}
+        self.all_bits = (1 << len(self.devices)) - 1
+        self.node_ok_bits = _bits_where(d.node_ok for d in self.devices)
+        # Capacity taken whole by a request asking for none (`consumed_capacity`).
+        self.plain_bits = _bits_where(d.plain_capacity for d in self.devices)
+        self.tainted_bits = _bits_where(any(t.blocks for t in d.taints) for d in self.devices)
+        self._groups: dict[tuple[Read, ...] | None, list[tuple[Any, int]]] = {}
         self._constraints: dict[tuple[str, str], ConstraintPlan] = {}
         self.packed: NodeArrays | None = None  # the kernel's arrays of the above
+        # What a device puts in every result that picks it (`allocate._Part`), by index,
+        # made when first picked.
+        self.parts: dict[int, Any] = {}
+        self.kernel: Any = False  # kernel.NodeKernel; None: the general path; False: not yet
 
     def problem(self, claims: Sequence[Claim], classes: Mapping[str, DeviceClass],
-                ledger: Ledger) -> Problem:
+                ledger: Ledger, evaluations: Evaluations) -> Problem:
         """The pre-pass of Allocate: AllocationError where the scheduler errors out."""
         devices = self.devices
         base_inuse = 0
@@ -147,7 +159,7 @@ class NodeModel:
         blocked = self.no_blocks if not negative else [
             d.counted and f"{d.ref.driver}/{d.ref.pool}" in negative for d in devices]
         dims = _dims(devices, self.multi_devices, ledger)
-        entries, claim_plans, constraint_plans = self.compile(claims, classes)
+        entries, claim_plans, constraint_plans = self.compile(claims, classes, evaluations)
         topology = self.topology
         set_free = topology.free_sets(avail)
         problem = Problem(
@@ -163,7 +175,8 @@ class NodeModel:
         _scale_dims(problem, dims)
         return problem
 
-    def compile(self, claims: Sequence[Claim], classes: Mapping[str, DeviceClass]
+    def compile(self, claims: Sequence[Claim], classes: Mapping[str, DeviceClass],
+                evaluations: Evaluations
                 ) -> tuple[list[Entry], list[list[list[int]]], list[list[ConstraintPlan]]]:
         """The part of the problem that depends on the claims alone: entries (one per
         request or subrequest, with its candidates), request groups per claim, the
@@ -181,9 +194,10 @@ class NodeModel:
                     entry = Entry(c, g, a, request, request.count,
                                   request.all_devices, request.admin_access,
                                   group.first_available)
-                    self._classify(entry, claim, classes[request.class_name])
-                    entry.cmask = sum(1 << k for k, con in enumerate(claim.constraints)
-                                      if con.applies(request))
+                    self._classify(entry, claim, classes[request.class_name], evaluations)
+                    if claim.constraints:
+                        entry.cmask = sum(1 << k for k, con in enumerate(claim.constraints)
+                                          if con.applies(request))
                     ids.append(len(entries))
                     entries.append(entry)
                 need = min(entries[i].count for i in ids)
@@ -199,7 +213,8 @@ class NodeModel:
                                      for con in claim.constraints])
         return entries, claim_plans, constraint_plans
 
-    def _classify(self, entry: Entry, claim: Claim, device_class: DeviceClass) -> None:
+    def _classify(self, entry: Entry, claim: Claim, device_class: DeviceClass,
+                  evaluations: Evaluations) -> None:
         request = entry.request
         if entry.all_mode:
             for pool in self.pools:
@@ -213,11 +228,12 @@ class NodeModel:
                         f"claim {claim.key}, request {request.name}: asks for all devices, "
                         f"but resource pool {pool} is currently invalid ({pool.invalid})",
                         f"{request.field}.allocationMode")
-        key = (request.class_name, tuple(s.expression for s in request.selectors),
+        key = (id(self), request.class_name, tuple(s.expression for s in request.selectors),
                request.tolerations, request.capacity, request.all_devices)
-        found = self._requests.get(key)
+        found = evaluations.classified.get(key)
         if found is None:
-            found = self._requests[key] = _classify(request, device_class, self.devices)
+            found = evaluations.classified[key] = _classify(request, device_class, self,
+                                                            evaluations.verdicts)
         if entry.all_mode and found.errors:
             first = min(found.errors)
             raise AllocationError(found.errors[first].replace(CLAIM, claim.key), request.field)
@@ -230,12 +246,70 @@ class NodeModel:
         if entry.all_mode:
             entry.count = len(entry.all_list)
 
+    def groups(self, reads: tuple[Read, ...] | None) -> list[tuple[Any, int]]:
+        """The devices as (the values `reads` takes on them, bitset of the devices that
+        agree), in order of each group's first device; a device whose values cannot be
+        told apart (`Device.values` None, or `reads` None) alone, with None. Derived from
+        the devices alone: kept with the model."""
+        found = self._groups.get(reads)
+        if found is None:
+            by_values: dict[Any, int] = {}
+            alone: list[tuple[Any, int]] = []
+            for i, device in enumerate(self.devices):
+                values = device.values(reads) if reads is not None else None
+                if values is None:
+                    alone.append((None, 1 << i))
+                else:
+                    by_values[values] = by_values.get(values, 0) | 1 << i
+            found = self._groups[reads] = [*by_values.items(), *alone]
+        return found
+
     def _constraint(self, kind: str, attribute: str) -> ConstraintPlan:
         found = self._constraints.get((kind, attribute))
         if found is None:
             found = self._constraints[(kind, attribute)] = _constraint(kind, attribute,
                                                                        self.devices)
         return found
+
+
+@dataclass
+class Evaluations:
+    """What one Allocator worked out for its classes and claims, never kept past it:
+    selector results (devices that agree on what a selector reads share one, across
+    the Allocator's nodes) and each request's classification per node model."""
+
+    verdicts: Verdicts = field(default_factory=dict)
+    classified: dict[tuple[Any, ...], _Classified] = field(default_factory=dict)
+
+
+# Node models per tuple of their pools' keys (`Pool.key`): the pools' static parts and
+# the kernel's tables, made once per version of the node's slices and reused by the
+# next Allocator, as kube-scheduler's informer decodes each slice version once.
+_models: Recent[tuple[Any, ...], NodeModel] = Recent(MAX_DEVICES, lambda m: held_devices(m.pools))
+
+
+def node_model(pools: Sequence[Pool]) -> NodeModel:
+    """The model of a node's pools: the one made for the same pool versions, else new
+    (and kept when every pool has a key)."""
+    key = tuple(p.key for p in pools)
+    if None in key:
+        return NodeModel(pools)
+    found = _models.get(key)
+    if found is None:
+        found = _models.put(key, NodeModel(pools))
+    return found
+
+
+def _bits_where(flags: Iterable[bool]) -> int:
+    return sum(1 << i for i, flag in enumerate(flags) if flag)
+
+
+def _indexes(bits: int) -> Iterator[int]:
+    """The set bits of `bits`, lowest first."""
+    while bits:
+        low = bits & -bits
+        yield low.bit_length() - 1
+        bits ^= low
 
 
 CLAIM = "\x00claim\x00"  # stands for the claim's name in cached error messages
@@ -251,26 +325,44 @@ class _Classified:
     consumed: dict[int, dict[str, Fraction]]
 
 
-def _classify(request: Request, device_class: DeviceClass, devices: list[Device]
-              ) -> _Classified:
+def _classify(request: Request, device_class: DeviceClass, model: NodeModel,
+              verdicts: Verdicts) -> _Classified:
     """Which devices a request may take: selectors, node, capacity policy, taints.
 
-    For an All request, the fixed list (selectable and capacity-fitting, taints
-    included: upstream fails the request on them later); errors in device order.
+    Each selector once per group of devices that agree on what it reads
+    (`NodeModel.groups`), on the devices no earlier selector refused. For an All
+    request, the fixed list (selectable and capacity-fitting, taints included:
+    upstream fails the request on them later); errors in device order. `consumed`:
+    for devices that allow multiple allocations and those a policy or a request's
+    capacity changes; the others take their capacity whole.
     """
-    cand = err = 0
+    devices = model.devices
+    alive = model.all_bits
+    err = 0
     errors: dict[int, str] = {}
-    all_list: list[int] = []
-    all_soft: list[bool] = []
-    consumed_by: dict[int, dict[str, Fraction]] = {}
-    for i, device in enumerate(devices):
-        verdict = selectable(CLAIM, device_class, request, device)
-        if isinstance(verdict, str):
-            err |= 1 << i
-            errors[i] = verdict
-            continue
-        if not verdict:
-            continue
+    for owner, selectors in ((f"class {device_class.name}", device_class.selectors),
+                             (f"claim {CLAIM}", request.selectors)):
+        for k, selector in enumerate(selectors):
+            passed = 0
+            for values, bits in model.groups(selector.reads):
+                bits &= alive
+                if not bits:
+                    continue
+                result = _verdict(selector, values, devices[(bits & -bits).bit_length() - 1],
+                                  verdicts)
+                if result is True:
+                    passed |= bits
+                elif isinstance(result, str):
+                    err |= bits
+                    for i in _indexes(bits):
+                        errors[i] = f"{owner}: selector #{k} on device {devices[i].ref}: {result}"
+            alive = passed
+    selected = alive & model.node_ok_bits
+    fits = selected & model.plain_bits if not request.capacity else 0
+    consumed_by: dict[int, dict[str, Fraction]] = {
+        i: devices[i].capacity for i in _indexes(fits) if devices[i].multi}
+    for i in _indexes(selected & ~fits):
+        device = devices[i]
         consumed = consumed_capacity(CLAIM, request, device)
         if consumed is None:
             continue
@@ -278,29 +370,32 @@ def _classify(request: Request, device_class: DeviceClass, devices: list[Device]
             err |= 1 << i
             errors[i] = consumed
             continue
-        fits = consumed is device.capacity or all(
-            consumed[k] <= v for k, v in device.capacity.items())
-        if not fits and (request.all_devices or not device.multi):
+        if not (consumed is device.capacity or all(
+                consumed[k] <= v for k, v in device.capacity.items())) \
+                and (request.all_devices or not device.multi):
             continue
         consumed_by[i] = consumed
-        tainted = bool(device.untolerated(request.tolerations))
-        if request.all_devices:
-            all_list.append(i)
-            all_soft.append(tainted)
-        elif not tainted:
-            cand |= 1 << i
-    return _Classified(cand, err, errors, all_list, all_soft, consumed_by)
+        fits |= 1 << i
+    tainted = fits & model.tainted_bits
+    if tainted and request.tolerations:
+        tainted = sum(1 << i for i in _indexes(tainted)
+                      if devices[i].untolerated(request.tolerations))
+    if request.all_devices:
+        all_list = list(_indexes(fits))
+        return _Classified(0, err, dict(sorted(errors.items())), all_list,
+                           [bool(tainted >> i & 1) for i in all_list], consumed_by)
+    return _Classified(fits & ~tainted, err, dict(sorted(errors.items())), [], [],
+                       consumed_by)
 
 
 def selectable(claim_key: str, device_class: DeviceClass, request: Request,
-               device: Device) -> bool | str:
+               device: Device, verdicts: Verdicts) -> bool | str:
     """True, False, or the error the scheduler would stop with."""
     for owner, selectors in ((f"class {device_class.name}", device_class.selectors),
                              (f"claim {claim_key}", request.selectors)):
         for k, selector in enumerate(selectors):
-            result = device.memo.get(selector.expression)
-            if result is None:
-                result = device.memo[selector.expression] = _verdict(selector, device)
+            values = device.values(selector.reads) if selector.reads is not None else None
+            result = _verdict(selector, values, device, verdicts)
             if isinstance(result, str):
                 return f"{owner}: selector #{k} on device {device.ref}: {result}"
             if not result:
@@ -308,22 +403,28 @@ def selectable(claim_key: str, device_class: DeviceClass, request: Request,
     return device.node_ok
 
 
-def _verdict(selector: Selector, device: Device) -> bool | str:
-    """The selector on the device: True, False or the error text. Devices that agree on
-    every field the selector reads share one evaluation."""
-    values = device.values(selector.reads) if selector.reads is not None else None
-    if values is not None:
-        found = device.verdicts.get((selector.expression, values))
-        if found is not None:
-            return found
+def _verdict(selector: Selector, values: tuple[Any, ...] | None, device: Device,
+             verdicts: Verdicts) -> bool | str:
+    """The selector on the device, whose `values` are those of `selector.reads` (None:
+    not told apart): True, False or the error text. Devices that agree on every field
+    the selector reads share one evaluation; equality tests on plain values are decided
+    without CEL (`cel.decide`)."""
+    key = (selector.expression, values if values is not None else id(device))
+    found = verdicts.get(key)
+    if found is not None:
+        return found
+    if values is not None and selector.tests is not None:
+        decided = decide(selector.tests, values)
+        if decided is not None:
+            verdicts[key] = decided
+            return decided
     try:
         result: bool | str = selector.matches(
             device.cel if values is None or selector.reads is None
             else device.read_input(selector.reads))
     except SelectorError as err:
         result = str(err)
-    if values is not None:
-        device.verdicts[(selector.expression, values)] = result
+    verdicts[key] = result
     return result
 
 

@@ -14,8 +14,10 @@ the allocated claims into a `Ledger`, allocate, shape the results), except the
 cluster scenario, which filters all 64 nodes for one pod. "warm" keeps one
 `Allocator` per snapshot, as the driver does (pools gathered, CEL results, each
 node's kernel tables, parsed claims and their compiled problems kept); "cold"
-builds a new one for every allocation, parsing the claim and evaluating every
-selector on every device again.
+builds a new one for every allocation: what it takes from earlier ones is only what
+is derived from one version of an object (a node's model per version of its slices, a
+claim or class decoded per version: the informer's decode) and compiled CEL; selector
+results, classifications and compiled claims start empty.
 """
 
 from __future__ import annotations
@@ -62,6 +64,12 @@ def _slices(profile: str, mig_mode: str, node: str) -> tuple[dict[str, Any], ...
                          SliceOptions(driver=DRIVER, node=node, mig_mode=mig_mode), 1)
     return tuple({**s, "metadata": {**s["metadata"], "uid": f"{profile}-{mig_mode}-{node}-{i}",
                                     "resourceVersion": "1"}} for i, s in enumerate(built))
+
+
+def _classes() -> list[dict[str, Any]]:
+    """The driver's DeviceClasses as read from the API server (a uid, a resourceVersion)."""
+    return [{**c, "metadata": {**c["metadata"], "uid": f"class-{c['metadata']['name']}",
+                               "resourceVersion": "1"}} for c in driver_classes(DRIVER)]
 
 
 def _claim(name: str, request: dict[str, Any], constraints: list[Any] | None = None
@@ -117,7 +125,7 @@ def scenarios() -> tuple[Scenario, ...]:
 
 def _mig_sequence(slices: tuple[dict[str, Any], ...]) -> tuple[Step, ...]:
     """56 1g claims on 8 GPUs, each step seeing the allocations before it."""
-    allocator = Allocator(list(slices), driver_classes(DRIVER))
+    allocator = Allocator(list(slices), _classes())
     ledger = Ledger()
     steps: list[Step] = []
     held: list[dict[str, Any]] = []
@@ -166,7 +174,8 @@ def _search(allocator: Allocator, step: Step, nodes: tuple[str, ...], optimize: 
     for node in nodes:
         fast = allocator_kernel.node_kernel(allocator.model(Node(node)))
         assert fast is not None, "the scenarios have no shared devices"
-        prepared.append((fast.plan(claims, allocator.classes).prepared, fast.state(ledger)))
+        prepared.append((fast.plan(claims, allocator.classes,
+                                  allocator.evaluations).prepared, fast.state(ledger)))
         if allocator.allocate(claims, ledger, node).status != "unschedulable":
             break
 
@@ -178,7 +187,7 @@ def _search(allocator: Allocator, step: Step, nodes: tuple[str, ...], optimize: 
 
 def kernel_median(scenario: Scenario, optimize: int = 0) -> float:
     """The native search alone, in ns: the median over the steps of `_search`."""
-    allocator = Allocator(list(scenario.slices), driver_classes(DRIVER))
+    allocator = Allocator(list(scenario.slices), _classes())
     return statistics.median(_median_ns(_search(allocator, step, scenario.nodes, optimize))
                              for step in scenario.steps)
 
@@ -187,7 +196,7 @@ def python_median(scenario: Scenario, backend: str, warm: bool) -> float:
     """Median over the steps of each step's median time, in ns."""
     per_step = []
     for step in scenario.steps:
-        classes = driver_classes(DRIVER)
+        classes = _classes()
         if warm:
             allocator = Allocator(list(scenario.slices), classes)
             allocate_once(allocator, step, scenario.nodes, backend)
@@ -203,7 +212,7 @@ def python_median(scenario: Scenario, backend: str, warm: bool) -> float:
 def _middle(index: int) -> tuple[Scenario, Allocator, Step]:
     """Scenario `index`, a warm allocator of its slices, and its middle step."""
     scenario = scenarios()[index]
-    allocator = Allocator(list(scenario.slices), driver_classes(DRIVER))
+    allocator = Allocator(list(scenario.slices), _classes())
     return scenario, allocator, scenario.steps[len(scenario.steps) // 2]
 
 
@@ -241,7 +250,7 @@ def test_side_by_side(tmp_path: Path) -> None:
             go, steps_go = [], []
             for step in scenario.steps:
                 instance = {"node": {"name": scenario.nodes[0]}, "nodes": list(scenario.nodes),
-                            "classes": driver_classes(DRIVER), "slices": list(scenario.slices),
+                            "classes": _classes(), "slices": list(scenario.slices),
                             "allocated": list(step.allocated), "claims": list(step.claims),
                             "benchIterations": 15, "timeoutSeconds": 60}
                 answer = oracle.run(instance)
@@ -252,7 +261,7 @@ def test_side_by_side(tmp_path: Path) -> None:
             cold = python_median(scenario, "native", warm=False)
             reference = python_median(scenario, "reference", warm=True)
             alone = kernel_median(scenario)
-            allocator = Allocator(list(scenario.slices), driver_classes(DRIVER))
+            allocator = Allocator(list(scenario.slices), _classes())
             step = scenario.steps[-1]
             ours_steps = allocator.allocate(allocator.parse(step.claims),
                                             Ledger.of(step.allocated), scenario.nodes[-1]).nodes

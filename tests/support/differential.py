@@ -1,6 +1,6 @@
 """Differential run: our allocator against the upstream oracle on generated problems.
 
-    .venv/bin/python -m tests.support.differential --count 10000 --seed 1
+    .venv/bin/python -m tests.support.differential --count 10000 --seed 1 [--versioned]
 
 Parity mode must agree with the oracle device for device (status, every result,
 configs, node selector); topology mode must agree on feasibility. Instances where
@@ -10,6 +10,7 @@ the oracle itself errors out are compared by status only (messages differ).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import sys
@@ -45,14 +46,30 @@ class Report:
                 f"ours {self.nodes_ours}")
 
 
+def versioned(problem: dict[str, Any]) -> dict[str, Any]:
+    """The problem with each slice, class and claim given a uid and resourceVersion
+    derived from its content, as an API server gives each object version its own: our
+    caches kept across Allocators (per object version) are then used, and shared by the
+    instances that hold the same object."""
+    def stamped(obj: dict[str, Any]) -> dict[str, Any]:
+        digest = hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode())
+        return {**obj, "metadata": {**obj.get("metadata", {}), "uid": digest.hexdigest()[:32],
+                                    "resourceVersion": "1"}}
+    return {**problem, **{key: [stamped(o) for o in problem[key]]
+                          for key in ("slices", "classes", "claims")}}
+
+
 def run(oracle: Oracle, count: int, seed: int, backend: str = "native",
-        topology: bool = True, keep: Path | None = None, timeout: float = 2.0) -> Report:
+        topology: bool = True, keep: Path | None = None, timeout: float = 2.0,
+        with_versions: bool = False) -> Report:
     report = Report()
     start = time.perf_counter()
     for i in range(count):
         rng = random.Random(f"{seed}-{i}")
         problem = instance(rng)
         theirs = oracle.run({**problem, "timeoutSeconds": timeout})
+        if with_versions:
+            problem = versioned(problem)
         mine = ours(problem, "parity", backend)
         report.count += 1
         report.statuses[theirs["status"]] += 1
@@ -80,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=["native", "reference"], default="native")
     parser.add_argument("--no-topology", action="store_true")
     parser.add_argument("--keep", type=Path, help="write mismatching instances here")
+    parser.add_argument("--versioned", action="store_true",
+                        help="give our side's objects a uid and resourceVersion by content")
     args = parser.parse_args(argv)
     binary = oracle_binary()
     if binary is None:
@@ -89,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         args.keep.mkdir(parents=True, exist_ok=True)
     with Oracle(binary) as oracle:
         report = run(oracle, args.count, args.seed, args.backend, not args.no_topology,
-                     args.keep)
+                     args.keep, with_versions=args.versioned)
     print(report.summary())
     for i, theirs, mine in report.parity_mismatches[:20]:
         print(f"instance {i}: oracle {json.dumps(normalized(theirs))[:400]}\n"

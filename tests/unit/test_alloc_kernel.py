@@ -215,6 +215,25 @@ def test_the_kernel_checks_each_arrays_type_and_length() -> None:
             dim_avail=array("q", [0]), set_free=array("I", [0]), island_free=array("i", [0]))
 
 
+def test_claims_packed_by_type_are_checked_field_by_field() -> None:
+    """`claim_arrays` (five typed arrays, one length per field) checks as ClaimArrays."""
+    assert len(driver._alloc.CLAIM_FIELDS) == 25
+
+    def packed(lengths: list[int], i32: int = 11) -> Any:
+        return driver._alloc.claim_arrays(
+            2, 1, 1, 1, 0, array("b", [0] * 8), array("i", [0] * i32), array("I", [0]),
+            array("q", [0]), array("Q", [0] * 4), array("i", lengths))
+    with pytest.raises(ValueError, match="e_all_start: 1 elements, the kernel reads 2"):
+        packed([1] * 25)
+    with pytest.raises(ValueError, match="the arrays do not hold the fields' lengths"):
+        packed([1] * 25, i32=12)
+    with pytest.raises(ValueError, match="lengths: 24 fields"):
+        packed([1] * 24)
+    fine = [1] * 8 + [1, 2, 1, 2, 1, 1, 2, 2, 2, 1, 1] + [1] * 6
+    claims = packed(fine, i32=sum(fine[8:19]))
+    assert (claims.n_devices, claims.n_entries, claims.n_constraints) == (2, 1, 0)
+
+
 def test_claims_and_ledger_must_be_of_the_node() -> None:
     p = Problem(
         devices=[], base_inuse=0, multi=[], base_shared=[], counted=[], blocked=[],
@@ -280,7 +299,7 @@ def test_a_warm_allocator_answers_as_the_reference_under_every_ledger() -> None:
                 assert native.message == reference.message
                 statuses.add(native.status)
                 compared += 1
-        fast_nodes += allocator._sites[node].kernel not in (None, False)
+        fast_nodes += allocator._sites[node].model.kernel not in (None, False)
     assert compared > 300
     assert fast_nodes > 50
     assert statuses == {"allocated", "unschedulable", "error"}
