@@ -100,7 +100,7 @@ class _Connection:
         return data
 
     def _chunked(self) -> bytes:
-        parts = []
+        parts: list[bytes] = []
         while True:
             size_text = self._line().split(b";", 1)[0].strip()
             try:
