@@ -8,7 +8,8 @@ local-directory bench (tests/bench/test_bench_plugin.py).
 Each prepare and unprepare case also runs against the Go kubelet plugin of tests/goplugin
 (k8s.io/dynamic-resource-allocation's kubeletplugin helper, the same per-claim work), right
 after ours, with the same claims and the same client; it is skipped where Go is missing
-and not cached.
+and not cached. `test_prepare_latency_in_turn` has the two prepare the one-claim cases in
+turn, round by round, so that the load of a shared machine weighs on both alike.
 
 Run with `pytest tests/e2e/test_bench_plugin_api.py --benchmark-enable`; the numbers go to
 docs/benchmarks.md (p50 is the median; p99 is in each benchmark's extra_info). Under the
@@ -38,6 +39,7 @@ from tests.support.plugin_bench import (
     Daemon,
     allocated_claim,
     bench_prepare,
+    bench_prepare_in_turn,
     bench_unprepare,
     daemon_process,
 )
@@ -110,6 +112,16 @@ def test_prepare_latency(benchmark: BenchmarkFixture, request: pytest.FixtureReq
                          case_claims: Callable[[str], list[Claim]], case: str,
                          target: str) -> None:
     bench_prepare(benchmark, request.getfixturevalue(TARGETS[target]), case_claims(case))
+
+
+@pytest.mark.parametrize("case", CASES[:2])  # a round of the 100-claim case takes 0.1-1 s
+def test_prepare_latency_in_turn(benchmark: BenchmarkFixture, daemon: Daemon,
+                                 go_daemon: Daemon,
+                                 case_claims: Callable[[str], list[Claim]], case: str) -> None:
+    """Ours and the Go plugin prepare the same claims in turn, round by round: the two
+    runs of test_prepare_latency follow each other, so a shared machine's load can differ
+    between them; here it weighs on both alike. Ours / Go in extra_info."""
+    bench_prepare_in_turn(benchmark, {"ours": daemon, "go": go_daemon}, case_claims(case))
 
 
 @pytest.mark.parametrize("target", TARGETS)
