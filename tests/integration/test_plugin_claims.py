@@ -196,6 +196,19 @@ def test_the_bearer_token_goes_with_each_get_as_the_client_has_it_then(
     assert api_server.tokens == ["Bearer first", "Bearer second"]
 
 
+def test_with_a_proxy_set_the_claim_is_read_through_it(api_server: ApiServer) -> None:
+    """A proxy (the kubeconfig's proxy-url, or HTTPS_PROXY) is the only way to the API
+    server: the GET goes to it, as the Kubernetes client sends it."""
+    configuration = client.Configuration(host="http://127.0.0.1:9",  # nothing listens
+                                         proxy=api_server.url)
+    client_ = client.ApiClient(configuration)
+    ref = ClaimRef("team-a", "c", new_uid())
+    with pytest.raises(ClaimError, match="not found"):  # the stand-in knows no such path
+        ApiClaimSource(client_).get(ref)
+    assert api_server.requests == [
+        "http://127.0.0.1:9" + PATH.format(namespace=ref.namespace, name=ref.name)]
+
+
 def test_an_unreachable_api_server_fails_the_claim_not_the_call() -> None:
     source = ApiClaimSource(api_client("http://127.0.0.1:9"), timeout=2)
     with pytest.raises(ClaimError, match="cannot reach the API server") as caught:
