@@ -18,6 +18,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -99,6 +100,27 @@ class DriverFiles:
     env: tuple[str, ...] = ()
     hook_commands: frozenset[str] = frozenset(HOOK_COMMANDS)
 
+    @cached_property
+    def container_edits(self) -> dict[str, Any]:
+        """The edits every claim's spec repeats, built once (most of a spec: about 0.2 ms
+        of a prepare built and encoded each time); shared by the specs, never changed."""
+        edits: dict[str, Any] = {
+            # keep a legacy NVIDIA hook from adding GPUs
+            "env": ["NVIDIA_VISIBLE_DEVICES=void", *self.env],
+            "deviceNodes": [node.to_json() for node in self.device_nodes],
+        }
+        if self.mounts:
+            edits["mounts"] = [_mount(m) for m in self.mounts]
+        hooks = _common_hooks(self)
+        if hooks:
+            edits["hooks"] = hooks
+        return edits
+
+    @cached_property
+    def encoded_edits(self) -> str:
+        """`container_edits` as compact JSON."""
+        return _compact(self.container_edits)
+
 
 @dataclass(frozen=True)
 class CdiDevice:
@@ -133,25 +155,28 @@ def spec_file_name(driver: str, claim_uid: str) -> str:
 
 
 def build_spec(driver: str, devices: Sequence[CdiDevice], files: DriverFiles) -> dict[str, Any]:
-    """The spec of one claim: common edits once, each device's nodes (and the links to
-    them) under its own name."""
-    edits: dict[str, Any] = {
-        # keep a legacy NVIDIA hook from adding GPUs
-        "env": ["NVIDIA_VISIBLE_DEVICES=void", *files.env],
-        "deviceNodes": [node.to_json() for node in files.device_nodes],
-    }
-    if files.mounts:
-        edits["mounts"] = [_mount(m) for m in files.mounts]
-    hooks = _common_hooks(files)
-    if hooks:
-        edits["hooks"] = hooks
+    """The spec of one claim: common edits once (`files.container_edits`, shared: copy the
+    spec before changing it), each device's nodes (and the links to them) under its own
+    name."""
     spec: dict[str, Any] = {
         "kind": kind(driver),
         "devices": [{"name": d.name, "containerEdits": _device_edits(d, files)}
                     for d in devices],
-        "containerEdits": edits,
+        "containerEdits": files.container_edits,
     }
     return {"cdiVersion": minimum_version(spec), **spec}
+
+
+def encode_spec(spec: dict[str, Any], files: DriverFiles) -> bytes:
+    """`spec` (`build_spec`'s with `files`) as compact JSON, the bytes json.dumps writes,
+    with the common edits (its last key) encoded once per DriverFiles; the C encoder writes
+    the rest (indented, the pure-Python one took a third of a millisecond per claim)."""
+    text = _compact({key: value for key, value in spec.items() if key != "containerEdits"})
+    return f'{text[:-1]},"containerEdits":{files.encoded_edits}}}'.encode()
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
 
 
 def _common_hooks(files: DriverFiles) -> list[dict[str, Any]]:
@@ -254,16 +279,15 @@ def spec_problems(spec: dict[str, Any]) -> list[str]:
     return problems
 
 
-def write_spec(cdi_root: Path, driver: str, claim_uid: str, spec: dict[str, Any]) -> Path:
-    """Write atomically (temp file, rename) so a runtime never reads half a spec; compact
-    JSON, which the C encoder writes (indented, the pure-Python one took a third of a
-    millisecond per claim, a tenth of a one-claim prepare).
+def write_spec(cdi_root: Path, driver: str, claim_uid: str, data: bytes) -> Path:
+    """Write a spec (`encode_spec`) atomically (temp file, rename) so a runtime never reads
+    half a spec.
 
     Not fsynced: a crash of the OS voids every preparation (boot id) and the next start
     removes the specs of claims no longer prepared, so durability would buy nothing.
     """
     path = cdi_root / spec_file_name(driver, claim_uid)
-    write_atomically(path, json.dumps(spec, separators=(",", ":")).encode(), durable=False)
+    write_atomically(path, data, durable=False)
     return path
 
 

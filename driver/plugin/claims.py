@@ -17,6 +17,7 @@ from urllib.parse import quote
 
 from driver.errors import PluginError
 from driver.kube.api import api_call
+from driver.kube.keepalive import Response, keepalive
 from driver.kube.names import is_label, is_subdomain, is_uuid
 from driver.plugin.config import ConfigError, OpaqueConfig, parse_allocation_configs
 from driver.safeload import LoadError, json_document, read_text, yaml_document
@@ -81,19 +82,26 @@ class DirClaimSource:
 
 
 class ApiClaimSource:
-    """GET resource.k8s.io/v1 resourceclaims/<name> in the claim's namespace."""
+    """GET resource.k8s.io/v1 resourceclaims/<name> in the claim's namespace: raw, so the
+    claim is read as sent, with fields newer than the client's models; on kept-alive
+    connections of its own (`keepalive`) unless the client goes through a proxy."""
 
     def __init__(self, api_client: Any, timeout: float = 10.0) -> None:
         self.api = api_client
         self.timeout = timeout
+        self._keepalive = keepalive(api_client)
+
+    def _get(self, path: str) -> Response:
+        if self._keepalive is not None:
+            return self._keepalive.get(path, self.timeout)
+        response = api_call(self.api, "GET", path, timeout=self.timeout)
+        return Response(int(response.status), str(response.reason), response.read())
 
     def get(self, ref: ClaimRef) -> dict[str, Any]:
         path = (f"/apis/{API_VERSION}/namespaces/{quote(ref.namespace, safe='')}"
                 f"/resourceclaims/{quote(ref.name, safe='')}")
         try:
-            # raw: the claim is read as sent, with fields newer than the client's models
-            response = api_call(self.api, "GET", path, timeout=self.timeout)
-            body = response.read()
+            response = self._get(path)
         except Exception as err:  # connection refused, timeout: the kubelet retries
             raise ClaimError("api_error",
                              f"ResourceClaim {ref}: cannot reach the API server: {err}") from None
@@ -103,7 +111,7 @@ class ApiClaimSource:
             raise ClaimError("api_error", f"ResourceClaim {ref}: API server answered "
                                           f"{response.status} {response.reason}")
         try:
-            claim = json_document(body, f"ResourceClaim {ref} from the API server")
+            claim = json_document(response.body, f"ResourceClaim {ref} from the API server")
         except LoadError as err:
             raise ClaimError("bad_claim", str(err)) from None
         return checked_claim(claim, ref)

@@ -241,7 +241,7 @@ class Effects:
             files = replace(files, mounts=tuple(m for m in files.mounts
                                                 if m.container_path != CONTAINER_PIPE))
         spec = cdi.build_spec(self.driver, list(specs.values()), files)
-        cdi.write_spec(self.cdi_root, self.driver, uid, spec)
+        cdi.write_spec(self.cdi_root, self.driver, uid, cdi.encode_spec(spec, files))
 
     def _mps_edits(self, uid: str, device: PreparedDevice
                    ) -> tuple[tuple[cdi.Mount, ...], tuple[str, ...]]:

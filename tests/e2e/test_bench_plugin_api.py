@@ -8,7 +8,10 @@ local-directory bench (tests/bench/test_bench_plugin.py).
 Each prepare and unprepare case also runs against the Go kubelet plugin of tests/goplugin
 (k8s.io/dynamic-resource-allocation's kubeletplugin helper, the same per-claim work), right
 after ours, with the same claims and the same client; it is skipped where Go is missing
-and not cached.
+and not cached. `test_prepare_latency_in_turn` has the two prepare the one-claim cases in
+turn, round by round, so that the load of a shared machine weighs on both alike; with
+`GPU_DRA_BENCH_BASE=<another checkout>` a plugin run from that checkout takes its turn too
+(`base`: before and after a change in one run).
 
 Run with `pytest tests/e2e/test_bench_plugin_api.py --benchmark-enable`; the numbers go to
 docs/benchmarks.md (p50 is the median; p99 is in each benchmark's extra_info). Under the
@@ -17,6 +20,8 @@ default test run each benchmark runs once, as a smoke test.
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
@@ -38,6 +43,7 @@ from tests.support.plugin_bench import (
     Daemon,
     allocated_claim,
     bench_prepare,
+    bench_prepare_in_turn,
     bench_unprepare,
     daemon_process,
 )
@@ -70,6 +76,25 @@ def daemon(control_plane: ControlPlane, device_classes: None, node_name: str) ->
             yield running
         api_request(control_plane.api, "DELETE", SLICES, query={
             "fieldSelector": f"spec.nodeName={node_name}"}).expect(200, 404)
+
+
+@pytest.fixture(scope="module")
+def base_daemon(control_plane: ControlPlane, device_classes: None,
+                node_name: str) -> Iterator[dict[str, Daemon]]:
+    """`base`: the plugin of the checkout GPU_DRA_BENCH_BASE names (run there, importing
+    its own driver package), serving the same node; none without it."""
+    checkout = os.environ.get("GPU_DRA_BENCH_BASE")
+    if not checkout:
+        yield {}
+        return
+    with short_tmp() as root:
+        node = Node(root)
+        args = node.cli_args("dgx-h100", node_name=node_name,
+                             kubeconfig=control_plane.kubeconfig)
+        program = ("env", "-C", checkout, f"PYTHONPATH={checkout}", sys.executable, "-m",
+                   "driver.cli")
+        with daemon_process(node, args, program=program) as running:
+            yield {"base": running}
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +135,18 @@ def test_prepare_latency(benchmark: BenchmarkFixture, request: pytest.FixtureReq
                          case_claims: Callable[[str], list[Claim]], case: str,
                          target: str) -> None:
     bench_prepare(benchmark, request.getfixturevalue(TARGETS[target]), case_claims(case))
+
+
+@pytest.mark.parametrize("case", CASES[:2])  # a round of the 100-claim case takes 0.1-1 s
+def test_prepare_latency_in_turn(benchmark: BenchmarkFixture, daemon: Daemon,
+                                 go_daemon: Daemon, base_daemon: dict[str, Daemon],
+                                 case_claims: Callable[[str], list[Claim]], case: str) -> None:
+    """Ours and the Go plugin (and `base_daemon`'s) prepare the same claims in turn, round
+    by round: the two runs of test_prepare_latency follow each other, so a shared
+    machine's load can differ between them; here it weighs on all alike. Ours / Go (and
+    ours / base) in extra_info."""
+    bench_prepare_in_turn(benchmark, {"ours": daemon, "go": go_daemon, **base_daemon},
+                          case_claims(case))
 
 
 @pytest.mark.parametrize("target", TARGETS)

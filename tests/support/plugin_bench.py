@@ -233,11 +233,14 @@ def allocated_claim(api: Any, namespace: str, results: list[dict[str, Any]],
     return Claim(namespace, meta["name"], meta["uid"])
 
 
+def _ms(sorted_seconds: Sequence[float], quantile: float) -> float:
+    return round(sorted_seconds[int(quantile * (len(sorted_seconds) - 1))] * 1000, 3)
+
+
 def record_p99(benchmark: BenchmarkFixture) -> None:
     stats = getattr(benchmark.stats, "stats", None)
     if stats is not None and stats.rounds:
-        data = stats.sorted_data
-        benchmark.extra_info["p99_ms"] = round(data[int(0.99 * (len(data) - 1))] * 1000, 3)
+        benchmark.extra_info["p99_ms"] = _ms(stats.sorted_data, 0.99)
 
 
 def measure(benchmark: BenchmarkFixture, timed: Callable[[], Any],
@@ -265,3 +268,37 @@ def bench_unprepare(benchmark: BenchmarkFixture, daemon: Daemon, claims: Sequenc
     """Time NodeUnprepareResources of `claims` (prepared before each round)."""
     measure(benchmark, lambda: daemon.call("NodeUnprepareResources", claims),
             lambda: daemon.call("NodePrepareResources", claims), rounds, warmup_rounds)
+
+
+def bench_prepare_in_turn(benchmark: BenchmarkFixture, daemons: Mapping[str, Daemon],
+                          claims: Sequence[Claim], rounds: int = ROUNDS,
+                          warmup_rounds: int = 5) -> None:
+    """NodePrepareResources of `claims` by each of `daemons` in turn, every round (the
+    order reversed each round; each unprepares right after, untimed), so that what else
+    runs on a shared machine weighs on all of them alike: `<name>_p50_ms`, `<name>_p99_ms`
+    and, against the first, `<name>_p50_ratio`, `<name>_p99_ratio` in extra_info. The
+    benchmark's own time is of a whole round."""
+    times: dict[str, list[float]] = {name: [] for name in daemons}
+    order = list(daemons)
+
+    def one_round() -> None:
+        for name in order:
+            started = time.perf_counter()
+            daemons[name].call("NodePrepareResources", claims)
+            times[name].append(time.perf_counter() - started)
+            daemons[name].call("NodeUnprepareResources", claims)
+        order.reverse()
+
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
+    first, *others = daemons
+    quantiles = {name: (_ms(sorted(values[warmup_rounds:]), 0.5),
+                        _ms(sorted(values[warmup_rounds:]), 0.99))
+                 for name, values in times.items() if len(values) > warmup_rounds}
+    for name, (p50, p99) in quantiles.items():
+        benchmark.extra_info[f"{name}_p50_ms"] = p50
+        benchmark.extra_info[f"{name}_p99_ms"] = p99
+    for name in others:
+        if name in quantiles and first in quantiles:
+            for i, which in enumerate(("p50", "p99")):
+                benchmark.extra_info[f"{first}_{name}_{which}_ratio"] = round(
+                    quantiles[first][i] / quantiles[name][i], 2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from typing import Any
 
 import pytest
@@ -138,6 +139,17 @@ def test_the_spec_declares_the_lowest_version_its_fields_need(uid: str, files: D
     spec = cdi.build_spec("gpu.dra.dev", [whole_gpu(uid)], files)
     assert spec["cdiVersion"] == version
     assert cdi_problems(spec) == []
+
+
+@pytest.mark.parametrize("files", [FILES, DriverFiles((DeviceNode("/dev/nvidiactl"),))])
+def test_a_spec_file_holds_the_spec_as_compact_json(files: DriverFiles) -> None:
+    """The common edits are encoded once per DriverFiles and spliced in: the file's bytes
+    are still exactly the whole spec's JSON, for one device or several."""
+    files = dataclasses.replace(files)  # nothing encoded yet
+    for devices in ([whole_gpu()], [whole_gpu(), mig_device()]):
+        spec = cdi.build_spec("gpu.dra.dev", devices, files)
+        assert cdi.encode_spec(spec, files) == json.dumps(spec, separators=(",", ":")).encode()
+        assert json.loads(cdi.encode_spec(spec, files)) == spec
 
 
 def _with(spec: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
