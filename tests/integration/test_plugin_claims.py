@@ -40,7 +40,6 @@ class ApiServer(ThreadingHTTPServer):
         self.connections: list[tuple[str, int]] = []  # client addresses, one per request
         self.tokens: list[str | None] = []  # each request's Authorization header
         self.hang_up = False  # close each connection after its answer, saying nothing
-        self.chunk = 0  # > 0: answer in chunks of this many bytes (HTTP/1.1), with a trailer
 
     def add(self, claim: Claim, obj: dict[str, Any]) -> Claim:
         self.claims[PATH.format(namespace=claim.namespace, name=claim.name)] = obj
@@ -70,19 +69,9 @@ class _Handler(BaseHTTPRequestHandler):
         data = json.dumps(body).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
-        size = self.server.chunk
-        if not size:
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-            return
-        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        for at in range(0, len(data), size):
-            part = data[at:at + size]
-            self.wfile.write(b"%x;part=%d\r\n%s\r\n" % (len(part), at, part))
-            self.wfile.flush()
-        self.wfile.write(b"0\r\nX-Trailer: done\r\n\r\n")
+        self.wfile.write(data)
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -159,21 +148,6 @@ def test_claims_are_read_on_one_kept_alive_connection_that_may_be_closed_meanwhi
         # the fourth found it closed and went on a new one; no GET was answered twice
         assert len(server.requests) == 4
         assert len(set(server.connections)) == 2
-
-
-def test_a_claim_sent_in_chunks_is_read_whole() -> None:
-    """The API server sends a claim larger than its buffer in chunks (HTTP/1.1 chunked
-    transfer coding, here with chunk extensions and a trailer); the connection is kept
-    for the next GET."""
-    with serving("HTTP/1.1") as server:
-        server.chunk = 100
-        claims = [server.add(c, claim_object(c, [result(f"gpu-{i}") for i in range(8)]))
-                  for c in (Claim("team-a", f"c{i}", new_uid()) for i in range(2))]
-        source = ApiClaimSource(api_client(server.url))
-        for claim in claims:
-            got = source.get(ClaimRef(claim.namespace, claim.name, claim.uid))
-            assert got == server.claims[PATH.format(namespace="team-a", name=claim.name)]
-        assert len(set(server.connections)) == 1
 
 
 def test_the_bearer_token_goes_with_each_get_as_the_client_has_it_then(
