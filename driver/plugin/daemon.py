@@ -34,6 +34,7 @@ driver that nobody listens on.
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import signal
 import threading
@@ -533,6 +534,9 @@ def run(options: PluginOptions, provider: Provider) -> int:
     plugin = Plugin(options, provider)
     try:
         plugin.start()
+        # What start made (modules, the inventory, slices) lives as long as the process:
+        # frozen, the collector's full passes during prepares no longer walk it.
+        gc.freeze()
         log.info("plugin %s ready on node %s", options.driver, options.node)
         # Short waits: Python runs a signal's handler in the main thread, and a signal that
         # the kernel hands to another thread (gRPC's) does not interrupt a long wait there.
