@@ -64,11 +64,11 @@ class Daemon:
         return rss_kib(self.proc.pid)
 
 
-def rss_kib(pid: int) -> int:
-    """The process's resident memory (VmRSS)."""
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
+    """The process's resident memory (VmRSS), or its peak so far with ``field="VmHWM"``."""
     status = Path(f"/proc/{pid}/status").read_text()
     return int(next(line.split()[1] for line in status.splitlines()
-                    if line.startswith("VmRSS:")))
+                    if line.startswith(f"{field}:")))
 
 
 OURS = (sys.executable, "-m", "driver.cli")
