@@ -51,6 +51,7 @@ NODES = int(os.environ.get("GPU_DRA_EXPLAIN_NODES", "10"))
 LAYOUT_NAMES = os.environ.get("GPU_DRA_EXPLAIN_LAYOUTS", "static-mig,dynamic-mig").split(",")
 BASELINE = os.environ.get("GPU_DRA_EXPLAIN_BASELINE", "")
 ROUNDS = int(os.environ.get("GPU_DRA_EXPLAIN_ROUNDS", "1"))
+HERE = str(Path(driver.__file__).parents[1])
 ISLAND = f"{DRIVER}/nvlinkIsland"
 
 CLAIMS = {
@@ -74,11 +75,13 @@ def run_process(args: Sequence[str], tree: str = "") -> Process:
     """``args`` from exec to exit; its peak RSS is the VmHWM of the process as last read
     before it exits (read every 20 ms: the kernel's own count for a child, from wait4,
     also holds what this process had when it forked). ``tree``: the checkout whose
-    ``driver`` it imports (default: this one)."""
-    env = {**os.environ, "PYTHONPATH": tree} if tree else None
+    ``driver`` it imports (default: this one; ``-m`` puts the working directory first on
+    the path, so it runs there)."""
+    root = tree or str(HERE)
+    env = {**os.environ, "PYTHONPATH": root}
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.monotonic()
-        proc = subprocess.Popen(args, stdout=out, stderr=err, env=env)
+        proc = subprocess.Popen(args, stdout=out, stderr=err, env=env, cwd=root)
         peak = 0
         while proc.poll() is None:
             with contextlib.suppress(OSError, StopIteration):  # exiting: no memory left
@@ -95,8 +98,8 @@ def run_process(args: Sequence[str], tree: str = "") -> Process:
 def compiled() -> None:
     """The bytecode of the trees timed, as an installed package has it (with
     PYTHONDONTWRITEBYTECODE every start would compile every module)."""
-    for tree in (Path(driver.__file__).parents[1], *([Path(BASELINE)] if BASELINE else [])):
-        compileall.compile_dir(tree / "driver", quiet=1)
+    for tree in (HERE, *([Path(BASELINE)] if BASELINE else [])):
+        compileall.compile_dir(Path(tree) / "driver", quiet=1)
 
 
 @pytest.fixture
