@@ -131,9 +131,10 @@ def list_pages(api_client: Any, path: str, *, field_selector: str = "",
                limit: int = 500) -> Iterator[bytes]:
     """The raw bodies of a collection's list, page by page (``limit``/``continue``).
 
-    A pipeline: the next page is asked for as soon as this one's bytes are in (its
-    continue token read from the head of the body, where the API server writes the
-    list's metadata), so the server encodes it while the caller decodes this one."""
+    The next page is asked for as soon as this one's bytes are in (its continue token
+    read from the head of the body, where the API server writes the list's metadata), so
+    its round trip overlaps the caller's decoding of this one: a gain with a remote API
+    server; none measured against a local one on 2 cores (docs/benchmarks.md)."""
     query = {"limit": str(limit)}
     if field_selector:
         query["fieldSelector"] = field_selector
