@@ -48,9 +48,9 @@ def add_allocation_commands(commands: Any, add_provider_args: Callable[..., None
         cmd.add_argument("--claims", type=Path, metavar="PATH",
                          help="ResourceClaims: a YAML file or a directory of them")
         cmd.add_argument("--kubeconfig", type=Path, metavar="FILE",
-                         help="read the ResourceSlices, DeviceClasses, DeviceTaintRules and "
-                              "allocated claims from this cluster (instead of --slices, "
-                              "--classes, --allocated, --taint-rules)")
+                         help="read the ResourceSlices (of --driver-name), DeviceClasses, "
+                              "DeviceTaintRules and allocated claims from this cluster "
+                              "(instead of --slices, --classes, --allocated, --taint-rules)")
         cmd.add_argument("--claim", action="append", default=[], metavar="NAMESPACE/NAME",
                          help="with --kubeconfig: a ResourceClaim of the cluster (repeat for "
                               "more), instead of --claims")
