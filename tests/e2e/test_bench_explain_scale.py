@@ -14,8 +14,8 @@ The default run is small (10 nodes) so CI keeps it working; the scale runs are
 ``GPU_DRA_EXPLAIN_NODES=1000 pytest tests/e2e/test_bench_explain_scale.py
 --benchmark-enable`` (``GPU_DRA_EXPLAIN_LAYOUTS=static-mig`` for one layout); numbers in
 docs/benchmarks.md. ``GPU_DRA_EXPLAIN_BASELINE=DIR`` (a checkout of another commit, its
-native modules built) runs that tree's commands too, right after ours on the same
-objects: a before/after pair from one run.
+native modules built) runs that tree's commands too, alternating with ours on the same
+objects: a before/after pair from one run (``GPU_DRA_EXPLAIN_ROUNDS`` rounds).
 """
 
 from __future__ import annotations
