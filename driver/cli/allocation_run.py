@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import yaml
 
 from driver.allocator.allocate import Allocator, Ledger, allocate_in_order, driver_classes
-from driver.allocator.documents import load_documents, with_kind
+from driver.allocator.documents import load_documents
 from driver.allocator.explain import explain_all
 from driver.allocator.input import InputError, claim_key
 from driver.cli.allocation import (
@@ -22,7 +23,7 @@ from driver.cli.allocation import (
     TEMPLATE,
     SlicesFromProvider,
 )
-from driver.kube.api import ApiError, api_client, api_request
+from driver.kube.api import ApiError, api_client, list_items
 
 
 def _setup(args: argparse.Namespace, node_slices: SlicesFromProvider
@@ -119,10 +120,16 @@ def _from_cluster(args: argparse.Namespace) -> tuple[list[dict[str, Any]], ...]:
     try:
         api = api_client(args.kubeconfig)
         try:
-            slices = _list(api, f"{RESOURCE}/resourceslices")
-            classes = _list(api, f"{RESOURCE}/deviceclasses")
-            claims = _list(api, f"{RESOURCE}/resourceclaims")
-            rules = _taint_rules(api)
+            # The small lists are read while the slices are: the slices are most of it.
+            with ThreadPoolExecutor(3) as others:
+                classes_read = others.submit(list_items, api, f"{RESOURCE}/deviceclasses")
+                claims_read = others.submit(list_items, api, f"{RESOURCE}/resourceclaims")
+                rules_read = others.submit(_taint_rules, api)
+                # Another driver's slices cannot hold a device of this one's classes.
+                slices = list_items(api, f"{RESOURCE}/resourceslices",
+                                    field_selector=f"spec.driver={args.driver_name}")
+                classes, claims, rules = (classes_read.result(), claims_read.result(),
+                                          rules_read.result())
         finally:
             api.close()
     except (ApiError, ConfigException, HTTPError) as err:
@@ -140,7 +147,7 @@ def _taint_rules(api: Any) -> list[dict[str, Any]]:
     scheduler applies none either)."""
     for version in TAINT_RULE_VERSIONS:
         try:
-            return _list(api, f"/apis/resource.k8s.io/{version}/devicetaintrules")
+            return list_items(api, f"/apis/resource.k8s.io/{version}/devicetaintrules")
         except ApiError as err:
             if err.result.status != 404:
                 raise
@@ -152,20 +159,6 @@ def _namespaced(name: str) -> tuple[str, str]:
     if not namespace or not claim or "/" in claim:
         raise InputError(f"--claim {name}: expected NAMESPACE/NAME")
     return namespace, claim
-
-
-def _list(api: Any, path: str) -> list[dict[str, Any]]:
-    """Every object of a collection, page by page, each with its kind."""
-    items: list[dict[str, Any]] = []
-    query = {"limit": "500"}
-    while True:
-        page = api_request(api, "GET", path, query=query).expect(200)
-        kind = str(page.get("kind", "")).removesuffix("List")
-        items += [with_kind(item, kind, page.get("apiVersion")) for item in page["items"]]
-        token = (page.get("metadata") or {}).get("continue")
-        if not token:
-            return items
-        query = {"limit": "500", "continue": token}
 
 
 def _cmd_allocate(args: argparse.Namespace, node_slices: SlicesFromProvider) -> int:

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from driver.devcluster.controlplane import ClusterConfig, FakeNodeKeeper, LocalCluster
+from driver.devcluster.controlplane import ClusterConfig, LocalCluster
 from driver.kube.api import api_request
 from tests.support.apiserver import RESOURCE_V1, ControlPlane, make_namespace, unique
 from tests.support.metrics import metric_values
@@ -43,6 +43,7 @@ from tests.support.schedcost import (
     per_pod,
     posted,
     published,
+    ready_nodes,
     schedule,
 )
 
@@ -75,18 +76,8 @@ def control_plane(assets: Path) -> Iterator[ControlPlane]:
 
 @pytest.fixture(scope="module")
 def nodes(control_plane: ControlPlane) -> Iterator[list[str]]:
-    """NODES Ready fake Nodes; heartbeats rare, so they cost the API server nothing while
-    measuring (no node lifecycle controller runs to mark them NotReady)."""
-    api = control_plane.cluster.api_client()
-    prefix = unique("sched")
-    names = [f"{prefix}-{i:04d}" for i in range(NODES)]
-    with FakeNodeKeeper(api, interval=3600) as keeper:
-        for name in names:
-            keeper.add(name)
+    with ready_nodes(control_plane.cluster, unique("sched"), NODES) as names:
         yield names
-        for name in names:
-            keeper.remove(name)
-    api.close()
 
 
 @pytest.fixture(scope="module")

@@ -34,8 +34,12 @@ class Oracle:
                                       stdout=subprocess.PIPE, text=True, bufsize=1)
 
     def run(self, instance: Mapping[str, Any]) -> dict[str, Any]:
+        return self.run_line(json.dumps(instance))
+
+    def run_line(self, line: str) -> dict[str, Any]:
+        """The answer to one instance already encoded as one line of JSON."""
         assert self._proc.stdin is not None and self._proc.stdout is not None
-        self._proc.stdin.write(json.dumps(instance) + "\n")
+        self._proc.stdin.write(line + "\n")
         self._proc.stdin.flush()
         line = self._proc.stdout.readline()
         if not line:

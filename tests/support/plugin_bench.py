@@ -74,11 +74,11 @@ def cpu_ms(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
 
 
-def rss_kib(pid: int) -> int:
-    """The process's resident memory (VmRSS)."""
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
+    """The process's resident memory (VmRSS), or its peak so far with ``field="VmHWM"``."""
     status = Path(f"/proc/{pid}/status").read_text()
     return int(next(line.split()[1] for line in status.splitlines()
-                    if line.startswith("VmRSS:")))
+                    if line.startswith(f"{field}:")))
 
 
 OURS = (sys.executable, "-m", "driver.cli")

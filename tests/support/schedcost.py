@@ -23,6 +23,7 @@ import yaml
 from kubernetes.client import CoreV1Api
 from kubernetes.watch.watch import iter_resp_lines
 
+from driver.devcluster.controlplane import FakeNodeKeeper, LocalCluster
 from driver.inventory.discovery import discover
 from driver.inventory.model import Inventory
 from driver.kube.api import api_request
@@ -124,6 +125,24 @@ def by_kind(slices: list[dict[str, Any]]) -> list[dict[str, Any]]:
         one["metadata"]["name"] = f"{one['spec']['nodeName']}-{DRIVER}-{index}"
         one["spec"]["pool"]["resourceSliceCount"] = len(out)
     return out
+
+
+@contextmanager
+def ready_nodes(cluster: LocalCluster, prefix: str, count: int) -> Iterator[list[str]]:
+    """``count`` Ready fake Nodes (the pools' owners); heartbeats rare, so they cost the
+    API server nothing while measuring (no node lifecycle controller marks them NotReady).
+    Deleted afterwards."""
+    api = cluster.api_client()
+    names = [f"{prefix}-{i:04d}" for i in range(count)]
+    try:
+        with FakeNodeKeeper(api, interval=3600) as keeper:
+            for name in names:
+                keeper.add(name)
+            yield names
+            for name in names:
+                keeper.remove(name)
+    finally:
+        api.close()
 
 
 @contextmanager
