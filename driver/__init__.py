@@ -9,7 +9,7 @@ arrows point down the data flow), and `tests/unit/test_layers.py` checks it.
   health as either reports it (`events`: event sets, liveness, the recovery action).
   Imports nothing of the driver but `errors`, `atomicfile` and `safeload`.
 - `kube`: Kubernetes helpers with no driver knowledge: the API client, quantities,
-  semantic versions. Imports only `errors`.
+  semantic versions. Imports only `errors` and `gcpause`.
 - `inventory`: what a node has: the device model, discovery through a provider, NVLink
   and PCIe topology (with the native clique partition), the table/JSON view. Imports `nvml`.
 - `health`: GPU health, pure: observations (XIDs, ECC errors, liveness checks, the
@@ -40,7 +40,8 @@ arrows point down the data flow), and `tests/unit/test_layers.py` checks it.
   and the commands. Imports any of the above.
 - `errors` (one base per layer, each with a metrics `reason`), `atomicfile` (temp file,
   fsync, rename) and `safeload` (YAML and JSON from outside, bounded in size, depth and
-  alias expansion) serve every layer; `_proto` is generated gRPC code.
+  alias expansion) and `gcpause` (the cycle collector paused over large decoded
+  snapshots) serve every layer; `_proto` is generated gRPC code.
 
 The data flow from NVML to a CDI file: a provider answers `inventory.discovery`, which
 builds an `Inventory`; `resourceslice.build` turns it into ResourceSlices that a publisher

@@ -9,7 +9,7 @@ from pathlib import Path
 import driver
 
 ROOT = Path(driver.__file__).parent
-BASE = {"errors", "atomicfile", "safeload"}
+BASE = {"errors", "atomicfile", "safeload", "gcpause"}
 ALLOWED: dict[str, set[str]] = {
     "nvml": BASE,
     "kube": BASE,
