@@ -15,6 +15,8 @@ from typing import Self, TypeAlias
 
 from typing_extensions import disjoint_base
 
+from driver.allocator.model import ConstraintPlan, Entry
+
 _Int8Array: TypeAlias = array[int]  # typecode "b"  (const int8_t[::1])
 _Int32Array: TypeAlias = array[int]  # typecode "i"  (const int32_t[::1])
 _Int64Array: TypeAlias = array[int]  # typecode "q"  (const int64_t[::1])
@@ -108,23 +110,17 @@ class ClaimArrays:
         k_has: _UInt64Array,
     ) -> Self: ...
 
-CLAIM_FIELDS: tuple[str, ...]
-
-def claim_arrays(
+def pack_claims(
+    entries: list[Entry],
+    claims: list[list[list[int]]],
+    constraints: list[list[ConstraintPlan]],
     n_devices: int,
-    n_entries: int,
-    n_claims: int,
-    n_groups: int,
-    n_constraints: int,
-    i8: _Int8Array,
-    i32: _Int32Array,
-    u32: _UInt32Array,
-    i64: _Int64Array,
-    u64: _UInt64Array,
-    lengths: _Int32Array,
+    multi_bits: int,
 ) -> ClaimArrays:
-    """ClaimArrays from one array per element type (the fields of CLAIM_FIELDS
-    concatenated) and each field's length."""
+    """ClaimArrays read straight from compiled claims (entries, request groups of entry
+    indexes per claim, constraint plans per claim) for a node of `n_devices` devices,
+    `multi_bits` its devices that allow multiple allocations; OverflowError where a
+    capacity amount leaves the kernel's range."""
 
 @disjoint_base
 class Dynamic:

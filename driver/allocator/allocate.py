@@ -8,8 +8,8 @@ Two modes:
   variant, with the default feature gates) gives, device for device;
 - topology: among the solutions the same search reaches, the best by
   `reference.score` (NVLink-connected sets with the most bandwidth, one NUMA
-  node and PCIe root, MIG placements that rule out the fewest other placements on their GPU). It finds a
-  solution exactly when parity does.
+  node and PCIe root, MIG placements that rule out the fewest other placements on
+  their GPU). It finds a solution exactly when parity does.
 
 The search runs in the native kernel (`driver._alloc`) when it is built, else in the
 pure-Python reference; both read the same `Problem` and give the same answers. A

@@ -66,8 +66,6 @@ class ConstraintPlan:
     attribute: str
     values: list[int]  # value id per device; -1: the device lacks the attribute
     groups: list[int]  # value id -> bitset of devices with that value
-    # the kernel's words for the groups and for "has the attribute", made once
-    packed: tuple[list[int], list[int]] | None = None
 
 
 @dataclass
