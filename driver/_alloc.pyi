@@ -75,40 +75,6 @@ class ClaimArrays:
     def n_groups(self) -> int: ...
     @property
     def n_constraints(self) -> int: ...
-    def __new__(
-        cls,
-        *,
-        n_devices: int,
-        n_entries: int,
-        n_claims: int,
-        n_groups: int,
-        n_constraints: int,
-        e_count: _Int32Array,
-        e_all: _Int8Array,
-        e_admin: _Int8Array,
-        e_fa: _Int8Array,
-        e_has_err: _Int8Array,
-        e_has_multi: _Int8Array,
-        c_safe: _Int8Array,
-        e_cand: _UInt64Array,
-        e_err: _UInt64Array,
-        e_all_start: _Int32Array,
-        e_all_idx: _Int32Array,
-        e_all_soft: _Int8Array,
-        e_cmask: _UInt32Array,
-        e_cons_start: _Int32Array,
-        cons_dev: _Int32Array,
-        cons_dim: _Int32Array,
-        cons_amt: _Int64Array,
-        c_gstart: _Int32Array,
-        g_estart: _Int32Array,
-        c_kstart: _Int32Array,
-        k_kind: _Int8Array,
-        k_values: _Int32Array,
-        k_gstart: _Int32Array,
-        k_groups: _UInt64Array,
-        k_has: _UInt64Array,
-    ) -> Self: ...
 
 def pack_claims(
     entries: list[Entry],

@@ -14,9 +14,10 @@ A request whose candidates include a selector error is never pruned: upstream
 would reach the error and stop with it.
 
 What driver/allocator/kernel.py hands over: the cdef classes DeviceArrays, ClaimArrays
-and Dynamic below (typed fields, keyword constructors). The names of the sizes, the
-statuses and the search's State: _alloc_types.pxd; the bit helpers: _bitset.pxd. Each
-owner of C arrays (a search run, a `Dynamic`, a `Tables`) allocates them as one block.
+and Dynamic below (typed fields; keyword constructors, ClaimArrays made by
+`pack_claims`). The names of the sizes, the statuses and the search's State:
+_alloc_types.pxd; the bit helpers: _bitset.pxd. Each owner of C arrays (a search run,
+a `Dynamic`, a `Tables`) allocates them as one block.
 
 `Prepared.run` returns a status (1 ok, 0 no solution, -1 result limit exceeded,
 -2 error, -3 gave up: the work budget ran out before the search decided).
@@ -805,8 +806,7 @@ cdef class DeviceArrays:
 cdef class ClaimArrays:
     """The claims' entries (requests, or the subrequests of a firstAvailable request),
     request groups and constraints as the search reads them, for a node of `n_devices`
-    devices. Keyword arguments only, one per field; lengths in the sizes of
-    _alloc_types.pxd."""
+    devices; made by `pack_claims`. Lengths in the sizes of _alloc_types.pxd."""
 
     cdef readonly int n_devices, words, n_entries, n_claims, n_groups, n_constraints
     cdef const int32_t[::1] e_count       # n_entries: devices the entry asks for
@@ -835,31 +835,8 @@ cdef class ClaimArrays:
     cdef const uint64_t[::1] k_groups     # words per value group: devices with the value
     cdef const uint64_t[::1] k_has        # n_constraints * words: devices with a value
 
-    def __init__(self, *, int n_devices, int n_entries, int n_claims, int n_groups,
-                 int n_constraints, const int32_t[::1] e_count, const int8_t[::1] e_all,
-                 const int8_t[::1] e_admin, const int8_t[::1] e_fa,
-                 const int8_t[::1] e_has_err, const int8_t[::1] e_has_multi,
-                 const int8_t[::1] c_safe, const uint64_t[::1] e_cand,
-                 const uint64_t[::1] e_err, const int32_t[::1] e_all_start,
-                 const int32_t[::1] e_all_idx, const int8_t[::1] e_all_soft,
-                 const uint32_t[::1] e_cmask, const int32_t[::1] e_cons_start,
-                 const int32_t[::1] cons_dev, const int32_t[::1] cons_dim,
-                 const int64_t[::1] cons_amt, const int32_t[::1] c_gstart,
-                 const int32_t[::1] g_estart, const int32_t[::1] c_kstart,
-                 const int8_t[::1] k_kind, const int32_t[::1] k_values,
-                 const int32_t[::1] k_gstart, const uint64_t[::1] k_groups,
-                 const uint64_t[::1] k_has):
-        self.set_sizes(n_devices, n_entries, n_claims, n_groups, n_constraints)
-        self.e_count, self.e_all, self.e_admin, self.e_fa = e_count, e_all, e_admin, e_fa
-        self.e_has_err, self.e_has_multi, self.c_safe = e_has_err, e_has_multi, c_safe
-        self.e_cand, self.e_err = e_cand, e_err
-        self.e_all_start, self.e_all_idx, self.e_all_soft = e_all_start, e_all_idx, e_all_soft
-        self.e_cmask, self.e_cons_start = e_cmask, e_cons_start
-        self.cons_dev, self.cons_dim, self.cons_amt = cons_dev, cons_dim, cons_amt
-        self.c_gstart, self.g_estart, self.c_kstart = c_gstart, g_estart, c_kstart
-        self.k_kind, self.k_values, self.k_gstart = k_kind, k_values, k_gstart
-        self.k_groups, self.k_has = k_groups, k_has
-        self.check()
+    def __init__(self) -> None:
+        raise TypeError("ClaimArrays are made by pack_claims")
 
     cdef int set_sizes(self, int n_devices, int n_entries, int n_claims, int n_groups,
                        int n_constraints) except -1:

@@ -188,6 +188,8 @@ def _device_arrays(**changed: Any) -> Any:
 
 
 def test_the_kernel_checks_each_arrays_type_and_length() -> None:
+    with pytest.raises(TypeError, match="made by pack_claims"):
+        driver._alloc.ClaimArrays()
     assert (_device_arrays().n_devices, _device_arrays().words) == (2, 1)
     assert _device_arrays(n_devices=65, **{
         name: array(code, [0] * 65) for name, code in (
