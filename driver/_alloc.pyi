@@ -15,6 +15,8 @@ from typing import Self, TypeAlias
 
 from typing_extensions import disjoint_base
 
+from driver.allocator.model import ConstraintPlan, Entry
+
 _Int8Array: TypeAlias = array[int]  # typecode "b"  (const int8_t[::1])
 _Int32Array: TypeAlias = array[int]  # typecode "i"  (const int32_t[::1])
 _Int64Array: TypeAlias = array[int]  # typecode "q"  (const int64_t[::1])
@@ -73,58 +75,18 @@ class ClaimArrays:
     def n_groups(self) -> int: ...
     @property
     def n_constraints(self) -> int: ...
-    def __new__(
-        cls,
-        *,
-        n_devices: int,
-        n_entries: int,
-        n_claims: int,
-        n_groups: int,
-        n_constraints: int,
-        e_count: _Int32Array,
-        e_all: _Int8Array,
-        e_admin: _Int8Array,
-        e_fa: _Int8Array,
-        e_has_err: _Int8Array,
-        e_has_multi: _Int8Array,
-        c_safe: _Int8Array,
-        e_cand: _UInt64Array,
-        e_err: _UInt64Array,
-        e_all_start: _Int32Array,
-        e_all_idx: _Int32Array,
-        e_all_soft: _Int8Array,
-        e_cmask: _UInt32Array,
-        e_cons_start: _Int32Array,
-        cons_dev: _Int32Array,
-        cons_dim: _Int32Array,
-        cons_amt: _Int64Array,
-        c_gstart: _Int32Array,
-        g_estart: _Int32Array,
-        c_kstart: _Int32Array,
-        k_kind: _Int8Array,
-        k_values: _Int32Array,
-        k_gstart: _Int32Array,
-        k_groups: _UInt64Array,
-        k_has: _UInt64Array,
-    ) -> Self: ...
 
-CLAIM_FIELDS: tuple[str, ...]
-
-def claim_arrays(
+def pack_claims(
+    entries: list[Entry],
+    claims: list[list[list[int]]],
+    constraints: list[list[ConstraintPlan]],
     n_devices: int,
-    n_entries: int,
-    n_claims: int,
-    n_groups: int,
-    n_constraints: int,
-    i8: _Int8Array,
-    i32: _Int32Array,
-    u32: _UInt32Array,
-    i64: _Int64Array,
-    u64: _UInt64Array,
-    lengths: _Int32Array,
+    multi_bits: int,
 ) -> ClaimArrays:
-    """ClaimArrays from one array per element type (the fields of CLAIM_FIELDS
-    concatenated) and each field's length."""
+    """ClaimArrays read straight from compiled claims (entries, request groups of entry
+    indexes per claim, constraint plans per claim) for a node of `n_devices` devices,
+    `multi_bits` its devices that allow multiple allocations; OverflowError where a
+    capacity amount leaves the kernel's range."""
 
 @disjoint_base
 class Dynamic:

@@ -14,9 +14,10 @@ A request whose candidates include a selector error is never pruned: upstream
 would reach the error and stop with it.
 
 What driver/allocator/kernel.py hands over: the cdef classes DeviceArrays, ClaimArrays
-and Dynamic below (typed fields, keyword constructors). The names of the sizes, the
-statuses and the search's State: _alloc_types.pxd; the bit helpers: _bitset.pxd. Each
-owner of C arrays (a search run, a `Dynamic`, a `Tables`) allocates them as one block.
+and Dynamic below (typed fields; keyword constructors, ClaimArrays made by
+`pack_claims`). The names of the sizes, the statuses and the search's State:
+_alloc_types.pxd; the bit helpers: _bitset.pxd. Each owner of C arrays (a search run,
+a `Dynamic`, a `Tables`) allocates them as one block.
 
 `Prepared.run` returns a status (1 ok, 0 no solution, -1 result limit exceeded,
 -2 error, -3 gave up: the work budget ran out before the search decided).
@@ -25,6 +26,7 @@ owner of C arrays (a search run, a `Dynamic`, a `Tables`) allocates them as one 
 from libc.stdint cimport int8_t, int32_t, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memset
+from cpython.array cimport array, clone
 
 from _alloc_types cimport (
     ERROR, FAIL, GAVEUP, MAX_RESULTS, MAXSIZE, NSCORE, OK, State)
@@ -804,8 +806,7 @@ cdef class DeviceArrays:
 cdef class ClaimArrays:
     """The claims' entries (requests, or the subrequests of a firstAvailable request),
     request groups and constraints as the search reads them, for a node of `n_devices`
-    devices. Keyword arguments only, one per field; lengths in the sizes of
-    _alloc_types.pxd."""
+    devices; made by `pack_claims`. Lengths in the sizes of _alloc_types.pxd."""
 
     cdef readonly int n_devices, words, n_entries, n_claims, n_groups, n_constraints
     cdef const int32_t[::1] e_count       # n_entries: devices the entry asks for
@@ -834,31 +835,8 @@ cdef class ClaimArrays:
     cdef const uint64_t[::1] k_groups     # words per value group: devices with the value
     cdef const uint64_t[::1] k_has        # n_constraints * words: devices with a value
 
-    def __init__(self, *, int n_devices, int n_entries, int n_claims, int n_groups,
-                 int n_constraints, const int32_t[::1] e_count, const int8_t[::1] e_all,
-                 const int8_t[::1] e_admin, const int8_t[::1] e_fa,
-                 const int8_t[::1] e_has_err, const int8_t[::1] e_has_multi,
-                 const int8_t[::1] c_safe, const uint64_t[::1] e_cand,
-                 const uint64_t[::1] e_err, const int32_t[::1] e_all_start,
-                 const int32_t[::1] e_all_idx, const int8_t[::1] e_all_soft,
-                 const uint32_t[::1] e_cmask, const int32_t[::1] e_cons_start,
-                 const int32_t[::1] cons_dev, const int32_t[::1] cons_dim,
-                 const int64_t[::1] cons_amt, const int32_t[::1] c_gstart,
-                 const int32_t[::1] g_estart, const int32_t[::1] c_kstart,
-                 const int8_t[::1] k_kind, const int32_t[::1] k_values,
-                 const int32_t[::1] k_gstart, const uint64_t[::1] k_groups,
-                 const uint64_t[::1] k_has):
-        self.set_sizes(n_devices, n_entries, n_claims, n_groups, n_constraints)
-        self.e_count, self.e_all, self.e_admin, self.e_fa = e_count, e_all, e_admin, e_fa
-        self.e_has_err, self.e_has_multi, self.c_safe = e_has_err, e_has_multi, c_safe
-        self.e_cand, self.e_err = e_cand, e_err
-        self.e_all_start, self.e_all_idx, self.e_all_soft = e_all_start, e_all_idx, e_all_soft
-        self.e_cmask, self.e_cons_start = e_cmask, e_cons_start
-        self.cons_dev, self.cons_dim, self.cons_amt = cons_dev, cons_dim, cons_amt
-        self.c_gstart, self.g_estart, self.c_kstart = c_gstart, g_estart, c_kstart
-        self.k_kind, self.k_values, self.k_gstart = k_kind, k_values, k_gstart
-        self.k_groups, self.k_has = k_groups, k_has
-        self.check()
+    def __init__(self) -> None:
+        raise TypeError("ClaimArrays are made by pack_claims")
 
     cdef int set_sizes(self, int n_devices, int n_entries, int n_claims, int n_groups,
                        int n_constraints) except -1:
@@ -900,67 +878,158 @@ cdef class ClaimArrays:
         return 0
 
 
-# The fields `claim_arrays` takes, by element type: int8, int32, uint32, int64, uint64.
-CLAIM_FIELDS = (
-    "e_all", "e_admin", "e_fa", "e_has_err", "e_has_multi", "c_safe", "e_all_soft", "k_kind",
-    "e_count", "e_all_start", "e_all_idx", "e_cons_start", "cons_dev", "cons_dim", "c_gstart",
-    "g_estart", "c_kstart", "k_values", "k_gstart",
-    "e_cmask",
-    "cons_amt",
-    "e_cand", "e_err", "k_groups", "k_has")
+AMOUNT_LIMIT = 1 << 62  # amounts at or beyond it leave the kernel's range (room for sums)
+cdef array _I8 = array("b"), _I32 = array("i"), _U32 = array("I"), _I64 = array("q")
+cdef array _U64 = array("Q")
 
 
-def claim_arrays(int n_devices, int n_entries, int n_claims, int n_groups, int n_constraints,
-                 const int8_t[::1] i8, const int32_t[::1] i32, const uint32_t[::1] u32,
-                 const int64_t[::1] i64, const uint64_t[::1] u64,
-                 const int32_t[::1] lengths):
-    """ClaimArrays from one array per element type, each the concatenation of its fields
-    in the order of CLAIM_FIELDS, `lengths` the length of each field in that order: five
-    buffers taken instead of 25 (the cost of a cold call's compiled claims)."""
+cdef inline Py_ssize_t field(Py_ssize_t n) noexcept:
+    """Elements a field takes: at least one (the kernel reads element 0 of an empty one)."""
+    return n if n > 0 else 1
+
+
+cdef int put_words(uint64_t* into, object bits, int words) except -1:
+    """The bitset `bits` (a Python int) as `words` 64-bit words."""
+    cdef int i
+    if words == 1:
+        into[0] = <uint64_t>bits
+    else:
+        for i in range(words):
+            into[i] = <uint64_t>((bits >> (64 * i)) & 0xFFFFFFFFFFFFFFFF)
+    return 0
+
+
+def pack_claims(list entries, list claims, list constraints, int n_devices, object multi_bits):
+    """ClaimArrays of compiled claims (driver/allocator/model.py: an `Entry` per request
+    or subrequest, request groups of entry indexes per claim, `ConstraintPlan`s per
+    claim), read straight from those objects into one array per element type: a cold
+    call packs its claims once per scheduling decision. OverflowError where a capacity
+    amount leaves the kernel's range."""
     cdef ClaimArrays out = ClaimArrays.__new__(ClaimArrays)
-    cdef Py_ssize_t start[26]
-    cdef Py_ssize_t b32, b64
-    cdef int k
-    out.set_sizes(n_devices, n_entries, n_claims, n_groups, n_constraints)
-    if lengths.shape[0] != 25:
-        raise ValueError(f"lengths: {lengths.shape[0]} fields, the kernel takes 25")
-    for k in range(25):
-        if lengths[k] < 0:
-            raise ValueError(f"lengths[{k}]: {lengths[k]}")
-    start[0] = 0
-    for k in range(25):
-        start[k + 1] = start[k] + lengths[k]
-    # Where each type's fields begin among all 25.
-    b32, b64 = start[8], start[21]
-    if (i8.shape[0] != start[8] or i32.shape[0] != start[19] - b32
-            or u32.shape[0] != lengths[19] or i64.shape[0] != lengths[20]
-            or u64.shape[0] != start[25] - b64):
-        raise ValueError("claim_arrays: the arrays do not hold the fields' lengths")
-    out.e_all = i8[start[0]:start[1]]
-    out.e_admin = i8[start[1]:start[2]]
-    out.e_fa = i8[start[2]:start[3]]
-    out.e_has_err = i8[start[3]:start[4]]
-    out.e_has_multi = i8[start[4]:start[5]]
-    out.c_safe = i8[start[5]:start[6]]
-    out.e_all_soft = i8[start[6]:start[7]]
-    out.k_kind = i8[start[7]:start[8]]
-    out.e_count = i32[start[8] - b32:start[9] - b32]
-    out.e_all_start = i32[start[9] - b32:start[10] - b32]
-    out.e_all_idx = i32[start[10] - b32:start[11] - b32]
-    out.e_cons_start = i32[start[11] - b32:start[12] - b32]
-    out.cons_dev = i32[start[12] - b32:start[13] - b32]
-    out.cons_dim = i32[start[13] - b32:start[14] - b32]
-    out.c_gstart = i32[start[14] - b32:start[15] - b32]
-    out.g_estart = i32[start[15] - b32:start[16] - b32]
-    out.c_kstart = i32[start[16] - b32:start[17] - b32]
-    out.k_values = i32[start[17] - b32:start[18] - b32]
-    out.k_gstart = i32[start[18] - b32:start[19] - b32]
-    out.e_cmask = u32
-    out.cons_amt = i64
-    out.e_cand = u64[start[21] - b64:start[22] - b64]
-    out.e_err = u64[start[22] - b64:start[23] - b64]
-    out.k_groups = u64[start[23] - b64:start[24] - b64]
-    out.k_has = u64[start[24] - b64:start[25] - b64]
+    cdef int w = words_for(n_devices), need, total
+    cdef Py_ssize_t n_e = len(entries), n_c = len(claims), n_g = 0, n_k = 0
+    cdef Py_ssize_t n_all = 0, n_cons = 0, n_vals = 0, n_kgroups = 0
+    cdef Py_ssize_t e, i, at, c_at, k_at, v_at, g_at
+    for entry in entries:
+        n_all += len(entry.all_list)
+        if entry.cons:
+            for uses in (<dict>entry.cons).values():
+                n_cons += len(uses)
+    for groups in claims:
+        n_g += len(groups)
+    for plans in constraints:
+        for plan in plans:
+            n_k += 1
+            n_vals += len(plan.values)
+            n_kgroups += len(plan.groups)
+    out.set_sizes(n_devices, n_e, n_c, n_g, n_k)
+    # Each field's place in its type's array, in the order of ClaimArrays.
+    cdef Py_ssize_t f_all = 0, f_admin = f_all + field(n_e), f_fa = f_admin + field(n_e)
+    cdef Py_ssize_t f_has_err = f_fa + field(n_e), f_has_multi = f_has_err + field(n_e)
+    cdef Py_ssize_t f_safe = f_has_multi + field(n_e), f_soft = f_safe + field(n_c)
+    cdef Py_ssize_t f_kind = f_soft + field(n_all), n_i8 = f_kind + field(n_k)
+    cdef Py_ssize_t f_count = 0, f_all_start = field(n_e), f_all_idx = f_all_start + n_e + 1
+    cdef Py_ssize_t f_cons_start = f_all_idx + field(n_all)
+    cdef Py_ssize_t f_cons_dev = f_cons_start + n_e + 1, f_cons_dim = f_cons_dev + field(n_cons)
+    cdef Py_ssize_t f_gstart = f_cons_dim + field(n_cons), f_estart = f_gstart + n_c + 1
+    cdef Py_ssize_t f_kstart = f_estart + n_g + 1, f_values = f_kstart + n_c + 1
+    cdef Py_ssize_t f_kgstart = f_values + field(n_vals), n_i32 = f_kgstart + n_k + 1
+    cdef Py_ssize_t f_cand = 0, f_err = field(n_e * w), f_groups = f_err + field(n_e * w)
+    cdef Py_ssize_t f_has = f_groups + field(n_kgroups * w), n_u64 = f_has + field(n_k * w)
+    cdef array a8 = clone(_I8, n_i8, True), a32 = clone(_I32, n_i32, True)
+    cdef array au32 = clone(_U32, field(n_e), True), a64 = clone(_I64, field(n_cons), True)
+    cdef array au64 = clone(_U64, n_u64, True)
+    cdef int8_t* i8 = <int8_t*>a8.data.as_schars
+    cdef int32_t* i32 = <int32_t*>a32.data.as_ints
+    cdef uint32_t* cmask = <uint32_t*>au32.data.as_uints
+    cdef int64_t* amounts = <int64_t*>a64.data.as_longlongs
+    cdef uint64_t* u64 = <uint64_t*>au64.data.as_ulonglongs
+    at = c_at = 0
+    for e in range(n_e):
+        entry = entries[e]
+        i32[f_count + e] = entry.count
+        i8[f_all + e] = 1 if entry.all_mode else 0
+        i8[f_admin + e] = 1 if entry.admin else 0
+        i8[f_fa + e] = 1 if entry.first_available else 0
+        i8[f_has_err + e] = 1 if entry.err else 0
+        i8[f_has_multi + e] = 1 if entry.cand & multi_bits else 0
+        cmask[e] = entry.cmask
+        put_words(u64 + f_cand + e * w, entry.cand, w)
+        put_words(u64 + f_err + e * w, entry.err, w)
+        all_list = entry.all_list
+        if all_list:
+            soft = entry.all_soft
+            for i in range(len(all_list)):
+                i32[f_all_idx + at] = all_list[i]
+                i8[f_soft + at] = 1 if soft[i] else 0
+                at += 1
+        i32[f_all_start + e + 1] = at
+        if entry.cons:
+            for d, uses in sorted((<dict>entry.cons).items()):
+                for k, value in uses:
+                    if not -AMOUNT_LIMIT < value < AMOUNT_LIMIT:
+                        raise OverflowError("amount out of the kernel's range")
+                    i32[f_cons_dev + c_at] = d
+                    i32[f_cons_dim + c_at] = k
+                    amounts[c_at] = value
+                    c_at += 1
+        i32[f_cons_start + e + 1] = c_at
+    g_at = 0
+    for i in range(n_c):
+        total = 0
+        for ids in claims[i]:
+            need = 0
+            for e in ids:
+                need = max(need, <int>entries[e].count)
+            total += need
+            i32[f_estart + g_at + 1] = i32[f_estart + g_at] + len(ids)
+            g_at += 1
+        i8[f_safe + i] = total <= MAX_RESULTS
+        i32[f_gstart + i + 1] = g_at
+    k_at = v_at = g_at = 0
+    for i in range(n_c):
+        for plan in constraints[i]:
+            i8[f_kind + k_at] = plan.kind
+            for value in plan.values:
+                i32[f_values + v_at] = value
+                v_at += 1
+            has = 0
+            for group in plan.groups:
+                put_words(u64 + f_groups + g_at * w, group, w)
+                g_at += 1
+                has |= group
+            put_words(u64 + f_has + k_at * w, has, w)
+            i32[f_kgstart + k_at + 1] = i32[f_kgstart + k_at] + len(plan.groups)
+            k_at += 1
+        i32[f_kstart + i + 1] = k_at
+    cdef const int8_t[::1] v8 = a8
+    cdef const int32_t[::1] v32 = a32
+    cdef const uint64_t[::1] v64 = au64
+    out.e_all = v8[f_all:f_all + field(n_e)]
+    out.e_admin = v8[f_admin:f_admin + field(n_e)]
+    out.e_fa = v8[f_fa:f_fa + field(n_e)]
+    out.e_has_err = v8[f_has_err:f_has_err + field(n_e)]
+    out.e_has_multi = v8[f_has_multi:f_has_multi + field(n_e)]
+    out.c_safe = v8[f_safe:f_safe + field(n_c)]
+    out.e_all_soft = v8[f_soft:f_soft + field(n_all)]
+    out.k_kind = v8[f_kind:n_i8]
+    out.e_count = v32[f_count:f_count + field(n_e)]
+    out.e_all_start = v32[f_all_start:f_all_idx]
+    out.e_all_idx = v32[f_all_idx:f_cons_start]
+    out.e_cons_start = v32[f_cons_start:f_cons_dev]
+    out.cons_dev = v32[f_cons_dev:f_cons_dim]
+    out.cons_dim = v32[f_cons_dim:f_gstart]
+    out.c_gstart = v32[f_gstart:f_estart]
+    out.g_estart = v32[f_estart:f_kstart]
+    out.c_kstart = v32[f_kstart:f_values]
+    out.k_values = v32[f_values:f_kgstart]
+    out.k_gstart = v32[f_kgstart:n_i32]
+    out.e_cmask = au32
+    out.cons_amt = a64
+    out.e_cand = v64[f_cand:f_err]
+    out.e_err = v64[f_err:f_groups]
+    out.k_groups = v64[f_groups:f_has]
+    out.k_has = v64[f_has:n_u64]
     out.check()
     return out
 

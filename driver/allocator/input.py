@@ -204,6 +204,8 @@ def parse_taint_rules(objects: Sequence[Mapping[str, Any]]) -> tuple[TaintRule, 
     were removed in 1.35: the API server drops them, which would widen the rule to
     every device of its driver and pool, so a rule naming them is refused here.
     """
+    if not objects:
+        return ()
     rules: dict[str, TaintRule] = {}
     for obj in objects:
         name, where = _named(obj, "DeviceTaintRule")

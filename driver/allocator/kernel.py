@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from driver import _alloc
-from driver.allocator.input import MAX_RESULTS, Claim, DeviceClass
+from driver.allocator.input import Claim, DeviceClass
 from driver.allocator.ledger import Ledger
 from driver.allocator.model import (
     AllocationError,
@@ -177,18 +177,6 @@ def _static(p: Problem) -> NodeArrays:
     return packed
 
 
-def _constraint_words(plan: ConstraintPlan, w: int) -> tuple[list[int], list[int]]:
-    """Value groups and "has the attribute" as words, kept on the (cached) plan."""
-    if plan.packed is None:
-        groups: list[int] = []
-        has = 0
-        for group in plan.groups:
-            groups += _words(group, w)
-            has |= group
-        plan.packed = (groups, _words(has, w))
-    return plan.packed
-
-
 def _flags(p: Problem, flags: list[bool], static: NodeArrays) -> array[int]:
     """The node model's all-false list is packed once."""
     if p.static is not None and flags is p.static.no_blocks:
@@ -212,71 +200,13 @@ def pack(p: Problem) -> Packed:
 def _claim_arrays(entries: list[Entry], claims: list[list[list[int]]],
                   constraints: list[list[ConstraintPlan]], static: NodeArrays
                   ) -> _alloc.ClaimArrays:
-    """The arrays that depend on the claims (requests, candidates, constraints)."""
-    w = static.words
-    multi_bits = static.multi_bits
-    e_cand: list[int] = []
-    e_err: list[int] = []
-    e_all_start, e_all_idx, e_all_soft = [0], [], []
-    e_cons_start, cons_dev, cons_dim, cons_amt = [0], [], [], []
-    for entry in entries:
-        if w == 1:
-            e_cand.append(entry.cand)
-            e_err.append(entry.err)
-        else:
-            e_cand += _words(entry.cand, w)
-            e_err += _words(entry.err, w)
-        if entry.all_list:
-            e_all_idx += entry.all_list
-            e_all_soft += entry.all_soft
-        e_all_start.append(len(e_all_idx))
-        for d, uses in sorted(entry.cons.items()):
-            for k, amount in uses:
-                cons_dev.append(d)
-                cons_dim.append(k)
-                cons_amt.append(amount)
-        e_cons_start.append(len(cons_dev))
-    _check(cons_amt)
-    c_gstart, g_estart = [0], [0]
-    for groups in claims:
-        for ids in groups:
-            g_estart.append(g_estart[-1] + len(ids))
-        c_gstart.append(len(g_estart) - 1)
-    c_kstart, k_kind, k_values, k_gstart, k_groups, k_has = [0], [], [], [0], [], []
-    for plans in constraints:
-        for plan in plans:
-            k_kind.append(plan.kind)
-            k_values += plan.values
-            groups_words, has_words = _constraint_words(plan, w)
-            k_groups += groups_words
-            k_gstart.append(k_gstart[-1] + len(plan.groups))
-            k_has += has_words
-        c_kstart.append(len(k_kind))
-    i8 = ([e.all_mode for e in entries], [e.admin for e in entries],
-          [e.first_available for e in entries], [1 if e.err else 0 for e in entries],
-          [1 if e.cand & multi_bits else 0 for e in entries],
-          [sum(max(entries[i].count for i in ids) for ids in groups) <= MAX_RESULTS
-           for groups in claims], e_all_soft, k_kind)
-    i32 = ([e.count for e in entries], e_all_start, e_all_idx, e_cons_start, cons_dev,
-           cons_dim, c_gstart, g_estart, c_kstart, k_values, k_gstart)
-    u64 = (e_cand, e_err, k_groups, k_has)
-    e_cmask = [e.cmask for e in entries] or [0]
-    cons_amt = cons_amt or [0]
-    # In the order of _alloc.CLAIM_FIELDS, each field padded to one element.
-    lengths: list[int] = []
-    flat: list[list[int]] = [[], [], []]
-    for fields, into in ((i8, flat[0]), (i32, flat[1]), (u64, flat[2])):
-        for values in fields:
-            into += values or _PAD
-            lengths.append(len(values) or 1)
-    lengths[19:19] = (len(e_cmask), len(cons_amt))
-    return _alloc.claim_arrays(
-        static.devices.n_devices, len(entries), len(claims), len(g_estart) - 1, len(k_kind),
-        array("b", flat[0]), array("i", flat[1]), array("I", e_cmask), array("q", cons_amt),
-        array("Q", flat[2]), array("i", lengths))
-
-
-_PAD = (0,)  # an empty field's one element
+    """The arrays that depend on the claims (requests, candidates, constraints), packed
+    in C (`_alloc.pack_claims`): per cold call, once."""
+    try:
+        return _alloc.pack_claims(entries, claims, constraints, static.devices.n_devices,
+                                  static.multi_bits)
+    except OverflowError as err:
+        raise KernelRange(str(err)) from err
 
 
 @dataclass

@@ -66,8 +66,6 @@ class ConstraintPlan:
     attribute: str
     values: list[int]  # value id per device; -1: the device lacks the attribute
     groups: list[int]  # value id -> bitset of devices with that value
-    # the kernel's words for the groups and for "has the attribute", made once
-    packed: tuple[list[int], list[int]] | None = None
 
 
 @dataclass
@@ -126,6 +124,7 @@ class NodeModel:
         self.topology = _topology(self.devices, self.counters)
         self.no_blocks = [False] * len(self.devices)  # also "no shares": read-only
         self.multi_devices = [i for i, m in enumerate(self.multi) if m]
+        self.multi_bits = _bits_where(self.multi)
         self.all_bits = (1 << len(self.devices)) - 1
         self.node_ok_bits = _bits_where(d.node_ok for d in self.devices)
         # Capacity taken whole by a request asking for none (`consumed_capacity`).
@@ -191,13 +190,19 @@ class NodeModel:
             for g, group in enumerate(claim.requests):
                 ids: list[int] = []
                 for a, request in enumerate(group.alternatives):
-                    entry = Entry(c, g, a, request, request.count,
-                                  request.all_devices, request.admin_access,
-                                  group.first_available)
-                    self._classify(entry, claim, classes[request.class_name], evaluations)
-                    if claim.constraints:
-                        entry.cmask = sum(1 << k for k, con in enumerate(claim.constraints)
-                                          if con.applies(request))
+                    found = self._classify(request, claim, classes[request.class_name],
+                                           evaluations)
+                    entry = Entry(
+                        c, g, a, request,
+                        len(found.all_list) if request.all_devices else request.count,
+                        request.all_devices, request.admin_access, group.first_available,
+                        found.cand, found.err,
+                        {d: text.replace(CLAIM, claim.key) for d, text in found.errors.items()}
+                        if found.errors else {},
+                        found.all_list, found.all_soft,
+                        sum(1 << k for k, con in enumerate(claim.constraints)
+                            if con.applies(request)) if claim.constraints else 0,
+                        {}, found.consumed)
                     ids.append(len(entries))
                     entries.append(entry)
                 need = min(entries[i].count for i in ids)
@@ -213,10 +218,11 @@ class NodeModel:
                                      for con in claim.constraints])
         return entries, claim_plans, constraint_plans
 
-    def _classify(self, entry: Entry, claim: Claim, device_class: DeviceClass,
-                  evaluations: Evaluations) -> None:
-        request = entry.request
-        if entry.all_mode:
+    def _classify(self, request: Request, claim: Claim, device_class: DeviceClass,
+                  evaluations: Evaluations) -> _Classified:
+        """The request's classification on this node, once per Allocator; raises where
+        an All request cannot be served."""
+        if request.all_devices:
             for pool in self.pools:
                 if pool.incomplete:
                     raise AllocationError(
@@ -234,17 +240,10 @@ class NodeModel:
         if found is None:
             found = evaluations.classified[key] = _classify(request, device_class, self,
                                                             evaluations.verdicts)
-        if entry.all_mode and found.errors:
+        if request.all_devices and found.errors:
             first = min(found.errors)
             raise AllocationError(found.errors[first].replace(CLAIM, claim.key), request.field)
-        entry.cand, entry.err = found.cand, found.err
-        if found.errors:
-            entry.errors = {d: text.replace(CLAIM, claim.key)
-                            for d, text in found.errors.items()}
-        entry.all_list, entry.all_soft, entry.consumed = \
-            found.all_list, found.all_soft, found.consumed
-        if entry.all_mode:
-            entry.count = len(entry.all_list)
+        return found
 
     def groups(self, reads: tuple[Read, ...] | None) -> list[tuple[Any, int]]:
         """The devices as (the values `reads` takes on them, bitset of the devices that
@@ -315,8 +314,8 @@ def _indexes(bits: int) -> Iterator[int]:
 CLAIM = "\x00claim\x00"  # stands for the claim's name in cached error messages
 
 
-@dataclass(frozen=True)
-class _Classified:
+@dataclass(slots=True)
+class _Classified:  # read-only once made (not frozen: made per request per cold call)
     cand: int
     err: int
     errors: dict[int, str]
@@ -360,7 +359,7 @@ def _classify(request: Request, device_class: DeviceClass, model: NodeModel,
     selected = alive & model.node_ok_bits
     fits = selected & model.plain_bits if not request.capacity else 0
     consumed_by: dict[int, dict[str, Fraction]] = {
-        i: devices[i].capacity for i in _indexes(fits) if devices[i].multi}
+        i: devices[i].capacity for i in _indexes(fits & model.multi_bits)}
     for i in _indexes(selected & ~fits):
         device = devices[i]
         consumed = consumed_capacity(CLAIM, request, device)
@@ -380,12 +379,13 @@ def _classify(request: Request, device_class: DeviceClass, model: NodeModel,
     if tainted and request.tolerations:
         tainted = sum(1 << i for i in _indexes(tainted)
                       if devices[i].untolerated(request.tolerations))
+    if errors:
+        errors = dict(sorted(errors.items()))
     if request.all_devices:
         all_list = list(_indexes(fits))
-        return _Classified(0, err, dict(sorted(errors.items())), all_list,
+        return _Classified(0, err, errors, all_list,
                            [bool(tainted >> i & 1) for i in all_list], consumed_by)
-    return _Classified(fits & ~tainted, err, dict(sorted(errors.items())), [], [],
-                       consumed_by)
+    return _Classified(fits & ~tainted, err, errors, [], [], consumed_by)
 
 
 def selectable(claim_key: str, device_class: DeviceClass, request: Request,

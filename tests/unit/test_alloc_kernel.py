@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from array import array
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import pytest
@@ -188,6 +188,8 @@ def _device_arrays(**changed: Any) -> Any:
 
 
 def test_the_kernel_checks_each_arrays_type_and_length() -> None:
+    with pytest.raises(TypeError, match="made by pack_claims"):
+        driver._alloc.ClaimArrays()
     assert (_device_arrays().n_devices, _device_arrays().words) == (2, 1)
     assert _device_arrays(n_devices=65, **{
         name: array(code, [0] * 65) for name, code in (
@@ -215,23 +217,59 @@ def test_the_kernel_checks_each_arrays_type_and_length() -> None:
             dim_avail=array("q", [0]), set_free=array("I", [0]), island_free=array("i", [0]))
 
 
-def test_claims_packed_by_type_are_checked_field_by_field() -> None:
-    """`claim_arrays` (five typed arrays, one length per field) checks as ClaimArrays."""
-    assert len(driver._alloc.CLAIM_FIELDS) == 25
+def _widened(p: Problem, pad: int) -> Problem:
+    """`p` behind `pad` devices no request can take (outside every bitset, without
+    topology, counters or constraint values): its bitsets span several 64-bit words."""
+    def shifted(entry: Entry) -> Entry:
+        return replace(entry, cand=entry.cand << pad, err=entry.err << pad,
+                       errors={d + pad: t for d, t in entry.errors.items()},
+                       all_list=[d + pad for d in entry.all_list],
+                       cons={d + pad: uses for d, uses in entry.cons.items()})
+    none, off = [False] * pad, [-1] * pad
+    return replace(
+        p, devices=[Device(DeviceRef("d", "p", f"pad{i}"), {}, {}, {}, (), False, False, True)
+                    for i in range(pad)] + p.devices,
+        base_inuse=p.base_inuse << pad, multi=none + p.multi,
+        base_shared=none + p.base_shared, counted=none + p.counted, blocked=none + p.blocked,
+        dev_counters=[[] for _ in range(pad)] + p.dev_counters,
+        entries=[shifted(e) for e in p.entries],
+        constraints=[[replace(k, values=off + k.values, groups=[g << pad for g in k.groups])
+                      for k in plans] for plans in p.constraints],
+        island=off + p.island, bandwidth=[0] * pad + p.bandwidth, numa=off + p.numa,
+        pcie=off + p.pcie, slice_set=off + p.slice_set, slice_mask=[0] * pad + p.slice_mask)
 
-    def packed(lengths: list[int], i32: int = 11) -> Any:
-        return driver._alloc.claim_arrays(
-            2, 1, 1, 1, 0, array("b", [0] * 8), array("i", [0] * i32), array("I", [0]),
-            array("q", [0]), array("Q", [0] * 4), array("i", lengths))
-    with pytest.raises(ValueError, match="e_all_start: 1 elements, the kernel reads 2"):
-        packed([1] * 25)
-    with pytest.raises(ValueError, match="the arrays do not hold the fields' lengths"):
-        packed([1] * 25, i32=12)
-    with pytest.raises(ValueError, match="lengths: 24 fields"):
-        packed([1] * 24)
-    fine = [1] * 8 + [1, 2, 1, 2, 1, 1, 2, 2, 2, 1, 1] + [1] * 6
-    claims = packed(fine, i32=sum(fine[8:19]))
-    assert (claims.n_devices, claims.n_entries, claims.n_constraints) == (2, 1, 0)
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems(), st.sampled_from([60, 64, 120, 128]))
+def test_claims_spanning_several_words_pack_as_one(p: Problem, pad: int) -> None:
+    """Candidates, selector errors and constraint groups beyond the first 64 devices
+    reach the kernel (`_alloc.pack_claims` splits each bitset into words)."""
+    wide = _widened(p, pad)
+    reference = allocator_ref.solve(wide, BUDGET)
+    if reference.status == "gave-up":
+        return
+    found = allocator_kernel.solve(wide, BUDGET)
+    _same(reference, found)
+    if found.status == "ok":
+        assert all(d >= pad for picks in found.picks for _, d in picks)
+
+
+def test_an_amount_past_the_kernels_range_goes_to_the_reference() -> None:
+    """A capacity amount the kernel's int64 sums could overflow: `pack_claims` refuses
+    it and `solve` answers through the reference."""
+    device = Device(DeviceRef("d", "p", "x"), {}, {}, {}, (), True, False, True)
+    entry = Entry(0, 0, 0, _request("r"), 1, False, False, False, cand=1,
+                  cons={0: [(0, 1 << 62)]})
+    p = Problem(
+        devices=[device], base_inuse=0, multi=[True], base_shared=[False], counted=[False],
+        blocked=[False], dev_counters=[[]], counter_avail=[], counter_names=[],
+        dim_avail=[1 << 61], entries=[entry], claims=[[[0]]], constraints=[[]], island=[-1],
+        bandwidth=[0], numa=[-1], pcie=[-1], slice_set=[-1], slice_mask=[0], set_free=[],
+        set_full=[], set_island=[], island_free=[])
+    with pytest.raises(allocator_kernel.KernelRange, match="kernel's range"):
+        allocator_kernel.pack(p)
+    assert allocator_kernel.solve(p, BUDGET).status == allocator_ref.solve(p, BUDGET).status \
+        == "fail"
 
 
 def test_claims_and_ledger_must_be_of_the_node() -> None:
