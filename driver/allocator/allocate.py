@@ -126,10 +126,14 @@ class Allocator:
         self._by_node: dict[str, list[Mapping[str, Any]]] | None = None
         self._models: dict[Node, NodeModel] = {}
         self._sites: dict[str | Node, _Site] = {}
+        self._nodes: list[str] | None = None
 
     def nodes(self) -> list[str]:
-        return sorted({s["spec"]["nodeName"] for s in self.slices
-                       if s["spec"].get("nodeName")})
+        """The nodes the slices name, sorted (worked out once: explain asks per node)."""
+        if self._nodes is None:
+            self._nodes = sorted({s["spec"]["nodeName"] for s in self.slices
+                                  if s["spec"].get("nodeName")})
+        return list(self._nodes)
 
     def model(self, node: Node) -> NodeModel:
         """The node's pools and everything known about them before any claim."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any
@@ -55,7 +55,10 @@ class Explanation:
 
 
 def explain(allocator: Allocator, claim: Claim, ledger: Ledger, node: str,
-            mode: Mode = "parity") -> Explanation:
+            mode: Mode = "parity", unfit: Collection[str] = frozenset()) -> Explanation:
+    """Why the claim does (not) fit on `node`. `unfit`: nodes already tried with this
+    ledger where it does not fit, not tried again for "on node X" (explain_all tries
+    every node first: trying them all again per node explained was quadratic)."""
     outcome = allocator.allocate([claim], ledger, node, mode)
     if outcome.status == "allocated":
         devices = [r["device"] for r in outcome.allocations[0]["devices"]["results"]]
@@ -69,7 +72,7 @@ def explain(allocator: Allocator, claim: Claim, ledger: Ledger, node: str,
         reasons.append("each request has enough devices on its own, but no combination "
                        "satisfies all requests and constraints together")
     return Explanation(claim.key, node, False, tuple(reasons),
-                       tuple(_nearest(allocator, claim, ledger, node, mode)))
+                       tuple(_nearest(allocator, claim, ledger, node, mode, unfit)))
 
 
 def _reasons(allocator: Allocator, claim: Claim, ledger: Ledger, node: Node) -> list[str]:
@@ -313,7 +316,7 @@ def _value(device: Device, attribute: str) -> str | None:
 
 
 def _nearest(allocator: Allocator, claim: Claim, ledger: Ledger, node: str,
-             mode: Mode) -> list[str]:
+             mode: Mode, unfit: Collection[str]) -> list[str]:
     """Single changes, smallest first, that make the claim fit; each one checked."""
     found: list[str] = []
 
@@ -357,8 +360,8 @@ def _nearest(allocator: Allocator, claim: Claim, ledger: Ledger, node: str,
             if len(found) >= 6:
                 break
     for other in allocator.nodes():
-        if other != node and allocator.allocate([claim], ledger, other, mode).status \
-                == "allocated":
+        if other != node and other not in unfit and allocator.allocate(
+                [claim], ledger, other, mode).status == "allocated":
             found.append(f"on node {other}")
             break
     return found
@@ -434,5 +437,6 @@ def explain_all(allocator: Allocator, claims: Sequence[Claim], ledger: Ledger,
         if placed is not None:
             done.append(placed)
             continue
-        done += [explain(allocator, claim, ledger, node, mode) for node in nodes]
+        tried = set(nodes)
+        done += [explain(allocator, claim, ledger, node, mode, tried) for node in nodes]
     return done

@@ -154,5 +154,23 @@ def test_a_new_version_of_a_slice_is_checked_and_read_again() -> None:
     broken = copy.deepcopy(grown)
     broken["metadata"]["resourceVersion"] = "3"
     broken["spec"]["devices"][0]["capacity"]["memory"]["value"] = "lots"
-    with pytest.raises(InputError, match="capacity\\[memory\\]"):
-        Allocator([broken], CLASSES)
+    allocator = Allocator([broken], CLASSES)
+    with pytest.raises(InputError, match=r"ResourceSlice s1: spec\.devices\[0\]"
+                                         r"\.capacity\[memory\]"):
+        allocator.allocate(allocator.parse([big]), Ledger(), "n1")
+
+
+def test_a_served_slice_is_checked_for_what_the_api_server_lets_through() -> None:
+    """A list attribute (the API server takes it with DRAListTypeAttributes on) is refused
+    naming its field once its node is tried; a node with good slices still allocates."""
+    good = pool_slice("s1", [{"name": "dev-0"}])
+    listed = pool_slice("s2", [{"name": "dev-0", "attributes": {"ranks": {"ints": [1, 2]}}}],
+                        pool="p2", nodeName="n2")
+    for n, s in enumerate((good, listed)):
+        s["metadata"].update(uid=f"u-{n}", resourceVersion="1")
+    allocator = Allocator([good, listed], CLASSES)
+    one = allocator.parse([claim("c", request("r"))])
+    assert allocator.allocate(one, Ledger(), "n1").status == "allocated"
+    with pytest.raises(InputError, match=r"ResourceSlice s2: spec\.devices\[0\]"
+                                         r"\.attributes\[ranks\]: exactly one of int"):
+        allocator.allocate(one, Ledger(), "n2")
