@@ -234,7 +234,8 @@ class NodeModel:
                         f"claim {claim.key}, request {request.name}: asks for all devices, "
                         f"but resource pool {pool} is currently invalid ({pool.invalid})",
                         f"{request.field}.allocationMode")
-        key = (id(self), request.class_name, tuple(s.expression for s in request.selectors),
+        key = (id(self), request.class_name,
+               tuple([s.expression for s in request.selectors]) if request.selectors else (),
                request.tolerations, request.capacity, request.all_devices)
         found = evaluations.classified.get(key)
         if found is None:
@@ -339,8 +340,8 @@ def _classify(request: Request, device_class: DeviceClass, model: NodeModel,
     alive = model.all_bits
     err = 0
     errors: dict[int, str] = {}
-    for owner, selectors in ((f"class {device_class.name}", device_class.selectors),
-                             (f"claim {CLAIM}", request.selectors)):
+    for owner, name, selectors in (("class", device_class.name, device_class.selectors),
+                                   ("claim", CLAIM, request.selectors)):
         for k, selector in enumerate(selectors):
             passed = 0
             for values, bits in model.groups(selector.reads):
@@ -354,7 +355,8 @@ def _classify(request: Request, device_class: DeviceClass, model: NodeModel,
                 elif isinstance(result, str):
                     err |= bits
                     for i in _indexes(bits):
-                        errors[i] = f"{owner}: selector #{k} on device {devices[i].ref}: {result}"
+                        errors[i] = (f"{owner} {name}: selector #{k} on device "
+                                     f"{devices[i].ref}: {result}")
             alive = passed
     selected = alive & model.node_ok_bits
     fits = selected & model.plain_bits if not request.capacity else 0

@@ -11,9 +11,14 @@ from typing import Any, Generic, TypeVar
 def object_version(obj: Mapping[str, Any]) -> tuple[str, str] | None:
     """(uid, resourceVersion) of an object read from the API server, else None (local
     files, tests: nothing derived from it is kept)."""
-    meta = obj.get("metadata") or {}
+    meta = obj.get("metadata")
+    if not meta:
+        return None
     uid, version = meta.get("uid"), meta.get("resourceVersion")
-    return (str(uid), str(version)) if uid and version else None
+    if not (uid and version):
+        return None
+    return (uid if type(uid) is str else str(uid),
+            version if type(version) is str else str(version))
 
 
 K = TypeVar("K")
@@ -31,10 +36,15 @@ class Recent(Generic[K, V]):
         self._items: dict[K, tuple[V, int]] = {}
 
     def get(self, key: K) -> V | None:
-        found = self._items.pop(key, None)
+        """The entry, made the most recent; one dict lookup where it already is (a
+        decision asks for the same few keys again and again)."""
+        items = self._items
+        found = items.get(key)
         if found is None:
             return None
-        self._items[key] = found
+        if next(reversed(items)) != key:
+            del items[key]
+            items[key] = found
         return found[0]
 
     def put(self, key: K, value: V) -> V:

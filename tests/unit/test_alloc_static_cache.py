@@ -14,7 +14,7 @@ import pytest
 from driver.allocator import Allocator, Ledger
 from driver.allocator.cel import compile_selector, decide
 from driver.allocator.pools import Node
-from driver.allocator.versions import Recent
+from driver.allocator.versions import Recent, object_version
 from tests.unit.test_alloc_semantics import CLASSES, DRIVER, claim, device, pool_slice, request
 
 _uids = itertools.count()
@@ -116,6 +116,24 @@ def test_the_caches_drop_the_least_recently_used() -> None:
     assert kept.get("a") == 1
     kept.put("c", 3)
     assert (kept.get("a"), kept.get("b"), kept.get("c"), len(kept)) == (1, None, 3, 2)
+
+
+def test_asking_for_the_most_recent_entry_keeps_the_order() -> None:
+    """A get of the newest entry skips the reordering; the oldest is still dropped."""
+    kept: Recent[tuple[str, str], int] = Recent(2)
+    kept.put(("a", "1"), 1)
+    kept.put(("b", "1"), 2)
+    assert kept.get(("b", "1")) == 2
+    kept.put(("c", "1"), 3)
+    assert (kept.get(("a", "1")), kept.get(("b", "1")), kept.get(("c", "1"))) == (None, 2, 3)
+
+
+def test_an_object_version_is_its_uid_and_resource_version_as_text() -> None:
+    assert object_version({"metadata": {"uid": "u", "resourceVersion": "7"}}) == ("u", "7")
+    assert object_version({"metadata": {"uid": 5, "resourceVersion": 7}}) == ("5", "7")
+    assert object_version({"metadata": {"uid": "u", "resourceVersion": ""}}) is None
+    assert object_version({"metadata": None}) is None
+    assert object_version({}) is None
 
 
 def test_the_caches_are_bounded_by_weight() -> None:
