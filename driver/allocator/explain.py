@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any
 
-from driver.allocator.allocate import Allocator, Mode
+from driver.allocator.allocate import Allocator, Mode, Outcome
 from driver.allocator.input import Claim, InputError, Request, Taint, parse_claim
 from driver.allocator.ledger import DeviceRef, Ledger
 from driver.allocator.model import (
@@ -55,11 +55,15 @@ class Explanation:
 
 
 def explain(allocator: Allocator, claim: Claim, ledger: Ledger, node: str,
-            mode: Mode = "parity", unfit: Collection[str] = frozenset()) -> Explanation:
+            mode: Mode = "parity", unfit: Collection[str] = frozenset(),
+            outcome: Outcome | None = None) -> Explanation:
     """Why the claim does (not) fit on `node`. `unfit`: nodes already tried with this
     ledger where it does not fit, not tried again for "on node X" (explain_all tries
-    every node first: trying them all again per node explained was quadratic)."""
-    outcome = allocator.allocate([claim], ledger, node, mode)
+    every node first: trying them all again per node explained was quadratic).
+    `outcome`: the allocation of the claim on `node` with this ledger when the caller
+    has it already (explain_all), so it is not run again."""
+    if outcome is None:
+        outcome = allocator.allocate([claim], ledger, node, mode)
     if outcome.status == "allocated":
         devices = [r["device"] for r in outcome.allocations[0]["devices"]["results"]]
         return Explanation(claim.key, node, True, (f"fits: {', '.join(devices)}",), ())
@@ -426,8 +430,9 @@ def explain_all(allocator: Allocator, claims: Sequence[Claim], ledger: Ledger,
     done: list[Explanation] = []
     for claim in claims:
         placed = None
+        outcomes: dict[str, Outcome] = {}
         for node in nodes:
-            outcome = allocator.allocate([claim], ledger, node, mode)
+            outcome = outcomes[node] = allocator.allocate([claim], ledger, node, mode)
             if outcome.status == "allocated":
                 ledger.add(claim.key, outcome.allocations[0]["devices"]["results"])
                 names = [r["device"] for r in outcome.allocations[0]["devices"]["results"]]
@@ -438,5 +443,6 @@ def explain_all(allocator: Allocator, claims: Sequence[Claim], ledger: Ledger,
             done.append(placed)
             continue
         tried = set(nodes)
-        done += [explain(allocator, claim, ledger, node, mode, tried) for node in nodes]
+        done += [explain(allocator, claim, ledger, node, mode, tried, outcomes[node])
+                 for node in nodes]
     return done

@@ -28,12 +28,10 @@ from driver.cli.flags import (
 from driver.cli.health import add_health_commands
 from driver.errors import CliError
 from driver.health.classify import HealthSettings
-from driver.inventory.discovery import discover
 from driver.inventory.exclude import Split, describe, split
 from driver.inventory.model import Inventory
 from driver.inventory.view import inventory_table, inventory_to_dict
 from driver.nvml import Provider
-from driver.resourceslice.build import SliceOptions, build_slices
 
 
 class UsageError(CliError):
@@ -61,6 +59,9 @@ def node_inventory(args: argparse.Namespace) -> tuple[Inventory, Split]:
     """This node's GPUs, discovered, and those `--exclude-gpus` keeps out. An entry that
     names no GPU is a UsageError, unless some GPU could not be read (it may be that one:
     then a warning on stderr)."""
+    # Here, not at the top: pynvml is not needed by the commands that read a cluster.
+    from driver.inventory.discovery import discover
+
     inventory = discover(provider_from_args(args))
     parts = split(inventory, args.exclude_gpus)
     if parts.unmatched:
@@ -353,6 +354,8 @@ def node_slices(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def slices_of(args: argparse.Namespace, parts: Split) -> list[dict[str, Any]]:
     """The ResourceSlices of the GPUs the driver serves."""
+    from driver.resourceslice.build import SliceOptions, build_slices
+
     try:
         options = SliceOptions(driver=args.driver_name, node=args.node_name,
                                mig_mode=args.mig_mode, counter_layout=args.counter_layout,

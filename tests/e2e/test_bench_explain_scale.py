@@ -14,8 +14,9 @@ The default run is small (10 nodes) so CI keeps it working; the scale runs are
 ``GPU_DRA_EXPLAIN_NODES=1000 pytest tests/e2e/test_bench_explain_scale.py
 --benchmark-enable`` (``GPU_DRA_EXPLAIN_LAYOUTS=static-mig`` for one layout); numbers in
 docs/benchmarks.md. ``GPU_DRA_EXPLAIN_BASELINE=DIR`` (a checkout of another commit, its
-native modules built) runs that tree's commands too, alternating with ours on the same
-objects: a before/after pair from one run (``GPU_DRA_EXPLAIN_ROUNDS`` rounds).
+native modules built) runs that tree's commands too on the same objects, the order of the
+two trees reversed each round: a before/after pair from one run
+(``GPU_DRA_EXPLAIN_ROUNDS`` rounds).
 """
 
 from __future__ import annotations
@@ -178,20 +179,29 @@ def test_explain_and_allocate_from_the_cluster(
         runs.setdefault(f"{tree and 'baseline_'}{command}", []).append(
             run_process([*OURS, command, *asked, *extra], tree))
 
-    def allocates() -> None:
-        run("allocate")
-        if BASELINE:
-            run("allocate", BASELINE)
+    trees = ["", *([BASELINE] if BASELINE else [])]
+    order = [[("explain", tree) for tree in trees] + [("allocate", tree) for tree in trees],
+             [("explain", tree) for tree in trees[::-1]]
+             + [("allocate", tree) for tree in trees[::-1]]]
+    rounds = [order[k % 2] for k in range(ROUNDS)]
+
+    def before_ours(k: int) -> list[tuple[str, str]]:
+        return rounds[k][:rounds[k].index(("explain", ""))]
+
+    def after_ours(k: int) -> list[tuple[str, str]]:
+        return rounds[k][rounds[k].index(("explain", "")) + 1:]
 
     def off_the_clock() -> None:
-        """Each round: the baseline's explain just before ours, both allocates after."""
-        if runs:
-            allocates()
-        if BASELINE:
-            run("explain", BASELINE)
+        """Round k's order is reversed in round k+1 (ours first, then the baseline's
+        first), as a command's place in the round moves its time by seconds: the
+        rest of the last round, then what comes before our explain in this one."""
+        k = len(runs.get("explain", []))
+        for command, tree in [*(after_ours(k - 1) if k else []), *before_ours(k)]:
+            run(command, tree)
 
     benchmark.pedantic(run, ("explain",), setup=off_the_clock, rounds=ROUNDS, iterations=1)
-    allocates()
+    for command, tree in after_ours(ROUNDS - 1):
+        run(command, tree)
     answer, go_seconds = go_answer(control_plane.api, oracle, namespace, claim)
     apiserver = control_plane.cluster.pids["kube-apiserver"]
     benchmark.extra_info.update(pools, nodes=NODES, claim=claim, rounds=ROUNDS,

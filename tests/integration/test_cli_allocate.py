@@ -206,16 +206,34 @@ def test_a_claim_using_the_whole_scheduler_cel_environment_is_allocated(
         "gpu-0", "gpu-1"]
 
 
-def test_explain_loads_neither_the_plugin_health_monitor_nor_prometheus(tmp_path: Path) -> None:
-    """`gpu-dra explain` starts without the plugin's modules (0.06 s of its start)."""
-    claims = write(tmp_path / "claims.yaml", claim("a", 2))
-    done = subprocess.run(
-        [sys.executable, "-m", "driver.cli", "explain", "--mock", "a100-pcie-4x",
-         "--node-name", "node-1", "--claims", str(claims)],
-        capture_output=True, text=True, env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"},
-        check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
+def loaded_by(args: list[str]) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    """``gpu-dra ARGS`` run to its end, and the modules it imported (-X importtime)."""
+    done = subprocess.run([sys.executable, "-m", "driver.cli", *args], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"},
+                          check=False)
     loaded = set(re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$", done.stderr,
                             re.MULTILINE))
     assert "driver.allocator.explain" in loaded, "stderr lists the imports"
+    return done, loaded
+
+
+def test_explain_loads_neither_the_plugin_health_monitor_nor_prometheus(tmp_path: Path) -> None:
+    """`gpu-dra explain` starts without the plugin's modules (0.06 s of its start)."""
+    claims = write(tmp_path / "claims.yaml", claim("a", 2))
+    done, loaded = loaded_by(["explain", "--mock", "a100-pcie-4x", "--node-name", "node-1",
+                              "--claims", str(claims)])
+    assert done.returncode == 0, done.stderr[-2000:]
     assert {m for m in loaded if m.startswith(("driver.plugin", "prometheus_client"))} == set()
+
+
+def test_explain_from_a_cluster_loads_neither_nvml_nor_the_slice_builder(tmp_path: Path) -> None:
+    """`gpu-dra explain --kubeconfig` reads slices, it builds none and asks no GPU: pynvml
+    and the slice builder stay out of its start (0.05 s by -X importtime)."""
+    kubeconfig = write(tmp_path / "kubeconfig", {
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": "http://127.0.0.1:9"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]})
+    done, loaded = loaded_by(["explain", "--kubeconfig", str(kubeconfig), "--claim", "ns/a"])
+    assert "--kubeconfig" in done.stderr, done.stderr[-2000:]
+    assert {m for m in loaded if m.startswith(("pynvml", "driver.resourceslice"))} == set()

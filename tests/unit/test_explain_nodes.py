@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import pytest
+
 from driver.allocator import Allocator, Ledger
-from driver.allocator.allocate import driver_classes
+from driver.allocator.allocate import Mode, Outcome, driver_classes
 from driver.allocator.explain import explain_all
+from driver.allocator.input import Claim
+from driver.allocator.pools import Node
 
 DRIVER = "gpu.dra.dev"
 
@@ -41,3 +46,20 @@ def test_a_claim_that_fits_on_no_node_names_no_other_node() -> None:
     assert [e.nearest for e in got] == [("request gpu: count 2 instead of 5",),
                                         ("request gpu: count 4 instead of 5",),
                                         ("request gpu: count 3 instead of 5",)]
+
+
+def test_each_node_is_tried_once_with_the_claim_as_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """explain_all's own try of a node is the one explained: it is not run again."""
+    [claim] = ALLOCATOR.parse([gpus(5)])
+    tried: list[str] = []
+    allocate = ALLOCATOR.allocate
+
+    def counted(claims: Sequence[Claim], ledger: Ledger, node: str | Node,
+                mode: Mode = "parity") -> Outcome:
+        if claims == [claim]:
+            tried.append(str(node))
+        return allocate(claims, ledger, node, mode)
+
+    monkeypatch.setattr(ALLOCATOR, "allocate", counted)
+    explain_all(ALLOCATOR, [claim], Ledger.of([]), ALLOCATOR.nodes())
+    assert tried == ["node-1", "node-2", "node-3"]
