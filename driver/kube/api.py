@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,31 +120,29 @@ def list_items(api_client: Any, path: str, *, field_selector: str = "",
                limit: int = 500) -> list[dict[str, Any]]:
     """Every item of a collection as raw JSON, page by page (see :func:`list_pages`)."""
     items: list[dict[str, Any]] = []
-    for raw in list_pages(api_client, path, field_selector=field_selector, limit=limit):
-        with collector_paused():  # decoding makes no cycles
-            items += orjson.loads(raw)["items"]
+    for _, page in list_pages(api_client, path, field_selector=field_selector, limit=limit):
+        items += page["items"]
     return items
 
 
 def list_pages(api_client: Any, path: str, *, field_selector: str = "",
-               limit: int = 500) -> Iterator[bytes]:
-    """The raw bodies of a collection's list, page by page (``limit``/``continue``).
-
-    The next page is asked for as soon as this one's bytes are in (its continue token
-    read from the head of the body, where the API server writes the list's metadata), so
-    its round trip overlaps the caller's decoding of this one: a gain with a remote API
-    server; none measured against a local one on 2 cores (docs/benchmarks.md)."""
+               limit: int = 500) -> Iterator[tuple[bytes, dict[str, Any]]]:
+    """Each page of a collection's list (``limit``/``continue``): its raw body, for a
+    caller that passes the bytes on, and the body decoded. Asking for the next page while
+    this one is decoded gave nothing against a local API server on 2 cores
+    (docs/benchmarks.md), so the pages are read one after the other."""
     query = {"limit": str(limit)}
     if field_selector:
         query["fieldSelector"] = field_selector
-    with ThreadPoolExecutor(1) as reader:
-        pending: Future[bytes] | None = reader.submit(_page, api_client, path, query)
-        while pending is not None:
-            raw = pending.result()
-            token = _continue_token(raw)
-            pending = (reader.submit(_page, api_client, path, {**query, "continue": token})
-                       if token else None)
-            yield raw
+    while True:
+        raw = _page(api_client, path, query)
+        with collector_paused():  # decoding makes no cycles
+            page = orjson.loads(raw)
+        yield raw, page
+        token = (page.get("metadata") or {}).get("continue")
+        if not token:
+            return
+        query = {**query, "continue": str(token)}
 
 
 def _page(api_client: Any, path: str, query: Mapping[str, str]) -> bytes:
@@ -155,21 +152,3 @@ def _page(api_client: Any, path: str, query: Mapping[str, str]) -> bytes:
     if int(resp.status) != 200:
         raise ApiError(ApiResult("GET", path, int(resp.status), _body(raw)), (200,))
     return raw
-
-
-_ITEMS = b',"items":'
-
-
-def _continue_token(raw: bytes) -> str | None:
-    """The continue token of a list body, from its head (``{"kind":...,"metadata":{...},
-    "items":[...]}``, as the API server encodes a list), else from the whole body."""
-    end = raw.find(_ITEMS, 0, 65536)
-    try:
-        head = orjson.loads(raw[:end] + b"}") if end > 0 else None
-    except orjson.JSONDecodeError:
-        head = None
-    if not isinstance(head, dict) or "metadata" not in head:
-        with collector_paused():
-            head = orjson.loads(raw)
-    token = (head.get("metadata") or {}).get("continue")
-    return str(token) if token else None
