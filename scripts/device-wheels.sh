@@ -9,7 +9,7 @@ PY=${PY:-.venv/bin/python}
 deps=$("$PY" - <<'PY'
 import tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-wanted = ("pytest", "jsonschema", "referencing", "setuptools", "Cython", "cryptography")
+wanted = ("pytest", "jsonschema", "referencing", "setuptools", "Cython", "mypy", "cryptography")
 print(" ".join(project["dependencies"] + [d for d in project["optional-dependencies"]["test"]
                                          if d.split("==")[0] in wanted]))
 PY

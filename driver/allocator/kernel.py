@@ -262,10 +262,7 @@ class NodeKernel:
             found.error = err
         else:
             # No device allows multiple allocations (`node_kernel`): no capacity to scale.
-            problem = found.problem = Problem.__new__(Problem)
-            problem.__dict__.update(self.empty.__dict__, entries=entries, claims=groups,
-                                    constraints=constraints,
-                                    has_errors=any(e.err for e in entries))
+            problem = found.problem = self.empty.with_claims(entries, groups, constraints)
             found.prepared = _alloc.Prepared(self.static.devices, _claim_arrays(
                 problem.entries, problem.claims, problem.constraints, self.static))
         return found

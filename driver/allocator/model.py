@@ -101,6 +101,16 @@ class Problem:
     def n(self) -> int:
         return len(self.devices)
 
+    def with_claims(self, entries: list[Entry], claims: list[list[list[int]]],
+                    constraints: list[list[ConstraintPlan]]) -> Problem:
+        """This problem (of no claims) with the claims' part in place of its own."""
+        return Problem(self.devices, self.base_inuse, self.multi, self.base_shared,
+                       self.counted, self.blocked, self.dev_counters, self.counter_avail,
+                       self.counter_names, self.dim_avail, entries, claims, constraints,
+                       self.island, self.bandwidth, self.numa, self.pcie, self.slice_set,
+                       self.slice_mask, self.set_free, self.set_full, self.set_island,
+                       self.island_free, any(e.err for e in entries), self.static)
+
 
 class NodeModel:
     """What one node's pools offer before any claim: devices in search order, counters
