@@ -40,6 +40,16 @@ class Node:
     def label(self, key: str) -> str | None:
         return next((v for k, v in self.labels if k == key), None)
 
+    # Written out (the dataclass keeps them) so that mypyc compiles them: a node is a
+    # dict key on every decision.
+    def __hash__(self) -> int:
+        return hash((self.name, self.labels))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Node):
+            return NotImplemented
+        return self.name == other.name and self.labels == other.labels
+
 
 @dataclass(slots=True)
 class Device:
@@ -321,7 +331,7 @@ def gather_pools(slices: Sequence[Mapping[str, Any]], node: Node,
     by_node = slices_by_node(slices) if by_node is None else by_node
     for_node = [*(by_node.get(node.name, ()) if node.name else ()), *by_node.get("", ())]
     versions = [object_version(s) for s in for_node]
-    kept = None if None in versions else (node, tuple(rules), *versions)
+    kept = None if None in versions else (node.name, node.labels, tuple(rules), *versions)
     known_pools = _gathered.get(kept) if kept is not None else None
     if known_pools is not None:
         return list(known_pools)
@@ -399,7 +409,7 @@ def _pool_key(driver: str, name: str, pool_slices: list[Mapping[str, Any]],
         if None in found:
             return None
         versions.append(tuple(sorted(found)))  # type: ignore[type-var]
-    return (driver, name, node, rules, *versions)
+    return (driver, name, node.name, node.labels, rules, *versions)
 
 
 def _pool(driver: str, name: str, pool_slices: list[Mapping[str, Any]],

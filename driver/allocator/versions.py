@@ -27,24 +27,29 @@ V = TypeVar("V")
 
 class Recent(Generic[K, V]):
     """Entries whose weights (`weight`, 1 each by default) sum to at most `size`, the
-    least recently used dropped first: what bounds the caches kept across Allocators."""
+    least recently used dropped first: what bounds the caches kept across Allocators.
+
+    A get moves its entry to the newest end only where it is in the older half (by
+    count): one dict lookup for the few keys a decision asks for again and again, and an
+    entry asked for at least once in every half a cache's worth of new entries is never
+    the one dropped."""
 
     def __init__(self, size: int, weight: Callable[[V], int] = lambda _: 1) -> None:
         self.size = size
         self.weight = weight
         self.total = 0
-        self._items: dict[K, tuple[V, int]] = {}
+        self._serial = 0  # entries made or moved to the newest end so far
+        self._items: dict[K, tuple[V, int, int]] = {}  # value, weight, serial
 
     def get(self, key: K) -> V | None:
-        """The entry, made the most recent; one dict lookup where it already is (a
-        decision asks for the same few keys again and again)."""
         items = self._items
         found = items.get(key)
         if found is None:
             return None
-        if next(reversed(items)) != key:
+        if found[2] < self._serial - (len(items) >> 1):
             del items[key]
-            items[key] = found
+            items[key] = (found[0], found[1], self._serial)
+            self._serial += 1
         return found[0]
 
     def put(self, key: K, value: V) -> V:
@@ -52,7 +57,8 @@ class Recent(Generic[K, V]):
         if old is not None:
             self.total -= old[1]
         weight = self.weight(value)
-        self._items[key] = (value, weight)
+        self._items[key] = (value, weight, self._serial)
+        self._serial += 1
         self.total += weight
         while self.total > self.size and len(self._items) > 1:
             self.total -= self._items.pop(next(iter(self._items)))[1]

@@ -128,6 +128,23 @@ def test_asking_for_the_most_recent_entry_keeps_the_order() -> None:
     assert (kept.get(("a", "1")), kept.get(("b", "1")), kept.get(("c", "1"))) == (None, 2, 3)
 
 
+def test_an_entry_asked_for_in_the_newer_half_stays_where_it_is() -> None:
+    """Only a get in the older half moves its entry: an entry asked for once in every
+    half a cache's worth of new entries is never dropped; the others go oldest first."""
+    kept: Recent[str, int] = Recent(4)
+    for i, key in enumerate("abcd"):
+        kept.put(key, i)
+    assert kept.get("c") == 2  # newer half: left in place
+    assert kept.get("a") == 0  # older half: now the newest
+    kept.put("e", 4)
+    kept.put("f", 5)
+    assert [k for k in "abcdef" if kept.get(k) is not None] == ["a", "d", "e", "f"]
+    for key in "ghijkl":  # "a" asked for in every half of the cache's new entries
+        assert kept.get("a") == 0
+        kept.put(key, 0)
+    assert kept.get("a") == 0
+
+
 def test_an_object_version_is_its_uid_and_resource_version_as_text() -> None:
     assert object_version({"metadata": {"uid": "u", "resourceVersion": "7"}}) == ("u", "7")
     assert object_version({"metadata": {"uid": 5, "resourceVersion": 7}}) == ("5", "7")
