@@ -84,6 +84,19 @@ class Outcome:
     # early (the placement returned is still valid, and the best one seen).
     complete: bool = True
 
+    # Written out: mypyc compiles an __init__ in the class body (the dataclass's runs
+    # interpreted), and this one is made on every decision.
+    def __init__(self, status: str, allocations: tuple[dict[str, Any], ...] = (),
+                 message: str = "", field: str = "", nodes: int = 0,
+                 complete: bool = True) -> None:
+        put = object.__setattr__  # frozen
+        put(self, "status", status)
+        put(self, "allocations", allocations)
+        put(self, "message", message)
+        put(self, "field", field)
+        put(self, "nodes", nodes)
+        put(self, "complete", complete)
+
 
 NVIDIA_DRIVER = "gpu.nvidia.com"
 

@@ -220,6 +220,13 @@ class Plan:
     prepared: _alloc.Prepared | None = None
     error: AllocationError | None = None
 
+    # Written out: mypyc compiles an __init__ in the class body (the dataclass's runs
+    # interpreted), and this one is made on every decision.
+    def __init__(self, claims: tuple[Claim, ...], problem: Problem | None = None,
+                 prepared: _alloc.Prepared | None = None,
+                 error: AllocationError | None = None) -> None:
+        self.claims, self.problem, self.prepared, self.error = claims, problem, prepared, error
+
 
 class NodeKernel:
     """One node's packed arrays and counter tables: static, kept with its `NodeModel`

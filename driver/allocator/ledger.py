@@ -54,6 +54,16 @@ class Ledger:
     _displaced: dict[DeviceRef, list[str]] = field(default_factory=dict, repr=False,
                                                    compare=False)
 
+    # Written out: mypyc compiles an __init__ in the class body (the dataclass's runs
+    # interpreted), and one is made per decision.
+    def __init__(self) -> None:
+        self._results = {}
+        self.exclusive = {}
+        self.shares = {}
+        self.capacity = {}
+        self._pools = {}
+        self._displaced = {}
+
     @classmethod
     def of(cls, claims: Iterable[Mapping[str, Any]]) -> Ledger:
         """From ResourceClaims with `status.allocation` (others are ignored)."""

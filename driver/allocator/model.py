@@ -59,6 +59,24 @@ class Entry:
     cons: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     consumed: dict[int, dict[str, Fraction]] = field(default_factory=dict)
 
+    # Written out: mypyc compiles an __init__ in the class body (the dataclass's runs
+    # interpreted), and this one is made on every decision.
+    def __init__(self, claim: int, group: int, alt: int, request: Request, count: int,
+                 all_mode: bool, admin: bool, first_available: bool, cand: int = 0,
+                 err: int = 0, errors: dict[int, str] | None = None,
+                 all_list: list[int] | None = None, all_soft: list[bool] | None = None,
+                 cmask: int = 0, cons: dict[int, list[tuple[int, int]]] | None = None,
+                 consumed: dict[int, dict[str, Fraction]] | None = None) -> None:
+        self.claim, self.group, self.alt, self.request = claim, group, alt, request
+        self.count, self.all_mode, self.admin = count, all_mode, admin
+        self.first_available, self.cand, self.err = first_available, cand, err
+        self.errors = {} if errors is None else errors
+        self.all_list = [] if all_list is None else all_list
+        self.all_soft = [] if all_soft is None else all_soft
+        self.cmask = cmask
+        self.cons = {} if cons is None else cons
+        self.consumed = {} if consumed is None else consumed
+
 
 @dataclass
 class ConstraintPlan:
@@ -96,6 +114,43 @@ class Problem:
     island_free: list[int]
     has_errors: bool = False
     static: NodeModel | None = None  # the model it came from (the kernel caches arrays on it)
+
+    # Written out: mypyc compiles an __init__ in the class body (the dataclass's runs
+    # interpreted), and this one is made on every decision.
+    def __init__(self, devices: list[Device], base_inuse: int, multi: list[bool],
+                 base_shared: list[bool], counted: list[bool], blocked: list[bool],
+                 dev_counters: list[list[tuple[int, int]]], counter_avail: list[int],
+                 counter_names: list[str], dim_avail: list[int], entries: list[Entry],
+                 claims: list[list[list[int]]], constraints: list[list[ConstraintPlan]],
+                 island: list[int], bandwidth: list[int], numa: list[int], pcie: list[int],
+                 slice_set: list[int], slice_mask: list[int], set_free: list[int],
+                 set_full: list[int], set_island: list[int], island_free: list[int],
+                 has_errors: bool = False, static: NodeModel | None = None) -> None:
+        self.devices = devices
+        self.base_inuse = base_inuse
+        self.multi = multi
+        self.base_shared = base_shared
+        self.counted = counted
+        self.blocked = blocked
+        self.dev_counters = dev_counters
+        self.counter_avail = counter_avail
+        self.counter_names = counter_names
+        self.dim_avail = dim_avail
+        self.entries = entries
+        self.claims = claims
+        self.constraints = constraints
+        self.island = island
+        self.bandwidth = bandwidth
+        self.numa = numa
+        self.pcie = pcie
+        self.slice_set = slice_set
+        self.slice_mask = slice_mask
+        self.set_free = set_free
+        self.set_full = set_full
+        self.set_island = set_island
+        self.island_free = island_free
+        self.has_errors = has_errors
+        self.static = static
 
     @property
     def n(self) -> int:
@@ -291,6 +346,12 @@ class Evaluations:
     verdicts: Verdicts = field(default_factory=dict)
     classified: dict[tuple[Any, ...], _Classified] = field(default_factory=dict)
 
+    # Written out: mypyc compiles an __init__ in the class body (the dataclass's runs
+    # interpreted), and this one is made on every decision.
+    def __init__(self) -> None:
+        self.verdicts = {}
+        self.classified = {}
+
 
 # Node models per tuple of their pools' keys (`Pool.key`): the pools' static parts and
 # the kernel's tables, made once per version of the node's slices and reused by the
@@ -333,6 +394,13 @@ class _Classified:  # read-only once made (not frozen: made per request per cold
     all_list: list[int]
     all_soft: list[bool]
     consumed: dict[int, dict[str, Fraction]]
+
+    # Written out: mypyc compiles an __init__ in the class body (the dataclass's runs
+    # interpreted), and this one is made on every decision.
+    def __init__(self, cand: int, err: int, errors: dict[int, str], all_list: list[int],
+                 all_soft: list[bool], consumed: dict[int, dict[str, Fraction]]) -> None:
+        self.cand, self.err, self.errors = cand, err, errors
+        self.all_list, self.all_soft, self.consumed = all_list, all_soft, consumed
 
 
 def _classify(request: Request, device_class: DeviceClass, model: NodeModel,

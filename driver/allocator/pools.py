@@ -37,11 +37,15 @@ class Node:
     name: str
     labels: tuple[tuple[str, str], ...] = ()
 
+    # Written out (the dataclass keeps them) so that mypyc compiles them: a node is
+    # made, hashed and compared on every decision.
+    def __init__(self, name: str, labels: tuple[tuple[str, str], ...] = ()) -> None:
+        object.__setattr__(self, "name", name)  # frozen
+        object.__setattr__(self, "labels", labels)
+
     def label(self, key: str) -> str | None:
         return next((v for k, v in self.labels if k == key), None)
 
-    # Written out (the dataclass keeps them) so that mypyc compiles them: a node is a
-    # dict key on every decision.
     def __hash__(self) -> int:
         return hash((self.name, self.labels))
 

@@ -37,6 +37,18 @@ class Found:
     nodes: int = 0
     complete: bool = True  # topology: False when the budget ended the search early
 
+    # Written out: mypyc compiles an __init__ in the class body (the dataclass's runs
+    # interpreted), and this one is made on every decision.
+    def __init__(self, status: str, picks: list[list[tuple[int, int]]] | None = None,
+                 alts: list[list[int]] | None = None, error_entry: int = -1,
+                 error_device: int = -1, error_kind: str = "", nodes: int = 0,
+                 complete: bool = True) -> None:
+        self.status = status
+        self.picks = [] if picks is None else picks
+        self.alts = [] if alts is None else alts
+        self.error_entry, self.error_device, self.error_kind = error_entry, error_device, error_kind
+        self.nodes, self.complete = nodes, complete
+
 
 class _GaveUp(Exception):
     pass
