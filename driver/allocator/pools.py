@@ -78,6 +78,19 @@ class Device:
     plain_capacity: bool = False
     _cel: DeviceInput | None = None
 
+    # Written out: mypyc compiles an __init__ in the class body (the dataclass's runs
+    # interpreted), and one is made per device of every slice version read.
+    def __init__(self, ref: DeviceRef, raw: Mapping[str, Any], slice: Mapping[str, Any],
+                 capacity: dict[str, Fraction], consumes: tuple[tuple[str, str, Fraction], ...],
+                 counted: bool, multi: bool, node_ok: bool, taints: tuple[Taint, ...] = (),
+                 counts: tuple[int, ...] | None = None,
+                 counter_keys: tuple[tuple[str, str], ...] = (),
+                 plain_capacity: bool = False, _cel: DeviceInput | None = None) -> None:
+        self.ref, self.raw, self.slice, self.capacity = ref, raw, slice, capacity
+        self.consumes, self.counted, self.multi, self.node_ok = consumes, counted, multi, node_ok
+        self.taints, self.counts, self.counter_keys = taints, counts, counter_keys
+        self.plain_capacity, self._cel = plain_capacity, _cel
+
     @property
     def cel(self) -> DeviceInput:
         if self._cel is None:
