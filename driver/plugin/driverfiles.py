@@ -113,6 +113,10 @@ class HostDevices:
     host_dev_dir: str  # as the runtime sees it
     caps_major: int | None
     drm: dict[str, tuple[DeviceNode, ...]] = field(default_factory=dict, kw_only=True)
+    # `gpu_nodes` by GPU minor and PCI address: the same for every claim (a prepare asks
+    # once per device); a re-discovery makes another HostDevices, with none.
+    _gpu_nodes: dict[tuple[int, str | None], tuple[DeviceNode, ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     def node(self, name: str, major: int | None = None, minor: int | None = None,
              links: tuple[Symlink, ...] = ()) -> DeviceNode:
@@ -124,8 +128,12 @@ class HostDevices:
 
     def gpu_nodes(self, gpu: Gpu) -> tuple[DeviceNode, ...]:
         """A whole GPU: its node and its /dev/dri card and render nodes where it has them."""
-        bus = sysfs_bus_id(gpu.pci_bus_id) if gpu.pci_bus_id else ""
-        return (self.gpu_node(gpu), *self.drm.get(bus, ()))
+        key = (gpu.minor, gpu.pci_bus_id)
+        nodes = self._gpu_nodes.get(key)
+        if nodes is None:
+            bus = sysfs_bus_id(gpu.pci_bus_id) if gpu.pci_bus_id else ""
+            nodes = self._gpu_nodes[key] = (self.gpu_node(gpu), *self.drm.get(bus, ()))
+        return nodes
 
     def mig_nodes(self, gpu: Gpu, cap_minors: tuple[int, int]) -> tuple[DeviceNode, ...]:
         """The parent GPU and the GI and CI capability nodes that grant the MIG device."""

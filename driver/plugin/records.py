@@ -151,6 +151,9 @@ class Records(Mapping[str, ClaimRecord]):
         self._claims: dict[str, ClaimRecord] = {}
         self._completed = 0  # how many records are PrepareCompleted
         self._ledger = Ledger()  # the allocation results of every claim in the checkpoint
+        # What `take` booked for a claim with no record yet, by UID (its ledger key and
+        # devices): the save of that record finds the ledger in step already.
+        self._taken: dict[str, tuple[str, Sequence[PreparedDevice]]] = {}
         self._snapshot_size = 0
         self._lagging = False  # the journal holds saves the snapshot lacks
         # The snapshot and the journal as this process last wrote or read them.
@@ -204,12 +207,14 @@ class Records(Mapping[str, ClaimRecord]):
             timeslice_conflicts(ref, devices, [*self._claims.values(), *pending])
         if not problems:
             self._ledger.add(key, results)
+            self._taken[ref.uid] = (key, devices)
         return problems
 
     def forget_unsaved(self, changes: Changes) -> None:
         """After `changes` could not be saved: the ledger, booked for them, back to what
         the records hold."""
         for uid, record in changes.items():
+            self._taken.pop(uid, None)
             self._book(record, self._claims.get(uid))
 
     # -- the checkpoint ----------------------------------------------------------------
@@ -346,7 +351,10 @@ class Records(Mapping[str, ClaimRecord]):
     def _change(self, uid: str, record: ClaimRecord | None) -> None:
         """Hold `record` (None: no record) for the claim, in the ledger and the count too."""
         before = self._claims.get(uid)
-        self._book(before, record)
+        taken = self._taken.pop(uid, None)
+        if before is not None or record is None or taken is None or \
+                taken != (_record_key(record), record.devices):
+            self._book(before, record)
         self._completed += (record is not None and record.state == "PrepareCompleted") - \
             (before is not None and before.state == "PrepareCompleted")
         if record is None:

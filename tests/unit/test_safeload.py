@@ -51,6 +51,23 @@ def test_deep_json_is_one_error(text: str) -> None:
         json_document(text, "state.json")
 
 
+@pytest.mark.parametrize(("text", "refused"), [
+    ('{"a": ' * (MAX_DEPTH - 1) + "1" + "}" * (MAX_DEPTH - 1), False),
+    ('{"a": ' * MAX_DEPTH + "1" + "}" * MAX_DEPTH, True),
+    ("[" * MAX_DEPTH + "]" * MAX_DEPTH, False),
+    ("[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1), True),
+    ('[{"a": [], "b": ' + "[" * (MAX_DEPTH - 2) + "]" * (MAX_DEPTH - 2) + "}, 2]", False),
+    ('[1, {"a": [], "b": ' + "[" * (MAX_DEPTH - 1) + "]" * (MAX_DEPTH - 1) + "}]", True),
+])
+def test_json_depth_limit_counts_every_value(text: str, refused: bool) -> None:
+    """The document is level 1; a scalar or an empty container at MAX_DEPTH is allowed."""
+    if refused:
+        with pytest.raises(LoadError, match="nested deeper than"):
+            json_document(text, "state.json")
+    else:
+        assert json_document(text, "state.json") is not None
+
+
 @pytest.mark.parametrize("tag", ["!!binary aGVsbG8=", "!!set {a, b}", "!!omap [{a: 1}]",
                                  "!!pairs [{a: 1}]"])
 def test_tags_that_make_other_than_json_data_are_refused(tag: str) -> None:
