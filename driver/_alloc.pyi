@@ -76,6 +76,8 @@ class ClaimArrays:
     @property
     def n_constraints(self) -> int: ...
 
+AMOUNT_LIMIT: int  # amounts at or beyond it (either sign) leave the kernel's range
+
 def pack_claims(
     entries: list[Entry],
     claims: list[list[list[int]]],

@@ -43,7 +43,6 @@ if TYPE_CHECKING:  # the search's answer, as native/_alloc.pyx builds it
     from driver._alloc import _RunResult
 
 _MASK = (1 << 64) - 1
-_LIMIT = 1 << 62
 _STATUS = {1: "ok", 0: "fail", -2: "error", -3: "gave-up"}
 
 
@@ -94,7 +93,8 @@ def _words(bits: int, w: int) -> list[int]:
 
 
 def _check(values: list[int]) -> list[int]:
-    if values and (min(values) <= -_LIMIT or max(values) >= _LIMIT):
+    limit = _alloc.AMOUNT_LIMIT  # the bound pack_claims holds the claims' amounts to
+    if values and (min(values) <= -limit or max(values) >= limit):
         raise KernelRange("amount out of the kernel's range")
     return values
 
