@@ -210,6 +210,12 @@ def slice_specs(api: Any, node: str) -> dict[str, dict[str, Any]]:
     return {s["metadata"]["name"]: s["spec"] for s in items}
 
 
+def complete(specs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """`specs` where they hold every slice their pool says it has, else none."""
+    counts = {spec["pool"]["resourceSliceCount"] for spec in specs.values()}
+    return specs if len(counts) == 1 and len(specs) == counts.pop() else {}
+
+
 @pytest.fixture
 def dgx_node(
     control_plane: ControlPlane, scheduler: LocalCluster, controller_manager: LocalCluster,
@@ -292,8 +298,9 @@ def test_forty_pods_through_a_dgx_h100_with_a_plugin_crash(
     started = time.monotonic()
     node.start_plugin()
     node.wait_registered()
-    initial = wait_for(lambda: slice_specs(api, node.name), f"{node.name}'s ResourceSlices",
-                       interval=POLL)
+    # Whole: the plugin registers first and publishes its pool's slices one by one after.
+    initial = wait_for(lambda: complete(slice_specs(api, node.name)),
+                       f"{node.name}'s ResourceSlices, every one of its pool", interval=POLL)
     ready = time.monotonic()
     index = device_index(discover(mock_provider(MACHINE, node.folders.mig_state)), "dynamic")
     islands = {d["name"]: d["attributes"]["nvlinkIsland"]["int"] for spec in initial.values()
