@@ -11,8 +11,6 @@ class Decoder:
     def __init__(
         self, table: dict[str, list[tuple[int, str, int, str | None, int, int, bool]]]
     ) -> None: ...
-    def decode(self, data: bytes, message: str) -> dict[str, Any]:
-        """The dict of one `message` (a name of the table) encoded in `data`."""
     def decode_object(self, data: bytes) -> dict[str, Any]:
         """An API server's protobuf body: the dict of its object, with the apiVersion and
         kind its JSON has."""

@@ -1,12 +1,13 @@
 # cython: language_level=3
 """Kubernetes protobuf to the dicts that `orjson.loads` makes of the same object's JSON.
 
-The API server encodes a large list several times faster as protobuf than as JSON, and
-the bytes are a fraction of the size (docs/benchmarks.md, issue 17 item 2). Consumers
-keep reading the JSON shape: this walker turns the wire format into exactly those dicts,
-following a field table (driver/kube/protolist.py) that says for each field its JSON
-name, its kind and what the JSON writes when the field is absent or zero (Go's
-`omitempty`, pointers, nil slices). Fields the table does not know are skipped.
+The API server writes a large list of ResourceSlices about twice as fast as protobuf as
+it writes the JSON, and the bytes are a quarter fewer (docs/benchmarks.md, issue 17
+item 2). Consumers keep reading the JSON shape: this walker turns the wire format into
+exactly those dicts, following a field table (driver/kube/protolist.py) that says for
+each field its JSON name, its kind and what the JSON writes when the field is absent or
+zero (Go's `omitempty`, pointers, nil slices). Fields the table does not know are
+skipped.
 """
 
 from cpython.long cimport PyLong_FromLongLong
@@ -54,7 +55,8 @@ cdef enum:
     S_LIST
     S_MAP
 
-# What the JSON writes for a field the message does not hold (protolist.py: ABSENT).
+# What the JSON writes for a field the message does not hold (protolist.py: OMIT, NULL,
+# ZERO).
 cdef enum:
     A_OMIT
     A_NULL
@@ -170,19 +172,12 @@ cdef class Decoder:
                     m.defaulted |= <uint64_t>1 << number
 
     def __dealloc__(self) -> None:
+        cdef int i
         free(self.messages)
         if self.cache != NULL:
             for i in range(CACHE_SLOTS):
                 Py_XDECREF(self.cache[i])
             free(self.cache)
-
-    def decode(self, const uint8_t[::1] data not None, str message):
-        """The dict of one `message` (a name of the table) encoded in `data`."""
-        if message not in self.index:
-            raise ProtoError(f"no message {message} in the table")
-        if data.shape[0] == 0:
-            return self._message(NULL, 0, 0, self.index[message])
-        return self._message(&data[0], data.shape[0], 0, self.index[message])
 
     def decode_object(self, const uint8_t[::1] data not None):
         """An API server's protobuf body (``k8s\\0``, then a runtime.Unknown: typeMeta = 1

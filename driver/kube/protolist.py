@@ -1,11 +1,10 @@
 """ResourceSlice lists read as Kubernetes protobuf, decoded into their JSON's dicts.
 
 At 1,000 dgx-h100 nodes with dynamic MIG the slices are ~230 MiB of JSON: the API server
-takes seconds to encode it and orjson seconds to decode it. The same list as protobuf
-is a fraction of the bytes and several times faster for the server to write
-(docs/benchmarks.md, issue 17 item 2); the native walker (native/_kubeproto.pyx)
-turns it into exactly the dicts ``orjson.loads`` gives for the JSON, so every consumer
-keeps the JSON shape.
+takes seconds to encode it and orjson seconds to decode it. The server writes the same
+list as protobuf about twice as fast, a quarter fewer bytes (docs/benchmarks.md, issue 17
+item 2); the native walker (native/_kubeproto.pyx) turns it into exactly the dicts
+``orjson.loads`` gives for the JSON, as fast, so every consumer keeps the JSON shape.
 
 The field table below is the Go types' field numbers and JSON tags (k8s.io/api
 resource/v1, core/v1 NodeSelector, apimachinery meta/v1, at v1.37.2), written as
