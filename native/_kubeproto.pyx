@@ -56,11 +56,12 @@ cdef enum:
     S_MAP
 
 # What the JSON writes for a field the message does not hold (protolist.py: OMIT, NULL,
-# ZERO).
+# ZERO, EMPTY).
 cdef enum:
     A_OMIT
     A_NULL
     A_ZERO
+    A_EMPTY
 
 cdef enum:
     WT_VARINT = 0
@@ -417,7 +418,9 @@ cdef class Decoder:
                 number += 1
             missing &= missing - 1
             f = &msg.fields[number]
-            if f.absent == A_NULL or f.shape != S_ONE:
+            if f.absent == A_EMPTY:
+                out[<object>f.key] = [] if f.shape == S_LIST else {}
+            elif f.absent == A_NULL or f.shape != S_ONE:
                 out[<object>f.key] = None
             else:
                 out[<object>f.key] = self._zero_value(f)

@@ -9,8 +9,10 @@ item 2); the native walker (native/_kubeproto.pyx) turns it into exactly the dic
 The field table below is the Go types' field numbers and JSON tags (k8s.io/api
 resource/v1, core/v1 NodeSelector, apimachinery meta/v1, at v1.37.2), written as
 ``(number, json tag, Go type)``; :func:`_compile` turns the Go rules of encoding/json
-into what the walker writes for a field that is absent or zero. A field missing from
-the table is skipped: a newer server's new field is left out, not an error.
+into what the walker writes for a field that is absent or zero; one option is ours,
+``nonempty``: the API server always sends a list's items, ``[]`` when there are none
+(encoding/json would write a nil slice as null). A field missing from the table is
+skipped: a newer server's new field is left out, not an error.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ KINDS = {"string": 0, "int64": 1, "int32": 2, "bool": 3, "Quantity": 5, "Time": 
          "FieldsV1": 7}
 MESSAGE = 4  # any other Go type: a message of the table
 SHAPES = {"one": 0, "list": 1, "map": 2}
-OMIT, NULL, ZERO = 0, 1, 2
+OMIT, NULL, ZERO, EMPTY = 0, 1, 2, 3
 
 Fields = list[tuple[int, str, str]]
 
@@ -36,7 +38,7 @@ TYPES: dict[str, Fields] = {
     # runtime.TypeMeta, inside the envelope
     "TypeMeta": [(1, "apiVersion,omitempty", "string"), (2, "kind,omitempty", "string")],
     "ResourceSliceList": [(1, "metadata,omitempty", "ListMeta"),
-                          (2, "items", "[]ResourceSlice")],
+                          (2, "items,nonempty", "[]ResourceSlice")],
     "Status": [(1, "metadata,omitempty", "ListMeta"), (2, "status,omitempty", "string"),
                (3, "message,omitempty", "string"), (4, "reason,omitempty", "string"),
                (5, "details,omitempty", "*StatusDetails"), (6, "code,omitempty", "int32")],
@@ -144,7 +146,8 @@ def _compile(fields: Fields) -> list[tuple[int, str, int, str | None, int, int, 
     an absent field is, whether a zero value is left out), by encoding/json's rules:
     omitempty leaves out "", 0, false and empty slices and maps, and nothing else (not a
     struct); a nil pointer, slice or map without it is null; omitzero leaves out the
-    zero Time; a value field the protobuf lacks is the Go zero value."""
+    zero Time; a value field the protobuf lacks is the Go zero value; ``nonempty``: an
+    empty slice or map, never null."""
     compiled = []
     for number, tag, go_type in fields:
         name, *options = tag.split(",")
@@ -158,7 +161,9 @@ def _compile(fields: Fields) -> list[tuple[int, str, int, str | None, int, int, 
         base = base.lstrip("*")
         kind = KINDS.get(base, MESSAGE)
         message = base if kind == MESSAGE else None
-        if shape != "one" or pointer:
+        if "nonempty" in options:
+            absent, drop_zero = EMPTY, False
+        elif shape != "one" or pointer:
             absent, drop_zero = (OMIT if omitempty else NULL), False
         elif base == "Time":
             absent, drop_zero = (OMIT, True) if "omitzero" in options else (NULL, False)

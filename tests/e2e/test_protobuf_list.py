@@ -148,6 +148,18 @@ def test_list_items_asks_for_protobuf_and_gives_the_json_items(
             == list_items(control_plane.api, SLICES, field_selector=selector, limit=5))
 
 
+
+
+
+def test_an_empty_list_is_the_same_in_both(control_plane: ControlPlane) -> None:
+    """No slices of a driver: "items": [] in the JSON, no items field in the protobuf."""
+    selector = f"spec.driver={unique('none')}.example.com"
+    [(_, as_json)] = list_pages(control_plane.api, SLICES, field_selector=selector)
+    [as_protobuf] = protobuf_pages(control_plane.api, SLICES, {"fieldSelector": selector})
+    assert as_json["items"] == as_protobuf["items"] == []
+    assert {**as_protobuf, "metadata": {}} == {**as_json, "metadata": {}}
+
+
 def test_an_error_answered_in_protobuf_is_an_api_error_with_its_message(
         control_plane: ControlPlane) -> None:
     with pytest.raises(ApiError) as raised:

@@ -139,7 +139,9 @@ def test_absent_fields_are_what_the_json_writes_for_go_zero_values() -> None:
         "items": [{"metadata": {},
                    "spec": {"driver": "", "pool": {"name": "", "generation": 0,
                                                    "resourceSliceCount": 0}}}]}
-    assert decode(envelope(b""))["items"] is None
+    assert decode(envelope(b""))["items"] == []  # the API server's JSON: "items":[]
+    assert decode(slice_list(f(2, f(4, b""))))["items"][0]["spec"]["nodeSelector"] == {
+        "nodeSelectorTerms": None}  # a nil slice without omitempty
 
 
 def test_unknown_fields_of_every_wire_type_are_skipped() -> None:
