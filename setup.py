@@ -16,6 +16,7 @@ from setuptools import Extension, setup
 extensions = [
     Extension("driver._native", ["native/_native.pyx"]),
     Extension("driver._alloc", ["native/_alloc.pyx"]),
+    Extension("driver._kubeproto", ["native/_kubeproto.pyx"]),
 ]
 compiled = sorted(str(p) for p in Path("driver/allocator").glob("*.py") if p.name != "__init__.py")
 

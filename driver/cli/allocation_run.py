@@ -24,6 +24,7 @@ from driver.cli.allocation import (
     SlicesFromProvider,
 )
 from driver.kube.api import ApiError, api_client, list_items
+from driver.kube.protolist import ProtoError
 
 
 def _setup(args: argparse.Namespace, node_slices: SlicesFromProvider
@@ -127,12 +128,13 @@ def _from_cluster(args: argparse.Namespace) -> tuple[list[dict[str, Any]], ...]:
                 rules_read = others.submit(_taint_rules, api)
                 # Another driver's slices cannot hold a device of this one's classes.
                 slices = list_items(api, f"{RESOURCE}/resourceslices",
-                                    field_selector=f"spec.driver={args.driver_name}")
+                                    field_selector=f"spec.driver={args.driver_name}",
+                                    protobuf=True)
                 classes, claims, rules = (classes_read.result(), claims_read.result(),
                                           rules_read.result())
         finally:
             api.close()
-    except (ApiError, ConfigException, HTTPError) as err:
+    except (ApiError, ConfigException, HTTPError, ProtoError) as err:
         raise InputError(f"--kubeconfig {args.kubeconfig}: {err}") from None
     by_key = {claim_key(c): c for c in claims}
     missing = [f"{ns}/{name}" for ns, name in wanted if f"{ns}/{name}" not in by_key]

@@ -8,7 +8,9 @@ the same run: its NewAllocator + Allocate over the nodes in name order, the sche
 work without its informers.
 
 Claims: ``gpu`` (one GPU: the first node answers) and ``nine-gpus`` (nine GPUs in one
-NVLink island: fits nowhere, so every node is tried and explained).
+NVLink island: fits nowhere, so every node is tried and explained). The slices' list
+alone, as explain reads it, is timed too: JSON against Kubernetes protobuf, each in a
+fresh process, alternating.
 
 The default run is small (10 nodes) so CI keeps it working; the scale runs are
 ``GPU_DRA_EXPLAIN_NODES=1000 pytest tests/e2e/test_bench_explain_scale.py
@@ -233,3 +235,49 @@ def test_explain_and_allocate_from_the_cluster(
         assert ours == [n for n in verdicts if n in ours], explain.out[:2000]
         assert (allocated.code, allocated.err) == (1, ""), allocated.err
         assert "allocation" not in (json.loads(allocated.out).get("status") or {})
+
+
+LIST_ONLY = """
+import sys, time
+from pathlib import Path
+from driver.gcpause import collector_paused
+from driver.kube.api import api_client, list_items
+api = api_client(Path(sys.argv[1]))
+start = time.monotonic()
+with collector_paused():  # as for the whole of explain (driver/cli/allocation.py)
+    items = list_items(api, sys.argv[2], field_selector=sys.argv[3],
+                       protobuf=sys.argv[4] == "1")
+print(time.monotonic() - start, len(items))
+"""
+
+
+def test_list_the_slices_as_json_and_as_protobuf(
+        benchmark: BenchmarkFixture, control_plane: ControlPlane, pools: dict[str, Any],
+        nodes: list[str]) -> None:
+    """The slices' list alone (the kubeconfig loaded first, off the clock; the collector
+    paused, as explain has it), as JSON and as protobuf in turn: the seconds inside the
+    process and its peak RSS."""
+    runs: dict[str, list[tuple[float, int, int]]] = {"json": [], "protobuf": []}
+
+    def run(encoding: str) -> None:
+        done = run_process([OURS[0], "-c", LIST_ONLY, str(control_plane.kubeconfig), SLICES,
+                            f"spec.driver={DRIVER}", "1" if encoding == "protobuf" else "0"])
+        assert (done.code, done.err) == (0, ""), done.err
+        seconds, count = done.out.split()
+        runs[encoding].append((float(seconds), int(count), done.peak_rss_mib))
+
+    def one_round() -> None:
+        """Both encodings, JSON first in even rounds, protobuf first in odd ones (the
+        benchmark's own time is the pair; each one's is in extra_info)."""
+        order = ["json", "protobuf"]
+        for encoding in order[::-1] if len(runs["json"]) % 2 else order:
+            run(encoding)
+
+    benchmark.pedantic(one_round, rounds=max(ROUNDS, 2), iterations=1)
+    assert {c for done in runs.values() for _, c, _ in done} == {
+        len(list_items(control_plane.api, SLICES, field_selector=f"spec.driver={DRIVER}"))}
+    benchmark.extra_info.update(pools, nodes=NODES, load_average=os.getloadavg()[0])
+    for encoding, done in runs.items():
+        benchmark.extra_info.update({
+            f"list_{encoding}_s": sorted(round(t, 2) for t, _, _ in done),
+            f"list_{encoding}_peak_rss_mib": max(rss for _, _, rss in done)})

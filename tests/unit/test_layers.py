@@ -12,7 +12,7 @@ ROOT = Path(driver.__file__).parent
 BASE = {"errors", "atomicfile", "safeload", "gcpause"}
 ALLOWED: dict[str, set[str]] = {
     "nvml": BASE,
-    "kube": BASE,
+    "kube": BASE | {"_kubeproto"},
     "inventory": BASE | {"nvml", "_native"},
     "health": BASE | {"inventory"},
     "resourceslice": BASE | {"inventory", "health", "nvml", "kube"},

@@ -1,0 +1,16 @@
+"""Types of driver._kubeproto, built from native/_kubeproto.pyx."""
+
+from typing import Any
+
+class ProtoError(ValueError):
+    """Bytes that are not the message the table describes."""
+
+class Decoder:
+    """The field table, compiled; one decoder holds its string cache across calls."""
+
+    def __init__(
+        self, table: dict[str, list[tuple[int, str, int, str | None, int, int, bool]]]
+    ) -> None: ...
+    def decode_object(self, data: bytes) -> dict[str, Any]:
+        """An API server's protobuf body: the dict of its object, with the apiVersion and
+        kind its JSON has."""
