@@ -6,10 +6,11 @@ class ProtoError(ValueError):
     """Bytes that are not the message the table describes."""
 
 class Decoder:
-    """The field table, compiled; one decoder holds its string cache across calls."""
+    """The field table, compiled; one decoder holds its caches across calls."""
 
     def __init__(
-        self, table: dict[str, list[tuple[int, str, int, str | None, int, int, bool]]]
+        self, table: dict[str, list[tuple[int, str, int, str | None, int, int, bool]]],
+        shared: frozenset[str] = ...,
     ) -> None: ...
     def decode_object(self, data: bytes) -> dict[str, Any]:
         """An API server's protobuf body: the dict of its object, with the apiVersion and

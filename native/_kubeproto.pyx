@@ -10,6 +10,7 @@ zero (Go's `omitempty`, pointers, nil slices). Fields the table does not know ar
 skipped.
 """
 
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.long cimport PyLong_FromLongLong
 from cpython.ref cimport Py_INCREF, Py_XDECREF, PyObject
 from cpython.unicode cimport PyUnicode_DecodeUTF8
@@ -37,6 +38,8 @@ cdef enum:
     MAX_FIELD = 63          # field numbers above are skipped as unknown
     CACHE_SLOTS = 16384     # the string cache: a power of two
     CACHE_MAX_LEN = 64      # longer strings are not cached
+    SHARE_SLOTS = 16384     # the shared messages' cache: a power of two
+    SHARE_MAX_LEN = 512     # longer messages are not shared
 
 # The kinds of value (protolist.py: KINDS, in this order).
 cdef enum:
@@ -82,10 +85,26 @@ cdef struct Field:
 cdef struct Message:
     Field fields[MAX_FIELD + 1]
     uint64_t defaulted  # the fields whose absence the JSON still writes
+    bint shared         # equal bytes give one dict (see Decoder.__init__)
 
 
 class ProtoError(ValueError):
     """Bytes that are not the message the table describes."""
+
+
+cdef inline uint64_t _hash(const uint8_t* p, Py_ssize_t n) noexcept nogil:
+    """A hash of p[:n], eight bytes at a time, for the caches' slots."""
+    cdef uint64_t h = <uint64_t>n * 0x9E3779B97F4A7C15ULL, w
+    cdef Py_ssize_t i = 0
+    while i + 8 <= n:
+        memcpy(&w, p + i, 8)
+        h = (h ^ w) * 0xC2B2AE3D27D4EB4FULL
+        i += 8
+    if i < n:
+        w = 0
+        memcpy(&w, p + i, n - i)
+        h = (h ^ w) * 0xC2B2AE3D27D4EB4FULL
+    return h ^ (h >> 29)
 
 
 cdef inline Py_ssize_t _varint(const uint8_t* p, Py_ssize_t i, Py_ssize_t end,
@@ -128,23 +147,33 @@ cdef inline Py_ssize_t _field(const uint8_t* p, Py_ssize_t i, Py_ssize_t end, ui
 
 
 cdef class Decoder:
-    """The field table, compiled; one decoder holds its string cache across calls."""
+    """The field table, compiled; one decoder holds its caches across calls."""
 
     cdef Message* messages
     cdef list names             # message names, by index
     cdef dict index             # message name -> index
     cdef list keep              # the JSON names the fields point to
     cdef PyObject** cache
+    cdef PyObject** share_keys  # a shared message's bytes (see __init__) ...
+    cdef PyObject** share_vals  # ... the dict made of them ...
+    cdef int* share_of          # ... and which message they are
 
     def __cinit__(self) -> None:
         self.messages = NULL
         self.cache = <PyObject**>calloc(CACHE_SLOTS, sizeof(PyObject*))
-        if self.cache == NULL:
+        self.share_keys = <PyObject**>calloc(SHARE_SLOTS, sizeof(PyObject*))
+        self.share_vals = <PyObject**>calloc(SHARE_SLOTS, sizeof(PyObject*))
+        self.share_of = <int*>calloc(SHARE_SLOTS, sizeof(int))
+        if self.cache == NULL or self.share_keys == NULL or self.share_vals == NULL \
+                or self.share_of == NULL:
             raise MemoryError()
 
-    def __init__(self, dict table) -> None:
+    def __init__(self, dict table, shared=frozenset()) -> None:
         """`table`: message name -> [(number, json name, kind, sub-message name or None,
-        shape, absent, drop_zero)], the numbers of protolist.py's enums."""
+        shape, absent, drop_zero)], the numbers of protolist.py's enums. `shared`: the
+        messages whose equal bytes give one dict, made once (a device's attribute
+        values, capacities and counters repeat across devices and nodes): the dicts a
+        decode returns are then to be read, never changed."""
         cdef Message* m
         cdef Field* f
         self.names = list(table)
@@ -171,6 +200,10 @@ cdef class Decoder:
                 f.drop_zero = drop_zero
                 if absent != A_OMIT:
                     m.defaulted |= <uint64_t>1 << number
+        for name in shared:
+            if name not in self.index:
+                raise ValueError(f"shared: no message {name} in the table")
+            self.messages[<int>self.index[name]].shared = True
 
     def __dealloc__(self) -> None:
         cdef int i
@@ -179,6 +212,13 @@ cdef class Decoder:
             for i in range(CACHE_SLOTS):
                 Py_XDECREF(self.cache[i])
             free(self.cache)
+        if self.share_keys != NULL and self.share_vals != NULL:
+            for i in range(SHARE_SLOTS):
+                Py_XDECREF(self.share_keys[i])
+                Py_XDECREF(self.share_vals[i])
+        free(self.share_keys)
+        free(self.share_vals)
+        free(self.share_of)
 
     def decode_object(self, const uint8_t[::1] data not None):
         """An API server's protobuf body (``k8s\\0``, then a runtime.Unknown: typeMeta = 1
@@ -364,7 +404,30 @@ cdef class Decoder:
         return None
 
     cdef dict _message(self, const uint8_t* p, Py_ssize_t n, Py_ssize_t at, int m):
-        """The dict of message `m` in p[:n], which starts at byte `at` of the input."""
+        """The dict of message `m` in p[:n], which starts at byte `at` of the input; for a
+        shared message, the dict made before of the same bytes, if its slot holds it."""
+        cdef uint64_t h
+        cdef PyObject* key
+        if not self.messages[m].shared or n == 0 or n > SHARE_MAX_LEN:
+            return self._fields(p, n, at, m)
+        h = (_hash(p, n) + <uint64_t>m) & (SHARE_SLOTS - 1)
+        key = self.share_keys[h]
+        if key != NULL and self.share_of[h] == m and PyBytes_GET_SIZE(<object>key) == n \
+                and memcmp(PyBytes_AS_STRING(<object>key), p, n) == 0:
+            return <dict>self.share_vals[h]
+        out = self._fields(p, n, at, m)
+        made = PyBytes_FromStringAndSize(<const char*>p, n)
+        Py_INCREF(made)
+        Py_INCREF(out)
+        Py_XDECREF(self.share_keys[h])
+        Py_XDECREF(self.share_vals[h])
+        self.share_keys[h] = <PyObject*>made
+        self.share_vals[h] = <PyObject*>out
+        self.share_of[h] = m
+        return out
+
+    cdef dict _fields(self, const uint8_t* p, Py_ssize_t n, Py_ssize_t at, int m):
+        """The dict of message `m` in p[:n], decoded field by field."""
         cdef const Message* msg = &self.messages[m]
         cdef const Field* f
         cdef PyObject* seqs[MAX_FIELD + 1]

@@ -127,7 +127,8 @@ def list_items(api_client: Any, path: str, *, field_selector: str = "",
 
     ``protobuf``: ask for Kubernetes protobuf first, for a list that
     :mod:`driver.kube.protolist` decodes (ResourceSlices): the same dicts, the bytes
-    about twice as fast for the server to write; JSON where the server answers JSON."""
+    about twice as fast for the server to write, and dicts of repeated small messages
+    shared (read them, never change them); JSON where the server answers JSON."""
     accept = f"{PROTOBUF}, application/json" if protobuf else "application/json"
     items: list[dict[str, Any]] = []
     for _, page in _pages(api_client, path, field_selector, limit, accept):

@@ -129,6 +129,31 @@ def test_a_slice_decodes_to_its_json_shape() -> None:
                     "items": [WANT]}
 
 
+def test_equal_small_messages_give_one_dict_and_different_ones_their_own() -> None:
+    """A device's attribute values, capacities and counters repeat across devices and
+    nodes: equal bytes of a shared message give the one dict made the first time (in
+    this page or an earlier one); different bytes, or the same bytes as another message,
+    their own."""
+    device = f(1, "gpu-0") + f(2, entry("model", f(4, "H100"))) + f(2, entry("cores", f(2, 132))) \
+        + f(3, entry("memory", f(1, quantity("80Gi")))) \
+        + f(4, f(1, "gpu-0-set") + f(2, entry("memory", f(1, quantity("80Gi")))))
+    other = f(1, "gpu-1") + f(2, entry("model", f(4, "H200"))) + f(2, entry("cores", f(2, 132)))
+    spec = f(1, "gpu.dra.dev") + f(6, device) + f(6, device) + f(6, other)
+    first, second, third = decode(slice_list(f(2, spec)))["items"][0]["spec"]["devices"]
+    again = decode(slice_list(f(2, spec)))["items"][0]["spec"]["devices"][0]
+    assert first == second and first is not second  # a device is never shared
+    for name in ("model", "cores"):
+        assert first["attributes"][name] is second["attributes"][name] \
+            is again["attributes"][name]
+    assert third["attributes"]["cores"] is first["attributes"]["cores"]
+    assert third["attributes"]["model"] == {"string": "H200"} != first["attributes"]["model"]
+    assert first["capacity"]["memory"] is again["capacity"]["memory"]
+    assert first["consumesCounters"][0] is again["consumesCounters"][0]
+    # a Counter and a DeviceCapacity of the same bytes are two messages: two dicts
+    assert first["consumesCounters"][0]["counters"]["memory"] == first["capacity"]["memory"]
+    assert first["consumesCounters"][0]["counters"]["memory"] is not first["capacity"]["memory"]
+
+
 def test_absent_fields_are_what_the_json_writes_for_go_zero_values() -> None:
     """A value field the bytes lack is Go's zero value where the JSON writes it (no
     omitempty), left out where omitempty drops it; a nil slice without omitempty is
