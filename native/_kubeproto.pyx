@@ -146,6 +146,19 @@ cdef inline Py_ssize_t _field(const uint8_t* p, Py_ssize_t i, Py_ssize_t end, ui
     return -2
 
 
+cdef inline Py_ssize_t _next(const uint8_t* p, Py_ssize_t i, Py_ssize_t end, uint64_t* tag,
+                             uint64_t* v, uint64_t* size, Py_ssize_t* at) noexcept nogil:
+    """The field at p[i]: its tag, its value (as `_field`) starting at `at`, and the offset
+    after it; else -1 or -2 (as `_field`) with `at` where it broke and, if the tag itself
+    did, `tag` 0."""
+    at[0] = _varint(p, i, end, tag)
+    if at[0] < 0:
+        at[0] = i
+        tag[0] = 0
+        return -1
+    return _field(p, at[0], end, tag[0], v, size)
+
+
 cdef class Decoder:
     """The field table, compiled; one decoder holds its caches across calls."""
 
@@ -234,10 +247,7 @@ cdef class Decoder:
         type_meta = {}
         encoding = ""
         while i < n:
-            j = _varint(p, i, n, &tag)
-            if j < 0:
-                self._broken(-1, 0, i, -1, tag)
-            i = _field(p, j, n, tag, &v, &size)
+            i = _next(p, i, n, &tag, &v, &size, &j)
             if i < 0:
                 self._broken(-1, <int>(tag >> 3), j, i, tag)
             if tag == (1 << 3 | WT_BYTES):
@@ -305,10 +315,7 @@ cdef class Decoder:
         cdef uint64_t tag = 0, size, value = 0
         cdef int found = 0
         while i < n:
-            j = _varint(p, i, n, &tag)
-            if j < 0:
-                self._broken(m, number, at + i, -1, tag)
-            i = _field(p, j, n, tag, &value, &size)
+            i = _next(p, i, n, &tag, &value, &size, &j)
             if i < 0:
                 self._broken(m, number, at + j, i, tag)
             if tag == want:
@@ -373,10 +380,7 @@ cdef class Decoder:
         key = ""
         value = None
         while i < n:
-            j = _varint(p, i, n, &tag)
-            if j < 0:
-                self._broken(m, number, at + i, -1, tag)
-            i = _field(p, j, n, tag, &v, &size)
+            i = _next(p, i, n, &tag, &v, &size, &j)
             if i < 0:
                 self._broken(m, number, at + j, i, tag)
             if tag == (1 << 3 | WT_BYTES):
@@ -436,10 +440,7 @@ cdef class Decoder:
         cdef int number, wt
         cdef dict out = {}
         while i < n:
-            j = _varint(p, i, n, &tag)
-            if j < 0:
-                self._broken(m, 0, at + i, -1, tag)
-            i = _field(p, j, n, tag, &v, &size)
+            i = _next(p, i, n, &tag, &v, &size, &j)
             if i < 0:
                 self._broken(m, <int>(tag >> 3) if tag >> 3 <= MAX_FIELD else 0, at + j, i, tag)
             number = <int>(tag >> 3) if tag >> 3 <= MAX_FIELD else 0
