@@ -96,6 +96,17 @@ def published(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFact
         first["metadata"]["labels"] = {"touched": "yes"}
         first["spec"]["pool"]["generation"] += 1
         api_request(api, "PUT", f"{SLICES}/{names[0]}", first).expect(200)
+        # The lists compared are read from the API server's watch cache, which once (in
+        # .ci/run) had not yet caught up with the last writes: wait until it has.
+        generation = first["spec"]["pool"]["generation"]
+
+        def listed_as_written() -> bool:
+            listed = {s["metadata"]["name"]: s for s in list_items(
+                api, SLICES, field_selector=f"spec.driver={driver}")}
+            return sorted(listed) == sorted(names) and \
+                listed[names[0]]["spec"]["pool"]["generation"] == generation
+
+        wait_for(listed_as_written, "every slice, as written, in the list")
         yield driver, names
     finally:
         for name in names:
