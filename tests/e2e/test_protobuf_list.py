@@ -9,7 +9,6 @@ JSON read as JSON."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,8 +33,10 @@ SELECTOR = {"nodeSelectorTerms": [
      "matchFields": [{"key": "metadata.name", "operator": "In", "values": ["n1"]}]}]}
 
 
-def hand_written(driver: str, node: str) -> list[dict[str, Any]]:
-    """Slices with the fields our publisher does not write."""
+def hand_written(driver: str, node: str, owner: dict[str, Any]) -> list[dict[str, Any]]:
+    """Slices with the fields our publisher does not write; `owner`: an object that
+    exists (the garbage collector of a kube-controller-manager that an earlier test
+    started deletes a slice whose owner is gone)."""
     attributes = {"count": {"int": -3}, "on": {"bool": False}, "model": {"string": ""},
                   "gpu.example.com/fw": {"version": "1.2.3-rc.1+b5"},
                   "big": {"int": 1 << 40}, "text": {"string": "ünïcode"}}
@@ -48,9 +49,7 @@ def hand_written(driver: str, node: str) -> list[dict[str, Any]]:
                 "metadata": {"name": f"{node}-{name}",
                              "labels": {"a": "1", "gpu.example.com/empty": ""},
                              "annotations": {"note": "x" * 300},
-                             "ownerReferences": [{"apiVersion": "v1", "kind": "Node",
-                                                  "name": node, "uid": str(uuid.uuid4()),
-                                                  "controller": True}]},
+                             "ownerReferences": [owner]},
                 "spec": {"driver": driver, "pool": {"name": f"{node}-{name}",
                                                     "generation": 0,
                                                     "resourceSliceCount": 1},
@@ -85,7 +84,11 @@ def published(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFact
     """Every kind of slice, under a driver name of its own: the driver and the names."""
     api = control_plane.api
     driver, node = f"{unique('proto')}.example.com", unique("proto-node")
-    made = ours(driver, node, tmp_path_factory.mktemp("proto")) + hand_written(driver, node)
+    default = api_request(api, "GET", "/api/v1/namespaces/default").expect(200)
+    owner = {"apiVersion": "v1", "kind": "Namespace", "name": "default",
+             "uid": default["metadata"]["uid"], "controller": True}
+    made = ours(driver, node, tmp_path_factory.mktemp("proto")) + \
+        hand_written(driver, node, owner)
     names = []
     try:
         for one in made:
