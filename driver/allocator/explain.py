@@ -119,9 +119,10 @@ def _request_line(allocator: Allocator, claim: Claim, request: Request, devices:
     the devices its tolerations do not cover a taint of, and those left out by capacity
     with why."""
     device_class = allocator.classes[request.class_name]
+    bare = _bare(request)
     in_class = [d for d in devices
-                if selectable(claim.key, device_class, _bare(request), d,
-                           allocator.evaluations.verdicts) is True]
+                if selectable(claim.key, device_class, bare, d,
+                              allocator.evaluations.verdicts) is True]
     selected = [d for d in in_class if selectable(claim.key, device_class, request, d,
                                                  allocator.evaluations.verdicts) is True]
     parts = [f"request {request.name}: {len(in_class)} devices match class "
@@ -174,23 +175,29 @@ def _capacity_short(claim_key: str, request: Request, device: Device, ledger: Le
     for name, value in sorted(device.capacity.items()):
         policy = policies.get(name)
         amount = policy_amount(asked.get(name), value, policy)
-        if name in asked:
-            what = f"{name} {_amount(asked[name])} asked"
-            if amount != asked[name]:
-                what += f" (rounded up to {_amount(amount)} by its request policy)"
-        else:
-            what = f"{name} not asked (default {_amount(amount)})"
         taken = used.get(name, Fraction(0))
         if violates_policy(amount, policy):
-            problems.append(f"{what}, outside its request policy ({_policy_text(policy)})")
+            problems.append(f"{_asked(name, asked, amount)}, outside its request policy "
+                            f"({_policy_text(policy)})")
         elif amount > value:
-            problems.append(f"{what}, more than its {_amount(value)}")
+            problems.append(f"{_asked(name, asked, amount)}, more than its {_amount(value)}")
         elif amount > value - taken:
             total, held, left = _amounts(value, taken, value - taken)
             claims = f"{holders} claim{'s' if holders != 1 else ''}"
-            problems.append(f"{what}, {total} in all, {held} consumed by {claims}, "
-                            f"{left} free")
+            problems.append(f"{_asked(name, asked, amount)}, {total} in all, {held} consumed "
+                            f"by {claims}, {left} free")
     return "; ".join(problems) or None
+
+
+def _asked(name: str, asked: Mapping[str, Fraction], amount: Fraction) -> str:
+    """`memory 30Gi asked (rounded up to 32Gi by its request policy)`; written only for a
+    capacity that falls short (a device has several, checked for every device)."""
+    if name not in asked:
+        return f"{name} not asked (default {_amount(amount)})"
+    what = f"{name} {_amount(asked[name])} asked"
+    if amount != asked[name]:
+        what += f" (rounded up to {_amount(amount)} by its request policy)"
+    return what
 
 
 def _capacity_lines(left_out: list[tuple[Device, str]]) -> list[str]:
@@ -383,12 +390,14 @@ def _capacity_changes(claim: Claim, index: int, allocator: Allocator, ledger: Le
                              allocator.evaluations.verdicts) is True
                and not d.untolerated(request.tolerations) and d.ref not in ledger.exclusive]
     asked = dict(request.capacity)
+    need = len(devices) if request.all_devices else request.count
+    if not 0 < need <= len(devices):
+        return []  # fewer devices than it needs: no amount asked of each changes that
     found = []
     for name in sorted({n for d in devices for n in d.capacity}):
         room = sorted((m for d in devices if (m := _most(name, d, ledger)) is not None),
                       reverse=True)
-        need = len(devices) if request.all_devices else request.count
-        most = room[need - 1] if 0 < need <= len(room) else None
+        most = room[need - 1] if need <= len(room) else None
         if most is None or (name in asked and most >= asked[name]):
             continue
         edited = copy.deepcopy(claim.raw)
