@@ -6,21 +6,25 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 
 def write_atomically(path: Path, data: bytes, durable: bool) -> None:
     """Temp file in the same directory (a name no reader picks up), then rename over
-    `path`; durable: fsync the file before and the directory after the rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    `path`; durable: fsync the file before and the directory after the rename. The temp
+    file is made as mkstemp makes one (O_EXCL, mode 0600), with a plain `os.open` and
+    `os.write`: tempfile's and a file object's Python took a third of a CDI spec's write."""
+    tmp, fd = _create_temp(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
             if durable:
-                f.flush()
-                os.fsync(f.fileno())
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -32,6 +36,17 @@ def write_atomically(path: Path, data: bytes, durable: bool) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def _create_temp(path: Path) -> tuple[str, int]:
+    """`.<name>.<random>.tmp` beside `path`, created exclusively; its name and descriptor."""
+    folder, name = os.fspath(path.parent), path.name
+    while True:
+        tmp = os.path.join(folder, f".{name}.{os.urandom(6).hex()}.tmp")
+        try:
+            return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            continue  # 48 random bits taken already: draw again, as mkstemp does
 
 
 def remove_leftovers(directory: Path, prefix: str) -> list[Path]:

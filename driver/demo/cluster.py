@@ -381,7 +381,7 @@ def _kubeconfig(demo: ClusterDemo, options: ClusterDemoOptions) -> Path:
     assert demo.cluster is not None
     if options.kubeconfig_out is None:
         return demo.cluster.kubeconfig
-    # mkstemp's mode, 0600, stays: the file holds the admin key
+    # the temp file's mode, 0600, stays: the file holds the admin key
     write_atomically(options.kubeconfig_out, demo.cluster.kubeconfig.read_bytes(),
                      durable=False)
     return options.kubeconfig_out

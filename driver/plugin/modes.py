@@ -4,7 +4,7 @@ umask decides them (under umask 000 they would be open to every user on the node
 What only the root kubelet and the plugin use (the plugin data dir with the checkpoint, the
 lock and the DRA socket; the registration dir and socket) is private; the CDI dir is read by
 the container runtime and other CDI tools, so it is world-readable. Files written through
-`atomicfile` are 0600 whatever the umask (mkstemp).
+`atomicfile` are 0600 whatever the umask (created as mkstemp does).
 """
 
 from __future__ import annotations
