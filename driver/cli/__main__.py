@@ -1,7 +1,5 @@
 """`python -m driver.cli`: the `gpu-dra` command."""
 
-import sys
+from driver.cli.main import run
 
-from driver.cli.main import main
-
-sys.exit(main())
+run()

@@ -8,6 +8,7 @@ stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -375,5 +376,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def run() -> NoReturn:
+    """The `gpu-dra` process: `main`, then an exit whose collections skip what is still
+    alive. The interpreter's exit runs the cyclic collector several times over every
+    object left, such as the allocator's caches of a cluster's slices: 1.3-1.7 s after
+    explain or allocate had answered at 1,000 dynamic-MIG nodes. Frozen, they are freed
+    by reference counts at exit or left to the OS, as any process leaves what it holds;
+    atexit handlers still run."""
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
