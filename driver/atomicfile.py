@@ -18,9 +18,7 @@ def write_atomically(path: Path, data: bytes, durable: bool) -> None:
     tmp, fd = _create_temp(path)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, data)
             if durable:
                 os.fsync(fd)
         finally:
@@ -36,6 +34,14 @@ def write_atomically(path: Path, data: bytes, durable: bool) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """All of `data` to `fd`: one write(), unless it is short (then the next one writes the
+    rest or fails)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _create_temp(path: Path) -> tuple[str, int]:

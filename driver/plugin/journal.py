@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from driver.atomicfile import write_atomically
+from driver.atomicfile import write_all, write_atomically
 from driver.safeload import LoadError, json_document
 
 SUFFIX = ".journal"
@@ -130,9 +130,7 @@ class Journal:
             try:
                 if os.fstat(fd).st_size > end:
                     os.ftruncate(fd, end)  # a line cut off by a kill: never acknowledged
-                view = memoryview(line)
-                while view:  # one write(), unless it is short (then the next one fails)
-                    view = view[os.write(fd, view):]
+                write_all(fd, line)
                 if durable:
                     os.fdatasync(fd)
                 written = os.fstat(fd)
