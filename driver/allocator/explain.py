@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
@@ -33,6 +33,7 @@ from driver.allocator.input import Claim, InputError, Request, Taint, parse_clai
 from driver.allocator.ledger import DeviceRef, Ledger
 from driver.allocator.model import (
     AllocationError,
+    NodeModel,
     consumed_capacity,
     policy_amount,
     request_policies,
@@ -93,7 +94,7 @@ def _reasons(allocator: Allocator, claim: Claim, ledger: Ledger, node: Node) -> 
     for group in claim.requests:
         for request in group.alternatives:
             free, line, tainted, by_capacity = _request_line(allocator, claim, request,
-                                                             devices, ledger, problem)
+                                                             model, ledger, problem)
             free_of[request.name] = free
             reasons.append(line)
             reasons += _capacity_lines(by_capacity)
@@ -112,19 +113,18 @@ def _reasons(allocator: Allocator, claim: Claim, ledger: Ledger, node: Node) -> 
     return reasons
 
 
-def _request_line(allocator: Allocator, claim: Claim, request: Request, devices: list[Device],
+def _request_line(allocator: Allocator, claim: Claim, request: Request, model: NodeModel,
                   ledger: Ledger, problem: Any
                   ) -> tuple[list[Device], str, list[Device], list[tuple[Device, str]]]:
     """The request's devices counted down to the free ones; returns those, the line,
     the devices its tolerations do not cover a taint of, and those left out by capacity
     with why."""
-    device_class = allocator.classes[request.class_name]
-    bare = _bare(request)
-    in_class = [d for d in devices
-                if selectable(claim.key, device_class, bare, d,
-                              allocator.evaluations.verdicts) is True]
-    selected = [d for d in in_class if selectable(claim.key, device_class, request, d,
-                                                 allocator.evaluations.verdicts) is True]
+    devices = model.devices
+    verdicts = allocator.evaluations.verdicts
+    in_bits = model.selected(allocator.classes[request.class_name].selectors, verdicts,
+                             model.node_ok_bits)
+    in_class = model.devices_in(in_bits)
+    selected = model.devices_in(model.selected(request.selectors, verdicts, in_bits))
     parts = [f"request {request.name}: {len(in_class)} devices match class "
              f"{request.class_name}"]
     if request.selectors:
@@ -261,10 +261,6 @@ def _taint_text(taint: Taint) -> str:
     return f"{taint}{since}{rule}"
 
 
-def _bare(request: Request) -> Request:
-    return replace(request, selectors=())
-
-
 def _short_of_counters(problem: Any, i: int) -> bool:
     if not problem.counted[i]:
         return False
@@ -384,11 +380,12 @@ def _capacity_changes(claim: Claim, index: int, allocator: Allocator, ledger: Le
     get a share of as many devices it may take as it needs, if less than what it asks
     now; checked."""
     request = claim.requests[index].alternatives[0]
-    device_class = allocator.classes[request.class_name]
-    devices = [d for d in allocator.model(node).devices
-               if selectable(claim.key, device_class, request, d,
-                             allocator.evaluations.verdicts) is True
-               and not d.untolerated(request.tolerations) and d.ref not in ledger.exclusive]
+    model = allocator.model(node)
+    verdicts = allocator.evaluations.verdicts
+    in_class = model.selected(allocator.classes[request.class_name].selectors, verdicts,
+                              model.node_ok_bits)
+    devices = [d for d in model.devices_in(model.selected(request.selectors, verdicts, in_class))
+               if not d.untolerated(request.tolerations) and d.ref not in ledger.exclusive]
     asked = dict(request.capacity)
     need = len(devices) if request.all_devices else request.count
     if not 0 < need <= len(devices):
