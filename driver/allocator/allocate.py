@@ -44,6 +44,7 @@ from driver.allocator.pools import (
     Pool,
     check_slices,
     gather_pools,
+    pools_complete,
     slices_by_node,
 )
 from driver.allocator.versions import Recent, object_version
@@ -152,11 +153,55 @@ class Allocator:
         """The node's pools and everything known about them before any claim."""
         found = self._models.get(node)
         if found is None:
-            if self._by_node is None:
-                self._by_node = slices_by_node(self.slices)
             found = self._models[node] = node_model(gather_pools(
-                self.slices, node, self.taint_rules, self._by_node))
+                self.slices, node, self.taint_rules, self._grouped()))
         return found
+
+    def add(self, slices: Sequence[Mapping[str, Any]]) -> list[str]:
+        """More slices of the same snapshot, as a paged list brings them; the nodes they
+        name whose pools now hold every slice of their generation (`pools_complete`).
+        What was built from fewer slices is dropped where these can change it: the
+        models of the nodes they name and of the pools they belong to, every model for
+        a slice that names no node."""
+        check_slices(slices)
+        self.slices += slices
+        self._nodes = None
+        grouped = self._grouped(slices)
+        named = {s["spec"].get("nodeName") or "" for s in slices}
+        pools = {(s["spec"]["driver"], s["spec"]["pool"]["name"]) for s in slices}
+
+        def stale(node: Node, model: NodeModel) -> bool:
+            return "" in named or node.name in named or any(
+                (p.driver, p.name) in pools for p in model.pools)
+
+        self._models = {n: m for n, m in self._models.items() if not stale(n, m)}
+        self._sites = {key: site for key, site in self._sites.items()
+                       if not stale(site.node, site.model)}
+        return sorted(n for n in named if n and pools_complete(grouped[n]))
+
+    def warm(self, node: str) -> None:
+        """Build now what trying `node` needs before any claim (its model, its kernel):
+        for a caller with time to spare, waiting for the rest of a list."""
+        site = self._site(node)
+        if kernel is not None:
+            kernel.node_kernel(site.model)
+
+    def _grouped(self, more: Sequence[Mapping[str, Any]] = ()
+                 ) -> dict[str, list[Mapping[str, Any]]]:
+        """The slices by node (`slices_by_node`), `more` (just added) put in."""
+        if self._by_node is None:
+            self._by_node = slices_by_node(self.slices)
+        else:
+            for s in more:
+                self._by_node.setdefault(s["spec"].get("nodeName") or "", []).append(s)
+        return self._by_node
+
+    def _site(self, node: str | Node) -> _Site:
+        site = self._sites.get(node)
+        if site is None:
+            where = node if isinstance(node, Node) else Node(node)
+            site = self._sites[node] = _Site(where, self.model(where))
+        return site
 
     def pools(self, node: Node) -> list[Pool]:
         return self.model(node).pools
@@ -187,10 +232,7 @@ class Allocator:
                  mode: Mode = "parity", backend: Backend = "native",
                  budget: int | None = None) -> Outcome:
         """All claims together, as the scheduler does for one pod's claims."""
-        site = self._sites.get(node)
-        if site is None:
-            where = node if isinstance(node, Node) else Node(node)
-            site = self._sites[node] = _Site(where, self.model(where))
+        site = self._site(node)
         if backend == "native" and kernel is not None:
             fast = kernel.node_kernel(site.model)
             if fast is not None:

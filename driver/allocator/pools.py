@@ -337,6 +337,23 @@ def slices_by_node(slices: Sequence[Mapping[str, Any]]) -> dict[str, list[Mappin
     return found
 
 
+def pools_complete(slices: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether every pool among `slices` has as many slices of its newest generation
+    among them as it says it has (resourceSliceCount): one node's slices, a paged list
+    having brought them all unless more are still to come."""
+    newest: dict[tuple[str, str], tuple[int, int, int]] = {}  # generation, count, seen
+    for s in slices:
+        pool = s["spec"]["pool"]
+        key = (s["spec"]["driver"], pool["name"])
+        generation = pool.get("generation", 0)
+        known = newest.get(key)
+        if known is None or generation > known[0]:
+            newest[key] = (generation, pool["resourceSliceCount"], 1)
+        elif generation == known[0]:
+            newest[key] = (generation, known[1], known[2] + 1)
+    return all(seen == count for _, count, seen in newest.values())
+
+
 def gather_pools(slices: Sequence[Mapping[str, Any]], node: Node,
                  rules: Sequence[TaintRule] = (),
                  by_node: Mapping[str, list[Mapping[str, Any]]] | None = None) -> list[Pool]:

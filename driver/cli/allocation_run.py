@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -23,17 +24,19 @@ from driver.cli.allocation import (
     TEMPLATE,
     SlicesFromProvider,
 )
+from driver.errors import KubeError
 from driver.kube.api import ApiError, api_client, list_items
+from driver.kube.forkedlist import ForkedList
 from driver.kube.protolist import ProtoError
 
 
 def _setup(args: argparse.Namespace, node_slices: SlicesFromProvider
            ) -> tuple[Allocator, list[Any], Ledger, list[str]]:
     if args.kubeconfig is not None:
-        slices, classes, raw_claims, allocated, rules = _from_cluster(args)
+        allocator, raw_claims, allocated = _from_cluster(args)
     else:
         slices, classes, raw_claims, allocated, rules = _from_files(args, node_slices)
-    allocator = Allocator(slices, classes, rules)
+        allocator = Allocator(slices, classes, rules)
     claims = allocator.parse(raw_claims)
     seen: set[str] = set()
     for claim in claims:
@@ -100,9 +103,11 @@ def claim_of(document: dict[str, Any]) -> dict[str, Any]:
             "metadata": dict(document.get("metadata") or {}), "spec": spec}
 
 
-def _from_cluster(args: argparse.Namespace) -> tuple[list[dict[str, Any]], ...]:
+def _from_cluster(args: argparse.Namespace) -> tuple[Allocator, list[Any], list[Any]]:
     """What the scheduler sees: every slice, class, claim and DeviceTaintRule of the
-    cluster."""
+    cluster. The slices' pages are read by a child process (`ForkedList`) while this one
+    builds the models of the nodes they complete: at 1,000 nodes the API server's
+    writing and that work each take seconds, and here they overlap."""
     given = [flag for flag, value in (("--slices", args.slices), ("--mock", args.mock),
                                       ("--classes", args.classes),
                                       ("--allocated", args.allocated),
@@ -121,26 +126,40 @@ def _from_cluster(args: argparse.Namespace) -> tuple[list[dict[str, Any]], ...]:
     try:
         api = api_client(args.kubeconfig)
         try:
-            # The small lists are read while the slices are: the slices are most of it.
-            with ThreadPoolExecutor(3) as others:
-                classes_read = others.submit(list_items, api, f"{RESOURCE}/deviceclasses")
-                claims_read = others.submit(list_items, api, f"{RESOURCE}/resourceclaims")
-                rules_read = others.submit(_taint_rules, api)
-                # Another driver's slices cannot hold a device of this one's classes.
-                slices = list_items(api, f"{RESOURCE}/resourceslices",
-                                    field_selector=f"spec.driver={args.driver_name}",
-                                    protobuf=True)
-                classes, claims, rules = (classes_read.result(), claims_read.result(),
-                                          rules_read.result())
+            # Another driver's slices cannot hold a device of this one's classes. The
+            # child is forked before any call or thread of this process.
+            with ForkedList(api, f"{RESOURCE}/resourceslices", protobuf=True,
+                            field_selector=f"spec.driver={args.driver_name}") as slices:
+                with ThreadPoolExecutor(3) as others:
+                    classes_read = others.submit(list_items, api, f"{RESOURCE}/deviceclasses")
+                    claims_read = others.submit(list_items, api, f"{RESOURCE}/resourceclaims")
+                    rules_read = others.submit(_taint_rules, api)
+                    classes, claims, rules = (classes_read.result(), claims_read.result(),
+                                              rules_read.result())
+                allocator = Allocator([], classes, rules)
+                _read_slices(slices, allocator, args.node)
         finally:
             api.close()
-    except (ApiError, ConfigException, HTTPError, ProtoError) as err:
+    except (KubeError, ConfigException, HTTPError, ProtoError) as err:
         raise InputError(f"--kubeconfig {args.kubeconfig}: {err}") from None
     by_key = {claim_key(c): c for c in claims}
     missing = [f"{ns}/{name}" for ns, name in wanted if f"{ns}/{name}" not in by_key]
     if missing:
         raise InputError(f"--claim {missing[0]}: no such ResourceClaim in the cluster")
-    return slices, classes, [by_key[f"{ns}/{name}"] for ns, name in wanted], claims, rules
+    return allocator, [by_key[f"{ns}/{name}"] for ns, name in wanted], claims
+
+
+def _read_slices(slices: ForkedList, allocator: Allocator, only: str | None) -> None:
+    """Every page into `allocator`; while the next is on its way, the nodes whose pools
+    are complete warmed (`Allocator.warm`), in the order they came (only `only`, where
+    given)."""
+    complete: deque[str] = deque()
+    while not slices.done:
+        items = slices.next_items(wait=not complete)
+        if items is not None:
+            complete += (n for n in allocator.add(items) if only in (None, n))
+        elif complete:
+            allocator.warm(complete.popleft())
 
 
 def _taint_rules(api: Any) -> list[dict[str, Any]]:

@@ -8,10 +8,10 @@ the point when publishing slices) and keeps fields newer than the client intact.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -19,6 +19,8 @@ from driver.errors import KubeError
 from driver.gcpause import collector_paused
 from driver.kube import protolist
 from driver.kube.protolist import PROTOBUF
+
+T = TypeVar("T")
 
 
 class ApiError(KubeError, RuntimeError):
@@ -129,9 +131,8 @@ def list_items(api_client: Any, path: str, *, field_selector: str = "",
     :mod:`driver.kube.protolist` decodes (ResourceSlices): the same dicts, the bytes
     about twice as fast for the server to write, and dicts of repeated small messages
     shared (read them, never change them); JSON where the server answers JSON."""
-    accept = f"{PROTOBUF}, application/json" if protobuf else "application/json"
     items: list[dict[str, Any]] = []
-    for _, page in _pages(api_client, path, field_selector, limit, accept):
+    for _, page in _pages(api_client, path, field_selector, limit, _accept(protobuf), _decoded):
         items += page["items"]
     return items
 
@@ -142,13 +143,44 @@ def list_pages(api_client: Any, path: str, *, field_selector: str = "",
     a caller that passes the bytes on, and the body decoded. Asking for the next page
     while this one is decoded gave nothing against a local API server on 2 cores
     (docs/benchmarks.md), so the pages are read one after the other."""
-    return _pages(api_client, path, field_selector, limit, "application/json")
+    return _pages(api_client, path, field_selector, limit, "application/json", _decoded)
 
 
-def _pages(api_client: Any, path: str, field_selector: str, limit: int,
-           accept: str) -> Iterator[tuple[bytes, dict[str, Any]]]:
-    """Each page's raw body and the body decoded, as JSON or protobuf by its
-    Content-Type (an :class:`ApiError` for any status but 200)."""
+def list_bodies(api_client: Any, path: str, *, field_selector: str = "", limit: int = 500,
+                protobuf: bool = False) -> Iterator[tuple[bytes, bool]]:
+    """Each page's raw body and whether it is protobuf (:func:`decode_page` decodes it),
+    nothing of it read but its continue token: for a reader that hands the bytes to
+    another process (:mod:`driver.kube.forkedlist`)."""
+    return _pages(api_client, path, field_selector, limit, _accept(protobuf), _undecoded)
+
+
+def decode_page(raw: bytes, protobuf: bool) -> dict[str, Any]:
+    """A page's body as its JSON's dicts (see :func:`list_items` for protobuf's)."""
+    with collector_paused():  # decoding makes no cycles
+        page: dict[str, Any] = protolist.decode(raw) if protobuf else orjson.loads(raw)
+    return page
+
+
+def _accept(protobuf: bool) -> str:
+    return f"{PROTOBUF}, application/json" if protobuf else "application/json"
+
+
+def _decoded(raw: bytes, protobuf: bool) -> tuple[tuple[bytes, dict[str, Any]], str]:
+    page = decode_page(raw, protobuf)
+    return (raw, page), (page.get("metadata") or {}).get("continue") or ""
+
+
+def _undecoded(raw: bytes, protobuf: bool) -> tuple[tuple[bytes, bool], str]:
+    if protobuf:
+        return (raw, True), protolist.list_continue(raw)
+    return (raw, False), (orjson.loads(raw).get("metadata") or {}).get("continue") or ""
+
+
+def _pages(api_client: Any, path: str, field_selector: str, limit: int, accept: str,
+           read: Callable[[bytes, bool], tuple[T, str]]) -> Iterator[T]:
+    """What ``read`` makes of each page's body (JSON or protobuf, by its Content-Type),
+    following the continue token it returns; an :class:`ApiError` for any status but
+    200."""
     query = {"limit": str(limit)}
     if field_selector:
         query["fieldSelector"] = field_selector
@@ -159,10 +191,8 @@ def _pages(api_client: Any, path: str, field_selector: str, limit: int,
         if int(resp.status) != 200:
             body = protolist.decode(raw) if protobuf else _body(raw)
             raise ApiError(ApiResult("GET", path, int(resp.status), body), (200,))
-        with collector_paused():  # decoding makes no cycles
-            page = protolist.decode(raw) if protobuf else orjson.loads(raw)
-        yield raw, page
-        token = (page.get("metadata") or {}).get("continue")
+        value, token = read(raw, protobuf)
+        yield value
         if not token:
             return
         query = {**query, "continue": str(token)}

@@ -26,7 +26,7 @@ from driver._kubeproto import Decoder, ProtoError
 
 PROTOBUF = "application/vnd.kubernetes.protobuf"
 
-__all__ = ["PROTOBUF", "ProtoError", "decode"]
+__all__ = ["PROTOBUF", "ProtoError", "decode", "list_continue"]
 
 # The walker's enums (native/_kubeproto.pyx), in its order.
 KINDS = {"string": 0, "int64": 1, "int32": 2, "bool": 3, "Quantity": 5, "Time": 6,
@@ -190,3 +190,16 @@ def decode(body: bytes) -> dict[str, Any]:
     ResourceSliceList, or the Status of an error); :class:`ProtoError` for bytes that
     are not one of them."""
     return _DECODER.decode_object(body)
+
+
+# A list's metadata alone: its items are skipped as a field the table does not name.
+_HEAD = Decoder({**{name: _compile(fields) for name, fields in TYPES.items()},
+                 "ResourceSliceList": _compile(TYPES["ResourceSliceList"][:1])})
+
+
+def list_continue(body: bytes) -> str:
+    """A protobuf ResourceSliceList's continue token ("" on its last page), its items not
+    decoded: what a reader needs to ask for the next page while another process decodes
+    this one."""
+    token: str = (_HEAD.decode_object(body).get("metadata") or {}).get("continue") or ""
+    return token
