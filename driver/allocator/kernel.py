@@ -158,9 +158,13 @@ def _static(p: Problem) -> NodeArrays:
     for k, amount in zip(dc_idx, dc_amt, strict=True):
         totals[k] += abs(amount)
     _check(totals)
+    of_set: list[list[int]] = [[] for _ in range(max(1, len(p.set_full)))]
+    for d in range(p.n):
+        if p.slice_set[d] >= 0:
+            of_set[p.slice_set[d]].append(d)
     set_dev_start, set_dev = [0], []  # each slice set's devices (its MIG placements)
-    for owner in range(max(1, len(p.set_full))):
-        set_dev += [d for d in range(p.n) if p.slice_set[d] == owner]
+    for devices in of_set:
+        set_dev += devices
         set_dev_start.append(len(set_dev))
     packed = NodeArrays(
         _alloc.DeviceArrays(

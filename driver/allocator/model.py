@@ -785,19 +785,19 @@ def _topology(devices: list[Device], counters: _Counters) -> _Topology:
     island_ids: dict[tuple[str, int], int] = {}
     pcie_ids: dict[str, int] = {}
     island, bandwidth, numa, pcie = [], [], [], []
-    names: dict[str, tuple[str, str]] = {}  # driver -> its island and bandwidth attributes
+    # The devices come pool by pool: the pool's names are made once per pool, not per device.
+    driver = pool = where = island_name = bandwidth_name = ""
     for device in devices:
-        driver = device.ref.driver
-        own = names.get(driver)
-        if own is None:
-            own = names[driver] = (f"{driver}/nvlinkIsland", f"{driver}/nvlinkBandwidthGBps")
-        value = device.attribute(own[0])
+        if device.ref.pool != pool or device.ref.driver != driver:
+            driver, pool = device.ref.driver, device.ref.pool
+            where = f"{driver}/{pool}"
+            island_name, bandwidth_name = f"{driver}/nvlinkIsland", f"{driver}/nvlinkBandwidthGBps"
+        value = device.attribute(island_name)
         if value and "int" in value:
-            key = (f"{driver}/{device.ref.pool}", int(value["int"]))
-            island.append(island_ids.setdefault(key, len(island_ids)))
+            island.append(island_ids.setdefault((where, int(value["int"])), len(island_ids)))
         else:
             island.append(-1)
-        value = device.attribute(own[1])
+        value = device.attribute(bandwidth_name)
         bandwidth.append(int(value["int"]) if value and "int" in value else 0)
         value = device.attribute("resource.kubernetes.io/numaNode")
         numa.append(int(value["int"]) if value and "int" in value else -1)
@@ -807,13 +807,17 @@ def _topology(devices: list[Device], counters: _Counters) -> _Topology:
     # MIG memory slices: counters named memory-slice-<i>, one set per physical GPU.
     set_ids: dict[tuple[str, str], int] = {}
     slice_set, slice_mask = [], []
+    driver = pool = where = ""
     for device in devices:
+        if device.ref.pool != pool or device.ref.driver != driver:
+            driver, pool = device.ref.driver, device.ref.pool
+            where = f"{driver}/{pool}"
         mask, owner = 0, -1
         for set_name, counter, _ in device.consumes:
-            if _slice_number(counter) >= 0:
-                owner = set_ids.setdefault((f"{device.ref.driver}/{device.ref.pool}", set_name),
-                                           len(set_ids))
-                mask |= 1 << _slice_number(counter)
+            number = _slice_number(counter)
+            if number >= 0:
+                owner = set_ids.setdefault((where, set_name), len(set_ids))
+                mask |= 1 << number
         slice_set.append(owner)
         slice_mask.append(mask)
     set_slots: list[list[tuple[int, int]]] = [[] for _ in set_ids]

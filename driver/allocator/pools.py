@@ -134,9 +134,10 @@ class Device:
     def attribute(self, name: str) -> Mapping[str, Any] | None:
         """lookupAttribute: the qualified name, or the short name in the driver's domain."""
         attributes: Mapping[str, Mapping[str, Any]] = self.raw.get("attributes") or {}
-        if name in attributes:
-            return attributes[name]
-        domain, _, ident = name.partition("/")
+        found = attributes.get(name)
+        if found is not None:
+            return found
+        domain, ident = _domain_and_name(name)
         if domain == self.ref.driver:
             return attributes.get(ident)
         return None
@@ -148,6 +149,14 @@ class Device:
 
 
 _ABSENT = ("absent",)
+
+
+@cache
+def _domain_and_name(qualified: str) -> tuple[str, str]:
+    """`domain/name` split once per process: a node's model looks up the same few
+    qualified names on every device."""
+    domain, _, name = qualified.partition("/")
+    return domain, name
 
 
 def _one_key(fields: Mapping[str, Any], driver: str, domain: str, ident: str) -> str | None:
@@ -234,9 +243,13 @@ def _check_served(s: Mapping[str, Any]) -> None:
     """What the API server's validation accepts and the search cannot read: an attribute
     of a kind other than int, bool, string and version."""
     for device in s["spec"].get("devices") or ():
-        for value in (device.get("attributes") or {}).values():
-            if len(value) != 1 or next(iter(value)) not in _ATTRIBUTE_TYPES:
+        attributes: dict[str, dict[str, Any]] = device.get("attributes") or {}
+        for value in attributes.values():
+            if len(value) != 1:
                 _check_slice(s)
+            for kind in value:
+                if kind not in _ATTRIBUTE_TYPES:
+                    _check_slice(s)
 
 
 def _check_slice(s: Mapping[str, Any]) -> None:
