@@ -12,6 +12,6 @@ class Decoder:
         self, table: dict[str, list[tuple[int, str, int, str | None, int, int, bool]]],
         shared: frozenset[str] = ...,
     ) -> None: ...
-    def decode_object(self, data: bytes) -> dict[str, Any]:
+    def decode_object(self, data: bytes | memoryview) -> dict[str, Any]:
         """An API server's protobuf body: the dict of its object, with the apiVersion and
         kind its JSON has."""

@@ -154,7 +154,7 @@ def list_bodies(api_client: Any, path: str, *, field_selector: str = "", limit: 
     return _pages(api_client, path, field_selector, limit, _accept(protobuf), _undecoded)
 
 
-def decode_page(raw: bytes, protobuf: bool) -> dict[str, Any]:
+def decode_page(raw: bytes | memoryview, protobuf: bool) -> dict[str, Any]:
     """A page's body as its JSON's dicts (see :func:`list_items` for protobuf's)."""
     with collector_paused():  # decoding makes no cycles
         page: dict[str, Any] = protolist.decode(raw) if protobuf else orjson.loads(raw)

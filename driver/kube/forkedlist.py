@@ -28,7 +28,6 @@ from driver.kube.api import ApiError, ApiResult, decode_page, list_bodies
 _FRAME = struct.Struct("<cQ")  # kind, length of what follows
 _PROTOBUF, _JSON, _FAILED, _END = b"p", b"j", b"x", b"e"
 _PIPE_BYTES = 1 << 20
-_READ_BYTES = 1 << 20
 
 
 class ListReaderError(KubeError):
@@ -50,7 +49,13 @@ class ForkedList:
         self._protobuf = protobuf
         self._pid = 0
         self._fd = -1
-        self._buffer = bytearray()
+        self._header = bytearray()
+        self._kind = b""
+        self._size = -1  # of the body being read; -1 while its header is
+        self._filled = 0
+        # Every page's body is read into this one buffer (grown, never shrunk): a new
+        # one per page would be fresh memory to fault in, 900 faults for a 3.6 MB page.
+        self._body = bytearray()
         self._eof = False
         self._reaped = False
         self.done = False
@@ -83,15 +88,15 @@ class ForkedList:
         is false, or where every page was handed out (``done``). :class:`ApiError` as
         the server answered the child, :class:`ListReaderError` for any other failure."""
         while not self.done:
-            frame = self._frame()
-            if frame is not None:
-                kind, body = frame
+            if self._read(wait):
+                kind, body = self._kind, memoryview(self._body)[:self._size]
+                self._size = -1
                 if kind == _END:
                     self.done = True
                     return None
                 if kind == _FAILED:
                     self.done = True
-                    raise _failure(self._path, body)
+                    raise _failure(self._path, bytes(body))
                 items: list[dict[str, Any]] = decode_page(body, kind == _PROTOBUF)["items"]
                 return items
             if self._eof:
@@ -99,34 +104,36 @@ class ForkedList:
                 self.done = self._reaped = True
                 raise ListReaderError(f"GET {self._path}: the list's reader ended without "
                                       f"its last page (wait status {status})")
-            if not wait and not select.select([self._fd], [], [], 0)[0]:
+            if not wait:
                 return None
-            self._fill()
         return None
 
-    def _frame(self) -> tuple[bytes, bytes] | None:
-        if len(self._buffer) < _FRAME.size:
-            return None
-        kind, size = _FRAME.unpack_from(self._buffer)
-        end = _FRAME.size + size
-        if len(self._buffer) < end:
-            return None
-        body = bytes(self._buffer[_FRAME.size:end])
-        del self._buffer[:end]
-        return kind, body
-
-    def _fill(self) -> None:
-        """What the pipe holds now, waiting for a first byte."""
-        select.select([self._fd], [], [])
-        while True:
+    def _read(self, wait: bool) -> bool:
+        """What the pipe holds now toward the next frame (``wait``: waiting for a first
+        byte); whether the frame is whole."""
+        if wait:
+            select.select([self._fd], [], [])
+        while self._size < 0 or self._filled < self._size:
             try:
-                chunk = os.read(self._fd, _READ_BYTES)
+                if self._size < 0:
+                    got = os.read(self._fd, _FRAME.size - len(self._header))
+                    self._header += got
+                    if len(self._header) == _FRAME.size:
+                        self._kind, self._size = _FRAME.unpack(self._header)
+                        self._header.clear()
+                        self._filled = 0
+                        if len(self._body) < self._size:
+                            self._body = bytearray(self._size)
+                    read = len(got)
+                else:
+                    read = os.readv(self._fd, [memoryview(self._body)[self._filled:self._size]])
+                    self._filled += read
             except BlockingIOError:
-                return
-            if not chunk:
+                return False
+            if not read:
                 self._eof = True
-                return
-            self._buffer += chunk
+                return False
+        return True
 
     def _child(self, fd: int) -> int:
         """Every page's body into ``fd``, then the end, or what failed; the exit code."""

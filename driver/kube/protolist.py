@@ -185,7 +185,7 @@ SHARED = frozenset({"DeviceAttribute", "DeviceCapacity", "Counter", "CounterSet"
 _DECODER = Decoder({name: _compile(fields) for name, fields in TYPES.items()}, SHARED)
 
 
-def decode(body: bytes) -> dict[str, Any]:
+def decode(body: bytes | memoryview) -> dict[str, Any]:
     """An API server's protobuf response body as the dict of its JSON (a
     ResourceSliceList, or the Status of an error); :class:`ProtoError` for bytes that
     are not one of them."""
