@@ -10,7 +10,8 @@ arrows point down the data flow), and `tests/unit/test_layers.py` checks it.
   Imports nothing of the driver but `errors`, `atomicfile` and `safeload`.
 - `kube`: Kubernetes helpers with no driver knowledge: the API client, quantities,
   semantic versions, ResourceSlice lists read as Kubernetes protobuf (`protolist`, with
-  the native walker `driver._kubeproto`). Imports only `errors` and `gcpause`.
+  the native walker `driver._kubeproto`), a list's pages read by a forked child
+  (`forkedlist`). Imports only `errors`, `gcpause` and `atomicfile`.
 - `inventory`: what a node has: the device model, discovery through a provider, NVLink
   and PCIe topology (with the native clique partition), the table/JSON view. Imports `nvml`.
 - `health`: GPU health, pure: observations (XIDs, ECC errors, liveness checks, the
