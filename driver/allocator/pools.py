@@ -352,8 +352,8 @@ def slices_by_node(slices: Sequence[Mapping[str, Any]]) -> dict[str, list[Mappin
 
 def pools_complete(slices: Sequence[Mapping[str, Any]]) -> bool:
     """Whether every pool among `slices` has as many slices of its newest generation
-    among them as it says it has (resourceSliceCount): one node's slices, a paged list
-    having brought them all unless more are still to come."""
+    among them as it says it has (resourceSliceCount); fewer: a paged list has more to
+    bring, or the driver is still writing a new generation."""
     newest: dict[tuple[str, str], tuple[int, int, int]] = {}  # generation, count, seen
     for s in slices:
         pool = s["spec"]["pool"]

@@ -33,6 +33,7 @@ from driver.allocator import Allocator, Ledger, allocate_in_order, driver_classe
 from driver.allocator.documents import load_documents
 from driver.allocator.explain import explain_all
 from driver.allocator.input import InputError
+from driver.allocator.pools import pools_complete
 from driver.errors import DevClusterError
 from driver.health.classify import meaning
 from driver.inventory.discovery import discover
@@ -143,24 +144,9 @@ def read_slices(local_dir: Path, wait: float = 5.0) -> list[dict[str, Any]]:
     while True:
         slices = [yaml.load(p.read_text(), Loader=yaml.CSafeLoader)
                   for p in sorted((local_dir / "resourceslices").glob("*.yaml"))]
-        if _complete(slices) or time.monotonic() > deadline:
+        if pools_complete(slices) or time.monotonic() > deadline:
             return slices
         time.sleep(0.05)
-
-
-def _complete(slices: list[dict[str, Any]]) -> bool:
-    """Every pool's newest generation has all its slices."""
-    newest: dict[tuple[str, str], tuple[int, int, int]] = {}
-    for s in slices:
-        pool = s["spec"]["pool"]
-        key = (s["spec"]["driver"], pool["name"])
-        generation = pool.get("generation", 0)
-        seen = newest.get(key)
-        if seen is None or generation > seen[0]:
-            newest[key] = (generation, pool["resourceSliceCount"], 1)
-        elif generation == seen[0]:
-            newest[key] = (generation, seen[1], seen[2] + 1)
-    return all(count == total for _, total, count in newest.values())
 
 
 def write_allocated(local_dir: Path, claim: Placed) -> None:
