@@ -29,7 +29,7 @@ from fractions import Fraction
 from typing import Any
 
 from driver.allocator.allocate import Allocator, Mode, Outcome
-from driver.allocator.input import Claim, InputError, Request, Taint, parse_claim
+from driver.allocator.input import Claim, DeviceClass, InputError, Request, Taint, parse_claim
 from driver.allocator.ledger import DeviceRef, Ledger
 from driver.allocator.model import (
     AllocationError,
@@ -70,17 +70,20 @@ def explain(allocator: Allocator, claim: Claim, ledger: Ledger, node: str,
         return Explanation(claim.key, node, True, (f"fits: {', '.join(devices)}",), ())
     if outcome.status == "error":
         return Explanation(claim.key, node, False, (f"error: {outcome.message}",), ())
-    reasons = list(_reasons(allocator, claim, ledger, Node(node)))
+    reasons, free_of = _reasons(allocator, claim, ledger, Node(node))
     if outcome.status == "gave-up":
         reasons.insert(0, outcome.message)
     if not reasons:
         reasons.append("each request has enough devices on its own, but no combination "
                        "satisfies all requests and constraints together")
     return Explanation(claim.key, node, False, tuple(reasons),
-                       tuple(_nearest(allocator, claim, ledger, node, mode, unfit)))
+                       tuple(_nearest(allocator, claim, ledger, node, mode, unfit, free_of)))
 
 
-def _reasons(allocator: Allocator, claim: Claim, ledger: Ledger, node: Node) -> list[str]:
+def _reasons(allocator: Allocator, claim: Claim, ledger: Ledger, node: Node
+             ) -> tuple[list[str], dict[str, int]]:
+    """Why the claim does not fit; how many devices are free for each request (none
+    counted where the claim's problem cannot be built)."""
     model = allocator.model(node)
     reasons = [f"pool {p} is {'incomplete' if p.incomplete else 'invalid: ' + p.invalid}"
                for p in model.pools if not p.usable]
@@ -88,7 +91,7 @@ def _reasons(allocator: Allocator, claim: Claim, ledger: Ledger, node: Node) -> 
     try:
         problem = model.problem([claim], allocator.classes, ledger, allocator.evaluations)
     except AllocationError as err:
-        return [*reasons, str(err)]
+        return [*reasons, str(err)], {}
     free_of: dict[str, list[Device]] = {}
     named: set[DeviceRef] = set()  # tainted devices already named for an earlier request
     for group in claim.requests:
@@ -110,7 +113,7 @@ def _reasons(allocator: Allocator, claim: Claim, ledger: Ledger, node: Node) -> 
                                 devices, ledger, allocator, claim)
         if text:
             reasons.append(text)
-    return reasons
+    return reasons, {name: len(free) for name, free in free_of.items()}
 
 
 def _request_line(allocator: Allocator, claim: Claim, request: Request, model: NodeModel,
@@ -323,8 +326,10 @@ def _value(device: Device, attribute: str) -> str | None:
 
 
 def _nearest(allocator: Allocator, claim: Claim, ledger: Ledger, node: str,
-             mode: Mode, unfit: Collection[str]) -> list[str]:
-    """Single changes, smallest first, that make the claim fit; each one checked."""
+             mode: Mode, unfit: Collection[str], free_of: Mapping[str, int]) -> list[str]:
+    """Single changes, smallest first, that make the claim fit; each one checked.
+    `free_of`: the devices free for each request on the node (a smaller count above
+    it cannot fit, so it is not tried)."""
     found: list[str] = []
 
     def fits(raw: Mapping[str, Any], with_ledger: Ledger = ledger) -> bool:
@@ -334,28 +339,26 @@ def _nearest(allocator: Allocator, claim: Claim, ledger: Ledger, node: str,
             return False
         return allocator.allocate([changed], with_ledger, node, mode).status == "allocated"
 
+    def fits_edited(edit: tuple[Any, ...]) -> bool:
+        changed = _edited(claim, allocator.classes, edit)
+        return changed is not None and allocator.allocate(
+            [changed], ledger, node, mode).status == "allocated"
+
     requests = claim.raw["spec"]["devices"].get("requests") or []
     for i, raw in enumerate(requests):
         exact = raw.get("exactly")
         if exact and exact.get("allocationMode", "ExactCount") == "ExactCount":
             count = exact.get("count", 1)
-            for smaller in range(count - 1, 0, -1):
-                edited = copy.deepcopy(claim.raw)
-                edited["spec"]["devices"]["requests"][i]["exactly"]["count"] = smaller
-                if fits(edited):
+            for smaller in range(min(count - 1, free_of.get(raw["name"], count)), 0, -1):
+                if fits_edited(("count", i, smaller)):
                     found.append(f"request {raw['name']}: count {smaller} instead of {count}")
                     break
         if exact:
             found += _capacity_changes(claim, i, allocator, ledger, Node(node), fits)
-        if exact and exact.get("selectors"):
-            edited = copy.deepcopy(claim.raw)
-            del edited["spec"]["devices"]["requests"][i]["exactly"]["selectors"]
-            if fits(edited):
-                found.append(f"request {raw['name']}: without its selectors")
+        if exact and exact.get("selectors") and fits_edited(("selectors", i)):
+            found.append(f"request {raw['name']}: without its selectors")
     for j, constraint in enumerate(claim.raw["spec"]["devices"].get("constraints") or []):
-        edited = copy.deepcopy(claim.raw)
-        del edited["spec"]["devices"]["constraints"][j]
-        if fits(edited):
+        if fits_edited(("constraint", j)):
             name = constraint.get("matchAttribute") or constraint.get("distinctAttribute")
             kind = "matchAttribute" if "matchAttribute" in constraint else "distinctAttribute"
             found.append(f"without constraint {kind} {name}")
@@ -372,6 +375,37 @@ def _nearest(allocator: Allocator, claim: Claim, ledger: Ledger, node: str,
             found.append(f"on node {other}")
             break
     return found
+
+
+# Claims explain edited (a smaller count, a request's selectors or a constraint dropped),
+# parsed once per (claim, classes, edit) and not once per node explained: (the claim, the
+# classes, the edited claim or None where it does not parse), the first two held so that
+# their ids, the key, stay theirs.
+_MAX_EDITED = 4096
+_edited_claims: dict[tuple[Any, ...], tuple[Claim, Mapping[str, DeviceClass], Claim | None]] = {}
+
+
+def _edited(claim: Claim, classes: Mapping[str, DeviceClass], edit: tuple[Any, ...]
+            ) -> Claim | None:
+    key = (id(claim), id(classes), *edit)
+    known = _edited_claims.get(key)
+    if known is None:
+        raw = copy.deepcopy(claim.raw)
+        devices = raw["spec"]["devices"]
+        if edit[0] == "count":
+            devices["requests"][edit[1]]["exactly"]["count"] = edit[2]
+        elif edit[0] == "selectors":
+            del devices["requests"][edit[1]]["exactly"]["selectors"]
+        else:
+            del devices["constraints"][edit[1]]
+        try:
+            changed: Claim | None = parse_claim(raw, classes)
+        except InputError:
+            changed = None
+        if len(_edited_claims) >= _MAX_EDITED:
+            _edited_claims.clear()
+        known = _edited_claims[key] = (claim, classes, changed)
+    return known[2]
 
 
 def _capacity_changes(claim: Claim, index: int, allocator: Allocator, ledger: Ledger,
