@@ -167,13 +167,18 @@ def _accept(protobuf: bool) -> str:
 
 def _decoded(raw: bytes, protobuf: bool) -> tuple[tuple[bytes, dict[str, Any]], str]:
     page = decode_page(raw, protobuf)
-    return (raw, page), (page.get("metadata") or {}).get("continue") or ""
+    return (raw, page), _continue(page)
 
 
 def _undecoded(raw: bytes, protobuf: bool) -> tuple[tuple[bytes, bool], str]:
-    if protobuf:
-        return (raw, True), protolist.list_continue(raw)
-    return (raw, False), (orjson.loads(raw).get("metadata") or {}).get("continue") or ""
+    return (raw, protobuf), _continue(protolist.decode_head(raw) if protobuf
+                                      else orjson.loads(raw))
+
+
+def _continue(page: dict[str, Any]) -> str:
+    """A list's continue token; "" on its last page."""
+    token: str = (page.get("metadata") or {}).get("continue") or ""
+    return token
 
 
 def _pages(api_client: Any, path: str, field_selector: str, limit: int, accept: str,
@@ -195,4 +200,4 @@ def _pages(api_client: Any, path: str, field_selector: str, limit: int, accept: 
         yield value
         if not token:
             return
-        query = {**query, "continue": str(token)}
+        query = {**query, "continue": token}

@@ -26,7 +26,7 @@ from driver._kubeproto import Decoder, ProtoError
 
 PROTOBUF = "application/vnd.kubernetes.protobuf"
 
-__all__ = ["PROTOBUF", "ProtoError", "decode", "list_continue"]
+__all__ = ["PROTOBUF", "ProtoError", "decode", "decode_head"]
 
 # The walker's enums (native/_kubeproto.pyx), in its order.
 KINDS = {"string": 0, "int64": 1, "int32": 2, "bool": 3, "Quantity": 5, "Time": 6,
@@ -197,9 +197,7 @@ _HEAD = Decoder({**{name: _compile(fields) for name, fields in TYPES.items()},
                  "ResourceSliceList": _compile(TYPES["ResourceSliceList"][:1])})
 
 
-def list_continue(body: bytes) -> str:
-    """A protobuf ResourceSliceList's continue token ("" on its last page), its items not
-    decoded: what a reader needs to ask for the next page while another process decodes
-    this one."""
-    token: str = (_HEAD.decode_object(body).get("metadata") or {}).get("continue") or ""
-    return token
+def decode_head(body: bytes) -> dict[str, Any]:
+    """A protobuf ResourceSliceList as `decode` gives it, less its items: its metadata
+    (the continue token) for a reader that hands the page to another process to decode."""
+    return _HEAD.decode_object(body)
