@@ -785,6 +785,9 @@ def _topology(devices: list[Device], counters: _Counters) -> _Topology:
     island_ids: dict[tuple[str, int], int] = {}
     pcie_ids: dict[str, int] = {}
     island, bandwidth, numa, pcie = [], [], [], []
+    # MIG memory slices: counters named memory-slice-<i>, one set per physical GPU.
+    set_ids: dict[tuple[str, str], int] = {}
+    slice_set, slice_mask = [], []
     # The devices come pool by pool: the pool's names are made once per pool, not per device.
     driver = pool = where = island_name = bandwidth_name = ""
     for device in devices:
@@ -804,14 +807,6 @@ def _topology(devices: list[Device], counters: _Counters) -> _Topology:
         value = device.attribute("resource.kubernetes.io/pcieRoot")
         pcie.append(pcie_ids.setdefault(value["string"], len(pcie_ids))
                     if value and "string" in value else -1)
-    # MIG memory slices: counters named memory-slice-<i>, one set per physical GPU.
-    set_ids: dict[tuple[str, str], int] = {}
-    slice_set, slice_mask = [], []
-    driver = pool = where = ""
-    for device in devices:
-        if device.ref.pool != pool or device.ref.driver != driver:
-            driver, pool = device.ref.driver, device.ref.pool
-            where = f"{driver}/{pool}"
         mask, owner = 0, -1
         for set_name, counter, _ in device.consumes:
             number = _slice_number(counter)
