@@ -3,7 +3,7 @@
 `gpu-dra explain` on 1,000 dynamic-MIG nodes waits seconds for the API server to write
 the slices and spends seconds more building each node's model from them. Read in this
 process, the two add up: the server waits while a page is decoded and used, and a
-reader thread would wait for the GIL after every TLS record (the list took 12x longer
+reader thread would wait for the GIL after every TLS record (the list took 12-16x longer
 beside a busy thread, docs/benchmarks.md). The child only reads: it asks for the next
 page as soon as it has handed this one over, so the server writes page k+1 while this
 process decodes and uses page k, each on its own core.
