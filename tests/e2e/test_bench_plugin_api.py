@@ -11,7 +11,9 @@ after ours, with the same claims and the same client; it is skipped where Go is 
 and not cached. `test_prepare_latency_in_turn` has the two prepare the one-claim cases in
 turn, round by round, so that the load of a shared machine weighs on both alike; with
 `GPU_DRA_BENCH_BASE=<another checkout>` a plugin run from that checkout takes its turn too
-(`base`: before and after a change in one run).
+(`base`: before and after a change in one run). `test_prepare_floor_in_turn` adds both
+plugins with their per-claim work taken out (they GET and check each claim, then answer it
+with no devices): the floor of a call in each, and what the work on top of it costs each.
 
 Run with `pytest tests/e2e/test_bench_plugin_api.py --benchmark-enable`; the numbers go to
 docs/benchmarks.md (p50 is the median; p99 is in each benchmark's extra_info). Under the
@@ -111,6 +113,26 @@ def go_daemon(control_plane: ControlPlane, node_name: str) -> Iterator[Daemon]:
 
 
 @pytest.fixture(scope="module")
+def floor_daemons(control_plane: ControlPlane, device_classes: None,
+                  node_name: str) -> Iterator[dict[str, Daemon]]:
+    """Ours and the Go plugin with their per-claim work taken out (`ours_floor`:
+    tests/support/plugin_floor.py, `go_floor`: `goplugin --answer-only`): each still GETs
+    and checks every claim and answers it, with no devices."""
+    binary = goplugin_binary()
+    if binary is None:
+        pytest.skip("the Go plugin (tests/goplugin) is not built and Go is missing")
+    with short_tmp() as ours_root, short_tmp() as go_root:
+        ours, go = Node(ours_root), Node(go_root)
+        ours_args = ours.cli_args("dgx-h100", node_name=node_name,
+                                  kubeconfig=control_plane.kubeconfig)
+        go_args = [*goplugin_args(go, node_name, control_plane.kubeconfig), "--answer-only"]
+        with daemon_process(ours, ours_args, program=(sys.executable, "-m",
+                                                      "tests.support.plugin_floor")) as o, \
+                daemon_process(go, go_args, program=(str(binary),)) as g:
+            yield {"ours_floor": o, "go_floor": g}
+
+
+@pytest.fixture(scope="module")
 def case_claims(control_plane: ControlPlane, admin_namespace: str,
                 node_name: str) -> Callable[[str], list[Claim]]:
     """Each case's claims, created once: both plugins prepare the same objects."""
@@ -147,6 +169,28 @@ def test_prepare_latency_in_turn(benchmark: BenchmarkFixture, daemon: Daemon,
     ours / base) in extra_info."""
     bench_prepare_in_turn(benchmark, {"ours": daemon, "go": go_daemon, **base_daemon},
                           case_claims(case))
+
+
+NO_CLAIM = "0 claims"  # the call alone: the gRPC servers' share of the floor
+
+
+@pytest.mark.parametrize("case", [NO_CLAIM, *CASES[:2]])
+def test_prepare_floor_in_turn(benchmark: BenchmarkFixture, daemon: Daemon, go_daemon: Daemon,
+                               floor_daemons: dict[str, Daemon],
+                               case_claims: Callable[[str], list[Claim]], case: str) -> None:
+    """Ours and the Go plugin in turn with their floors (`floor_daemons`): what a call
+    costs each before any per-claim work, and so what that work costs each (the p50 less
+    the floor's p50, `<name>_work_ms`) on the same claims in one run."""
+    claims = [] if case == NO_CLAIM else case_claims(case)
+    bench_prepare_in_turn(benchmark, {"ours": daemon, "go": go_daemon, **floor_daemons},
+                          claims)
+    info = benchmark.extra_info
+    if "ours_floor_p50_ms" in info:  # absent when only the warm-up rounds ran
+        info["ours_floor_go_floor_p50_ratio"] = round(
+            info["ours_floor_p50_ms"] / info["go_floor_p50_ms"], 2)
+        for name in ("ours", "go"):
+            info[f"{name}_work_ms"] = round(info[f"{name}_p50_ms"]
+                                            - info[f"{name}_floor_p50_ms"], 3)
 
 
 @pytest.mark.parametrize("target", TARGETS)

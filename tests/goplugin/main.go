@@ -31,6 +31,7 @@ type flags struct {
 	gpus        int
 	qps         float64
 	burst       int
+	answerOnly  bool
 }
 
 func parseFlags() flags {
@@ -46,6 +47,7 @@ func parseFlags() flags {
 	// to 5 a second; ours has no client-side limit, so neither has this by default.
 	flag.Float64Var(&f.qps, "kube-api-qps", -1, "client-side rate limit of API calls; negative: none")
 	flag.IntVar(&f.burst, "kube-api-burst", 0, "burst of the client-side rate limit")
+	flag.BoolVar(&f.answerOnly, "answer-only", false, "answer every call with no devices and no work: after the helper's GET of each claim, no CDI spec and no checkpoint (the floor of a call, for the bench)")
 	klog.InitFlags(nil)
 	flag.Parse()
 	for name, value := range map[string]string{"--kubeconfig": f.kubeconfig, "--node-name": f.nodeName, "--plugin-data-dir": f.pluginDir} {
@@ -90,7 +92,7 @@ func run(f flags) error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	helper, err := kubeletplugin.Start(ctx, &plugin{state: state, fatal: stop},
+	helper, err := kubeletplugin.Start(ctx, &plugin{state: state, fatal: stop, answerOnly: f.answerOnly},
 		kubeletplugin.KubeClient(client),
 		kubeletplugin.NodeName(f.nodeName),
 		kubeletplugin.DriverName(f.driverName),

@@ -14,8 +14,9 @@ import (
 
 // plugin answers the helper's calls one claim at a time, as dra-example-driver does.
 type plugin struct {
-	state *state
-	fatal func()
+	state      *state
+	fatal      func()
+	answerOnly bool // --answer-only: each claim is answered with no devices, nothing done
 }
 
 var _ kubeletplugin.DRAPlugin = (*plugin)(nil)
@@ -24,6 +25,10 @@ func (p *plugin) PrepareResourceClaims(ctx context.Context, claims []*resourceap
 	klog.FromContext(ctx).V(2).Info("PrepareResourceClaims", "claims", len(claims))
 	results := make(map[types.UID]kubeletplugin.PrepareResult, len(claims))
 	for _, claim := range claims {
+		if p.answerOnly {
+			results[claim.UID] = kubeletplugin.PrepareResult{}
+			continue
+		}
 		devices, err := p.state.prepare(claim)
 		if err != nil {
 			err = fmt.Errorf("prepare claim %s/%s: %w", claim.Namespace, claim.Name, err)
@@ -37,6 +42,10 @@ func (p *plugin) UnprepareResourceClaims(ctx context.Context, claims []kubeletpl
 	klog.FromContext(ctx).V(2).Info("UnprepareResourceClaims", "claims", len(claims))
 	results := make(map[types.UID]error, len(claims))
 	for _, claim := range claims {
+		if p.answerOnly {
+			results[claim.UID] = nil
+			continue
+		}
 		if err := p.state.unprepare(claim.UID); err != nil {
 			results[claim.UID] = fmt.Errorf("unprepare claim %s: %w", claim.UID, err)
 		} else {
