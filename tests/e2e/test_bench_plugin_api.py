@@ -38,6 +38,7 @@ from driver.plugin.claims import ClaimRef
 from driver.plugin.claimstatus import api_writer, apply_body, claim_entries
 from driver.plugin.devices import device_index
 from driver.plugin.monitor import HealthView
+from tests.support import plugin_floor
 from tests.support.apiserver import SLICES, ControlPlane, create, unique, wait_for
 from tests.support.goplugin import goplugin_args, goplugin_binary
 from tests.support.plugin import DRIVER, Claim, Node, short_tmp
@@ -126,8 +127,8 @@ def floor_daemons(control_plane: ControlPlane, device_classes: None,
         ours_args = ours.cli_args("dgx-h100", node_name=node_name,
                                   kubeconfig=control_plane.kubeconfig)
         go_args = [*goplugin_args(go, node_name, control_plane.kubeconfig), "--answer-only"]
-        with daemon_process(ours, ours_args, program=(sys.executable, "-m",
-                                                      "tests.support.plugin_floor")) as o, \
+        with daemon_process(ours, ours_args, program=(sys.executable,
+                                                      plugin_floor.__file__)) as o, \
                 daemon_process(go, go_args, program=(str(binary),)) as g:
             yield {"ours_floor": o, "go_floor": g}
 

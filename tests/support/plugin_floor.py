@@ -1,4 +1,4 @@
-"""`python -m tests.support.plugin_floor <gpu-dra plugin arguments>`: `gpu-dra plugin` with
+"""`python tests/support/plugin_floor.py <gpu-dra plugin arguments>`: `gpu-dra plugin` with
 its per-claim work taken out, the floor of a call in this process for the prepare bench
 (tests/e2e/test_bench_plugin_api.py), timed beside the Go plugin's own floor
 (`goplugin --answer-only`). A prepare GETs each claim from the API server and checks it,
