@@ -123,11 +123,8 @@ def _request_line(allocator: Allocator, claim: Claim, request: Request, model: N
     the devices its tolerations do not cover a taint of, and those left out by capacity
     with why."""
     devices = model.devices
-    verdicts = allocator.evaluations.verdicts
-    in_bits = model.selected(allocator.classes[request.class_name].selectors, verdicts,
-                             model.node_ok_bits)
-    in_class = model.devices_in(in_bits)
-    selected = model.devices_in(model.selected(request.selectors, verdicts, in_bits))
+    in_bits, selected_bits = _matching(allocator, model, request)
+    in_class, selected = model.devices_in(in_bits), model.devices_in(selected_bits)
     parts = [f"request {request.name}: {len(in_class)} devices match class "
              f"{request.class_name}"]
     if request.selectors:
@@ -201,6 +198,15 @@ def _asked(name: str, asked: Mapping[str, Fraction], amount: Fraction) -> str:
     if amount != asked[name]:
         what += f" (rounded up to {_amount(amount)} by its request policy)"
     return what
+
+
+def _matching(allocator: Allocator, model: NodeModel, request: Request) -> tuple[int, int]:
+    """The node's devices in the request's class, and of those the ones its own selectors
+    select (bit sets over `model.devices`)."""
+    verdicts = allocator.evaluations.verdicts
+    in_class = model.selected(allocator.classes[request.class_name].selectors, verdicts,
+                              model.node_ok_bits)
+    return in_class, model.selected(request.selectors, verdicts, in_class)
 
 
 def _capacity_lines(left_out: list[tuple[Device, str]]) -> list[str]:
@@ -415,10 +421,7 @@ def _capacity_changes(claim: Claim, index: int, allocator: Allocator, ledger: Le
     now; checked."""
     request = claim.requests[index].alternatives[0]
     model = allocator.model(node)
-    verdicts = allocator.evaluations.verdicts
-    in_class = model.selected(allocator.classes[request.class_name].selectors, verdicts,
-                              model.node_ok_bits)
-    devices = [d for d in model.devices_in(model.selected(request.selectors, verdicts, in_class))
+    devices = [d for d in model.devices_in(_matching(allocator, model, request)[1])
                if not d.untolerated(request.tolerations) and d.ref not in ledger.exclusive]
     asked = dict(request.capacity)
     need = len(devices) if request.all_devices else request.count
