@@ -26,6 +26,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
@@ -100,12 +101,18 @@ def base_daemon(control_plane: ControlPlane, device_classes: None,
             yield {"base": running}
 
 
-@pytest.fixture(scope="module")
-def go_daemon(control_plane: ControlPlane, node_name: str) -> Iterator[Daemon]:
-    """The Go plugin serving the same node's pool, from the same API server."""
+def _go_binary() -> Path:
+    """The Go plugin (tests/goplugin), built if need be; the test is skipped without Go."""
     binary = goplugin_binary()
     if binary is None:
         pytest.skip("the Go plugin (tests/goplugin) is not built and Go is missing")
+    return binary
+
+
+@pytest.fixture(scope="module")
+def go_daemon(control_plane: ControlPlane, node_name: str) -> Iterator[Daemon]:
+    """The Go plugin serving the same node's pool, from the same API server."""
+    binary = _go_binary()
     with short_tmp() as root:
         node = Node(root)
         with daemon_process(node, goplugin_args(node, node_name, control_plane.kubeconfig),
@@ -119,9 +126,7 @@ def floor_daemons(control_plane: ControlPlane, device_classes: None,
     """Ours and the Go plugin with their per-claim work taken out (`ours_floor`:
     tests/support/plugin_floor.py, `go_floor`: `goplugin --answer-only`): each still GETs
     and checks every claim and answers it, with no devices."""
-    binary = goplugin_binary()
-    if binary is None:
-        pytest.skip("the Go plugin (tests/goplugin) is not built and Go is missing")
+    binary = _go_binary()
     with short_tmp() as ours_root, short_tmp() as go_root:
         ours, go = Node(ours_root), Node(go_root)
         ours_args = ours.cli_args("dgx-h100", node_name=node_name,
